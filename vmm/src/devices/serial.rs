@@ -1,0 +1,169 @@
+//! COM1: a 16550 UART (vm-superio's register model) wired to an interrupt eventfd, an output
+//! writer, and a "receive FIFO drained" eventfd that tells the event loop to feed more input.
+
+use std::io::Write;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+
+/// Raises an interrupt line by writing an eventfd registered as a KVM irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals the event loop when the guest has drained the receive FIFO.
+#[derive(Debug)]
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // Saturation means it is signalled already.
+        let _ = self.0.write(1);
+    }
+}
+
+/// Where serial output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// The COM1 device.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, InputDrained, SerialOut>,
+    output_failed: bool,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice").finish_non_exhaustive()
+    }
+}
+
+impl SerialDevice {
+    /// A UART raising `irq`, signalling `drained`, writing to `out`.
+    pub fn new(irq: EventFd, drained: EventFd, out: SerialOut) -> Self {
+        SerialDevice {
+            uart: Serial::with_events(IrqTrigger(irq), InputDrained(drained), out),
+            output_failed: false,
+        }
+    }
+
+    /// Queues as much of `input` as the receive FIFO takes; returns how many bytes it took.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial input dropped: {e}");
+                0
+            }
+        }
+    }
+
+    /// The output writer.
+    pub fn writer_mut(&mut self) -> &mut SerialOut {
+        self.uart.writer_mut()
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(off, value) {
+            // Output that cannot be written (closed pipe, full disk) must not stop the guest;
+            // say so once.
+            if !self.output_failed {
+                tracing::warn!("serial output failed, further output is dropped: {e}");
+                self.output_failed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn device() -> (SerialDevice, Shared, EventFd, EventFd) {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(out.clone()),
+        );
+        (dev, out, irq, drained)
+    }
+
+    #[test]
+    fn output_reaches_the_writer() {
+        let (mut dev, out, _, _) = device();
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+
+    #[test]
+    fn input_is_bounded_by_the_fifo_and_raises_irq_and_drained() {
+        let (mut dev, _, irq, drained) = device();
+        dev.write(1, &[0x01]); // IER: receive-data interrupt
+        let big = vec![b'x'; 100];
+        let took = dev.enqueue_input(&big);
+        assert_eq!(took, 64);
+        assert_eq!(dev.input_room(), 0);
+        assert_eq!(dev.enqueue_input(&big), 0);
+        assert!(irq.read().unwrap() >= 1);
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut b = [0u8];
+        for _ in 0..64 {
+            dev.read(0, &mut b);
+            assert_eq!(b[0], b'x');
+        }
+        assert_eq!(drained.read().unwrap(), 1);
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "fifo empty");
+    }
+}

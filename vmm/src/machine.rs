@@ -1,0 +1,318 @@
+//! A running VM: its vCPU threads, devices and the event loop that serves them.
+//!
+//! The event loop (epoll) waits for:
+//! - the exit eventfd (a vCPU or device decided the VM stops),
+//! - standard input (bytes for the guest's serial port),
+//! - the serial "receive FIFO drained" eventfd (room for more input),
+//! - a signalfd for SIGINT/SIGTERM/SIGHUP (stop cleanly).
+//!
+//! Call-order contract: the vCPU threads are stopped and joined before guest memory and the
+//! VM fd are released (field order of [`Machine`]).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::serial::SerialDevice;
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vm::Vm;
+
+/// Most serial input buffered in the VMM before it stops reading stdin.
+const PENDING_INPUT_MAX: usize = 64 * 1024;
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_STDIN: u64 = 1;
+const TOKEN_DRAINED: u64 = 2;
+const TOKEN_SIGNAL: u64 = 3;
+
+/// SIGINT, SIGTERM and SIGHUP, blocked and read through a signalfd.
+#[derive(Debug)]
+pub struct StopSignals {
+    fd: OwnedFd,
+}
+
+impl StopSignals {
+    /// Blocks the stop signals in the calling thread (threads spawned later inherit that) and
+    /// opens a signalfd for them.
+    pub fn block() -> std::io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; these calls only modify it or the thread's mask.
+        let fd = unsafe {
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new signalfd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(StopSignals { fd })
+    }
+
+    /// Reads one pending signal number, if any.
+    fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: we read at most `size` bytes into `info`, which is that large.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+/// A running VM.
+pub struct Machine {
+    // Field order is drop order: vCPU threads end before the VM and its memory go away.
+    vcpus: Vec<VcpuHandle>,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    serial: Arc<Mutex<SerialDevice>>,
+    input_drained: EventFd,
+    exit: Arc<ExitNotifier>,
+    signals: StopSignals,
+    serial_input: bool,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Assembles a machine from its built parts (see [`crate::builder`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        vcpus: Vec<VcpuHandle>,
+        serial: Arc<Mutex<SerialDevice>>,
+        input_drained: EventFd,
+        exit: Arc<ExitNotifier>,
+        signals: StopSignals,
+        serial_input: bool,
+    ) -> Self {
+        Machine {
+            vcpus,
+            vm,
+            mem,
+            serial,
+            input_drained,
+            exit,
+            signals,
+            serial_input,
+        }
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Pauses every vCPU (Running → Paused) and waits until all have left `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.request_all(VcpuEvent::Pause, VcpuResponse::Paused)
+    }
+
+    /// Resumes every vCPU (Paused → Running).
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.request_all(VcpuEvent::Resume, VcpuResponse::Resumed)
+    }
+
+    fn request_all(&self, ev: VcpuEvent, want: VcpuResponse) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            v.send(ev)?;
+        }
+        for v in &self.vcpus {
+            v.wait_for(ev, want)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds `bytes` to the guest's serial input (as much as the FIFO takes now); returns how
+    /// many were taken.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes)
+    }
+
+    /// The exit reason, once the VM has stopped on its own.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.reason()
+    }
+
+    /// Runs the event loop until the VM stops, then stops the vCPU threads and returns why.
+    pub fn run(mut self) -> std::io::Result<ExitReason> {
+        let epoll = Epoll::new()?;
+        let add = |fd: RawFd, token| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
+        add(self.input_drained.as_raw_fd(), TOKEN_DRAINED)?;
+        add(self.signals.fd.as_raw_fd(), TOKEN_SIGNAL)?;
+        let mut input = SerialInput::default();
+        if self.serial_input {
+            input.attach_stdin(&epoll)?;
+        }
+        let mut events = vec![EpollEvent::default(); 8];
+        let reason = 'outer: loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {
+                        let _ = self.exit.eventfd().read();
+                        if let Some(r) = self.exit.reason() {
+                            break 'outer r;
+                        }
+                    }
+                    TOKEN_STDIN => input.read_stdin(&epoll, &self.serial)?,
+                    TOKEN_DRAINED => {
+                        let _ = self.input_drained.read();
+                        input.feed(&epoll, &self.serial)?;
+                    }
+                    TOKEN_SIGNAL => {
+                        if let Some(sig) = self.signals.read() {
+                            tracing::info!(signal = sig, "stopping the VM on signal");
+                            self.exit.notify(ExitReason::Signalled(sig));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        self.shutdown();
+        Ok(reason)
+    }
+
+    /// Stops and joins every vCPU thread, then flushes serial output.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        let _ = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .writer_mut()
+            .flush();
+    }
+}
+
+/// Serial input from stdin, buffered in the VMM while the guest's 64-byte FIFO is full.
+#[derive(Default)]
+struct SerialInput {
+    pending: VecDeque<u8>,
+    /// stdin is in the epoll set.
+    polling: bool,
+    /// stdin reached end of file (or cannot be read).
+    eof: bool,
+}
+
+impl SerialInput {
+    fn stdin_fd() -> RawFd {
+        std::io::stdin().as_raw_fd()
+    }
+
+    fn attach_stdin(&mut self, epoll: &Epoll) -> std::io::Result<()> {
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_STDIN);
+        match epoll.ctl(ControlOperation::Add, Self::stdin_fd(), ev) {
+            Ok(()) => {
+                self.polling = true;
+                Ok(())
+            }
+            // A regular file (or /dev/null) cannot be polled: it is always readable, so read
+            // it up to the buffer bound now.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .take(PENDING_INPUT_MAX as u64)
+                    .read_to_end(&mut buf)?;
+                self.pending.extend(buf);
+                self.eof = true;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_polling(&mut self, epoll: &Epoll, on: bool) -> std::io::Result<()> {
+        if on == self.polling || self.eof {
+            return Ok(());
+        }
+        let op = if on {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        epoll.ctl(
+            op,
+            Self::stdin_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+        )?;
+        self.polling = on;
+        Ok(())
+    }
+
+    fn read_stdin(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads at most `buf.len()` bytes into `buf` from stdin, which epoll reported
+        // readable; std's Stdin would add its own buffering, which we do not want here.
+        let n = unsafe { libc::read(Self::stdin_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            self.set_polling(epoll, false)?;
+            self.eof = true;
+            return Ok(());
+        }
+        self.pending.extend(&buf[..n as usize]);
+        self.feed(epoll, serial)
+    }
+
+    fn feed(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let mut dev = serial.lock().unwrap_or_else(|p| p.into_inner());
+            let (front, _) = self.pending.as_slices();
+            let took = dev.enqueue_input(front);
+            self.pending.drain(..took);
+        }
+        self.set_polling(epoll, self.pending.len() < PENDING_INPUT_MAX)
+    }
+}
