@@ -429,6 +429,15 @@ impl Vcpu {
         )
     }
 
+    /// The vCPU's general-purpose and special registers as KVM holds them.
+    pub fn registers(
+        &self,
+    ) -> Result<(kvm_bindings::kvm_regs, kvm_bindings::kvm_sregs), VcpuError> {
+        let regs = self.set("registers", self.fd.get_regs())?;
+        let sregs = self.set("special registers", self.fd.get_sregs())?;
+        Ok((regs, sregs))
+    }
+
     /// The guest's registers, for crash reports.
     pub fn describe_state(&self) -> String {
         let mut s = String::new();

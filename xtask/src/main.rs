@@ -1,0 +1,54 @@
+//! `cargo xtask`: the project's build tasks, in Rust (no shell scripts).
+
+mod bench;
+mod check;
+mod guest;
+mod linux;
+mod run;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+/// Build, run, test and benchmark the cloudlet appliance software.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build the no_std micro guest into target/guest/micro-guest.
+    Guest,
+    /// Build the micro guest and the vmm, boot the guest and show its service's answers.
+    Run(run::RunArgs),
+    /// Build everything the tests need (guest, vmm, Debian's kernel), then run all tests.
+    Test(test::TestArgs),
+    /// Run a benchmark (boot) and write target/bench/NAME.json.
+    Bench(bench::BenchArgs),
+    /// Download Debian's cloud kernel into target/linux/vmlinuz (for the boot-path tests).
+    FetchLinux,
+    /// Everything that must pass before pushing: fmt, clippy (workspace and guest), tests.
+    Check,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Guest => guest::build().map(|_| 0),
+        Cmd::Run(a) => run::boot(&a),
+        Cmd::Test(a) => test::run_tests(&a).map(|_| 0),
+        Cmd::Bench(a) => bench::bench(&a).map(|_| 0),
+        Cmd::FetchLinux => linux::fetch().map(|_| 0),
+        Cmd::Check => check::check().map(|_| 0),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

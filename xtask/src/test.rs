@@ -1,0 +1,44 @@
+//! `cargo xtask test`: builds what the tests need (the micro guest, the vmm binary, Debian's
+//! kernel for the Linux boot-path tests), then runs every test of the workspace.
+
+use anyhow::Result;
+
+use crate::util::{cargo, require_kvm, run, step};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Also run the opt-in end-to-end Linux boot (needs a host with VMX/SVM).
+    #[arg(long)]
+    pub linux_boot: bool,
+    /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+/// Runs the test suite.
+pub fn run_tests(args: &TestArgs) -> Result<()> {
+    require_kvm()?;
+    crate::guest::build()?;
+    crate::linux::fetch()?;
+    step("building the workspace");
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    step("running the tests");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--"]);
+    cmd.args(&args.test_args);
+    run(&mut cmd)?;
+    if args.linux_boot {
+        step("running the opt-in end-to-end Linux boot");
+        run(cargo().args([
+            "test",
+            "-p",
+            "cloudlet-tests",
+            "--test",
+            "linux_boot_path",
+            "--",
+            "--ignored",
+        ]))?;
+    }
+    Ok(())
+}
