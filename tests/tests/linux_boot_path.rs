@@ -92,8 +92,7 @@ fn entry_registers(
     k: &LoadedKernel,
 ) -> (kvm_bindings::kvm_regs, kvm_bindings::kvm_sregs) {
     let kvm = KvmContext::open(std::path::Path::new("/dev/kvm")).unwrap();
-    let vm = Vm::new(&kvm).unwrap();
-    vm.register_memory(mem).unwrap();
+    let vm = Vm::new(&kvm, mem).unwrap();
     let exit = Arc::new(ExitNotifier::new().unwrap());
     let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new(), exit).unwrap();
     vcpu.configure(mem, &kvm.supported_cpuid, 1, k.entry, k.boot_info)

@@ -74,8 +74,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         });
     }
     let mem = memory::create_guest_memory(cfg.mem_mib)?;
-    let vm = Vm::new(&kvm)?;
-    vm.register_memory(&mem)?;
+    let vm = Vm::new(&kvm, &mem)?;
     let t_vm = t0.elapsed();
 
     let kernel = loader::load_kernel(&mem, &cfg.kernel)?;
