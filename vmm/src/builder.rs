@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout;
+use crate::arch::{layout, mptable};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::{DebugExit, I8042};
 use crate::devices::serial::{SerialDevice, SerialOut};
@@ -42,6 +42,9 @@ pub enum BuildError {
     /// Creating an eventfd or opening the serial output failed.
     #[error("failed to set up {0}")]
     Io(&'static str, #[source] std::io::Error),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
     /// More vCPUs than KVM allows.
     #[error("--vcpus {requested} exceeds what KVM allows on this host ({max})")]
     TooManyVcpus {
@@ -78,6 +81,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
     let t_vm = t0.elapsed();
 
     let kernel = loader::load_kernel(&mem, &cfg.kernel)?;
+    mptable::write(&mem, cfg.vcpus)?;
     let t_load = t0.elapsed();
 
     let io = |e| BuildError::Io("an event file descriptor", e);

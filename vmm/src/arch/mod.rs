@@ -2,5 +2,6 @@
 
 pub mod cpuid;
 pub mod layout;
+pub mod mptable;
 pub mod msr;
 pub mod regs;
