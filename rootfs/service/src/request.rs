@@ -1,0 +1,225 @@
+//! The serial request protocol: one request per line, one reply line per request.
+//!
+//! | request | reply |
+//! | --- | --- |
+//! | `primes N` | `ok primes N=<N> count=<π(N)> us=<compute µs>` |
+//! | `echo TEXT` | `ok echo TEXT` |
+//! | `stats` | `ok stats requests=<served> uptime_us=<µs>` |
+//! | `poweroff [CODE]` | `ok poweroff code=<CODE>`, then the guest powers off |
+//! | anything else | `err <reason>` |
+//!
+//! The same requests come from the kernel command line (`micro.run=`), where `:` separates a
+//! command from its argument instead of a space.
+
+use crate::primes::MAX_N;
+
+/// A parsed request; `Echo` borrows its text from the input line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Count the primes ≤ N.
+    Primes(u64),
+    /// Send the text back.
+    Echo(&'a [u8]),
+    /// Report counters.
+    Stats,
+    /// Power off with this code.
+    Poweroff(u8),
+}
+
+/// Why a request line was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError<'a> {
+    /// Blank line.
+    Empty,
+    /// Unknown command word.
+    UnknownCommand(&'a [u8]),
+    /// A number that does not parse or is out of range.
+    BadNumber(&'a [u8]),
+    /// A required argument is missing.
+    MissingArgument(&'static str),
+    /// An argument given to a command that takes none.
+    UnexpectedArgument(&'a [u8]),
+}
+
+impl core::fmt::Display for ParseError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        fn text(b: &[u8]) -> &str {
+            core::str::from_utf8(b).unwrap_or("<not UTF-8>")
+        }
+        match self {
+            ParseError::Empty => write!(f, "empty request"),
+            ParseError::UnknownCommand(c) => write!(
+                f,
+                "unknown command '{}' (try primes, echo, stats, poweroff)",
+                text(c)
+            ),
+            ParseError::BadNumber(n) => write!(f, "bad number '{}'", text(n)),
+            ParseError::MissingArgument(what) => write!(f, "missing argument: {what}"),
+            ParseError::UnexpectedArgument(a) => write!(f, "unexpected argument '{}'", text(a)),
+        }
+    }
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+/// Parses a decimal number no larger than `max`.
+pub fn parse_number(b: &[u8], max: u64) -> Option<u64> {
+    if b.is_empty() || b.len() > 20 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    (v <= max).then_some(v)
+}
+
+impl<'a> Request<'a> {
+    /// Parses `line`, where `sep` separates the command from its argument (`b' '` on the
+    /// serial console, `b':'` on the command line).
+    pub fn parse(line: &'a [u8], sep: u8) -> Result<Self, ParseError<'a>> {
+        let line = trim(line);
+        if line.is_empty() {
+            return Err(ParseError::Empty);
+        }
+        let (cmd, arg) = match line.iter().position(|&c| c == sep) {
+            Some(i) => (&line[..i], Some(trim(&line[i + 1..]))),
+            None => (line, None),
+        };
+        let arg = arg.filter(|a| !a.is_empty());
+        match cmd {
+            b"primes" => {
+                let a = arg.ok_or(ParseError::MissingArgument("primes N"))?;
+                parse_number(a, MAX_N)
+                    .map(Request::Primes)
+                    .ok_or(ParseError::BadNumber(a))
+            }
+            b"echo" => Ok(Request::Echo(arg.unwrap_or(b""))),
+            b"stats" => match arg {
+                None => Ok(Request::Stats),
+                Some(a) => Err(ParseError::UnexpectedArgument(a)),
+            },
+            b"poweroff" => match arg {
+                None => Ok(Request::Poweroff(0)),
+                Some(a) => parse_number(a, 255)
+                    .map(|c| Request::Poweroff(c as u8))
+                    .ok_or(ParseError::BadNumber(a)),
+            },
+            other => Err(ParseError::UnknownCommand(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_request() {
+        assert_eq!(
+            Request::parse(b"primes 100", b' '),
+            Ok(Request::Primes(100))
+        );
+        assert_eq!(
+            Request::parse(b"  primes   7 \r", b' '),
+            Ok(Request::Primes(7))
+        );
+        assert_eq!(
+            Request::parse(b"primes:1000000", b':'),
+            Ok(Request::Primes(1_000_000))
+        );
+        assert_eq!(
+            Request::parse(b"echo hi there", b' '),
+            Ok(Request::Echo(b"hi there"))
+        );
+        assert_eq!(Request::parse(b"echo", b' '), Ok(Request::Echo(b"")));
+        assert_eq!(Request::parse(b"stats", b' '), Ok(Request::Stats));
+        assert_eq!(Request::parse(b"poweroff", b' '), Ok(Request::Poweroff(0)));
+        assert_eq!(
+            Request::parse(b"poweroff 7", b' '),
+            Ok(Request::Poweroff(7))
+        );
+        assert_eq!(
+            Request::parse(b"poweroff:255", b':'),
+            Ok(Request::Poweroff(255))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_reasons() {
+        assert_eq!(Request::parse(b"", b' '), Err(ParseError::Empty));
+        assert_eq!(Request::parse(b"   ", b' '), Err(ParseError::Empty));
+        assert_eq!(
+            Request::parse(b"frob", b' '),
+            Err(ParseError::UnknownCommand(b"frob"))
+        );
+        assert_eq!(
+            Request::parse(b"primes", b' '),
+            Err(ParseError::MissingArgument("primes N"))
+        );
+        assert_eq!(
+            Request::parse(b"primes x", b' '),
+            Err(ParseError::BadNumber(b"x"))
+        );
+        assert_eq!(
+            Request::parse(b"primes -1", b' '),
+            Err(ParseError::BadNumber(b"-1"))
+        );
+        assert_eq!(
+            Request::parse(b"primes 10000000001", b' '),
+            Err(ParseError::BadNumber(b"10000000001"))
+        );
+        assert_eq!(
+            Request::parse(b"primes 99999999999999999999999", b' '),
+            Err(ParseError::BadNumber(b"99999999999999999999999"))
+        );
+        assert_eq!(
+            Request::parse(b"poweroff 256", b' '),
+            Err(ParseError::BadNumber(b"256"))
+        );
+        assert_eq!(
+            Request::parse(b"stats now", b' '),
+            Err(ParseError::UnexpectedArgument(b"now"))
+        );
+        let msg = format!("{}", ParseError::UnknownCommand(b"frob"));
+        assert!(msg.starts_with("unknown command 'frob'"));
+        assert_eq!(format!("{}", ParseError::BadNumber(b"x")), "bad number 'x'");
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // A deterministic pseudo-random walk over short byte strings.
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..20_000 {
+            let mut line = [0u8; 24];
+            let len = (x % 24) as usize;
+            for b in line.iter_mut().take(len) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = b"primes echo stats poweroff 0123456789 :\xff\x00"[(x % 41) as usize];
+            }
+            let _ = Request::parse(&line[..len], b' ');
+            let _ = Request::parse(&line[..len], b':');
+        }
+    }
+}
