@@ -68,10 +68,17 @@ fn non_x86_64_elf() {
 fn truncated_elf_at_every_kind_of_boundary() {
     let s = Scratch::new("trunc");
     let elf = std::fs::read(micro_guest()).unwrap();
-    // Inside the ELF header, inside the program headers, inside the first segment, and one
-    // byte short of the end.
-    for cut in [20, 70, 200, 0x1100, elf.len() - 1] {
-        let k = s.write(&format!("cut{cut}"), &elf[..cut.min(elf.len() - 1)]);
+    // End of the loaded bytes of the first PT_LOAD (the section headers after it are not
+    // loaded, so cutting those is harmless and boots).
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let p_offset = u64::from_le_bytes(elf[phoff + 8..phoff + 16].try_into().unwrap()) as usize;
+    let p_filesz = u64::from_le_bytes(elf[phoff + 32..phoff + 40].try_into().unwrap()) as usize;
+    let load_end = p_offset + p_filesz;
+    assert!(load_end <= elf.len());
+    // Inside the ELF header, inside the program headers, inside the segment, and one byte
+    // short of the segment's end.
+    for cut in [20, 70, 200, p_offset + 0x100, load_end - 1] {
+        let k = s.write(&format!("cut{cut}"), &elf[..cut]);
         let fin = run_kernel(&k, &[]);
         assert_eq!(fin.code(), 1, "cut at {cut}: {fin:?}");
         assert!(

@@ -25,7 +25,7 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     step("running the tests");
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--"]);
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
     cmd.args(&args.test_args);
     run(&mut cmd)?;
     if args.linux_boot {
