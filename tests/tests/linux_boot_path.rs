@@ -94,7 +94,15 @@ fn entry_registers(
     let kvm = KvmContext::open(std::path::Path::new("/dev/kvm")).unwrap();
     let vm = Vm::new(&kvm, mem).unwrap();
     let exit = Arc::new(ExitNotifier::new().unwrap());
-    let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new(), exit).unwrap();
+    let vcpu = Vcpu::new(
+        &vm,
+        0,
+        Bus::new(),
+        Bus::new(),
+        exit,
+        kvm.msr_indices.clone(),
+    )
+    .unwrap();
     vcpu.configure(mem, &kvm.supported_cpuid, 1, k.entry, k.boot_info)
         .unwrap();
     vcpu.registers().unwrap()

@@ -13,10 +13,12 @@ use crate::devices::{bus::BusError, Bus};
 use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
 use crate::machine::Machine;
+use crate::snapshot::{self, SerialSnapshot};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use vm_memory::GuestMemoryMmap;
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,12 @@ pub enum BuildError {
     /// Creating or starting a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Reading the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A device state from the snapshot was refused.
+    #[error("snapshot device state is invalid: {0}")]
+    DeviceState(String),
     /// Wiring devices failed.
     #[error("failed to attach a device")]
     Bus(#[from] BusError),
@@ -84,16 +92,68 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
     mptable::write(&mem, cfg.vcpus)?;
     let t_load = t0.elapsed();
 
-    let io = |e| BuildError::Io("an event file descriptor", e);
-    let exit = Arc::new(ExitNotifier::new().map_err(io)?);
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+    let exit = Arc::new(ExitNotifier::new().map_err(io_err)?);
+    let devices = attach_devices(&vm, &exit, open_serial_output(&cfg.serial)?, None)?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(
+            &vm,
+            index,
+            devices.io_bus.clone(),
+            devices.mmio_bus.clone(),
+            exit.clone(),
+            kvm.msr_indices.clone(),
+        )?;
+        vcpu.configure(
+            &mem,
+            &kvm.supported_cpuid,
+            cfg.vcpus,
+            kernel.entry,
+            kernel.boot_info,
+        )?;
+        vcpus.push(vcpu);
+    }
+    let t_vcpus = t0.elapsed();
+    let machine = start(vm, mem, vcpus, devices, exit, cfg.serial_input, false)?;
+    tracing::debug!(
+        vm_us = t_vm.as_micros() as u64,
+        load_us = (t_load - t_vm).as_micros() as u64,
+        vcpus_us = (t_vcpus - t_load).as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "VM built and started"
+    );
+    Ok(machine)
+}
+
+fn io_err(e: std::io::Error) -> BuildError {
+    BuildError::Io("an event file descriptor", e)
+}
+
+/// The devices of a machine and the buses that reach them.
+struct Devices {
+    io_bus: Bus,
+    mmio_bus: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    input_drained: EventFd,
+}
+
+/// COM1 (fresh, or from a snapshot), the i8042 and the power-off port.
+fn attach_devices(
+    vm: &Vm,
+    exit: &Arc<ExitNotifier>,
+    serial_out: SerialOut,
+    serial_state: Option<&SerialSnapshot>,
+) -> Result<Devices, BuildError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)?;
-    let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        input_drained.try_clone().map_err(io)?,
-        open_serial_output(&cfg.serial)?,
-    )));
+    let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+    let drained = input_drained.try_clone().map_err(io_err)?;
+    let serial = match serial_state {
+        None => SerialDevice::new(serial_irq, drained, serial_out),
+        Some(s) => SerialDevice::from_state(s, serial_irq, drained, serial_out)
+            .map_err(BuildError::DeviceState)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let mut io_bus = Bus::new();
     io_bus.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)?;
     io_bus.insert(
@@ -106,44 +166,102 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         u64::from(layout::DEBUG_EXIT_PORT),
         2,
     )?;
-    let mmio_bus = Bus::new();
+    Ok(Devices {
+        io_bus,
+        mmio_bus: Bus::new(),
+        serial,
+        input_drained,
+    })
+}
 
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-    for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(&vm, index, io_bus.clone(), mmio_bus.clone(), exit.clone())?;
-        vcpu.configure(
-            &mem,
-            &kvm.supported_cpuid,
-            cfg.vcpus,
-            kernel.entry,
-            kernel.boot_info,
-        )?;
-        vcpus.push(vcpu);
-    }
-    let t_vcpus = t0.elapsed();
+/// Starts the vCPU threads (running, or paused when `paused`) and assembles the machine.
+fn start(
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    devices: Devices,
+    exit: Arc<ExitNotifier>,
+    serial_input: bool,
+    paused: bool,
+) -> Result<Machine, BuildError> {
     // Signals the event loop handles must be blocked before the vCPU threads exist, so that
     // they inherit the mask and the signals reach the loop's signalfd.
     let signals =
         crate::machine::StopSignals::block().map_err(|e| BuildError::Io("signal handling", e))?;
     let handles = vcpus
         .into_iter()
-        .map(|v| v.start(false))
+        .map(|v| v.start(paused))
         .collect::<Result<Vec<_>, _>>()?;
-    tracing::debug!(
-        vm_us = t_vm.as_micros() as u64,
-        load_us = (t_load - t_vm).as_micros() as u64,
-        vcpus_us = (t_vcpus - t_load).as_micros() as u64,
-        total_us = t0.elapsed().as_micros() as u64,
-        "VM built and started"
-    );
     Ok(Machine::new(
         vm,
         mem,
         handles,
-        serial,
-        input_drained,
+        devices.serial,
+        devices.input_drained,
         exit,
         signals,
-        cfg.serial_input,
+        serial_input,
     ))
+}
+
+/// What to restore, and how.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub snapshot: std::path::PathBuf,
+    /// Serial output destination.
+    pub serial: SerialOutput,
+    /// Feed stdin to the guest's serial port.
+    pub serial_input: bool,
+    /// Leave the vCPUs paused.
+    pub paused: bool,
+    /// The KVM device node.
+    pub kvm_path: std::path::PathBuf,
+}
+
+/// Restores a machine from a snapshot directory. Order (as Firecracker's): state file
+/// (checked before anything else) → KVM → memory (mapped `MAP_PRIVATE`) → VM → vCPUs created
+/// → VM state → vCPU states → devices → start.
+pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
+    let t0 = Instant::now();
+    let state = snapshot::read_state(&cfg.snapshot)?;
+    let kvm = KvmContext::open(&cfg.kvm_path)?;
+    if state.vcpus.len() > kvm.max_vcpus {
+        return Err(BuildError::TooManyVcpus {
+            requested: state.vcpus.len() as u8,
+            max: kvm.max_vcpus,
+        });
+    }
+    let mem = snapshot::map_memory(&cfg.snapshot, state.mem_mib)?;
+    let vm = Vm::new(&kvm, &mem)?;
+    let exit = Arc::new(ExitNotifier::new().map_err(io_err)?);
+    let devices = attach_devices(
+        &vm,
+        &exit,
+        open_serial_output(&cfg.serial)?,
+        Some(&state.serial),
+    )?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for index in 0..state.vcpus.len() {
+        vcpus.push(Vcpu::new(
+            &vm,
+            index as u8,
+            devices.io_bus.clone(),
+            devices.mmio_bus.clone(),
+            exit.clone(),
+            kvm.msr_indices.clone(),
+        )?);
+    }
+    vm.restore_state(&state.vm)?;
+    for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore_state(s)?;
+    }
+    let t_restored = t0.elapsed();
+    let machine = start(vm, mem, vcpus, devices, exit, cfg.serial_input, cfg.paused)?;
+    tracing::debug!(
+        restored_us = t_restored.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "VM restored from snapshot"
+    );
+    Ok(machine)
 }

@@ -16,4 +16,6 @@ pub mod devices;
 pub mod exit;
 pub mod loader;
 pub mod machine;
+pub mod persist;
+pub mod snapshot;
 pub mod vstate;

@@ -20,8 +20,24 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
-use crate::vstate::vm::Vm;
+use crate::snapshot::{self, MachineState, SnapshotError, SnapshotInfo};
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Errors of machine-level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// A vCPU request failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A VM request failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
 
 /// Most serial input buffered in the VMM before it stops reading stdin.
 const PENDING_INPUT_MAX: usize = 64 * 1024;
@@ -137,22 +153,54 @@ impl Machine {
 
     /// Pauses every vCPU (Running → Paused) and waits until all have left `KVM_RUN`.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.request_all(VcpuEvent::Pause, VcpuResponse::Paused)
+        self.request_all(VcpuEvent::Pause)
     }
 
     /// Resumes every vCPU (Paused → Running).
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.request_all(VcpuEvent::Resume, VcpuResponse::Resumed)
+        self.request_all(VcpuEvent::Resume)
     }
 
-    fn request_all(&self, ev: VcpuEvent, want: VcpuResponse) -> Result<(), VcpuError> {
+    fn request_all(&self, ev: VcpuEvent) -> Result<(), VcpuError> {
         for v in &self.vcpus {
             v.send(ev)?;
         }
         for v in &self.vcpus {
-            v.wait_for(ev, want)?;
+            v.wait_for(ev)?;
         }
         Ok(())
+    }
+
+    /// Writes a snapshot of the machine into `dir` (created if needed). The vCPUs are paused
+    /// for it and left paused: call [`Machine::resume`] to go on, or drop the machine.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotInfo, MachineError> {
+        std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io("create", dir.to_owned(), e))?;
+        self.pause()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = self.vm.save_state()?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save_state();
+        let memory_bytes_written =
+            snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let state = MachineState {
+            mem_mib: self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            vcpus,
+            vm,
+            serial,
+        };
+        let state_bytes = snapshot::write_state(&state, dir)?;
+        Ok(SnapshotInfo {
+            state_bytes,
+            memory_bytes_written,
+            memory_bytes: state.mem_mib << 20,
+        })
     }
 
     /// Feeds `bytes` to the guest's serial input (as much as the FIFO takes now); returns how

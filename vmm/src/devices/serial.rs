@@ -58,6 +58,26 @@ impl SerialDevice {
         }
     }
 
+    /// A UART with registers and FIFO from a snapshot.
+    pub fn from_state(
+        state: &crate::snapshot::SerialSnapshot,
+        irq: EventFd,
+        drained: EventFd,
+        out: SerialOut,
+    ) -> Result<Self, String> {
+        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), InputDrained(drained), out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(SerialDevice {
+            uart,
+            output_failed: false,
+        })
+    }
+
+    /// The registers and FIFO, for a snapshot.
+    pub fn save_state(&self) -> crate::snapshot::SerialSnapshot {
+        self.uart.state().into()
+    }
+
     /// Queues as much of `input` as the receive FIFO takes; returns how many bytes it took.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(input.len());

@@ -29,6 +29,9 @@ pub enum KvmError {
     /// A capability the VMM needs is missing.
     #[error("KVM lacks the {0:?} capability, which this VMM needs")]
     MissingCap(Cap),
+    /// Querying the MSR list failed.
+    #[error("failed to read the list of MSRs KVM saves")]
+    MsrList(#[source] kvm_ioctls::Error),
     /// Querying the supported CPUID failed.
     #[error("failed to read the CPUID KVM supports")]
     Cpuid(#[source] kvm_ioctls::Error),
@@ -55,6 +58,8 @@ pub struct KvmContext {
     pub supported_cpuid: CpuId,
     /// Largest number of vCPUs KVM allows per VM.
     pub max_vcpus: usize,
+    /// MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`).
+    pub msr_indices: std::sync::Arc<Vec<u32>>,
 }
 
 impl KvmContext {
@@ -82,10 +87,16 @@ impl KvmContext {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::Cpuid)?;
         let max_vcpus = kvm.get_max_vcpus();
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(KvmError::MsrList)?
+            .as_slice()
+            .to_vec();
         Ok(KvmContext {
             kvm,
             supported_cpuid,
             max_vcpus,
+            msr_indices: std::sync::Arc::new(msr_indices),
         })
     }
 }

@@ -28,8 +28,13 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -76,6 +81,22 @@ pub enum VcpuError {
     /// Spawning the vCPU thread failed.
     #[error("failed to start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    /// Saving or restoring vCPU state failed.
+    #[error("failed to {what} the {part} of vCPU {index}")]
+    State {
+        /// "save" or "restore".
+        what: &'static str,
+        /// Which part of the state.
+        part: &'static str,
+        /// vCPU index.
+        index: u8,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The saved state does not fit this vCPU.
+    #[error("saved state of vCPU {0} is invalid: {1}")]
+    BadState(u8, String),
     /// The vCPU did not answer in time.
     #[error("vCPU {0} did not respond to {1:?} within {RESPONSE_TIMEOUT:?}")]
     Timeout(u8, VcpuEvent),
@@ -89,6 +110,8 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     /// Leave `KVM_RUN` and wait.
     Pause,
+    /// Save the vCPU's state (only while paused).
+    Save,
     /// Run again after a pause.
     Resume,
     /// End the thread.
@@ -96,8 +119,10 @@ pub enum VcpuEvent {
 }
 
 /// What a vCPU thread answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
+    /// The saved state (answer to `Save`).
+    Saved(Box<Result<VcpuState, VcpuError>>),
     /// Now paused.
     Paused,
     /// Now running.
@@ -160,6 +185,7 @@ pub fn init_kick_signal() -> Result<(), VcpuError> {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    msr_indices: Arc<Vec<u32>>,
     io_bus: Bus,
     mmio_bus: Bus,
     exit: Arc<ExitNotifier>,
@@ -179,6 +205,7 @@ impl Vcpu {
         io_bus: Bus,
         mmio_bus: Bus,
         exit: Arc<ExitNotifier>,
+        msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .fd()
@@ -187,6 +214,7 @@ impl Vcpu {
         Ok(Vcpu {
             index,
             fd,
+            msr_indices,
             io_bus,
             mmio_bus,
             exit,
@@ -326,6 +354,17 @@ impl Vcpu {
         for ev in first.into_iter().chain(events.try_iter()) {
             let (next, reply) = match (state, ev) {
                 (_, VcpuEvent::Stop) => return RunState::Stopped,
+                // Saving needs a vCPU out of KVM_RUN: Paused (or Exited, for a post-mortem).
+                (RunState::Paused | RunState::Exited, VcpuEvent::Save) => {
+                    (state, VcpuResponse::Saved(Box::new(self.save_state())))
+                }
+                (_, VcpuEvent::Save) => (
+                    state,
+                    VcpuResponse::Saved(Box::new(Err(VcpuError::BadState(
+                        self.index,
+                        "save requested while running; pause first".into(),
+                    )))),
+                ),
                 (RunState::Exited, _) => (RunState::Exited, VcpuResponse::Exited),
                 // Running --Pause--> Paused
                 (_, VcpuEvent::Pause) => (RunState::Paused, VcpuResponse::Paused),
@@ -465,6 +504,149 @@ impl Vcpu {
     }
 }
 
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// CPUID as set at boot.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM lets us read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Multiprocessing state (runnable, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts and NMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// TSC frequency, restored where KVM allows it.
+    pub tsc_khz: Option<u32>,
+}
+
+impl Vcpu {
+    fn state_err(
+        &self,
+        what: &'static str,
+        part: &'static str,
+    ) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::State {
+            what,
+            part,
+            index,
+            source,
+        }
+    }
+
+    /// The MSRs of `indices` that KVM lets us read. KVM stops at the first MSR it cannot
+    /// read: that one is skipped and the rest asked for again.
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let mut out = Vec::with_capacity(indices.len());
+        let mut i = 0;
+        while i < indices.len() {
+            let end = (i + kvm_bindings::KVM_MAX_MSR_ENTRIES).min(indices.len());
+            let entries: Vec<kvm_msr_entry> = indices[i..end]
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| VcpuError::BadState(self.index, format!("MSR list: {e:?}")))?;
+            let n = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.state_err("save", "MSRs"))?;
+            out.extend_from_slice(&msrs.as_slice()[..n]);
+            i += n;
+            if i < end {
+                i += 1; // the unreadable one
+            }
+        }
+        Ok(out)
+    }
+
+    /// Saves everything KVM holds for this vCPU. The vCPU must be out of `KVM_RUN`.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let e = |part| self.state_err("save", part);
+        let cpuid = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("CPUID"))?;
+        Ok(VcpuState {
+            cpuid: cpuid.as_slice().to_vec(),
+            msrs: self.read_msrs(&self.msr_indices)?,
+            regs: self.fd.get_regs().map_err(e("registers"))?,
+            sregs: self.fd.get_sregs().map_err(e("special registers"))?,
+            xsave: self.fd.get_xsave().map_err(e("XSAVE area"))?,
+            xcrs: self.fd.get_xcrs().map_err(e("XCRs"))?,
+            debug_regs: self.fd.get_debug_regs().map_err(e("debug registers"))?,
+            lapic: self.fd.get_lapic().map_err(e("LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(e("MP state"))?,
+            vcpu_events: self.fd.get_vcpu_events().map_err(e("vCPU events"))?,
+            tsc_khz: self.tsc_khz(),
+        })
+    }
+
+    /// Restores a saved state into this freshly created vCPU. Order (as Firecracker's): CPUID,
+    /// MP state, registers, special registers, XSAVE, XCRs, debug registers, LAPIC (after the
+    /// APIC base in the special registers), MSRs (the TSC deadline needs the LAPIC), events.
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        let e = |part| self.state_err("restore", part);
+        if let (Some(khz), Some(now)) = (s.tsc_khz, self.tsc_khz()) {
+            if khz != now {
+                // Best effort: a host without TSC scaling keeps its own rate.
+                if let Err(err) = self.fd.set_tsc_khz(khz) {
+                    tracing::warn!(
+                        saved = khz,
+                        host = now,
+                        "cannot set the saved TSC rate: {err}"
+                    );
+                }
+            }
+        }
+        let cpuid = CpuId::from_entries(&s.cpuid)
+            .map_err(|err| VcpuError::BadState(self.index, format!("CPUID: {err:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(e("CPUID"))?;
+        self.fd.set_mp_state(s.mp_state).map_err(e("MP state"))?;
+        self.fd.set_regs(&s.regs).map_err(e("registers"))?;
+        self.fd
+            .set_sregs(&s.sregs)
+            .map_err(e("special registers"))?;
+        // SAFETY: `s.xsave` is a complete legacy-size kvm_xsave, which KVM_SET_XSAVE reads.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(e("XSAVE area"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(e("XCRs"))?;
+        self.fd
+            .set_debug_regs(&s.debug_regs)
+            .map_err(e("debug registers"))?;
+        self.fd.set_lapic(&s.lapic).map_err(e("LAPIC"))?;
+        for chunk in s.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let msrs = Msrs::from_entries(chunk)
+                .map_err(|err| VcpuError::BadState(self.index, format!("MSRs: {err:?}")))?;
+            let n = self.fd.set_msrs(&msrs).map_err(e("MSRs"))?;
+            if n != chunk.len() {
+                return Err(VcpuError::BadState(
+                    self.index,
+                    format!("KVM refused MSR {:#x}", chunk[n].index),
+                ));
+            }
+        }
+        self.fd
+            .set_vcpu_events(&s.vcpu_events)
+            .map_err(e("vCPU events"))?;
+        Ok(())
+    }
+}
+
 /// The VMM's handle on a running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
@@ -485,14 +667,31 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits for the answer to an `ev` sent earlier; a vCPU that has exited answers
-    /// `Exited`, which is an error unless that is what was wanted.
-    pub fn wait_for(&self, ev: VcpuEvent, want: VcpuResponse) -> Result<(), VcpuError> {
+    /// Waits for the answer to an `ev` sent earlier.
+    pub fn response(&self, ev: VcpuEvent) -> Result<VcpuResponse, VcpuError> {
         match self.rx.recv_timeout(RESPONSE_TIMEOUT) {
-            Ok(r) if r == want => Ok(()),
-            Ok(_) => Err(VcpuError::Gone(self.index)),
+            Ok(r) => Ok(r),
             Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(self.index, ev)),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone(self.index)),
+        }
+    }
+
+    /// Waits for the answer to a Pause or Resume sent earlier; a vCPU that has exited answers
+    /// `Exited`, which is an error.
+    pub fn wait_for(&self, ev: VcpuEvent) -> Result<(), VcpuError> {
+        match (ev, self.response(ev)?) {
+            (VcpuEvent::Pause, VcpuResponse::Paused)
+            | (VcpuEvent::Resume, VcpuResponse::Resumed) => Ok(()),
+            _ => Err(VcpuError::Gone(self.index)),
+        }
+    }
+
+    /// Saves the state of this (paused) vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        self.send(VcpuEvent::Save)?;
+        match self.response(VcpuEvent::Save)? {
+            VcpuResponse::Saved(r) => *r,
+            _ => Err(VcpuError::Gone(self.index)),
         }
     }
 

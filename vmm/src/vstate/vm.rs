@@ -1,7 +1,11 @@
 //! The KVM VM: memory slots, in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::kvm::KvmContext;
@@ -28,9 +32,27 @@ pub enum VmError {
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("failed to register guest memory slot {0} with KVM")]
     MemorySlot(u32, #[source] kvm_ioctls::Error),
+    /// Saving or restoring VM state failed.
+    #[error("failed to {0} the VM's {1}")]
+    State(&'static str, &'static str, #[source] kvm_ioctls::Error),
     /// Registering an irqfd failed.
     #[error("failed to connect an interrupt event to GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+}
+
+/// The VM-wide state KVM holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Master 8259.
+    pub pic_master: kvm_irqchip,
+    /// Slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// 8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM with its interrupt controllers.
@@ -95,6 +117,49 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|e| VmError::Irqfd(gsi, e))
+    }
+
+    /// Saves the in-kernel PICs, IOAPIC, PIT and clock. vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::State("save", "interrupt controllers", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::State("save", "PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::State("save", "clock", e))?,
+        })
+    }
+
+    /// Restores what [`Vm::save_state`] saved.
+    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+        let e = |part| move |err| VmError::State("restore", part, err);
+        self.fd.set_pit2(&s.pit).map_err(e("PIT"))?;
+        // Only the clock value: the flags describe how it was read, not what to set.
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(e("clock"))?;
+        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd.set_irqchip(c).map_err(e("interrupt controllers"))?;
+        }
+        Ok(())
     }
 
     /// The raw VM fd.

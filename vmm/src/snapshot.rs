@@ -1,0 +1,283 @@
+//! Machine snapshots: a directory with
+//!
+//! - `state`: a state file ([`crate::persist`], kind `Machine`) holding [`MachineState`];
+//! - `memory`: guest RAM, regions back to back (region i at the sum of the sizes before it),
+//!   written sparsely — all-zero 4 KiB pages are holes — and mapped `MAP_PRIVATE` on restore,
+//!   so VMs restored from one snapshot share its clean pages through the page cache.
+//!
+//! Save order: pause vCPUs → vCPU states → VM state (PIC, IOAPIC, PIT, clock) → devices →
+//! memory → state file (written last, to a temporary name, then renamed: a snapshot with a
+//! `state` file is complete).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+};
+
+use crate::arch::layout;
+use crate::persist::{self, Kind, StateError};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmState;
+
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Name of the memory image in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+const PAGE: usize = 4096;
+
+/// Errors while writing or reading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// File system failure.
+    #[error("failed to {0} '{1}'")]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
+    /// The state file is bad.
+    #[error("snapshot state '{0}' is unusable")]
+    State(PathBuf, #[source] StateError),
+    /// The state does not describe a machine we can build.
+    #[error("snapshot '{0}' is inconsistent: {1}")]
+    Inconsistent(PathBuf, String),
+    /// Reading guest memory failed.
+    #[error("failed to read guest memory at {0:#x}")]
+    Memory(u64),
+    /// Mapping the memory image failed.
+    #[error("failed to map the memory image '{0}'")]
+    Map(PathBuf, #[source] vm_memory::mmap::MmapRegionError),
+}
+
+/// The serial port's registers and receive FIFO (vm-superio's `SerialState`, serialisable).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch low.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// Everything but RAM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    /// Guest RAM in MiB (the layout follows from it).
+    pub mem_mib: u64,
+    /// One state per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// PICs, IOAPIC, PIT, clock.
+    pub vm: VmState,
+    /// COM1.
+    pub serial: SerialSnapshot,
+}
+
+/// What a finished snapshot wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotInfo {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Non-zero bytes written to the memory image.
+    pub memory_bytes_written: u64,
+    /// Logical size of the memory image.
+    pub memory_bytes: u64,
+}
+
+/// Writes guest RAM to `path` sparsely (zero pages become holes); returns the bytes written.
+pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotError> {
+    let io = |what, e| SnapshotError::Io(what, path.to_owned(), e);
+    let file = File::create(path).map_err(|e| io("create", e))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(|e| io("size", e))?;
+    let mut written = 0u64;
+    let mut file_off = 0u64;
+    let mut buf = vec![0u8; 2 << 20];
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let mut off = 0usize;
+        while off < len {
+            let n = buf.len().min(len - off);
+            region
+                .read_slice(&mut buf[..n], MemoryRegionAddress(off as u64))
+                .map_err(|_| SnapshotError::Memory(region.start_addr().0 + off as u64))?;
+            // Write runs of non-zero pages.
+            let mut p = 0;
+            while p < n {
+                if is_zero(&buf[p..(p + PAGE).min(n)]) {
+                    p += PAGE;
+                    continue;
+                }
+                let start = p;
+                while p < n && !is_zero(&buf[p..(p + PAGE).min(n)]) {
+                    p += PAGE;
+                }
+                let end = p.min(n);
+                file.write_all_at(&buf[start..end], file_off + (off + start) as u64)
+                    .map_err(|e| io("write", e))?;
+                written += (end - start) as u64;
+            }
+            off += n;
+        }
+        file_off += len as u64;
+    }
+    file.sync_data().map_err(|e| io("sync", e))?;
+    Ok(written)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned part.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Writes the state file atomically (temporary name, then rename).
+pub fn write_state(state: &MachineState, dir: &Path) -> Result<u64, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let bytes =
+        persist::encode(Kind::Machine, state).map_err(|e| SnapshotError::State(path.clone(), e))?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let io = |what, e| SnapshotError::Io(what, tmp.clone(), e);
+    let mut f = File::create(&tmp).map_err(|e| io("create", e))?;
+    f.write_all(&bytes).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| SnapshotError::Io("rename", path.clone(), e))?;
+    Ok(bytes.len() as u64)
+}
+
+/// Reads and checks a snapshot's state file.
+pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| SnapshotError::Io("read", path.clone(), e))?;
+    let state: MachineState = persist::decode(Kind::Machine, &bytes)
+        .map_err(|e| SnapshotError::State(path.clone(), e))?;
+    let bad = |why: String| SnapshotError::Inconsistent(dir.to_owned(), why);
+    if state.vcpus.is_empty() || state.vcpus.len() > usize::from(crate::config::MAX_VCPUS) {
+        return Err(bad(format!("{} vCPUs", state.vcpus.len())));
+    }
+    if state.serial.in_buffer.len() > 64 {
+        return Err(bad("serial FIFO holds more than 64 bytes".into()));
+    }
+    crate::vstate::memory::validate_size(state.mem_mib).map_err(|e| bad(e.to_string()))?;
+    Ok(state)
+}
+
+/// Maps the memory image of a snapshot `MAP_PRIVATE` (copy-on-write over the page cache) with
+/// the layout of `mem_mib` MiB.
+pub fn map_memory(dir: &Path, mem_mib: u64) -> Result<GuestMemoryMmap, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(|e| SnapshotError::Io("open", path.clone(), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| SnapshotError::Io("inspect", path.clone(), e))?
+        .len();
+    if len != mem_mib << 20 {
+        return Err(SnapshotError::Inconsistent(
+            dir.to_owned(),
+            format!("memory image is {len} bytes, the state says {mem_mib} MiB"),
+        ));
+    }
+    let file = std::sync::Arc::new(file);
+    let mut regions = Vec::new();
+    let mut off = 0u64;
+    for (start, size) in layout::ram_ranges(mem_mib << 20) {
+        let region = MmapRegion::build(
+            Some(FileOffset::from_arc(file.clone(), off)),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| SnapshotError::Map(path.clone(), e))?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
+                SnapshotError::Inconsistent(dir.to_owned(), "memory region overflows".into())
+            })?,
+        );
+        off += size;
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| SnapshotError::Inconsistent(dir.to_owned(), format!("memory layout: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_image_is_sparse_and_maps_back_privately() {
+        let dir = std::env::temp_dir().join(format!("vmm-snap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(4).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(0x20_0000))
+            .unwrap();
+        let written = write_memory(&mem, &dir.join(MEMORY_FILE)).unwrap();
+        assert_eq!(written, 4 * PAGE as u64, "only the non-zero pages");
+        let back = map_memory(&dir, 4).unwrap();
+        let mut b = [0u8; 5];
+        back.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"hello");
+        // Writes to the restored memory stay private: the image is unchanged.
+        back.write_slice(b"HELLO", GuestAddress(0x1000)).unwrap();
+        let again = map_memory(&dir, 4).unwrap();
+        again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(matches!(
+            map_memory(&dir, 8),
+            Err(SnapshotError::Inconsistent(..))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
