@@ -258,6 +258,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     }
     let t_restored = t0.elapsed();
     let machine = start(vm, mem, vcpus, devices, exit, cfg.serial_input, cfg.paused)?;
+    machine.set_paused(cfg.paused);
     tracing::debug!(
         restored_us = t_restored.as_micros() as u64,
         total_us = t0.elapsed().as_micros() as u64,

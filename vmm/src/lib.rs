@@ -9,6 +9,7 @@
 //!   [`machine::Machine`];
 //! - [`machine`]: the running VM and its event loop.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -12,7 +12,12 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+
+use crate::api::{self, ApiRequest, ApiResponse};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -37,6 +42,9 @@ pub enum MachineError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The control socket could not be set up.
+    #[error("failed to listen on the control socket '{0}'")]
+    ApiSocket(PathBuf, #[source] std::io::Error),
 }
 
 /// Most serial input buffered in the VMM before it stops reading stdin.
@@ -46,6 +54,7 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
+const TOKEN_API: u64 = 4;
 
 /// SIGINT, SIGTERM and SIGHUP, blocked and read through a signalfd.
 #[derive(Debug)]
@@ -106,6 +115,16 @@ pub struct Machine {
     exit: Arc<ExitNotifier>,
     signals: StopSignals,
     serial_input: bool,
+    paused: std::sync::atomic::AtomicBool,
+    api: Option<(UnixListener, PathBuf)>,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.api {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl std::fmt::Debug for Machine {
@@ -138,6 +157,108 @@ impl Machine {
             exit,
             signals,
             serial_input,
+            paused: std::sync::atomic::AtomicBool::new(false),
+            api: None,
+        }
+    }
+
+    /// Marks the machine as started paused.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Serves the control API ([`crate::api`]) on a Unix socket at `path`.
+    pub fn listen_api(&mut self, path: &Path) -> Result<(), MachineError> {
+        if path.exists() {
+            return Err(MachineError::ApiSocket(
+                path.to_owned(),
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the path exists: another vmm may be using it; remove it or choose another",
+                ),
+            ));
+        }
+        let l =
+            UnixListener::bind(path).map_err(|e| MachineError::ApiSocket(path.to_owned(), e))?;
+        l.set_nonblocking(true)
+            .map_err(|e| MachineError::ApiSocket(path.to_owned(), e))?;
+        self.api = Some((l, path.to_owned()));
+        Ok(())
+    }
+
+    /// Answers one control request.
+    pub fn handle_request(&self, req: ApiRequest) -> ApiResponse {
+        let err = |e: &dyn std::fmt::Display| ApiResponse::Error(e.to_string());
+        match req {
+            ApiRequest::Status => ApiResponse::Status {
+                paused: self.paused.load(Ordering::Relaxed),
+                vcpus: self.vcpus.len() as u32,
+                mem_mib: self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            },
+            ApiRequest::Pause => self.pause().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
+            ApiRequest::Resume => self.resume().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
+            ApiRequest::Snapshot { dir, resume } => {
+                let t0 = std::time::Instant::now();
+                let result = self.snapshot(Path::new(&dir));
+                let paused_us = t0.elapsed().as_micros() as u64;
+                match result {
+                    Ok(info) => {
+                        if resume {
+                            if let Err(e) = self.resume() {
+                                return err(&e);
+                            }
+                        }
+                        ApiResponse::Snapshot {
+                            state_bytes: info.state_bytes,
+                            memory_bytes_written: info.memory_bytes_written,
+                            paused_us,
+                        }
+                    }
+                    Err(e) => {
+                        let mut msg = e.to_string();
+                        let mut src = std::error::Error::source(&e);
+                        while let Some(s) = src {
+                            msg.push_str(": ");
+                            msg.push_str(&s.to_string());
+                            src = s.source();
+                        }
+                        ApiResponse::Error(msg)
+                    }
+                }
+            }
+            ApiRequest::Stop => {
+                self.exit.notify(ExitReason::Stopped);
+                ApiResponse::Ok
+            }
+        }
+    }
+
+    /// Accepts and serves pending control connections (one request each).
+    fn serve_api(&self) {
+        let Some((listener, _)) = &self.api else {
+            return;
+        };
+        while let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(api::IO_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(api::IO_TIMEOUT));
+            let response = match api::read_frame::<ApiRequest>(&mut stream) {
+                Ok(Ok(req)) => {
+                    tracing::debug!(?req, "control request");
+                    self.handle_request(req)
+                }
+                Ok(Err(v)) => ApiResponse::Error(format!(
+                    "protocol version {v} is not supported; this vmm speaks version {}",
+                    api::API_VERSION
+                )),
+                Err(e) => {
+                    tracing::warn!("bad control request: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = api::write_frame(&mut stream, &response) {
+                tracing::warn!("failed to answer a control request: {e}");
+            }
         }
     }
 
@@ -153,12 +274,16 @@ impl Machine {
 
     /// Pauses every vCPU (Running → Paused) and waits until all have left `KVM_RUN`.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.request_all(VcpuEvent::Pause)
+        self.request_all(VcpuEvent::Pause)?;
+        self.paused.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Resumes every vCPU (Paused → Running).
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.request_all(VcpuEvent::Resume)
+        self.request_all(VcpuEvent::Resume)?;
+        self.paused.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     fn request_all(&self, ev: VcpuEvent) -> Result<(), VcpuError> {
@@ -230,6 +355,9 @@ impl Machine {
         add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
         add(self.input_drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(self.signals.fd.as_raw_fd(), TOKEN_SIGNAL)?;
+        if let Some((l, _)) = &self.api {
+            add(l.as_raw_fd(), TOKEN_API)?;
+        }
         let mut input = SerialInput::default();
         if self.serial_input {
             input.attach_stdin(&epoll)?;
@@ -254,6 +382,7 @@ impl Machine {
                         let _ = self.input_drained.read();
                         input.feed(&epoll, &self.serial)?;
                     }
+                    TOKEN_API => self.serve_api(),
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "stopping the VM on signal");

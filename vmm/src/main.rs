@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use vmm::api::{ApiRequest, ApiResponse};
 use vmm::config::{SerialOutput, VmConfig, DEFAULT_CMDLINE};
 use vmm::exit::ExitReason;
 use vmm::loader::{BootProtocol, KernelConfig};
@@ -31,6 +32,81 @@ enum Command {
     ///
     /// Example: vmm run --kernel micro-guest --cmdline 'micro.run=primes:1000000,poweroff:0'
     Run(RunArgs),
+    /// Restore a snapshot (made by `vmm snapshot`) and run it until it stops.
+    ///
+    /// Example: vmm restore --snapshot /var/lib/cloudlet/snap
+    Restore(RestoreArgs),
+    /// Snapshot a running VM through its control socket (`vmm run --api-sock`).
+    ///
+    /// Writes DIR/state and DIR/memory; the VM resumes afterwards unless --stay-paused.
+    Snapshot(SnapshotArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(ApiArgs),
+    /// Resume a paused VM.
+    Resume(ApiArgs),
+    /// Show whether a VM is running or paused, its vCPUs and memory.
+    Status(ApiArgs),
+    /// Stop a VM (its vmm exits with status 0).
+    Stop(ApiArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct SnapshotArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Snapshot directory (created if needed; an existing snapshot there is replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Leave the VM paused after the snapshot.
+    #[arg(long)]
+    stay_paused: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// Snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Start with the vCPUs paused (resume with `vmm resume`).
+    #[arg(long)]
+    paused: bool,
+}
+
+/// Options of every command that runs a VM.
+#[derive(clap::Args, Debug)]
+struct CommonArgs {
+    /// Where the guest's serial console (COM1) goes: `stdout`, `null`, or a file path.
+    #[arg(long, value_name = "stdout|null|FILE", default_value = "stdout")]
+    serial: String,
+    /// Do not connect standard input to the guest's serial console.
+    #[arg(long)]
+    no_stdin: bool,
+    /// Serve the control API (pause, resume, snapshot, status, stop) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// KVM device node.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+impl CommonArgs {
+    fn serial(&self) -> SerialOutput {
+        match self.serial.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "null" => SerialOutput::Null,
+            path => SerialOutput::File(path.into()),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -51,19 +127,12 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u64,
-    /// Where the guest's serial console (COM1) goes: `stdout`, `null`, or a file path.
-    #[arg(long, value_name = "stdout|null|FILE", default_value = "stdout")]
-    serial: String,
-    /// Do not connect standard input to the guest's serial console.
-    #[arg(long)]
-    no_stdin: bool,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Entry protocol: `linux` (64-bit boot protocol) or `pvh` (32-bit PVH entry from the
     /// ELF note, as QEMU and Firecracker use).
     #[arg(long, value_enum, default_value_t = Boot::Linux)]
     boot: Boot,
-    /// KVM device node.
-    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
-    kvm_device: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -86,11 +155,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
-    let serial = match args.serial.as_str() {
-        "stdout" => SerialOutput::Stdout,
-        "null" => SerialOutput::Null,
-        path => SerialOutput::File(path.into()),
-    };
+    let serial = args.common.serial();
     let kernel = KernelConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -100,10 +165,70 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
             Boot::Pvh => BootProtocol::Pvh,
         },
     };
-    let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.no_stdin)?;
-    cfg.kvm_path = args.kvm_device;
+    let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)?;
+    cfg.kvm_path = args.common.kvm_device.clone();
     let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
+    serve(machine, &args.common)
+}
+
+fn serve(mut machine: vmm::machine::Machine, common: &CommonArgs) -> anyhow::Result<ExitReason> {
+    if let Some(sock) = &common.api_sock {
+        machine.listen_api(sock)?;
+    }
     machine.run().context("the VMM event loop failed")
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
+    let cfg = vmm::builder::RestoreConfig {
+        snapshot: args.snapshot.clone(),
+        serial: args.common.serial(),
+        serial_input: !args.common.no_stdin,
+        paused: args.paused,
+        kvm_path: args.common.kvm_device.clone(),
+    };
+    let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
+        format!(
+            "failed to restore the snapshot in '{}'",
+            args.snapshot.display()
+        )
+    })?;
+    serve(machine, &args.common)
+}
+
+fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitReason> {
+    // The vmm may run in another directory: send an absolute path.
+    let dir = std::path::absolute(&a.out).context("invalid --out path")?;
+    control(
+        &a.api_sock,
+        ApiRequest::Snapshot {
+            dir: dir.display().to_string(),
+            resume: !a.stay_paused,
+        },
+    )
+}
+
+/// Sends one control request and prints the answer; fails on an error answer.
+fn control(sock: &std::path::Path, req: ApiRequest) -> anyhow::Result<ExitReason> {
+    let resp = vmm::api::request(sock, &req).with_context(|| {
+        format!(
+            "cannot reach the vmm at '{}' (is it running with --api-sock?)",
+            sock.display()
+        )
+    })?;
+    match resp {
+        ApiResponse::Error(msg) => anyhow::bail!("the vmm refused {req:?}: {msg}"),
+        ApiResponse::Ok => println!("ok"),
+        ApiResponse::Status { paused, vcpus, mem_mib } => println!(
+            "{} vcpus={vcpus} mem_mib={mem_mib}",
+            if paused { "paused" } else { "running" }
+        ),
+        ApiResponse::Snapshot { state_bytes, memory_bytes_written, paused_us } => println!(
+            "snapshot written: state {state_bytes} B, memory {:.1} MiB non-zero, VM paused {:.2} ms",
+            memory_bytes_written as f64 / (1 << 20) as f64,
+            paused_us as f64 / 1e3
+        ),
+    }
+    Ok(ExitReason::Stopped)
 }
 
 fn main() -> ExitCode {
@@ -111,6 +236,12 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Snapshot(a) => snapshot(a),
+        Command::Pause(a) => control(&a.api_sock, ApiRequest::Pause),
+        Command::Resume(a) => control(&a.api_sock, ApiRequest::Resume),
+        Command::Status(a) => control(&a.api_sock, ApiRequest::Status),
+        Command::Stop(a) => control(&a.api_sock, ApiRequest::Stop),
     };
     match result {
         Ok(reason) => {
