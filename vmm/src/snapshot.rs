@@ -145,9 +145,22 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotE
     let mut buf = vec![0u8; 2 << 20];
     for region in mem.iter() {
         let len = region.len() as usize;
+        // Anonymous RAM that was never touched is zero: skip it without reading (reading
+        // would fault in the zero page for each of them).
+        let resident = match region.file_offset() {
+            None => resident_pages(region),
+            Some(_) => None,
+        };
         let mut off = 0usize;
         while off < len {
             let n = buf.len().min(len - off);
+            if let Some(res) = &resident {
+                let (first, last) = (off / PAGE, (off + n).div_ceil(PAGE));
+                if res[first..last].iter().all(|r| r & 1 == 0) {
+                    off += n;
+                    continue;
+                }
+            }
             region
                 .read_slice(&mut buf[..n], MemoryRegionAddress(off as u64))
                 .map_err(|_| SnapshotError::Memory(region.start_addr().0 + off as u64))?;
@@ -173,6 +186,18 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, SnapshotE
     }
     file.sync_data().map_err(|e| io("sync", e))?;
     Ok(written)
+}
+
+/// `mincore` of a region: one byte per 4 KiB page, bit 0 set when resident. `None` when the
+/// call fails (then everything is read).
+fn resident_pages(region: &GuestRegionMmap) -> Option<Vec<u8>> {
+    let len = region.len() as usize;
+    let addr = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+    let mut vec = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `addr..addr+len` is the region's live, page-aligned mapping; `vec` has one byte
+    // per page as mincore requires.
+    let r = unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) };
+    (r == 0).then_some(vec)
 }
 
 fn is_zero(page: &[u8]) -> bool {
