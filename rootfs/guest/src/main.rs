@@ -14,7 +14,7 @@ mod serial;
 
 use core::fmt::Write;
 
-use micro_service::{cmdline, FixedBuf, PrimeCounter, Request};
+use micro_service::{cmdline, model, FixedBuf, PrimeCounter, Request};
 use serial::Serial;
 
 /// Longest request line.
@@ -27,6 +27,10 @@ struct Service {
     tsc_hz: Option<u64>,
     primes: PrimeCounter,
     reply: FixedBuf<{ LINE_MAX + 64 }>,
+    /// Bytes of RAM from `model::MODEL_BASE` to the end of its RAM range.
+    model_room: u64,
+    /// Entries of the loaded model table.
+    model_entries: u64,
 }
 
 impl Service {
@@ -75,6 +79,46 @@ impl Service {
                     ),
                     None => write!(r, " uptime_cycles={up}"),
                 };
+            }
+            Ok(Request::Load(mib)) => {
+                let bytes = mib << 20;
+                if bytes > self.model_room {
+                    let _ = write!(
+                        r,
+                        "err not enough memory: load {mib} needs {mib} MiB above 16 MiB, the guest has {} MiB there",
+                        self.model_room >> 20
+                    );
+                } else {
+                    let t0 = cpu::rdtsc();
+                    // SAFETY: `model_room` bytes from MODEL_BASE are RAM (from the firmware
+                    // memory map), identity-mapped and used by nothing else.
+                    let table = unsafe {
+                        core::slice::from_raw_parts_mut(
+                            model::MODEL_BASE as *mut u64,
+                            (bytes / 8) as usize,
+                        )
+                    };
+                    let sum = model::fill(table, 0);
+                    self.model_entries = bytes / 8;
+                    let cycles = cpu::rdtsc() - t0;
+                    let us = self.tsc_hz.map_or(0, |hz| {
+                        (u128::from(cycles) * 1_000_000 / u128::from(hz.max(1))) as u64
+                    });
+                    let _ = write!(r, "ok load mib={mib} sum={sum} us={us}");
+                }
+            }
+            Ok(Request::Query(i)) => {
+                if i < self.model_entries {
+                    // SAFETY: entry i lies inside the loaded table (checked above).
+                    let v = unsafe { ((model::MODEL_BASE + i * 8) as *const u64).read_volatile() };
+                    let _ = write!(r, "ok query i={i} value={v}");
+                } else {
+                    let _ = write!(
+                        r,
+                        "err query {i} is beyond the loaded table ({} entries; use load first)",
+                        self.model_entries
+                    );
+                }
             }
             Ok(Request::Poweroff(code)) => {
                 let _ = write!(r, "ok poweroff code={code}");
@@ -133,6 +177,46 @@ fn command_line(boot_info: u64, protocol: u64) -> &'static [u8] {
     cmdline::until_nul(bytes)
 }
 
+/// Bytes of RAM from `model::MODEL_BASE` to the end of the RAM range holding it, from the
+/// e820 map (Linux boot_params: count at 0x1e8, 20-byte entries at 0x2d0) or the PVH memmap
+/// (address at 0x28, count at 0x30, 24-byte entries); 0 when there is none.
+fn model_room(boot_info: u64, protocol: u64) -> u64 {
+    if boot_info == 0 {
+        return 0;
+    }
+    // SAFETY: the boot information block and the map it points to are readable RAM,
+    // identity-mapped; counts are bounded below.
+    let read64 = |a: u64| unsafe { (a as *const u64).read_volatile() };
+    // SAFETY: as above.
+    let read32 = |a: u64| unsafe { (a as *const u32).read_volatile() };
+    let (table, count, stride) = if protocol == 0 {
+        // SAFETY: as above.
+        let n = unsafe { ((boot_info + 0x1e8) as *const u8).read_volatile() };
+        (boot_info + 0x2d0, u64::from(n).min(128), 20)
+    } else {
+        if read32(boot_info) != 0x336e_c578 {
+            return 0;
+        }
+        (
+            read64(boot_info + 0x28),
+            u64::from(read32(boot_info + 0x30)).min(128),
+            24,
+        )
+    };
+    if table == 0 || table >= 0xc000_0000 {
+        return 0;
+    }
+    for k in 0..count {
+        let e = table + k * stride;
+        let (addr, size, kind) = (read64(e), read64(e + 8), read32(e + 16));
+        let end = addr.saturating_add(size).min(0xc000_0000);
+        if kind == 1 && addr <= model::MODEL_BASE && model::MODEL_BASE < end {
+            return end - model::MODEL_BASE;
+        }
+    }
+    0
+}
+
 /// CPL3 entry, called from entry.rs with the boot information.
 #[no_mangle]
 extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
@@ -145,6 +229,8 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         tsc_hz,
         primes: PrimeCounter::new(),
         reply: FixedBuf::new(),
+        model_room: model_room(boot_info, protocol),
+        model_entries: 0,
     };
     let entry = if protocol == 1 { "pvh" } else { "linux64" };
     let boot = now.wrapping_sub(entry_tsc);

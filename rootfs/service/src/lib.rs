@@ -9,6 +9,7 @@
 
 pub mod cmdline;
 pub mod fixed;
+pub mod model;
 pub mod primes;
 pub mod request;
 

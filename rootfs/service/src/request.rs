@@ -6,6 +6,8 @@
 //! | `echo TEXT` | `ok echo TEXT` |
 //! | `stats` | `ok stats requests=<served> uptime_us=<µs>` |
 //! | `poweroff [CODE]` | `ok poweroff code=<CODE>`, then the guest powers off |
+//! | `load MIB` | `ok load mib=<MIB> sum=<wrapping sum of the entries> us=<µs>` (see [`crate::model`]) |
+//! | `query I` | `ok query i=<I> value=<entry I>`, or `err` when I is beyond the loaded table |
 //! | anything else | `err <reason>` |
 //!
 //! The same requests come from the kernel command line (`micro.run=`), where `:` separates a
@@ -24,6 +26,10 @@ pub enum Request<'a> {
     Stats,
     /// Power off with this code.
     Poweroff(u8),
+    /// Build the model table of this many MiB.
+    Load(u64),
+    /// Read entry I of the model table.
+    Query(u64),
 }
 
 /// Why a request line was refused.
@@ -50,7 +56,7 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::Empty => write!(f, "empty request"),
             ParseError::UnknownCommand(c) => write!(
                 f,
-                "unknown command '{}' (try primes, echo, stats, poweroff)",
+                "unknown command '{}' (try primes, echo, stats, load, query, poweroff)",
                 text(c)
             ),
             ParseError::BadNumber(n) => write!(f, "bad number '{}'", text(n)),
@@ -124,6 +130,19 @@ impl<'a> Request<'a> {
                     .map(|c| Request::Poweroff(c as u8))
                     .ok_or(ParseError::BadNumber(a)),
             },
+            b"load" => {
+                let a = arg.ok_or(ParseError::MissingArgument("load MIB"))?;
+                parse_number(a, crate::model::MAX_MODEL_MIB)
+                    .filter(|&m| m > 0)
+                    .map(Request::Load)
+                    .ok_or(ParseError::BadNumber(a))
+            }
+            b"query" => {
+                let a = arg.ok_or(ParseError::MissingArgument("query I"))?;
+                parse_number(a, u64::MAX)
+                    .map(Request::Query)
+                    .ok_or(ParseError::BadNumber(a))
+            }
             other => Err(ParseError::UnknownCommand(other)),
         }
     }
@@ -161,6 +180,23 @@ mod tests {
         assert_eq!(
             Request::parse(b"poweroff:255", b':'),
             Ok(Request::Poweroff(255))
+        );
+        assert_eq!(Request::parse(b"load 16", b' '), Ok(Request::Load(16)));
+        assert_eq!(
+            Request::parse(b"load 0", b' '),
+            Err(ParseError::BadNumber(b"0"))
+        );
+        assert_eq!(
+            Request::parse(b"load 5000", b' '),
+            Err(ParseError::BadNumber(b"5000"))
+        );
+        assert_eq!(
+            Request::parse(b"query 12345", b' '),
+            Ok(Request::Query(12345))
+        );
+        assert_eq!(
+            Request::parse(b"query", b' '),
+            Err(ParseError::MissingArgument("query I"))
         );
     }
 
