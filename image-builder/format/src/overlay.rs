@@ -1,0 +1,799 @@
+//! An application overlay: what turns a base into a ready service VM.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic "CLDOVRLY"
+//! 8       2     version (u16 LE) = 1
+//! 10      2     reserved, 0
+//! 12      32    id of the base it applies to (SHA-256, see crate::base)
+//! 44      8     index offset (u64 LE)
+//! 52      8     index length (u64 LE)
+//! 60      8     CRC-64/XZ of the index
+//! 68      8     CRC-64/XZ of bytes 0..68
+//! 76      …     chunks: each one zstd frame of whole 4 KiB pages
+//! index   …     postcard [`Index`]
+//! ```
+//!
+//! The index says, per guest page, how the customised VM's RAM differs from the base's:
+//! nothing (same page at the same place — most pages), zero, a copy of another base page
+//! (dedup by content against the base), data in a chunk, or a copy of a page an earlier chunk
+//! wrote (dedup within the overlay). Each chunk carries its own CRC and decodes on its own, so
+//! a reader can fetch and apply any chunk independently (lazy start, handoff).
+//!
+//! Apply order: zero runs → base copies (read from the base image, never from the VM) →
+//! chunks (in parallel) → overlay copies. [`Overlay::open`] checks the header, the index and
+//! every page number and chunk bound before anything is applied; chunk CRCs are checked
+//! before each chunk is decompressed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CRC64, PAGE_SIZE};
+
+/// File magic.
+pub const MAGIC: &[u8; 8] = b"CLDOVRLY";
+/// Format version.
+pub const VERSION: u16 = 1;
+/// Header bytes.
+pub const HEADER_LEN: usize = 76;
+/// Most pages in one chunk (4 MiB raw).
+pub const MAX_CHUNK_PAGES: u64 = 1024;
+/// Largest index accepted (bytes).
+pub const MAX_INDEX: u64 = 256 << 20;
+
+/// Why an overlay was refused or could not be written or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// File I/O failed.
+    #[error("failed to {0} '{1}'")]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
+    /// Not an overlay, or damaged.
+    #[error("'{0}' is not a usable overlay: {1}")]
+    Invalid(PathBuf, String),
+    /// Built for another base.
+    #[error("overlay '{path}' applies to base {wanted}, not to base {have}")]
+    WrongBase {
+        /// The overlay.
+        path: PathBuf,
+        /// Base id the overlay names.
+        wanted: String,
+        /// Base id offered.
+        have: String,
+    },
+    /// A chunk is damaged.
+    #[error("chunk {chunk} of overlay '{path}' is damaged: {why}")]
+    Chunk {
+        /// The overlay.
+        path: PathBuf,
+        /// Chunk number.
+        chunk: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// Writing into the VM failed.
+    #[error("failed to apply the overlay: {0}")]
+    Sink(String),
+    /// Inputs of a build disagree.
+    #[error("cannot build an overlay: {0}")]
+    Build(String),
+}
+
+/// `count` pages from `first`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// First page number.
+    pub first: u64,
+    /// Number of pages.
+    pub count: u64,
+}
+
+/// Page `dst` gets the contents of page `src`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCopy {
+    /// Destination page.
+    pub dst: u64,
+    /// Source page.
+    pub src: u64,
+}
+
+/// One compressed chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// File offset of the zstd frame.
+    pub offset: u64,
+    /// Compressed length.
+    pub len: u64,
+    /// CRC-64/XZ of the compressed bytes.
+    pub crc: u64,
+    /// Where its pages go, in order.
+    pub pages: Vec<Run>,
+}
+
+impl Chunk {
+    /// Pages in the chunk.
+    pub fn page_count(&self) -> u64 {
+        self.pages.iter().map(|r| r.count).sum()
+    }
+}
+
+/// What an overlay holds, in pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Guest pages.
+    pub pages: u64,
+    /// Equal to the base at the same place (not stored).
+    pub same: u64,
+    /// Zero where the base is not (stored as runs).
+    pub zero: u64,
+    /// Equal to another base page (stored as references).
+    pub base_dedup: u64,
+    /// Equal to an earlier overlay page (stored as references).
+    pub self_dedup: u64,
+    /// Stored in chunks.
+    pub data: u64,
+    /// Compressed bytes of all chunks.
+    pub compressed_bytes: u64,
+}
+
+/// The index at the end of the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    /// Guest RAM in pages (must match the base).
+    pub mem_pages: u64,
+    /// Pages to zero.
+    pub zero: Vec<Run>,
+    /// Pages copied from other base pages.
+    pub base_copies: Vec<PageCopy>,
+    /// Data chunks.
+    pub chunks: Vec<Chunk>,
+    /// Pages copied from pages written by chunks.
+    pub self_copies: Vec<PageCopy>,
+    /// The customised VM's machine state (a vmm state file, opaque here).
+    pub state: Vec<u8>,
+    /// What the overlay holds.
+    pub stats: Stats,
+}
+
+/// Where an overlay is applied: the guest memory of the VM being synthesised. Page numbers
+/// are guest-RAM page indexes (RAM regions back to back, as in the memory image).
+pub trait PageSink: Sync {
+    /// Writes whole pages from `first`.
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String>;
+    /// Zeroes `count` pages from `first`.
+    fn zero_pages(&self, first: u64, count: u64) -> Result<(), String>;
+    /// Copies page `src` of the base image (as it is on disk) to guest page `dst`.
+    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String>;
+    /// Copies guest page `src` (already written) to guest page `dst`.
+    fn copy_page(&self, dst: u64, src: u64) -> Result<(), String>;
+}
+
+/// A checked overlay, ready to apply.
+#[derive(Debug)]
+pub struct Overlay {
+    path: PathBuf,
+    file: File,
+    base_id: [u8; 32],
+    index: Index,
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Overlay {
+    /// Opens `path` and checks header, index, every page number and chunk bound. Chunk
+    /// contents are checked when applied.
+    pub fn open(path: &Path) -> Result<Self, OverlayError> {
+        let invalid = |why: String| OverlayError::Invalid(path.to_owned(), why);
+        let file = File::open(path).map_err(|e| OverlayError::Io("open", path.to_owned(), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| OverlayError::Io("inspect", path.to_owned(), e))?
+            .len();
+        let mut h = [0u8; HEADER_LEN];
+        if file_len < HEADER_LEN as u64 {
+            return Err(invalid(format!("truncated ({file_len} bytes)")));
+        }
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| OverlayError::Io("read", path.to_owned(), e))?;
+        if &h[..8] != MAGIC {
+            return Err(invalid("bad magic".into()));
+        }
+        let version = u16::from_le_bytes([h[8], h[9]]);
+        if version != VERSION {
+            return Err(invalid(format!(
+                "format version {version} (this build reads {VERSION})"
+            )));
+        }
+        if le64(&h, 68) != CRC64.checksum(&h[..68]) {
+            return Err(invalid("header checksum mismatch".into()));
+        }
+        let base_id: [u8; 32] = h[12..44].try_into().expect("32 bytes");
+        let (index_off, index_len, index_crc) = (le64(&h, 44), le64(&h, 52), le64(&h, 60));
+        if index_off < HEADER_LEN as u64
+            || index_len > MAX_INDEX
+            || index_off.checked_add(index_len) != Some(file_len)
+        {
+            return Err(invalid(format!(
+                "index at {index_off}+{index_len} does not end the {file_len}-byte file (truncated?)"
+            )));
+        }
+        let mut raw = vec![0u8; index_len as usize];
+        file.read_exact_at(&mut raw, index_off)
+            .map_err(|e| OverlayError::Io("read", path.to_owned(), e))?;
+        if CRC64.checksum(&raw) != index_crc {
+            return Err(invalid("index checksum mismatch".into()));
+        }
+        let (index, rest): (Index, _) = postcard::take_from_bytes(&raw)
+            .map_err(|e| invalid(format!("index does not decode: {e}")))?;
+        if !rest.is_empty() {
+            return Err(invalid("bytes after the index".into()));
+        }
+        validate(&index, index_off).map_err(invalid)?;
+        Ok(Overlay {
+            path: path.to_owned(),
+            file,
+            base_id,
+            index,
+        })
+    }
+
+    /// Id of the base this overlay applies to.
+    pub fn base_id(&self) -> &[u8; 32] {
+        &self.base_id
+    }
+
+    /// Fails unless the overlay applies to the base with id `id`.
+    pub fn check_base(&self, id: &[u8; 32]) -> Result<(), OverlayError> {
+        if &self.base_id != id {
+            return Err(OverlayError::WrongBase {
+                path: self.path.clone(),
+                wanted: crate::base::hex(&self.base_id),
+                have: crate::base::hex(id),
+            });
+        }
+        Ok(())
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Reads, checks and decompresses chunk `i`.
+    pub fn read_chunk(&self, i: usize, out: &mut Vec<u8>) -> Result<(), OverlayError> {
+        let c = self
+            .index
+            .chunks
+            .get(i)
+            .ok_or_else(|| OverlayError::Chunk {
+                path: self.path.clone(),
+                chunk: i,
+                why: "no such chunk".into(),
+            })?;
+        let bad = |why: String| OverlayError::Chunk {
+            path: self.path.clone(),
+            chunk: i,
+            why,
+        };
+        let mut comp = vec![0u8; c.len as usize];
+        self.file
+            .read_exact_at(&mut comp, c.offset)
+            .map_err(|e| bad(format!("read failed: {e}")))?;
+        if CRC64.checksum(&comp) != c.crc {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let raw_len = (c.page_count() as usize) * PAGE_SIZE;
+        out.resize(raw_len, 0);
+        let n = zstd::bulk::decompress_to_buffer(&comp, &mut out[..])
+            .map_err(|e| bad(format!("does not decompress: {e}")))?;
+        if n != raw_len {
+            return Err(bad(format!(
+                "decompressed to {n} bytes, expected {raw_len}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies the overlay to `sink` with `threads` decompression threads.
+    pub fn apply(&self, sink: &dyn PageSink, threads: usize) -> Result<(), OverlayError> {
+        let s = |e: String| OverlayError::Sink(e);
+        for r in &self.index.zero {
+            sink.zero_pages(r.first, r.count).map_err(s)?;
+        }
+        for c in &self.index.base_copies {
+            sink.copy_from_base(c.dst, c.src).map_err(s)?;
+        }
+        let n = self.index.chunks.len();
+        let threads = threads.clamp(1, n.max(1));
+        let work = |t: usize| -> Result<(), OverlayError> {
+            let mut buf = Vec::new();
+            for i in (t..n).step_by(threads) {
+                self.read_chunk(i, &mut buf)?;
+                let mut off = 0;
+                for r in &self.index.chunks[i].pages {
+                    let len = r.count as usize * PAGE_SIZE;
+                    sink.write_pages(r.first, &buf[off..off + len]).map_err(s)?;
+                    off += len;
+                }
+            }
+            Ok(())
+        };
+        if threads == 1 {
+            work(0)?;
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (1..threads).map(|t| scope.spawn(move || work(t))).collect();
+                let first = work(0);
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(s("a decompression thread panicked".into())))
+                    })
+                    .chain(std::iter::once(first))
+                    .collect::<Result<Vec<()>, _>>()
+            })?;
+        }
+        for c in &self.index.self_copies {
+            sink.copy_page(c.dst, c.src).map_err(s)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks page numbers, chunk bounds and sizes; no page is written twice by chunks, so
+/// chunks can be applied in parallel.
+fn validate(ix: &Index, index_off: u64) -> Result<(), String> {
+    let pages = ix.mem_pages;
+    if pages == 0 || pages > (1 << 40) / PAGE_SIZE as u64 {
+        return Err(format!("implausible guest size of {pages} pages"));
+    }
+    let in_range = |first: u64, count: u64| first.checked_add(count).is_some_and(|e| e <= pages);
+    for r in &ix.zero {
+        if !in_range(r.first, r.count) {
+            return Err(format!(
+                "zero run {}+{} outside guest memory",
+                r.first, r.count
+            ));
+        }
+    }
+    for c in ix.base_copies.iter().chain(&ix.self_copies) {
+        if c.dst >= pages || c.src >= pages {
+            return Err(format!(
+                "page copy {} ← {} outside guest memory",
+                c.dst, c.src
+            ));
+        }
+    }
+    let mut chunk_pages: Vec<Run> = Vec::new();
+    let mut end = HEADER_LEN as u64;
+    for (i, c) in ix.chunks.iter().enumerate() {
+        if c.offset < end || c.offset.checked_add(c.len).is_none_or(|e| e > index_off) {
+            return Err(format!(
+                "chunk {i} at {}+{} overlaps or leaves the data area",
+                c.offset, c.len
+            ));
+        }
+        end = c.offset + c.len;
+        let n: u64 = c
+            .pages
+            .iter()
+            .try_fold(0u64, |a, r| a.checked_add(r.count))
+            .unwrap_or(u64::MAX);
+        if n == 0 || n > MAX_CHUNK_PAGES {
+            return Err(format!(
+                "chunk {i} holds {n} pages (1 to {MAX_CHUNK_PAGES} allowed)"
+            ));
+        }
+        for r in &c.pages {
+            if !in_range(r.first, r.count) {
+                return Err(format!(
+                    "chunk {i} writes pages {}+{} outside guest memory",
+                    r.first, r.count
+                ));
+            }
+            chunk_pages.push(*r);
+        }
+    }
+    chunk_pages.sort_by_key(|r| r.first);
+    if chunk_pages
+        .windows(2)
+        .any(|w| w[0].first + w[0].count > w[1].first)
+    {
+        return Err("two chunks write the same page".into());
+    }
+    Ok(())
+}
+
+/// How an overlay is built.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    /// zstd level.
+    pub level: i32,
+    /// Pages per chunk (≤ [`MAX_CHUNK_PAGES`]).
+    pub chunk_pages: u64,
+    /// Compression threads.
+    pub threads: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            level: 9,
+            chunk_pages: 256,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Page `i` of `m`.
+fn page(m: &[u8], i: u64) -> &[u8] {
+    &m[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    p.iter().all(|&b| b == 0)
+}
+
+fn push_run(runs: &mut Vec<Run>, page: u64) {
+    match runs.last_mut() {
+        Some(r) if r.first + r.count == page => r.count += 1,
+        _ => runs.push(Run {
+            first: page,
+            count: 1,
+        }),
+    }
+}
+
+/// Builds an overlay at `out` turning RAM `base` into RAM `new` (same size, whole pages),
+/// carrying `state`, for the base with id `base_id`.
+pub fn build(
+    base: &[u8],
+    new: &[u8],
+    base_id: &[u8; 32],
+    state: Vec<u8>,
+    out: &Path,
+    opts: BuildOptions,
+) -> Result<Stats, OverlayError> {
+    if base.len() != new.len() || new.len() % PAGE_SIZE != 0 || new.is_empty() {
+        return Err(OverlayError::Build(format!(
+            "base RAM is {} bytes, customised RAM {} bytes: they must be equal whole pages",
+            base.len(),
+            new.len()
+        )));
+    }
+    let chunk_pages = opts.chunk_pages.clamp(1, MAX_CHUNK_PAGES);
+    let pages = (new.len() / PAGE_SIZE) as u64;
+    // Content index of the base's non-zero pages (first occurrence wins).
+    let mut base_by_hash: HashMap<u64, u64> = HashMap::new();
+    let mut stats = Stats {
+        pages,
+        ..Default::default()
+    };
+    let mut zero = Vec::new();
+    let mut base_copies = Vec::new();
+    let mut self_copies = Vec::new();
+    let mut data_pages: Vec<u64> = Vec::new();
+    let mut self_by_hash: HashMap<u64, u64> = HashMap::new();
+    let mut base_indexed = false;
+    for i in 0..pages {
+        let (b, n) = (page(base, i), page(new, i));
+        if n == b {
+            stats.same += 1;
+            continue;
+        }
+        if is_zero(n) {
+            push_run(&mut zero, i);
+            stats.zero += 1;
+            continue;
+        }
+        if !base_indexed {
+            for j in 0..pages {
+                let p = page(base, j);
+                if !is_zero(p) {
+                    base_by_hash
+                        .entry(xxhash_rust::xxh3::xxh3_64(p))
+                        .or_insert(j);
+                }
+            }
+            base_indexed = true;
+        }
+        let h = xxhash_rust::xxh3::xxh3_64(n);
+        if let Some(&j) = base_by_hash.get(&h) {
+            if page(base, j) == n {
+                base_copies.push(PageCopy { dst: i, src: j });
+                stats.base_dedup += 1;
+                continue;
+            }
+        }
+        if let Some(&j) = self_by_hash.get(&h) {
+            if page(new, j) == n {
+                self_copies.push(PageCopy { dst: i, src: j });
+                stats.self_dedup += 1;
+                continue;
+            }
+        }
+        self_by_hash.insert(h, i);
+        data_pages.push(i);
+        stats.data += 1;
+    }
+
+    // Compress chunks in parallel.
+    let groups: Vec<&[u64]> = data_pages.chunks(chunk_pages as usize).collect();
+    let threads = opts.threads.clamp(1, groups.len().max(1));
+    let mut compressed: Vec<Option<Result<Vec<u8>, String>>> = vec![None; groups.len()];
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let groups = &groups;
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut raw = Vec::with_capacity(chunk_pages as usize * PAGE_SIZE);
+                    for (gi, g) in groups.iter().enumerate().skip(t).step_by(threads) {
+                        raw.clear();
+                        for &p in g.iter() {
+                            raw.extend_from_slice(page(new, p));
+                        }
+                        out.push((
+                            gi,
+                            zstd::bulk::compress(&raw, opts.level).map_err(|e| e.to_string()),
+                        ));
+                    }
+                    out
+                })
+            })
+            .collect();
+        for h in handles {
+            for (gi, r) in h.join().unwrap_or_default() {
+                compressed[gi] = Some(r);
+            }
+        }
+    });
+
+    let io = |what, e| OverlayError::Io(what, out.to_owned(), e);
+    let mut f = File::create(out).map_err(|e| io("create", e))?;
+    f.write_all(&[0u8; HEADER_LEN])
+        .map_err(|e| io("write", e))?;
+    let mut offset = HEADER_LEN as u64;
+    let mut chunks = Vec::with_capacity(groups.len());
+    for (g, c) in groups.iter().zip(compressed) {
+        let bytes = c
+            .unwrap_or_else(|| Err("compression thread failed".into()))
+            .map_err(|e| OverlayError::Build(format!("zstd: {e}")))?;
+        f.write_all(&bytes).map_err(|e| io("write", e))?;
+        let mut runs = Vec::new();
+        for &p in g.iter() {
+            push_run(&mut runs, p);
+        }
+        chunks.push(Chunk {
+            offset,
+            len: bytes.len() as u64,
+            crc: CRC64.checksum(&bytes),
+            pages: runs,
+        });
+        offset += bytes.len() as u64;
+        stats.compressed_bytes += bytes.len() as u64;
+    }
+    let index = Index {
+        mem_pages: pages,
+        zero,
+        base_copies,
+        chunks,
+        self_copies,
+        state,
+        stats,
+    };
+    let raw =
+        postcard::to_stdvec(&index).map_err(|e| OverlayError::Build(format!("index: {e}")))?;
+    f.write_all(&raw).map_err(|e| io("write", e))?;
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&0u16.to_le_bytes());
+    h.extend_from_slice(base_id);
+    h.extend_from_slice(&offset.to_le_bytes());
+    h.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    h.extend_from_slice(&CRC64.checksum(&raw).to_le_bytes());
+    let crc = CRC64.checksum(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    f.seek(SeekFrom::Start(0)).map_err(|e| io("seek", e))?;
+    f.write_all(&h).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Guest memory in a Vec, with the base image beside it.
+    struct VecSink<'a> {
+        mem: Mutex<Vec<u8>>,
+        base: &'a [u8],
+    }
+
+    impl PageSink for VecSink<'_> {
+        fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String> {
+            let off = first as usize * PAGE_SIZE;
+            self.mem.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero_pages(&self, first: u64, count: u64) -> Result<(), String> {
+            let off = first as usize * PAGE_SIZE;
+            self.mem.lock().unwrap()[off..off + count as usize * PAGE_SIZE].fill(0);
+            Ok(())
+        }
+        fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String> {
+            let d = dst as usize * PAGE_SIZE;
+            self.mem.lock().unwrap()[d..d + PAGE_SIZE].copy_from_slice(page(self.base, src));
+            Ok(())
+        }
+        fn copy_page(&self, dst: u64, src: u64) -> Result<(), String> {
+            let mut m = self.mem.lock().unwrap();
+            let s = src as usize * PAGE_SIZE;
+            m.copy_within(s..s + PAGE_SIZE, dst as usize * PAGE_SIZE);
+            Ok(())
+        }
+    }
+
+    const PAGES: usize = 600;
+
+    /// A base with text-like pages, and a customised copy exercising every page kind.
+    fn images() -> (Vec<u8>, Vec<u8>) {
+        let mut base = vec![0u8; PAGES * PAGE_SIZE];
+        for p in 0..300 {
+            for (k, b) in base[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                .iter_mut()
+                .enumerate()
+            {
+                *b = ((p * 7 + k / 64) % 251) as u8;
+            }
+        }
+        let mut new = base.clone();
+        new[5 * PAGE_SIZE..6 * PAGE_SIZE].fill(0); // zero where the base is not
+        let p10 = page(&base, 10).to_vec();
+        new[400 * PAGE_SIZE..401 * PAGE_SIZE].copy_from_slice(&p10); // copy of a base page
+        for p in 310..500 {
+            if p == 400 {
+                continue;
+            }
+            let v = (p as u64).wrapping_mul(0x9e37_79b9) as u8;
+            new[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(v | 1); // data (values repeat: self dedup)
+        }
+        (base, new)
+    }
+
+    fn write(dir: &str, base: &[u8], new: &[u8]) -> (PathBuf, Stats) {
+        let d = std::env::temp_dir().join(format!("ovl-{dir}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let out = d.join("app.overlay");
+        let opts = BuildOptions {
+            level: 3,
+            chunk_pages: 64,
+            threads: 2,
+        };
+        let stats = build(base, new, &[7; 32], b"STATE".to_vec(), &out, opts).unwrap();
+        (out, stats)
+    }
+
+    #[test]
+    fn apply_reproduces_the_customised_memory_exactly() {
+        let (base, new) = images();
+        let (path, stats) = write("rt", &base, &new);
+        assert_eq!(stats.pages, PAGES as u64);
+        assert_eq!(stats.zero, 1);
+        assert_eq!(stats.base_dedup, 1);
+        // 189 data pages filled with 128 distinct odd bytes: 61 or more repeats.
+        assert!(stats.self_dedup >= 61, "{stats:?}");
+        assert_eq!(
+            stats.same + stats.zero + stats.base_dedup + stats.self_dedup + stats.data,
+            stats.pages
+        );
+        let ov = Overlay::open(&path).unwrap();
+        assert_eq!(ov.index().state, b"STATE");
+        ov.check_base(&[7; 32]).unwrap();
+        assert!(matches!(
+            ov.check_base(&[8; 32]),
+            Err(OverlayError::WrongBase { .. })
+        ));
+        for threads in [1, 2, 3] {
+            let sink = VecSink {
+                mem: Mutex::new(base.clone()),
+                base: &base,
+            };
+            ov.apply(&sink, threads).unwrap();
+            assert!(sink.mem.into_inner().unwrap() == new, "threads = {threads}");
+        }
+    }
+
+    #[test]
+    fn damaged_overlays_are_refused_before_or_while_applying() {
+        let (base, new) = images();
+        let (path, _) = write("bad", &base, &new);
+        let good = std::fs::read(&path).unwrap();
+        let try_bytes = |b: &[u8]| -> Result<(), OverlayError> {
+            std::fs::write(&path, b).unwrap();
+            let ov = Overlay::open(&path)?;
+            let sink = VecSink {
+                mem: Mutex::new(base.clone()),
+                base: &base,
+            };
+            ov.apply(&sink, 2)
+        };
+        // Truncations.
+        for cut in [
+            0,
+            10,
+            HEADER_LEN - 1,
+            HEADER_LEN,
+            good.len() / 2,
+            good.len() - 1,
+        ] {
+            assert!(try_bytes(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        // A flipped bit anywhere (sampled), header, chunks and index alike.
+        for at in (0..good.len())
+            .step_by(97)
+            .chain([8, 12, 44, 70, good.len() - 3])
+        {
+            let mut b = good.clone();
+            b[at] ^= 0x04;
+            assert!(try_bytes(&b).is_err(), "flip at {at}");
+        }
+        let mut v2 = good.clone();
+        v2[8] = 2;
+        let e = try_bytes(&v2).unwrap_err().to_string();
+        assert!(e.contains("version 2"), "{e}");
+        try_bytes(&good).unwrap();
+    }
+
+    #[test]
+    fn indexes_pointing_outside_memory_are_refused() {
+        let mut ix = Index {
+            mem_pages: 16,
+            zero: vec![Run {
+                first: 15,
+                count: 2,
+            }],
+            base_copies: vec![],
+            chunks: vec![],
+            self_copies: vec![],
+            state: vec![],
+            stats: Stats::default(),
+        };
+        assert!(validate(&ix, 100).unwrap_err().contains("outside"));
+        ix.zero.clear();
+        ix.base_copies.push(PageCopy { dst: 3, src: 16 });
+        assert!(validate(&ix, 100).is_err());
+        ix.base_copies.clear();
+        let chunk = |offset, first| Chunk {
+            offset,
+            len: 10,
+            crc: 0,
+            pages: vec![Run { first, count: 2 }],
+        };
+        ix.chunks = vec![
+            chunk(HEADER_LEN as u64, 0),
+            chunk(HEADER_LEN as u64 + 10, 1),
+        ];
+        assert!(validate(&ix, 200).unwrap_err().contains("same page"));
+        ix.chunks = vec![chunk(HEADER_LEN as u64, 0), chunk(HEADER_LEN as u64 + 5, 4)];
+        assert!(validate(&ix, 200).unwrap_err().contains("overlaps"));
+        ix.chunks = vec![chunk(HEADER_LEN as u64, 0), chunk(195, 4)];
+        assert!(validate(&ix, 200).unwrap_err().contains("leaves"));
+        ix.chunks = vec![chunk(HEADER_LEN as u64, u64::MAX - 1)];
+        assert!(validate(&ix, 200).is_err());
+        ix.chunks = vec![
+            chunk(HEADER_LEN as u64, 0),
+            chunk(HEADER_LEN as u64 + 10, 4),
+        ];
+        validate(&ix, 200).unwrap();
+    }
+}
