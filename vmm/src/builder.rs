@@ -1,7 +1,7 @@
 //! Building a VM from a [`VmConfig`]: KVM → memory → VM → kernel → devices → vCPUs → start.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -13,7 +13,7 @@ use crate::devices::{bus::BusError, Bus};
 use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
 use crate::machine::Machine;
-use crate::snapshot::{self, SerialSnapshot};
+use crate::snapshot::{self, MachineState, SerialSnapshot};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -38,6 +38,9 @@ pub enum BuildError {
     /// Creating or starting a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Base or overlay refused.
+    #[error(transparent)]
+    Synthesis(#[from] crate::synthesis::SynthesisError),
     /// Reading the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
@@ -219,6 +222,48 @@ pub struct RestoreConfig {
     pub kvm_path: std::path::PathBuf,
 }
 
+/// What to synthesise, and how.
+#[derive(Clone, Debug)]
+pub struct SynthesisConfig {
+    /// Base image directory.
+    pub base: std::path::PathBuf,
+    /// Overlay file.
+    pub overlay: std::path::PathBuf,
+    /// Serial output destination.
+    pub serial: SerialOutput,
+    /// Feed stdin to the guest's serial port.
+    pub serial_input: bool,
+    /// Leave the vCPUs paused.
+    pub paused: bool,
+    /// The KVM device node.
+    pub kvm_path: std::path::PathBuf,
+    /// Decompression threads.
+    pub threads: usize,
+}
+
+/// Synthesises a VM from a base and an overlay (see [`crate::synthesis`]); returns it running
+/// (or paused) with the time each phase took.
+pub fn build_from_overlay(
+    cfg: &SynthesisConfig,
+) -> Result<(Machine, crate::synthesis::Timings, Duration), BuildError> {
+    let t0 = Instant::now();
+    let mut timings = crate::synthesis::Timings::default();
+    let checked = crate::synthesis::check(&cfg.base, &cfg.overlay)?;
+    timings.check = t0.elapsed();
+    let kvm = KvmContext::open(&cfg.kvm_path)?;
+    let mem = crate::synthesis::materialise(&cfg.base, &checked, cfg.threads, &mut timings)?;
+    let t_restore = Instant::now();
+    let machine = restore_machine(
+        kvm,
+        mem,
+        &checked.state,
+        cfg.serial.clone(),
+        cfg.serial_input,
+        cfg.paused,
+    )?;
+    Ok((machine, timings, t_restore.elapsed()))
+}
+
 /// Restores a machine from a snapshot directory. Order (as Firecracker's): state file
 /// (checked before anything else) → KVM → memory (mapped `MAP_PRIVATE`) → VM → vCPUs created
 /// → VM state → vCPU states → devices → start.
@@ -226,19 +271,45 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     let t0 = Instant::now();
     let state = snapshot::read_state(&cfg.snapshot)?;
     let kvm = KvmContext::open(&cfg.kvm_path)?;
+    let mem = snapshot::map_memory(&cfg.snapshot, state.mem_mib)?;
+    let machine = restore_machine(
+        kvm,
+        mem,
+        &state,
+        cfg.serial.clone(),
+        cfg.serial_input,
+        cfg.paused,
+    )?;
+    tracing::debug!(
+        total_us = t0.elapsed().as_micros() as u64,
+        "VM restored from snapshot"
+    );
+    Ok(machine)
+}
+
+/// VM, devices and vCPUs from a machine state, over memory that already holds the guest's
+/// RAM; starts the vCPUs. Order (as Firecracker's): VM → vCPUs created → VM state → vCPU
+/// states → devices → start.
+fn restore_machine(
+    kvm: KvmContext,
+    mem: GuestMemoryMmap,
+    state: &MachineState,
+    serial: SerialOutput,
+    serial_input: bool,
+    paused: bool,
+) -> Result<Machine, BuildError> {
     if state.vcpus.len() > kvm.max_vcpus {
         return Err(BuildError::TooManyVcpus {
             requested: state.vcpus.len() as u8,
             max: kvm.max_vcpus,
         });
     }
-    let mem = snapshot::map_memory(&cfg.snapshot, state.mem_mib)?;
     let vm = Vm::new(&kvm, &mem)?;
     let exit = Arc::new(ExitNotifier::new().map_err(io_err)?);
     let devices = attach_devices(
         &vm,
         &exit,
-        open_serial_output(&cfg.serial)?,
+        open_serial_output(&serial)?,
         Some(&state.serial),
     )?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -256,13 +327,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
         vcpu.restore_state(s)?;
     }
-    let t_restored = t0.elapsed();
-    let machine = start(vm, mem, vcpus, devices, exit, cfg.serial_input, cfg.paused)?;
-    machine.set_paused(cfg.paused);
-    tracing::debug!(
-        restored_us = t_restored.as_micros() as u64,
-        total_us = t0.elapsed().as_micros() as u64,
-        "VM restored from snapshot"
-    );
+    let machine = start(vm, mem, vcpus, devices, exit, serial_input, paused)?;
+    machine.set_paused(paused);
     Ok(machine)
 }

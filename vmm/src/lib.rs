@@ -19,4 +19,5 @@ pub mod loader;
 pub mod machine;
 pub mod persist;
 pub mod snapshot;
+pub mod synthesis;
 pub mod vstate;

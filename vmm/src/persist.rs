@@ -27,7 +27,8 @@ pub const HEADER_LEN: usize = 20;
 pub const TRAILER_LEN: usize = 8;
 
 /// CRC-64/XZ (ECMA-182 polynomial, reflected): the checksum of state files.
-pub const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+pub const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// What a state file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -102,6 +102,13 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The manifest as pretty JSON.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a flat struct serialises");
+        s.push('\n');
+        s
+    }
+
     /// The id as 32 bytes.
     pub fn id_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];

@@ -9,10 +9,12 @@
 //! Reading untrusted files never panics; every check happens before any byte is applied.
 
 pub mod base;
+pub mod mapped;
 pub mod overlay;
 
 /// Guest page size of every image.
 pub const PAGE_SIZE: usize = 4096;
 
 /// CRC-64/XZ: the checksum of headers, indexes and chunks.
-pub const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+pub const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);

@@ -1,0 +1,227 @@
+//! `image-builder`: make base images and application overlays for the cloudlet.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use image_builder::{base, overlay};
+use image_format::overlay::{BuildOptions, Overlay};
+
+/// Build cloudlet base images and application overlays.
+///
+/// A base is a guest booted to its ready point and snapshotted (≤ 8 MiB on disk for the micro
+/// guest); an overlay is what one application changes in it (RAM δ in compressed chunks plus
+/// the VM state), from which `vmm synthesize` makes a ready service VM in milliseconds.
+#[derive(Parser, Debug)]
+#[command(name = "image-builder", version, about, long_about)]
+struct Cli {
+    /// More logging on stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a kernel to its ready point and keep it as a base image directory.
+    ///
+    /// Example: image-builder base --kernel target/guest/micro-guest --out bases/micro
+    Base {
+        /// Guest kernel (ELF or bzImage).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// Kernel command line.
+        #[arg(long, default_value = "console=ttyS0")]
+        cmdline: String,
+        /// Start of the console line that means "ready".
+        #[arg(long, default_value = "micro-guest ")]
+        ready: String,
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build an application overlay against a base.
+    ///
+    /// From a snapshot of a customised VM (--from), or by restoring the base and running a
+    /// script on its console (--script 'load:16'); the script's snapshot is kept with
+    /// --keep-snapshot.
+    Overlay {
+        /// Base image directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// Snapshot of the customised VM (from `vmm snapshot`).
+        #[arg(long, conflicts_with = "script", required_unless_present = "script")]
+        from: Option<PathBuf>,
+        /// Console commands that customise the base, `,`-separated, `:` before an argument.
+        #[arg(long)]
+        script: Option<String>,
+        /// Where to keep the customised snapshot made for --script.
+        #[arg(long)]
+        keep_snapshot: Option<PathBuf>,
+        /// Output overlay file.
+        #[arg(long)]
+        out: PathBuf,
+        /// zstd level (1-22).
+        #[arg(long, default_value_t = BuildOptions::default().level)]
+        level: i32,
+        /// Pages per compressed chunk (1-1024).
+        #[arg(long, default_value_t = BuildOptions::default().chunk_pages)]
+        chunk_pages: u64,
+    },
+    /// Recompute a base's content id and compare it with its manifest.
+    Verify {
+        /// Base image directory.
+        base: PathBuf,
+    },
+    /// Check an overlay (header, index, every chunk) and describe it.
+    Info {
+        /// Overlay file.
+        overlay: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(if cli.verbose {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::WARN
+        })
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("image-builder: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Base {
+            kernel,
+            out,
+            mem,
+            cmdline,
+            ready,
+            force,
+        } => {
+            let t0 = std::time::Instant::now();
+            let m = base::build(&base::BaseSpec {
+                kernel,
+                out: out.clone(),
+                mem_mib: mem,
+                cmdline,
+                ready,
+                timeout: Duration::from_secs(30),
+                force,
+            })?;
+            println!(
+                "base {} in {}: {} MiB RAM, {:.2} MiB on disk, built in {:.0} ms",
+                m.id,
+                out.display(),
+                m.mem_mib,
+                mib(base::base_disk_bytes(&out)),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Command::Overlay {
+            base,
+            from,
+            script,
+            keep_snapshot,
+            out,
+            level,
+            chunk_pages,
+        } => {
+            let t0 = std::time::Instant::now();
+            let opts = BuildOptions {
+                level,
+                chunk_pages,
+                ..BuildOptions::default()
+            };
+            let stats = match (from, script) {
+                (Some(snap), _) => overlay::from_snapshot(&base, &snap, &out, opts)?,
+                (None, Some(script)) => {
+                    let tmp;
+                    let snap = match &keep_snapshot {
+                        Some(p) => p.clone(),
+                        None => {
+                            tmp = std::env::temp_dir()
+                                .join(format!("image-builder-{}", std::process::id()));
+                            tmp.clone()
+                        }
+                    };
+                    let r = overlay::from_script(
+                        &base,
+                        &script,
+                        &snap,
+                        &out,
+                        opts,
+                        Duration::from_secs(120),
+                    );
+                    if keep_snapshot.is_none() {
+                        let _ = std::fs::remove_dir_all(&snap);
+                    }
+                    r?
+                }
+                (None, None) => unreachable!("clap requires --from or --script"),
+            };
+            let size = std::fs::metadata(&out)?.len();
+            println!(
+                "overlay {}: {:.2} MiB; pages: {} same, {} zero, {} base-dedup, {} self-dedup, {} data ({:.2} MiB → {:.2} MiB); built in {:.0} ms",
+                out.display(),
+                mib(size),
+                stats.same,
+                stats.zero,
+                stats.base_dedup,
+                stats.self_dedup,
+                stats.data,
+                mib(stats.data * 4096),
+                mib(stats.compressed_bytes),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Command::Verify { base: dir } => {
+            let m = base::verify(&dir)?;
+            println!("base {} is intact ({} MiB RAM)", m.id, m.mem_mib);
+        }
+        Command::Info { overlay } => {
+            let ov = Overlay::open(&overlay)?;
+            let mut buf = Vec::new();
+            for i in 0..ov.index().chunks.len() {
+                ov.read_chunk(i, &mut buf)?;
+            }
+            let s = ov.index().stats;
+            println!(
+                "overlay for base {}: {} pages ({} MiB), {} chunks (all intact), {} data pages, {} zero, {} base-dedup, {} self-dedup, state {} B",
+                image_format::base::hex(ov.base_id()),
+                s.pages,
+                s.pages / 256,
+                ov.index().chunks.len(),
+                s.data,
+                s.zero,
+                s.base_dedup,
+                s.self_dedup,
+                ov.index().state.len()
+            );
+        }
+    }
+    Ok(())
+}

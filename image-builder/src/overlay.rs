@@ -1,0 +1,87 @@
+//! `image-builder overlay`: the δ between a base and a customised guest.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use image_format::base::Manifest;
+use image_format::mapped::Mapped;
+use image_format::overlay::{self, BuildOptions, Stats};
+use vmm::builder::{build_from_snapshot, RestoreConfig};
+use vmm::config::SerialOutput;
+
+use crate::console::Console;
+
+/// Builds an overlay from `snapshot` (a `vmm snapshot` of a VM restored from `base` and then
+/// customised) against `base`.
+pub fn from_snapshot(
+    base: &Path,
+    snapshot: &Path,
+    out: &Path,
+    opts: BuildOptions,
+) -> Result<Stats> {
+    let t0 = Instant::now();
+    let manifest = Manifest::load(base)?;
+    let state = vmm::snapshot::read_state(snapshot)?;
+    if state.mem_mib != manifest.mem_mib {
+        bail!(
+            "the snapshot has {} MiB of RAM, the base {} MiB: it was not made from this base",
+            state.mem_mib,
+            manifest.mem_mib
+        );
+    }
+    let state_bytes = std::fs::read(snapshot.join(vmm::snapshot::STATE_FILE))?;
+    let open =
+        |p: PathBuf| Mapped::open(&p).with_context(|| format!("cannot map '{}'", p.display()));
+    let base_mem = open(base.join("memory"))?;
+    let new_mem = open(snapshot.join(vmm::snapshot::MEMORY_FILE))?;
+    let stats = overlay::build(
+        base_mem.bytes(),
+        new_mem.bytes(),
+        &manifest.id_bytes(),
+        state_bytes,
+        out,
+        opts,
+    )?;
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        ?stats,
+        "overlay built"
+    );
+    Ok(stats)
+}
+
+/// Restores `base`, runs `script` (commands separated by `,`, `:` between a command and its
+/// argument, as in `micro.run=`) on its console, snapshots it into `snapshot_dir` and builds
+/// the overlay from that.
+pub fn from_script(
+    base: &Path,
+    script: &str,
+    snapshot_dir: &Path,
+    out: &Path,
+    opts: BuildOptions,
+    timeout: Duration,
+) -> Result<Stats> {
+    Manifest::load(base)?;
+    std::fs::create_dir_all(snapshot_dir)?;
+    let log = snapshot_dir.join("console.log");
+    let machine = build_from_snapshot(&RestoreConfig {
+        snapshot: base.to_owned(),
+        serial: SerialOutput::File(log.clone()),
+        serial_input: false,
+        paused: false,
+        kvm_path: "/dev/kvm".into(),
+    })
+    .context("failed to restore the base")?;
+    let mut console = Console::new(&log);
+    for cmd in script.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let line = cmd.replacen(':', " ", 1);
+        let reply = console.command(&machine, &line, timeout)?;
+        tracing::info!(%line, %reply, "customising");
+    }
+    machine
+        .snapshot(snapshot_dir)
+        .context("failed to snapshot the customised guest")?;
+    drop(machine);
+    from_snapshot(base, snapshot_dir, out, opts)
+}

@@ -1,0 +1,271 @@
+//! VM synthesis: base image + application overlay → a running service VM.
+//!
+//! Order: base manifest and overlay checked (header, index, page numbers, chunk bounds, base
+//! id, machine state) → base RAM mapped `MAP_PRIVATE` → overlay applied straight into guest
+//! memory (chunks decompressed on all cores, each checked by its CRC first) → VM, vCPUs and
+//! devices restored from the overlay's machine state → vCPUs started. Any failure happens
+//! before a vCPU exists, and the base files are never written (private mapping).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use image_format::base::Manifest;
+use image_format::mapped::Mapped;
+use image_format::overlay::{Overlay, PageSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::arch::layout;
+use crate::persist::{self, Kind};
+use crate::snapshot::MachineState;
+
+/// Errors while synthesising.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthesisError {
+    /// The base is unusable.
+    #[error(transparent)]
+    Base(#[from] image_format::base::BaseError),
+    /// The overlay is unusable.
+    #[error(transparent)]
+    Overlay(#[from] image_format::overlay::OverlayError),
+    /// The overlay's machine state is unusable.
+    #[error("the overlay's machine state is unusable")]
+    State(#[source] persist::StateError),
+    /// Base and overlay disagree.
+    #[error("overlay '{0}' does not fit base '{1}': {2}")]
+    Mismatch(PathBuf, PathBuf, String),
+    /// The base memory image cannot be mapped.
+    #[error("cannot map the base memory '{0}'")]
+    Map(PathBuf, #[source] std::io::Error),
+}
+
+/// Where each phase's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// Reading and checking manifest, overlay header and index, and state.
+    pub check: Duration,
+    /// Mapping base RAM.
+    pub map: Duration,
+    /// Applying the overlay (decompression included).
+    pub apply: Duration,
+    /// Chunks applied.
+    pub chunks: usize,
+    /// Data bytes decompressed.
+    pub data_bytes: u64,
+}
+
+/// A checked base + overlay, with the decoded machine state.
+pub struct Checked {
+    /// The base manifest.
+    pub manifest: Manifest,
+    /// The overlay.
+    pub overlay: Overlay,
+    /// Machine state of the customised VM.
+    pub state: MachineState,
+}
+
+/// Checks `base` and `overlay` against each other without touching any VM.
+pub fn check(base: &Path, overlay: &Path) -> Result<Checked, SynthesisError> {
+    let manifest = Manifest::load(base)?;
+    let ov = Overlay::open(overlay)?;
+    ov.check_base(&manifest.id_bytes())?;
+    let mismatch = |why: String| SynthesisError::Mismatch(overlay.to_owned(), base.to_owned(), why);
+    let pages = manifest.mem_mib << 8;
+    if ov.index().mem_pages != pages {
+        return Err(mismatch(format!(
+            "it describes {} pages, the base has {pages}",
+            ov.index().mem_pages
+        )));
+    }
+    let state: MachineState =
+        persist::decode(Kind::Machine, &ov.index().state).map_err(SynthesisError::State)?;
+    if state.mem_mib != manifest.mem_mib {
+        return Err(mismatch(format!(
+            "its VM state has {} MiB of RAM, the base {}",
+            state.mem_mib, manifest.mem_mib
+        )));
+    }
+    Ok(Checked {
+        manifest,
+        overlay: ov,
+        state,
+    })
+}
+
+/// Guest physical address of byte `offset` of the RAM image (regions back to back).
+fn image_to_gpa(mem_bytes: u64, offset: u64) -> u64 {
+    let mut base = 0;
+    for (start, size) in layout::ram_ranges(mem_bytes) {
+        if offset < base + size {
+            return start + (offset - base);
+        }
+        base += size;
+    }
+    u64::MAX
+}
+
+/// Guest memory as an overlay sink, with the base image for base-page copies.
+struct GuestSink<'a> {
+    mem: &'a GuestMemoryMmap,
+    mem_bytes: u64,
+    base: &'a [u8],
+}
+
+const PAGE: u64 = image_format::PAGE_SIZE as u64;
+
+impl GuestSink<'_> {
+    /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap.
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), String> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let o = off + done as u64;
+            let gpa = image_to_gpa(self.mem_bytes, o);
+            // Bytes until the end of this RAM range.
+            let in_range = layout::ram_ranges(self.mem_bytes)
+                .iter()
+                .find(|(s, z)| gpa >= *s && gpa < s + z)
+                .map(|(s, z)| s + z - gpa)
+                .ok_or_else(|| format!("image offset {o:#x} is outside guest RAM"))?;
+            let n = (in_range as usize).min(data.len() - done);
+            self.populate(gpa, n);
+            self.mem
+                .write_slice(&data[done..done + n], GuestAddress(gpa))
+                .map_err(|e| format!("write at {gpa:#x}: {e}"))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Faults in `len` bytes of guest memory at `gpa` for writing in one call: one
+    /// `MADV_POPULATE_WRITE` instead of a copy-on-write fault per page. Best effort.
+    fn populate(&self, gpa: u64, len: usize) {
+        if let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) {
+            // SAFETY: `host..host+len` lies in one live guest RAM mapping (the caller split the
+            // range at region ends); populating pages changes no contents.
+            unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
+        }
+    }
+
+    fn read_page(&self, page: u64) -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; PAGE as usize];
+        let gpa = image_to_gpa(self.mem_bytes, page * PAGE);
+        self.mem
+            .read_slice(&mut buf, GuestAddress(gpa))
+            .map_err(|e| format!("read at {gpa:#x}: {e}"))?;
+        Ok(buf)
+    }
+}
+
+impl PageSink for GuestSink<'_> {
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String> {
+        self.write_at(first * PAGE, data)
+    }
+
+    fn zero_pages(&self, first: u64, count: u64) -> Result<(), String> {
+        let zeros = vec![0u8; PAGE as usize];
+        for p in first..first + count {
+            self.write_at(p * PAGE, &zeros)?;
+        }
+        Ok(())
+    }
+
+    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String> {
+        let s = (src * PAGE) as usize;
+        let page = self
+            .base
+            .get(s..s + PAGE as usize)
+            .ok_or_else(|| format!("base page {src} is beyond the base image"))?;
+        self.write_at(dst * PAGE, page)
+    }
+
+    fn copy_page(&self, dst: u64, src: u64) -> Result<(), String> {
+        let page = self.read_page(src)?;
+        self.write_at(dst * PAGE, &page)
+    }
+
+    /// Replaces the private file mapping by fresh anonymous memory there: writing into it then
+    /// costs no page-cache read and no copy-on-write copy, and zeros need no writing.
+    fn fresh_pages(&self, first: u64, count: u64) -> bool {
+        let mut off = first * PAGE;
+        let end = (first + count) * PAGE;
+        while off < end {
+            let gpa = image_to_gpa(self.mem_bytes, off);
+            let Some(in_range) = layout::ram_ranges(self.mem_bytes)
+                .iter()
+                .find(|(s, z)| gpa >= *s && gpa < s + z)
+                .map(|(s, z)| s + z - gpa)
+            else {
+                return false;
+            };
+            let n = in_range.min(end - off) as usize;
+            let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) else {
+                return false;
+            };
+            // SAFETY: `host..host+n` is page-aligned and inside one guest RAM mapping that this
+            // VM owns and no vCPU runs on yet; MAP_FIXED replaces exactly those pages with
+            // zeroed anonymous memory, keeping the address range valid.
+            let r = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    n,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return false;
+            }
+            off += n as u64;
+        }
+        true
+    }
+}
+
+/// Maps the base RAM privately and applies the overlay into it.
+pub fn materialise(
+    base: &Path,
+    checked: &Checked,
+    threads: usize,
+    timings: &mut Timings,
+) -> Result<GuestMemoryMmap, crate::builder::BuildError> {
+    let t0 = Instant::now();
+    let mem = crate::snapshot::map_memory(base, checked.manifest.mem_mib)?;
+    let base_path = base.join("memory");
+    let base_ro = Mapped::open(&base_path).map_err(|e| SynthesisError::Map(base_path, e))?;
+    timings.map = t0.elapsed();
+    let t1 = Instant::now();
+    let sink = GuestSink {
+        mem: &mem,
+        mem_bytes: checked.manifest.mem_mib << 20,
+        base: base_ro.bytes(),
+    };
+    checked
+        .overlay
+        .apply(&sink, threads)
+        .map_err(SynthesisError::from)?;
+    timings.apply = t1.elapsed();
+    timings.chunks = checked.overlay.index().chunks.len();
+    timings.data_bytes = checked.overlay.index().stats.data * PAGE;
+    Ok(mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_offsets_skip_the_mmio_gap() {
+        let four_gib = 4u64 << 30;
+        assert_eq!(image_to_gpa(256 << 20, 0x1234), 0x1234);
+        assert_eq!(
+            image_to_gpa(four_gib, layout::MMIO_GAP_START - 1),
+            layout::MMIO_GAP_START - 1
+        );
+        assert_eq!(
+            image_to_gpa(four_gib, layout::MMIO_GAP_START),
+            layout::MMIO_GAP_END
+        );
+        assert_eq!(image_to_gpa(256 << 20, 256 << 20), u64::MAX);
+    }
+}
