@@ -43,6 +43,37 @@ pub fn vmm_bin() -> PathBuf {
     require(profile_dir().join("vmm"), "the vmm binary")
 }
 
+/// The `image-builder` binary of this build profile.
+pub fn image_builder_bin() -> PathBuf {
+    require(
+        profile_dir().join("image-builder"),
+        "the image-builder binary",
+    )
+}
+
+/// Runs `image-builder` with `args` to completion.
+pub fn run_image_builder<I, S>(args: I, timeout: Duration) -> Finished
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(image_builder_bin());
+    cmd.args(args);
+    let mut v = Vmm::spawn_cmd(&mut cmd);
+    v.close_stdin();
+    v.finish(timeout)
+}
+
+/// FNV-1a digest of a file's bytes.
+pub fn file_digest(p: &Path) -> u64 {
+    std::fs::read(p)
+        .unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
 /// The micro guest ELF built by `cargo xtask guest`.
 pub fn micro_guest() -> PathBuf {
     require(

@@ -1,0 +1,290 @@
+//! VM synthesis end to end, as an operator does it: `image-builder base`, `image-builder
+//! overlay --script`, `vmm synthesize`. The synthesised VM's memory is byte-identical to the
+//! customised VM's, its service answers from the warm state, VMs share the base's clean pages
+//! and not each other's writes, and bad overlays are refused before any vCPU runs with the
+//! base left untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cloudlet_tests::{file_digest, micro_guest, run_image_builder, run_vmm, Scratch, Vmm};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Entry `i` of the guest's model table: SplitMix64's finaliser of i+1, masked (an
+/// independent implementation of rootfs/service's model.rs).
+fn model_entry(i: u64) -> u64 {
+    let mut z = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
+}
+
+/// One base, one 16 MiB-model overlay (with the customised snapshot kept), shared by the
+/// tests of this file.
+struct Images {
+    _dir: Scratch,
+    base: PathBuf,
+    overlay: PathBuf,
+    custom: PathBuf,
+}
+
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = Scratch::new("synth");
+        let base = dir.path("base");
+        let fin = run_image_builder(
+            [
+                "base".as_ref(),
+                "--kernel".as_ref(),
+                micro_guest().as_os_str(),
+                "--out".as_ref(),
+                base.as_os_str(),
+                "--mem".as_ref(),
+                "128".as_ref(),
+            ],
+            T,
+        );
+        assert_eq!(fin.code(), 0, "{fin:?}");
+        assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
+        let overlay = dir.path("model.overlay");
+        let custom = dir.path("custom");
+        let fin = run_image_builder(
+            [
+                "overlay".as_ref(),
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--script".as_ref(),
+                "load:16,query:7".as_ref(),
+                "--keep-snapshot".as_ref(),
+                custom.as_os_str(),
+                "--out".as_ref(),
+                overlay.as_os_str(),
+            ],
+            T,
+        );
+        assert_eq!(fin.code(), 0, "{fin:?}");
+        Images {
+            _dir: dir,
+            base,
+            overlay,
+            custom,
+        }
+    })
+}
+
+fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "synthesize".to_string(),
+        "--base".into(),
+        base.display().to_string(),
+        "--overlay".into(),
+        overlay.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn digests(dir: &Path) -> Vec<u64> {
+    ["base.json", "kernel", "state", "memory"]
+        .iter()
+        .map(|n| file_digest(&dir.join(n)))
+        .collect()
+}
+
+#[test]
+fn base_is_small_and_verifiable() {
+    let img = images();
+    let on_disk: u64 = ["base.json", "kernel", "state", "memory"]
+        .iter()
+        .map(|n| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(img.base.join(n)).unwrap().blocks() * 512
+        })
+        .sum();
+    assert!(
+        on_disk <= 8 << 20,
+        "base is {on_disk} bytes on disk, budget 8 MiB"
+    );
+    let fin = run_image_builder(["verify".as_ref(), img.base.as_os_str()], T);
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    assert!(fin.stdout[0].contains("is intact"));
+}
+
+#[test]
+fn synthesised_memory_is_byte_identical_and_the_service_answers_from_warm_state() {
+    let img = images();
+    let s = Scratch::new("synth-identical");
+    let sock = s.path("vm.sock");
+    // Paused: nothing has run since synthesis, so its memory must equal the customised VM's.
+    let mut vm = Vmm::spawn(synth_args(
+        &img.base,
+        &img.overlay,
+        &["--paused", "--api-sock", &sock.display().to_string()],
+    ));
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let snap = s.path("snap");
+    let out = run_vmm(
+        [
+            "snapshot",
+            "--api-sock",
+            &sock.display().to_string(),
+            "--out",
+            &snap.display().to_string(),
+            "--stay-paused",
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(
+        file_digest(&snap.join("memory")),
+        file_digest(&img.custom.join("memory")),
+        "synthesised RAM equals the customised VM's RAM"
+    );
+    let ok = run_vmm(["resume", "--api-sock", &sock.display().to_string()], T);
+    assert_eq!(ok.code(), 0);
+    for i in [0u64, 7, 123_456, 2_097_151] {
+        vm.send(&format!("query {i}\n"));
+        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
+        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
+    }
+    vm.send("stats\npoweroff 0\n");
+    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
+    // load and query ran while the overlay was made; the 4 queries and stats here.
+    assert!(stats.contains("requests=7"), "{stats}");
+    assert_eq!(vm.finish(T).code(), 0);
+}
+
+/// Shared_Clean and Private_Dirty (KiB) of the mapping of `file` in process `pid`.
+fn mapping_of(pid: u32, file: &Path) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let name = file.canonicalize().unwrap().display().to_string();
+    let (mut inside, mut shared, mut private) = (false, 0, 0);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.ends_with(&name);
+        } else if inside {
+            let v = || {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            };
+            match first {
+                "Shared_Clean:" => shared += v(),
+                "Private_Dirty:" => private += v(),
+                _ => {}
+            }
+        }
+    }
+    (shared, private)
+}
+
+#[test]
+fn two_vms_share_the_base_and_not_each_others_writes() {
+    let img = images();
+    let before = digests(&img.base);
+    let mut a = Vmm::spawn(synth_args(&img.base, &img.overlay, &[]));
+    let mut b = Vmm::spawn(synth_args(&img.base, &img.overlay, &[]));
+    // a rebuilds its model smaller (overwriting its first 1 MiB), b keeps the original.
+    a.send("load 1\nquery 5\n");
+    b.send("query 5\n");
+    let qa = a.expect_line(T, |l| l.starts_with("ok query"));
+    let qb = b.expect_line(T, |l| l.starts_with("ok query"));
+    assert_eq!(qa, qb, "same data either way");
+    a.send("query 200000\n");
+    assert!(
+        a.expect_line(T, |l| l.starts_with("err") || l.starts_with("ok query"))
+            .starts_with("err"),
+        "a's table is now 1 MiB"
+    );
+    b.send("query 200000\n");
+    assert_eq!(
+        b.expect_line(T, |l| l.starts_with("ok query")),
+        format!("ok query i=200000 value={}", model_entry(200_000)),
+        "b does not see a's writes"
+    );
+    // Both map the base memory file and share its clean pages through the page cache.
+    let mem = img.base.join("memory");
+    let (sa, _) = mapping_of(a.pid(), &mem);
+    let (sb, _) = mapping_of(b.pid(), &mem);
+    assert!(
+        sa > 0 && sb > 0,
+        "base pages shared: a {sa} KiB, b {sb} KiB"
+    );
+    a.send("poweroff\n");
+    b.send("poweroff\n");
+    assert_eq!(a.finish(T).code(), 0);
+    assert_eq!(b.finish(T).code(), 0);
+    assert_eq!(digests(&img.base), before, "the base is never modified");
+}
+
+/// `vmm synthesize` must fail with `needle` in its message, print nothing from the guest, and
+/// leave the base unchanged.
+fn refused(base: &Path, overlay: &Path, needle: &str) {
+    let before = digests(base);
+    let fin = run_vmm(synth_args(base, overlay, &["--no-stdin"]), T);
+    assert_eq!(fin.code(), 1, "{fin:?}");
+    assert!(
+        fin.stderr.contains(needle),
+        "expected {needle:?} in {}",
+        fin.stderr
+    );
+    assert!(fin.stdout.is_empty(), "no guest ran: {:?}", fin.stdout);
+    assert!(!fin.stderr.contains("panicked"));
+    assert_eq!(digests(base), before);
+}
+
+#[test]
+fn bad_overlays_are_refused_before_any_vcpu_runs() {
+    let img = images();
+    let s = Scratch::new("synth-bad");
+    let good = std::fs::read(&img.overlay).unwrap();
+    let write = |name: &str, bytes: &[u8]| s.write(name, bytes);
+    refused(
+        &img.base,
+        &write("cut", &good[..good.len() / 2]),
+        "not a usable overlay",
+    );
+    // A flipped bit in a chunk (just after the header) and in the index (at the end).
+    let mut chunk = good.clone();
+    chunk[200] ^= 1;
+    refused(&img.base, &write("chunk", &chunk), "checksum mismatch");
+    let mut index = good.clone();
+    let n = index.len();
+    index[n - 20] ^= 0x40;
+    refused(
+        &img.base,
+        &write("index", &index),
+        "index checksum mismatch",
+    );
+    let mut version = good.clone();
+    version[8] = 7;
+    refused(&img.base, &write("version", &version), "format version 7");
+    refused(&img.base, &write("empty", b""), "truncated");
+
+    // An overlay for another base: a base with another command line has another id.
+    let other = s.path("other-base");
+    let fin = run_image_builder(
+        [
+            "base".as_ref(),
+            "--kernel".as_ref(),
+            micro_guest().as_os_str(),
+            "--out".as_ref(),
+            other.as_os_str(),
+            "--mem".as_ref(),
+            "128".as_ref(),
+            "--cmdline".as_ref(),
+            "console=ttyS0 other".as_ref(),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    refused(&other, &img.overlay, "applies to base");
+}
