@@ -26,7 +26,7 @@ enum Cmd {
     Run(run::RunArgs),
     /// Build everything the tests need (guest, vmm, Debian's kernel), then run all tests.
     Test(test::TestArgs),
-    /// Run a benchmark (boot) and write target/bench/NAME.json.
+    /// Run a benchmark (boot, synthesis) and write target/bench/NAME.json.
     Bench(bench::BenchArgs),
     /// Download Debian's cloud kernel into target/linux/vmlinuz (for the boot-path tests).
     FetchLinux,

@@ -4,6 +4,7 @@
 
 mod boot;
 pub mod stats;
+mod synthesis;
 
 use anyhow::{bail, Result};
 use serde_json::{Map, Value};
@@ -13,7 +14,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot`.
+    /// Which benchmark: `boot` or `synthesis`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -25,9 +26,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.runs < 3 {
         bail!("--runs must be at least 3 to give a median and a p99");
     }
-    let figures = match args.name.as_str() {
-        "boot" => boot::run(args.runs)?,
-        other => bail!("unknown benchmark '{other}': available: boot"),
+    let figures: Vec<(String, f64)> = match args.name.as_str() {
+        "boot" => boot::run(args.runs)?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        "synthesis" => synthesis::run_bench(args.runs)?,
+        other => bail!("unknown benchmark '{other}': available: boot, synthesis"),
     };
     write_report(&args.name, args.runs, figures)
 }
@@ -58,11 +63,11 @@ fn host_info() -> Value {
     serde_json::json!({ "cpu": cpu, "cores": cores, "kernel": kernel, "kvm": kvm })
 }
 
-fn write_report(name: &str, runs: usize, figures: Vec<(&'static str, f64)>) -> Result<()> {
+fn write_report(name: &str, runs: usize, figures: Vec<(String, f64)>) -> Result<()> {
     let mut obj = Map::new();
     for (k, v) in &figures {
         let rounded = (v * 1000.0).round() / 1000.0;
-        obj.insert((*k).to_string(), serde_json::json!(rounded));
+        obj.insert(k.clone(), serde_json::json!(rounded));
     }
     obj.insert("runs".into(), serde_json::json!(runs));
     obj.insert("host".into(), host_info());

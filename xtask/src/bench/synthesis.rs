@@ -1,0 +1,378 @@
+//! `cargo xtask bench synthesis`: base + overlay → first correct service reply, for δ of 1,
+//! 16 and 64 MiB (the guest's model table) on a 256 MiB guest; beside it, in the same run:
+//!
+//! - QEMU (microvm, KVM) restoring the same guest state from a migration file
+//!   (`-incoming "exec:cat FILE"`, the file written by QMP `migrate` from a QEMU that ran the
+//!   same micro guest and loaded the same model) to the same first reply;
+//! - overlay creation versus Elijah's method (xdelta3 against the base, then xz/LZMA) on the
+//!   same pair of RAM images.
+//!
+//! "First correct reply": the client sends `query 5` every 5 ms from process start and stops
+//! the clock at the first `ok query i=5 value=<entry 5>` line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::stats::{median, percentile};
+use crate::util::{cargo, ensure_programs, require_kvm, run, step, target_dir};
+
+const MEM_MIB: u64 = 256;
+const DELTAS_MIB: [u64; 3] = [1, 16, 64];
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Entry 5 of the model table (rootfs/service/src/model.rs), computed independently.
+fn model_entry(i: u64) -> u64 {
+    let mut z = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
+}
+
+/// A child whose stdout lines arrive on a channel.
+struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("failed to start {cmd:?}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc { child, lines: rx })
+    }
+
+    fn send(&mut self, text: &str) {
+        if let Some(i) = self.child.stdin.as_mut() {
+            let _ = i.write_all(text.as_bytes());
+            let _ = i.flush();
+        }
+    }
+
+    fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Ok(l),
+                Ok(_) => {}
+                Err(_) => bail!("no expected line within {TIMEOUT:?}"),
+            }
+        }
+    }
+
+    /// Sends `query 5` every 5 ms until the correct reply; returns the time since `t0`.
+    fn first_reply(&mut self, t0: Instant) -> Result<f64> {
+        let want = format!("ok query i=5 value={}", model_entry(5));
+        let deadline = t0 + TIMEOUT;
+        loop {
+            self.send("query 5\n");
+            match self.lines.recv_timeout(Duration::from_millis(5)) {
+                Ok(l) if l == want => return Ok(t0.elapsed().as_secs_f64() * 1e3),
+                Ok(l) if l.starts_with("ok query") => bail!("wrong answer: {l}"),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("no correct reply within {TIMEOUT:?}");
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu(guest: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    // No invtsc here: it blocks migration.
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        &MEM_MIB.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+    ])
+    .arg(guest)
+    .args(["-append", "console=ttyS0"]);
+    c
+}
+
+/// Minimal QMP client: one JSON object per line.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Self> {
+        let deadline = Instant::now() + TIMEOUT;
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(e).context("QMP socket"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        q.read()?; // greeting
+        q.exec(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        self.r.read_line(&mut line)?;
+        Ok(serde_json::from_str(&line).with_context(|| format!("QMP said {line:?}"))?)
+    }
+
+    /// Sends a command and returns its `return` (events in between are skipped).
+    fn exec(&mut self, cmd: &str) -> Result<serde_json::Value> {
+        self.w.write_all(cmd.as_bytes())?;
+        self.w.write_all(b"\n")?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {cmd} failed: {e}");
+            }
+        }
+    }
+}
+
+/// Boots the guest in QEMU, loads a `mib` MiB model and migrates it into `file`.
+fn qemu_migration_file(guest: &Path, mib: u64, dir: &Path) -> Result<PathBuf> {
+    let sock = dir.join(format!("qmp-{mib}.sock"));
+    let file = dir.join(format!("qemu-{mib}mib.mig"));
+    let _ = std::fs::remove_file(&sock);
+    let mut p = Proc::spawn(
+        qemu(guest)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display())),
+    )?;
+    p.wait_line(|l| l.starts_with("micro-guest"))?;
+    p.send(&format!("load {mib}\n"));
+    p.wait_line(|l| l.starts_with("ok load"))?;
+    let mut q = Qmp::connect(&sock)?;
+    q.exec(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#,
+        file.display()
+    ))?;
+    loop {
+        let st = q.exec(r#"{"execute":"query-migrate"}"#)?;
+        match st["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {st}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    p.kill();
+    Ok(file)
+}
+
+fn mib_of(path: &Path) -> f64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64
+}
+
+fn timed(cmd: &mut Command) -> Result<f64> {
+    let t0 = Instant::now();
+    run(cmd.stdout(Stdio::null()))?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Runs the benchmark and returns its figures.
+pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
+    require_kvm()?;
+    ensure_programs(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("xdelta3", "xdelta3"),
+        ("xz", "xz-utils"),
+    ])?;
+    let guest = crate::guest::build()?;
+    step("building vmm and image-builder (release)");
+    run(cargo().args(["build", "--release", "-p", "vmm", "-p", "image-builder"]))?;
+    let bin = target_dir().join("release");
+    let (vmm, ib) = (bin.join("vmm"), bin.join("image-builder"));
+    let work = target_dir().join("bench-work/synthesis");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let base = work.join("base");
+
+    let mut figures: Vec<(String, f64)> = Vec::new();
+    step(&format!("base image: micro guest, {MEM_MIB} MiB RAM"));
+    run(Command::new(&ib)
+        .args(["base", "--kernel"])
+        .arg(&guest)
+        .arg("--out")
+        .arg(&base)
+        .args(["--mem", &MEM_MIB.to_string()]))?;
+    let base_bytes: u64 = ["base.json", "kernel", "state", "memory"]
+        .iter()
+        .map(|n| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(base.join(n))
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0)
+        })
+        .sum();
+    figures.push((
+        "base_image_mib".into(),
+        base_bytes as f64 / (1 << 20) as f64,
+    ));
+
+    for mib in DELTAS_MIB {
+        step(&format!(
+            "δ {mib} MiB: overlay, {runs} syntheses, QEMU migration file and {runs} restores"
+        ));
+        let custom = work.join(format!("custom-{mib}"));
+        let overlay = work.join(format!("model-{mib}.overlay"));
+        run(Command::new(&ib)
+            .arg("overlay")
+            .arg("--base")
+            .arg(&base)
+            .arg("--script")
+            .arg(format!("load:{mib}"))
+            .arg("--keep-snapshot")
+            .arg(&custom)
+            .arg("--out")
+            .arg(&overlay)
+            .stdout(Stdio::null()))?;
+        figures.push((format!("overlay_{mib}mib_mib"), mib_of(&overlay)));
+        let mig = qemu_migration_file(&guest, mib, &work)?;
+        figures.push((format!("qemu_migration_file_{mib}mib_mib"), mib_of(&mig)));
+
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let t0 = Instant::now();
+            let mut p = Proc::spawn(
+                Command::new(&vmm)
+                    .arg("synthesize")
+                    .arg("--base")
+                    .arg(&base)
+                    .arg("--overlay")
+                    .arg(&overlay),
+            )?;
+            ours.push(p.first_reply(t0)?);
+            p.kill();
+            let t0 = Instant::now();
+            let mut q = Proc::spawn(
+                qemu(&guest)
+                    .arg("-incoming")
+                    .arg(format!("exec:cat {}", mig.display())),
+            )?;
+            theirs.push(q.first_reply(t0)?);
+            q.kill();
+            eprint!(".");
+        }
+        eprintln!();
+        let o50 = median(&ours).unwrap_or(0.0);
+        let q50 = median(&theirs).unwrap_or(0.0);
+        figures.push((format!("synthesis_{mib}mib_p50_ms"), o50));
+        figures.push((
+            format!("synthesis_{mib}mib_p99_ms"),
+            percentile(&ours, 99.0).unwrap_or(0.0),
+        ));
+        figures.push((format!("qemu_restore_{mib}mib_p50_ms"), q50));
+        figures.push((
+            format!("qemu_restore_{mib}mib_p99_ms"),
+            percentile(&theirs, 99.0).unwrap_or(0.0),
+        ));
+        figures.push((
+            format!("ratio_vs_qemu_{mib}mib"),
+            if o50 > 0.0 { q50 / o50 } else { 0.0 },
+        ));
+
+        if mib == 16 {
+            figures.push(("synthesis_p50_ms".into(), o50));
+            figures.push((
+                "synthesis_p99_ms".into(),
+                percentile(&ours, 99.0).unwrap_or(0.0),
+            ));
+            figures.push((
+                "ratio_vs_qemu".into(),
+                if o50 > 0.0 { q50 / o50 } else { 0.0 },
+            ));
+            step("overlay creation: ours vs xdelta3 + xz (Elijah's method), same RAM images");
+            let ours_out = work.join("again.overlay");
+            let mut build = Vec::new();
+            for _ in 0..5 {
+                build.push(timed(
+                    Command::new(&ib)
+                        .arg("overlay")
+                        .arg("--base")
+                        .arg(&base)
+                        .arg("--from")
+                        .arg(&custom)
+                        .arg("--out")
+                        .arg(&ours_out),
+                )?);
+            }
+            let delta = work.join("elijah.vcdiff");
+            // No secondary compression in xdelta3: Elijah compresses the delta with LZMA.
+            let t_x = timed(
+                Command::new("xdelta3")
+                    .args(["-e", "-f", "-S", "none", "-s"])
+                    .arg(base.join("memory"))
+                    .arg(custom.join("memory"))
+                    .arg(&delta),
+            )?;
+            let t_z = timed(
+                Command::new("xz")
+                    .args(["-9", "-k", "-f", "-T1"])
+                    .arg(&delta),
+            )?;
+            let theirs_mib = mib_of(&work.join("elijah.vcdiff.xz"));
+            let ours_mib = mib_of(&ours_out);
+            let ours_ms = median(&build).unwrap_or(0.0);
+            figures.push(("overlay_build_ms".into(), ours_ms));
+            figures.push(("xdelta3_lzma_build_ms".into(), t_x + t_z));
+            figures.push(("xdelta3_lzma_overlay_mib".into(), theirs_mib));
+            figures.push((
+                "overlay_size_ratio_vs_xdelta3_lzma".into(),
+                ours_mib / theirs_mib,
+            ));
+            figures.push((
+                "overlay_build_speedup_vs_xdelta3_lzma".into(),
+                (t_x + t_z) / ours_ms.max(1e-3),
+            ));
+        }
+    }
+    Ok(figures)
+}
