@@ -158,7 +158,7 @@ impl Qmp {
     fn read(&mut self) -> Result<serde_json::Value> {
         let mut line = String::new();
         self.r.read_line(&mut line)?;
-        Ok(serde_json::from_str(&line).with_context(|| format!("QMP said {line:?}"))?)
+        serde_json::from_str(&line).with_context(|| format!("QMP said {line:?}"))
     }
 
     /// Sends a command and returns its `return` (events in between are skipped).
