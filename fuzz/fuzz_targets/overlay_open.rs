@@ -1,0 +1,36 @@
+//! Any bytes as an overlay file: open (header, index, bounds) and, when that succeeds, apply
+//! to a sink that only checks page bounds. Must never panic, hang or allocate without bound.
+#![no_main]
+
+use image_format::overlay::{Overlay, PageSink};
+use libfuzzer_sys::fuzz_target;
+
+struct Bounds(u64);
+
+impl PageSink for Bounds {
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String> {
+        let end = first + (data.len() / 4096) as u64;
+        if data.len() % 4096 != 0 || end > self.0 {
+            return Err("out of bounds".into());
+        }
+        Ok(())
+    }
+    fn zero_pages(&self, first: u64, count: u64) -> Result<(), String> {
+        (first + count <= self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    }
+    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String> {
+        (dst < self.0 && src < self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    }
+    fn copy_page(&self, dst: u64, src: u64) -> Result<(), String> {
+        (dst < self.0 && src < self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let path = std::env::temp_dir().join(format!("fuzz-overlay-{}", std::process::id()));
+    std::fs::write(&path, data).unwrap();
+    if let Ok(ov) = Overlay::open(&path) {
+        let pages = ov.index().mem_pages;
+        let _ = ov.apply(&Bounds(pages), 1);
+    }
+});
