@@ -4,14 +4,13 @@
 //! minus the guest memory actually touched (the RSS of the guest RAM mapping, read from
 //! /proc/PID/smaps while the guest idles after its banner).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::channel;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
+use super::child::Proc;
 use super::stats::{median, percentile};
 use crate::util::{cargo, ensure_programs, require_kvm, step, target_dir};
 
@@ -28,50 +27,28 @@ struct Sample {
 }
 
 /// Starts `cmd` and waits for the banner line; leaves the process running.
-fn boot_until_banner(cmd: &mut Command) -> Result<(Child, Sample)> {
+fn boot_until_banner(cmd: &mut Command) -> Result<(Proc, Sample)> {
     let t0 = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("failed to start {cmd:?}"))?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send((line, Instant::now())).is_err() {
-                break;
-            }
+    let mut p = Proc::spawn(cmd)?;
+    let (line, at) = match p.wait_line(TIMEOUT, |l| l.contains(BANNER)) {
+        Ok(r) => r,
+        Err(e) => {
+            p.kill();
+            return Err(e.context(format!("no banner from {cmd:?}")));
         }
-    });
-    loop {
-        match rx.recv_timeout(TIMEOUT) {
-            Ok((line, at)) if line.contains(BANNER) => {
-                let to_banner_ms = (at - t0).as_secs_f64() * 1e3;
-                let guest_boot_us = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("boot_us="))
-                    .and_then(|v| v.parse().ok());
-                let (rss_kib, guest_rss_kib) = rss_of(child.id(), MEM_MIB * 1024).unwrap_or((0, 0));
-                return Ok((
-                    child,
-                    Sample {
-                        to_banner_ms,
-                        guest_boot_us,
-                        rss_kib,
-                        guest_rss_kib,
-                    },
-                ));
-            }
-            Ok(_) => {}
-            Err(_) => {
-                let _ = child.kill();
-                bail!("no banner within {TIMEOUT:?} from {cmd:?}");
-            }
-        }
-    }
+    };
+    let guest_boot_us = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("boot_us="))
+        .and_then(|v| v.parse().ok());
+    let (rss_kib, guest_rss_kib) = rss_of(p.child.id(), MEM_MIB * 1024).unwrap_or((0, 0));
+    let sample = Sample {
+        to_banner_ms: (at - t0).as_secs_f64() * 1e3,
+        guest_boot_us,
+        rss_kib,
+        guest_rss_kib,
+    };
+    Ok((p, sample))
 }
 
 /// Total RSS of `pid` and the RSS of its anonymous mapping of exactly `guest_kib` (the guest
@@ -97,22 +74,6 @@ fn rss_of(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
         }
     }
     Some((total, guest))
-}
-
-/// Asks the guest to power off through its serial console and waits; kills after a timeout.
-fn stop(mut child: Child) {
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"poweroff 0\n");
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn ours(vmm: &Path, guest: &Path) -> Command {
@@ -177,9 +138,9 @@ pub fn run(runs: usize) -> Result<Vec<(&'static str, f64)>> {
     // One warm-up each so both start from a warm page cache.
     for warm in [true].into_iter().chain(std::iter::repeat_n(false, runs)) {
         let (child, s) = boot_until_banner(&mut ours(&vmm, &guest))?;
-        stop(child);
+        child.stop("poweroff 0\n");
         let (child, q) = boot_until_banner(&mut qemu(&guest))?;
-        stop(child);
+        child.stop("poweroff 0\n");
         if !warm {
             ours_s.push(s);
             qemu_s.push(q);

@@ -3,6 +3,7 @@
 //! Peers are measured in the same run, interleaved with ours, and compared as ratios.
 
 mod boot;
+mod child;
 pub mod stats;
 mod synthesis;
 

@@ -13,12 +13,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::child::Proc;
 use super::stats::{median, percentile};
 use crate::util::{cargo, ensure_programs, require_kvm, run, step, target_dir};
 
@@ -34,72 +34,20 @@ fn model_entry(i: u64) -> u64 {
     (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
 }
 
-/// A child whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("failed to start {cmd:?}"))?;
-        let out = child.stdout.take().context("stdout")?;
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Proc { child, lines: rx })
-    }
-
-    fn send(&mut self, text: &str) {
-        if let Some(i) = self.child.stdin.as_mut() {
-            let _ = i.write_all(text.as_bytes());
-            let _ = i.flush();
+/// Sends `query 5` every 5 ms until the correct reply; returns the time since `t0` in ms.
+fn first_reply(p: &mut Proc, t0: Instant) -> Result<f64> {
+    let want = format!("ok query i=5 value={}", model_entry(5));
+    let deadline = t0 + TIMEOUT;
+    loop {
+        p.send("query 5\n");
+        match p.lines.recv_timeout(Duration::from_millis(5)) {
+            Ok((l, at)) if l == want => return Ok((at - t0).as_secs_f64() * 1e3),
+            Ok((l, _)) if l.starts_with("ok query") => bail!("wrong answer: {l}"),
+            _ => {}
         }
-    }
-
-    fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if pred(&l) => return Ok(l),
-                Ok(_) => {}
-                Err(_) => bail!("no expected line within {TIMEOUT:?}"),
-            }
+        if Instant::now() > deadline {
+            bail!("no correct reply within {TIMEOUT:?}");
         }
-    }
-
-    /// Sends `query 5` every 5 ms until the correct reply; returns the time since `t0`.
-    fn first_reply(&mut self, t0: Instant) -> Result<f64> {
-        let want = format!("ok query i=5 value={}", model_entry(5));
-        let deadline = t0 + TIMEOUT;
-        loop {
-            self.send("query 5\n");
-            match self.lines.recv_timeout(Duration::from_millis(5)) {
-                Ok(l) if l == want => return Ok(t0.elapsed().as_secs_f64() * 1e3),
-                Ok(l) if l.starts_with("ok query") => bail!("wrong answer: {l}"),
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                bail!("no correct reply within {TIMEOUT:?}");
-            }
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -187,9 +135,9 @@ fn qemu_migration_file(guest: &Path, mib: u64, dir: &Path) -> Result<PathBuf> {
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display())),
     )?;
-    p.wait_line(|l| l.starts_with("micro-guest"))?;
+    p.wait_line(TIMEOUT, |l| l.starts_with("micro-guest"))?;
     p.send(&format!("load {mib}\n"));
-    p.wait_line(|l| l.starts_with("ok load"))?;
+    p.wait_line(TIMEOUT, |l| l.starts_with("ok load"))?;
     let mut q = Qmp::connect(&sock)?;
     q.exec(&format!(
         r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#,
@@ -289,7 +237,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
                     .arg("--overlay")
                     .arg(&overlay),
             )?;
-            ours.push(p.first_reply(t0)?);
+            ours.push(first_reply(&mut p, t0)?);
             p.kill();
             let t0 = Instant::now();
             let mut q = Proc::spawn(
@@ -297,7 +245,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
                     .arg("-incoming")
                     .arg(format!("exec:cat {}", mig.display())),
             )?;
-            theirs.push(q.first_reply(t0)?);
+            theirs.push(first_reply(&mut q, t0)?);
             q.kill();
             eprint!(".");
         }
