@@ -88,32 +88,14 @@ fn ours(vmm: &Path, guest: &Path) -> Command {
 }
 
 fn qemu(guest: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-        "-enable-kvm",
-        "-cpu",
-        // Invariant TSC with the frequency in CPUID 0x40000010, so the guest reports its boot
-        // time in µs under QEMU as under our vmm.
+    // Invariant TSC with the frequency in CPUID 0x40000010, so the guest reports its boot time
+    // in µs under QEMU as under our vmm; isa-debug-exit so `poweroff` ends QEMU.
+    super::qemu::microvm(
+        guest,
+        MEM_MIB,
         "host,+invtsc,vmware-cpuid-freq=on",
-        "-m",
-        &MEM_MIB.to_string(),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=2",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", "console=ttyS0"]);
-    c
+        &["-device", "isa-debug-exit,iobase=0x501,iosize=2"],
+    )
 }
 
 /// Runs the benchmark and returns its figures.

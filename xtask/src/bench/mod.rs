@@ -4,6 +4,7 @@
 
 mod boot;
 mod child;
+mod qemu;
 pub mod stats;
 mod synthesis;
 

@@ -52,29 +52,8 @@ fn first_reply(p: &mut Proc, t0: Instant) -> Result<f64> {
 }
 
 fn qemu(guest: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
     // No invtsc here: it blocks migration.
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-m",
-        &MEM_MIB.to_string(),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", "console=ttyS0"]);
-    c
+    super::qemu::microvm(guest, MEM_MIB, "host", &[])
 }
 
 /// Minimal QMP client: one JSON object per line.
