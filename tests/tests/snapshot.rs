@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cloudlet_tests::{micro_guest, Scratch};
+use cloudlet_tests::{file_digest, micro_guest, Scratch};
 use vmm::builder::{build_for_boot, build_from_snapshot, RestoreConfig};
 use vmm::config::{SerialOutput, VmConfig};
 use vmm::loader::{BootProtocol, KernelConfig};
@@ -65,16 +65,6 @@ fn send(m: &Machine, text: &str) {
     assert_eq!(m.serial_input(text.as_bytes()), text.len(), "fits the FIFO");
 }
 
-fn digest(p: &Path) -> u64 {
-    // FNV-1a over the file: enough to see any change.
-    std::fs::read(p)
-        .unwrap()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        })
-}
-
 #[test]
 fn guest_continues_exactly_where_it_was_snapshotted() {
     let s = Scratch::new("snap-rt");
@@ -128,7 +118,10 @@ fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
     let snap = s.path("snap");
     m.snapshot(&snap).unwrap();
     drop(m);
-    let (mem_digest, state_digest) = (digest(&snap.join("memory")), digest(&snap.join("state")));
+    let (mem_digest, state_digest) = (
+        file_digest(&snap.join("memory")),
+        file_digest(&snap.join("state")),
+    );
 
     let (a_log, b_log) = (s.path("a.log"), s.path("b.log"));
     let a = restore(&snap, &a_log);
@@ -145,11 +138,11 @@ fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
     assert!(!std::fs::read_to_string(&b_log).unwrap().contains("from-a"));
     drop((a, b));
     assert_eq!(
-        digest(&snap.join("memory")),
+        file_digest(&snap.join("memory")),
         mem_digest,
         "the snapshot's memory is untouched"
     );
-    assert_eq!(digest(&snap.join("state")), state_digest);
+    assert_eq!(file_digest(&snap.join("state")), state_digest);
 }
 
 #[test]

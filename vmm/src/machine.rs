@@ -193,7 +193,7 @@ impl Machine {
             ApiRequest::Status => ApiResponse::Status {
                 paused: self.paused.load(Ordering::Relaxed),
                 vcpus: self.vcpus.len() as u32,
-                mem_mib: self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+                mem_mib: self.mem_mib(),
             },
             ApiRequest::Pause => self.pause().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
             ApiRequest::Resume => self.resume().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
@@ -267,6 +267,11 @@ impl Machine {
         &self.mem
     }
 
+    /// Guest RAM in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20
+    }
+
     /// The KVM VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
@@ -315,7 +320,7 @@ impl Machine {
         let memory_bytes_written =
             snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
         let state = MachineState {
-            mem_mib: self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            mem_mib: self.mem_mib(),
             vcpus,
             vm,
             serial,

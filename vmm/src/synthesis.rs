@@ -91,16 +91,17 @@ pub fn check(base: &Path, overlay: &Path) -> Result<Checked, SynthesisError> {
     })
 }
 
-/// Guest physical address of byte `offset` of the RAM image (regions back to back).
-fn image_to_gpa(mem_bytes: u64, offset: u64) -> u64 {
+/// Where byte `offset` of the RAM image (regions back to back) lives: its guest physical
+/// address and how many bytes from there on lie in the same RAM range; `None` beyond RAM.
+fn locate(mem_bytes: u64, offset: u64) -> Option<(u64, u64)> {
     let mut base = 0;
     for (start, size) in layout::ram_ranges(mem_bytes) {
         if offset < base + size {
-            return start + (offset - base);
+            return Some((start + (offset - base), base + size - offset));
         }
         base += size;
     }
-    u64::MAX
+    None
 }
 
 /// Guest memory as an overlay sink, with the base image for base-page copies.
@@ -118,12 +119,7 @@ impl GuestSink<'_> {
         let mut done = 0usize;
         while done < data.len() {
             let o = off + done as u64;
-            let gpa = image_to_gpa(self.mem_bytes, o);
-            // Bytes until the end of this RAM range.
-            let in_range = layout::ram_ranges(self.mem_bytes)
-                .iter()
-                .find(|(s, z)| gpa >= *s && gpa < s + z)
-                .map(|(s, z)| s + z - gpa)
+            let (gpa, in_range) = locate(self.mem_bytes, o)
                 .ok_or_else(|| format!("image offset {o:#x} is outside guest RAM"))?;
             let n = (in_range as usize).min(data.len() - done);
             self.populate(gpa, n);
@@ -147,7 +143,8 @@ impl GuestSink<'_> {
 
     fn read_page(&self, page: u64) -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; PAGE as usize];
-        let gpa = image_to_gpa(self.mem_bytes, page * PAGE);
+        let (gpa, _) = locate(self.mem_bytes, page * PAGE)
+            .ok_or_else(|| format!("page {page} is outside guest RAM"))?;
         self.mem
             .read_slice(&mut buf, GuestAddress(gpa))
             .map_err(|e| format!("read at {gpa:#x}: {e}"))?;
@@ -188,12 +185,7 @@ impl PageSink for GuestSink<'_> {
         let mut off = first * PAGE;
         let end = (first + count) * PAGE;
         while off < end {
-            let gpa = image_to_gpa(self.mem_bytes, off);
-            let Some(in_range) = layout::ram_ranges(self.mem_bytes)
-                .iter()
-                .find(|(s, z)| gpa >= *s && gpa < s + z)
-                .map(|(s, z)| s + z - gpa)
-            else {
+            let Some((gpa, in_range)) = locate(self.mem_bytes, off) else {
                 return false;
             };
             let n = in_range.min(end - off) as usize;
@@ -257,15 +249,18 @@ mod tests {
     #[test]
     fn image_offsets_skip_the_mmio_gap() {
         let four_gib = 4u64 << 30;
-        assert_eq!(image_to_gpa(256 << 20, 0x1234), 0x1234);
         assert_eq!(
-            image_to_gpa(four_gib, layout::MMIO_GAP_START - 1),
-            layout::MMIO_GAP_START - 1
+            locate(256 << 20, 0x1234),
+            Some((0x1234, (256 << 20) - 0x1234))
         );
         assert_eq!(
-            image_to_gpa(four_gib, layout::MMIO_GAP_START),
-            layout::MMIO_GAP_END
+            locate(four_gib, layout::MMIO_GAP_START - 1),
+            Some((layout::MMIO_GAP_START - 1, 1))
         );
-        assert_eq!(image_to_gpa(256 << 20, 256 << 20), u64::MAX);
+        assert_eq!(
+            locate(four_gib, layout::MMIO_GAP_START),
+            Some((layout::MMIO_GAP_END, four_gib - layout::MMIO_GAP_START))
+        );
+        assert_eq!(locate(256 << 20, 256 << 20), None);
     }
 }
