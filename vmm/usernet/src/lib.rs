@@ -1,0 +1,1 @@
+//! User-mode networking for service VMs (skeleton; being written).
