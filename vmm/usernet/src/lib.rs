@@ -1,1 +1,0 @@
-//! User-mode networking for service VMs (skeleton; being written).
