@@ -16,6 +16,7 @@
 //! 0x0010_0000  │ kernel image (1 MiB)         │
 //!              │ … RAM …          initrd at top│
 //! 0xc000_0000  ├──────────────────────────────┤ MMIO gap (devices, LAPIC, IOAPIC)
+//! 0xd000_0000  │ virtio-mmio windows, 4 KiB each│
 //! 0x1_0000_0000├──────────────────────────────┤ RAM above 4 GiB when the guest is large
 //! ```
 
@@ -51,6 +52,14 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio device window (in the MMIO gap); device `i` is at
+/// `VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE`.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window (registers + config space).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt line of virtio-mmio device 0; device `i` uses `VIRTIO_IRQ_BASE + i` (8259 lines
+/// 5–15, so a guest without an IOAPIC driver gets them too).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// I/O port of the isa-debug-exit compatible power-off device.
 pub const DEBUG_EXIT_PORT: u16 = 0x501;
 /// COM1 base port.
