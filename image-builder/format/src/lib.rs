@@ -11,6 +11,7 @@
 pub mod base;
 pub mod mapped;
 pub mod overlay;
+pub mod sources;
 
 /// Guest page size of every image.
 pub const PAGE_SIZE: usize = 4096;

@@ -20,6 +20,11 @@ impl Mapped {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let f = File::open(path)?;
         let len = f.metadata()?.len() as usize;
+        Self::from_file(&f, len)
+    }
+
+    /// Maps the first `len` bytes of `f` (opened for reading).
+    pub fn from_file(f: &File, len: usize) -> std::io::Result<Self> {
         if len == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -48,6 +53,12 @@ impl Mapped {
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr..ptr+len` is a live read-only mapping owned by `self`.
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapped({} bytes)", self.len)
     }
 }
 
