@@ -239,6 +239,9 @@ pub struct SynthesisConfig {
     pub kvm_path: std::path::PathBuf,
     /// Decompression threads.
     pub threads: usize,
+    /// Start the vCPUs before the overlay is applied and fill rewritten pages on first touch
+    /// (userfaultfd); falls back to applying up front where userfaultfd is unavailable.
+    pub lazy: bool,
 }
 
 /// Synthesises a VM from a base and an overlay (see [`crate::synthesis`]); returns it running
@@ -251,9 +254,20 @@ pub fn build_from_overlay(
     let checked = crate::synthesis::check(&cfg.base, &cfg.overlay)?;
     timings.check = t0.elapsed();
     let kvm = KvmContext::open(&cfg.kvm_path)?;
-    let mem = crate::synthesis::materialise(&cfg.base, &checked, cfg.threads, &mut timings)?;
+    let lazy = if cfg.lazy {
+        crate::synthesis::materialise_lazy(&cfg.base, &checked, cfg.threads, &mut timings)?
+    } else {
+        None
+    };
+    let (mem, fill) = match lazy {
+        Some((mem, fill)) => (mem, Some(fill)),
+        None => (
+            crate::synthesis::materialise(&cfg.base, &checked, cfg.threads, &mut timings)?,
+            None,
+        ),
+    };
     let t_restore = Instant::now();
-    let machine = restore_machine(
+    let mut machine = restore_machine(
         kvm,
         mem,
         &checked.state,
@@ -261,6 +275,9 @@ pub fn build_from_overlay(
         cfg.serial_input,
         cfg.paused,
     )?;
+    if let Some(fill) = fill {
+        machine.set_lazy(fill);
+    }
     Ok((machine, timings, t_restore.elapsed()))
 }
 

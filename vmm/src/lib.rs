@@ -7,7 +7,9 @@
 //! - [`loader`]: kernel, command line, initrd and boot information via linux-loader;
 //! - [`builder`]: the entry point that turns a [`config::VmConfig`] into a running
 //!   [`machine::Machine`];
-//! - [`machine`]: the running VM and its event loop.
+//! - [`machine`]: the running VM and its event loop;
+//! - [`synthesis`], [`lazy`], [`uffd`]: base + overlay → a running VM, the overlay applied up
+//!   front or on first touch through userfaultfd.
 
 pub mod api;
 pub mod arch;
@@ -15,9 +17,11 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod lazy;
 pub mod loader;
 pub mod machine;
 pub mod persist;
 pub mod snapshot;
 pub mod synthesis;
+pub mod uffd;
 pub mod vstate;

@@ -45,6 +45,9 @@ pub enum MachineError {
     /// The control socket could not be set up.
     #[error("failed to listen on the control socket '{0}'")]
     ApiSocket(PathBuf, #[source] std::io::Error),
+    /// Guest memory is still being filled from an overlay and could not be completed.
+    #[error("guest memory is incomplete: {0}")]
+    Lazy(String),
 }
 
 /// Most serial input buffered in the VMM before it stops reading stdin.
@@ -108,6 +111,8 @@ impl StopSignals {
 pub struct Machine {
     // Field order is drop order: vCPU threads end before the VM and its memory go away.
     vcpus: Vec<VcpuHandle>,
+    /// Lazy synthesis still filling guest memory (its threads end before the memory goes).
+    lazy: Option<crate::lazy::LazyFill>,
     vm: Vm,
     mem: GuestMemoryMmap,
     serial: Arc<Mutex<SerialDevice>>,
@@ -150,6 +155,7 @@ impl Machine {
     ) -> Self {
         Machine {
             vcpus,
+            lazy: None,
             vm,
             mem,
             serial,
@@ -160,6 +166,18 @@ impl Machine {
             paused: std::sync::atomic::AtomicBool::new(false),
             api: None,
         }
+    }
+
+    /// Hands the machine the lazy fill of its memory: fill errors stop the VM, and a
+    /// snapshot waits for the fill to complete.
+    pub fn set_lazy(&mut self, lazy: crate::lazy::LazyFill) {
+        lazy.set_exit(self.exit.clone());
+        self.lazy = Some(lazy);
+    }
+
+    /// The lazy fill of guest memory, while the machine has one.
+    pub fn lazy(&self) -> Option<&crate::lazy::LazyFill> {
+        self.lazy.as_ref()
     }
 
     /// Marks the machine as started paused.
@@ -306,6 +324,11 @@ impl Machine {
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotInfo, MachineError> {
         std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io("create", dir.to_owned(), e))?;
         self.pause()?;
+        // Pages not yet filled would read as missing (and mincore would skip them).
+        if let Some(lazy) = &self.lazy {
+            lazy.wait(std::time::Duration::from_secs(60))
+                .map_err(MachineError::Lazy)?;
+        }
         let vcpus = self
             .vcpus
             .iter()

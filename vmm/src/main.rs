@@ -93,6 +93,11 @@ struct SynthesizeArgs {
     /// Decompression threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Apply the whole overlay before the vCPUs start. By default they start at once and the
+    /// pages the overlay rewrites are filled on first touch (userfaultfd; needs root) while
+    /// the rest is filled in the background.
+    #[arg(long)]
+    eager: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -215,6 +220,7 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        lazy: !args.eager,
     };
     let (machine, t, restore) = vmm::builder::build_from_overlay(&cfg).with_context(|| {
         format!(
@@ -223,20 +229,35 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
             args.overlay.display()
         )
     })?;
+    let lazy_stats = machine.lazy().map(|l| l.stats());
     if verbose {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         eprintln!(
-            "vmm: synthesised in {:.2} ms: check {:.2}, map base {:.2}, apply {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
+            "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
             ms(t0.elapsed()),
             ms(t.check),
+            ms(t.verify),
             ms(t.map),
+            if t.lazy { "lazy fill start" } else { "apply" },
             ms(t.apply),
             t.chunks,
             t.data_bytes as f64 / (1 << 20) as f64,
             ms(restore)
         );
     }
-    serve(machine, &args.common)
+    let reason = serve(machine, &args.common);
+    if let (true, Some(s)) = (verbose, lazy_stats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "vmm: lazy fill: {} faults served in {:.2} ms ({} chunks), {} chunks prefetched, complete after {:.2} ms",
+            s.faults.load(Relaxed),
+            s.fault_us.load(Relaxed) as f64 / 1e3,
+            s.fault_chunks.load(Relaxed),
+            s.prefetch_chunks.load(Relaxed),
+            s.complete_us.load(Relaxed) as f64 / 1e3,
+        );
+    }
+    reason
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {

@@ -7,6 +7,7 @@
 //! before a vCPU exists, and the base files are never written (private mapping).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_format::base::Manifest;
@@ -15,6 +16,7 @@ use image_format::overlay::{Overlay, PageSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::layout;
+use crate::lazy::{LazyError, LazyFill, Region};
 use crate::persist::{self, Kind};
 use crate::snapshot::MachineState;
 
@@ -33,6 +35,9 @@ pub enum SynthesisError {
     /// Base and overlay disagree.
     #[error("overlay '{0}' does not fit base '{1}': {2}")]
     Mismatch(PathBuf, PathBuf, String),
+    /// Lazy filling could not be set up.
+    #[error("lazy synthesis failed: {0}")]
+    Lazy(String),
     /// The base memory image cannot be mapped.
     #[error("cannot map the base memory '{0}'")]
     Map(PathBuf, #[source] std::io::Error),
@@ -45,8 +50,14 @@ pub struct Timings {
     pub check: Duration,
     /// Mapping base RAM.
     pub map: Duration,
-    /// Applying the overlay (decompression included).
+    /// Applying the overlay (decompression included); with lazy synthesis, only preparing
+    /// guest memory and starting the fill.
     pub apply: Duration,
+    /// Verifying every chunk's checksum (lazy synthesis; eager application checks each chunk
+    /// as it applies it).
+    pub verify: Duration,
+    /// The overlay is applied lazily.
+    pub lazy: bool,
     /// Chunks applied.
     pub chunks: usize,
     /// Data bytes decompressed.
@@ -58,7 +69,7 @@ pub struct Checked {
     /// The base manifest.
     pub manifest: Manifest,
     /// The overlay.
-    pub overlay: Overlay,
+    pub overlay: Arc<Overlay>,
     /// Machine state of the customised VM.
     pub state: MachineState,
 }
@@ -86,7 +97,7 @@ pub fn check(base: &Path, overlay: &Path) -> Result<Checked, SynthesisError> {
     }
     Ok(Checked {
         manifest,
-        overlay: ov,
+        overlay: Arc::new(ov),
         state,
     })
 }
@@ -240,6 +251,56 @@ pub fn materialise(
     timings.chunks = checked.overlay.index().chunks.len();
     timings.data_bytes = checked.overlay.index().stats.data * PAGE;
     Ok(mem)
+}
+
+/// Maps the base RAM privately, verifies every chunk, and starts filling the pages the
+/// overlay rewrites lazily (see [`crate::lazy`]). `Ok(None)` when userfaultfd is unavailable:
+/// the caller then applies the overlay up front.
+pub fn materialise_lazy(
+    base: &Path,
+    checked: &Checked,
+    threads: usize,
+    timings: &mut Timings,
+) -> Result<Option<(GuestMemoryMmap, LazyFill)>, crate::builder::BuildError> {
+    let t0 = Instant::now();
+    checked
+        .overlay
+        .verify_chunks(threads)
+        .map_err(SynthesisError::from)?;
+    timings.verify = t0.elapsed();
+    let t1 = Instant::now();
+    let mem = crate::snapshot::map_memory(base, checked.manifest.mem_mib)?;
+    let base_path = base.join("memory");
+    let base_ro =
+        Arc::new(Mapped::open(&base_path).map_err(|e| SynthesisError::Map(base_path, e))?);
+    timings.map = t1.elapsed();
+    let t2 = Instant::now();
+    let mut regions = Vec::new();
+    let mut first_page = 0;
+    for (start, size) in layout::ram_ranges(checked.manifest.mem_mib << 20) {
+        let host = mem
+            .get_host_address(GuestAddress(start))
+            .map_err(|e| SynthesisError::Lazy(format!("guest RAM at {start:#x}: {e}")))?;
+        regions.push(Region {
+            first_page,
+            pages: size / PAGE,
+            host: host as usize,
+        });
+        first_page += size / PAGE;
+    }
+    let fill = match LazyFill::start(checked.overlay.clone(), base_ro, regions) {
+        Ok(f) => f,
+        Err(e @ LazyError::Unavailable(_)) => {
+            tracing::info!("{e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(SynthesisError::Lazy(e.to_string()).into()),
+    };
+    timings.apply = t2.elapsed();
+    timings.lazy = true;
+    timings.chunks = checked.overlay.index().chunks.len();
+    timings.data_bytes = checked.overlay.index().stats.data * PAGE;
+    Ok(Some((mem, fill)))
 }
 
 #[cfg(test)]

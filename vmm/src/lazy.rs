@@ -1,0 +1,441 @@
+//! Lazy synthesis: the guest runs before the overlay is applied.
+//!
+//! The pages an overlay rewrites are replaced by fresh anonymous memory registered with
+//! userfaultfd; every other page stays the base's private file mapping (shared clean pages).
+//! Two threads then fill the rewritten pages, each exactly once, from their final source
+//! ([`PageSources`]): a *fault server* answers the pages the guest (or KVM, or a device)
+//! touches first — decompressing the whole chunk a page lies in and filling all of it — and a
+//! *prefetcher* fills everything else in file order. When every page is present the
+//! userfaultfd is closed and the memory is ordinary memory again.
+//!
+//! Every chunk's checksum is verified before any vCPU runs, so a damaged overlay is refused
+//! up front as with eager application. A chunk that passes its checksum but still fails to
+//! decompress (a crafted file) stops the VM with an error before the page is ever filled:
+//! the guest never runs on bytes that are not the overlay's.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use image_format::mapped::Mapped;
+use image_format::overlay::Overlay;
+use image_format::sources::{PageSources, Source};
+use image_format::PAGE_SIZE;
+
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::uffd::{Fill, Uffd};
+
+/// One guest RAM region in image-page space.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    /// First image page.
+    pub first_page: u64,
+    /// Pages in the region.
+    pub pages: u64,
+    /// Host address of its first page.
+    pub host: usize,
+}
+
+/// Counters of a lazy fill, for `--verbose` and benchmarks.
+#[derive(Debug, Default)]
+pub struct LazyStats {
+    /// Faults served.
+    pub faults: AtomicU64,
+    /// Chunks decompressed by the fault server.
+    pub fault_chunks: AtomicU64,
+    /// Total time spent serving faults, µs.
+    pub fault_us: AtomicU64,
+    /// Chunks decompressed by the prefetcher.
+    pub prefetch_chunks: AtomicU64,
+    /// Time from start until every page was present, µs (0 until then).
+    pub complete_us: AtomicU64,
+}
+
+const CHUNK_PENDING: u8 = 0;
+const CHUNK_FILLED: u8 = 2;
+
+struct Shared {
+    uffd: Uffd,
+    overlay: Arc<Overlay>,
+    base: Arc<Mapped>,
+    sources: PageSources,
+    regions: Vec<Region>,
+    chunk_state: Vec<AtomicU8>,
+    complete: AtomicBool,
+    failed: Mutex<Option<String>>,
+    done: (Mutex<bool>, Condvar),
+    exit: Mutex<Option<Arc<ExitNotifier>>>,
+    stats: Arc<LazyStats>,
+    started: Instant,
+}
+
+/// A running lazy fill. Dropping it waits for the fill to finish.
+pub struct LazyFill {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LazyFill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyFill")
+            .field("pages", &self.shared.sources.len())
+            .field("complete", &self.shared.complete.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Why lazy filling could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// userfaultfd is missing or not permitted.
+    #[error("userfaultfd is unavailable ({0}); synthesis falls back to applying the overlay up front")]
+    Unavailable(#[source] std::io::Error),
+    /// Preparing guest memory failed.
+    #[error("cannot prepare guest memory for lazy filling: {0}")]
+    Memory(String),
+}
+
+impl Shared {
+    fn host_of(&self, page: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page && page < r.first_page + r.pages)
+            .map(|r| r.host + ((page - r.first_page) as usize) * PAGE_SIZE)
+    }
+
+    fn page_of(&self, host: usize) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let end = r.host + r.pages as usize * PAGE_SIZE;
+            (host >= r.host && host < end).then(|| r.first_page + ((host - r.host) / PAGE_SIZE) as u64)
+        })
+    }
+
+    /// Fills `pages` host-contiguous pages at `dst` from `src`, skipping pages already there.
+    fn fill_copy(&self, dst: usize, src: *const u8, pages: usize) -> Result<(), String> {
+        let mut done = 0;
+        while done < pages {
+            let off = done * PAGE_SIZE;
+            // SAFETY: `src` points into a decompressed chunk buffer or the base mapping, both
+            // covering `pages` pages (callers slice them so).
+            let r = unsafe { self.uffd.copy(dst + off, src.add(off), (pages - done) * PAGE_SIZE) }
+                .map_err(|e| format!("userfaultfd copy at {:#x}: {e}", dst + off))?;
+            match r {
+                Fill::Done => return Ok(()),
+                // Filled up to an existing page: skip that page and go on.
+                Fill::Exists(n) => done += n as usize / PAGE_SIZE + 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_zero(&self, dst: usize, pages: usize) -> Result<(), String> {
+        let mut done = 0;
+        while done < pages {
+            let off = done * PAGE_SIZE;
+            match self
+                .uffd
+                .zero(dst + off, (pages - done) * PAGE_SIZE)
+                .map_err(|e| format!("userfaultfd zero page at {:#x}: {e}", dst + off))?
+            {
+                Fill::Done => return Ok(()),
+                Fill::Exists(n) => done += n as usize / PAGE_SIZE + 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills one page from the base or with zeros.
+    fn fill_other(&self, page: u64, src: Source) -> Result<(), String> {
+        let dst = self
+            .host_of(page)
+            .ok_or_else(|| format!("page {page} is outside guest RAM"))?;
+        match src {
+            Source::Zero => self.fill_zero(dst, 1),
+            Source::Base(b) => {
+                let off = b as usize * PAGE_SIZE;
+                let base = self.base.bytes();
+                if off + PAGE_SIZE > base.len() {
+                    return Err(format!("base page {b} is beyond the base image"));
+                }
+                self.fill_copy(dst, base[off..].as_ptr(), 1)
+            }
+            Source::Chunk { .. } => Err("chunk pages are filled per chunk".into()),
+        }
+    }
+
+    /// Decompresses chunk `c` into `buf` and fills every page taken from it.
+    fn fill_chunk(&self, c: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+        if self.chunk_state[c].load(Ordering::Acquire) == CHUNK_FILLED {
+            return Ok(());
+        }
+        self.overlay.read_chunk(c, buf).map_err(|e| e.to_string())?;
+        let pages = self.sources.chunk_pages(c);
+        let mut i = 0;
+        while i < pages.len() {
+            // A run: guest pages and chunk pages both consecutive, in one host region.
+            let (p0, k0) = pages[i];
+            let dst = self
+                .host_of(p0)
+                .ok_or_else(|| format!("page {p0} is outside guest RAM"))?;
+            let mut n = 1;
+            while i + n < pages.len()
+                && pages[i + n] == (p0 + n as u64, k0 + n as u32)
+                && self.host_of(p0 + n as u64) == Some(dst + n * PAGE_SIZE)
+            {
+                n += 1;
+            }
+            let src = k0 as usize * PAGE_SIZE;
+            if src + n * PAGE_SIZE > buf.len() {
+                return Err(format!("chunk {c} is shorter than its index says"));
+            }
+            self.fill_copy(dst, buf[src..].as_ptr(), n)?;
+            i += n;
+        }
+        self.chunk_state[c].store(CHUNK_FILLED, Ordering::Release);
+        Ok(())
+    }
+
+    /// Serves the fault at host address `addr`.
+    fn serve(&self, addr: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+        let page_addr = addr & !(PAGE_SIZE - 1);
+        let page = self
+            .page_of(page_addr)
+            .ok_or_else(|| format!("fault at {addr:#x} outside guest RAM"))?;
+        match self.sources.get(page) {
+            Some(Source::Chunk { chunk, .. }) => {
+                self.stats.fault_chunks.fetch_add(1, Ordering::Relaxed);
+                self.fill_chunk(chunk as usize, buf)?;
+            }
+            Some(s) => self.fill_other(page, s)?,
+            None => {}
+        }
+        // Whoever filled it woke the waiters; wake again in case the fill raced the fault.
+        self.uffd
+            .wake(page_addr, PAGE_SIZE)
+            .map_err(|e| format!("userfaultfd wake: {e}"))
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!("lazy synthesis failed: {why}");
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(why.clone());
+        }
+        if let Some(exit) = self.exit.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            exit.notify(ExitReason::Error(format!(
+                "the overlay could not be applied: {why}"
+            )));
+        }
+    }
+
+    fn finish(&self) {
+        self.stats
+            .complete_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.complete.store(true, Ordering::Release);
+        let (m, cv) = &self.done;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
+fn prefetch(s: &Shared) -> Result<(), String> {
+    for &(page, src) in s.sources.other_pages() {
+        s.fill_other(page, src)?;
+    }
+    let mut buf = Vec::new();
+    for c in 0..s.sources.chunks() {
+        if s.chunk_state[c].load(Ordering::Acquire) != CHUNK_FILLED {
+            s.stats.prefetch_chunks.fetch_add(1, Ordering::Relaxed);
+            s.fill_chunk(c, &mut buf)?;
+        }
+    }
+    Ok(())
+}
+
+fn fault_server(s: &Shared) {
+    let mut faults = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        let complete = s.complete.load(Ordering::Acquire);
+        faults.clear();
+        if let Err(e) = s.uffd.read_faults(if complete { 0 } else { 50 }, &mut faults) {
+            s.fail(format!("reading userfaultfd events: {e}"));
+            return;
+        }
+        for &a in &faults {
+            let t = Instant::now();
+            if let Err(e) = s.serve(a, &mut buf) {
+                s.fail(e);
+                return;
+            }
+            s.stats.faults.fetch_add(1, Ordering::Relaxed);
+            s.stats
+                .fault_us
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if complete && faults.is_empty() {
+            return;
+        }
+        if s.failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+            return;
+        }
+    }
+}
+
+impl LazyFill {
+    /// Replaces the rewritten pages of guest memory (`regions`, currently the base's private
+    /// mapping) with userfaultfd-registered anonymous memory and starts filling them.
+    /// Every chunk's checksum must have been verified already.
+    pub fn start(
+        overlay: Arc<Overlay>,
+        base: Arc<Mapped>,
+        regions: Vec<Region>,
+    ) -> Result<LazyFill, LazyError> {
+        let started = Instant::now();
+        let uffd = Uffd::new().map_err(LazyError::Unavailable)?;
+        let sources = PageSources::new(overlay.index());
+        let chunks = sources.chunks();
+        let shared = Arc::new(Shared {
+            uffd,
+            overlay,
+            base,
+            sources,
+            regions,
+            chunk_state: (0..chunks).map(|_| AtomicU8::new(CHUNK_PENDING)).collect(),
+            complete: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            done: (Mutex::new(false), Condvar::new()),
+            exit: Mutex::new(None),
+            stats: Arc::default(),
+            started,
+        });
+        for r in shared.sources.runs() {
+            let mut p = r.first;
+            let end = r.first + r.count;
+            while p < end {
+                let reg = shared
+                    .regions
+                    .iter()
+                    .find(|g| p >= g.first_page && p < g.first_page + g.pages)
+                    .ok_or_else(|| LazyError::Memory(format!("page {p} is outside guest RAM")))?;
+                let n = (end.min(reg.first_page + reg.pages) - p) as usize;
+                let host = reg.host + (p - reg.first_page) as usize * PAGE_SIZE;
+                remap_anonymous(host, n * PAGE_SIZE).map_err(|e| {
+                    LazyError::Memory(format!("anonymous remap at {host:#x}: {e}"))
+                })?;
+                shared
+                    .uffd
+                    .register(host, n * PAGE_SIZE)
+                    .map_err(LazyError::Unavailable)?;
+                p += n as u64;
+            }
+        }
+        let server = {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("uffd-faults".into())
+                .spawn(move || fault_server(&s))
+                .map_err(|e| LazyError::Memory(format!("cannot start the fault server: {e}")))?
+        };
+        let prefetcher = {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("uffd-prefetch".into())
+                .spawn(move || match prefetch(&s) {
+                    Ok(()) => s.finish(),
+                    Err(e) => s.fail(e),
+                })
+                .map_err(|e| LazyError::Memory(format!("cannot start the prefetcher: {e}")))?
+        };
+        Ok(LazyFill {
+            shared,
+            threads: vec![server, prefetcher],
+        })
+    }
+
+    /// Where a fatal fill error is reported (stopping the VM).
+    pub fn set_exit(&self, exit: Arc<ExitNotifier>) {
+        *self.shared.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit.clone());
+        if let Some(why) = self
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            exit.notify(ExitReason::Error(format!(
+                "the overlay could not be applied: {why}"
+            )));
+        }
+    }
+
+    /// Waits until every rewritten page is present (or the fill failed); returns the error.
+    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+        let (m, cv) = &self.shared.done;
+        let deadline = Instant::now() + timeout;
+        let mut done = m.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            if let Some(f) = self.failure() {
+                return Err(f);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("guest memory not filled within {timeout:?}"));
+            }
+            done = cv
+                .wait_timeout(done, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// The fill error, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The counters (they outlive the fill).
+    pub fn stats(&self) -> Arc<LazyStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Pages being filled lazily.
+    pub fn pages(&self) -> usize {
+        self.shared.sources.len()
+    }
+}
+
+impl Drop for LazyFill {
+    fn drop(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Replaces `[host, host + len)` by fresh anonymous private memory.
+pub fn remap_anonymous(host: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: `host..host+len` is page-aligned guest RAM this VMM mapped and owns, with no
+    // vCPU running yet; MAP_FIXED replaces exactly those pages and keeps the range valid.
+    let r = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
