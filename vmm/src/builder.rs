@@ -14,6 +14,7 @@ use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
 use crate::machine::Machine;
 use crate::snapshot::{self, MachineState, SerialSnapshot};
+use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -191,11 +192,13 @@ fn start(
     // they inherit the mask and the signals reach the loop's signalfd.
     let signals =
         crate::machine::StopSignals::block().map_err(|e| BuildError::Io("signal handling", e))?;
+    let mut vcpus = vcpus;
+    let coalesced = coalesce_serial_output(&vm, &mut vcpus);
     let handles = vcpus
         .into_iter()
         .map(|v| v.start(paused))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Machine::new(
+    let mut machine = Machine::new(
         vm,
         mem,
         handles,
@@ -204,7 +207,37 @@ fn start(
         exit,
         signals,
         serial_input,
-    ))
+    );
+    if let Some(ring) = coalesced {
+        machine.set_coalesced(ring, devices.io_bus, devices.mmio_bus);
+    }
+    Ok(machine)
+}
+
+/// Lets KVM queue the guest's writes to the serial transmit register instead of exiting for
+/// each byte (see [`crate::vstate::coalesced`]). Best effort: without the capability every
+/// write exits as before.
+fn coalesce_serial_output(vm: &Vm, vcpus: &mut [Vcpu]) -> Option<Arc<CoalescedRing>> {
+    let offset = vm.fd().check_extension_int(kvm_ioctls::Cap::CoalescedMmio);
+    if offset <= 0 || !vm.fd().check_extension(kvm_ioctls::Cap::CoalescedPio) {
+        return None;
+    }
+    let ring = match CoalescedRing::map(vcpus.first()?.fd(), offset as usize) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::debug!("no coalesced serial output: {e}");
+            return None;
+        }
+    };
+    let thr = kvm_ioctls::IoEventAddress::Pio(u64::from(layout::COM1_PORT));
+    if let Err(e) = vm.fd().register_coalesced_mmio(thr, 1) {
+        tracing::debug!("no coalesced serial output: {e}");
+        return None;
+    }
+    for v in vcpus.iter_mut() {
+        v.set_coalesced(ring.clone());
+    }
+    Some(ring)
 }
 
 /// What to restore, and how.
@@ -242,6 +275,9 @@ pub struct SynthesisConfig {
     /// Start the vCPUs before the overlay is applied and fill rewritten pages on first touch
     /// (userfaultfd); falls back to applying up front where userfaultfd is unavailable.
     pub lazy: bool,
+    /// With `lazy`, how long the background fill waits before it starts (a test knob: the
+    /// guest's first touches then all go through the fault path).
+    pub prefetch_delay: Duration,
 }
 
 /// Synthesises a VM from a base and an overlay (see [`crate::synthesis`]); returns it running
@@ -277,6 +313,9 @@ pub fn build_from_overlay(
     )?;
     if let Some(fill) = fill {
         machine.set_lazy(fill);
+        machine
+            .start_prefetch(cfg.prefetch_delay)
+            .map_err(|e| crate::synthesis::SynthesisError::Lazy(e.to_string()))?;
     }
     Ok((machine, timings, t_restore.elapsed()))
 }

@@ -24,8 +24,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
+use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::snapshot::{self, MachineState, SnapshotError, SnapshotInfo};
+use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -49,6 +51,9 @@ pub enum MachineError {
     #[error("guest memory is incomplete: {0}")]
     Lazy(String),
 }
+
+/// How often the event loop replays coalesced guest writes no vCPU exit has drained.
+pub const COALESCED_DRAIN_MS: i32 = 20;
 
 /// Most serial input buffered in the VMM before it stops reading stdin.
 const PENDING_INPUT_MAX: usize = 64 * 1024;
@@ -122,6 +127,8 @@ pub struct Machine {
     serial_input: bool,
     paused: std::sync::atomic::AtomicBool,
     api: Option<(UnixListener, PathBuf)>,
+    /// Coalesced guest writes, with the buses they go to, drained here when no vCPU exits.
+    coalesced: Option<(Arc<CoalescedRing>, Bus, Bus)>,
 }
 
 impl Drop for Machine {
@@ -165,6 +172,7 @@ impl Machine {
             serial_input,
             paused: std::sync::atomic::AtomicBool::new(false),
             api: None,
+            coalesced: None,
         }
     }
 
@@ -175,9 +183,27 @@ impl Machine {
         self.lazy = Some(lazy);
     }
 
+    /// Starts the background fill of guest memory not yet touched (see
+    /// [`crate::lazy::LazyFill::start_prefetch`]).
+    pub fn start_prefetch(
+        &mut self,
+        delay: std::time::Duration,
+    ) -> Result<(), crate::lazy::LazyError> {
+        match self.lazy.as_mut() {
+            Some(l) => l.start_prefetch(delay),
+            None => Ok(()),
+        }
+    }
+
     /// The lazy fill of guest memory, while the machine has one.
     pub fn lazy(&self) -> Option<&crate::lazy::LazyFill> {
         self.lazy.as_ref()
+    }
+
+    /// Gives the event loop the coalesced-write ring to drain every
+    /// [`COALESCED_DRAIN_MS`] ms, for guests that write without ever causing an exit.
+    pub fn set_coalesced(&mut self, ring: Arc<CoalescedRing>, io_bus: Bus, mmio_bus: Bus) {
+        self.coalesced = Some((ring, io_bus, mmio_bus));
     }
 
     /// Marks the machine as started paused.
@@ -391,8 +417,18 @@ impl Machine {
             input.attach_stdin(&epoll)?;
         }
         let mut events = vec![EpollEvent::default(); 8];
+        let timeout = if self.coalesced.is_some() {
+            COALESCED_DRAIN_MS
+        } else {
+            -1
+        };
         let reason = 'outer: loop {
-            let n = match epoll.wait(-1, &mut events) {
+            if let Some((ring, io, mmio)) = &self.coalesced {
+                if ring.pending() {
+                    ring.drain(io, mmio);
+                }
+            }
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

@@ -98,6 +98,9 @@ struct SynthesizeArgs {
     /// the rest is filled in the background.
     #[arg(long)]
     eager: bool,
+    /// Test knob: delay the background fill by this many milliseconds.
+    #[arg(long, hide = true, default_value_t = 0)]
+    prefetch_delay_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -221,6 +224,7 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         lazy: !args.eager,
+        prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
     };
     let (machine, t, restore) = vmm::builder::build_from_overlay(&cfg).with_context(|| {
         format!(

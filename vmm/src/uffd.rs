@@ -77,8 +77,11 @@ struct ZeroArg {
 pub enum Fill {
     /// All of it was filled.
     Done,
-    /// Part of it was already present; this many bytes from the start were filled.
-    Exists(u64),
+    /// This many bytes from the start were filled, then the kernel stopped (the next page
+    /// exists, or it was interrupted): go on from there.
+    Partial(u64),
+    /// The first page is already present; nothing was filled.
+    Exists,
 }
 
 /// A userfaultfd in non-blocking mode.
@@ -97,12 +100,8 @@ impl Uffd {
     /// Opens a userfaultfd that also sees faults the kernel takes on our behalf (KVM).
     pub fn new() -> io::Result<Self> {
         // SAFETY: a plain syscall with flag arguments; the result is checked.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -187,10 +186,11 @@ impl Uffd {
             return Ok(Fill::Done);
         }
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(Fill::Exists(done.max(0) as u64));
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) if done > 0 => Ok(Fill::Partial(done as u64)),
+            Some(libc::EEXIST) => Ok(Fill::Exists),
+            _ => Err(e),
         }
-        Err(e)
     }
 
     /// Wakes threads waiting on faults in `[start, start + len)`.
@@ -304,7 +304,10 @@ mod tests {
         assert_eq!(reader.join().unwrap(), 0x5a);
         // SAFETY: as above.
         let again = unsafe { uffd.copy(base + 4096, page.as_ptr(), 3 * 4096) }.unwrap();
-        assert_eq!(again, Fill::Exists(4096));
+        assert_eq!(again, Fill::Partial(4096));
+        // SAFETY: as above.
+        let exists = unsafe { uffd.copy(base + 2 * 4096, page.as_ptr(), 2 * 4096) }.unwrap();
+        assert_eq!(exists, Fill::Exists);
         assert_eq!(uffd.zero(base, 4096).unwrap(), Fill::Done);
         // SAFETY: reading filled pages of a live mapping.
         unsafe {

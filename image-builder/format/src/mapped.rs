@@ -20,11 +20,17 @@ impl Mapped {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let f = File::open(path)?;
         let len = f.metadata()?.len() as usize;
-        Self::from_file(&f, len)
+        Self::map(&f, len, 0)
     }
 
-    /// Maps the first `len` bytes of `f` (opened for reading).
+    /// Maps the first `len` bytes of `f` (opened for reading), with its page tables filled
+    /// up front (`MAP_POPULATE`): for files read whole right away, one populate is much
+    /// cheaper than a page fault per page (~2–10 µs each on PVM hosts).
     pub fn from_file(f: &File, len: usize) -> std::io::Result<Self> {
+        Self::map(f, len, libc::MAP_POPULATE)
+    }
+
+    fn map(f: &File, len: usize, extra_flags: libc::c_int) -> std::io::Result<Self> {
         if len == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -38,7 +44,7 @@ impl Mapped {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | extra_flags,
                 f.as_raw_fd(),
                 0,
             )

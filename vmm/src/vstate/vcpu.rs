@@ -42,6 +42,7 @@ use super::vm::Vm;
 use crate::arch::{cpuid, msr, regs};
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::coalesced::CoalescedRing;
 
 /// How long a vCPU may take to acknowledge a pause, resume or stop.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -189,6 +190,7 @@ pub struct Vcpu {
     io_bus: Bus,
     mmio_bus: Bus,
     exit: Arc<ExitNotifier>,
+    coalesced: Option<Arc<CoalescedRing>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -218,7 +220,18 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             exit,
+            coalesced: None,
         })
+    }
+
+    /// The coalesced-write ring this vCPU drains before handling each exit.
+    pub fn set_coalesced(&mut self, ring: Arc<CoalescedRing>) {
+        self.coalesced = Some(ring);
+    }
+
+    /// The vCPU's KVM file descriptor.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
     /// The TSC frequency KVM gives this vCPU, in kHz.
@@ -380,7 +393,12 @@ impl Vcpu {
 
     fn run_once(&mut self) -> RunOutcome {
         let index = self.index;
-        let exit = match self.fd.run() {
+        let run = self.fd.run();
+        // Writes KVM queued before this exit happened before it: replay them first.
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.io_bus, &self.mmio_bus);
+        }
+        let exit = match run {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
