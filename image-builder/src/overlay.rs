@@ -71,6 +71,7 @@ pub fn from_script(
         serial_input: false,
         paused: false,
         kvm_path: "/dev/kvm".into(),
+        devices: Default::default(),
     })
     .context("failed to restore the base")?;
     let mut console = Console::new(&log);

@@ -37,6 +37,7 @@ fn restore(snapshot: &Path, serial: &Path) -> Machine {
         serial_input: false,
         paused: false,
         kvm_path: "/dev/kvm".into(),
+        devices: Default::default(),
     })
     .unwrap()
 }
@@ -161,6 +162,7 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
         serial_input: false,
         paused: false,
         kvm_path: "/dev/kvm".into(),
+        devices: Default::default(),
     };
     let refused = |name: &str, mutate: &dyn Fn(&Path)| -> String {
         let dir = s.path(name);

@@ -6,14 +6,19 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{layout, mptable};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{DevicesConfig, NetBackendConfig, SerialOutput, VmConfig};
 use crate::devices::legacy::{DebugExit, I8042};
 use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::disk::{CowDisk, Delta};
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::{bus::BusError, Bus};
 use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
 use crate::machine::Machine;
-use crate::snapshot::{self, MachineState, SerialSnapshot};
+use crate::snapshot::{self, MachineState, SerialSnapshot, VirtioSlotState};
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
@@ -57,6 +62,9 @@ pub enum BuildError {
     /// Writing the MP table failed.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// A virtio device could not be set up.
+    #[error("failed to set up {0}: {1}")]
+    Virtio(&'static str, String),
     /// More vCPUs than KVM allows.
     #[error("--vcpus {requested} exceeds what KVM allows on this host ({max})")]
     TooManyVcpus {
@@ -92,12 +100,23 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
     let vm = Vm::new(&kvm, &mem)?;
     let t_vm = t0.elapsed();
 
-    let kernel = loader::load_kernel(&mem, &cfg.kernel)?;
+    let mut kernel_cfg = cfg.kernel.clone();
+    kernel_cfg.cmdline.push_str(&virtio_cmdline(&cfg.devices));
+    let kernel = loader::load_kernel(&mem, &kernel_cfg)?;
     mptable::write(&mem, cfg.vcpus)?;
     let t_load = t0.elapsed();
 
     let exit = Arc::new(ExitNotifier::new().map_err(io_err)?);
-    let devices = attach_devices(&vm, &exit, open_serial_output(&cfg.serial)?, None)?;
+    let devices = attach_devices(
+        &vm,
+        &mem,
+        &exit,
+        open_serial_output(&cfg.serial)?,
+        None,
+        &cfg.devices,
+        None,
+        DiskStart::Config,
+    )?;
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for index in 0..cfg.vcpus {
         let vcpu = Vcpu::new(
@@ -139,14 +158,240 @@ struct Devices {
     mmio_bus: Bus,
     serial: Arc<Mutex<SerialDevice>>,
     input_drained: EventFd,
+    virtio: Vec<Slot>,
+}
+
+/// Where a disk's δ starts from when a VM is restored or synthesised.
+pub enum DiskStart {
+    /// Empty (a fresh boot) or the δ file named in the config.
+    Config,
+    /// These blocks (from a snapshot or an overlay), in memory unless the config names a δ
+    /// file (which is then created with them).
+    Blocks(Vec<(u64, Vec<u8>)>),
+}
+
+/// The `virtio_mmio.device=` command-line entries Linux (and the micro guest) use to find
+/// the devices `cfg` describes.
+pub fn virtio_cmdline(cfg: &DevicesConfig) -> String {
+    let n = usize::from(cfg.disk.is_some()) + usize::from(cfg.net.is_some());
+    (0..n as u64)
+        .map(|i| {
+            format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                layout::VIRTIO_MMIO_START + i * layout::VIRTIO_MMIO_SIZE,
+                u64::from(layout::VIRTIO_IRQ_BASE) + i
+            )
+        })
+        .collect()
+}
+
+fn virtio_err(what: &'static str) -> impl Fn(crate::devices::virtio::VirtioError) -> BuildError {
+    move |e| BuildError::Virtio(what, e.to_string())
+}
+
+/// Creates the NIC's host side.
+fn net_backend(cfg: &NetBackendConfig) -> Result<Box<dyn netback::NetBackend>, BuildError> {
+    match cfg {
+        NetBackendConfig::User { forwards } => {
+            let mut c = netback::UserNetConfig::default();
+            for f in forwards {
+                c.forwards
+                    .push(f.parse::<netback::Forward>().map_err(|e| {
+                        BuildError::Virtio("a port forward", format!("'{f}': {e}"))
+                    })?);
+            }
+            let net = netback::UserNet::new(c)
+                .map_err(|e| BuildError::Virtio("user-mode networking", e.to_string()))?;
+            for f in net.forwards() {
+                tracing::info!("forwarding {f}");
+            }
+            Ok(Box::new(net))
+        }
+        NetBackendConfig::Tap(name) => {
+            Ok(Box::new(netback::Tap::open(name).map_err(|e| {
+                BuildError::Virtio("the TAP device", e.to_string())
+            })?))
+        }
+    }
+}
+
+/// Attaches the virtio devices of `cfg` (fresh, or from `saved` states) at their windows,
+/// with irqfds and ioeventfds registered.
+fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    cfg: &DevicesConfig,
+    saved: Option<&[VirtioSlotState]>,
+    disk_start: DiskStart,
+) -> Result<Vec<Slot>, BuildError> {
+    let mut slots = Vec::new();
+    let mut disk_start = Some(disk_start);
+    let mut index = 0u32;
+    let mut place =
+        |kind: SlotKind| -> Result<(u32, EventFd, Option<&VirtioSlotState>), BuildError> {
+            let i = index;
+            index += 1;
+            let state = match saved {
+                Some(states) => {
+                    let st = states.iter().find(|s| s.index == i).ok_or_else(|| {
+                        BuildError::DeviceState(format!(
+                            "the snapshot has no virtio device {i} ({kind:?})"
+                        ))
+                    })?;
+                    if st.kind != kind {
+                        return Err(BuildError::DeviceState(format!(
+                            "virtio device {i} is a {:?} in the snapshot, not a {kind:?}",
+                            st.kind
+                        )));
+                    }
+                    Some(st)
+                }
+                None => None,
+            };
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + i)?;
+            Ok((i, irq, state))
+        };
+    if let Some(d) = &cfg.disk {
+        let (i, irq, state) = place(SlotKind::Block)?;
+        let base = d
+            .base
+            .as_deref()
+            .map(CowDisk::open_base)
+            .transpose()
+            .map_err(|e| BuildError::Virtio("the base disk", e.to_string()))?;
+        let size = match (&base, state.and_then(|s| s.disk.as_ref())) {
+            (_, Some(saved)) => saved.size,
+            (Some(f), None) => CowDisk::size_for_base(
+                f.metadata()
+                    .map_err(|e| BuildError::Io("the base disk", e))?
+                    .len(),
+            ),
+            (None, None) => d.size,
+        };
+        let blocks = match disk_start.take() {
+            Some(DiskStart::Blocks(b)) => Some(b),
+            _ => None,
+        };
+        let delta = match (&d.delta, blocks) {
+            (Some(p), Some(b)) => Delta::create_from_blocks(p, size, b),
+            (Some(p), None) if p.exists() => Delta::open(p, size),
+            (Some(p), None) => Delta::create(p, size),
+            (None, Some(b)) => Delta::from_blocks(size, b),
+            (None, None) => Delta::in_memory(size),
+        }
+        .map_err(|e| BuildError::Virtio("the disk δ", e.to_string()))?;
+        let disk =
+            CowDisk::new(base, delta).map_err(|e| BuildError::Virtio("the disk", e.to_string()))?;
+        let dev = Block::new(disk, d.read_only, "cloudlet-disk");
+        let t = match state {
+            Some(st) => MmioTransport::restore(dev, mem.clone(), irq, &st.mmio),
+            None => MmioTransport::new(dev, mem.clone(), irq),
+        }
+        .map_err(virtio_err("the virtio disk"))?;
+        let mut slot = plug(vm, mmio_bus, i, SlotKind::Block, t)?;
+        slot.disk = Some(crate::snapshot::DiskSnapshot {
+            base: d
+                .base
+                .as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+            size,
+            read_only: d.read_only,
+        });
+        slots.push(slot);
+    }
+    if let Some(n) = &cfg.net {
+        let (i, irq, state) = place(SlotKind::Net)?;
+        let dev = Net::new(net_backend(&n.backend)?, n.mac);
+        let t = match state {
+            Some(st) => MmioTransport::restore(dev, mem.clone(), irq, &st.mmio),
+            None => MmioTransport::new(dev, mem.clone(), irq),
+        }
+        .map_err(virtio_err("the virtio NIC"))?;
+        slots.push(plug(vm, mmio_bus, i, SlotKind::Net, t)?);
+    }
+    if let Some(states) = saved {
+        if states.len() != slots.len() {
+            return Err(BuildError::DeviceState(format!(
+                "the snapshot has {} virtio devices, this VM is configured with {}",
+                states.len(),
+                slots.len()
+            )));
+        }
+    }
+    Ok(slots)
+}
+
+/// The devices a restored VM gets: those of its snapshot. The disk sits on the base the
+/// snapshot names unless `cfg` names a disk (and a δ file to keep); the NIC uses `cfg`'s
+/// backend, or user-mode networking without forwards when `cfg` has none.
+pub fn devices_for_restore(state: &MachineState, cfg: &DevicesConfig) -> DevicesConfig {
+    let mut out = DevicesConfig::default();
+    for s in &state.virtio {
+        match s.kind {
+            SlotKind::Block => {
+                let saved = s.disk.clone().unwrap_or(crate::snapshot::DiskSnapshot {
+                    base: None,
+                    size: 0,
+                    read_only: false,
+                });
+                let mut d = cfg.disk.clone().unwrap_or_default();
+                if d.base.is_none() {
+                    d.base = saved.base;
+                }
+                d.size = saved.size;
+                d.read_only |= saved.read_only;
+                out.disk = Some(d);
+            }
+            SlotKind::Net => {
+                out.net = Some(cfg.net.clone().unwrap_or(crate::config::NetConfig {
+                    backend: NetBackendConfig::User {
+                        forwards: Vec::new(),
+                    },
+                    mac: crate::config::DEFAULT_MAC,
+                }));
+            }
+        }
+    }
+    out
+}
+
+/// Registers the transport's queue eventfds as KVM ioeventfds on its notify register and
+/// puts its window on the MMIO bus.
+fn plug<D: crate::devices::virtio::VirtioDevice + 'static>(
+    vm: &Vm,
+    mmio_bus: &mut Bus,
+    index: u32,
+    kind: SlotKind,
+    t: MmioTransport<D>,
+) -> Result<Slot, BuildError> {
+    let base = layout::VIRTIO_MMIO_START + u64::from(index) * layout::VIRTIO_MMIO_SIZE;
+    for (q, evt) in t.queue_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &kvm_ioctls::IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                q as u32,
+            )
+            .map_err(|e| BuildError::Virtio("a queue notification", e.to_string()))?;
+    }
+    let slot = Slot::new(index, kind, t);
+    mmio_bus.insert(slot.transport.clone(), base, layout::VIRTIO_MMIO_SIZE)?;
+    Ok(slot)
 }
 
 /// COM1 (fresh, or from a snapshot), the i8042 and the power-off port.
+#[allow(clippy::too_many_arguments)]
 fn attach_devices(
     vm: &Vm,
+    mem: &GuestMemoryMmap,
     exit: &Arc<ExitNotifier>,
     serial_out: SerialOut,
     serial_state: Option<&SerialSnapshot>,
+    virtio: &DevicesConfig,
+    virtio_state: Option<&[VirtioSlotState]>,
+    disk_start: DiskStart,
 ) -> Result<Devices, BuildError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
     vm.register_irqfd(&serial_irq, layout::COM1_IRQ)?;
@@ -170,11 +415,14 @@ fn attach_devices(
         u64::from(layout::DEBUG_EXIT_PORT),
         2,
     )?;
+    let mut mmio_bus = Bus::new();
+    let virtio = attach_virtio(vm, mem, &mut mmio_bus, virtio, virtio_state, disk_start)?;
     Ok(Devices {
         io_bus,
-        mmio_bus: Bus::new(),
+        mmio_bus,
         serial,
         input_drained,
+        virtio,
     })
 }
 
@@ -198,6 +446,7 @@ fn start(
         .into_iter()
         .map(|v| v.start(paused))
         .collect::<Result<Vec<_>, _>>()?;
+    let virtio = devices.virtio;
     let mut machine = Machine::new(
         vm,
         mem,
@@ -211,13 +460,21 @@ fn start(
     if let Some(ring) = coalesced {
         machine.set_coalesced(ring, devices.io_bus, devices.mmio_bus);
     }
+    machine.set_virtio(virtio);
     Ok(machine)
 }
+
+/// Whether serial transmit writes are coalesced (off until every guest we ship reads LSR at
+/// the end of each line, which is what flushes the ring without waiting for the timer).
+const COALESCE_SERIAL: bool = false;
 
 /// Lets KVM queue the guest's writes to the serial transmit register instead of exiting for
 /// each byte (see [`crate::vstate::coalesced`]). Best effort: without the capability every
 /// write exits as before.
 fn coalesce_serial_output(vm: &Vm, vcpus: &mut [Vcpu]) -> Option<Arc<CoalescedRing>> {
+    if !COALESCE_SERIAL {
+        return None;
+    }
     let offset = vm.fd().check_extension_int(kvm_ioctls::Cap::CoalescedMmio);
     if offset <= 0 || !vm.fd().check_extension(kvm_ioctls::Cap::CoalescedPio) {
         return None;
@@ -253,6 +510,8 @@ pub struct RestoreConfig {
     pub paused: bool,
     /// The KVM device node.
     pub kvm_path: std::path::PathBuf,
+    /// Device overrides (NIC backend; a disk δ file to keep writes in).
+    pub devices: DevicesConfig,
 }
 
 /// What to synthesise, and how.
@@ -270,6 +529,8 @@ pub struct SynthesisConfig {
     pub paused: bool,
     /// The KVM device node.
     pub kvm_path: std::path::PathBuf,
+    /// Device overrides (NIC backend; a disk δ file to keep writes in).
+    pub devices: DevicesConfig,
     /// Decompression threads.
     pub threads: usize,
     /// Start the vCPUs before the overlay is applied and fill rewritten pages on first touch
@@ -310,6 +571,8 @@ pub fn build_from_overlay(
         cfg.serial.clone(),
         cfg.serial_input,
         cfg.paused,
+        &cfg.devices,
+        DiskStart::Blocks(Vec::new()),
     )?;
     if let Some(fill) = fill {
         machine.set_lazy(fill);
@@ -328,6 +591,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     let state = snapshot::read_state(&cfg.snapshot)?;
     let kvm = KvmContext::open(&cfg.kvm_path)?;
     let mem = snapshot::map_memory(&cfg.snapshot, state.mem_mib)?;
+    let disk_start = snapshot::read_disk_delta(&cfg.snapshot, &state)?;
     let machine = restore_machine(
         kvm,
         mem,
@@ -335,6 +599,8 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         cfg.serial.clone(),
         cfg.serial_input,
         cfg.paused,
+        &cfg.devices,
+        DiskStart::Blocks(disk_start),
     )?;
     tracing::debug!(
         total_us = t0.elapsed().as_micros() as u64,
@@ -346,6 +612,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
 /// VM, devices and vCPUs from a machine state, over memory that already holds the guest's
 /// RAM; starts the vCPUs. Order (as Firecracker's): VM → vCPUs created → VM state → vCPU
 /// states → devices → start.
+#[allow(clippy::too_many_arguments)]
 fn restore_machine(
     kvm: KvmContext,
     mem: GuestMemoryMmap,
@@ -353,6 +620,8 @@ fn restore_machine(
     serial: SerialOutput,
     serial_input: bool,
     paused: bool,
+    devices_cfg: &DevicesConfig,
+    disk_start: DiskStart,
 ) -> Result<Machine, BuildError> {
     if state.vcpus.len() > kvm.max_vcpus {
         return Err(BuildError::TooManyVcpus {
@@ -362,11 +631,16 @@ fn restore_machine(
     }
     let vm = Vm::new(&kvm, &mem)?;
     let exit = Arc::new(ExitNotifier::new().map_err(io_err)?);
+    let devices_cfg = devices_for_restore(state, devices_cfg);
     let devices = attach_devices(
         &vm,
+        &mem,
         &exit,
         open_serial_output(&serial)?,
         Some(&state.serial),
+        &devices_cfg,
+        Some(&state.virtio),
+        disk_start,
     )?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for index in 0..state.vcpus.len() {

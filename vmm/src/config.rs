@@ -39,6 +39,55 @@ pub enum SerialOutput {
     Null,
 }
 
+/// A virtio block device: a raw base image (opened read-only, never written) under a
+/// copy-on-write δ of 4 KiB blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw base image; `None` for a blank disk of `size` bytes.
+    pub base: Option<PathBuf>,
+    /// Disk size in bytes when there is no base (a multiple of 512).
+    pub size: u64,
+    /// File holding the δ (created when missing, reused when present); `None` keeps it in
+    /// memory (it still goes into snapshots).
+    pub delta: Option<PathBuf>,
+    /// Guest writes fail.
+    pub read_only: bool,
+}
+
+/// The host side of a guest NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// User-mode networking (no root): the VMM is the guest's gateway and NAT; `forwards` are
+    /// `HOST_IP:PORT=GUEST_IP:PORT` host-to-guest TCP forwards.
+    User {
+        /// Port forwards.
+        forwards: Vec<String>,
+    },
+    /// An existing or new TAP device.
+    Tap(String),
+}
+
+/// A virtio-net NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Backend.
+    pub backend: NetBackendConfig,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Default guest MAC: locally administered, QEMU-like.
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// The virtio devices of a VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DevicesConfig {
+    /// Block device (virtio-mmio device 0 when present).
+    pub disk: Option<DiskConfig>,
+    /// NIC (the next virtio-mmio device).
+    pub net: Option<NetConfig>,
+}
+
 /// A validated VM description.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -54,6 +103,8 @@ pub struct VmConfig {
     pub serial_input: bool,
     /// The KVM device node.
     pub kvm_path: PathBuf,
+    /// virtio devices.
+    pub devices: DevicesConfig,
 }
 
 impl VmConfig {
@@ -80,6 +131,7 @@ impl VmConfig {
             serial,
             serial_input,
             kvm_path: PathBuf::from("/dev/kvm"),
+            devices: DevicesConfig::default(),
         })
     }
 }

@@ -130,9 +130,76 @@ struct CommonArgs {
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// A virtio disk on this raw image. The image is opened read-only and never written: the
+    /// guest's writes go to a copy-on-write δ (in memory, or --disk-delta).
+    #[arg(long, value_name = "FILE", help_heading = "Devices")]
+    disk: Option<PathBuf>,
+    /// A blank virtio disk of this many MiB (when there is no --disk).
+    #[arg(long, value_name = "MIB", help_heading = "Devices")]
+    disk_size_mib: Option<u64>,
+    /// Keep the disk's δ in this file (created, or reused when it exists).
+    #[arg(long, value_name = "FILE", help_heading = "Devices")]
+    disk_delta: Option<PathBuf>,
+    /// The guest may not write its disk.
+    #[arg(long, help_heading = "Devices")]
+    disk_read_only: bool,
+    /// A virtio NIC with user-mode networking (no root needed): the VMM is the guest's
+    /// gateway (10.0.2.2; the guest is 10.0.2.15) and NATs its outbound TCP and UDP.
+    #[arg(long, help_heading = "Devices")]
+    net: bool,
+    /// Forward a host TCP port to the guest (implies --net), e.g.
+    /// `127.0.0.1:8080=10.0.2.15:80`; host port 0 picks a free one (logged). Repeatable.
+    #[arg(long, value_name = "HOST:PORT=GUEST:PORT", help_heading = "Devices")]
+    forward: Vec<String>,
+    /// A virtio NIC on this TAP device instead of user-mode networking (needs CAP_NET_ADMIN
+    /// or a persistent TAP owned by the caller).
+    #[arg(long, value_name = "NAME", help_heading = "Devices", conflicts_with_all = ["net", "forward"])]
+    tap: Option<String>,
+    /// The NIC's MAC address.
+    #[arg(long, value_name = "MAC", help_heading = "Devices", value_parser = parse_mac)]
+    mac: Option<[u8; 6]>,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("'{s}' is not a MAC address like 52:54:00:12:34:56"));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("'{s}' is not a MAC address"))?;
+    }
+    Ok(mac)
 }
 
 impl CommonArgs {
+    /// The virtio devices the flags ask for.
+    fn devices(&self) -> vmm::config::DevicesConfig {
+        use vmm::config::{DiskConfig, NetBackendConfig, NetConfig, DEFAULT_MAC};
+        let disk =
+            (self.disk.is_some() || self.disk_size_mib.is_some() || self.disk_delta.is_some())
+                .then(|| DiskConfig {
+                    base: self.disk.clone(),
+                    size: self.disk_size_mib.unwrap_or(0) << 20,
+                    delta: self.disk_delta.clone(),
+                    read_only: self.disk_read_only,
+                });
+        let backend = match (&self.tap, self.net || !self.forward.is_empty()) {
+            (Some(t), _) => Some(NetBackendConfig::Tap(t.clone())),
+            (None, true) => Some(NetBackendConfig::User {
+                forwards: self.forward.clone(),
+            }),
+            (None, false) => None,
+        };
+        vmm::config::DevicesConfig {
+            disk,
+            net: backend.map(|backend| NetConfig {
+                backend,
+                mac: self.mac.unwrap_or(DEFAULT_MAC),
+            }),
+        }
+    }
+
     fn serial(&self) -> SerialOutput {
         match self.serial.as_str() {
             "stdout" => SerialOutput::Stdout,
@@ -200,6 +267,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
     };
     let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)?;
     cfg.kvm_path = args.common.kvm_device.clone();
+    cfg.devices = args.common.devices();
     let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
     serve(machine, &args.common)
 }
@@ -220,6 +288,7 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
         serial_input: !args.common.no_stdin,
         paused: args.paused,
         kvm_path: args.common.kvm_device.clone(),
+        devices: args.common.devices(),
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -271,6 +340,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
         serial_input: !args.common.no_stdin,
         paused: args.paused,
         kvm_path: args.common.kvm_device.clone(),
+        devices: args.common.devices(),
     };
     let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
         format!(

@@ -20,7 +20,7 @@ use serde::{de::DeserializeOwned, Serialize};
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"CLDSTATE";
 /// Current payload schema version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 /// Bytes after the payload.
@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(
             &bytes[..HEADER_LEN + 5],
             &[
-                b'C', b'L', b'D', b'S', b'T', b'A', b'T', b'E', 1, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0,
+                b'C', b'L', b'D', b'S', b'T', b'A', b'T', b'E', 2, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0,
                 0xac, 0x02, 2, 1, 2
             ]
         );
@@ -262,11 +262,11 @@ mod tests {
             decode::<Sample>(Kind::Machine, &long),
             Err(StateError::TrailingBytes(1))
         );
-        let mut v2 = good.clone();
-        v2[8] = 2;
+        let mut v3 = good.clone();
+        v3[8] = 3;
         assert_eq!(
-            decode::<Sample>(Kind::Machine, &v2),
-            Err(StateError::Version(2))
+            decode::<Sample>(Kind::Machine, &v3),
+            Err(StateError::Version(3))
         );
         // A huge length field must not overflow or allocate.
         let mut huge = good;

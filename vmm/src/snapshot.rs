@@ -49,6 +49,9 @@ pub enum SnapshotError {
     /// Mapping the memory image failed.
     #[error("failed to map the memory image '{0}'")]
     Map(PathBuf, #[source] vm_memory::mmap::MmapRegionError),
+    /// The disk δ file is unusable.
+    #[error("the disk δ '{0}' is unusable: {1}")]
+    Disk(PathBuf, String),
 }
 
 /// The serial port's registers and receive FIFO (vm-superio's `SerialState`, serialisable).
@@ -121,6 +124,70 @@ pub struct MachineState {
     pub vm: VmState,
     /// COM1.
     pub serial: SerialSnapshot,
+    /// virtio devices, in window order.
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+/// One virtio device in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    /// Window index.
+    pub index: u32,
+    /// Device kind.
+    pub kind: crate::devices::virtio::slot::SlotKind,
+    /// Transport, queues and device registers.
+    pub mmio: crate::devices::virtio::mmio::MmioState,
+    /// For a disk: what it sits on (its δ blocks are in [`DISK_DELTA_FILE`]).
+    pub disk: Option<DiskSnapshot>,
+}
+
+/// A disk's identity in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSnapshot {
+    /// The raw base image (absolute path), if any.
+    pub base: Option<PathBuf>,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// The disk δ (a δ file, see [`crate::devices::virtio::disk`]) next to a snapshot's state.
+pub const DISK_DELTA_FILE: &str = "disk.delta";
+
+/// The δ blocks of the snapshot's disk (empty without a disk or a δ file).
+pub fn read_disk_delta(
+    dir: &Path,
+    state: &MachineState,
+) -> Result<Vec<(u64, Vec<u8>)>, SnapshotError> {
+    let Some(disk) = state.virtio.iter().find_map(|s| s.disk.as_ref()) else {
+        return Ok(Vec::new());
+    };
+    let path = dir.join(DISK_DELTA_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bad = |e: crate::devices::virtio::disk::DiskError| {
+        SnapshotError::Disk(path.clone(), e.to_string())
+    };
+    let delta = crate::devices::virtio::disk::Delta::open(&path, disk.size).map_err(bad)?;
+    delta
+        .delta_blocks()
+        .map(|b| b.map(|(n, data)| (n, data.into_owned())).map_err(bad))
+        .collect()
+}
+
+/// Writes the δ blocks of a disk into `dir` as a δ file.
+pub fn write_disk_delta(
+    dir: &Path,
+    size: u64,
+    blocks: Vec<(u64, Vec<u8>)>,
+) -> Result<(), SnapshotError> {
+    let path = dir.join(DISK_DELTA_FILE);
+    let _ = std::fs::remove_file(&path);
+    crate::devices::virtio::disk::Delta::create_from_blocks(&path, size, blocks)
+        .map_err(|e| SnapshotError::Disk(path.clone(), e.to_string()))?;
+    Ok(())
 }
 
 /// What a finished snapshot wrote.

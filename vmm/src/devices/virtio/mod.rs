@@ -39,6 +39,7 @@ pub mod fuzz;
 pub mod mmio;
 pub mod net;
 mod queue;
+pub mod slot;
 #[cfg(test)]
 mod testing;
 

@@ -1,0 +1,116 @@
+//! A virtio device as the VM sees it: its register window on the MMIO bus, its line, and
+//! what the event loop and snapshots need from it — whatever the device type.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::block::Block;
+use super::mmio::{MmioState, MmioTransport};
+use super::VirtioDevice;
+use crate::devices::bus::BusDevice;
+
+/// The event-loop and snapshot face of a transport, independent of its device type.
+pub trait Transport: BusDevice {
+    /// A queue's notification eventfd fired.
+    fn process_queue_event(&mut self, index: usize);
+    /// The device's host-side fd.
+    fn host_event_fd(&self) -> Option<RawFd>;
+    /// Whether to watch the host fd now.
+    fn host_events_wanted(&self) -> bool;
+    /// The host fd was readable, or the timeout elapsed.
+    fn process_host_event(&mut self);
+    /// Longest wait before [`Transport::process_host_event`] must run again.
+    fn next_timeout(&mut self) -> Option<Duration>;
+    /// Transport, queue and device state (vCPUs paused).
+    fn save_state(&self) -> MmioState;
+    /// The block device behind this transport, if it is one.
+    fn block(&self) -> Option<&Block> {
+        None
+    }
+}
+
+impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
+    fn process_queue_event(&mut self, index: usize) {
+        MmioTransport::process_queue_event(self, index)
+    }
+    fn host_event_fd(&self) -> Option<RawFd> {
+        MmioTransport::host_event_fd(self)
+    }
+    fn host_events_wanted(&self) -> bool {
+        MmioTransport::host_events_wanted(self)
+    }
+    fn process_host_event(&mut self) {
+        MmioTransport::process_host_event(self)
+    }
+    fn next_timeout(&mut self) -> Option<Duration> {
+        MmioTransport::next_timeout(self)
+    }
+    fn save_state(&self) -> MmioState {
+        MmioTransport::save_state(self)
+    }
+    fn block(&self) -> Option<&Block> {
+        (self.device() as &dyn std::any::Any).downcast_ref::<Block>()
+    }
+}
+
+/// What kind of device a slot holds, as recorded in snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net,
+}
+
+/// One attached virtio-mmio device.
+pub struct Slot {
+    /// Device index: window at `VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE`.
+    pub index: u32,
+    /// What it is.
+    pub kind: SlotKind,
+    /// The transport (also on the MMIO bus).
+    pub transport: Arc<Mutex<dyn Transport>>,
+    /// Raw fds of the queue eventfds, in queue order (owned by the transport).
+    pub queue_fds: Vec<RawFd>,
+    /// For a disk: what it sits on, as snapshots record it.
+    pub disk: Option<crate::snapshot::DiskSnapshot>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("index", &self.index)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// Wraps `transport` (whose queue eventfds are already registered with KVM).
+    pub fn new<D: VirtioDevice + 'static>(
+        index: u32,
+        kind: SlotKind,
+        transport: MmioTransport<D>,
+    ) -> Self {
+        let queue_fds = transport
+            .queue_events()
+            .iter()
+            .map(|e| e.as_raw_fd())
+            .collect();
+        Slot {
+            index,
+            kind,
+            transport: Arc::new(Mutex::new(transport)),
+            queue_fds,
+            disk: None,
+        }
+    }
+
+    /// Locks the transport (a poisoned lock still yields it: device state stays usable).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, dyn Transport + 'static> {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
