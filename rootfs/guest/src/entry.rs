@@ -7,7 +7,7 @@
 //! - 64-bit entry: 6 instructions, then `common64`: ~45 (tables, CR0/CR4/CR3, PIC
 //!   init, `iretq` to CPL3).
 //! - PVH entry: ~18 instructions to reach long mode, then `common64`.
-//! - system call (wait for an interrupt): ~12; IRQ handler: ~9; both rare.
+//! - system call (wait for an interrupt): ~12; IRQ handler: ~11; both rare.
 //!
 //! The system call is a `ud2` at a known address, handled by the #UD handler — not `syscall`
 //! and not `int n`: measured on PVM hosts, `syscall` from CPL3 reaches LSTAR without the
@@ -27,7 +27,10 @@
 //! bitmap works on PVM and on hardware alike.
 //!
 //! Interrupt vectors: 0–31 exceptions (reported, then power-off), 32–47 the 8259 IRQs
-//! (vector 32 + IRQ; only IRQ 4, COM1, is unmasked); #UD at `wait_site` is the system call.
+//! (vector 32 + IRQ; only IRQ 4, COM1, is unmasked at boot: CPL3 unmasks the lines of the
+//! devices it drives); #UD at `wait_site` is the system call. The IRQ handler sets bit
+//! 32 + IRQ of `irq_fired`, which CPL3 takes with `xchg` to see which devices to look at
+//! (each look is a VM exit).
 
 core::arch::global_asm!(
     r#"
@@ -184,6 +187,8 @@ exception_common:
 irq_common:
     pushq %rax
     movb $1, irq_pending(%rip)
+    movq 8(%rsp), %rax          # vector
+    btsq %rax, irq_fired(%rip)
     movb $0x20, %al             # EOI
     cmpq $40, 8(%rsp)
     jb 1f
@@ -298,6 +303,10 @@ ustack:
 ustack_top:
 irq_pending:
     .byte 0
+    .balign 8
+    .globl irq_fired
+irq_fired:
+    .quad 0
 "#,
     options(att_syntax)
 );

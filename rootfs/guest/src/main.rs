@@ -1,24 +1,47 @@
 //! The micro guest: the service VM of the cloudlet's tests, demos and benchmarks.
 //!
 //! `entry.rs` holds everything that runs at CPL0 (a few dozen instructions: tables, MSRs, PIC,
-//! then `iretq`); `guest_main` below runs at CPL3, natively even on PVM hosts. It prints the
-//! banner, runs the `micro.run=` commands, then serves requests from the serial console
-//! (protocol in `micro_service::request` and docs/micro-guest.md).
+//! then `iretq`); `guest_main` below runs at CPL3, natively even on PVM hosts. It finds its
+//! virtio-mmio devices on the command line (a disk and a network card, both optional), prints
+//! the banner, runs the `micro.run=` commands, then serves requests from the serial console
+//! and, with a network card, over TCP (protocol in `micro_service::request`,
+//! `micro_service::frame` and docs/micro-guest.md).
+//!
+//! The main loop polls everything (serial, network) and, when nothing is left to do, sleeps
+//! in the one system call (`sti; hlt` at CPL0) until an interrupt: the serial port's, a
+//! device's, or the PIT armed for the TCP stack's next timer.
 #![no_std]
 #![no_main]
 
+mod arena;
+mod blk;
+mod clock;
 mod cpu;
+mod disk;
 mod entry;
+mod irq;
 mod mem;
+mod net;
 mod serial;
+mod server;
+mod virtio;
 
 use core::fmt::Write;
 
-use micro_service::{cmdline, model, FixedBuf, PrimeCounter, Request};
+use micro_service::cmdline;
+use micro_service::{model, FixedBuf, Line, LineReader, PrimeCounter, Request};
 use serial::Serial;
 
 /// Longest request line.
 const LINE_MAX: usize = 1024;
+
+/// What the `net` request reports.
+#[derive(Clone, Copy)]
+struct NetInfo {
+    mac: [u8; 6],
+    ip: Option<([u8; 4], u8)>,
+    port: u16,
+}
 
 /// The service's state.
 struct Service {
@@ -31,6 +54,10 @@ struct Service {
     model_room: u64,
     /// Entries of the loaded model table.
     model_entries: u64,
+    /// The disk table, or why there is none.
+    disk: Result<disk::Disk, &'static str>,
+    /// The network interface, or why there is none.
+    net: Result<NetInfo, &'static str>,
 }
 
 impl Service {
@@ -42,6 +69,17 @@ impl Service {
 
     /// Handles one request line and prints its reply.
     fn handle(&mut self, line: &[u8], sep: u8) {
+        let power_off = self.respond(line, sep);
+        self.reply.push_bytes(b"\n");
+        serial::write(self.reply.as_bytes());
+        if let Some(code) = power_off {
+            cpu::poweroff(code);
+        }
+    }
+
+    /// Answers one request into `self.reply` (without a line end); returns the power-off code
+    /// for `poweroff`, which the caller carries out after sending the reply.
+    fn respond(&mut self, line: &[u8], sep: u8) -> Option<u8> {
         self.requests += 1;
         self.reply.clear();
         let mut power_off = None;
@@ -124,15 +162,73 @@ impl Service {
                 let _ = write!(r, "ok poweroff code={code}");
                 power_off = Some(code);
             }
+            Ok(Request::Health) => r.push_bytes(b"ok health"),
+            Ok(Request::Get(i)) => match &mut self.disk {
+                Ok(d) => {
+                    let _ = match d.get(i) {
+                        Ok(v) => write!(r, "ok get i={i} value={v}"),
+                        Err(e) => write!(r, "err get {i}: {e}"),
+                    };
+                }
+                Err(why) => {
+                    let _ = write!(r, "err no disk ({why})");
+                }
+            },
+            Ok(Request::Put(i, v)) => match &mut self.disk {
+                Ok(d) => {
+                    let _ = match d.put(i, v) {
+                        Ok(()) => write!(r, "ok put i={i} value={v}"),
+                        Err(e) => write!(r, "err put {i}: {e}"),
+                    };
+                }
+                Err(why) => {
+                    let _ = write!(r, "err no disk ({why})");
+                }
+            },
+            Ok(Request::Disk) => match &self.disk {
+                Ok(d) => {
+                    let (sectors, ro, header) = d.describe();
+                    let _ = write!(r, "ok disk sectors={sectors} ro={}", u8::from(ro));
+                    let _ = match header {
+                        Ok(h) => write!(r, " magic=CLDTABLE entries={}", h.entries),
+                        Err(micro_service::table::TableError::NoMagic) => write!(r, " magic=none"),
+                        Err(_) => write!(r, " magic=invalid"),
+                    };
+                }
+                Err(why) => {
+                    let _ = write!(r, "err no disk ({why})");
+                }
+            },
+            Ok(Request::Net) => match &self.net {
+                Ok(n) => {
+                    let m = n.mac;
+                    let _ = write!(
+                        r,
+                        "ok net mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    );
+                    let _ = match n.ip {
+                        Some(([a, b, c, d], p)) => write!(r, " ip={a}.{b}.{c}.{d}/{p}"),
+                        None => write!(r, " ip=none"),
+                    };
+                    let _ = write!(r, " port={}", n.port);
+                }
+                Err(why) => {
+                    let _ = write!(r, "err no network ({why})");
+                }
+            },
             Err(e) => {
                 let _ = write!(r, "err {e}");
             }
         }
-        r.push_bytes(b"\n");
-        serial::write(r.as_bytes());
-        if let Some(code) = power_off {
-            cpu::poweroff(code);
-        }
+        power_off
+    }
+}
+
+impl server::Handler for Service {
+    fn handle(&mut self, request: &[u8]) -> (&[u8], Option<u8>) {
+        let off = self.respond(request, b' ');
+        (self.reply.as_bytes(), off)
     }
 }
 
@@ -217,12 +313,50 @@ fn model_room(boot_info: u64, protocol: u64) -> u64 {
     0
 }
 
+/// The devices named by `virtio_mmio.device=` entries: the first disk and the first network
+/// card (others are left alone), or why there is none.
+fn find_devices(
+    cmd: &[u8],
+    seed: u64,
+) -> (
+    Result<blk::Blk, &'static str>,
+    Result<net::Net, &'static str>,
+) {
+    let mut disk = Err("no virtio-blk device on the command line");
+    let mut net = Err("no virtio-net device on the command line");
+    let mut refused = None;
+    for d in cmdline::mmio_devices(cmd) {
+        match virtio::Mmio::probe(&d) {
+            Ok((m, virtio::DEVICE_BLOCK)) if disk.is_err() => disk = blk::Blk::new(m),
+            Ok((m, virtio::DEVICE_NET)) if net.is_err() => net = net::Net::new(m, seed),
+            Ok(_) => {}
+            Err(why) => refused = Some(why),
+        }
+    }
+    // Without a device of a kind, a refused window is the likelier explanation.
+    if let Some(why) = refused {
+        disk = disk.or(Err(why));
+        net = net.or(Err(why));
+    }
+    (disk, net)
+}
+
 /// CPL3 entry, called from entry.rs with the boot information.
 #[no_mangle]
 extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
-    let now = cpu::rdtsc();
     serial::init();
     let tsc_hz = cpu::tsc_hz();
+    clock::init(tsc_hz, entry_tsc);
+    let cmd = command_line(boot_info, protocol);
+    let seed = cpu::rdtsc();
+    let (blk, net) = find_devices(cmd, seed);
+    if blk.is_ok() || net.is_ok() {
+        // Device waits and TCP timers sleep with the PIT as the alarm clock.
+        irq::stop_timer();
+        irq::enable_line(0);
+    }
+    let mut server =
+        net.map(|n| server::Server::new(n, cmdline::ip_config(cmd), cmdline::port(cmd), seed));
     let mut svc = Service {
         requests: 0,
         start_tsc: entry_tsc,
@@ -231,7 +365,21 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         reply: FixedBuf::new(),
         model_room: model_room(boot_info, protocol),
         model_entries: 0,
+        disk: blk.map(disk::Disk::new),
+        net: Err(""),
     };
+    let update_net = |svc: &mut Service, server: &Result<server::Server, &'static str>| {
+        svc.net = match server {
+            Ok(s) => Ok(NetInfo {
+                mac: s.mac(),
+                ip: s.ipv4(),
+                port: s.port(),
+            }),
+            Err(why) => Err(why),
+        };
+    };
+    update_net(&mut svc, &server);
+    let now = cpu::rdtsc();
     let entry = if protocol == 1 { "pvh" } else { "linux64" };
     let boot = now.wrapping_sub(entry_tsc);
     let _ = match svc.micros(boot) {
@@ -246,19 +394,67 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
             env!("CARGO_PKG_VERSION")
         ),
     };
-    for cmd in cmdline::run_commands(command_line(boot_info, protocol)) {
-        svc.handle(cmd, b':');
+    for c in cmdline::run_commands(cmd) {
+        svc.handle(c, b':');
     }
-    let mut line = [0u8; LINE_MAX];
+    let lines = arena::leak(LineReader::<LINE_MAX>::new());
+    // When the network card's interrupt does not reach the 8259, poll it: every millisecond
+    // while there is traffic, backing off to 20 ms after a quiet second.
+    let mut last_busy = clock::micros();
+    // Which interrupt lines fired: look at the serial port only after its interrupt (or the
+    // timer's, or at the start), at the network card's interrupt cause only after its
+    // interrupt. Each look is a VM exit; looking at the rings in memory is free.
+    let mut fired = u16::MAX;
     loop {
-        match serial::read_line(&mut line) {
-            Ok(l) if l.iter().all(u8::is_ascii_whitespace) => {}
-            Ok(l) => svc.handle(l, b' '),
-            Err(()) => {
-                svc.requests += 1;
-                serial::write(b"err line too long (at most 1024 bytes)\n");
+        fired |= irq::take(u16::MAX);
+        let mut busy = false;
+        if fired & (irq::bit(4) | irq::bit(0)) != 0 {
+            while let Some(b) = serial::try_read() {
+                busy = true;
+                match lines.push(b) {
+                    None => {}
+                    Some(Line::Done(l)) if l.iter().all(u8::is_ascii_whitespace) => {}
+                    Some(Line::Done(l)) => svc.handle(l, b' '),
+                    Some(Line::TooLong) => {
+                        svc.requests += 1;
+                        serial::write(b"err line too long (at most 1024 bytes)\n");
+                    }
+                }
             }
         }
+        if let Ok(s) = &mut server {
+            if s.irq().is_some_and(|l| fired & irq::bit(l) != 0) {
+                s.ack_interrupt();
+            }
+            busy |= s.poll(&mut svc);
+            update_net(&mut svc, &server);
+        }
+        fired = 0;
+        let now = clock::micros();
+        if busy {
+            last_busy = now;
+            continue;
+        }
+        let timeout = match &mut server {
+            Ok(s) => {
+                let t = s.poll_delay();
+                if s.irq().is_some() {
+                    t
+                } else {
+                    let every = if now - last_busy < 1_000_000 {
+                        1_000
+                    } else {
+                        20_000
+                    };
+                    Some(t.map_or(every, |t| t.min(every)))
+                }
+            }
+            Err(_) => None,
+        };
+        if timeout == Some(0) {
+            continue;
+        }
+        irq::sleep(timeout);
     }
 }
 

@@ -8,6 +8,11 @@
 //! | `poweroff [CODE]` | `ok poweroff code=<CODE>`, then the guest powers off |
 //! | `load MIB` | `ok load mib=<MIB> sum=<wrapping sum of the entries> us=<µs>` (see [`crate::model`]) |
 //! | `query I` | `ok query i=<I> value=<entry I>`, or `err` when I is beyond the loaded table |
+//! | `health` | `ok health` |
+//! | `get I` | `ok get i=<I> value=<entry I of the disk table>` (see [`crate::table`]) |
+//! | `put I V` | `ok put i=<I> value=<V>` once entry I of the disk table holds V (written and flushed) |
+//! | `disk` | `ok disk sectors=<S> ro=<0\|1> magic=<CLDTABLE\|none> entries=<C>` |
+//! | `net` | `ok net mac=<MAC> ip=<A.B.C.D/N\|none> port=<P>` |
 //! | anything else | `err <reason>` |
 //!
 //! The same requests come from the kernel command line (`micro.run=`), where `:` separates a
@@ -30,6 +35,16 @@ pub enum Request<'a> {
     Load(u64),
     /// Read entry I of the model table.
     Query(u64),
+    /// Liveness check.
+    Health,
+    /// Read entry I of the disk table.
+    Get(u64),
+    /// Write entry I of the disk table: (I, V).
+    Put(u64, u64),
+    /// Describe the disk.
+    Disk,
+    /// Describe the network interface.
+    Net,
 }
 
 /// Why a request line was refused.
@@ -56,13 +71,20 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::Empty => write!(f, "empty request"),
             ParseError::UnknownCommand(c) => write!(
                 f,
-                "unknown command '{}' (try primes, echo, stats, load, query, poweroff)",
+                "unknown command '{}' (try primes, echo, stats, load, query, health, get, put, disk, net, poweroff)",
                 text(c)
             ),
             ParseError::BadNumber(n) => write!(f, "bad number '{}'", text(n)),
             ParseError::MissingArgument(what) => write!(f, "missing argument: {what}"),
             ParseError::UnexpectedArgument(a) => write!(f, "unexpected argument '{}'", text(a)),
         }
+    }
+}
+
+fn no_argument<'a>(arg: Option<&'a [u8]>, r: Request<'a>) -> Result<Request<'a>, ParseError<'a>> {
+    match arg {
+        None => Ok(r),
+        Some(a) => Err(ParseError::UnexpectedArgument(a)),
     }
 }
 
@@ -120,10 +142,7 @@ impl<'a> Request<'a> {
                     .ok_or(ParseError::BadNumber(a))
             }
             b"echo" => Ok(Request::Echo(arg.unwrap_or(b""))),
-            b"stats" => match arg {
-                None => Ok(Request::Stats),
-                Some(a) => Err(ParseError::UnexpectedArgument(a)),
-            },
+            b"stats" => no_argument(arg, Request::Stats),
             b"poweroff" => match arg {
                 None => Ok(Request::Poweroff(0)),
                 Some(a) => parse_number(a, 255)
@@ -142,6 +161,26 @@ impl<'a> Request<'a> {
                 parse_number(a, u64::MAX)
                     .map(Request::Query)
                     .ok_or(ParseError::BadNumber(a))
+            }
+            b"health" => no_argument(arg, Request::Health),
+            b"disk" => no_argument(arg, Request::Disk),
+            b"net" => no_argument(arg, Request::Net),
+            b"get" => {
+                let a = arg.ok_or(ParseError::MissingArgument("get I"))?;
+                parse_number(a, u64::MAX)
+                    .map(Request::Get)
+                    .ok_or(ParseError::BadNumber(a))
+            }
+            b"put" => {
+                let a = arg.ok_or(ParseError::MissingArgument("put I V"))?;
+                let split = a
+                    .iter()
+                    .position(|&c| c == sep || c.is_ascii_whitespace())
+                    .ok_or(ParseError::MissingArgument("put I V"))?;
+                let (i, v) = (&a[..split], trim(&a[split + 1..]));
+                let i = parse_number(i, u64::MAX).ok_or(ParseError::BadNumber(i))?;
+                let v = parse_number(v, u64::MAX).ok_or(ParseError::BadNumber(v))?;
+                Ok(Request::Put(i, v))
             }
             other => Err(ParseError::UnknownCommand(other)),
         }
@@ -201,6 +240,41 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_disk_and_network_requests() {
+        assert_eq!(Request::parse(b"health", b' '), Ok(Request::Health));
+        assert_eq!(Request::parse(b"disk", b' '), Ok(Request::Disk));
+        assert_eq!(Request::parse(b"net", b' '), Ok(Request::Net));
+        assert_eq!(Request::parse(b"get 42", b' '), Ok(Request::Get(42)));
+        assert_eq!(Request::parse(b"get:42", b':'), Ok(Request::Get(42)));
+        assert_eq!(Request::parse(b"put 3 99", b' '), Ok(Request::Put(3, 99)));
+        assert_eq!(
+            Request::parse(b"put  3   18446744073709551615 ", b' '),
+            Ok(Request::Put(3, u64::MAX))
+        );
+        assert_eq!(Request::parse(b"put:3:99", b':'), Ok(Request::Put(3, 99)));
+        assert_eq!(
+            Request::parse(b"put 3", b' '),
+            Err(ParseError::MissingArgument("put I V"))
+        );
+        assert_eq!(
+            Request::parse(b"put 3 x", b' '),
+            Err(ParseError::BadNumber(b"x"))
+        );
+        assert_eq!(
+            Request::parse(b"put 3 4 5", b' '),
+            Err(ParseError::BadNumber(b"4 5"))
+        );
+        assert_eq!(
+            Request::parse(b"health now", b' '),
+            Err(ParseError::UnexpectedArgument(b"now"))
+        );
+        assert_eq!(
+            Request::parse(b"get", b' '),
+            Err(ParseError::MissingArgument("get I"))
+        );
+    }
+
+    #[test]
     fn refuses_bad_requests_with_reasons() {
         assert_eq!(Request::parse(b"", b' '), Err(ParseError::Empty));
         assert_eq!(Request::parse(b"   ", b' '), Err(ParseError::Empty));
@@ -252,7 +326,8 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                *b = b"primes echo stats poweroff 0123456789 :\xff\x00"[(x % 41) as usize];
+                const ALPHABET: &[u8] = b"primes echo stats poweroff put get 0123456789 :\xff\x00";
+                *b = ALPHABET[(x as usize) % ALPHABET.len()];
             }
             let _ = Request::parse(&line[..len], b' ');
             let _ = Request::parse(&line[..len], b':');
