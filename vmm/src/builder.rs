@@ -466,7 +466,7 @@ fn start(
 
 /// Whether serial transmit writes are coalesced (off until every guest we ship reads LSR at
 /// the end of each line, which is what flushes the ring without waiting for the timer).
-const COALESCE_SERIAL: bool = false;
+const COALESCE_SERIAL: bool = true;
 
 /// Lets KVM queue the guest's writes to the serial transmit register instead of exiting for
 /// each byte (see [`crate::vstate::coalesced`]). Best effort: without the capability every
@@ -552,18 +552,26 @@ pub fn build_from_overlay(
     timings.check = t0.elapsed();
     let kvm = KvmContext::open(&cfg.kvm_path)?;
     let lazy = if cfg.lazy {
-        crate::synthesis::materialise_lazy(&cfg.base, &checked, cfg.threads, &mut timings)?
+        crate::synthesis::LazyPlan::new(&cfg.base, &checked, &mut timings)?
     } else {
         None
     };
-    let (mem, fill) = match lazy {
-        Some((mem, fill)) => (mem, Some(fill)),
+    let (mem, mut plan) = match lazy {
+        Some((mem, plan)) => (mem, Some(plan)),
         None => (
             crate::synthesis::materialise(&cfg.base, &checked, cfg.threads, &mut timings)?,
             None,
         ),
     };
     let t_restore = Instant::now();
+    // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
+    let mut fill = None;
+    let mut gate = || -> Result<(), BuildError> {
+        if let Some(p) = plan.take() {
+            fill = Some(p.start(&mut timings)?);
+        }
+        Ok(())
+    };
     let mut machine = restore_machine(
         kvm,
         mem,
@@ -573,6 +581,7 @@ pub fn build_from_overlay(
         cfg.paused,
         &cfg.devices,
         DiskStart::Blocks(Vec::new()),
+        &mut gate,
     )?;
     if let Some(fill) = fill {
         machine.set_lazy(fill);
@@ -601,6 +610,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         cfg.paused,
         &cfg.devices,
         DiskStart::Blocks(disk_start),
+        &mut || Ok(()),
     )?;
     tracing::debug!(
         total_us = t0.elapsed().as_micros() as u64,
@@ -622,6 +632,7 @@ fn restore_machine(
     paused: bool,
     devices_cfg: &DevicesConfig,
     disk_start: DiskStart,
+    before_start: &mut dyn FnMut() -> Result<(), BuildError>,
 ) -> Result<Machine, BuildError> {
     if state.vcpus.len() > kvm.max_vcpus {
         return Err(BuildError::TooManyVcpus {
@@ -657,6 +668,7 @@ fn restore_machine(
     for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
         vcpu.restore_state(s)?;
     }
+    before_start()?;
     let machine = start(vm, mem, vcpus, devices, exit, serial_input, paused)?;
     machine.set_paused(paused);
     Ok(machine)

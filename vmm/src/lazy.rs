@@ -311,16 +311,16 @@ fn fault_server(s: &Shared) {
 
 impl LazyFill {
     /// Replaces the rewritten pages of guest memory (`regions`, currently the base's private
-    /// mapping) with userfaultfd-registered anonymous memory and starts filling them.
-    /// Every chunk's checksum must have been verified already.
+    /// mapping) with anonymous memory registered with `uffd` and starts serving their faults
+    /// from `sources`. Every chunk's checksum must have been verified already.
     pub fn start(
+        uffd: Uffd,
         overlay: Arc<Overlay>,
+        sources: PageSources,
         base: Arc<Mapped>,
         regions: Vec<Region>,
     ) -> Result<LazyFill, LazyError> {
         let started = Instant::now();
-        let uffd = Uffd::new().map_err(LazyError::Unavailable)?;
-        let sources = PageSources::new(overlay.index());
         let chunks = sources.chunks();
         let shared = Arc::new(Shared {
             uffd,

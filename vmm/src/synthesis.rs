@@ -19,6 +19,8 @@ use crate::arch::layout;
 use crate::lazy::{LazyError, LazyFill, Region};
 use crate::persist::{self, Kind};
 use crate::snapshot::MachineState;
+use crate::uffd::Uffd;
+use image_format::sources::PageSources;
 
 /// Errors while synthesising.
 #[derive(Debug, thiserror::Error)]
@@ -253,54 +255,89 @@ pub fn materialise(
     Ok(mem)
 }
 
-/// Maps the base RAM privately, verifies every chunk, and starts filling the pages the
-/// overlay rewrites lazily (see [`crate::lazy`]). `Ok(None)` when userfaultfd is unavailable:
-/// the caller then applies the overlay up front.
-pub fn materialise_lazy(
-    base: &Path,
-    checked: &Checked,
-    threads: usize,
-    timings: &mut Timings,
-) -> Result<Option<(GuestMemoryMmap, LazyFill)>, crate::builder::BuildError> {
-    let t0 = Instant::now();
-    checked
-        .overlay
-        .verify_chunks(threads)
-        .map_err(SynthesisError::from)?;
-    timings.verify = t0.elapsed();
-    let t1 = Instant::now();
-    let mem = crate::snapshot::map_memory(base, checked.manifest.mem_mib)?;
-    let base_path = base.join("memory");
-    let base_ro =
-        Arc::new(Mapped::open(&base_path).map_err(|e| SynthesisError::Map(base_path, e))?);
-    timings.map = t1.elapsed();
-    let t2 = Instant::now();
-    let mut regions = Vec::new();
-    let mut first_page = 0;
-    for (start, size) in layout::ram_ranges(checked.manifest.mem_mib << 20) {
-        let host = mem
-            .get_host_address(GuestAddress(start))
-            .map_err(|e| SynthesisError::Lazy(format!("guest RAM at {start:#x}: {e}")))?;
-        regions.push(Region {
-            first_page,
-            pages: size / PAGE,
-            host: host as usize,
-        });
-        first_page += size / PAGE;
-    }
-    let fill = match LazyFill::start(checked.overlay.clone(), base_ro, regions) {
-        Ok(f) => f,
-        Err(e @ LazyError::Unavailable(_)) => {
-            tracing::info!("{e}");
-            return Ok(None);
+/// Lazy synthesis in the making: the chunk checks and the page plan run on a helper thread
+/// while KVM builds the VM; [`LazyPlan::start`] joins them just before the vCPUs start.
+pub struct LazyPlan {
+    uffd: Uffd,
+    overlay: Arc<Overlay>,
+    base: Arc<Mapped>,
+    regions: Vec<Region>,
+    prepared: std::thread::JoinHandle<Result<(PageSources, Duration), SynthesisError>>,
+}
+
+impl LazyPlan {
+    /// Maps the base RAM privately and starts checking every chunk and planning each page's
+    /// source on another thread. `Ok(None)` when userfaultfd is unavailable: the caller then
+    /// applies the overlay up front.
+    pub fn new(
+        base: &Path,
+        checked: &Checked,
+        timings: &mut Timings,
+    ) -> Result<Option<(GuestMemoryMmap, LazyPlan)>, crate::builder::BuildError> {
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!("{}", LazyError::Unavailable(e));
+                return Ok(None);
+            }
+        };
+        let overlay = checked.overlay.clone();
+        let prepared = std::thread::Builder::new()
+            .name("overlay-check".into())
+            .spawn(move || {
+                let t = Instant::now();
+                overlay.verify_chunks(1)?;
+                Ok((PageSources::new(overlay.index()), t.elapsed()))
+            })
+            .map_err(|e| SynthesisError::Lazy(format!("cannot start the chunk checker: {e}")))?;
+        let t1 = Instant::now();
+        let mem = crate::snapshot::map_memory(base, checked.manifest.mem_mib)?;
+        let base_path = base.join("memory");
+        let base_ro =
+            Arc::new(Mapped::open(&base_path).map_err(|e| SynthesisError::Map(base_path, e))?);
+        let mut regions = Vec::new();
+        let mut first_page = 0;
+        for (start, size) in layout::ram_ranges(checked.manifest.mem_mib << 20) {
+            let host = mem
+                .get_host_address(GuestAddress(start))
+                .map_err(|e| SynthesisError::Lazy(format!("guest RAM at {start:#x}: {e}")))?;
+            regions.push(Region {
+                first_page,
+                pages: size / PAGE,
+                host: host as usize,
+            });
+            first_page += size / PAGE;
         }
-        Err(e) => return Err(SynthesisError::Lazy(e.to_string()).into()),
-    };
-    timings.apply = t2.elapsed();
-    timings.lazy = true;
-    timings.chunks = checked.overlay.index().chunks.len();
-    timings.data_bytes = checked.overlay.index().stats.data * PAGE;
-    Ok(Some((mem, fill)))
+        timings.map = t1.elapsed();
+        timings.lazy = true;
+        timings.chunks = checked.overlay.index().chunks.len();
+        timings.data_bytes = checked.overlay.index().stats.data * PAGE;
+        Ok(Some((
+            mem,
+            LazyPlan {
+                uffd,
+                overlay: checked.overlay.clone(),
+                base: base_ro,
+                regions,
+                prepared,
+            },
+        )))
+    }
+
+    /// Waits for the chunk checks (a damaged chunk fails here, before any vCPU runs) and
+    /// starts serving faults on the rewritten pages.
+    pub fn start(self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
+        let t = Instant::now();
+        let (sources, verify) = self
+            .prepared
+            .join()
+            .map_err(|_| SynthesisError::Lazy("the chunk checker panicked".into()))??;
+        timings.verify = verify;
+        let fill = LazyFill::start(self.uffd, self.overlay, sources, self.base, self.regions)
+            .map_err(|e| SynthesisError::Lazy(e.to_string()))?;
+        timings.apply = t.elapsed();
+        Ok(fill)
+    }
 }
 
 #[cfg(test)]

@@ -306,6 +306,7 @@ impl Overlay {
 
     /// Checks every chunk's checksum (not its decompression) with up to `threads` threads.
     pub fn verify_chunks(&self, threads: usize) -> Result<(), OverlayError> {
+        self.map.populate();
         let n = self.index.chunks.len();
         let threads = threads.clamp(1, n.max(1));
         let work = |t: usize| {
