@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use image_format::base::{hex, Manifest, MANIFEST, MANIFEST_VERSION};
 use sha2::{Digest, Sha256};
-use vmm::config::{SerialOutput, VmConfig};
+use vmm::config::{
+    DevicesConfig, DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig, DEFAULT_MAC,
+};
 use vmm::loader::{BootProtocol, KernelConfig};
 
 use crate::console::Console;
@@ -29,13 +31,21 @@ pub struct BaseSpec {
     pub timeout: Duration,
     /// Replace an existing output directory.
     pub force: bool,
+    /// A raw root disk image to include (copied, padded to whole 4 KiB blocks).
+    pub disk: Option<PathBuf>,
+    /// Give the guest a NIC (its backend is chosen by each VM made from the base).
+    pub net: bool,
 }
 
 /// SHA-256 over `kernel`, `state`, `memory` of a base directory, each prefixed by its length.
 pub fn content_id(dir: &Path) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    for name in ["kernel", "state", "memory"] {
+    let with_disk = dir.join(image_format::base::DISK).exists();
+    for name in ["kernel", "state", "memory", image_format::base::DISK] {
+        if name == image_format::base::DISK && !with_disk {
+            continue;
+        }
         let path = dir.join(name);
         let mut f = std::fs::File::open(&path)
             .with_context(|| format!("cannot open '{}'", path.display()))?;
@@ -74,8 +84,19 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
             .with_context(|| format!("cannot remove '{}'", spec.out.display()))?;
     }
     std::fs::create_dir_all(&spec.out)?;
+    let disk_path = std::fs::canonicalize(&spec.out)?.join(image_format::base::DISK);
+    if let Some(d) = &spec.disk {
+        std::fs::copy(d, &disk_path)
+            .with_context(|| format!("cannot copy the disk image '{}'", d.display()))?;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk_path)?;
+        let len = f.metadata()?.len();
+        if len == 0 {
+            bail!("the disk image '{}' is empty", d.display());
+        }
+        f.set_len(len.div_ceil(4096) * 4096)?;
+    }
     let log = spec.out.join(".boot.log");
-    let cfg = VmConfig::new(
+    let mut cfg = VmConfig::new(
         KernelConfig {
             kernel: spec.kernel.clone(),
             initrd: None,
@@ -87,6 +108,18 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
         SerialOutput::File(log.clone()),
         false,
     )?;
+    cfg.devices = DevicesConfig {
+        disk: spec.disk.as_ref().map(|_| DiskConfig {
+            base: Some(disk_path.clone()),
+            ..Default::default()
+        }),
+        net: spec.net.then_some(NetConfig {
+            backend: NetBackendConfig::User {
+                forwards: Vec::new(),
+            },
+            mac: DEFAULT_MAC,
+        }),
+    };
     let machine = vmm::builder::build_for_boot(&cfg).context("failed to boot the guest")?;
     let mut console = Console::new(&log);
     let ready = console.wait_line(&machine, &[&spec.ready], spec.timeout)?;
@@ -96,6 +129,7 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
         .context("failed to snapshot the guest")?;
     drop(machine);
     std::fs::remove_file(&log)?;
+    fold_disk_delta(&spec.out, &disk_path)?;
     std::fs::copy(&spec.kernel, spec.out.join("kernel"))
         .with_context(|| format!("cannot copy '{}'", spec.kernel.display()))?;
     let size = |n: &str| std::fs::metadata(spec.out.join(n)).map(|m| m.len());
@@ -108,18 +142,54 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
         memory_bytes: size("memory")?,
         memory_disk_bytes: disk_bytes(&spec.out.join("memory")),
         cmdline: spec.cmdline.clone(),
+        disk_bytes: spec
+            .disk
+            .as_ref()
+            .map(|_| size(image_format::base::DISK))
+            .transpose()?,
     };
     std::fs::write(spec.out.join(MANIFEST), manifest.to_json())?;
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "base built");
     Ok(manifest)
 }
 
+/// Writes what the guest wrote to its disk while booting (the snapshot's δ) into the base's
+/// own copy of the disk, so a base is always a plain disk plus an empty δ.
+fn fold_disk_delta(dir: &Path, disk: &Path) -> Result<()> {
+    let delta = dir.join(vmm::snapshot::DISK_DELTA_FILE);
+    if !delta.exists() {
+        return Ok(());
+    }
+    let state = vmm::snapshot::read_state(dir)?;
+    let blocks = vmm::snapshot::read_disk_delta(dir, &state)?;
+    if !blocks.is_empty() {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(disk)?;
+        for (b, data) in &blocks {
+            f.write_all_at(data, b * 4096)?;
+        }
+        f.sync_all()?;
+        tracing::info!(
+            blocks = blocks.len(),
+            "disk writes made while booting kept in the base disk"
+        );
+    }
+    std::fs::remove_file(&delta)?;
+    Ok(())
+}
+
 /// Bytes the whole base directory occupies on disk.
 pub fn base_disk_bytes(dir: &Path) -> u64 {
-    [MANIFEST, "kernel", "state", "memory"]
-        .iter()
-        .map(|n| disk_bytes(&dir.join(n)))
-        .sum()
+    [
+        MANIFEST,
+        "kernel",
+        "state",
+        "memory",
+        image_format::base::DISK,
+    ]
+    .iter()
+    .map(|n| disk_bytes(&dir.join(n)))
+    .sum()
 }
 
 /// Recomputes the id of a base and compares it with its manifest.

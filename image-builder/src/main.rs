@@ -48,6 +48,14 @@ enum Command {
         /// Replace an existing output directory.
         #[arg(long)]
         force: bool,
+        /// Include this raw image as the guest's root disk (virtio-blk; VMs made from the base
+        /// read it shared and write to their own copy-on-write δ).
+        #[arg(long, value_name = "FILE")]
+        disk: Option<PathBuf>,
+        /// Give the guest a NIC (virtio-net); each VM made from the base picks its backend
+        /// (`vmm synthesize --forward ...`).
+        #[arg(long)]
+        net: bool,
     },
     /// Build an application overlay against a base.
     ///
@@ -61,7 +69,7 @@ enum Command {
         /// Snapshot of the customised VM (from `vmm snapshot`).
         #[arg(long, conflicts_with = "script", required_unless_present = "script")]
         from: Option<PathBuf>,
-        /// Console commands that customise the base, `,`-separated, `:` before an argument.
+        /// Console commands that customise the base, `,`-separated, `:` between words (`put:7:42`).
         #[arg(long)]
         script: Option<String>,
         /// Where to keep the customised snapshot made for --script.
@@ -121,6 +129,8 @@ fn run(cmd: Command) -> Result<()> {
             cmdline,
             ready,
             force,
+            disk,
+            net,
         } => {
             let t0 = std::time::Instant::now();
             let m = base::build(&base::BaseSpec {
@@ -131,6 +141,8 @@ fn run(cmd: Command) -> Result<()> {
                 ready,
                 timeout: Duration::from_secs(30),
                 force,
+                disk,
+                net,
             })?;
             println!(
                 "base {} in {}: {} MiB RAM, {:.2} MiB on disk, built in {:.0} ms",
@@ -185,7 +197,7 @@ fn run(cmd: Command) -> Result<()> {
             };
             let size = std::fs::metadata(&out)?.len();
             println!(
-                "overlay {}: {:.2} MiB; pages: {} same, {} zero, {} base-dedup, {} self-dedup, {} data ({:.2} MiB → {:.2} MiB); built in {:.0} ms",
+                "overlay {}: {:.2} MiB; pages: {} same, {} zero, {} base-dedup, {} self-dedup, {} data ({:.2} MiB); disk δ: {} blocks; {:.2} MiB compressed; built in {:.0} ms",
                 out.display(),
                 mib(size),
                 stats.same,
@@ -194,6 +206,7 @@ fn run(cmd: Command) -> Result<()> {
                 stats.self_dedup,
                 stats.data,
                 mib(stats.data * 4096),
+                stats.disk_blocks,
                 mib(stats.compressed_bytes),
                 t0.elapsed().as_secs_f64() * 1e3
             );
@@ -205,20 +218,23 @@ fn run(cmd: Command) -> Result<()> {
         Command::Info { overlay } => {
             let ov = Overlay::open(&overlay)?;
             let mut buf = Vec::new();
-            for i in 0..ov.index().chunks.len() {
+            let chunks = ov.index().chunks.len() + ov.index().disk_chunks.len();
+            for i in 0..chunks {
                 ov.read_chunk(i, &mut buf)?;
             }
             let s = ov.index().stats;
             println!(
-                "overlay for base {}: {} pages ({} MiB), {} chunks (all intact), {} data pages, {} zero, {} base-dedup, {} self-dedup, state {} B",
+                "overlay for base {}: {} pages ({} MiB), {} chunks (all intact), {} data pages, {} zero, {} base-dedup, {} self-dedup, disk δ {} blocks of a {} MiB disk, state {} B",
                 image_format::base::hex(ov.base_id()),
                 s.pages,
                 s.pages / 256,
-                ov.index().chunks.len(),
+                chunks,
                 s.data,
                 s.zero,
                 s.base_dedup,
                 s.self_dedup,
+                s.disk_blocks,
+                ov.index().disk_bytes >> 20,
                 ov.index().state.len()
             );
         }

@@ -31,6 +31,18 @@ pub fn from_snapshot(
         );
     }
     let state_bytes = std::fs::read(snapshot.join(vmm::snapshot::STATE_FILE))?;
+    let disk_blocks = vmm::snapshot::read_disk_delta(snapshot, &state)?;
+    let disk_size = state
+        .virtio
+        .iter()
+        .find_map(|s| s.disk.as_ref())
+        .map(|d| d.size);
+    if disk_size != manifest.disk_bytes {
+        bail!(
+            "the snapshot's disk ({disk_size:?} bytes) is not the base's ({:?} bytes): it was not made from this base",
+            manifest.disk_bytes
+        );
+    }
     let open =
         |p: PathBuf| Mapped::open(&p).with_context(|| format!("cannot map '{}'", p.display()));
     let base_mem = open(base.join("memory"))?;
@@ -40,6 +52,10 @@ pub fn from_snapshot(
         new_mem.bytes(),
         &manifest.id_bytes(),
         state_bytes,
+        disk_size.map(|disk_bytes| overlay::DiskDelta {
+            disk_bytes,
+            blocks: &disk_blocks,
+        }),
         out,
         opts,
     )?;
@@ -49,6 +65,17 @@ pub fn from_snapshot(
         "overlay built"
     );
     Ok(stats)
+}
+
+/// The devices of a VM restored from `base`: its own disk file (wherever the base now lives).
+pub fn base_devices(base: &Path, manifest: &Manifest) -> vmm::config::DevicesConfig {
+    vmm::config::DevicesConfig {
+        disk: manifest.disk_bytes.map(|_| vmm::config::DiskConfig {
+            base: Some(base.join(image_format::base::DISK)),
+            ..Default::default()
+        }),
+        net: None,
+    }
 }
 
 /// Restores `base`, runs `script` (commands separated by `,`, `:` between a command and its
@@ -62,7 +89,7 @@ pub fn from_script(
     opts: BuildOptions,
     timeout: Duration,
 ) -> Result<Stats> {
-    Manifest::load(base)?;
+    let manifest = Manifest::load(base)?;
     std::fs::create_dir_all(snapshot_dir)?;
     let log = snapshot_dir.join("console.log");
     let machine = build_from_snapshot(&RestoreConfig {
@@ -71,12 +98,12 @@ pub fn from_script(
         serial_input: false,
         paused: false,
         kvm_path: "/dev/kvm".into(),
-        devices: Default::default(),
+        devices: base_devices(base, &manifest),
     })
     .context("failed to restore the base")?;
     let mut console = Console::new(&log);
     for cmd in script.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        let line = cmd.replacen(':', " ", 1);
+        let line = cmd.replace(':', " ");
         let reply = console.command(&machine, &line, timeout)?;
         tracing::info!(%line, %reply, "customising");
     }

@@ -348,3 +348,126 @@ fn bad_overlays_are_refused_before_any_vcpu_runs() {
     assert_eq!(fin.code(), 0, "{fin:?}");
     refused(&other, &img.overlay, "applies to base");
 }
+
+/// Value the table generator stores in entry `i` (an independent copy of the rule in
+/// rootfs/service's table.rs).
+fn table_value(i: u64) -> u64 {
+    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// A disk table image: sector 0 = "CLDTABLE", version 1, reserved, entry count; entry i is a
+/// u64 LE at 512 + 8 i.
+fn table_image(entries: u64, bytes: usize) -> Vec<u8> {
+    let mut d = vec![0u8; bytes];
+    d[..8].copy_from_slice(b"CLDTABLE");
+    d[8..12].copy_from_slice(&1u32.to_le_bytes());
+    d[16..24].copy_from_slice(&entries.to_le_bytes());
+    for i in 0..entries {
+        let at = 512 + 8 * i as usize;
+        d[at..at + 8].copy_from_slice(&table_value(i).to_le_bytes());
+    }
+    d
+}
+
+/// A base with a root disk and a NIC; an overlay whose customisation wrote the disk. The
+/// write travels as the overlay's disk δ (not just in the guest's RAM cache): a snapshot of
+/// the synthesised VM holds it in its own δ, and the base's disk is never written.
+#[test]
+fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
+    let s = Scratch::new("synth-disk");
+    let table = s.write("table.img", &table_image(5000, 1 << 20));
+    let base = s.path("base");
+    let fin = run_image_builder(
+        [
+            "base".as_ref(),
+            "--kernel".as_ref(),
+            micro_guest().as_os_str(),
+            "--out".as_ref(),
+            base.as_os_str(),
+            "--mem".as_ref(),
+            "64".as_ref(),
+            "--disk".as_ref(),
+            table.as_os_str(),
+            "--net".as_ref(),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    let base_disk = base.join("disk");
+    let before = file_digest(&base_disk);
+    assert_eq!(
+        before,
+        file_digest(&table),
+        "the base keeps the disk as given"
+    );
+    let overlay = s.path("app.overlay");
+    let fin = run_image_builder(
+        [
+            "overlay".as_ref(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--script".as_ref(),
+            "put:7:42,put:4000:9".as_ref(),
+            "--out".as_ref(),
+            overlay.as_os_str(),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    assert!(
+        fin.stdout[0].contains("disk δ: 2 blocks"),
+        "entries 7 and 4000 lie in two disk blocks: {fin:?}"
+    );
+    let sock = s.path("vm.sock");
+    let sock_arg = sock.display().to_string();
+    let mut vm = Vmm::spawn(synth_args(&base, &overlay, &["--api-sock", &sock_arg]));
+    for (i, want) in [
+        (7u64, 42u64),
+        (4000, 9),
+        (8, table_value(8)),
+        (4999, table_value(4999)),
+    ] {
+        vm.send(&format!("get {i}\n"));
+        let l = vm.expect_line(T, |l| l.starts_with("ok get") || l.starts_with("err"));
+        assert_eq!(l, format!("ok get i={i} value={want}"));
+    }
+    let snap = s.path("snap");
+    let out = run_vmm(
+        [
+            "snapshot",
+            "--api-sock",
+            &sock_arg,
+            "--out",
+            &snap.display().to_string(),
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    vm.send("poweroff 0\n");
+    assert_eq!(vm.finish(T).code(), 0);
+    let state = vmm::snapshot::read_state(&snap).unwrap();
+    let blocks = vmm::snapshot::read_disk_delta(&snap, &state).unwrap();
+    let entry = |b: &[u8], i: u64| {
+        let at = (512 + 8 * i as usize) % 4096;
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    };
+    let block_of = |i: u64| (512 + 8 * i) / 4096;
+    let find = |i: u64| {
+        blocks
+            .iter()
+            .find(|(n, _)| *n == block_of(i))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no δ block for entry {i}: {:?}",
+                    blocks.iter().map(|b| b.0).collect::<Vec<_>>()
+                )
+            })
+    };
+    assert_eq!(entry(&find(7).1, 7), 42);
+    assert_eq!(entry(&find(4000).1, 4000), 9);
+    assert_eq!(
+        file_digest(&base_disk),
+        before,
+        "the base disk is never written"
+    );
+}

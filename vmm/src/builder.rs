@@ -460,7 +460,9 @@ fn start(
     if let Some(ring) = coalesced {
         machine.set_coalesced(ring, devices.io_bus, devices.mmio_bus);
     }
-    machine.set_virtio(virtio);
+    machine
+        .set_virtio(virtio)
+        .map_err(|e| BuildError::Io("the virtio device thread", e))?;
     Ok(machine)
 }
 
@@ -572,6 +574,19 @@ pub fn build_from_overlay(
         }
         Ok(())
     };
+    // The disk: the base's own (read-only, shared), under the overlay's δ.
+    let mut devices = cfg.devices.clone();
+    if checked.manifest.disk_bytes.is_some() {
+        let mut d = devices.disk.take().unwrap_or_default();
+        if d.base.is_none() {
+            d.base = Some(cfg.base.join(image_format::base::DISK));
+        }
+        devices.disk = Some(d);
+    }
+    let disk_blocks = checked
+        .overlay
+        .disk_blocks()
+        .map_err(crate::synthesis::SynthesisError::from)?;
     let mut machine = restore_machine(
         kvm,
         mem,
@@ -579,8 +594,8 @@ pub fn build_from_overlay(
         cfg.serial.clone(),
         cfg.serial_input,
         cfg.paused,
-        &cfg.devices,
-        DiskStart::Blocks(Vec::new()),
+        &devices,
+        DiskStart::Blocks(disk_blocks),
         &mut gate,
     )?;
     if let Some(fill) = fill {

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::slot::Slot;
+use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::snapshot::{self, MachineState, SnapshotError, SnapshotInfo};
@@ -64,10 +65,6 @@ const TOKEN_STDIN: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_API: u64 = 4;
-/// virtio queue `q` of slot `i`: `TOKEN_VIRTIO_QUEUE + i * 16 + q`.
-const TOKEN_VIRTIO_QUEUE: u64 = 0x100;
-/// Host-side fd of virtio slot `i`: `TOKEN_VIRTIO_HOST + i`.
-const TOKEN_VIRTIO_HOST: u64 = 0x200;
 
 /// SIGINT, SIGTERM and SIGHUP, blocked and read through a signalfd.
 #[derive(Debug)]
@@ -134,8 +131,9 @@ pub struct Machine {
     api: Option<(UnixListener, PathBuf)>,
     /// Coalesced guest writes, with the buses they go to, drained here when no vCPU exits.
     coalesced: Option<(Arc<CoalescedRing>, Bus, Bus)>,
-    /// virtio devices.
-    virtio: Vec<Slot>,
+    /// virtio devices, run by their own thread.
+    virtio: Arc<Vec<Slot>>,
+    devices: Option<DeviceWorker>,
 }
 
 impl Drop for Machine {
@@ -180,7 +178,8 @@ impl Machine {
             paused: std::sync::atomic::AtomicBool::new(false),
             api: None,
             coalesced: None,
-            virtio: Vec::new(),
+            virtio: Arc::new(Vec::new()),
+            devices: None,
         }
     }
 
@@ -215,8 +214,10 @@ impl Machine {
     }
 
     /// The virtio devices the event loop drives and snapshots save.
-    pub fn set_virtio(&mut self, slots: Vec<Slot>) {
-        self.virtio = slots;
+    pub fn set_virtio(&mut self, slots: Vec<Slot>) -> std::io::Result<()> {
+        self.virtio = Arc::new(slots);
+        self.devices = Some(DeviceWorker::start(self.virtio.clone())?);
+        Ok(())
     }
 
     /// Marks the machine as started paused.
@@ -379,8 +380,10 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save_state();
+        // No device request completes while the state is saved.
+        let _still = self.devices.as_ref().map(|d| d.hold());
         let mut virtio = Vec::with_capacity(self.virtio.len());
-        for slot in &self.virtio {
+        for slot in self.virtio.iter() {
             let t = slot.lock();
             let disk = match (t.block(), &slot.disk) {
                 (Some(b), Some(info)) => {
@@ -452,19 +455,6 @@ impl Machine {
         if let Some((l, _)) = &self.api {
             add(l.as_raw_fd(), TOKEN_API)?;
         }
-        for (i, slot) in self.virtio.iter().enumerate() {
-            for (q, fd) in slot.queue_fds.iter().enumerate() {
-                add(*fd, TOKEN_VIRTIO_QUEUE + i as u64 * 16 + q as u64)?;
-            }
-        }
-        for (i, slot) in self.virtio.iter().enumerate() {
-            if let Some(fd) = slot.lock().host_event_fd() {
-                let ev = EpollEvent::new(EventSet::empty(), TOKEN_VIRTIO_HOST + i as u64);
-                epoll.ctl(ControlOperation::Add, fd, ev)?;
-            }
-        }
-        let mut host_watch = vec![false; self.virtio.len()];
-        self.update_host_watch(&epoll, &mut host_watch)?;
         let mut input = SerialInput::default();
         if self.serial_input {
             input.attach_stdin(&epoll)?;
@@ -476,8 +466,11 @@ impl Machine {
                     ring.drain(io, mmio);
                 }
             }
-            self.update_host_watch(&epoll, &mut host_watch)?;
-            let timeout = self.loop_timeout();
+            let timeout = if self.coalesced.is_some() {
+                COALESCED_DRAIN_MS
+            } else {
+                -1
+            };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -497,20 +490,6 @@ impl Machine {
                         input.feed(&epoll, &self.serial)?;
                     }
                     TOKEN_API => self.serve_api(),
-                    t if (TOKEN_VIRTIO_QUEUE..TOKEN_VIRTIO_HOST).contains(&t) => {
-                        let (i, q) = (
-                            ((t - TOKEN_VIRTIO_QUEUE) / 16) as usize,
-                            ((t - TOKEN_VIRTIO_QUEUE) % 16) as usize,
-                        );
-                        if let Some(slot) = self.virtio.get(i) {
-                            slot.lock().process_queue_event(q);
-                        }
-                    }
-                    t if t >= TOKEN_VIRTIO_HOST => {
-                        if let Some(slot) = self.virtio.get((t - TOKEN_VIRTIO_HOST) as usize) {
-                            slot.lock().process_host_event();
-                        }
-                    }
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "stopping the VM on signal");
@@ -525,54 +504,13 @@ impl Machine {
         Ok(reason)
     }
 
-    /// How long the loop may sleep: until the next device timer, and at most
-    /// [`COALESCED_DRAIN_MS`] while coalesced writes may wait; -1 for no limit.
-    fn loop_timeout(&self) -> i32 {
-        let mut ms: Option<u128> = self.coalesced.as_ref().map(|_| COALESCED_DRAIN_MS as u128);
-        for slot in &self.virtio {
-            let mut t = slot.lock();
-            if let Some(d) = t.next_timeout() {
-                let d = d.as_millis().max(if d.is_zero() { 0 } else { 1 });
-                ms = Some(ms.map_or(d, |m| m.min(d)));
-                if d == 0 {
-                    // Timers due now: run them before sleeping.
-                    t.process_host_event();
-                }
-            }
-        }
-        ms.map_or(-1, |m| m.min(i32::MAX as u128) as i32)
-    }
-
-    /// Watches each device's host fd only while it can take host input (see
-    /// [`crate::devices::virtio::slot::Transport::host_events_wanted`]).
-    fn update_host_watch(&self, epoll: &Epoll, watching: &mut [bool]) -> std::io::Result<()> {
-        for (i, slot) in self.virtio.iter().enumerate() {
-            let t = slot.lock();
-            let Some(fd) = t.host_event_fd() else {
-                continue;
-            };
-            let want = t.host_events_wanted();
-            if want != watching[i] {
-                let ev = EpollEvent::new(
-                    if want {
-                        EventSet::IN
-                    } else {
-                        EventSet::empty()
-                    },
-                    TOKEN_VIRTIO_HOST + i as u64,
-                );
-                epoll.ctl(ControlOperation::Modify, fd, ev)?;
-                watching[i] = want;
-            }
-        }
-        Ok(())
-    }
-
     /// Stops and joins every vCPU thread, then flushes serial output.
     pub fn shutdown(&mut self) {
         for v in &mut self.vcpus {
             v.stop();
         }
+        // Then the device thread (which may hold the last work for a stopped guest).
+        self.devices = None;
         let _ = self
             .serial
             .lock()

@@ -89,6 +89,13 @@ pub fn check(base: &Path, overlay: &Path) -> Result<Checked, SynthesisError> {
             ov.index().mem_pages
         )));
     }
+    if ov.index().disk_bytes != manifest.disk_bytes.unwrap_or(0) {
+        return Err(mismatch(format!(
+            "its disk δ is for a {}-byte disk, the base's disk has {} bytes",
+            ov.index().disk_bytes,
+            manifest.disk_bytes.unwrap_or(0)
+        )));
+    }
     let state: MachineState =
         persist::decode(Kind::Machine, &ov.index().state).map_err(SynthesisError::State)?;
     if state.mem_mib != manifest.mem_mib {

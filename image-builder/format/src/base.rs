@@ -6,10 +6,12 @@
 //!   kernel      the guest kernel the snapshot was booted from
 //!   state       machine state at the ready point (vmm state file)
 //!   memory      guest RAM at the ready point, sparse; mapped MAP_PRIVATE by every VM
+//!   disk        optional: the root disk, raw, whole 4 KiB blocks; opened read-only by every
+//!               VM, whose writes go to its own copy-on-write δ
 //! ```
 //!
-//! The id is the SHA-256 of `kernel`, `state` and `memory` (in that order, each prefixed by
-//! its length as u64 LE), hex-encoded. An overlay names the id of the base it applies to.
+//! The id is the SHA-256 of `kernel`, `state`, `memory` and, when present, `disk` (in that
+//! order, each prefixed by its length as u64 LE), hex-encoded. An overlay names the id of the base it applies to.
 
 use std::path::{Path, PathBuf};
 
@@ -54,7 +56,13 @@ pub struct Manifest {
     pub memory_disk_bytes: u64,
     /// Kernel command line it was booted with.
     pub cmdline: String,
+    /// Bytes of `disk`, when the base has a root disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
+
+/// The root disk file of a base directory.
+pub const DISK: &str = "disk";
 
 impl Manifest {
     /// Reads and checks `BASE/base.json` against the files beside it (sizes only; the id is
@@ -91,6 +99,18 @@ impl Manifest {
                     ))
                 }
                 Err(e) => return Err(BaseError::Mismatch(dir.to_owned(), format!("{name}: {e}"))),
+            }
+        }
+        if let Some(want) = m.disk_bytes {
+            match size(DISK) {
+                Ok(n) if n == want && n % 4096 == 0 => {}
+                Ok(n) => {
+                    return Err(BaseError::Mismatch(
+                        dir.to_owned(),
+                        format!("disk is {n} bytes, the manifest says {want} (whole 4 KiB blocks)"),
+                    ))
+                }
+                Err(e) => return Err(BaseError::Mismatch(dir.to_owned(), format!("disk: {e}"))),
             }
         }
         if m.memory_bytes != m.mem_mib << 20 {

@@ -26,7 +26,12 @@
 //! checks every chunk's XXH3-64 checksum (a few GB/s, so a lazy start can afford it before
 //! any vCPU runs), and each chunk is checked again before it is decompressed.
 //!
-//! Version 2 changed the chunk checksum from CRC-64/XZ to XXH3-64 (about 10× faster here).
+//! The disk δ (the customised VM's copy-on-write disk layer) rides along as a second block
+//! space: [`Index::disk_chunks`], chunks of whole 4 KiB disk blocks after the RAM chunks,
+//! checked and decoded the same way ([`Overlay::disk_blocks`]).
+//!
+//! Version 2 changed the chunk checksum from CRC-64/XZ to XXH3-64 (about 10× faster here) and
+//! added the disk δ.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -148,6 +153,8 @@ pub struct Stats {
     pub data: u64,
     /// Compressed bytes of all chunks.
     pub compressed_bytes: u64,
+    /// Disk δ blocks stored.
+    pub disk_blocks: u64,
 }
 
 /// The index at the end of the file.
@@ -163,6 +170,11 @@ pub struct Index {
     pub chunks: Vec<Chunk>,
     /// Pages copied from pages written by chunks.
     pub self_copies: Vec<PageCopy>,
+    /// Size in bytes of the disk the disk δ applies to (0: no disk).
+    pub disk_bytes: u64,
+    /// The disk δ: 4 KiB blocks of the customised VM's disk that differ from the base disk
+    /// (its copy-on-write layer), in chunks like RAM pages, after the RAM chunks.
+    pub disk_chunks: Vec<Chunk>,
     /// The customised VM's machine state (a vmm state file, opaque here).
     pub state: Vec<u8>,
     /// What the overlay holds.
@@ -285,17 +297,21 @@ impl Overlay {
         &self.index
     }
 
-    /// The compressed bytes of chunk `i`, checked against its checksum.
+    /// Chunk `i` of all chunks: RAM chunks first, then disk chunks (numbered on).
+    fn chunk(&self, i: usize) -> Result<&Chunk, OverlayError> {
+        let ram = self.index.chunks.len();
+        let c = if i < ram {
+            self.index.chunks.get(i)
+        } else {
+            self.index.disk_chunks.get(i - ram)
+        };
+        c.ok_or_else(|| self.chunk_err(i, "no such chunk".into()))
+    }
+
+    /// The compressed bytes of chunk `i` (RAM chunks, then disk chunks), checked against its
+    /// checksum.
     pub fn compressed(&self, i: usize) -> Result<&[u8], OverlayError> {
-        let c = self
-            .index
-            .chunks
-            .get(i)
-            .ok_or_else(|| OverlayError::Chunk {
-                path: self.path.clone(),
-                chunk: i,
-                why: "no such chunk".into(),
-            })?;
+        let c = self.chunk(i)?;
         // `open` checked that every chunk lies inside the file.
         let comp = &self.map.bytes()[c.offset as usize..(c.offset + c.len) as usize];
         if CHECK_CRC && xxh3_64(comp) != c.xxh3 {
@@ -304,10 +320,11 @@ impl Overlay {
         Ok(comp)
     }
 
-    /// Checks every chunk's checksum (not its decompression) with up to `threads` threads.
+    /// Checks every chunk's checksum, RAM and disk (not their decompression), with up to
+    /// `threads` threads.
     pub fn verify_chunks(&self, threads: usize) -> Result<(), OverlayError> {
         self.map.populate();
-        let n = self.index.chunks.len();
+        let n = self.index.chunks.len() + self.index.disk_chunks.len();
         let threads = threads.clamp(1, n.max(1));
         let work = |t: usize| {
             (t..n)
@@ -338,10 +355,11 @@ impl Overlay {
         }
     }
 
-    /// Checks and decompresses chunk `i` into `out`, resized to the chunk's raw size.
+    /// Checks and decompresses chunk `i` (RAM chunks, then disk chunks) into `out`, resized
+    /// to the chunk's raw size.
     pub fn read_chunk(&self, i: usize, out: &mut Vec<u8>) -> Result<(), OverlayError> {
         let comp = self.compressed(i)?;
-        out.resize(self.index.chunks[i].page_count() as usize * PAGE_SIZE, 0);
+        out.resize(self.chunk(i)?.page_count() as usize * PAGE_SIZE, 0);
         let n = zstd::bulk::decompress_to_buffer(comp, out)
             .map_err(|e| self.chunk_err(i, format!("does not decompress: {e}")))?;
         if n != out.len() {
@@ -351,6 +369,25 @@ impl Overlay {
             ));
         }
         Ok(())
+    }
+
+    /// The disk δ: every stored disk block, decompressed and checked, in block order.
+    pub fn disk_blocks(&self) -> Result<Vec<(u64, Vec<u8>)>, OverlayError> {
+        let ram = self.index.chunks.len();
+        let mut out = Vec::with_capacity(self.index.stats.disk_blocks as usize);
+        let mut buf = Vec::new();
+        for (k, c) in self.index.disk_chunks.iter().enumerate() {
+            self.read_chunk(ram + k, &mut buf)?;
+            let mut at = 0;
+            for r in &c.pages {
+                for b in r.first..r.first + r.count {
+                    out.push((b, buf[at..at + PAGE_SIZE].to_vec()));
+                    at += PAGE_SIZE;
+                }
+            }
+        }
+        out.sort_by_key(|(b, _)| *b);
+        Ok(out)
     }
 
     /// Applies the overlay to `sink` with `threads` decompression threads.
@@ -469,6 +506,46 @@ fn validate(ix: &Index, index_off: u64) -> Result<(), String> {
     {
         return Err("two chunks write the same page".into());
     }
+    if ix.disk_bytes % PAGE_SIZE as u64 != 0 || (ix.disk_bytes == 0 && !ix.disk_chunks.is_empty()) {
+        return Err(format!("implausible disk size of {} bytes", ix.disk_bytes));
+    }
+    let disk_blocks = ix.disk_bytes / PAGE_SIZE as u64;
+    let mut blocks: Vec<Run> = Vec::new();
+    for (i, c) in ix.disk_chunks.iter().enumerate() {
+        if c.offset < end || c.offset.checked_add(c.len).is_none_or(|e| e > index_off) {
+            return Err(format!(
+                "disk chunk {i} at {}+{} overlaps or leaves the data area",
+                c.offset, c.len
+            ));
+        }
+        end = c.offset + c.len;
+        let n: u64 = c
+            .pages
+            .iter()
+            .try_fold(0u64, |a, r| a.checked_add(r.count))
+            .unwrap_or(u64::MAX);
+        if n == 0 || n > MAX_CHUNK_PAGES {
+            return Err(format!(
+                "disk chunk {i} holds {n} blocks (1 to {MAX_CHUNK_PAGES} allowed)"
+            ));
+        }
+        for r in &c.pages {
+            if r.first.checked_add(r.count).is_none_or(|e| e > disk_blocks) {
+                return Err(format!(
+                    "disk chunk {i} writes blocks {}+{} outside the {}-block disk",
+                    r.first, r.count, disk_blocks
+                ));
+            }
+            blocks.push(*r);
+        }
+    }
+    blocks.sort_by_key(|r| r.first);
+    if blocks
+        .windows(2)
+        .any(|w| w[0].first + w[0].count > w[1].first)
+    {
+        return Err("two disk chunks write the same block".into());
+    }
     Ok(())
 }
 
@@ -517,6 +594,15 @@ fn push_run(runs: &mut Vec<Run>, page: u64) {
     }
 }
 
+/// The customised VM's disk δ: its copy-on-write blocks over the base disk.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskDelta<'a> {
+    /// Disk size in bytes (a multiple of 4096).
+    pub disk_bytes: u64,
+    /// (block number, 4096 bytes), any order.
+    pub blocks: &'a [(u64, Vec<u8>)],
+}
+
 /// Builds an overlay at `out` turning RAM `base` into RAM `new` (same size, whole pages),
 /// carrying `state`, for the base with id `base_id`.
 pub fn build(
@@ -524,6 +610,7 @@ pub fn build(
     new: &[u8],
     base_id: &[u8; 32],
     state: Vec<u8>,
+    disk: Option<DiskDelta<'_>>,
     out: &Path,
     opts: BuildOptions,
 ) -> Result<Stats, OverlayError> {
@@ -646,12 +733,52 @@ pub fn build(
         offset += bytes.len() as u64;
         stats.compressed_bytes += bytes.len() as u64;
     }
+    let mut disk_chunks = Vec::new();
+    let mut disk_bytes = 0;
+    if let Some(d) = disk {
+        if d.disk_bytes % PAGE_SIZE as u64 != 0 || d.disk_bytes == 0 {
+            return Err(OverlayError::Build(format!(
+                "a disk of {} bytes is not whole 4 KiB blocks",
+                d.disk_bytes
+            )));
+        }
+        disk_bytes = d.disk_bytes;
+        let mut sorted: Vec<&(u64, Vec<u8>)> = d.blocks.iter().collect();
+        sorted.sort_by_key(|(b, _)| *b);
+        for group in sorted.chunks(chunk_pages as usize) {
+            let mut raw = Vec::with_capacity(group.len() * PAGE_SIZE);
+            let mut runs = Vec::new();
+            for (b, data) in group {
+                if data.len() != PAGE_SIZE || *b >= d.disk_bytes / PAGE_SIZE as u64 {
+                    return Err(OverlayError::Build(format!(
+                        "disk δ block {b} is not a 4 KiB block of the disk"
+                    )));
+                }
+                raw.extend_from_slice(data);
+                push_run(&mut runs, *b);
+            }
+            let bytes = zstd::bulk::compress(&raw, opts.level)
+                .map_err(|e| OverlayError::Build(format!("zstd: {e}")))?;
+            f.write_all(&bytes).map_err(|e| io("write", e))?;
+            disk_chunks.push(Chunk {
+                offset,
+                len: bytes.len() as u64,
+                xxh3: xxh3_64(&bytes),
+                pages: runs,
+            });
+            offset += bytes.len() as u64;
+            stats.compressed_bytes += bytes.len() as u64;
+            stats.disk_blocks += group.len() as u64;
+        }
+    }
     let index = Index {
         mem_pages: pages,
         zero,
         base_copies,
         chunks,
         self_copies,
+        disk_bytes,
+        disk_chunks,
         state,
         stats,
     };
@@ -745,7 +872,7 @@ mod tests {
             chunk_pages: 64,
             threads: 2,
         };
-        let stats = build(base, new, &[7; 32], b"STATE".to_vec(), &out, opts).unwrap();
+        let stats = build(base, new, &[7; 32], b"STATE".to_vec(), None, &out, opts).unwrap();
         (out, stats)
     }
 
@@ -837,6 +964,8 @@ mod tests {
                 PageCopy { dst: 7, src: 1 },
                 PageCopy { dst: 8, src: 12 },
             ],
+            disk_bytes: 0,
+            disk_chunks: vec![],
             state: Vec::new(),
             stats: Stats::default(),
         };
@@ -909,6 +1038,8 @@ mod tests {
             base_copies: vec![],
             chunks: vec![],
             self_copies: vec![],
+            disk_bytes: 0,
+            disk_chunks: vec![],
             state: vec![],
             stats: Stats::default(),
         };
@@ -939,5 +1070,73 @@ mod tests {
             chunk(HEADER_LEN as u64 + 10, 4),
         ];
         validate(&ix, 200).unwrap();
+        // Disk chunks: after the RAM chunks, inside the disk, not overlapping each other.
+        let after = HEADER_LEN as u64 + 20;
+        ix.disk_chunks = vec![chunk(after, 0)];
+        assert!(validate(&ix, 200).unwrap_err().contains("disk size"));
+        ix.disk_bytes = 4 * PAGE_SIZE as u64;
+        validate(&ix, 200).unwrap();
+        ix.disk_chunks = vec![chunk(after, 3)];
+        assert!(validate(&ix, 200)
+            .unwrap_err()
+            .contains("outside the 4-block disk"));
+        ix.disk_chunks = vec![chunk(after, 0), chunk(after + 10, 1)];
+        assert!(validate(&ix, 200).unwrap_err().contains("same block"));
+        ix.disk_chunks = vec![chunk(HEADER_LEN as u64 + 15, 0)];
+        assert!(validate(&ix, 200).unwrap_err().contains("overlaps"));
+        ix.disk_bytes = 100;
+        ix.disk_chunks.clear();
+        assert!(validate(&ix, 200).unwrap_err().contains("disk size"));
+    }
+
+    /// The disk δ rides in the overlay and comes back block for block; damage to a disk chunk
+    /// is caught by the up-front check.
+    #[test]
+    fn disk_delta_round_trips_and_is_checked() {
+        let (base, new) = images();
+        let d = std::env::temp_dir().join(format!("ovl-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let out = d.join("app.overlay");
+        let blocks: Vec<(u64, Vec<u8>)> = [9u64, 2, 3, 700]
+            .iter()
+            .map(|&b| (b, vec![b as u8 ^ 0x5a; PAGE_SIZE]))
+            .collect();
+        let disk = DiskDelta {
+            disk_bytes: 1024 * PAGE_SIZE as u64,
+            blocks: &blocks,
+        };
+        let opts = BuildOptions {
+            level: 1,
+            chunk_pages: 2,
+            threads: 2,
+        };
+        let stats = build(&base, &new, &[7; 32], vec![], Some(disk), &out, opts).unwrap();
+        assert_eq!(stats.disk_blocks, 4);
+        let ov = Overlay::open(&out).unwrap();
+        assert_eq!(ov.index().disk_bytes, 1024 * PAGE_SIZE as u64);
+        assert_eq!(ov.index().disk_chunks.len(), 2);
+        ov.verify_chunks(2).unwrap();
+        let mut want = blocks.clone();
+        want.sort_by_key(|(b, _)| *b);
+        assert_eq!(ov.disk_blocks().unwrap(), want);
+        // Flip a byte inside the last disk chunk.
+        let last = ov.index().disk_chunks.last().unwrap().clone();
+        drop(ov);
+        let mut bytes = std::fs::read(&out).unwrap();
+        bytes[last.offset as usize + 1] ^= 1;
+        std::fs::write(&out, &bytes).unwrap();
+        let ov = Overlay::open(&out).unwrap();
+        assert!(ov
+            .verify_chunks(1)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        // A block beyond the disk is refused at build time.
+        let bad = vec![(5000u64, vec![0u8; PAGE_SIZE])];
+        let disk = DiskDelta {
+            disk_bytes: 1024 * PAGE_SIZE as u64,
+            blocks: &bad,
+        };
+        assert!(build(&base, &new, &[7; 32], vec![], Some(disk), &out, opts).is_err());
     }
 }

@@ -42,6 +42,7 @@ mod queue;
 pub mod slot;
 #[cfg(test)]
 mod testing;
+pub mod worker;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
