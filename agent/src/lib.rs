@@ -1,0 +1,1 @@
+//! The cloudlet appliance agent (being written).
