@@ -339,8 +339,52 @@ pub fn map_memory(dir: &Path, mem_mib: u64) -> Result<GuestMemoryMmap, SnapshotE
         );
         off += size;
     }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| SnapshotError::Inconsistent(dir.to_owned(), format!("memory layout: {e}")))
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| SnapshotError::Inconsistent(dir.to_owned(), format!("memory layout: {e}")))?;
+    prefault_data(&mem, &file, mem_mib << 20);
+    Ok(mem)
+}
+
+/// Most bytes of a memory image's data [`prefault_data`] maps up front.
+const PREFAULT_MAX: u64 = 16 << 20;
+
+/// Maps the memory image's data extents (not its holes) into the private mapping up front,
+/// read-only and shared with the page cache, in one `MADV_POPULATE_READ` per extent: the
+/// guest's first touches then skip the host page fault (measured on PVM hosts: ~10 µs per
+/// first touch of an unpopulated page, ~2.4 µs of a populated one). Best effort, at most
+/// [`PREFAULT_MAX`] bytes.
+fn prefault_data(mem: &GuestMemoryMmap, file: &File, len: u64) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let (mut off, mut budget) = (0i64, PREFAULT_MAX);
+    while (off as u64) < len && budget > 0 {
+        // SAFETY: lseek on a file we own; results are checked.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            return;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole <= data {
+            return;
+        }
+        let mut at = data as u64;
+        let end = (hole as u64).min(len).min(at + budget);
+        while at < end {
+            let Some((gpa, in_range)) = layout::image_offset_to_gpa(len, at) else {
+                return;
+            };
+            let n = in_range.min(end - at);
+            if let Ok(host) = mem.get_host_address(GuestAddress(gpa)) {
+                // SAFETY: `host..host+n` lies in one guest RAM mapping we own; populating
+                // read-only changes no contents.
+                unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_POPULATE_READ) };
+            }
+            at += n;
+        }
+        budget = budget.saturating_sub(end - data as u64);
+        off = hole;
+    }
 }
 
 #[cfg(test)]

@@ -111,18 +111,7 @@ pub fn check(base: &Path, overlay: &Path) -> Result<Checked, SynthesisError> {
     })
 }
 
-/// Where byte `offset` of the RAM image (regions back to back) lives: its guest physical
-/// address and how many bytes from there on lie in the same RAM range; `None` beyond RAM.
-fn locate(mem_bytes: u64, offset: u64) -> Option<(u64, u64)> {
-    let mut base = 0;
-    for (start, size) in layout::ram_ranges(mem_bytes) {
-        if offset < base + size {
-            return Some((start + (offset - base), base + size - offset));
-        }
-        base += size;
-    }
-    None
-}
+use layout::image_offset_to_gpa as locate;
 
 /// Guest memory as an overlay sink, with the base image for base-page copies.
 struct GuestSink<'a> {

@@ -105,6 +105,20 @@ pub const E820_RAM: u32 = 1;
 /// e820 type of reserved memory.
 pub const E820_RESERVED: u32 = 2;
 
+/// Guest physical address of byte `offset` of a memory image (the RAM ranges of `mem_bytes`
+/// back to back, as snapshots and overlays store them), and how many bytes from there on lie
+/// in the same range; `None` beyond RAM.
+pub fn image_offset_to_gpa(mem_bytes: u64, offset: u64) -> Option<(u64, u64)> {
+    let mut base = 0;
+    for (start, size) in ram_ranges(mem_bytes) {
+        if offset < base + size {
+            return Some((start + (offset - base), base + size - offset));
+        }
+        base += size;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 mod boot;
 mod child;
+mod net;
 mod qemu;
 pub mod stats;
 mod synthesis;
@@ -16,7 +17,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot` or `synthesis`.
+    /// Which benchmark: `boot`, `synthesis` or `net`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -34,7 +35,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         "synthesis" => synthesis::run_bench(args.runs)?,
-        other => bail!("unknown benchmark '{other}': available: boot, synthesis"),
+        "net" => net::run_bench(args.runs)?,
+        other => bail!("unknown benchmark '{other}': available: boot, synthesis, net"),
     };
     write_report(&args.name, args.runs, figures)
 }

@@ -205,19 +205,24 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         let mig = qemu_migration_file(&guest, mib, &work)?;
         figures.push((format!("qemu_migration_file_{mib}mib_mib"), mib_of(&mig)));
 
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours, mut eager, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            let t0 = Instant::now();
-            let mut p = Proc::spawn(
-                Command::new(&vmm)
-                    .arg("synthesize")
-                    .arg("--base")
-                    .arg(&base)
-                    .arg("--overlay")
-                    .arg(&overlay),
-            )?;
-            ours.push(first_reply(&mut p, t0)?);
-            p.kill();
+            // Lazy (the default), then eager (--eager: the whole overlay applied before the
+            // vCPUs start), then QEMU: interleaved so drift hits all three alike.
+            for (mode, out) in [(None, &mut ours), (Some("--eager"), &mut eager)] {
+                let t0 = Instant::now();
+                let mut p = Proc::spawn(
+                    Command::new(&vmm)
+                        .arg("synthesize")
+                        .arg("--base")
+                        .arg(&base)
+                        .arg("--overlay")
+                        .arg(&overlay)
+                        .args(mode),
+                )?;
+                out.push(first_reply(&mut p, t0)?);
+                p.kill();
+            }
             let t0 = Instant::now();
             let mut q = Proc::spawn(
                 qemu(&guest)
@@ -235,6 +240,10 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         figures.push((
             format!("synthesis_{mib}mib_p99_ms"),
             percentile(&ours, 99.0).unwrap_or(0.0),
+        ));
+        figures.push((
+            format!("synthesis_eager_{mib}mib_p50_ms"),
+            median(&eager).unwrap_or(0.0),
         ));
         figures.push((format!("qemu_restore_{mib}mib_p50_ms"), q50));
         figures.push((

@@ -57,6 +57,23 @@ pub const QUEUE_FRAMES: usize = 1024;
 
 /// First local port of forwarded connections on the gateway side.
 const FORWARD_PORT_FIRST: u16 = 49152;
+
+/// Where this backend starts numbering its connections to the guest: somewhere random in
+/// the range, not always 49152. A VM restored from a snapshot may still hold a connection
+/// from its previous life on (gateway, port) → guest; starting at the same port again made
+/// the first new connection collide with it and hang until the guest's stale socket timed
+/// out (~30 s).
+fn first_forward_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let span = u64::from(u16::MAX - FORWARD_PORT_FIRST) + 1;
+    FORWARD_PORT_FIRST + (h.finish() % span) as u16
+}
 /// Stack/relay rounds per [`UserNet::poll`] before yielding back to the caller.
 const MAX_ROUNDS: usize = 8;
 
@@ -237,7 +254,7 @@ impl UserNet {
             pending: HashMap::new(),
             udp: udp::UdpNat::new(),
             next_id: 0,
-            next_port: FORWARD_PORT_FIRST,
+            next_port: first_forward_port(),
             epoch,
             stats: UserNetStats::default(),
             cfg,

@@ -1,0 +1,522 @@
+//! `cargo xtask bench net`: the micro guest's TCP service and disk, driven from the host.
+//!
+//! - **RPC latency** (`rpc_p50_us`, `rpc_p99_us`): `echo x` round trips on one connection
+//!   through the VMM's user-mode network (`--forward`), one request at a time, after a
+//!   warm-up; `runs` × 200 samples.
+//! - **RPC throughput** (`rpc_throughput_rps`): 16 connections in parallel, each sending
+//!   `echo x` back to back for 3 s; verified replies per second.
+//! - **Bulk** (`bulk_mib_s`): the guest protocol limits a request to 1024 bytes and has no
+//!   bulk transfer, so this is 64 MiB of payload carried as `echo` requests of 1000 payload
+//!   bytes, pipelined (8 in flight) on 4 connections; the figure is payload MiB per second in
+//!   one direction (each payload byte also comes back in the reply, so the wire carries it
+//!   twice). Median of 3 transfers.
+//! - The same latency and bulk figures through a TAP device (`tap_rpc_p50_us`,
+//!   `tap_rpc_p99_us`, `tap_bulk_mib_s`), when run as root with /dev/net/tun.
+//! - **Disk reads**: the guest has no raw read request; `get I` reads the 4 KiB block holding
+//!   entry I into a 16-block direct-mapped cache. So `blk_get_4k_stride_mib_s` is a sequential
+//!   scan of a fresh 64 MiB table with `get` at a stride of 512 entries (one uncached 4 KiB
+//!   block read from the virtio disk per request, one request at a time, over TCP), counted as
+//!   4 KiB per request; `blk_get_miss_p50_us` and `blk_get_hit_p50_us` are the round trips of
+//!   such a `get` and of a cached one, and `blk_read_4k_est_us` their difference, the cost the
+//!   disk read adds. The guest never issues 64 KiB reads, so there is no 64 KiB figure.
+//! - **The floor** (`host_loopback_rpc_p50_us`, `…_p99_us`): the same `echo x` round trip
+//!   against a server thread in this process speaking the same framing on 127.0.0.1;
+//!   `ratio_vs_host_loopback` = `rpc_p50_us` / `host_loopback_rpc_p50_us`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::child::Proc;
+use super::stats::{median, percentile};
+use crate::util::{cargo, require_kvm, run, step, target_dir};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const MEM_MIB: u64 = 128;
+/// The small request of the latency and throughput figures.
+const SMALL: &str = "echo x";
+/// Latency samples per run.
+const SAMPLES_PER_RUN: usize = 200;
+/// Requests before measuring (connections, caches and the guest's stack warm).
+const WARMUP: usize = 500;
+/// Parallel connections of the throughput figure, and how long it runs.
+const THROUGHPUT_CONNS: usize = 16;
+const THROUGHPUT_FOR: Duration = Duration::from_secs(3);
+/// The bulk transfer: payload bytes in all, per request, connections, requests in flight.
+const BULK_BYTES: usize = 64 << 20;
+const BULK_PAYLOAD: usize = 1000;
+const BULK_CONNS: usize = 4;
+const BULK_WINDOW: usize = 8;
+const BULK_REPEATS: usize = 3;
+/// The disk of the read figures, and the table's stride per `get` (one 4 KiB block).
+const DISK_MIB: usize = 64;
+const STRIDE: u64 = 512;
+
+// ---------------------------------------------------------------------------------------
+// The framing: u32 little-endian length + UTF-8 text, both ways.
+
+/// One client connection.
+struct Conn(TcpStream);
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, TIMEOUT)
+            .with_context(|| format!("connect to {addr}"))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_write_timeout(Some(TIMEOUT))?;
+        s.set_nodelay(true)?;
+        Ok(Conn(s))
+    }
+
+    fn send(&mut self, text: &str) -> Result<()> {
+        let mut f = Vec::with_capacity(4 + text.len());
+        f.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        f.extend_from_slice(text.as_bytes());
+        self.0.write_all(&f).context("send a request")
+    }
+
+    fn recv(&mut self) -> Result<String> {
+        read_frame(&mut self.0)?.context("the connection ended before the reply")
+    }
+
+    fn request(&mut self, text: &str) -> Result<String> {
+        self.send(text)?;
+        self.recv()
+    }
+
+    /// A request whose reply must be `want`.
+    fn expect(&mut self, text: &str, want: &str) -> Result<()> {
+        let r = self.request(text)?;
+        if r != want {
+            bail!("`{text}` answered {r:?}, expected {want:?}");
+        }
+        Ok(())
+    }
+}
+
+/// One frame from `s`; `None` at a clean end of stream before a frame starts.
+fn read_frame(s: &mut TcpStream) -> Result<Option<String>> {
+    let mut head = [0u8; 4];
+    match s.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e).context("read a frame header"),
+    }
+    let len = u32::from_le_bytes(head) as usize;
+    if len > 64 << 10 {
+        bail!("a frame announces {len} bytes");
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).context("read a frame")?;
+    Ok(Some(String::from_utf8(body)?))
+}
+
+/// Connects once the service answers `health` (retrying until [`TIMEOUT`]).
+fn connect_when_up(addr: SocketAddr) -> Result<Conn> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let err = match Conn::open(addr).and_then(|mut c| c.request("health").map(|r| (c, r))) {
+            Ok((c, r)) if r == "ok health" => return Ok(c),
+            Ok((_, r)) => bail!("{addr} answered `health` with {r:?}"),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            return Err(err.context(format!("no service at {addr} within {TIMEOUT:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The floor: a server thread answering `health` and `echo` on 127.0.0.1 with the guest's
+/// framing, one thread per connection.
+fn host_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                while let Ok(Some(req)) = read_frame(&mut s) {
+                    let reply = match req.strip_prefix("echo ") {
+                        Some(t) => format!("ok echo {t}"),
+                        None if req == "health" => "ok health".to_string(),
+                        None => format!("err unknown command '{req}'"),
+                    };
+                    let mut f = (reply.len() as u32).to_le_bytes().to_vec();
+                    f.extend_from_slice(reply.as_bytes());
+                    if s.write_all(&f).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurements.
+
+/// Round-trip times (µs) of `SMALL` on one connection, after a warm-up.
+fn rpc_latency(addr: SocketAddr, samples: usize) -> Result<Vec<f64>> {
+    let mut c = connect_when_up(addr)?;
+    let want = format!("ok {SMALL}");
+    for _ in 0..WARMUP {
+        c.expect(SMALL, &want)?;
+    }
+    let mut us = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        c.expect(SMALL, &want)?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(us)
+}
+
+/// Verified `SMALL` replies per second on [`THROUGHPUT_CONNS`] parallel connections.
+fn rpc_throughput(addr: SocketAddr) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::new();
+    for _ in 0..THROUGHPUT_CONNS {
+        conns.push(connect_when_up(addr)?);
+    }
+    let t0 = Instant::now();
+    let threads: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let want = format!("ok {SMALL}");
+                while !stop.load(Ordering::Relaxed) {
+                    c.expect(SMALL, &want)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(THROUGHPUT_FOR);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Payload MiB/s of [`BULK_BYTES`] carried in pipelined `echo` requests (see the module
+/// comment); every reply is checked.
+fn bulk(addr: SocketAddr) -> Result<f64> {
+    let per_conn = BULK_BYTES / BULK_PAYLOAD / BULK_CONNS;
+    let mut conns = Vec::new();
+    for _ in 0..BULK_CONNS {
+        conns.push(connect_when_up(addr)?);
+    }
+    let t0 = Instant::now();
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut c)| {
+            std::thread::spawn(move || -> Result<()> {
+                let letter = char::from(b'a' + k as u8);
+                let payload: String = std::iter::repeat_n(letter, BULK_PAYLOAD).collect();
+                let req = format!("echo {payload}");
+                let want = format!("ok echo {payload}");
+                let (mut sent, mut got) = (0, 0);
+                while got < per_conn {
+                    if sent < per_conn && sent - got < BULK_WINDOW {
+                        c.send(&req)?;
+                        sent += 1;
+                    } else {
+                        let r = c.recv()?;
+                        if r != want {
+                            bail!("bulk echo came back wrong ({} bytes)", r.len());
+                        }
+                        got += 1;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    }
+    let bytes = (per_conn * BULK_CONNS * BULK_PAYLOAD) as f64;
+    Ok(bytes / (1 << 20) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The value entry `i` of the benchmark's table holds.
+fn table_value(i: u64) -> u64 {
+    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Writes a `mib` MiB disk image whose table fills it (format of rootfs/service/src/table.rs);
+/// returns the entry count.
+fn write_table(path: &Path, mib: usize) -> Result<u64> {
+    let size = mib << 20;
+    let entries = (size as u64 / 512 - 1) * 64;
+    let mut img = vec![0u8; size];
+    img[..8].copy_from_slice(b"CLDTABLE");
+    img[8..12].copy_from_slice(&1u32.to_le_bytes());
+    img[16..24].copy_from_slice(&entries.to_le_bytes());
+    for (i, e) in img[512..].chunks_exact_mut(8).enumerate() {
+        e.copy_from_slice(&table_value(i as u64).to_le_bytes());
+    }
+    std::fs::write(path, &img).with_context(|| format!("write {}", path.display()))?;
+    Ok(entries)
+}
+
+/// Disk figures: (scan MiB/s, miss round trips µs, hit round trips µs) from one stride scan.
+fn blk_scan(addr: SocketAddr, entries: u64) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+    let mut c = connect_when_up(addr)?;
+    let (mut miss, mut hit) = (Vec::new(), Vec::new());
+    let t0 = Instant::now();
+    let mut gets = 0u64;
+    // Entry i lies at byte 512 + 8 i: start at the first entry of the second 4 KiB block so
+    // every `get` is the first touch of its block.
+    let mut i = STRIDE - 64;
+    while i < entries {
+        let t = Instant::now();
+        c.expect(
+            &format!("get {i}"),
+            &format!("ok get i={i} value={}", table_value(i)),
+        )?;
+        miss.push(t.elapsed().as_secs_f64() * 1e6);
+        gets += 1;
+        i += STRIDE;
+    }
+    let mib_s = (gets * 4096) as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64();
+    // The block just read is cached: the same entry again costs no disk read.
+    let last = i - STRIDE;
+    let want = format!("ok get i={last} value={}", table_value(last));
+    for _ in 0..SAMPLES_PER_RUN {
+        let t = Instant::now();
+        c.expect(&format!("get {last}"), &want)?;
+        hit.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((mib_s, miss, hit))
+}
+
+// ---------------------------------------------------------------------------------------
+// VMs and the TAP device.
+
+/// A VM under the release vmm, its service address, killed when dropped.
+struct Vm {
+    proc: Option<Proc>,
+    addr: SocketAddr,
+}
+
+impl Vm {
+    fn start(vmm: &Path, guest: &Path, extra: &[String], addr: SocketAddr) -> Result<Vm> {
+        let mut cmd = Command::new(vmm);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(guest)
+            .args(["--mem", &MEM_MIB.to_string()])
+            .args(extra);
+        let mut p = Proc::spawn(&mut cmd)?;
+        if let Err(e) = p.wait_line(TIMEOUT, |l| l.starts_with("micro-guest ")) {
+            p.kill();
+            return Err(e.context(format!("no banner from {cmd:?}")));
+        }
+        Ok(Vm {
+            proc: Some(p),
+            addr,
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.stop("poweroff 0\n");
+        }
+    }
+}
+
+/// A TAP device with the host's address on it, deleted when dropped.
+struct Tap(String);
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("run `ip`")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Tap {
+    fn create(name: &str, host_cidr: &str) -> Result<Tap> {
+        let _ = ip(&["link", "del", name]);
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let tap = Tap(name.to_string());
+        ip(&["addr", "add", host_cidr, "dev", name])?;
+        ip(&["link", "set", name, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = ip(&["tuntap", "del", "dev", &self.0, "mode", "tap"]);
+    }
+}
+
+/// Why the TAP figures cannot be measured here, if they cannot.
+fn tap_unavailable() -> Option<&'static str> {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        return Some("not root");
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun");
+    }
+    None
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn p50(v: &[f64]) -> f64 {
+    median(v).unwrap_or(0.0)
+}
+
+fn p99(v: &[f64]) -> f64 {
+    percentile(v, 99.0).unwrap_or(0.0)
+}
+
+/// Runs the benchmark and returns its figures.
+pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
+    require_kvm()?;
+    let guest = crate::guest::build()?;
+    step("building the vmm (release)");
+    run(cargo().args(["build", "--release", "-p", "vmm"]))?;
+    let vmm = target_dir().join("release/vmm");
+    let work = target_dir().join("bench-work/net");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let samples = runs * SAMPLES_PER_RUN;
+    let mut figures: Vec<(String, f64)> = Vec::new();
+
+    step(&format!(
+        "floor: {samples} `{SMALL}` round trips to a host thread on 127.0.0.1"
+    ));
+    let host = rpc_latency(host_server()?, samples)?;
+    let host50 = p50(&host);
+
+    step(&format!(
+        "user-mode network (--forward): {samples} round trips, {THROUGHPUT_CONNS} \
+         connections for {THROUGHPUT_FOR:?}, {BULK_REPEATS} × {} MiB bulk",
+        BULK_BYTES >> 20
+    ));
+    let disk = work.join("table.img");
+    let entries = write_table(&disk, DISK_MIB)?;
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let vm = Vm::start(
+        &vmm,
+        &guest,
+        &[
+            "--forward".into(),
+            format!("127.0.0.1:{port}=10.0.2.15:80"),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--disk-read-only".into(),
+        ],
+        addr,
+    )?;
+    let rpc = rpc_latency(vm.addr, samples)?;
+    let rps = rpc_throughput(vm.addr)?;
+    let mut bulk_runs = Vec::new();
+    for _ in 0..BULK_REPEATS {
+        bulk_runs.push(bulk(vm.addr)?);
+    }
+    let rpc50 = p50(&rpc);
+    figures.push(("rpc_p50_us".into(), rpc50));
+    figures.push(("rpc_p99_us".into(), p99(&rpc)));
+    figures.push(("rpc_throughput_rps".into(), rps));
+    figures.push(("bulk_mib_s".into(), p50(&bulk_runs)));
+
+    let scans = runs.clamp(3, 5);
+    step(&format!(
+        "disk: {scans} scans of a {DISK_MIB} MiB table, `get` every 4 KiB"
+    ));
+    let (mut scan_mib_s, mut miss, mut hit) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..scans {
+        let (m, mi, h) = blk_scan(vm.addr, entries)?;
+        scan_mib_s.push(m);
+        miss.extend(mi);
+        hit.extend(h);
+    }
+    drop(vm);
+    figures.push(("blk_get_4k_stride_mib_s".into(), p50(&scan_mib_s)));
+    figures.push(("blk_get_miss_p50_us".into(), p50(&miss)));
+    figures.push(("blk_get_miss_p99_us".into(), p99(&miss)));
+    figures.push(("blk_get_hit_p50_us".into(), p50(&hit)));
+    figures.push(("blk_read_4k_est_us".into(), p50(&miss) - p50(&hit)));
+
+    match tap_unavailable() {
+        Some(why) => eprintln!("    TAP figures skipped: {why}"),
+        None => {
+            step(&format!(
+                "TAP: {samples} round trips, {BULK_REPEATS} × {} MiB bulk",
+                BULK_BYTES >> 20
+            ));
+            let pid = std::process::id();
+            let name = format!("tbnet{pid}");
+            let net = format!("10.251.{}", pid & 0xff);
+            let _tap = Tap::create(&name, &format!("{net}.1/24"))?;
+            let addr: SocketAddr = format!("{net}.2:80").parse()?;
+            let vm = Vm::start(
+                &vmm,
+                &guest,
+                &[
+                    "--cmdline".into(),
+                    format!("console=ttyS0 micro.ip={net}.2/24 micro.gw={net}.1"),
+                    "--tap".into(),
+                    name.clone(),
+                ],
+                addr,
+            )?;
+            let rpc = rpc_latency(vm.addr, samples)?;
+            let mut bulk_runs = Vec::new();
+            for _ in 0..BULK_REPEATS {
+                bulk_runs.push(bulk(vm.addr)?);
+            }
+            drop(vm);
+            figures.push(("tap_rpc_p50_us".into(), p50(&rpc)));
+            figures.push(("tap_rpc_p99_us".into(), p99(&rpc)));
+            figures.push(("tap_bulk_mib_s".into(), p50(&bulk_runs)));
+        }
+    }
+
+    figures.push(("host_loopback_rpc_p50_us".into(), host50));
+    figures.push(("host_loopback_rpc_p99_us".into(), p99(&host)));
+    figures.push((
+        "ratio_vs_host_loopback".into(),
+        if host50 > 0.0 { rpc50 / host50 } else { 0.0 },
+    ));
+    Ok(figures)
+}
