@@ -87,6 +87,22 @@ fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// Snapshots the VM behind control socket `sock` into `dir` (the VM goes on); returns `dir`.
+fn snapshot_of(sock: &str, dir: &Path) -> PathBuf {
+    let out = run_vmm(
+        [
+            "snapshot",
+            "--api-sock",
+            sock,
+            "--out",
+            &dir.display().to_string(),
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "{out:?}");
+    dir.to_owned()
+}
+
 fn digests(dir: &Path) -> Vec<u64> {
     ["base.json", "kernel", "state", "memory"]
         .iter()
@@ -185,18 +201,7 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
         assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
     }
     // A snapshot waits for the fill; the model table must then be complete and unchanged.
-    let snap = s.path("snap");
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &sock_arg,
-            "--out",
-            &snap.display().to_string(),
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
+    let snap = snapshot_of(&sock_arg, &s.path("snap"));
     vm.send("query 1048576\npoweroff 0\n");
     let l = vm.expect_line(T, |l| l.starts_with("ok query"));
     assert_eq!(
@@ -431,18 +436,7 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
         let l = vm.expect_line(T, |l| l.starts_with("ok get") || l.starts_with("err"));
         assert_eq!(l, format!("ok get i={i} value={want}"));
     }
-    let snap = s.path("snap");
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &sock_arg,
-            "--out",
-            &snap.display().to_string(),
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
+    let snap = snapshot_of(&sock_arg, &s.path("snap"));
     vm.send("poweroff 0\n");
     assert_eq!(vm.finish(T).code(), 0);
     let state = vmm::snapshot::read_state(&snap).unwrap();

@@ -469,56 +469,52 @@ fn validate(ix: &Index, index_off: u64) -> Result<(), String> {
             ));
         }
     }
-    let mut chunk_pages: Vec<Run> = Vec::new();
     let mut end = HEADER_LEN as u64;
-    for (i, c) in ix.chunks.iter().enumerate() {
-        if c.offset < end || c.offset.checked_add(c.len).is_none_or(|e| e > index_off) {
-            return Err(format!(
-                "chunk {i} at {}+{} overlaps or leaves the data area",
-                c.offset, c.len
-            ));
-        }
-        end = c.offset + c.len;
-        let n: u64 = c
-            .pages
-            .iter()
-            .try_fold(0u64, |a, r| a.checked_add(r.count))
-            .unwrap_or(u64::MAX);
-        if n == 0 || n > MAX_CHUNK_PAGES {
-            return Err(format!(
-                "chunk {i} holds {n} pages (1 to {MAX_CHUNK_PAGES} allowed)"
-            ));
-        }
-        for r in &c.pages {
-            if !in_range(r.first, r.count) {
-                return Err(format!(
-                    "chunk {i} writes pages {}+{} outside guest memory",
-                    r.first, r.count
-                ));
-            }
-            chunk_pages.push(*r);
-        }
-    }
-    chunk_pages.sort_by_key(|r| r.first);
-    if chunk_pages
-        .windows(2)
-        .any(|w| w[0].first + w[0].count > w[1].first)
-    {
-        return Err("two chunks write the same page".into());
-    }
+    check_chunks(
+        &ix.chunks,
+        "chunk",
+        "pages",
+        "guest memory",
+        pages,
+        index_off,
+        &mut end,
+    )?;
     if ix.disk_bytes % PAGE_SIZE as u64 != 0 || (ix.disk_bytes == 0 && !ix.disk_chunks.is_empty()) {
         return Err(format!("implausible disk size of {} bytes", ix.disk_bytes));
     }
     let disk_blocks = ix.disk_bytes / PAGE_SIZE as u64;
-    let mut blocks: Vec<Run> = Vec::new();
-    for (i, c) in ix.disk_chunks.iter().enumerate() {
-        if c.offset < end || c.offset.checked_add(c.len).is_none_or(|e| e > index_off) {
+    check_chunks(
+        &ix.disk_chunks,
+        "disk chunk",
+        "blocks",
+        &format!("the {disk_blocks}-block disk"),
+        disk_blocks,
+        index_off,
+        &mut end,
+    )
+}
+
+/// Checks one space's chunks (RAM pages or disk blocks): each lies in the data area after
+/// the one before (`end` moves on), holds 1 to [`MAX_CHUNK_PAGES`] units inside `0..limit`,
+/// and no two write the same unit.
+fn check_chunks(
+    chunks: &[Chunk],
+    what: &str,
+    units: &str,
+    space: &str,
+    limit: u64,
+    index_off: u64,
+    end: &mut u64,
+) -> Result<(), String> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        if c.offset < *end || c.offset.checked_add(c.len).is_none_or(|e| e > index_off) {
             return Err(format!(
-                "disk chunk {i} at {}+{} overlaps or leaves the data area",
+                "{what} {i} at {}+{} overlaps or leaves the data area",
                 c.offset, c.len
             ));
         }
-        end = c.offset + c.len;
+        *end = c.offset + c.len;
         let n: u64 = c
             .pages
             .iter()
@@ -526,25 +522,28 @@ fn validate(ix: &Index, index_off: u64) -> Result<(), String> {
             .unwrap_or(u64::MAX);
         if n == 0 || n > MAX_CHUNK_PAGES {
             return Err(format!(
-                "disk chunk {i} holds {n} blocks (1 to {MAX_CHUNK_PAGES} allowed)"
+                "{what} {i} holds {n} {units} (1 to {MAX_CHUNK_PAGES} allowed)"
             ));
         }
         for r in &c.pages {
-            if r.first.checked_add(r.count).is_none_or(|e| e > disk_blocks) {
+            if r.first.checked_add(r.count).is_none_or(|e| e > limit) {
                 return Err(format!(
-                    "disk chunk {i} writes blocks {}+{} outside the {}-block disk",
-                    r.first, r.count, disk_blocks
+                    "{what} {i} writes {units} {}+{} outside {space}",
+                    r.first, r.count
                 ));
             }
-            blocks.push(*r);
+            runs.push(*r);
         }
     }
-    blocks.sort_by_key(|r| r.first);
-    if blocks
+    runs.sort_by_key(|r| r.first);
+    if runs
         .windows(2)
         .any(|w| w[0].first + w[0].count > w[1].first)
     {
-        return Err("two disk chunks write the same block".into());
+        return Err(format!(
+            "two {what}s write the same {}",
+            &units[..units.len() - 1]
+        ));
     }
     Ok(())
 }
@@ -1058,7 +1057,11 @@ mod tests {
             chunk(HEADER_LEN as u64, 0),
             chunk(HEADER_LEN as u64 + 10, 1),
         ];
-        assert!(validate(&ix, 200).unwrap_err().contains("same page"));
+        assert!(
+            validate(&ix, 200).unwrap_err().contains("same page"),
+            "{:?}",
+            validate(&ix, 200)
+        );
         ix.chunks = vec![chunk(HEADER_LEN as u64, 0), chunk(HEADER_LEN as u64 + 5, 4)];
         assert!(validate(&ix, 200).unwrap_err().contains("overlaps"));
         ix.chunks = vec![chunk(HEADER_LEN as u64, 0), chunk(195, 4)];
