@@ -1,7 +1,9 @@
 //! The service's table on the virtio disk (format in `micro_service::table`): `get` reads an
 //! entry through a small cache of 4 KiB blocks, `put` writes one entry's sector through to
-//! the disk and flushes.
+//! the disk and flushes. `scan` reads a range of the disk sequentially in requests of a given
+//! size into its own buffer, past the cache (which it neither uses nor changes).
 
+use micro_service::scan::{self, Checksum, Chunks};
 use micro_service::table::{self, Header, TableError};
 
 use crate::arena;
@@ -11,6 +13,8 @@ use crate::blk::{Blk, BlkError, SECTOR};
 const BLOCK: usize = 4096;
 /// Cached blocks (direct-mapped by block number).
 const LINES: usize = 16;
+/// Bytes of the scan buffer: the largest scan request.
+const SCAN_BUF: usize = scan::MAX_REQ_KIB as usize * 1024;
 
 /// Why `get`/`put` failed.
 pub enum DiskError {
@@ -46,6 +50,8 @@ pub struct Disk {
     blk: Blk,
     header: Result<Header, TableError>,
     lines: [Line; LINES],
+    /// Where `scan` reads to.
+    scan_buf: &'static mut [u8],
 }
 
 impl Disk {
@@ -60,7 +66,31 @@ impl Disk {
             Ok(()) => Header::parse(&s0, blk.sectors),
             Err(_) => Err(TableError::Short),
         };
-        Disk { blk, header, lines }
+        Disk {
+            blk,
+            header,
+            lines,
+            scan_buf: arena::bytes(SCAN_BUF, 4096),
+        }
+    }
+
+    /// Reads `sectors` sectors from `first` in order, `req_kib` KiB per request (a valid
+    /// `micro_service::scan` size), and returns the checksum of the bytes read. Nothing is
+    /// cached.
+    pub fn scan(&mut self, first: u64, sectors: u64, req_kib: u64) -> Result<u64, BlkError> {
+        if !scan::valid_req_kib(req_kib) || (req_kib as usize) * 1024 > SCAN_BUF {
+            return Err(BlkError::OutOfRange);
+        }
+        if !scan::in_range(first, sectors, self.blk.sectors) {
+            return Err(BlkError::OutOfRange);
+        }
+        let mut sum = Checksum::default();
+        for (at, n) in Chunks::new(first, sectors, req_kib) {
+            let buf = &mut self.scan_buf[..n as usize * SECTOR];
+            self.blk.read(at, buf)?;
+            sum.add(buf);
+        }
+        Ok(sum.0)
     }
 
     /// (sectors, read-only, table header).

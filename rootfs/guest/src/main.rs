@@ -199,6 +199,40 @@ impl Service {
                     let _ = write!(r, "err no disk ({why})");
                 }
             },
+            Ok(Request::Scan {
+                first,
+                sectors,
+                req_kib,
+            }) => match &mut self.disk {
+                Ok(d) => {
+                    let t0 = cpu::rdtsc();
+                    let result = d.scan(first, sectors, req_kib);
+                    let cycles = cpu::rdtsc() - t0;
+                    let _ = match result {
+                        Ok(sum) => {
+                            let _ =
+                                write!(r, "ok scan sectors={sectors} req_kib={req_kib} sum={sum}");
+                            match self.tsc_hz {
+                                Some(hz) => write!(
+                                    r,
+                                    " us={}",
+                                    u128::from(cycles) * 1_000_000 / u128::from(hz.max(1))
+                                ),
+                                None => write!(r, " cycles={cycles}"),
+                            }
+                        }
+                        Err(blk::BlkError::OutOfRange) => write!(
+                            r,
+                            "err scan {first} {sectors}: beyond the end of the disk ({} sectors)",
+                            d.describe().0
+                        ),
+                        Err(e) => write!(r, "err scan {first} {sectors}: {e}"),
+                    };
+                }
+                Err(why) => {
+                    let _ = write!(r, "err no disk ({why})");
+                }
+            },
             Ok(Request::Net) => match &self.net {
                 Ok(n) => {
                     let m = n.mac;

@@ -103,6 +103,11 @@ impl Mmio {
         unsafe { ((self.base + REG_CONFIG + off) as *const u8).read_volatile() }
     }
 
+    /// A 32-bit configuration field.
+    pub fn config_u32(&self, off: usize) -> u32 {
+        self.read(REG_CONFIG + off)
+    }
+
     /// A 64-bit configuration field, read as two 32-bit halves under the configuration
     /// generation counter (so both halves are from the same generation).
     pub fn config_u64(&self, off: usize) -> u64 {
@@ -189,7 +194,8 @@ impl Mmio {
         );
     }
 
-    fn fail(&self) {
+    /// Sets FAILED: the driver gives up on the device.
+    pub fn fail(&self) {
         let s = self.read(REG_STATUS);
         self.write(REG_STATUS, s | STATUS_FAILED);
     }

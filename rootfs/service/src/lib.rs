@@ -1,6 +1,6 @@
 //! The micro guest's service, as plain `no_std` logic that the host can test: the request
 //! protocol (see `docs/micro-guest.md`), its TCP framing ([`frame`]), the disk table format
-//! ([`table`]), the command-line keys ([`cmdline`]), serial line assembly ([`line`]), reply
+//! ([`table`]), the disk scan's request sizes and checksum ([`scan`]), the command-line keys ([`cmdline`]), serial line assembly ([`line`]), reply
 //! formatting into fixed buffers, and the sample compute job (counting primes).
 //!
 //! Nothing here touches hardware; the guest binary (`rootfs/guest`) wires it to the serial
@@ -16,6 +16,7 @@ pub mod line;
 pub mod model;
 pub mod primes;
 pub mod request;
+pub mod scan;
 pub mod table;
 
 pub use fixed::FixedBuf;

@@ -12,6 +12,7 @@
 //! | `get I` | `ok get i=<I> value=<entry I of the disk table>` (see [`crate::table`]) |
 //! | `put I V` | `ok put i=<I> value=<V>` once entry I of the disk table holds V (written and flushed) |
 //! | `disk` | `ok disk sectors=<S> ro=<0\|1> magic=<CLDTABLE\|none> entries=<C>` |
+//! | `scan FIRST_SECTOR SECTORS REQ_KIB` | `ok scan sectors=<N> req_kib=<K> sum=<checksum> us=<µs>`: the disk range read in `REQ_KIB` KiB requests (see [`crate::scan`]) |
 //! | `net` | `ok net mac=<MAC> ip=<A.B.C.D/N\|none> port=<P>` |
 //! | anything else | `err <reason>` |
 //!
@@ -45,6 +46,15 @@ pub enum Request<'a> {
     Disk,
     /// Describe the network interface.
     Net,
+    /// Read `sectors` sectors of the disk from `first` in requests of `req_kib` KiB.
+    Scan {
+        /// First sector.
+        first: u64,
+        /// Sectors to read (≥ 1).
+        sectors: u64,
+        /// Request size in KiB (see [`crate::scan::valid_req_kib`]).
+        req_kib: u64,
+    },
 }
 
 /// Why a request line was refused.
@@ -58,8 +68,10 @@ pub enum ParseError<'a> {
     BadNumber(&'a [u8]),
     /// A required argument is missing.
     MissingArgument(&'static str),
-    /// An argument given to a command that takes none.
+    /// An argument given to a command that takes none (or one too many).
     UnexpectedArgument(&'a [u8]),
+    /// A number outside what the command allows: (the argument, what is allowed).
+    OutOfRange(&'a [u8], &'static str),
 }
 
 impl core::fmt::Display for ParseError<'_> {
@@ -71,12 +83,15 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::Empty => write!(f, "empty request"),
             ParseError::UnknownCommand(c) => write!(
                 f,
-                "unknown command '{}' (try primes, echo, stats, load, query, health, get, put, disk, net, poweroff)",
+                "unknown command '{}' (try primes, echo, stats, load, query, health, get, put, disk, scan, net, poweroff)",
                 text(c)
             ),
             ParseError::BadNumber(n) => write!(f, "bad number '{}'", text(n)),
             ParseError::MissingArgument(what) => write!(f, "missing argument: {what}"),
             ParseError::UnexpectedArgument(a) => write!(f, "unexpected argument '{}'", text(a)),
+            ParseError::OutOfRange(a, allowed) => {
+                write!(f, "bad argument '{}': {allowed}", text(a))
+            }
         }
     }
 }
@@ -104,6 +119,42 @@ fn trim(mut b: &[u8]) -> &[u8] {
         }
     }
     b
+}
+
+/// Splits `arg` into exactly `N` words separated by `sep` or whitespace; `usage` names them
+/// for the error when there are fewer, the first extra word is the error when there are more.
+fn words<'a, const N: usize>(
+    arg: Option<&'a [u8]>,
+    sep: u8,
+    usage: &'static str,
+) -> Result<[&'a [u8]; N], ParseError<'a>> {
+    let mut rest = arg.ok_or(ParseError::MissingArgument(usage))?;
+    let mut out = [&b""[..]; N];
+    for w in out.iter_mut() {
+        rest = trim(rest);
+        if rest.is_empty() {
+            return Err(ParseError::MissingArgument(usage));
+        }
+        let end = rest
+            .iter()
+            .position(|&c| c == sep || c.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        *w = &rest[..end];
+        rest = &rest[end..];
+        if let [_, after @ ..] = rest {
+            rest = after;
+        }
+    }
+    let rest = trim(rest);
+    if rest.is_empty() {
+        Ok(out)
+    } else {
+        let end = rest
+            .iter()
+            .position(|&c| c == sep || c.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        Err(ParseError::UnexpectedArgument(&rest[..end]))
+    }
 }
 
 /// Parses a decimal number no larger than `max`.
@@ -181,6 +232,26 @@ impl<'a> Request<'a> {
                 let i = parse_number(i, u64::MAX).ok_or(ParseError::BadNumber(i))?;
                 let v = parse_number(v, u64::MAX).ok_or(ParseError::BadNumber(v))?;
                 Ok(Request::Put(i, v))
+            }
+            b"scan" => {
+                let [f, n, k] = words::<3>(arg, sep, "scan FIRST_SECTOR SECTORS REQ_KIB")?;
+                let first = parse_number(f, u64::MAX).ok_or(ParseError::BadNumber(f))?;
+                let sectors = parse_number(n, u64::MAX).ok_or(ParseError::BadNumber(n))?;
+                if sectors == 0 {
+                    return Err(ParseError::OutOfRange(n, "SECTORS must be at least 1"));
+                }
+                let req_kib = parse_number(k, u64::MAX).ok_or(ParseError::BadNumber(k))?;
+                if !crate::scan::valid_req_kib(req_kib) {
+                    return Err(ParseError::OutOfRange(
+                        k,
+                        "REQ_KIB must be a multiple of 4 from 4 to 64",
+                    ));
+                }
+                Ok(Request::Scan {
+                    first,
+                    sectors,
+                    req_kib,
+                })
             }
             other => Err(ParseError::UnknownCommand(other)),
         }
@@ -275,6 +346,84 @@ mod tests {
     }
 
     #[test]
+    fn parses_scan() {
+        let scan = |first, sectors, req_kib| {
+            Ok(Request::Scan {
+                first,
+                sectors,
+                req_kib,
+            })
+        };
+        assert_eq!(
+            Request::parse(b"scan 0 131072 4", b' '),
+            scan(0, 131_072, 4)
+        );
+        assert_eq!(Request::parse(b"scan 8 16 64", b' '), scan(8, 16, 64));
+        assert_eq!(
+            Request::parse(b"  scan  1   2 \t 12 \r", b' '),
+            scan(1, 2, 12)
+        );
+        assert_eq!(Request::parse(b"scan:0:128:64", b':'), scan(0, 128, 64));
+        assert_eq!(
+            Request::parse(b"scan 18446744073709551615 1 4", b' '),
+            scan(u64::MAX, 1, 4)
+        );
+        for k in [4u64, 8, 60, 64] {
+            let line = format!("scan 0 1 {k}");
+            assert_eq!(Request::parse(line.as_bytes(), b' '), scan(0, 1, k));
+        }
+        let usage = Err(ParseError::MissingArgument(
+            "scan FIRST_SECTOR SECTORS REQ_KIB",
+        ));
+        assert_eq!(Request::parse(b"scan", b' '), usage);
+        assert_eq!(Request::parse(b"scan 0", b' '), usage);
+        assert_eq!(Request::parse(b"scan 0 8", b' '), usage);
+        assert_eq!(Request::parse(b"scan:0:8", b':'), usage);
+        assert_eq!(
+            Request::parse(b"scan 0 8 4 9", b' '),
+            Err(ParseError::UnexpectedArgument(b"9"))
+        );
+        assert_eq!(
+            Request::parse(b"scan:0:8:4:9", b':'),
+            Err(ParseError::UnexpectedArgument(b"9"))
+        );
+        assert_eq!(
+            Request::parse(b"scan x 8 4", b' '),
+            Err(ParseError::BadNumber(b"x"))
+        );
+        assert_eq!(
+            Request::parse(b"scan 0 -8 4", b' '),
+            Err(ParseError::BadNumber(b"-8"))
+        );
+        assert_eq!(
+            Request::parse(b"scan 0 8 4k", b' '),
+            Err(ParseError::BadNumber(b"4k"))
+        );
+        assert_eq!(
+            Request::parse(b"scan 0 0 4", b' '),
+            Err(ParseError::OutOfRange(b"0", "SECTORS must be at least 1"))
+        );
+        for k in ["0", "2", "6", "63", "68", "128", "99999999999"] {
+            let line = format!("scan 0 8 {k}");
+            assert_eq!(
+                Request::parse(line.as_bytes(), b' '),
+                Err(ParseError::OutOfRange(
+                    k.as_bytes(),
+                    "REQ_KIB must be a multiple of 4 from 4 to 64"
+                )),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            format!(
+                "{}",
+                ParseError::OutOfRange(b"6", "REQ_KIB must be a multiple of 4 from 4 to 64")
+            ),
+            "bad argument '6': REQ_KIB must be a multiple of 4 from 4 to 64"
+        );
+    }
+
+    #[test]
     fn refuses_bad_requests_with_reasons() {
         assert_eq!(Request::parse(b"", b' '), Err(ParseError::Empty));
         assert_eq!(Request::parse(b"   ", b' '), Err(ParseError::Empty));
@@ -326,7 +475,8 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                const ALPHABET: &[u8] = b"primes echo stats poweroff put get 0123456789 :\xff\x00";
+                const ALPHABET: &[u8] =
+                    b"primes echo stats poweroff put get scan 0123456789 :\xff\x00";
                 *b = ALPHABET[(x as usize) % ALPHABET.len()];
             }
             let _ = Request::parse(&line[..len], b' ');
