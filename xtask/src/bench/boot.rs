@@ -12,7 +12,7 @@ use anyhow::Result;
 
 use super::child::Proc;
 use super::stats::{median, percentile};
-use crate::util::{cargo, ensure_programs, require_kvm, step, target_dir};
+use crate::util::{ensure_programs, require_kvm, step, target_dir};
 
 const MEM_MIB: u64 = 128;
 const BANNER: &str = "micro-guest";
@@ -104,7 +104,7 @@ pub fn run(runs: usize) -> Result<Vec<(&'static str, f64)>> {
     ensure_programs(&[("qemu-system-x86_64", "qemu-system-x86")])?;
     let guest = crate::guest::build()?;
     step("building the vmm (release)");
-    crate::util::run(cargo().args(["build", "--release", "-p", "vmm"]))?;
+    crate::util::build_release_vmm()?;
     let vmm = target_dir().join("release/vmm");
     // A broken QEMU install is reported before the loop.
     crate::util::run(

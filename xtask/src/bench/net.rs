@@ -38,7 +38,7 @@ use anyhow::{bail, Context, Result};
 
 use super::child::Proc;
 use super::stats::{median, percentile};
-use crate::util::{cargo, require_kvm, run, step, target_dir};
+use crate::util::{require_kvm, step, target_dir};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const MEM_MIB: u64 = 128;
@@ -414,7 +414,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     require_kvm()?;
     let guest = crate::guest::build()?;
     step("building the vmm (release)");
-    run(cargo().args(["build", "--release", "-p", "vmm"]))?;
+    crate::util::build_release_vmm()?;
     let vmm = target_dir().join("release/vmm");
     let work = target_dir().join("bench-work/net");
     let _ = std::fs::remove_dir_all(&work);
