@@ -1,1 +1,24 @@
-//! The cloudlet appliance agent (being written).
+//! The cloudlet appliance agent: what mobile clients and operators see.
+//!
+//! - [`board`]: board configurations (`board-configs/*.toml`), validated.
+//! - [`store`]: the data directory (bases, services, app store, instance records).
+//! - [`supervisor`]: one `vmm synthesize` process per service-VM instance; limits; re-adoption
+//!   after an agent restart.
+//! - [`http`]: the client API (`/v1/...`, OpenAPI at `/v1/openapi.json`), the web manager at
+//!   `/`, `/metrics`; [`auth`] checks bearer credentials on mutating requests.
+//! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
+//! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
+//!   [`guest`]: the service VM's framed TCP protocol.
+//! - [`daemon`]: the `agent` process wiring it all together.
+
+pub mod auth;
+pub mod board;
+pub mod client;
+pub mod daemon;
+pub mod discovery;
+pub mod guest;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod supervisor;
+pub mod sysinfo;

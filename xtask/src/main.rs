@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod demo;
 mod guest;
 mod linux;
 mod run;
@@ -24,6 +25,9 @@ enum Cmd {
     Guest,
     /// Build the micro guest and the vmm, boot the guest and show its service's answers.
     Run(run::RunArgs),
+    /// The appliance end to end: agent on loopback, mDNS discovery, a service VM started over
+    /// the API, verified requests through its forwarded port, timings.
+    Demo,
     /// Build everything the tests need (guest, vmm, Debian's kernel), then run all tests.
     Test(test::TestArgs),
     /// Run a benchmark (boot, synthesis) and write target/bench/NAME.json.
@@ -39,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Guest => guest::build().map(|_| 0),
         Cmd::Run(a) => run::boot(&a),
+        Cmd::Demo => demo::demo().map(|_| 0),
         Cmd::Test(a) => test::run_tests(&a).map(|_| 0),
         Cmd::Bench(a) => bench::bench(&a).map(|_| 0),
         Cmd::FetchLinux => linux::fetch().map(|_| 0),

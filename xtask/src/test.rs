@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::util::{cargo, require_kvm, run, step};
+use crate::util::{cargo, ensure_programs, require_kvm, run, step};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -21,6 +21,15 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     require_kvm()?;
     crate::guest::build()?;
     crate::linux::fetch()?;
+    // The agent's tests: an independent mDNS client and a real browser.
+    ensure_programs(&[
+        (
+            "/usr/lib/python3/dist-packages/zeroconf/__init__.py",
+            "python3-zeroconf",
+        ),
+        ("chromium", "chromium"),
+        ("chromedriver", "chromium-driver"),
+    ])?;
     step("building the workspace");
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     step("running the tests");

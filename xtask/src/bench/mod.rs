@@ -2,6 +2,7 @@
 //! named figures with units in the names, plus `runs` and `host`) and print a table.
 //! Peers are measured in the same run, interleaved with ours, and compared as ratios.
 
+mod agent;
 mod boot;
 mod child;
 mod net;
@@ -17,7 +18,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot`, `synthesis` or `net`.
+    /// Which benchmark: `boot`, `synthesis`, `net` or `agent`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -36,7 +37,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .collect(),
         "synthesis" => synthesis::run_bench(args.runs)?,
         "net" => net::run_bench(args.runs)?,
-        other => bail!("unknown benchmark '{other}': available: boot, synthesis, net"),
+        "agent" => agent::run_bench(args.runs)?,
+        other => bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent"),
     };
     write_report(&args.name, args.runs, figures)
 }

@@ -1,0 +1,205 @@
+//! `cloudlet`: the client CLI — discover appliances, start a service on the best one, call
+//! it, stop it.
+
+use std::time::Duration;
+
+use agent::client::{best, discover_ranked, discover_ranked_until, Client};
+use agent::guest::GuestConn;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Client of cloudlet appliances.
+///
+/// Finds appliances over mDNS (_cloudlet._tcp), ranks them by free cores, free memory and
+/// the measured round trip to their API, starts service VMs on the best one and talks to
+/// them over the guest's framed TCP protocol.
+///
+/// Examples:
+///   cloudlet discover
+///   cloudlet start model --token cloudlet-dev-token        # on the best appliance
+///   cloudlet call 127.0.0.1:40123 "query 5" "get 7"
+///   cloudlet stop i-0123abcd --agent http://127.0.0.1:9999 --token cloudlet-dev-token
+#[derive(Parser, Debug)]
+#[command(name = "cloudlet", version, verbatim_doc_comment)]
+struct Cli {
+    /// Use this agent (http://IP:PORT) instead of discovering one.
+    #[arg(long, global = true)]
+    agent: Option<String>,
+    /// Bearer token for mutating requests (the board's api.token).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// How long to browse mDNS, ms.
+    #[arg(long, global = true, default_value_t = 1500)]
+    browse_ms: u64,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the appliances that answer mDNS, best first, with their TXT values.
+    Discover {
+        /// Stop browsing as soon as this appliance (TXT id or instance name) is resolved.
+        #[arg(long)]
+        wait_for: Option<String>,
+    },
+    /// Show an appliance's system information and services.
+    Info,
+    /// Start an instance of SERVICE (on the best appliance, or --agent) and print its
+    /// endpoint and timings.
+    Start {
+        /// Service name.
+        service: String,
+    },
+    /// Send requests to an instance's endpoint (IP:PORT) and print the replies.
+    Call {
+        /// The endpoint from `start`.
+        endpoint: String,
+        /// Requests (`health`, `query 5`, `get 7`, `primes 1000`, ...).
+        #[arg(required = true)]
+        requests: Vec<String>,
+    },
+    /// Stop and remove an instance.
+    Stop {
+        /// Instance id.
+        id: String,
+    },
+    /// List an appliance's instances.
+    List,
+}
+
+fn agent_url(cli: &Cli) -> Result<String> {
+    if let Some(a) = &cli.agent {
+        return Ok(a.clone());
+    }
+    let b = best(Duration::from_millis(cli.browse_ms))?;
+    eprintln!(
+        "using {} at {} (score {:.3}, rtt {:.2} ms)",
+        b.appliance.instance,
+        b.url,
+        b.score,
+        b.rtt_ms.unwrap_or(f64::NAN)
+    );
+    Ok(b.url)
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloudlet: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Discover { wait_for } => {
+            let window = Duration::from_millis(cli.browse_ms);
+            let ranked = match wait_for {
+                Some(who) => discover_ranked_until(window, who)?,
+                None => discover_ranked(window)?,
+            };
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&ranked)?);
+                return Ok(());
+            }
+            if ranked.is_empty() {
+                bail!(
+                    "no cloudlet answered within {} ms (is an agent running with discovery on?)",
+                    cli.browse_ms
+                );
+            }
+            for r in &ranked {
+                let txt: Vec<String> = r
+                    .appliance
+                    .txt
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!(
+                    "{:<34} {:<24} score {:>8.3}  rtt {:>7} ms  {}",
+                    r.appliance.instance,
+                    r.url,
+                    r.score,
+                    r.rtt_ms.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
+                    txt.join(" ")
+                );
+            }
+        }
+        Cmd::Info => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let s = c.system()?;
+            let svcs = c.services()?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"system": s, "services": svcs})
+                    )?
+                );
+            } else {
+                println!(
+                    "{} (board {}, agent {}): {} cores, load {:.2}, {} / {} MiB free; {} / {} instances",
+                    s.id, s.board, s.version, s.cores, s.load1, s.mem_free_mib, s.mem_total_mib,
+                    s.instances, s.max_vms
+                );
+                for v in svcs {
+                    println!(
+                        "  service {:<16} base {:<12} {:>10} bytes  {}",
+                        v.name, v.base, v.overlay_bytes, v.description
+                    );
+                }
+            }
+        }
+        Cmd::Start { service } => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let i = c.start(service)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                println!(
+                    "{} {} {} synthesis {} ms, first reply {} ms",
+                    i.id,
+                    i.state,
+                    i.endpoint,
+                    i.synthesis_ms.map(|v| v.to_string()).unwrap_or("-".into()),
+                    i.first_reply_ms
+                        .map(|v| v.to_string())
+                        .unwrap_or("-".into())
+                );
+            }
+        }
+        Cmd::Call { endpoint, requests } => {
+            let mut g = GuestConn::connect(endpoint, Duration::from_secs(10))
+                .with_context(|| format!("cannot connect to {endpoint}"))?;
+            for r in requests {
+                let reply = g
+                    .request(r)
+                    .with_context(|| format!("request '{r}' failed"))?;
+                println!("{reply}");
+            }
+        }
+        Cmd::Stop { id } => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let i = c.delete(id)?;
+            println!("{} {} ({})", i.id, i.state, i.exit.unwrap_or_default());
+        }
+        Cmd::List => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let v = c.instances()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for i in v {
+                    println!("{} {:<10} {:<10} {}", i.id, i.service, i.state, i.endpoint);
+                }
+            }
+        }
+    }
+    Ok(())
+}

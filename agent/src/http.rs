@@ -1,0 +1,770 @@
+//! The client API (HTTP/JSON, versioned under `/v1`), the web manager at `/` and `/metrics`.
+//!
+//! Every route is in [`ROUTES`] and described in `/v1/openapi.json` (a test keeps the two in
+//! step). Mutating requests (anything but GET/HEAD) need `Authorization: Bearer <token>`
+//! (401 otherwise). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
+//! saying what kind: 400 malformed request, 401 unauthenticated, 404 unknown name, 409 wrong
+//! state, 413 upload too large, 422 overlay refused, 503 no capacity (with `Retry-After`).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::Credentials;
+use crate::board::Board;
+use crate::metrics::Metrics;
+use crate::store::{error_chain, BaseInfo, Store, StoreError};
+use crate::supervisor::{InstanceRecord, Supervisor, SupervisorError};
+
+/// The API version in paths.
+pub const API_VERSION: &str = "v1";
+/// The OpenAPI document.
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The web manager page.
+pub const INDEX_HTML: &str = include_str!("web/index.html");
+
+/// Every (method, path) the router serves, as in the OpenAPI document.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/system"),
+    ("GET", "/v1/bases"),
+    ("GET", "/v1/services"),
+    ("GET", "/v1/services/{name}"),
+    ("DELETE", "/v1/services/{name}"),
+    ("GET", "/v1/services/{name}/overlay"),
+    ("PUT", "/v1/services/{name}/overlay"),
+    ("GET", "/v1/instances"),
+    ("POST", "/v1/instances"),
+    ("GET", "/v1/instances/{id}"),
+    ("DELETE", "/v1/instances/{id}"),
+    ("POST", "/v1/instances/{id}/stop"),
+    ("GET", "/v1/apps"),
+    ("GET", "/v1/apps/{name}"),
+    ("GET", "/v1/apps/{name}/download"),
+];
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// The board.
+    pub board: Board,
+    /// Data directory.
+    pub store: Store,
+    /// Instances.
+    pub sup: Arc<Supervisor>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Who may mutate.
+    pub creds: Credentials,
+    /// When the agent started.
+    pub started: Instant,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    hint: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, error: impl Into<String>, hint: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({ "error": self.error, "hint": self.hint })),
+        )
+            .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"cloudlet\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = error_chain(&e);
+        match e {
+            StoreError::NoService(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                "GET /v1/services lists the services this cloudlet offers",
+            ),
+            StoreError::NoBase(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                "GET /v1/bases lists the staged base images",
+            ),
+            StoreError::NoApp(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, msg, "GET /v1/apps lists the app store")
+            }
+            StoreError::BadName(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                msg,
+                "names are lower-case letters, digits, '.', '_' and '-'",
+            ),
+            StoreError::BadOverlay(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                msg,
+                "upload an overlay made by `image-builder overlay` for a base staged here (GET /v1/bases); nothing was installed",
+            ),
+            _ => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg,
+                "see the agent's log",
+            ),
+        }
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        let msg = error_chain(&e);
+        match e {
+            SupervisorError::Store(s) => s.into(),
+            SupervisorError::Full(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                msg,
+                "stop an instance (DELETE /v1/instances/{id}) or use another cloudlet",
+            ),
+            SupervisorError::NoInstance(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                "GET /v1/instances lists the instances",
+            ),
+            SupervisorError::Conflict(..) => {
+                ApiError::new(StatusCode::CONFLICT, msg, "retry when the instance has settled")
+            }
+            SupervisorError::StartFailed { .. } => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg,
+                "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
+            ),
+            SupervisorError::Internal(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg,
+                "see the agent's log",
+            ),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// What the API shows of an instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceView {
+    /// Instance id.
+    pub id: String,
+    /// Service.
+    pub service: String,
+    /// Base image.
+    pub base: String,
+    /// `starting`, `running`, `stopping`, `stopped` or `failed`.
+    pub state: String,
+    /// "IP:PORT" of the guest's service (framed TCP protocol).
+    pub endpoint: String,
+    /// The vmm's synthesis time, ms.
+    pub synthesis_ms: Option<f64>,
+    /// vmm spawn → first verified reply, ms.
+    pub first_reply_ms: Option<f64>,
+    /// Guest RAM, MiB.
+    pub mem_mib: u64,
+    /// Creation time, Unix seconds.
+    pub created_unix: u64,
+    /// The vmm's process id while it runs.
+    pub pid: Option<u32>,
+    /// How the vmm ended.
+    pub exit: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Taken over by a restarted agent.
+    pub adopted: bool,
+}
+
+fn view(r: &InstanceRecord, host: Option<&str>) -> InstanceView {
+    // An instance listening on every address is reached at the host the client used.
+    let endpoint = match (r.endpoint.parse::<std::net::SocketAddr>(), host) {
+        (Ok(sa), Some(h)) if sa.ip().is_unspecified() => {
+            let h = h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h);
+            format!("{h}:{}", sa.port())
+        }
+        _ => r.endpoint.clone(),
+    };
+    InstanceView {
+        id: r.id.clone(),
+        service: r.service.clone(),
+        base: r.base.clone(),
+        state: r.state.name().into(),
+        endpoint,
+        synthesis_ms: r.synthesis_ms.map(round2),
+        first_reply_ms: r.first_reply_ms.map(round2),
+        mem_mib: r.mem_mib,
+        created_unix: r.created_unix,
+        pid: r.pid,
+        exit: r.exit.clone(),
+        error: r.error.clone(),
+        adopted: r.adopted,
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn host_of(h: &HeaderMap) -> Option<&str> {
+    h.get(header::HOST).and_then(|v| v.to_str().ok())
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/system", get(system))
+        .route("/v1/bases", get(bases))
+        .route("/v1/services", get(services))
+        .route("/v1/services/{name}", get(service).delete(delete_service))
+        .route(
+            "/v1/services/{name}/overlay",
+            put(upload_overlay).get(download_overlay),
+        )
+        .route("/v1/instances", get(instances).post(start_instance))
+        .route("/v1/instances/{id}", get(instance).delete(delete_instance))
+        .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/apps", get(apps))
+        .route("/v1/apps/{name}", get(app))
+        .route("/v1/apps/{name}/download", get(download_app))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {}", uri.path()),
+        "GET /v1/openapi.json describes every route",
+    )
+}
+
+/// Counts requests by matched route and status, and logs them.
+async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    st.metrics.request(&route, method.as_str(), status);
+    tracing::debug!(%method, path, status, ms = t0.elapsed().as_secs_f64() * 1e3, "api");
+    resp
+}
+
+/// Requires a valid bearer credential on every mutating request.
+async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match st.creds.check_header(h) {
+        Ok(p) => {
+            tracing::debug!(principal = %p.name, "authenticated");
+            next.run(req).await
+        }
+        Err(why) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "{} {} needs authentication: {why}",
+                req.method(),
+                req.uri().path()
+            ),
+            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
+        )
+        .into_response(),
+    }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let counts = st.sup.counts();
+    let (active, mem) = st.sup.usage();
+    let (max, mem_max) = st.sup.limits();
+    let rss = crate::sysinfo::own_rss_kib() as f64 / 1024.0;
+    let text = st.metrics.render(
+        &counts,
+        &[
+            (
+                "cloudlet_instances_active",
+                "Instances holding a slot.",
+                f64::from(active),
+            ),
+            (
+                "cloudlet_instances_max",
+                "max_vms of the board.",
+                f64::from(max),
+            ),
+            (
+                "cloudlet_vm_memory_used_mib",
+                "Guest memory of active instances, MiB.",
+                mem as f64,
+            ),
+            (
+                "cloudlet_vm_memory_mib",
+                "Memory reserved for service VMs, MiB.",
+                mem_max as f64,
+            ),
+            (
+                "cloudlet_agent_rss_mib",
+                "Resident memory of the agent, MiB.",
+                rss,
+            ),
+        ],
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `GET /v1/system`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SystemInfo {
+    /// Appliance id.
+    pub id: String,
+    /// Board name.
+    pub board: String,
+    /// Agent version.
+    pub version: String,
+    /// API version.
+    pub api: String,
+    /// Host CPUs.
+    pub cores: u32,
+    /// CPUs reserved for service VMs.
+    pub vm_cpus: u32,
+    /// 1-minute load average.
+    pub load1: f64,
+    /// Host memory, MiB.
+    pub mem_total_mib: u64,
+    /// Host memory available, MiB.
+    pub mem_free_mib: u64,
+    /// Memory reserved for service VMs, MiB.
+    pub vm_memory_mib: u64,
+    /// Of which in use by instances, MiB.
+    pub vm_memory_used_mib: u64,
+    /// Active instances.
+    pub instances: u32,
+    /// max_vms of the board.
+    pub max_vms: u32,
+    /// Staged base images.
+    pub bases: Vec<BaseInfo>,
+    /// Service names.
+    pub services: Vec<String>,
+    /// Digest of the service catalogue (as in the mDNS TXT `svcs`).
+    pub services_digest: String,
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+}
+
+/// The system snapshot (also used for the mDNS TXT record).
+pub fn system_info(st: &AppState) -> SystemInfo {
+    let h = crate::sysinfo::host_load();
+    let (active, used) = st.sup.usage();
+    SystemInfo {
+        id: st.store.id().into(),
+        board: st.board.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        api: API_VERSION.into(),
+        cores: h.cores,
+        vm_cpus: st.board.cpus,
+        load1: h.load1,
+        mem_total_mib: h.mem_total_mib,
+        mem_free_mib: h.mem_free_mib,
+        vm_memory_mib: st.board.memory_mib,
+        vm_memory_used_mib: used,
+        instances: active,
+        max_vms: st.board.max_vms,
+        bases: st.store.bases(),
+        services: st.store.services().into_iter().map(|s| s.name).collect(),
+        services_digest: st.store.catalogue_digest(),
+        uptime_s: st.started.elapsed().as_secs(),
+    }
+}
+
+async fn system(State(st): State<Arc<AppState>>) -> ApiResult<Json<SystemInfo>> {
+    let st2 = st.clone();
+    let info = tokio::task::spawn_blocking(move || system_info(&st2))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    Ok(Json(info))
+}
+
+async fn bases(State(st): State<Arc<AppState>>) -> Json<Vec<BaseInfo>> {
+    Json(st.store.bases())
+}
+
+/// A service as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ServiceView {
+    /// Name.
+    pub name: String,
+    /// Base image name.
+    pub base: String,
+    /// Free text.
+    pub description: String,
+    /// Overlay size, bytes.
+    pub overlay_bytes: u64,
+    /// Overlay SHA-256, hex.
+    pub overlay_sha256: String,
+    /// Guest RAM of an instance, MiB.
+    pub mem_mib: Option<u64>,
+    /// Instances of it holding a slot.
+    pub instances: usize,
+}
+
+fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
+    let n = st
+        .sup
+        .list()
+        .iter()
+        .filter(|i| i.service == r.name && i.state.active())
+        .count();
+    ServiceView {
+        mem_mib: st.store.base(&r.base).ok().map(|b| b.mem_mib),
+        name: r.name,
+        base: r.base,
+        description: r.description,
+        overlay_bytes: r.overlay_bytes,
+        overlay_sha256: r.overlay_sha256,
+        instances: n,
+    }
+}
+
+async fn services(State(st): State<Arc<AppState>>) -> Json<Vec<ServiceView>> {
+    Json(
+        st.store
+            .services()
+            .into_iter()
+            .map(|r| service_view(&st, r))
+            .collect(),
+    )
+}
+
+async fn service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ServiceView>> {
+    let r = st.store.service(&name)?;
+    Ok(Json(service_view(&st, r)))
+}
+
+async fn delete_service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.store.remove_service(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/instances` body.
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Service name.
+    pub service: String,
+}
+
+async fn start_instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<InstanceView>)> {
+    let req: StartRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            "send {\"service\": \"NAME\"}",
+        )
+    })?;
+    let rec = st.sup.start(&req.service).await?;
+    Ok((StatusCode::CREATED, Json(view(&rec, host_of(&headers)))))
+}
+
+async fn instances(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Json<Vec<InstanceView>> {
+    Json(
+        st.sup
+            .list()
+            .iter()
+            .map(|r| view(r, host_of(&headers)))
+            .collect(),
+    )
+}
+
+async fn instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InstanceView>> {
+    let r = st.sup.get(&id).ok_or(SupervisorError::NoInstance(id))?;
+    Ok(Json(view(&r, host_of(&headers))))
+}
+
+async fn stop_instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InstanceView>> {
+    let r = st.sup.stop(&id).await?;
+    Ok(Json(view(&r, host_of(&headers))))
+}
+
+async fn delete_instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InstanceView>> {
+    let r = st.sup.delete(&id).await?;
+    Ok(Json(view(&r, host_of(&headers))))
+}
+
+async fn stream_file(path: std::path::PathBuf, sha256: &str, name: &str) -> ApiResult<Response> {
+    let f = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot open {}: {e}", path.display()),
+            "see the agent's log",
+        )
+    })?;
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 16));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+            (header::ETAG, format!("\"{sha256}\"")),
+            (
+                header::HeaderName::from_static("x-content-sha256"),
+                sha256.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn download_overlay(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let r = st.store.service(&name)?;
+    stream_file(
+        st.store.overlay_path(&name),
+        &r.overlay_sha256,
+        &format!("{name}.overlay"),
+    )
+    .await
+}
+
+/// Streams the upload into `tmp/`, refusing more than the board's limit, then verifies and
+/// installs it (rename); nothing is installed on any failure.
+async fn upload_overlay(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ServiceView>)> {
+    crate::store::check_name(&name)?;
+    let limit = st.board.max_upload_bytes;
+    let too_big = |n: u64| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the overlay is {n} bytes or more; this board accepts at most {limit} bytes"),
+            "raise api.max_upload_mib in the board config, or make a smaller overlay; nothing was installed",
+        )
+    };
+    if let Some(n) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if n > limit {
+            return Err(too_big(n));
+        }
+    }
+    let tmp = st.store.tmp_path("upload");
+    let internal = |e: std::io::Error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write the upload: {e}"),
+            "check the data directory's free space",
+        )
+    };
+    let result: ApiResult<u64> = async {
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(internal)?;
+        let mut n = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the upload broke off: {e}"),
+                    "retry the upload",
+                )
+            })?;
+            n += chunk.len() as u64;
+            if n > limit {
+                return Err(too_big(n));
+            }
+            f.write_all(&chunk).await.map_err(internal)?;
+        }
+        f.sync_all().await.map_err(internal)?;
+        Ok(n)
+    }
+    .await;
+    let n = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    let existed = st.store.service(&name).is_ok();
+    let store = st.store.clone();
+    let tmp2 = tmp.clone();
+    let name2 = name.clone();
+    let installed =
+        tokio::task::spawn_blocking(move || store.install_service(&name2, &tmp2, None, false))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let rec = installed?;
+    tracing::info!(service = %name, bytes = n, "overlay uploaded and installed");
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(service_view(&st, rec))))
+}
+
+async fn apps(State(st): State<Arc<AppState>>) -> Json<Vec<crate::store::AppRecord>> {
+    Json(st.store.apps())
+}
+
+async fn app(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::store::AppRecord>> {
+    Ok(Json(st.store.app(&name)?))
+}
+
+async fn download_app(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let a = st.store.app(&name)?;
+    stream_file(st.store.app_file(&a), &a.sha256, &a.file).await
+}
+
+/// True for loopback or unspecified listen addresses (for logging the URL).
+pub fn shown_ip(ip: IpAddr) -> IpAddr {
+    if ip.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        ip
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_covers_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths = doc["paths"].as_object().unwrap();
+        for (method, path) in ROUTES {
+            let op = &paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} missing from openapi.json"))
+                [method.to_ascii_lowercase()];
+            assert!(op.is_object(), "{method} {path} missing from openapi.json");
+            assert!(
+                op["responses"].is_object(),
+                "{method} {path} has no responses"
+            );
+        }
+        let documented: usize = paths
+            .values()
+            .map(|p| {
+                p.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| ["get", "put", "post", "delete"].contains(&k.as_str()))
+                    .count()
+            })
+            .sum();
+        assert_eq!(
+            documented,
+            ROUTES.len(),
+            "openapi.json documents routes that do not exist"
+        );
+    }
+}

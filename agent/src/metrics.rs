@@ -1,0 +1,137 @@
+//! `/metrics` in the Prometheus text format (version 0.0.4), kept by hand: API requests by
+//! route and status, a histogram of synthesis → first reply latency, and (filled in at
+//! render time) instances by state.
+//!
+//! ```text
+//! cloudlet_api_requests_total{route="/v1/instances",method="POST",status="201"} 3
+//! cloudlet_start_latency_ms_bucket{le="10"} 1
+//! cloudlet_start_latency_ms_sum 42.5
+//! cloudlet_start_latency_ms_count 3
+//! cloudlet_instances{state="running"} 2
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Bucket bounds of the start-latency histogram, ms.
+pub const BUCKETS_MS: [f64; 12] = [
+    5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
+#[derive(Default)]
+struct Inner {
+    requests: BTreeMap<(String, String, u16), u64>,
+    buckets: [u64; BUCKETS_MS.len()],
+    sum_ms: f64,
+    count: u64,
+    failures: u64,
+}
+
+/// The agent's counters.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    /// Counts one API request.
+    pub fn request(&self, route: &str, method: &str, status: u16) {
+        let mut g = self.inner.lock().expect("metrics lock");
+        *g.requests
+            .entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+    }
+
+    /// Records one instance start (synthesis → first verified reply).
+    pub fn start_latency(&self, ms: f64) {
+        let mut g = self.inner.lock().expect("metrics lock");
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                g.buckets[i] += 1;
+            }
+        }
+        g.sum_ms += ms;
+        g.count += 1;
+    }
+
+    /// Counts a start that failed.
+    pub fn start_failed(&self) {
+        self.inner.lock().expect("metrics lock").failures += 1;
+    }
+
+    /// The text exposition; `instances` are (state, count) pairs, `extra` more gauges.
+    pub fn render(&self, instances: &[(&str, usize)], extra: &[(&str, &str, f64)]) -> String {
+        let g = self.inner.lock().expect("metrics lock");
+        let mut s = String::new();
+        s.push_str(
+            "# HELP cloudlet_api_requests_total API requests by route, method and status.\n",
+        );
+        s.push_str("# TYPE cloudlet_api_requests_total counter\n");
+        for ((route, method, status), n) in &g.requests {
+            let _ = writeln!(
+                s,
+                "cloudlet_api_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
+                route.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+        s.push_str("# HELP cloudlet_start_latency_ms Instance start: vmm spawn to the guest's first verified reply, ms.\n");
+        s.push_str("# TYPE cloudlet_start_latency_ms histogram\n");
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "cloudlet_start_latency_ms_bucket{{le=\"{b}\"}} {}",
+                g.buckets[i]
+            );
+        }
+        let _ = writeln!(
+            s,
+            "cloudlet_start_latency_ms_bucket{{le=\"+Inf\"}} {}",
+            g.count
+        );
+        let _ = writeln!(s, "cloudlet_start_latency_ms_sum {}", g.sum_ms);
+        let _ = writeln!(s, "cloudlet_start_latency_ms_count {}", g.count);
+        s.push_str("# HELP cloudlet_start_failures_total Instance starts that failed.\n");
+        s.push_str("# TYPE cloudlet_start_failures_total counter\n");
+        let _ = writeln!(s, "cloudlet_start_failures_total {}", g.failures);
+        s.push_str("# HELP cloudlet_instances Service-VM instances by state.\n");
+        s.push_str("# TYPE cloudlet_instances gauge\n");
+        for (state, n) in instances {
+            let _ = writeln!(s, "cloudlet_instances{{state=\"{state}\"}} {n}");
+        }
+        for (name, help, v) in extra {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        m.request("/v1/instances", "POST", 201);
+        m.request("/v1/instances", "POST", 201);
+        m.request("/v1/services/{name}", "GET", 404);
+        m.start_latency(7.0);
+        m.start_latency(40.0);
+        let t = m.render(
+            &[("running", 2), ("failed", 0)],
+            &[("cloudlet_x", "x.", 1.5)],
+        );
+        assert!(t.contains(
+            "cloudlet_api_requests_total{route=\"/v1/instances\",method=\"POST\",status=\"201\"} 2"
+        ));
+        assert!(t.contains("status=\"404\"} 1"));
+        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"5\"} 0"));
+        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"10\"} 1"));
+        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"50\"} 2"));
+        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"+Inf\"} 2"));
+        assert!(t.contains("cloudlet_start_latency_ms_count 2"));
+        assert!(t.contains("cloudlet_instances{state=\"running\"} 2"));
+        assert!(t.contains("cloudlet_x 1.5"));
+    }
+}

@@ -1,0 +1,755 @@
+//! The supervisor: one `vmm synthesize` process per service-VM instance.
+//!
+//! ```text
+//!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ pick a host port
+//!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:PORT=10.0.2.15:80
+//!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log`
+//!        ──▶ `health` over TCP every 2 ms until `ok health` ──▶ Running
+//!
+//!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──exit──▶ Stopped
+//!      │                      │
+//!      └──exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
+//! ```
+//!
+//! Each vmm runs in its own process group with stdio going to files, so neither a Ctrl-C at
+//! the agent's terminal nor the agent's death reaches it. Its state is kept in
+//! `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances whose
+//! process is alive and answers `Status` on its control socket (postcard frames, see
+//! `vmm::api`), and kills and reports the rest, so a vmm is never leaked. Stopping sends
+//! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::board::NetworkMode;
+use crate::metrics::Metrics;
+use crate::store::{error_chain, new_id, unix_now, Store, StoreError};
+
+/// The guest's service address behind the forward.
+pub const GUEST_SERVICE: &str = "10.0.2.15:80";
+/// How long a start may take before the instance is failed.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopped vmm gets to exit before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Life-cycle state of an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The vmm is synthesising; no verified reply yet.
+    Starting,
+    /// The guest answered `health`.
+    Running,
+    /// A stop was requested.
+    Stopping,
+    /// Stopped on request.
+    Stopped,
+    /// The vmm exited on its own, or the start failed.
+    Failed,
+}
+
+impl State {
+    /// Every state, for metrics.
+    pub const ALL: [State; 5] = [
+        State::Starting,
+        State::Running,
+        State::Stopping,
+        State::Stopped,
+        State::Failed,
+    ];
+
+    /// Holds a slot (counts against the limits).
+    pub fn active(self) -> bool {
+        matches!(self, State::Starting | State::Running | State::Stopping)
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// `instances/ID.json`, and what the API shows of an instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceRecord {
+    /// Instance id (`i-` and 8 hex digits).
+    pub id: String,
+    /// Service it runs.
+    pub service: String,
+    /// Base image it was synthesised from.
+    pub base: String,
+    /// Life-cycle state.
+    pub state: State,
+    /// Where clients reach the guest's service ("IP:PORT").
+    pub endpoint: String,
+    /// The vmm's process id (while it may be alive).
+    pub pid: Option<u32>,
+    /// The vmm's control socket.
+    pub api_sock: PathBuf,
+    /// The guest's serial console log.
+    pub serial_log: PathBuf,
+    /// The vmm's own log.
+    pub vmm_log: PathBuf,
+    /// Guest RAM, MiB (counted against the board's memory).
+    pub mem_mib: u64,
+    /// When it was created (Unix seconds).
+    pub created_unix: u64,
+    /// The vmm's own synthesis time (checks → vCPUs running), ms.
+    pub synthesis_ms: Option<f64>,
+    /// vmm spawn → first verified reply (`ok health`) from the guest, ms.
+    pub first_reply_ms: Option<f64>,
+    /// How the vmm ended ("exit status 0", "killed by signal 9").
+    pub exit: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// True when a restarted agent took it over.
+    #[serde(default)]
+    pub adopted: bool,
+}
+
+/// Why a start or stop was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// From the data directory (no such service, damaged record …).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The board's limits are reached.
+    #[error("no capacity: {0}")]
+    Full(String),
+    /// No such instance.
+    #[error("no instance '{0}'")]
+    NoInstance(String),
+    /// The operation does not fit the instance's state.
+    #[error("instance {0} is {1}: {2}")]
+    Conflict(String, &'static str, &'static str),
+    /// The vmm did not come up.
+    #[error("instance {id} failed to start: {why}")]
+    StartFailed {
+        /// Instance id.
+        id: String,
+        /// What happened (with the end of the vmm's log).
+        why: String,
+    },
+    /// Anything else (I/O on the data directory, spawning).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Settings of the supervisor.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// The `vmm` binary.
+    pub vmm: PathBuf,
+    /// The address instances' forwarded ports listen on.
+    pub host_ip: IpAddr,
+    /// Guest networking.
+    pub network: NetworkMode,
+    /// Service VMs at once.
+    pub max_vms: u32,
+    /// Memory for service VMs, MiB.
+    pub memory_mib: u64,
+    /// Timeout of a start.
+    pub start_timeout: Duration,
+}
+
+struct Entry {
+    rec: InstanceRecord,
+    stop_requested: bool,
+}
+
+/// Supervises the instances of one data directory.
+pub struct Supervisor {
+    cfg: SupervisorConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    table: Mutex<BTreeMap<String, Entry>>,
+    changed: watch::Sender<u64>,
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(p) = i32::try_from(pid) else {
+        return false;
+    };
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_err() {
+        return false;
+    }
+    // A zombie still "exists" for kill(2); its state letter in /proc/PID/stat is Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(p) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+}
+
+/// True when `pid` is a vmm whose command line names `sock` (guards against pid reuse).
+fn is_our_vmm(pid: u32, sock: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let sock = sock.as_os_str().as_encoded_bytes();
+            c.split(|&b| b == 0).any(|arg| arg == sock)
+        })
+        .unwrap_or(false)
+}
+
+/// Describes an exit status.
+pub fn describe_exit(st: std::process::ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn log_tail(p: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// "vmm: synthesised in 17.23 ms: …" → 17.23.
+fn synthesis_ms_from_log(p: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(p).ok()?;
+    let at = text.find("synthesised in ")? + "synthesised in ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
+fn free_port(ip: IpAddr) -> std::io::Result<u16> {
+    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?
+        .local_addr()?
+        .port())
+}
+
+impl Supervisor {
+    /// A supervisor over `store`'s instances; call [`Supervisor::recover`] next.
+    pub fn new(cfg: SupervisorConfig, store: Store, metrics: Arc<Metrics>) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            cfg,
+            store,
+            metrics,
+            table: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    /// Bumped whenever an instance changes state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.store.instances_dir().join(format!("{id}.json"))
+    }
+
+    fn save(&self, rec: &InstanceRecord) {
+        let p = self.record_path(&rec.id);
+        let tmp = p.with_extension("json.tmp");
+        let json = serde_json::to_string_pretty(rec).expect("a record serialises");
+        if let Err(e) = std::fs::write(&tmp, json + "\n").and_then(|_| std::fs::rename(&tmp, &p)) {
+            tracing::error!(instance = %rec.id, "cannot save {}: {e}", p.display());
+        }
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<InstanceRecord> {
+        let rec = {
+            let mut t = self.table.lock().expect("instance table");
+            let e = t.get_mut(id)?;
+            f(e);
+            e.rec.clone()
+        };
+        self.save(&rec);
+        self.notify();
+        Some(rec)
+    }
+
+    /// All instances, oldest first.
+    pub fn list(&self) -> Vec<InstanceRecord> {
+        let t = self.table.lock().expect("instance table");
+        let mut v: Vec<_> = t.values().map(|e| e.rec.clone()).collect();
+        v.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        v
+    }
+
+    /// One instance.
+    pub fn get(&self, id: &str) -> Option<InstanceRecord> {
+        self.table
+            .lock()
+            .expect("instance table")
+            .get(id)
+            .map(|e| e.rec.clone())
+    }
+
+    /// (state, count) for every state.
+    pub fn counts(&self) -> Vec<(&'static str, usize)> {
+        let t = self.table.lock().expect("instance table");
+        State::ALL
+            .iter()
+            .map(|s| (s.name(), t.values().filter(|e| e.rec.state == *s).count()))
+            .collect()
+    }
+
+    /// Active instances and the memory they hold, MiB.
+    pub fn usage(&self) -> (u32, u64) {
+        let t = self.table.lock().expect("instance table");
+        t.values()
+            .filter(|e| e.rec.state.active())
+            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.mem_mib))
+    }
+
+    /// The limits (max VMs, memory MiB).
+    pub fn limits(&self) -> (u32, u64) {
+        (self.cfg.max_vms, self.cfg.memory_mib)
+    }
+
+    /// Reads `instances/*.json` after an agent (re)start: re-adopts live vmms that answer on
+    /// their control socket, kills live ones that do not, and marks the dead ones failed.
+    pub async fn recover(self: &Arc<Self>) {
+        let dir = self.store.instances_dir();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let rec: InstanceRecord = match std::fs::read_to_string(&p)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                Some(r) => r,
+                None => {
+                    tracing::warn!("ignoring unreadable instance record {}", p.display());
+                    continue;
+                }
+            };
+            let mut rec = rec;
+            if rec.state.active() {
+                let alive = rec
+                    .pid
+                    .is_some_and(|pid| pid_alive(pid) && is_our_vmm(pid, &rec.api_sock));
+                let answers = if alive {
+                    let sock = rec.api_sock.clone();
+                    matches!(
+                        tokio::time::timeout(
+                            Duration::from_secs(2),
+                            tokio::task::spawn_blocking(move || {
+                                vmm::api::request(&sock, &vmm::api::ApiRequest::Status)
+                            }),
+                        )
+                        .await,
+                        Ok(Ok(Ok(vmm::api::ApiResponse::Status { .. })))
+                    )
+                } else {
+                    false
+                };
+                if alive && answers && rec.state != State::Stopping {
+                    rec.state = State::Running;
+                    rec.adopted = true;
+                    tracing::info!(instance = %rec.id, pid = ?rec.pid, endpoint = %rec.endpoint, "re-adopted a running instance");
+                } else if alive {
+                    let pid = rec.pid.unwrap_or(0);
+                    signal(pid, nix::sys::signal::Signal::SIGKILL);
+                    rec.state = State::Failed;
+                    rec.exit = Some("killed by the agent".into());
+                    rec.error = Some(
+                        "its vmm did not answer on its control socket after an agent restart"
+                            .into(),
+                    );
+                    rec.pid = None;
+                    tracing::warn!(instance = %rec.id, pid, "killed an unresponsive vmm left from before the restart");
+                } else {
+                    rec.state = State::Failed;
+                    rec.exit = Some("exited while the agent was down".into());
+                    rec.error = Some("the vmm exited while the agent was not running".into());
+                    rec.pid = None;
+                    tracing::warn!(instance = %rec.id, "instance ended while the agent was down");
+                }
+            }
+            let id = rec.id.clone();
+            let adopt = rec.state == State::Running;
+            self.save(&rec);
+            self.table.lock().expect("instance table").insert(
+                id.clone(),
+                Entry {
+                    rec,
+                    stop_requested: false,
+                },
+            );
+            if adopt {
+                let me = Arc::clone(self);
+                tokio::spawn(async move { me.watch_adopted(id).await });
+            }
+        }
+        self.notify();
+    }
+
+    /// Polls an adopted vmm (not our child, so no exit status) until it is gone.
+    async fn watch_adopted(self: Arc<Self>, id: String) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Some(rec) = self.get(&id) else { return };
+            let Some(pid) = rec.pid else { return };
+            if !pid_alive(pid) {
+                self.finished(
+                    &id,
+                    "exit status unknown: adopted after an agent restart".into(),
+                );
+                return;
+            }
+        }
+    }
+
+    /// Records that the vmm of `id` ended.
+    fn finished(&self, id: &str, how: String) {
+        let rec = self.update(id, |e| {
+            e.rec.pid = None;
+            if e.stop_requested || e.rec.state == State::Stopping {
+                e.rec.state = State::Stopped;
+            } else if e.rec.state != State::Failed {
+                e.rec.state = State::Failed;
+                e.rec.error = Some(format!("the vmm ended unexpectedly ({how})"));
+            }
+            e.rec.exit = Some(how);
+        });
+        if let Some(r) = rec {
+            if r.state == State::Failed {
+                tracing::warn!(instance = %id, exit = ?r.exit, "instance failed; log: {}", r.vmm_log.display());
+            } else {
+                tracing::info!(instance = %id, "instance stopped");
+            }
+        }
+    }
+
+    /// Synthesises an instance of `service` and waits for its first verified reply.
+    pub async fn start(self: &Arc<Self>, service: &str) -> Result<InstanceRecord, SupervisorError> {
+        let svc = self.store.service(service)?;
+        let base = self.store.base(&svc.base)?;
+        let id = format!("i-{}", new_id(4));
+        let dir = self.store.instances_dir().join(&id);
+        let sock = dir.join("vm.sock");
+        if sock.as_os_str().len() >= 100 {
+            return Err(SupervisorError::Internal(format!(
+                "the control socket path {} is too long for a Unix socket: use a shorter --data-dir",
+                sock.display()
+            )));
+        }
+        let rec = InstanceRecord {
+            id: id.clone(),
+            service: svc.name.clone(),
+            base: svc.base.clone(),
+            state: State::Starting,
+            endpoint: String::new(),
+            pid: None,
+            api_sock: sock.clone(),
+            serial_log: dir.join("serial.log"),
+            vmm_log: dir.join("vmm.log"),
+            mem_mib: base.mem_mib,
+            created_unix: unix_now(),
+            synthesis_ms: None,
+            first_reply_ms: None,
+            exit: None,
+            error: None,
+            adopted: false,
+        };
+        // Reserve the slot under the lock, so concurrent starts cannot overshoot the limits.
+        {
+            let mut t = self.table.lock().expect("instance table");
+            let (n, mem) = t
+                .values()
+                .filter(|e| e.rec.state.active())
+                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.mem_mib));
+            if n >= self.cfg.max_vms {
+                return Err(SupervisorError::Full(format!(
+                    "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
+                    self.cfg.max_vms
+                )));
+            }
+            if mem + base.mem_mib > self.cfg.memory_mib {
+                return Err(SupervisorError::Full(format!(
+                    "{} MiB of the board's {} MiB for service VMs are in use and '{}' needs {} MiB more",
+                    mem, self.cfg.memory_mib, svc.name, base.mem_mib
+                )));
+            }
+            t.insert(
+                id.clone(),
+                Entry {
+                    rec: rec.clone(),
+                    stop_requested: false,
+                },
+            );
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            SupervisorError::Internal(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        self.save(&rec);
+        self.notify();
+        match self.launch(&id, &svc.name, &svc.base).await {
+            Ok(rec) => Ok(rec),
+            Err(why) => {
+                self.metrics.start_failed();
+                let rec = self.update(&id, |e| {
+                    e.rec.state = State::Failed;
+                    e.rec.error = Some(why.clone());
+                    e.rec.pid = None;
+                });
+                tracing::warn!(instance = %id, "start failed: {why}");
+                let _ = rec;
+                Err(SupervisorError::StartFailed { id, why })
+            }
+        }
+    }
+
+    /// Spawns the vmm (retrying on a port taken in between) and waits for `ok health`.
+    async fn launch(
+        self: &Arc<Self>,
+        id: &str,
+        service: &str,
+        base: &str,
+    ) -> Result<InstanceRecord, String> {
+        let rec = self.get(id).ok_or("instance vanished")?;
+        let overlay = self.store.overlay_path(service);
+        let base_dir = self.store.base_dir(base);
+        for attempt in 0..3 {
+            let _ = std::fs::remove_file(&rec.api_sock);
+            let (net_args, endpoint): (Vec<String>, String) = match &self.cfg.network {
+                NetworkMode::User => {
+                    let port = free_port(self.cfg.host_ip).map_err(|e| {
+                        format!("cannot find a free port on {}: {e}", self.cfg.host_ip)
+                    })?;
+                    let ep = SocketAddr::new(self.cfg.host_ip, port).to_string();
+                    (
+                        vec!["--forward".into(), format!("{ep}={GUEST_SERVICE}")],
+                        ep,
+                    )
+                }
+                NetworkMode::Tap(dev) => (vec!["--tap".into(), dev.clone()], GUEST_SERVICE.into()),
+            };
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&rec.vmm_log)
+                .map_err(|e| format!("cannot open {}: {e}", rec.vmm_log.display()))?;
+            let log2 = log.try_clone().map_err(|e| e.to_string())?;
+            let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
+            cmd.arg("synthesize")
+                .arg("--base")
+                .arg(&base_dir)
+                .arg("--overlay")
+                .arg(&overlay)
+                .args(&net_args)
+                .arg("--api-sock")
+                .arg(&rec.api_sock)
+                .arg("--serial")
+                .arg(&rec.serial_log)
+                .arg("--no-stdin")
+                .arg("-v")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log2))
+                .process_group(0)
+                .kill_on_drop(false);
+            let t0 = Instant::now();
+            let mut child = cmd.spawn().map_err(|e| {
+                format!(
+                    "cannot run the vmm at {}: {e} (build it with `cargo build --bins`, or pass --vmm)",
+                    self.cfg.vmm.display()
+                )
+            })?;
+            let pid = child.id();
+            self.update(id, |e| {
+                e.rec.pid = pid;
+                e.rec.endpoint = endpoint.clone();
+            });
+            let addr: SocketAddr = endpoint
+                .parse()
+                .map_err(|_| format!("bad endpoint {endpoint}"))?;
+            let deadline = t0 + self.cfg.start_timeout;
+            let outcome = loop {
+                if let Ok(Some(st)) = child.try_wait() {
+                    break Err(st);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(format!(
+                        "no reply to `health` within {:?}; vmm log:\n{}",
+                        self.cfg.start_timeout,
+                        log_tail(&rec.vmm_log, 8)
+                    ));
+                }
+                let stopping = self
+                    .table
+                    .lock()
+                    .expect("instance table")
+                    .get(id)
+                    .is_none_or(|e| e.stop_requested);
+                if stopping {
+                    break Ok(None);
+                }
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    crate::guest::request_async(addr, "health"),
+                )
+                .await
+                {
+                    Ok(Ok(r)) if r == "ok health" => break Ok(Some(t0.elapsed())),
+                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            };
+            match outcome {
+                Ok(first) => {
+                    let first_ms = first.map(|d| d.as_secs_f64() * 1e3);
+                    let synth = synthesis_ms_from_log(&rec.vmm_log);
+                    let rec = self
+                        .update(id, |e| {
+                            if e.rec.state == State::Starting {
+                                e.rec.state = State::Running;
+                            }
+                            e.rec.first_reply_ms = first_ms;
+                            e.rec.synthesis_ms = synth;
+                        })
+                        .ok_or("instance vanished")?;
+                    if let Some(ms) = first_ms {
+                        self.metrics.start_latency(ms);
+                        tracing::info!(instance = %id, service, endpoint = %rec.endpoint, first_reply_ms = ms, synthesis_ms = ?synth, "instance running");
+                    }
+                    let me = Arc::clone(self);
+                    let wid = id.to_string();
+                    tokio::spawn(async move {
+                        let how = match child.wait().await {
+                            Ok(st) => describe_exit(st),
+                            Err(e) => format!("wait failed: {e}"),
+                        };
+                        me.finished(&wid, how);
+                    });
+                    return Ok(rec);
+                }
+                Err(st) => {
+                    let tail = log_tail(&rec.vmm_log, 8);
+                    if attempt < 2 && tail.contains("in use") {
+                        tracing::info!(instance = %id, "port {endpoint} was taken meanwhile; retrying with another");
+                        continue;
+                    }
+                    self.update(id, |e| e.rec.exit = Some(describe_exit(st)));
+                    return Err(format!(
+                        "the vmm ended before the guest answered ({}); vmm log:\n{tail}",
+                        describe_exit(st)
+                    ));
+                }
+            }
+        }
+        Err("could not get a free port for the instance after 3 tries".into())
+    }
+
+    /// Stops an instance: `Stop` over its control socket, a kill after [`STOP_GRACE`].
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
+        let (pid, sock) = {
+            let mut t = self.table.lock().expect("instance table");
+            let e = t
+                .get_mut(id)
+                .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
+            if !e.rec.state.active() {
+                return Ok(e.rec.clone());
+            }
+            e.stop_requested = true;
+            if e.rec.state == State::Running {
+                e.rec.state = State::Stopping;
+            }
+            (e.rec.pid, e.rec.api_sock.clone())
+        };
+        if let Some(r) = self.get(id) {
+            self.save(&r);
+        }
+        self.notify();
+        if let Some(pid) = pid {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::task::spawn_blocking(move || {
+                    vmm::api::request(&sock, &vmm::api::ApiRequest::Stop)
+                }),
+            )
+            .await;
+            if !matches!(asked, Ok(Ok(Ok(vmm::api::ApiResponse::Ok)))) {
+                tracing::info!(instance = %id, "the vmm did not take Stop on its socket; killing it");
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            while pid_alive(pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if pid_alive(pid) {
+                tracing::warn!(instance = %id, pid, "the vmm did not exit after Stop; killing it");
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while pid_alive(pid) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        // Our own children are reaped by their watcher; give it a moment to record the exit.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.get(id).is_some_and(|r| r.pid.is_some()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.update(id, |e| {
+            e.rec.pid = None;
+            if e.rec.state.active() {
+                e.rec.state = State::Stopped;
+            }
+        })
+        .ok_or_else(|| SupervisorError::NoInstance(id.into()))
+    }
+
+    /// Stops (if needed) and forgets an instance, removing its files.
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
+        let rec = self.stop(id).await?;
+        self.table.lock().expect("instance table").remove(id);
+        let _ = std::fs::remove_file(self.record_path(id));
+        let _ = std::fs::remove_dir_all(self.store.instances_dir().join(id));
+        self.notify();
+        Ok(rec)
+    }
+
+    /// Stops every active instance (agent shutdown with --stop-on-exit).
+    pub async fn stop_all(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.state.active())
+            .map(|r| r.id)
+            .collect();
+        for id in ids {
+            if let Err(e) = self.stop(&id).await {
+                tracing::warn!(instance = %id, "stop at shutdown failed: {}", error_chain(&e));
+            }
+        }
+    }
+}

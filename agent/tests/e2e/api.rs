@@ -1,0 +1,345 @@
+//! The client API end to end, against a real agent and real service VMs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use agent::store::sha256_file;
+
+use crate::common::{images, verify_guest, wait_for, AgentProc, TOKEN};
+
+/// Start → verified replies through the forwarded port → stop → delete; and the read-only
+/// routes (system, services, apps with checksums, overlay export, OpenAPI, metrics, page).
+#[test]
+fn start_call_stop_and_the_read_routes() {
+    let a = AgentProc::start("e2e", &[]);
+    let c = a.client();
+    let sys = c.system().unwrap();
+    assert_eq!(sys.board, "dev");
+    assert_eq!(sys.services, vec!["model".to_string()]);
+    assert_eq!(sys.bases.len(), 1);
+    assert_eq!(sys.bases[0].mem_mib, 64);
+    assert_eq!((sys.instances, sys.max_vms), (0, 4));
+
+    let i = c.start("model").unwrap();
+    assert_eq!(i.state, "running");
+    assert!(i.endpoint.starts_with("127.0.0.1:"), "{i:?}");
+    assert!(
+        i.first_reply_ms.unwrap() > 0.0 && i.synthesis_ms.unwrap() > 0.0,
+        "{i:?}"
+    );
+    verify_guest(&i.endpoint);
+    assert_eq!(c.instances().unwrap().len(), 1);
+    assert_eq!(c.system().unwrap().instances, 1);
+    assert_eq!(c.services().unwrap()[0].instances, 1);
+
+    let s = c.stop(&i.id).unwrap();
+    assert_eq!(s.state, "stopped");
+    assert_eq!(s.exit.as_deref(), Some("exit status 0"));
+    assert!(
+        TcpStream::connect(&i.endpoint).is_err(),
+        "the forward is gone"
+    );
+    assert_eq!(c.instance(&i.id).unwrap().state, "stopped");
+    c.delete(&i.id).unwrap();
+    assert!(c.instances().unwrap().is_empty());
+    assert!(a.live_vmms().is_empty());
+
+    // Export: the bytes and checksum of the staged overlay.
+    let out = a.dir.path("export.overlay");
+    c.download_overlay("model", &out).unwrap();
+    let (sha, _) = sha256_file(&out).unwrap();
+    assert_eq!(sha, sha256_file(&images().overlay).unwrap().0);
+    assert_eq!(c.services().unwrap()[0].overlay_sha256, sha);
+
+    // App store: metadata with a checksum, and the file.
+    let apps = c.raw("GET", "/v1/apps", None, false).unwrap().json();
+    let app = &apps[0];
+    assert_eq!(app["name"], "model-client");
+    assert_eq!(app["service"], "model");
+    assert_eq!(
+        app["sha256"],
+        sha256_file(&images().app).unwrap().0.as_str()
+    );
+    let one = c.raw("GET", "/v1/apps/model-client", None, false).unwrap();
+    assert_eq!(one.status, 200);
+    let file = c
+        .raw("GET", "/v1/apps/model-client/download", None, false)
+        .unwrap();
+    assert_eq!(file.body.as_bytes(), std::fs::read(&images().app).unwrap());
+
+    let doc = c
+        .raw("GET", "/v1/openapi.json", None, false)
+        .unwrap()
+        .json();
+    assert!(doc["paths"]["/v1/instances"]["post"].is_object());
+    let page = c.raw("GET", "/", None, false).unwrap();
+    assert!(page.body.contains("Cloudlet manager"));
+    let m = c.raw("GET", "/metrics", None, false).unwrap().body;
+    assert!(m.contains("cloudlet_start_latency_ms_count 1"), "{m}");
+    assert!(
+        m.contains(
+            "cloudlet_api_requests_total{route=\"/v1/instances\",method=\"POST\",status=\"201\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("cloudlet_instances{state=\"running\"} 0"), "{m}");
+}
+
+/// 404 for an unknown service, 400 with the parser's message for malformed JSON, 401 for a
+/// missing or wrong token (and nothing started), JSON errors with hints everywhere.
+#[test]
+fn errors_and_authentication() {
+    let a = AgentProc::start("errors", &[]);
+    let c = a.client();
+    let r = c
+        .raw(
+            "POST",
+            "/v1/instances",
+            Some(br#"{"service":"nope"}"#),
+            true,
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.json()["error"].as_str().unwrap().contains("nope"));
+    assert!(r.json()["hint"].as_str().unwrap().contains("/v1/services"));
+    let r = c
+        .raw("POST", "/v1/instances", Some(br#"{"service": "#), true)
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("EOF while parsing"),
+        "{r:?}"
+    );
+    let r = c
+        .raw("POST", "/v1/instances", Some(br#"{"svc": "model"}"#), true)
+        .unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{r:?}"
+    );
+    for who in [
+        a.anon(),
+        agent::client::Client::new(&a.url, Some("wrong-token")),
+    ] {
+        let r = who
+            .raw(
+                "POST",
+                "/v1/instances",
+                Some(br#"{"service":"model"}"#),
+                true,
+            )
+            .unwrap();
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(r.json()["hint"].as_str().unwrap().contains("Bearer"));
+        let r = who.raw("DELETE", "/v1/services/model", None, true).unwrap();
+        assert_eq!(r.status, 401);
+    }
+    assert!(c.instances().unwrap().is_empty());
+    assert_eq!(c.services().unwrap().len(), 1);
+    let r = c.raw("GET", "/v1/services/nope", None, false).unwrap();
+    assert_eq!(r.status, 404);
+    let r = c
+        .raw("GET", "/v1/instances/i-00000000", None, false)
+        .unwrap();
+    assert_eq!(r.status, 404);
+    let r = c.raw("GET", "/v2/nothing", None, false).unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.json()["hint"].as_str().unwrap().contains("openapi"));
+}
+
+/// max_vms and the memory reserve → 503 with the reason; a freed slot is usable again.
+#[test]
+fn limits_refuse_with_503() {
+    let a = AgentProc::start("limits", &[("max_vms = 4", "max_vms = 2")]);
+    let c = a.client();
+    let i1 = c.start("model").unwrap();
+    let _i2 = c.start("model").unwrap();
+    let r = c
+        .raw(
+            "POST",
+            "/v1/instances",
+            Some(br#"{"service":"model"}"#),
+            true,
+        )
+        .unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("max_vms"),
+        "{r:?}"
+    );
+    c.delete(&i1.id).unwrap();
+    let i3 = c.start("model").unwrap();
+    verify_guest(&i3.endpoint);
+    drop(a);
+
+    // 64 MiB for service VMs: one 64 MiB guest fits, a second does not.
+    let b = AgentProc::start("limits-mem", &[("memory_mib = 1024", "memory_mib = 64")]);
+    let c = b.client();
+    c.start("model").unwrap();
+    let r = c
+        .raw(
+            "POST",
+            "/v1/instances",
+            Some(br#"{"service":"model"}"#),
+            true,
+        )
+        .unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.json()["error"].as_str().unwrap().contains("MiB"), "{r:?}");
+}
+
+/// Sends a raw HTTP request and returns the status line's code.
+fn raw_put(addr: &str, head: &str, body: &[u8], chunked: bool) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (and close) before taking the whole body: ignore write errors.
+    for piece in body.chunks(64 << 10) {
+        let ok = if chunked {
+            s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                .and_then(|_| s.write_all(piece))
+                .and_then(|_| s.write_all(b"\r\n"))
+        } else {
+            s.write_all(piece)
+        };
+        if ok.is_err() {
+            break;
+        }
+    }
+    if chunked {
+        let _ = s.write_all(b"0\r\n\r\n");
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
+}
+
+/// Oversize (declared or streamed) and corrupt uploads are refused and install nothing; a
+/// good upload installs a service that then starts and answers.
+#[test]
+fn overlay_uploads_are_verified_before_install() {
+    let a = AgentProc::start("upload", &[("max_upload_mib = 256", "max_upload_mib = 2")]);
+    let c = a.client();
+    let addr = a.addr();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+
+    let big = vec![0x5au8; 3 << 20];
+    let head = format!(
+        "PUT /v1/services/big/overlay HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    assert_eq!(raw_put(&addr, &head, &[], false), 413);
+    let head = format!(
+        "PUT /v1/services/big/overlay HTTP/1.1\r\nHost: {addr}\r\n{auth}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_put(&addr, &head, &big, true), 413);
+
+    // Corrupt: one byte flipped inside a chunk; and not an overlay at all.
+    let mut bad = std::fs::read(&images().overlay).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    let badp = a.dir.path("bad.overlay");
+    std::fs::write(&badp, &bad).unwrap();
+    let e = c.upload_overlay("bad", &badp).unwrap_err().to_string();
+    assert!(e.contains("422") && e.contains("overlay refused"), "{e}");
+    let junk = a.dir.path("junk.overlay");
+    std::fs::write(&junk, b"not an overlay").unwrap();
+    let e = c.upload_overlay("junk", &junk).unwrap_err().to_string();
+    assert!(e.contains("422"), "{e}");
+    // Without a token.
+    let e = a
+        .anon()
+        .upload_overlay("anon", &images().overlay)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("401"), "{e}");
+
+    let names: Vec<String> = c.services().unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["model".to_string()], "nothing was installed");
+    for n in ["big", "bad", "junk", "anon"] {
+        assert!(!a.data.join("services").join(n).exists(), "{n}");
+    }
+    assert_eq!(
+        std::fs::read_dir(a.data.join("tmp")).unwrap().count(),
+        0,
+        "tmp/ is clean"
+    );
+
+    // A good upload: created, then startable.
+    let s = c.upload_overlay("model2", &images().overlay).unwrap();
+    assert_eq!(s.base, "micro");
+    let i = c.start("model2").unwrap();
+    verify_guest(&i.endpoint);
+}
+
+/// A vmm killed under the agent → the instance is reported failed with its exit status; the
+/// agent carries on and starts new instances.
+#[test]
+fn a_killed_vmm_is_reported_failed() {
+    let a = AgentProc::start("kill", &[]);
+    let c = a.client();
+    let i = c.start("model").unwrap();
+    let pid = i.pid.unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let f = wait_for(Duration::from_secs(10), "the instance to fail", || {
+        let v = c.instance(&i.id).unwrap();
+        (v.state == "failed").then_some(v)
+    });
+    assert_eq!(f.exit.as_deref(), Some("killed by signal 9"), "{f:?}");
+    assert!(f.error.unwrap().contains("unexpectedly"));
+    assert_eq!(c.system().unwrap().instances, 0);
+    let j = c.start("model").unwrap();
+    verify_guest(&j.endpoint);
+    let m = c.raw("GET", "/metrics", None, false).unwrap().body;
+    assert!(m.contains("cloudlet_instances{state=\"failed\"} 1"), "{m}");
+}
+
+/// An agent restart re-adopts a running instance (it keeps serving and can be stopped by
+/// the new agent) and reports one whose vmm died meanwhile as failed.
+#[test]
+fn a_restarted_agent_readopts_running_instances() {
+    let mut a = AgentProc::start_opts("restart", &[], false);
+    let c = a.client();
+    let live = c.start("model").unwrap();
+    let doomed = c.start("model").unwrap();
+    assert!(a.terminate().unwrap().success());
+    assert!(
+        agent::supervisor::pid_alive(live.pid.unwrap()),
+        "instances outlive the agent"
+    );
+    std::process::Command::new("kill")
+        .args(["-KILL", &doomed.pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    wait_for(Duration::from_secs(5), "the vmm to die", || {
+        (!agent::supervisor::pid_alive(doomed.pid.unwrap())).then_some(())
+    });
+    a.spawn();
+    let c = a.client();
+    let v = c.instance(&live.id).unwrap();
+    assert_eq!((v.state.as_str(), v.adopted), ("running", true), "{v:?}");
+    assert_eq!(v.endpoint, live.endpoint);
+    verify_guest(&v.endpoint);
+    let d = c.instance(&doomed.id).unwrap();
+    assert_eq!(d.state, "failed", "{d:?}");
+    assert_eq!(c.system().unwrap().instances, 1);
+    let s = c.delete(&live.id).unwrap();
+    assert_eq!(s.state, "stopped");
+    assert!(!agent::supervisor::pid_alive(live.pid.unwrap()));
+    assert!(a.live_vmms().is_empty());
+}

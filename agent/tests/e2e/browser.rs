@@ -1,0 +1,176 @@
+//! The web manager in real headless Chromium, driven over the W3C WebDriver protocol
+//! (plain HTTP/JSON to Debian's chromedriver): open the page, enter the token, start an
+//! instance, see it listed as running, stop it, see it stopped, delete it.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent::client::Client;
+use serde_json::{json, Value};
+
+use crate::common::{verify_guest, wait_for, AgentProc, TOKEN};
+
+/// The W3C element reference key.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Driver {
+    child: Child,
+    http: Client,
+    session: String,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        for p in ["/usr/bin/chromedriver", "/usr/bin/chromium"] {
+            assert!(
+                std::path::Path::new(p).exists(),
+                "{p} is missing: `cargo xtask test` installs chromium and chromium-driver"
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let http = Client::new(&format!("http://127.0.0.1:{port}"), None);
+        wait_for(Duration::from_secs(20), "chromedriver", || {
+            http.raw("GET", "/status", None, false)
+                .ok()
+                .filter(|r| r.json()["value"]["ready"] == true)
+        });
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1200,900"]
+            }
+        }}});
+        let r = http
+            .raw("POST", "/session", Some(caps.to_string().as_bytes()), false)
+            .unwrap();
+        let v = r.json();
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {}", r.body))
+            .to_string();
+        Driver {
+            child,
+            http,
+            session,
+        }
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+        let p = format!("/session/{}{path}", self.session);
+        let b = body.to_string();
+        let r = self
+            .http
+            .raw(method, &p, (method != "GET").then_some(b.as_bytes()), false)
+            .unwrap();
+        assert_eq!(r.status, 200, "WebDriver {method} {path}: {}", r.body);
+        r.json()["value"].clone()
+    }
+
+    fn find(&self, css: &str) -> Option<String> {
+        let p = format!("/session/{}/element", self.session);
+        let b = json!({"using": "css selector", "value": css}).to_string();
+        let r = self
+            .http
+            .raw("POST", &p, Some(b.as_bytes()), false)
+            .unwrap();
+        (r.status == 200).then(|| r.json()["value"][ELEMENT].as_str().unwrap().to_string())
+    }
+
+    fn wait(&self, css: &str) -> String {
+        wait_for(Duration::from_secs(20), css, || self.find(css))
+    }
+
+    fn click(&self, el: &str) {
+        self.cmd("POST", &format!("/element/{el}/click"), json!({}));
+    }
+
+    fn text(&self, el: &str) -> String {
+        self.cmd("GET", &format!("/element/{el}/text"), json!({}))
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self
+            .http
+            .raw("DELETE", &format!("/session/{}", self.session), None, false);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_web_manager_starts_lists_and_stops_an_instance() {
+    let a = AgentProc::start("web", &[]);
+    let d = Driver::start();
+    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
+    assert_eq!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
+    // The catalogue is rendered from the API.
+    let start = d.wait("button.start[data-service='model']");
+    let sys = d.wait("#system");
+    wait_for(Duration::from_secs(10), "system line", || {
+        d.text(&sys).contains("dev").then_some(())
+    });
+    let token = d.wait("#token");
+    d.cmd(
+        "POST",
+        &format!("/element/{token}/value"),
+        json!({"text": TOKEN}),
+    );
+    let t0 = Instant::now();
+    d.click(&start);
+    let row = wait_for(Duration::from_secs(20), "a running instance row", || {
+        d.find("#instances tbody tr td.state.running")
+    });
+    assert_eq!(d.text(&row), "running");
+    let id = d
+        .js("return document.querySelector('#instances tbody tr').id")
+        .as_str()
+        .unwrap()
+        .trim_start_matches("inst-")
+        .to_string();
+    let msg = d.text(&d.wait("#msg"));
+    assert!(msg.contains(&id) && msg.contains("first reply"), "{msg}");
+    eprintln!("web manager: start → listed running in {:?}", t0.elapsed());
+    // The instance is real.
+    let inst = a.client().instance(&id).unwrap();
+    verify_guest(&inst.endpoint);
+
+    let stop = d.wait(&format!("#inst-{id} button.stop"));
+    d.click(&stop);
+    wait_for(Duration::from_secs(20), "the row to show stopped", || {
+        d.find(&format!("#inst-{id} td.state.stopped"))
+    });
+    assert_eq!(a.client().instance(&id).unwrap().state, "stopped");
+    let del = d.wait(&format!("#inst-{id} button.delete"));
+    d.click(&del);
+    wait_for(Duration::from_secs(20), "the row to go", || {
+        d.find(&format!("#inst-{id}")).is_none().then_some(())
+    });
+    assert!(a.client().instances().unwrap().is_empty());
+    assert!(a.live_vmms().is_empty());
+}

@@ -1,0 +1,379 @@
+//! Shared fixtures: images built once per test run, and an agent process per test with its
+//! own data directory and board file (killed, with every vmm it started, when dropped).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use agent::client::Client;
+
+/// The dev board's token.
+pub const TOKEN: &str = "cloudlet-dev-token";
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("agent/ is in the workspace")
+        .to_path_buf()
+}
+
+/// `target/<profile>` of this test build.
+fn profile_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_agent"))
+        .parent()
+        .expect("agent binary dir")
+        .to_path_buf()
+}
+
+fn require(p: PathBuf, what: &str) -> PathBuf {
+    assert!(
+        p.exists(),
+        "{what} not found at {}: run `cargo xtask test` (it builds the guest and every binary first)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory under /tmp (short paths: Unix sockets live in it), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh directory.
+    pub fn new(name: &str) -> Scratch {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "clt-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    /// A path inside.
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A 64 MiB base with a table disk and a NIC, and a `load:1` overlay for it.
+pub struct Images {
+    _dir: Scratch,
+    /// Base directory.
+    pub base: PathBuf,
+    /// Overlay (1 MiB model).
+    pub overlay: PathBuf,
+    /// A client app file for the app store.
+    pub app: PathBuf,
+}
+
+/// Entries in the test disk table.
+pub const TABLE_ENTRIES: u64 = 5000;
+
+/// The shared images (built on first use).
+pub fn images() -> &'static Images {
+    static I: OnceLock<Images> = OnceLock::new();
+    I.get_or_init(|| {
+        let dir = Scratch::new("images");
+        let guest = require(root().join("target/guest/micro-guest"), "the micro guest");
+        let ib = require(profile_dir().join("image-builder"), "image-builder");
+        let disk = dir.path("table.img");
+        std::fs::write(&disk, agent::guest::table_image(TABLE_ENTRIES, 1 << 20)).unwrap();
+        let base = dir.path("base");
+        let out = Command::new(&ib)
+            .args(["base", "--kernel"])
+            .arg(&guest)
+            .arg("--out")
+            .arg(&base)
+            .args(["--mem", "64", "--net", "--disk"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "image-builder base: {out:?}");
+        let overlay = dir.path("app.overlay");
+        let out = Command::new(&ib)
+            .args(["overlay", "--base"])
+            .arg(&base)
+            .args(["--script", "load:1", "--out"])
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "image-builder overlay: {out:?}");
+        let app = dir.path("model-client.apk");
+        std::fs::write(&app, b"a client app for the model service\n").unwrap();
+        Images {
+            _dir: dir,
+            base,
+            overlay,
+            app,
+        }
+    })
+}
+
+/// A running agent.
+pub struct AgentProc {
+    /// Its scratch dir (board file, data dir, logs).
+    pub dir: Scratch,
+    /// The data directory.
+    pub data: PathBuf,
+    /// The board file.
+    pub board: PathBuf,
+    /// The process.
+    pub child: Option<Child>,
+    /// `http://IP:PORT`.
+    pub url: String,
+    /// Whether to pass --stop-on-exit.
+    stop_on_exit: bool,
+}
+
+/// The dev board with `edits` applied (`(from, to)` text replacements).
+pub fn board_text(edits: &[(&str, &str)]) -> String {
+    let mut t = agent::board::DEV_TOML.to_string();
+    for (a, b) in edits {
+        assert!(t.contains(a), "board has no '{a}'");
+        t = t.replace(a, b);
+    }
+    t
+}
+
+fn run_agent_cmd(args: &[&str], data: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "agent {args:?}: {out:?}");
+}
+
+impl AgentProc {
+    /// A data directory with base `micro`, service `model` and app `model-client` staged
+    /// (through the `agent stage-*` commands), and an agent on it.
+    pub fn start(name: &str, edits: &[(&str, &str)]) -> AgentProc {
+        AgentProc::start_opts(name, edits, true)
+    }
+
+    /// As [`AgentProc::start`]; `stop_on_exit` false leaves instances running when the
+    /// agent exits (for the re-adoption test).
+    pub fn start_opts(name: &str, edits: &[(&str, &str)], stop_on_exit: bool) -> AgentProc {
+        let img = images();
+        let dir = Scratch::new(name);
+        let data = dir.path("data");
+        let board = dir.path("board.toml");
+        std::fs::write(&board, board_text(edits)).unwrap();
+        run_agent_cmd(
+            &["stage-base", "micro", "--from", img.base.to_str().unwrap()],
+            &data,
+        );
+        run_agent_cmd(
+            &[
+                "stage-service",
+                "model",
+                "--overlay",
+                img.overlay.to_str().unwrap(),
+                "--description",
+                "1 MiB model",
+            ],
+            &data,
+        );
+        run_agent_cmd(
+            &[
+                "stage-app",
+                "model-client",
+                "--file",
+                img.app.to_str().unwrap(),
+                "--service",
+                "model",
+            ],
+            &data,
+        );
+        let mut a = AgentProc {
+            dir,
+            data,
+            board,
+            child: None,
+            url: String::new(),
+            stop_on_exit,
+        };
+        a.spawn();
+        a
+    }
+
+    /// (Re)starts the agent process on the same data directory.
+    pub fn spawn(&mut self) {
+        let addr_file = self.data.join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path("agent.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+        cmd.arg("--config")
+            .arg(&self.board)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--log", "debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if self.stop_on_exit {
+            cmd.arg("--stop-on-exit");
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if !s.trim().is_empty() {
+                    self.url = format!("http://{}", s.trim());
+                    break;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {st} at start:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("agent.log")).unwrap_or_default()
+    }
+
+    /// A client with the token.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, Some(TOKEN))
+    }
+
+    /// A client without a token.
+    pub fn anon(&self) -> Client {
+        Client::new(&self.url, None)
+    }
+
+    /// The API address ("IP:PORT").
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    /// Sends SIGTERM and waits for the exit (kills after 10 s).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// Pids of vmm processes recorded in the data directory that are still alive.
+    pub fn live_vmms(&self) -> Vec<u32> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.data.join("instances")) {
+            for e in rd.flatten() {
+                let Ok(t) = std::fs::read_to_string(e.path()) else {
+                    continue;
+                };
+                let Ok(j) = serde_json::from_str::<serde_json::Value>(&t) else {
+                    continue;
+                };
+                if let Some(pid) = j["pid"].as_u64() {
+                    if agent::supervisor::pid_alive(pid as u32) {
+                        v.push(pid as u32);
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.terminate();
+        // Never leak a vmm, whatever the test did.
+        for pid in self.live_vmms() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns Some, for at most `t`.
+pub fn wait_for<T>(t: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {t:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawns a child whose stdout lines arrive on a channel.
+pub fn spawn_lines(cmd: &mut Command) -> (Child, Receiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Checks replies of a running instance against the reference values.
+pub fn verify_guest(endpoint: &str) {
+    use agent::guest::{model_entry, table_value, GuestConn};
+    let mut g = GuestConn::connect(endpoint, Duration::from_secs(10)).unwrap();
+    assert_eq!(g.request("health").unwrap(), "ok health");
+    for i in [0u64, 5, 77_777, 131_071] {
+        assert_eq!(
+            g.request(&format!("query {i}")).unwrap(),
+            format!("ok query i={i} value={}", model_entry(i))
+        );
+    }
+    for i in [0u64, 7, TABLE_ENTRIES - 1] {
+        assert_eq!(
+            g.request(&format!("get {i}")).unwrap(),
+            format!("ok get i={i} value={}", table_value(i))
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests of the agent: real agent processes, real service VMs (KVM), mDNS seen by
+//! python3-zeroconf and by our client, and the web manager in headless Chromium.
+
+mod api;
+mod browser;
+mod common;
+mod discovery;
