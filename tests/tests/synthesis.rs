@@ -224,8 +224,10 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no lazy fill report in: {}", done.stderr));
+    // The first chunk (the guest's own pages and the table's start, where entries 3 and 5
+    // are) is filled before the vCPUs run; the other three entries lie in three other chunks.
     assert!(
-        faults >= 4,
+        faults >= 3,
         "expected the queries to fault: {}",
         done.stderr
     );

@@ -180,6 +180,11 @@ impl Shared {
             return Ok(());
         }
         self.overlay.read_chunk(c, buf).map_err(|e| e.to_string())?;
+        self.fill_decoded(c, buf)
+    }
+
+    /// Fills every page taken from chunk `c`, decompressed in `buf`.
+    fn fill_decoded(&self, c: usize, buf: &[u8]) -> Result<(), String> {
         let pages = self.sources.chunk_pages(c);
         let mut i = 0;
         while i < pages.len() {
@@ -214,6 +219,7 @@ impl Shared {
             .ok_or_else(|| format!("fault at {addr:#x} outside guest RAM"))?;
         match self.sources.get(page) {
             Some(Source::Chunk { chunk, .. }) => {
+                tracing::debug!(chunk, page, "fault served from a chunk");
                 self.stats.fault_chunks.fetch_add(1, Ordering::Relaxed);
                 self.fill_chunk(chunk as usize, buf)?;
             }
@@ -313,12 +319,16 @@ impl LazyFill {
     /// Replaces the rewritten pages of guest memory (`regions`, currently the base's private
     /// mapping) with anonymous memory registered with `uffd` and starts serving their faults
     /// from `sources`. Every chunk's checksum must have been verified already.
+    ///
+    /// `warm` are chunks already decompressed (on a helper thread while the VM was built):
+    /// they are filled here, before any vCPU can fault on them.
     pub fn start(
         uffd: Uffd,
         overlay: Arc<Overlay>,
         sources: PageSources,
         base: Arc<Mapped>,
         regions: Vec<Region>,
+        warm: Vec<(usize, Vec<u8>)>,
     ) -> Result<LazyFill, LazyError> {
         let started = Instant::now();
         let chunks = sources.chunks();
@@ -355,6 +365,12 @@ impl LazyFill {
                     .register(host, n * PAGE_SIZE)
                     .map_err(LazyError::Unavailable)?;
                 p += n as u64;
+            }
+        }
+        for (c, data) in &warm {
+            if *c < chunks {
+                shared.fill_decoded(*c, data).map_err(LazyError::Memory)?;
+                shared.chunk_state[*c].store(CHUNK_FILLED, Ordering::Release);
             }
         }
         let server = {

@@ -306,10 +306,11 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
     if verbose {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         eprintln!(
-            "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
+            "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}{}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
             ms(t0.elapsed()),
             ms(t.check),
             ms(t.verify),
+            if t.verified_before { " (verified before)" } else { "" },
             ms(t.map),
             if t.lazy { "lazy fill start" } else { "apply" },
             ms(t.apply),
