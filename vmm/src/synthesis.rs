@@ -262,8 +262,12 @@ pub struct LazyPlan {
     base: Arc<Mapped>,
     regions: Vec<Region>,
     checks: Arc<ChunkChecks>,
-    prepared: std::thread::JoinHandle<(PageSources, Vec<(usize, Vec<u8>)>, Duration)>,
+    prepared: std::thread::JoinHandle<Prepared>,
 }
+
+/// What the helper thread hands back: the page plan, chunks decompressed ahead (number,
+/// bytes), and its own running time.
+type Prepared = (PageSources, Vec<(usize, Vec<u8>)>, Duration);
 
 /// Chunks decompressed ahead, while the VM is built: the guest's first touches after a
 /// restore are its own kernel-side pages (stack, data), which sit at the lowest page numbers
