@@ -20,23 +20,11 @@ impl Mapped {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let f = File::open(path)?;
         let len = f.metadata()?.len() as usize;
-        Self::map(&f, len, 0)
+        Self::from_file(&f, len)
     }
 
     /// Maps the first `len` bytes of `f` (opened for reading).
     pub fn from_file(f: &File, len: usize) -> std::io::Result<Self> {
-        Self::map(f, len, 0)
-    }
-
-    /// Fills the page tables of the whole mapping in one call (`MADV_POPULATE_READ`): for a
-    /// file about to be read whole, much cheaper than a page fault per page (~2–10 µs each on
-    /// PVM hosts). Best effort.
-    pub fn populate(&self) {
-        // SAFETY: advice over exactly the mapping this value owns; it changes no contents.
-        unsafe { libc::madvise(self.ptr, self.len, libc::MADV_POPULATE_READ) };
-    }
-
-    fn map(f: &File, len: usize, extra_flags: libc::c_int) -> std::io::Result<Self> {
         if len == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -50,7 +38,7 @@ impl Mapped {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED | extra_flags,
+                libc::MAP_SHARED,
                 f.as_raw_fd(),
                 0,
             )
