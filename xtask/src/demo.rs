@@ -65,16 +65,8 @@ pub struct Prepared {
 pub fn prepare(work: &Path) -> Result<Prepared> {
     let guest = crate::guest::build()?;
     step("building the release binaries (vmm, image-builder, agent, cloudlet)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "vmm",
-        "-p",
-        "image-builder",
-        "-p",
-        "agent",
-    ]))?;
+    run(cargo().args(["build", "--release", "-p", "image-builder", "-p", "agent"]))?;
+    crate::util::build_release_vmm()?;
     let bin = target_dir().join("release");
     std::fs::create_dir_all(work)?;
     let disk = work.join("table.img");
