@@ -259,6 +259,13 @@ impl Shared {
 /// Fills every page not filled yet, after `delay` (a test knob: it leaves the guest's first
 /// touches to the fault server). Returns early, incomplete, when the VM goes away.
 fn prefetch(s: &Shared, delay: Duration) -> Result<(), String> {
+    // Background work only: SCHED_IDLE lets the vCPU (and the event loop that feeds it)
+    // take the core the moment they wake. Measured: at normal priority the prefetcher kept a
+    // woken vCPU off its core for 4-6 ms, so the first reply of a 16 MiB synthesis came
+    // after ~7.5 ms instead of ~4.5 ms.
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: changes only this thread's scheduling policy; the argument is a valid struct.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
     let until = Instant::now() + delay;
     while Instant::now() < until {
         if s.stop.load(Ordering::Relaxed) {
