@@ -1,5 +1,6 @@
 //! Any bytes as an overlay file: open (header, index, bounds) and, when that succeeds, apply
-//! to a sink that only checks page bounds. Must never panic, hang or allocate without bound.
+//! to a sink that only checks page bounds, check every chunk and decode the disk δ. Must never
+//! panic, hang or allocate without bound.
 #![no_main]
 
 use image_format::overlay::{Overlay, PageSink};
@@ -29,8 +30,14 @@ impl PageSink for Bounds {
 fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("fuzz-overlay-{}", std::process::id()));
     std::fs::write(&path, data).unwrap();
-    if let Ok(ov) = Overlay::open(&path) {
+    let opened = Overlay::open(&path);
+    // The overlay works on its mapping from here on; leave no file behind when the run ends.
+    let _ = std::fs::remove_file(&path);
+    if let Ok(ov) = opened {
         let pages = ov.index().mem_pages;
         let _ = ov.apply(&Bounds(pages), 1);
+        // The up-front checksum pass and the disk δ (synthesis puts it under the VM's disk).
+        let _ = ov.verify_chunks(1);
+        let _ = ov.disk_blocks();
     }
 });

@@ -462,7 +462,10 @@ impl Overlay {
     /// The disk δ: every stored disk block, decompressed and checked, in block order.
     pub fn disk_blocks(&self) -> Result<Vec<(u64, Vec<u8>)>, OverlayError> {
         let ram = self.index.chunks.len();
-        let mut out = Vec::with_capacity(self.index.stats.disk_blocks as usize);
+        // Sized from the checked chunks, never from `stats` (a count a crafted index could
+        // make anything).
+        let blocks: u64 = self.index.disk_chunks.iter().map(Chunk::page_count).sum();
+        let mut out = Vec::with_capacity(blocks as usize);
         let mut buf = Vec::new();
         for (k, c) in self.index.disk_chunks.iter().enumerate() {
             self.read_chunk(ram + k, &mut buf)?;
@@ -579,7 +582,42 @@ fn validate(ix: &Index, index_off: u64) -> Result<(), String> {
         disk_blocks,
         index_off,
         &mut end,
-    )
+    )?;
+    check_stats(ix)
+}
+
+/// The statistics must describe the index they come with: readers show them and may size
+/// work by them, and a crafted index could say anything.
+fn check_stats(ix: &Index) -> Result<(), String> {
+    let st = &ix.stats;
+    let count = |runs: &mut dyn Iterator<Item = &Run>| runs.map(|r| r.count).sum::<u64>();
+    let chunk_pages = count(&mut ix.chunks.iter().flat_map(|c| &c.pages));
+    let disk_blocks = count(&mut ix.disk_chunks.iter().flat_map(|c| &c.pages));
+    let expect = [
+        ("pages", st.pages, ix.mem_pages),
+        ("data", st.data, chunk_pages),
+        ("zero", st.zero, count(&mut ix.zero.iter())),
+        ("base_dedup", st.base_dedup, ix.base_copies.len() as u64),
+        ("self_dedup", st.self_dedup, ix.self_copies.len() as u64),
+        ("disk_blocks", st.disk_blocks, disk_blocks),
+    ];
+    for (name, said, is) in expect {
+        if said != is {
+            return Err(format!(
+                "its statistics say {said} {name}, the index holds {is}"
+            ));
+        }
+    }
+    let described = [st.same, st.zero, st.base_dedup, st.self_dedup, st.data]
+        .iter()
+        .try_fold(0u64, |a, &v| a.checked_add(v));
+    if described != Some(ix.mem_pages) {
+        return Err(format!(
+            "its statistics describe {described:?} pages of {}",
+            ix.mem_pages
+        ));
+    }
+    Ok(())
 }
 
 /// Checks one space's chunks (RAM pages or disk blocks): each lies in the data area after
@@ -1114,6 +1152,57 @@ mod tests {
         try_bytes(&good).unwrap();
     }
 
+    /// Statistics that describe `ix` (what `build` would have written).
+    fn stats_of(ix: &Index) -> Stats {
+        let n = |runs: &[Run]| runs.iter().map(|r| r.count).sum::<u64>();
+        let data = ix.chunks.iter().map(|c| n(&c.pages)).sum();
+        let zero = n(&ix.zero);
+        let (base_dedup, self_dedup) = (ix.base_copies.len() as u64, ix.self_copies.len() as u64);
+        Stats {
+            pages: ix.mem_pages,
+            same: ix.mem_pages - data - zero - base_dedup - self_dedup,
+            zero,
+            base_dedup,
+            self_dedup,
+            data,
+            compressed_bytes: 0,
+            disk_blocks: ix.disk_chunks.iter().map(|c| n(&c.pages)).sum(),
+        }
+    }
+
+    /// An index whose statistics lie is refused (readers may size work by them).
+    #[test]
+    fn lying_statistics_are_refused() {
+        let mut ix = Index {
+            mem_pages: 16,
+            zero: vec![Run { first: 2, count: 3 }],
+            base_copies: vec![],
+            chunks: vec![],
+            self_copies: vec![],
+            disk_bytes: 0,
+            disk_chunks: vec![],
+            state: vec![],
+            stats: Stats::default(),
+        };
+        ix.stats = stats_of(&ix);
+        validate(&ix, 200).unwrap();
+        for lie in [
+            |s: &mut Stats| s.disk_blocks = 1 << 62,
+            |s: &mut Stats| s.data = u64::MAX,
+            |s: &mut Stats| s.zero = 4,
+            |s: &mut Stats| s.same = u64::MAX,
+            |s: &mut Stats| s.pages = 17,
+        ] {
+            let mut bad = ix.clone();
+            lie(&mut bad.stats);
+            assert!(
+                validate(&bad, 200).unwrap_err().contains("statistics"),
+                "{:?}",
+                bad.stats
+            );
+        }
+    }
+
     #[test]
     fn indexes_pointing_outside_memory_are_refused() {
         let mut ix = Index {
@@ -1160,12 +1249,14 @@ mod tests {
             chunk(HEADER_LEN as u64, 0),
             chunk(HEADER_LEN as u64 + 10, 4),
         ];
+        ix.stats = stats_of(&ix);
         validate(&ix, 200).unwrap();
         // Disk chunks: after the RAM chunks, inside the disk, not overlapping each other.
         let after = HEADER_LEN as u64 + 20;
         ix.disk_chunks = vec![chunk(after, 0)];
         assert!(validate(&ix, 200).unwrap_err().contains("disk size"));
         ix.disk_bytes = 4 * PAGE_SIZE as u64;
+        ix.stats = stats_of(&ix);
         validate(&ix, 200).unwrap();
         ix.disk_chunks = vec![chunk(after, 3)];
         assert!(validate(&ix, 200)
