@@ -34,21 +34,7 @@ fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
         let dir = Scratch::new("synth");
-        let base = dir.path("base");
-        let fin = run_image_builder(
-            [
-                "base".as_ref(),
-                "--kernel".as_ref(),
-                micro_guest().as_os_str(),
-                "--out".as_ref(),
-                base.as_os_str(),
-                "--mem".as_ref(),
-                "128".as_ref(),
-            ],
-            T,
-        );
-        assert_eq!(fin.code(), 0, "{fin:?}");
-        assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
+        let base = make_base(&dir.path("base"), "128", &[]);
         let overlay = dir.path("model.overlay");
         let custom = dir.path("custom");
         let fin = run_image_builder(
@@ -73,6 +59,25 @@ fn images() -> &'static Images {
             custom,
         }
     })
+}
+
+/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
+fn make_base(out: &Path, mem: &str, extra: &[&std::ffi::OsStr]) -> PathBuf {
+    let kernel = micro_guest();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "base".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--mem".as_ref(),
+        mem.as_ref(),
+    ];
+    args.extend_from_slice(extra);
+    let fin = run_image_builder(args, T);
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
+    out.to_owned()
 }
 
 fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {
@@ -390,23 +395,11 @@ fn table_image(entries: u64, bytes: usize) -> Vec<u8> {
 fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
     let s = Scratch::new("synth-disk");
     let table = s.write("table.img", &table_image(5000, 1 << 20));
-    let base = s.path("base");
-    let fin = run_image_builder(
-        [
-            "base".as_ref(),
-            "--kernel".as_ref(),
-            micro_guest().as_os_str(),
-            "--out".as_ref(),
-            base.as_os_str(),
-            "--mem".as_ref(),
-            "64".as_ref(),
-            "--disk".as_ref(),
-            table.as_os_str(),
-            "--net".as_ref(),
-        ],
-        T,
+    let base = make_base(
+        &s.path("base"),
+        "64",
+        &["--disk".as_ref(), table.as_os_str(), "--net".as_ref()],
     );
-    assert_eq!(fin.code(), 0, "{fin:?}");
     let base_disk = base.join("disk");
     let before = file_digest(&base_disk);
     assert_eq!(

@@ -719,6 +719,24 @@ fn push_run(runs: &mut Vec<Run>, page: u64) {
     }
 }
 
+/// Writes one compressed chunk at `*offset` of `f` (the write position) and describes it.
+fn append_chunk(
+    f: &mut File,
+    offset: &mut u64,
+    bytes: &[u8],
+    runs: Vec<Run>,
+) -> std::io::Result<Chunk> {
+    f.write_all(bytes)?;
+    let c = Chunk {
+        offset: *offset,
+        len: bytes.len() as u64,
+        xxh3: xxh3_64(bytes),
+        pages: runs,
+    };
+    *offset += bytes.len() as u64;
+    Ok(c)
+}
+
 /// The customised VM's disk δ: its copy-on-write blocks over the base disk.
 #[derive(Clone, Copy, Debug)]
 pub struct DiskDelta<'a> {
@@ -844,18 +862,11 @@ pub fn build(
         let bytes = c
             .unwrap_or_else(|| Err("compression thread failed".into()))
             .map_err(|e| OverlayError::Build(format!("zstd: {e}")))?;
-        f.write_all(&bytes).map_err(|e| io("write", e))?;
         let mut runs = Vec::new();
         for &p in g.iter() {
             push_run(&mut runs, p);
         }
-        chunks.push(Chunk {
-            offset,
-            len: bytes.len() as u64,
-            xxh3: xxh3_64(&bytes),
-            pages: runs,
-        });
-        offset += bytes.len() as u64;
+        chunks.push(append_chunk(&mut f, &mut offset, &bytes, runs).map_err(|e| io("write", e))?);
         stats.compressed_bytes += bytes.len() as u64;
     }
     let mut disk_chunks = Vec::new();
@@ -884,14 +895,8 @@ pub fn build(
             }
             let bytes = zstd::bulk::compress(&raw, opts.level)
                 .map_err(|e| OverlayError::Build(format!("zstd: {e}")))?;
-            f.write_all(&bytes).map_err(|e| io("write", e))?;
-            disk_chunks.push(Chunk {
-                offset,
-                len: bytes.len() as u64,
-                xxh3: xxh3_64(&bytes),
-                pages: runs,
-            });
-            offset += bytes.len() as u64;
+            disk_chunks
+                .push(append_chunk(&mut f, &mut offset, &bytes, runs).map_err(|e| io("write", e))?);
             stats.compressed_bytes += bytes.len() as u64;
             stats.disk_blocks += group.len() as u64;
         }
