@@ -125,15 +125,16 @@ fn announced_updated_and_withdrawn() {
     // A change (an instance holds a slot) is re-announced.
     let i = c.start("model").unwrap();
     next("the updated TXT", &|v| v["txt"]["vms"] == "1/4");
-    let again = browse_until(Duration::from_secs(8), |f| {
-        f.iter().any(|x| x.instance == instance)
-    })
-    .unwrap();
-    let me = again
-        .iter()
-        .find(|x| x.instance == instance)
-        .expect("still announced");
-    assert_eq!(me.txt["vms"], "1/4");
+    // Our browser may first resolve the record from before the change (or one whose TXT has
+    // not arrived yet): wait for the updated one.
+    let updated = |x: &agent::discovery::Appliance| {
+        x.instance == instance && x.txt.get("vms").map(String::as_str) == Some("1/4")
+    };
+    let again = browse_until(Duration::from_secs(8), |f| f.iter().any(updated)).unwrap();
+    assert!(
+        again.iter().any(updated),
+        "the re-announced TXT (vms=1/4) never resolved: {again:?}"
+    );
     c.delete(&i.id).unwrap();
 
     // Goodbye on SIGTERM.
