@@ -533,8 +533,9 @@ pub struct SynthesisConfig {
     pub kvm_path: std::path::PathBuf,
     /// Device overrides (NIC backend; a disk δ file to keep writes in).
     pub devices: DevicesConfig,
-    /// Decompression threads.
-    pub threads: usize,
+    /// Decompression threads for eager application; `None`: one per core (asked only when
+    /// needed — finding the core count reads several cgroup files).
+    pub threads: Option<usize>,
     /// Start the vCPUs before the overlay is applied and fill rewritten pages on first touch
     /// (userfaultfd); falls back to applying up front where userfaultfd is unavailable.
     pub lazy: bool,
@@ -561,7 +562,14 @@ pub fn build_from_overlay(
     let (mem, mut plan) = match lazy {
         Some((mem, plan)) => (mem, Some(plan)),
         None => (
-            crate::synthesis::materialise(&cfg.base, &checked, cfg.threads, &mut timings)?,
+            crate::synthesis::materialise(
+                &cfg.base,
+                &checked,
+                cfg.threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                }),
+                &mut timings,
+            )?,
             None,
         ),
     };

@@ -289,9 +289,7 @@ fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason>
         paused: args.paused,
         kvm_path: args.common.kvm_device.clone(),
         devices: args.common.devices(),
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: args.threads,
         lazy: !args.eager,
         prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
     };
