@@ -565,9 +565,8 @@ pub fn build_from_overlay(
             crate::synthesis::materialise(
                 &cfg.base,
                 &checked,
-                cfg.threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                }),
+                cfg.threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 &mut timings,
             )?,
             None,

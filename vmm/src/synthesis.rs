@@ -343,7 +343,8 @@ impl LazyPlan {
                 let ram_chunks = helper.overlay.index().chunks.len();
                 let warm = (0..WARM_CHUNKS.min(ram_chunks))
                     .filter_map(|c| {
-                        let mut buf = Vec::new();
+                        let pages = helper.overlay.index().chunks[c].page_count();
+                        let mut buf = crate::lazy::populated_buffer(pages as usize * PAGE as usize);
                         helper
                             .overlay
                             .read_chunk(c, &mut buf)
