@@ -38,8 +38,10 @@ enum Command {
     Restore(RestoreArgs),
     /// Synthesise a service VM from a base image and an application overlay, and run it.
     ///
-    /// Everything is checked before a vCPU exists; the base is never modified. With -v, prints
-    /// where the time went.
+    /// Everything is checked before any vCPU runs (manifest, overlay index, every chunk's
+    /// checksum, machine state); the base is never modified. By default the vCPUs start before
+    /// the overlay is applied and its pages are filled on first touch (see --eager). With -v,
+    /// prints where the time went.
     ///
     /// Example: vmm synthesize --base bases/micro --overlay apps/model.overlay
     Synthesize(SynthesizeArgs),

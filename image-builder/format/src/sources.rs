@@ -55,7 +55,12 @@ impl PageSources {
         for r in &index.zero {
             tagged.extend((r.first..r.first + r.count).map(|p| (p, 0, Source::Zero)));
         }
-        tagged.extend(index.base_copies.iter().map(|c| (c.dst, 1, Source::Base(c.src))));
+        tagged.extend(
+            index
+                .base_copies
+                .iter()
+                .map(|c| (c.dst, 1, Source::Base(c.src))),
+        );
         for (ci, c) in index.chunks.iter().enumerate() {
             let mut k = 0u32;
             for r in &c.pages {
