@@ -226,7 +226,6 @@ fn attach_virtio(
     disk_start: DiskStart,
 ) -> Result<Vec<Slot>, BuildError> {
     let mut slots = Vec::new();
-    let mut disk_start = Some(disk_start);
     let mut index = 0u32;
     let mut place =
         |kind: SlotKind| -> Result<(u32, EventFd, Option<&VirtioSlotState>), BuildError> {
@@ -270,9 +269,9 @@ fn attach_virtio(
             ),
             (None, None) => d.size,
         };
-        let blocks = match disk_start.take() {
-            Some(DiskStart::Blocks(b)) => Some(b),
-            _ => None,
+        let blocks = match disk_start {
+            DiskStart::Blocks(b) => Some(b),
+            DiskStart::Config => None,
         };
         let delta = match (&d.delta, blocks) {
             (Some(p), Some(b)) => Delta::create_from_blocks(p, size, b),
@@ -285,11 +284,7 @@ fn attach_virtio(
         let disk =
             CowDisk::new(base, delta).map_err(|e| BuildError::Virtio("the disk", e.to_string()))?;
         let dev = Block::new(disk, d.read_only, "cloudlet-disk");
-        let t = match state {
-            Some(st) => MmioTransport::restore(dev, mem.clone(), irq, &st.mmio),
-            None => MmioTransport::new(dev, mem.clone(), irq),
-        }
-        .map_err(virtio_err("the virtio disk"))?;
+        let t = transport(dev, mem, irq, state).map_err(virtio_err("the virtio disk"))?;
         let mut slot = plug(vm, mmio_bus, i, SlotKind::Block, t)?;
         slot.disk = Some(crate::snapshot::DiskSnapshot {
             base: d
@@ -304,11 +299,7 @@ fn attach_virtio(
     if let Some(n) = &cfg.net {
         let (i, irq, state) = place(SlotKind::Net)?;
         let dev = Net::new(net_backend(&n.backend)?, n.mac);
-        let t = match state {
-            Some(st) => MmioTransport::restore(dev, mem.clone(), irq, &st.mmio),
-            None => MmioTransport::new(dev, mem.clone(), irq),
-        }
-        .map_err(virtio_err("the virtio NIC"))?;
+        let t = transport(dev, mem, irq, state).map_err(virtio_err("the virtio NIC"))?;
         slots.push(plug(vm, mmio_bus, i, SlotKind::Net, t)?);
     }
     if let Some(states) = saved {
@@ -355,6 +346,19 @@ pub fn devices_for_restore(state: &MachineState, cfg: &DevicesConfig) -> Devices
         }
     }
     out
+}
+
+/// A fresh transport for `dev`, or one restored from its snapshot state.
+fn transport<D: crate::devices::virtio::VirtioDevice>(
+    dev: D,
+    mem: &GuestMemoryMmap,
+    irq: EventFd,
+    state: Option<&VirtioSlotState>,
+) -> Result<MmioTransport<D>, crate::devices::virtio::VirtioError> {
+    match state {
+        Some(st) => MmioTransport::restore(dev, mem.clone(), irq, &st.mmio),
+        None => MmioTransport::new(dev, mem.clone(), irq),
+    }
 }
 
 /// Registers the transport's queue eventfds as KVM ioeventfds on its notify register and
@@ -466,17 +470,10 @@ fn start(
     Ok(machine)
 }
 
-/// Whether serial transmit writes are coalesced (off until every guest we ship reads LSR at
-/// the end of each line, which is what flushes the ring without waiting for the timer).
-const COALESCE_SERIAL: bool = true;
-
 /// Lets KVM queue the guest's writes to the serial transmit register instead of exiting for
 /// each byte (see [`crate::vstate::coalesced`]). Best effort: without the capability every
 /// write exits as before.
 fn coalesce_serial_output(vm: &Vm, vcpus: &mut [Vcpu]) -> Option<Arc<CoalescedRing>> {
-    if !COALESCE_SERIAL {
-        return None;
-    }
     let offset = vm.fd().check_extension_int(kvm_ioctls::Cap::CoalescedMmio);
     if offset <= 0 || !vm.fd().check_extension(kvm_ioctls::Cap::CoalescedPio) {
         return None;

@@ -118,37 +118,37 @@ impl Shared {
 
     /// Fills `pages` host-contiguous pages at `dst` from `src`, skipping pages already there.
     fn fill_copy(&self, dst: usize, src: *const u8, pages: usize) -> Result<(), String> {
-        let mut done = 0;
-        while done < pages {
-            let off = done * PAGE_SIZE;
+        self.fill_pages(dst, pages, "copy", |off, len| {
             // SAFETY: `src` points into a decompressed chunk buffer or the base mapping, both
-            // covering `pages` pages (callers slice them so).
-            let r = unsafe {
-                self.uffd
-                    .copy(dst + off, src.add(off), (pages - done) * PAGE_SIZE)
-            }
-            .map_err(|e| format!("userfaultfd copy at {:#x}: {e}", dst + off))?;
-            match r {
-                Fill::Done => return Ok(()),
-                Fill::Partial(n) => done += (n as usize).div_ceil(PAGE_SIZE),
-                // Someone else filled this page: skip it.
-                Fill::Exists => done += 1,
-            }
-        }
-        Ok(())
+            // covering `pages` pages (callers slice them so); `off + len` stays inside.
+            unsafe { self.uffd.copy(dst + off, src.add(off), len) }
+        })
     }
 
     fn fill_zero(&self, dst: usize, pages: usize) -> Result<(), String> {
+        self.fill_pages(dst, pages, "zero page", |off, len| {
+            self.uffd.zero(dst + off, len)
+        })
+    }
+
+    /// Fills `pages` pages from `dst` with `fill(byte offset, byte length)`, going on past
+    /// pages someone else filled meanwhile.
+    fn fill_pages(
+        &self,
+        dst: usize,
+        pages: usize,
+        what: &str,
+        fill: impl Fn(usize, usize) -> std::io::Result<Fill>,
+    ) -> Result<(), String> {
         let mut done = 0;
         while done < pages {
             let off = done * PAGE_SIZE;
-            match self
-                .uffd
-                .zero(dst + off, (pages - done) * PAGE_SIZE)
-                .map_err(|e| format!("userfaultfd zero page at {:#x}: {e}", dst + off))?
+            match fill(off, (pages - done) * PAGE_SIZE)
+                .map_err(|e| format!("userfaultfd {what} at {:#x}: {e}", dst + off))?
             {
                 Fill::Done => return Ok(()),
                 Fill::Partial(n) => done += (n as usize).div_ceil(PAGE_SIZE),
+                // Someone else filled this page: skip it.
                 Fill::Exists => done += 1,
             }
         }
@@ -375,7 +375,7 @@ impl LazyFill {
                     .ok_or_else(|| LazyError::Memory(format!("page {p} is outside guest RAM")))?;
                 let n = (end.min(reg.first_page + reg.pages) - p) as usize;
                 let host = reg.host + (p - reg.first_page) as usize * PAGE_SIZE;
-                remap_anonymous(host, n * PAGE_SIZE)
+                crate::vstate::memory::remap_anonymous(host, n * PAGE_SIZE)
                     .map_err(|e| LazyError::Memory(format!("anonymous remap at {host:#x}: {e}")))?;
                 shared
                     .uffd
@@ -507,24 +507,4 @@ pub fn populated_buffer(capacity: usize) -> Vec<u8> {
         };
     }
     v
-}
-
-/// Replaces `[host, host + len)` by fresh anonymous private memory.
-pub fn remap_anonymous(host: usize, len: usize) -> std::io::Result<()> {
-    // SAFETY: `host..host+len` is page-aligned guest RAM this VMM mapped and owns, with no
-    // vCPU running yet; MAP_FIXED replaces exactly those pages and keeps the range valid.
-    let r = unsafe {
-        libc::mmap(
-            host as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if r == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

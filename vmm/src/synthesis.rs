@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use image_format::base::Manifest;
 use image_format::mapped::Mapped;
-use image_format::overlay::{Overlay, PageSink};
+use image_format::overlay::{ChunkChecks, Overlay, PageSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::layout;
@@ -204,20 +204,7 @@ impl PageSink for GuestSink<'_> {
             let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) else {
                 return false;
             };
-            // SAFETY: `host..host+n` is page-aligned and inside one guest RAM mapping that this
-            // VM owns and no vCPU runs on yet; MAP_FIXED replaces exactly those pages with
-            // zeroed anonymous memory, keeping the address range valid.
-            let r = unsafe {
-                libc::mmap(
-                    host.cast(),
-                    n,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if r == libc::MAP_FAILED {
+            if crate::vstate::memory::remap_anonymous(host as usize, n).is_err() {
                 return false;
             }
             off += n as u64;
@@ -275,35 +262,6 @@ type Prepared = (PageSources, Vec<(usize, Vec<u8>)>, Duration);
 /// critical path.
 const WARM_CHUNKS: usize = 1;
 
-/// Checksum checks of every chunk, shared out chunk by chunk between the helper thread and,
-/// once the VM is built, the thread that starts it.
-struct ChunkChecks {
-    overlay: Arc<Overlay>,
-    next: std::sync::atomic::AtomicUsize,
-    failed: std::sync::Mutex<Option<image_format::overlay::OverlayError>>,
-}
-
-impl ChunkChecks {
-    /// Checks chunks until none is left or one fails.
-    fn work(&self) {
-        use std::sync::atomic::Ordering;
-        let mut buf = Vec::new();
-        let n = self.overlay.chunk_count();
-        loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n {
-                return;
-            }
-            if let Err(e) = self.overlay.verify_chunk(i, &mut buf) {
-                self.next.store(n, Ordering::Relaxed);
-                let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                f.get_or_insert(e);
-                return;
-            }
-        }
-    }
-}
-
 impl LazyPlan {
     /// Maps the base RAM privately and starts checking every chunk and planning each page's
     /// source on another thread. `Ok(None)` when userfaultfd is unavailable: the caller then
@@ -323,36 +281,27 @@ impl LazyPlan {
         // A full checksum pass over this unchanged file was recorded before: skip it (each
         // chunk is still checked when it is decompressed).
         let trusted = checked.overlay.verified_before();
-        let checks = Arc::new(ChunkChecks {
-            overlay: checked.overlay.clone(),
-            next: if trusted {
-                checked.overlay.chunk_count()
-            } else {
-                0
-            }
-            .into(),
-            failed: std::sync::Mutex::new(None),
+        let checks = Arc::new(if trusted {
+            ChunkChecks::finished()
+        } else {
+            ChunkChecks::new()
         });
         timings.verified_before = trusted;
-        let helper = checks.clone();
+        let (helper, overlay) = (checks.clone(), checked.overlay.clone());
         let prepared = std::thread::Builder::new()
             .name("overlay-check".into())
             .spawn(move || {
                 let t = Instant::now();
-                let sources = PageSources::new(helper.overlay.index());
-                let ram_chunks = helper.overlay.index().chunks.len();
+                let sources = PageSources::new(overlay.index());
+                let ram_chunks = overlay.index().chunks.len();
                 let warm = (0..WARM_CHUNKS.min(ram_chunks))
                     .filter_map(|c| {
-                        let pages = helper.overlay.index().chunks[c].page_count();
+                        let pages = overlay.index().chunks[c].page_count();
                         let mut buf = crate::lazy::populated_buffer(pages as usize * PAGE as usize);
-                        helper
-                            .overlay
-                            .read_chunk(c, &mut buf)
-                            .ok()
-                            .map(|()| (c, buf))
+                        overlay.read_chunk(c, &mut buf).ok().map(|()| (c, buf))
                     })
                     .collect();
-                helper.work();
+                helper.work(&overlay);
                 (sources, warm, t.elapsed())
             })
             .map_err(|e| SynthesisError::Lazy(format!("cannot start the chunk checker: {e}")))?;
@@ -395,20 +344,12 @@ impl LazyPlan {
     /// before any vCPU runs) and starts serving faults on the rewritten pages.
     pub fn start(self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
         let t = Instant::now();
-        self.checks.work();
+        self.checks.work(&self.overlay);
         let (sources, warm, verify) = self
             .prepared
             .join()
             .map_err(|_| SynthesisError::Lazy("the chunk checker panicked".into()))?;
-        if let Some(e) = self
-            .checks
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(e.into());
-        }
+        self.checks.result()?;
         if !timings.verified_before {
             self.overlay.record_verified();
         }

@@ -207,6 +207,58 @@ pub trait PageSink: Sync {
     }
 }
 
+/// A checksum pass over an overlay's chunks that any number of threads share, chunk by
+/// chunk: each [`ChunkChecks::work`] takes the next unchecked chunk until none is left or one
+/// fails. Threads may join late (lazy synthesis checks on a helper thread while the VM is
+/// built, then the starting thread helps finish).
+#[derive(Debug, Default)]
+pub struct ChunkChecks {
+    next: std::sync::atomic::AtomicUsize,
+    failed: std::sync::Mutex<Option<OverlayError>>,
+}
+
+impl ChunkChecks {
+    /// A pass with every chunk still to check.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A pass with nothing left to check (a full pass was recorded before).
+    pub fn finished() -> Self {
+        ChunkChecks {
+            next: usize::MAX.into(),
+            failed: Default::default(),
+        }
+    }
+
+    /// Checks chunks of `ov` until none is left or one fails.
+    pub fn work(&self, ov: &Overlay) {
+        use std::sync::atomic::Ordering;
+        let mut buf = Vec::new();
+        let n = ov.chunk_count();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                return;
+            }
+            if let Err(e) = ov.verify_chunk(i, &mut buf) {
+                self.next.store(usize::MAX, Ordering::Relaxed);
+                let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                f.get_or_insert(e);
+                return;
+            }
+        }
+    }
+
+    /// The first failure, once every worker has returned.
+    pub fn result(&self) -> Result<(), OverlayError> {
+        match self.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A checked overlay, ready to apply.
 #[derive(Debug)]
 pub struct Overlay {
@@ -324,9 +376,7 @@ impl Overlay {
         let c = self.chunk(i)?;
         // `open` checked that every chunk lies inside the file.
         let comp = &self.map.bytes()[c.offset as usize..(c.offset + c.len) as usize];
-        if CHECK_CRC && xxh3_64(comp) != c.xxh3 {
-            return Err(self.chunk_err(i, "checksum mismatch".into()));
-        }
+        self.check_sum(i, c, comp)?;
         Ok(comp)
     }
 
@@ -402,36 +452,29 @@ impl Overlay {
         self.file
             .read_exact_at(buf, c.offset)
             .map_err(|e| self.chunk_err(i, format!("read failed: {e}")))?;
-        if CHECK_CRC && xxh3_64(buf) != c.xxh3 {
-            return Err(self.chunk_err(i, "checksum mismatch".into()));
-        }
+        self.check_sum(i, c, buf)?;
         Ok(())
     }
 
     /// Checks every chunk's checksum, RAM and disk (not their decompression), with up to
     /// `threads` threads.
     pub fn verify_chunks(&self, threads: usize) -> Result<(), OverlayError> {
-        let n = self.chunk_count();
-        let threads = threads.clamp(1, n.max(1));
-        let work = |t: usize| {
-            let mut buf = Vec::new();
-            (t..n)
-                .step_by(threads)
-                .try_for_each(|i| self.verify_chunk(i, &mut buf))
-        };
+        let checks = ChunkChecks::new();
+        let threads = threads.clamp(1, self.chunk_count().max(1));
         std::thread::scope(|scope| {
-            let others: Vec<_> = (1..threads).map(|t| scope.spawn(move || work(t))).collect();
-            let first = work(0);
-            others
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(OverlayError::Sink("a checksum thread panicked".into()))
-                    })
-                })
-                .chain(std::iter::once(first))
-                .collect::<Result<Vec<()>, _>>()
-        })?;
+            for _ in 1..threads {
+                scope.spawn(|| checks.work(self));
+            }
+            checks.work(self);
+        });
+        checks.result()
+    }
+
+    /// Compares chunk `i`'s compressed bytes with its checksum.
+    fn check_sum(&self, i: usize, c: &Chunk, comp: &[u8]) -> Result<(), OverlayError> {
+        if CHECK_CRC && xxh3_64(comp) != c.xxh3 {
+            return Err(self.chunk_err(i, "checksum mismatch".into()));
+        }
         Ok(())
     }
 

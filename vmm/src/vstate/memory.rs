@@ -63,6 +63,27 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError>
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map(mem_mib, e))
 }
 
+/// Replaces `[host, host + len)` of guest RAM by fresh, zeroed anonymous private memory
+/// (synthesis does so where an overlay rewrites the base's pages).
+pub fn remap_anonymous(host: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: callers pass a page-aligned range of guest RAM this VMM mapped and owns, with no
+    // vCPU running on it yet; MAP_FIXED replaces exactly those pages and keeps the range valid.
+    let r = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
