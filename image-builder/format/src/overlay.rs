@@ -226,10 +226,14 @@ impl ChunkChecks {
     /// A pass with nothing left to check (a full pass was recorded before).
     pub fn finished() -> Self {
         ChunkChecks {
-            next: usize::MAX.into(),
+            next: Self::DONE.into(),
             failed: Default::default(),
         }
     }
+
+    /// "Nothing left": far above any chunk count, and far enough below `usize::MAX` that the
+    /// workers' increments never wrap it back to chunk 0.
+    const DONE: usize = usize::MAX / 2;
 
     /// Checks chunks of `ov` until none is left or one fails.
     pub fn work(&self, ov: &Overlay) {
@@ -242,7 +246,7 @@ impl ChunkChecks {
                 return;
             }
             if let Err(e) = ov.verify_chunk(i, &mut buf) {
-                self.next.store(usize::MAX, Ordering::Relaxed);
+                self.next.store(Self::DONE, Ordering::Relaxed);
                 let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
                 f.get_or_insert(e);
                 return;
@@ -1317,6 +1321,30 @@ mod tests {
         ix.disk_bytes = 100;
         ix.disk_chunks.clear();
         assert!(validate(&ix, 200).unwrap_err().contains("disk size"));
+    }
+
+    /// A shared pass checks each chunk once across workers, stops at a damaged chunk, and a
+    /// finished pass checks nothing however many workers join.
+    #[test]
+    fn shared_chunk_checks() {
+        let (base, new) = images();
+        let (path, _) = write("shared-checks", &base, &new);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let ov = Overlay::open(&path).unwrap();
+        let at = ov.index().chunks[1].offset as usize + 2;
+        drop(ov);
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let ov = Overlay::open(&path).unwrap();
+        let checks = ChunkChecks::new();
+        checks.work(&ov);
+        checks.work(&ov);
+        assert!(checks.result().is_err(), "chunk 1 is damaged");
+        let done = ChunkChecks::finished();
+        for _ in 0..3 {
+            done.work(&ov);
+        }
+        assert!(done.result().is_ok(), "a finished pass checks nothing");
     }
 
     /// A recorded full checksum pass holds only for the unchanged file: a byte rewritten in
