@@ -51,39 +51,49 @@ impl PageSources {
     pub fn new(index: &Index) -> Self {
         // Passes before the overlay copies, tagged with their order in `apply`; for a page
         // written by several, the latest pass wins.
-        let mut tagged: Vec<(u64, u8, Source)> = Vec::new();
+        // Every page of every pass, in pass order (zero runs, base copies, chunks): a later
+        // pass wins a page, and a stable sort by page keeps that order among equals. The
+        // writer's chunks come in page order, so the common overlay needs no sort at all;
+        // sizes are known up front, because on PVM hosts each fresh heap page costs a fault.
+        let chunk_pages: u64 = index.chunks.iter().map(|c| c.page_count()).sum();
+        let zero_pages: u64 = index.zero.iter().map(|r| r.count).sum();
+        let total = (chunk_pages + zero_pages) as usize + index.base_copies.len();
+        let mut pages: Vec<(u64, Source)> = Vec::with_capacity(total);
         for r in &index.zero {
-            tagged.extend((r.first..r.first + r.count).map(|p| (p, 0, Source::Zero)));
+            pages.extend((r.first..r.first + r.count).map(|p| (p, Source::Zero)));
         }
-        tagged.extend(
+        pages.extend(
             index
                 .base_copies
                 .iter()
-                .map(|c| (c.dst, 1, Source::Base(c.src))),
+                .map(|c| (c.dst, Source::Base(c.src))),
         );
         for (ci, c) in index.chunks.iter().enumerate() {
             let mut k = 0u32;
             for r in &c.pages {
                 for p in r.first..r.first + r.count {
-                    let src = Source::Chunk {
-                        chunk: ci as u32,
-                        index: k,
-                    };
-                    tagged.push((p, 2, src));
+                    pages.push((
+                        p,
+                        Source::Chunk {
+                            chunk: ci as u32,
+                            index: k,
+                        },
+                    ));
                     k += 1;
                 }
             }
         }
-        tagged.sort_by_key(|&(p, pass, _)| (p, pass));
-        let mut pages: Vec<(u64, Source)> = Vec::with_capacity(tagged.len());
-        for (p, _, src) in tagged {
-            match pages.last_mut() {
-                Some(last) if last.0 == p => last.1 = src,
-                _ => pages.push((p, src)),
-            }
+        if !pages.is_sorted_by_key(|e| e.0) {
+            pages.sort_by_key(|e| e.0);
         }
-        // Overlay copies, in order: each takes its source page as it is at that point of
-        // `apply` (rewritten, possibly by an earlier copy, or the base's).
+        // Equal pages are adjacent now; keep the last (the latest pass).
+        pages.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = later.1;
+            }
+            same
+        });
         if !index.self_copies.is_empty() {
             let mut copied: HashMap<u64, Source> = HashMap::new();
             let find = |pages: &[(u64, Source)], p: u64| {
@@ -120,7 +130,11 @@ impl PageSources {
             pages = merged;
         }
         let mut runs: Vec<Run> = Vec::new();
-        let mut by_chunk = vec![Vec::new(); index.chunks.len()];
+        let mut by_chunk: Vec<Vec<(u64, u32)>> = index
+            .chunks
+            .iter()
+            .map(|c| Vec::with_capacity(c.page_count() as usize))
+            .collect();
         let mut other = Vec::new();
         for &(p, src) in &pages {
             match runs.last_mut() {
