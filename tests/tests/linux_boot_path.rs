@@ -103,7 +103,7 @@ fn entry_registers(
         kvm.msr_indices.clone(),
     )
     .unwrap();
-    vcpu.configure(mem, &kvm.supported_cpuid, 1, k.entry, k.boot_info)
+    vcpu.configure(mem, &kvm.supported_cpuid().unwrap(), 1, k.entry, k.boot_info)
         .unwrap();
     vcpu.registers().unwrap()
 }

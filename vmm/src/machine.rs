@@ -10,7 +10,7 @@
 //! VM fd are released (field order of [`Machine`]).
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -54,8 +54,10 @@ pub enum MachineError {
     Lazy(String),
 }
 
-/// How often the event loop replays coalesced guest writes no vCPU exit has drained.
-pub const COALESCED_DRAIN_MS: i32 = 20;
+/// How often the event loop replays coalesced guest writes no vCPU exit has drained and
+/// writes out serial output no register read or line end has (for guests that print without
+/// either).
+pub const OUTPUT_FLUSH_MS: i32 = 20;
 
 /// Most serial input buffered in the VMM before it stops reading stdin.
 const PENDING_INPUT_MAX: usize = 64 * 1024;
@@ -126,7 +128,8 @@ pub struct Machine {
     input_drained: EventFd,
     exit: Arc<ExitNotifier>,
     signals: StopSignals,
-    serial_input: bool,
+    /// Serial input from stdin (none with `--no-stdin`).
+    input: Option<SerialInput>,
     paused: std::sync::atomic::AtomicBool,
     api: Option<(UnixListener, PathBuf)>,
     /// Coalesced guest writes, with the buses they go to, drained here when no vCPU exits.
@@ -163,7 +166,7 @@ impl Machine {
         input_drained: EventFd,
         exit: Arc<ExitNotifier>,
         signals: StopSignals,
-        serial_input: bool,
+        input: Option<SerialInput>,
     ) -> Self {
         Machine {
             vcpus,
@@ -174,7 +177,7 @@ impl Machine {
             input_drained,
             exit,
             signals,
-            serial_input,
+            input,
             paused: std::sync::atomic::AtomicBool::new(false),
             api: None,
             coalesced: None,
@@ -208,7 +211,7 @@ impl Machine {
     }
 
     /// Gives the event loop the coalesced-write ring to drain every
-    /// [`COALESCED_DRAIN_MS`] ms, for guests that write without ever causing an exit.
+    /// [`OUTPUT_FLUSH_MS`] ms, for guests that write without ever causing an exit.
     pub fn set_coalesced(&mut self, ring: Arc<CoalescedRing>, io_bus: Bus, mmio_bus: Bus) {
         self.coalesced = Some((ring, io_bus, mmio_bus));
     }
@@ -455,9 +458,12 @@ impl Machine {
         if let Some((l, _)) = &self.api {
             add(l.as_raw_fd(), TOKEN_API)?;
         }
-        let mut input = SerialInput::default();
-        if self.serial_input {
-            input.attach_stdin(&epoll)?;
+        let mut input = self.input.take();
+        if let Some(input) = &mut input {
+            if !input.eof {
+                input.attach_stdin(&epoll)?;
+            }
+            input.feed(&epoll, &self.serial)?;
         }
         let mut events = vec![EpollEvent::default(); 8];
         let reason = 'outer: loop {
@@ -466,12 +472,11 @@ impl Machine {
                     ring.drain(io, mmio);
                 }
             }
-            let timeout = if self.coalesced.is_some() {
-                COALESCED_DRAIN_MS
-            } else {
-                -1
-            };
-            let n = match epoll.wait(timeout, &mut events) {
+            self.serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .flush_output();
+            let n = match epoll.wait(OUTPUT_FLUSH_MS, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -484,10 +489,16 @@ impl Machine {
                             break 'outer r;
                         }
                     }
-                    TOKEN_STDIN => input.read_stdin(&epoll, &self.serial)?,
+                    TOKEN_STDIN => {
+                        if let Some(input) = &mut input {
+                            input.read_stdin(&epoll, &self.serial)?;
+                        }
+                    }
                     TOKEN_DRAINED => {
                         let _ = self.input_drained.read();
-                        input.feed(&epoll, &self.serial)?;
+                        if let Some(input) = &mut input {
+                            input.feed(&epoll, &self.serial)?;
+                        }
                     }
                     TOKEN_API => self.serve_api(),
                     TOKEN_SIGNAL => {
@@ -511,18 +522,16 @@ impl Machine {
         }
         // Then the device thread (which may hold the last work for a stopped guest).
         self.devices = None;
-        let _ = self
-            .serial
+        self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .writer_mut()
-            .flush();
+            .flush_output();
     }
 }
 
 /// Serial input from stdin, buffered in the VMM while the guest's 64-byte FIFO is full.
-#[derive(Default)]
-struct SerialInput {
+#[derive(Debug, Default)]
+pub struct SerialInput {
     pending: VecDeque<u8>,
     /// stdin is in the epoll set.
     polling: bool,
@@ -533,6 +542,53 @@ struct SerialInput {
 impl SerialInput {
     fn stdin_fd() -> RawFd {
         std::io::stdin().as_raw_fd()
+    }
+
+    /// Serial input from stdin, with what stdin already holds put in the receive FIFO of
+    /// `serial` now. Called before the vCPUs start: a request written while the VM was being
+    /// built (a restore or synthesis takes milliseconds) is there, interrupt raised, when the
+    /// guest first runs, instead of waiting for the event loop to start.
+    pub fn primed(serial: &Mutex<SerialDevice>) -> Self {
+        let mut input = SerialInput::default();
+        let mut pfd = libc::pollfd {
+            fd: Self::stdin_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd without waiting.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLIN != 0;
+        if ready {
+            if input.read_once() {
+                input.push_to(serial);
+            } else {
+                input.eof = true;
+            }
+        }
+        input
+    }
+
+    /// Reads what stdin has (one `read`) into `pending`; false at end of input or on error.
+    fn read_once(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        // SAFETY: reads at most `buf.len()` bytes into `buf` from stdin, which poll or epoll
+        // reported readable; std's Stdin would add its own buffering, which we do not want.
+        let n = unsafe { libc::read(Self::stdin_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return n < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+        }
+        self.pending.extend(&buf[..n as usize]);
+        true
+    }
+
+    /// Moves as much of `pending` as the receive FIFO takes into it.
+    fn push_to(&mut self, serial: &Mutex<SerialDevice>) {
+        if !self.pending.is_empty() {
+            let mut dev = serial.lock().unwrap_or_else(|p| p.into_inner());
+            let (front, _) = self.pending.as_slices();
+            let took = dev.enqueue_input(front);
+            self.pending.drain(..took);
+        }
     }
 
     fn attach_stdin(&mut self, epoll: &Epoll) -> std::io::Result<()> {
@@ -576,29 +632,16 @@ impl SerialInput {
     }
 
     fn read_stdin(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
-        let mut buf = [0u8; 4096];
-        // SAFETY: reads at most `buf.len()` bytes into `buf` from stdin, which epoll reported
-        // readable; std's Stdin would add its own buffering, which we do not want here.
-        let n = unsafe { libc::read(Self::stdin_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                return Ok(());
-            }
+        if !self.read_once() {
             self.set_polling(epoll, false)?;
             self.eof = true;
             return Ok(());
         }
-        self.pending.extend(&buf[..n as usize]);
         self.feed(epoll, serial)
     }
 
     fn feed(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            let mut dev = serial.lock().unwrap_or_else(|p| p.into_inner());
-            let (front, _) = self.pending.as_slices();
-            let took = dev.enqueue_input(front);
-            self.pending.drain(..took);
-        }
+        self.push_to(serial);
         self.set_polling(epoll, self.pending.len() < PENDING_INPUT_MAX)
     }
 }

@@ -9,14 +9,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
 
-/// Raises an interrupt line by writing an eventfd registered as a KVM irqfd.
+/// How the UART raises its interrupt.
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub enum IrqTrigger {
+    /// An interrupt line pulsed from the raising thread (what the VMM uses).
+    Line(crate::vstate::vm::IrqLine),
+    /// An eventfd (registered as a KVM irqfd, or read by a test).
+    Event(EventFd),
+}
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        match self {
+            IrqTrigger::Line(l) => l.pulse(),
+            IrqTrigger::Event(e) => e.write(1),
+        }
     }
 }
 
@@ -37,9 +45,51 @@ impl SerialEvents for InputDrained {
 /// Where serial output goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Output bytes gathered until the guest's next register read, line end or
+/// [`SerialDevice::flush_output`]. vm-superio writes and flushes its writer once per byte,
+/// which is one `write` system call per byte; a guest sends a FIFO burst (16 bytes) and then
+/// reads the line status, so one call per burst carries the same bytes as early as the guest
+/// can observe them.
+struct Batched {
+    out: SerialOut,
+    buf: Vec<u8>,
+}
+
+/// Output held before it is written regardless.
+const BATCH_MAX: usize = 4096;
+
+impl Batched {
+    fn push_out(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .out
+            .write_all(&self.buf)
+            .and_then(|()| self.out.flush());
+        self.buf.clear();
+        r
+    }
+}
+
+impl Write for Batched {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= BATCH_MAX || b.contains(&b'\n') {
+            self.push_out()?;
+        }
+        Ok(b.len())
+    }
+
+    /// vm-superio flushes after every byte: batching means not passing that on.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The COM1 device.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, InputDrained, SerialOut>,
+    uart: Serial<IrqTrigger, InputDrained, Batched>,
     output_failed: bool,
 }
 
@@ -51,9 +101,9 @@ impl std::fmt::Debug for SerialDevice {
 
 impl SerialDevice {
     /// A UART raising `irq`, signalling `drained`, writing to `out`.
-    pub fn new(irq: EventFd, drained: EventFd, out: SerialOut) -> Self {
+    pub fn new(irq: IrqTrigger, drained: EventFd, out: SerialOut) -> Self {
         SerialDevice {
-            uart: Serial::with_events(IrqTrigger(irq), InputDrained(drained), out),
+            uart: Serial::with_events(irq, InputDrained(drained), batched(out)),
             output_failed: false,
         }
     }
@@ -61,11 +111,11 @@ impl SerialDevice {
     /// A UART with registers and FIFO from a snapshot.
     pub fn from_state(
         state: &crate::snapshot::SerialSnapshot,
-        irq: EventFd,
+        irq: IrqTrigger,
         drained: EventFd,
         out: SerialOut,
     ) -> Result<Self, String> {
-        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), InputDrained(drained), out)
+        let uart = Serial::from_state(&state.into(), irq, InputDrained(drained), batched(out))
             .map_err(|e| format!("{e:?}"))?;
         Ok(SerialDevice {
             uart,
@@ -93,9 +143,22 @@ impl SerialDevice {
         }
     }
 
-    /// The output writer.
-    pub fn writer_mut(&mut self) -> &mut SerialOut {
-        self.uart.writer_mut()
+    /// Writes out the output gathered so far (the event loop calls this periodically, for
+    /// guests that print without reading a register or ending a line).
+    pub fn flush_output(&mut self) {
+        let r = self.uart.writer_mut().push_out();
+        self.note_output(r);
+    }
+
+    fn note_output(&mut self, r: std::io::Result<()>) {
+        if let Err(e) = r {
+            // Output that cannot be written (closed pipe, full disk) must not stop the guest;
+            // say so once.
+            if !self.output_failed {
+                tracing::warn!("serial output failed, further output is dropped: {e}");
+                self.output_failed = true;
+            }
+        }
     }
 
     /// Room left in the receive FIFO.
@@ -106,6 +169,8 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A register read is where a guest looks for its output having left: write it now.
+        self.flush_output();
         if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
             *first = self.uart.read(off);
         }
@@ -115,14 +180,18 @@ impl BusDevice for SerialDevice {
         let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
-        if let Err(e) = self.uart.write(off, value) {
-            // Output that cannot be written (closed pipe, full disk) must not stop the guest;
-            // say so once.
-            if !self.output_failed {
-                tracing::warn!("serial output failed, further output is dropped: {e}");
-                self.output_failed = true;
-            }
-        }
+        let r = self.uart.write(off, value).map_err(|e| match e {
+            vm_superio::serial::Error::IOError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        });
+        self.note_output(r);
+    }
+}
+
+fn batched(out: SerialOut) -> Batched {
+    Batched {
+        out,
+        buf: Vec::with_capacity(256),
     }
 }
 
@@ -148,7 +217,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dev = SerialDevice::new(
-            irq.try_clone().unwrap(),
+            IrqTrigger::Event(irq.try_clone().unwrap()),
             drained.try_clone().unwrap(),
             Box::new(out.clone()),
         );
@@ -162,6 +231,48 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+
+    /// A writer that counts its `write` calls.
+    #[derive(Clone, Default)]
+    struct Counting(Arc<Mutex<(Vec<u8>, usize)>>);
+    impl Write for Counting {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let mut g = self.0.lock().unwrap();
+            g.0.extend_from_slice(b);
+            g.1 += 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_is_written_per_burst_not_per_byte() {
+        let out = Counting::default();
+        let mut dev = SerialDevice::new(
+            IrqTrigger::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Box::new(out.clone()),
+        );
+        for b in b"a burst of 16 by" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().1, 0, "held until the guest looks");
+        // The guest reads the line status before its next burst: the burst goes out whole.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(*out.0.lock().unwrap(), (b"a burst of 16 by".to_vec(), 1));
+        // A line end goes out at once; a partial line when the event loop flushes.
+        for b in b"tes\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().1, 2);
+        dev.write(0, b"p");
+        dev.flush_output();
+        let g = out.0.lock().unwrap();
+        assert_eq!((g.0.as_slice(), g.1), (&b"a burst of 16 bytes\np"[..], 3));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The KVM VM: memory slots, in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
+use std::os::fd::AsRawFd;
+
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irq_level, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -38,6 +41,9 @@ pub enum VmError {
     /// Registering an irqfd failed.
     #[error("failed to connect an interrupt event to GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// The VM fd could not be duplicated for an interrupt line.
+    #[error("failed to set up interrupt line {0}")]
+    IrqLine(u32, #[source] std::io::Error),
 }
 
 /// The VM-wide state KVM holds.
@@ -165,5 +171,52 @@ impl Vm {
     /// The raw VM fd.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// An interrupt line the caller raises itself (see [`IrqLine`]).
+    pub fn irq_line(&self, gsi: u32) -> Result<IrqLine, VmError> {
+        // SAFETY: `self.fd` is an open VM fd for the duration of the borrow; the clone is a
+        // new descriptor owned by the returned value.
+        let vm = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| VmError::IrqLine(gsi, e))?;
+        Ok(IrqLine { vm, gsi })
+    }
+}
+
+/// A PIC/IOAPIC interrupt line pulsed with `KVM_IRQ_LINE` from the thread that raises it.
+///
+/// An irqfd is the usual way, but for lines routed to the PIC and IOAPIC KVM cannot inject
+/// from the eventfd's wakeup and hands the work to a kernel worker: the raising thread wakes
+/// a kworker, which may preempt it (measured here: a VMM thread holding the serial device,
+/// preempted by that kworker, stalled the vCPU for over a millisecond). The ioctl injects
+/// synchronously and wakes only the vCPU.
+#[derive(Debug)]
+pub struct IrqLine {
+    vm: std::os::fd::OwnedFd,
+    gsi: u32,
+}
+
+vmm_sys_util::ioctl_iow_nr!(KVM_IRQ_LINE, kvm_bindings::KVMIO, 0x61, kvm_irq_level);
+
+impl IrqLine {
+    fn set(&self, level: u32) -> std::io::Result<()> {
+        let arg = kvm_irq_level {
+            __bindgen_anon_1: kvm_bindings::kvm_irq_level__bindgen_ty_1 { irq: self.gsi },
+            level,
+        };
+        // SAFETY: KVM_IRQ_LINE reads one `kvm_irq_level` from `arg`, which lives across the
+        // call; the fd is a VM fd this value owns.
+        let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vm, KVM_IRQ_LINE(), &arg) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Raises and lowers the line: one edge, as an irqfd write does.
+    pub fn pulse(&self) -> std::io::Result<()> {
+        self.set(1)?;
+        self.set(0)
     }
 }
