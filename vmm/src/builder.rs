@@ -593,12 +593,7 @@ pub fn build_from_overlay(
             None,
         ),
     };
-    // The VM and its memory slot first, while this is the only busy thread (see
-    // `LazyPlan::begin`).
     let vm = Vm::new(&kvm, &mem)?;
-    if let Some(p) = &mut plan {
-        p.begin()?;
-    }
     let t_restore = Instant::now();
     // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
     let mut fill = None;

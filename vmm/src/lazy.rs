@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use image_format::mapped::Mapped;
 use image_format::overlay::Overlay;
+use image_format::overlay::Run;
 use image_format::sources::{PageSources, Source};
 use image_format::PAGE_SIZE;
 
@@ -337,21 +338,44 @@ fn fault_server(s: &Shared) {
     }
 }
 
-impl LazyFill {
-    /// Replaces the rewritten pages of guest memory (`regions`, currently the base's private
-    /// mapping) with anonymous memory registered with `uffd` and starts serving their faults
-    /// from `sources`. Every chunk's checksum must have been verified already.
-    ///
-    /// `warm` are chunks already decompressed (on a helper thread while the VM was built):
-    /// they are filled here, before any vCPU can fault on them.
-    pub fn start(
+/// Replaces the pages in `runs` (the pages an overlay rewrites) by fresh anonymous memory
+/// registered with `uffd`: until filled, a touch of one of them waits for the fault server.
+pub fn prepare_memory(uffd: &Uffd, regions: &[Region], runs: &[Run]) -> Result<(), LazyError> {
+    for r in runs {
+        let mut p = r.first;
+        let end = r.first + r.count;
+        while p < end {
+            let reg = regions
+                .iter()
+                .find(|g| p >= g.first_page && p < g.first_page + g.pages)
+                .ok_or_else(|| LazyError::Memory(format!("page {p} is outside guest RAM")))?;
+            let n = (end.min(reg.first_page + reg.pages) - p) as usize;
+            let host = reg.host + (p - reg.first_page) as usize * PAGE_SIZE;
+            crate::vstate::memory::remap_anonymous(host, n * PAGE_SIZE)
+                .map_err(|e| LazyError::Memory(format!("anonymous remap at {host:#x}: {e}")))?;
+            uffd.register(host, n * PAGE_SIZE)
+                .map_err(LazyError::Unavailable)?;
+            p += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The fill made ready (warm chunks in place) by the thread that then serves its faults
+/// ([`Filler::serve_faults`]); [`LazyFill::new`] hands it to the machine.
+pub struct Filler(Arc<Shared>);
+
+impl Filler {
+    /// The fill of memory prepared by [`prepare_memory`], with the chunks in `warm` (already
+    /// decompressed) filled now.
+    pub fn new(
         uffd: Uffd,
         overlay: Arc<Overlay>,
         sources: PageSources,
         base: Arc<Mapped>,
         regions: Vec<Region>,
         warm: Vec<(usize, Vec<u8>)>,
-    ) -> Result<LazyFill, LazyError> {
+    ) -> Result<Filler, LazyError> {
         let started = Instant::now();
         let chunks = sources.chunks();
         let shared = Arc::new(Shared {
@@ -369,43 +393,32 @@ impl LazyFill {
             stats: Arc::default(),
             started,
         });
-        for r in shared.sources.runs() {
-            let mut p = r.first;
-            let end = r.first + r.count;
-            while p < end {
-                let reg = shared
-                    .regions
-                    .iter()
-                    .find(|g| p >= g.first_page && p < g.first_page + g.pages)
-                    .ok_or_else(|| LazyError::Memory(format!("page {p} is outside guest RAM")))?;
-                let n = (end.min(reg.first_page + reg.pages) - p) as usize;
-                let host = reg.host + (p - reg.first_page) as usize * PAGE_SIZE;
-                crate::vstate::memory::remap_anonymous(host, n * PAGE_SIZE)
-                    .map_err(|e| LazyError::Memory(format!("anonymous remap at {host:#x}: {e}")))?;
-                shared
-                    .uffd
-                    .register(host, n * PAGE_SIZE)
-                    .map_err(LazyError::Unavailable)?;
-                p += n as u64;
-            }
-        }
         for (c, data) in &warm {
             if *c < chunks {
                 shared.fill_decoded(*c, data).map_err(LazyError::Memory)?;
-                shared.chunk_state[*c].store(CHUNK_FILLED, Ordering::Release);
             }
         }
-        let server = {
-            let s = shared.clone();
-            std::thread::Builder::new()
-                .name("uffd-faults".into())
-                .spawn(move || fault_server(&s))
-                .map_err(|e| LazyError::Memory(format!("cannot start the fault server: {e}")))?
-        };
-        Ok(LazyFill {
-            shared,
+        Ok(Filler(shared))
+    }
+
+    /// Another handle on the same fill (one for the machine, one for the serving thread).
+    pub fn handle(&self) -> Filler {
+        Filler(self.0.clone())
+    }
+
+    /// Serves faults until every page is present, the fill fails or the VM goes away.
+    pub fn serve_faults(&self) {
+        fault_server(&self.0);
+    }
+}
+
+impl LazyFill {
+    /// The running fill of `filler`, whose faults `server` serves.
+    pub fn new(filler: Filler, server: JoinHandle<()>) -> LazyFill {
+        LazyFill {
+            shared: filler.0,
             threads: vec![server],
-        })
+        }
     }
 
     /// Starts filling the pages nobody touched yet in the background. Called once the VM

@@ -1206,6 +1206,14 @@ mod tests {
             &[Run { first: 0, count: 5 }, Run { first: 7, count: 2 }]
         );
         assert_eq!(s.chunk_pages(0), &[(1, 1), (3, 0), (4, 1), (7, 1)]);
+        // The runs (computed from the index alone) are exactly the pages with a source.
+        let listed: Vec<u64> = s
+            .runs()
+            .iter()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect();
+        let with_source: Vec<u64> = (0..16).filter(|&p| s.get(p).is_some()).collect();
+        assert_eq!(listed, with_source);
     }
 
     #[test]

@@ -46,6 +46,35 @@ pub struct PageSources {
     other: Vec<(u64, Source)>,
 }
 
+/// The pages an overlay rewrites (every page with a source other than the base's own copy),
+/// as sorted, merged runs. Cheap: one entry per run of the index, not per page, so a VMM can
+/// prepare guest memory for them before the per-page plan ([`PageSources`]) exists.
+pub fn rewritten_runs(index: &Index) -> Vec<Run> {
+    let copies = index.base_copies.iter().chain(&index.self_copies);
+    let mut runs: Vec<Run> = index
+        .zero
+        .iter()
+        .copied()
+        .chain(copies.map(|c| Run {
+            first: c.dst,
+            count: 1,
+        }))
+        .chain(index.chunks.iter().flat_map(|c| c.pages.iter().copied()))
+        .filter(|r| r.count > 0)
+        .collect();
+    runs.sort_unstable_by_key(|r| r.first);
+    let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match merged.last_mut() {
+            Some(m) if r.first <= m.first + m.count => {
+                m.count = m.count.max(r.first + r.count - m.first);
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
 impl PageSources {
     /// Resolves `index` (already validated by [`Overlay::open`](crate::overlay::Overlay::open)).
     pub fn new(index: &Index) -> Self {
@@ -129,7 +158,7 @@ impl PageSources {
             }
             pages = merged;
         }
-        let mut runs: Vec<Run> = Vec::new();
+        let runs = rewritten_runs(index);
         let mut by_chunk: Vec<Vec<(u64, u32)>> = index
             .chunks
             .iter()
@@ -137,10 +166,6 @@ impl PageSources {
             .collect();
         let mut other = Vec::new();
         for &(p, src) in &pages {
-            match runs.last_mut() {
-                Some(r) if r.first + r.count == p => r.count += 1,
-                _ => runs.push(Run { first: p, count: 1 }),
-            }
             match src {
                 Source::Chunk { chunk, index } => by_chunk[chunk as usize].push((p, index)),
                 s => other.push((p, s)),
