@@ -103,8 +103,14 @@ fn entry_registers(
         kvm.msr_indices.clone(),
     )
     .unwrap();
-    vcpu.configure(mem, &kvm.supported_cpuid().unwrap(), 1, k.entry, k.boot_info)
-        .unwrap();
+    vcpu.configure(
+        mem,
+        &kvm.supported_cpuid().unwrap(),
+        1,
+        k.entry,
+        k.boot_info,
+    )
+    .unwrap();
     vcpu.registers().unwrap()
 }
 
