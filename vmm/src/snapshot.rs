@@ -170,7 +170,9 @@ pub fn read_disk_delta(
     let bad = |e: crate::devices::virtio::disk::DiskError| {
         SnapshotError::Disk(path.clone(), e.to_string())
     };
-    let delta = crate::devices::virtio::disk::Delta::open(&path, disk.size).map_err(bad)?;
+    // Read-only: restoring must not change the snapshot (not even a torn tail).
+    let delta =
+        crate::devices::virtio::disk::Delta::open_read_only(&path, disk.size).map_err(bad)?;
     delta
         .delta_blocks()
         .map(|b| b.map(|(n, data)| (n, data.into_owned())).map_err(bad))

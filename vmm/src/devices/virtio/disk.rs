@@ -241,10 +241,21 @@ impl Delta {
     /// Opens an existing δ file for a disk of `disk_size` bytes, checking every record and
     /// dropping a torn tail of unflushed records.
     pub fn open(path: &Path, disk_size: u64) -> Result<Self, DiskError> {
+        Self::open_with(path, disk_size, true)
+    }
+
+    /// Opens an existing δ file only to read it (a snapshot's, copied into a new VM's δ):
+    /// checked as [`Delta::open`] does, but the file is opened read-only and a torn tail is
+    /// skipped, not truncated. Writing to the result fails.
+    pub fn open_read_only(path: &Path, disk_size: u64) -> Result<Self, DiskError> {
+        Self::open_with(path, disk_size, false)
+    }
+
+    fn open_with(path: &Path, disk_size: u64, writable: bool) -> Result<Self, DiskError> {
         Self::check_size(disk_size)?;
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(path)
             .map_err(io_err("open the disk delta file"))?;
         let len = file
@@ -294,7 +305,7 @@ impl Delta {
             return Err(DiskError::Corrupt(slots));
         }
         let end = RECORDS_START + slots * RECORD_LEN;
-        if len != end {
+        if len != end && writable {
             debug!(
                 "disk delta {}: dropping {} bytes of unflushed tail",
                 path.display(),
@@ -878,6 +889,14 @@ mod tests {
         f.write_all_at(&[0xff], RECORDS_START + RECORD_LEN + 50)
             .unwrap();
         drop(f);
+        // Read-only: the same blocks, and the file is left exactly as it was.
+        let ro = Delta::open_read_only(&path, 64 * BS).unwrap();
+        assert_eq!(ro.block_numbers().collect::<Vec<_>>(), [1]);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            RECORDS_START + 2 * RECORD_LEN + 100
+        );
+        drop(ro);
         let d = Delta::open(&path, 64 * BS).unwrap();
         assert_eq!(d.block_numbers().collect::<Vec<_>>(), [1]);
         assert_eq!(
