@@ -645,6 +645,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     let state = snapshot::read_state(&cfg.snapshot)?;
     let kvm = KvmContext::open(&cfg.kvm_path)?;
     let mem = snapshot::map_memory(&cfg.snapshot, state.mem_mib)?;
+    snapshot::prefault_data(&cfg.snapshot, &mem, &[]);
     let disk_start = snapshot::read_disk_delta(&cfg.snapshot, &state)?;
     let vm = Vm::new(&kvm, &mem)?;
     let machine = restore_machine(

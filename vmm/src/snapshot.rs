@@ -10,6 +10,8 @@
 //! `state` file is complete).
 
 use std::fs::File;
+
+use image_format::overlay::Run;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -343,8 +345,33 @@ pub fn map_memory(dir: &Path, mem_mib: u64) -> Result<GuestMemoryMmap, SnapshotE
     }
     let mem = GuestMemoryMmap::from_regions(regions)
         .map_err(|e| SnapshotError::Inconsistent(dir.to_owned(), format!("memory layout: {e}")))?;
-    prefault_data(&mem, &file, mem_mib << 20);
     Ok(mem)
+}
+
+/// The parts of byte range `start..end` outside the page runs `skip` (sorted, not
+/// overlapping). `cursor` is the first run that may still matter; calls must come in
+/// ascending order of `start`.
+fn outside_runs(start: u64, end: u64, skip: &[Run], cursor: &mut usize) -> Vec<(u64, u64)> {
+    let page = image_format::PAGE_SIZE as u64;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        while skip
+            .get(*cursor)
+            .is_some_and(|r| (r.first + r.count) * page <= at)
+        {
+            *cursor += 1;
+        }
+        match skip.get(*cursor) {
+            Some(r) if r.first * page <= at => at = ((r.first + r.count) * page).min(end),
+            next => {
+                let stop = next.map_or(end, |r| (r.first * page).min(end));
+                out.push((at, stop));
+                at = stop;
+            }
+        }
+    }
+    out
 }
 
 /// Most bytes of a memory image's data [`prefault_data`] maps up front.
@@ -354,11 +381,36 @@ const PREFAULT_MAX: u64 = 16 << 20;
 /// read-only and shared with the page cache, in one `MADV_POPULATE_READ` per extent: the
 /// guest's first touches then skip the host page fault (measured on PVM hosts: ~10 µs per
 /// first touch of an unpopulated page, ~2.4 µs of a populated one). Best effort, at most
-/// [`PREFAULT_MAX`] bytes.
-fn prefault_data(mem: &GuestMemoryMmap, file: &File, len: u64) {
+/// [`PREFAULT_MAX`] bytes. `skip` (sorted image-page runs) are left alone: lazy synthesis
+/// has replaced them by memory its fault server fills, and populating those would wait for
+/// it.
+pub fn prefault_data(dir: &Path, mem: &GuestMemoryMmap, skip: &[Run]) {
     use std::os::fd::AsRawFd;
+    let Ok(file) = File::open(dir.join(MEMORY_FILE)) else {
+        return;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
     let fd = file.as_raw_fd();
+    let populate = |at: u64, n: u64| {
+        let Some((gpa, in_range)) = layout::image_offset_to_gpa(len, at) else {
+            return;
+        };
+        if let Ok(host) = mem.get_host_address(GuestAddress(gpa)) {
+            // SAFETY: `host..host+n` lies in one guest RAM mapping we own (`n` is within
+            // the RAM range at `gpa`); populating read-only changes no contents.
+            unsafe {
+                libc::madvise(
+                    host.cast(),
+                    in_range.min(n) as usize,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+        }
+    };
     let (mut off, mut budget) = (0i64, PREFAULT_MAX);
+    let mut cursor = 0;
     while (off as u64) < len && budget > 0 {
         // SAFETY: lseek on a file we own; results are checked.
         let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
@@ -370,19 +422,17 @@ fn prefault_data(mem: &GuestMemoryMmap, file: &File, len: u64) {
         if hole <= data {
             return;
         }
-        let mut at = data as u64;
-        let end = (hole as u64).min(len).min(at + budget);
-        while at < end {
-            let Some((gpa, in_range)) = layout::image_offset_to_gpa(len, at) else {
-                return;
-            };
-            let n = in_range.min(end - at);
-            if let Ok(host) = mem.get_host_address(GuestAddress(gpa)) {
-                // SAFETY: `host..host+n` lies in one guest RAM mapping we own; populating
-                // read-only changes no contents.
-                unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_POPULATE_READ) };
+        let end = (hole as u64).min(len).min(data as u64 + budget);
+        for (mut at, stop) in outside_runs(data as u64, end, skip, &mut cursor) {
+            // Piecewise where the RAM layout jumps over the MMIO gap.
+            while at < stop {
+                let Some((_, in_range)) = layout::image_offset_to_gpa(len, at) else {
+                    return;
+                };
+                let n = in_range.min(stop - at);
+                populate(at, n);
+                at += n;
             }
-            at += n;
         }
         budget = budget.saturating_sub(end - data as u64);
         off = hole;
@@ -392,6 +442,35 @@ fn prefault_data(mem: &GuestMemoryMmap, file: &File, len: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefault_skips_the_runs_lazy_synthesis_fills() {
+        let p = image_format::PAGE_SIZE as u64;
+        let skip = [
+            Run { first: 2, count: 2 },
+            Run {
+                first: 10,
+                count: 1,
+            },
+        ];
+        let mut cursor = 0;
+        // An extent covering pages 0..6: pages 2 and 3 are left out.
+        assert_eq!(
+            outside_runs(0, 6 * p, &skip, &mut cursor),
+            [(0, 2 * p), (4 * p, 6 * p)]
+        );
+        // A later extent starting inside a run, and one past every run.
+        assert_eq!(
+            outside_runs(10 * p + 100, 12 * p, &skip, &mut cursor),
+            [(11 * p, 12 * p)]
+        );
+        assert_eq!(
+            outside_runs(20 * p, 21 * p, &skip, &mut cursor),
+            [(20 * p, 21 * p)]
+        );
+        // Nothing to skip: the whole extent.
+        assert_eq!(outside_runs(0, 3 * p, &[], &mut 0), [(0, 3 * p)]);
+    }
 
     #[test]
     fn memory_image_is_sparse_and_maps_back_privately() {

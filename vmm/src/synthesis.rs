@@ -222,6 +222,7 @@ pub fn materialise(
 ) -> Result<GuestMemoryMmap, crate::builder::BuildError> {
     let t0 = Instant::now();
     let mem = crate::snapshot::map_memory(base, checked.manifest.mem_mib)?;
+    crate::snapshot::prefault_data(base, &mem, &[]);
     let base_path = base.join("memory");
     let base_ro = Mapped::open(&base_path).map_err(|e| SynthesisError::Map(base_path, e))?;
     timings.map = t0.elapsed();
@@ -321,10 +322,15 @@ impl LazyPlan {
         // the median. Serving faults from the same thread saves starting another.
         let (helper, overlay) = (checks.clone(), checked.overlay.clone());
         let (tx, ready) = std::sync::mpsc::sync_channel(1);
+        let (base_dir, guest) = (base.to_owned(), mem.clone());
         let helper = std::thread::Builder::new()
             .name("overlay-check".into())
             .spawn(move || {
                 let t = Instant::now();
+                // The base's own pages, off the main thread (the rewritten ones are the
+                // fault server's: this thread's, later).
+                crate::snapshot::prefault_data(&base_dir, &guest, &runs);
+                drop(guest);
                 let (sources, warm) = prepare(&overlay, &helper);
                 match Filler::new(uffd, overlay, sources, base_ro, regions, warm) {
                     Ok(filler) => {
