@@ -2,12 +2,16 @@
 //!
 //! `entry.rs` holds everything that runs at CPL0 (a few dozen instructions: tables, MSRs, PIC,
 //! then `iretq`); `guest_main` below runs at CPL3, natively even on PVM hosts. It finds its
-//! virtio-mmio devices on the command line (a disk and a network card, both optional), prints
-//! the banner, runs the `micro.run=` commands, then serves requests from the serial console
-//! and, with a network card, over TCP (protocol in `micro_service::request`,
+//! virtio-mmio devices on the command line (a disk, a network card and a console, all
+//! optional), prints the banner, runs the `micro.run=` commands, then serves requests from its
+//! console and, with a network card, over TCP (protocol in `micro_service::request`,
 //! `micro_service::frame` and docs/micro-guest.md).
 //!
-//! The main loop polls everything (serial, network) and, when nothing is left to do, sleeps
+//! The console is the virtio console when there is one, else COM1: the banner, the replies to
+//! the `micro.run=` commands and the request/reply lines all go through it (COM1 is then left
+//! alone; panics still go to COM1).
+//!
+//! The main loop polls everything (console, network) and, when nothing is left to do, sleeps
 //! in the one system call (`sti; hlt` at CPL0) until an interrupt: the serial port's, a
 //! device's, or the PIT armed for the TCP stack's next timer.
 #![no_std]
@@ -16,6 +20,7 @@
 mod arena;
 mod blk;
 mod clock;
+mod console;
 mod cpu;
 mod disk;
 mod entry;
@@ -34,6 +39,10 @@ use serial::Serial;
 
 /// Longest request line.
 const LINE_MAX: usize = 1024;
+
+// A reply (at most `LINE_MAX + 64` bytes with its `\n`) takes one virtio console write: one
+// transmit buffer, one notification.
+const _: () = assert!(console::TX_BUF >= LINE_MAX + 64);
 
 /// What the `net` request reports.
 #[derive(Clone, Copy)]
@@ -58,6 +67,16 @@ struct Service {
     disk: Result<disk::Disk, &'static str>,
     /// The network interface, or why there is none.
     net: Result<NetInfo, &'static str>,
+    /// The virtio console, when there is one: the service's console instead of COM1.
+    console: Option<console::Console>,
+}
+
+/// Writes `bytes` to the service's console: the virtio console when there is one, else COM1.
+fn print(console: &mut Option<console::Console>, bytes: &[u8]) {
+    match console {
+        Some(c) => c.write(bytes),
+        None => serial::write(bytes),
+    }
 }
 
 impl Service {
@@ -71,9 +90,34 @@ impl Service {
     fn handle(&mut self, line: &[u8], sep: u8) {
         let power_off = self.respond(line, sep);
         self.reply.push_bytes(b"\n");
-        serial::write(self.reply.as_bytes());
+        print(&mut self.console, self.reply.as_bytes());
         if let Some(code) = power_off {
+            self.finish_output();
             cpu::poweroff(code);
+        }
+    }
+
+    /// Feeds one input byte of the console to `lines` and answers the line it completes.
+    fn take_byte(&mut self, lines: &mut LineReader<LINE_MAX>, b: u8) {
+        match lines.push(b) {
+            None => {}
+            Some(Line::Done(l)) if l.iter().all(u8::is_ascii_whitespace) => {}
+            Some(Line::Done(l)) => self.handle(l, b' '),
+            Some(Line::TooLong) => {
+                self.requests += 1;
+                print(
+                    &mut self.console,
+                    b"err line too long (at most 1024 bytes)\n",
+                );
+            }
+        }
+    }
+
+    /// Before powering off: lets the virtio console's device take what was written (COM1
+    /// output has left the UART when `serial::write` returns).
+    fn finish_output(&mut self) {
+        if let Some(c) = &mut self.console {
+            c.drain();
         }
     }
 
@@ -117,6 +161,8 @@ impl Service {
                     ),
                     None => write!(r, " uptime_cycles={up}"),
                 };
+                let console = if self.console.is_some() { "virtio" } else { "com1" };
+                let _ = write!(r, " console={console}");
             }
             Ok(Request::Load(mib)) => {
                 let bytes = mib << 20;
@@ -264,6 +310,10 @@ impl server::Handler for Service {
         let off = self.respond(request, b' ');
         (self.reply.as_bytes(), off)
     }
+
+    fn before_poweroff(&mut self) {
+        self.finish_output();
+    }
 }
 
 /// The kernel command line from the boot information of either entry protocol.
@@ -347,22 +397,31 @@ fn model_room(boot_info: u64, protocol: u64) -> u64 {
     0
 }
 
-/// The devices named by `virtio_mmio.device=` entries: the first disk and the first network
-/// card (others are left alone), or why there is none.
-fn find_devices(
-    cmd: &[u8],
-    seed: u64,
-) -> (
-    Result<blk::Blk, &'static str>,
-    Result<net::Net, &'static str>,
-) {
+/// The virtio devices the guest drives.
+struct Devices {
+    /// The disk, or why there is none.
+    disk: Result<blk::Blk, &'static str>,
+    /// The network card, or why there is none.
+    net: Result<net::Net, &'static str>,
+    /// The console, if there is one that works (else the guest uses COM1).
+    console: Option<console::Console>,
+}
+
+/// The devices named by `virtio_mmio.device=` entries: the first disk, the first network
+/// card and the first console (others are left alone).
+fn find_devices(cmd: &[u8], seed: u64) -> Devices {
     let mut disk = Err("no virtio-blk device on the command line");
     let mut net = Err("no virtio-net device on the command line");
+    let mut console = None;
     let mut refused = None;
     for d in cmdline::mmio_devices(cmd) {
         match virtio::Mmio::probe(&d) {
             Ok((m, virtio::DEVICE_BLOCK)) if disk.is_err() => disk = blk::Blk::new(m),
             Ok((m, virtio::DEVICE_NET)) if net.is_err() => net = net::Net::new(m, seed),
+            // A console that fails to set up leaves the guest on COM1.
+            Ok((m, virtio::DEVICE_CONSOLE)) if console.is_none() => {
+                console = console::Console::new(m).ok();
+            }
             Ok(_) => {}
             Err(why) => refused = Some(why),
         }
@@ -372,7 +431,7 @@ fn find_devices(
         disk = disk.or(Err(why));
         net = net.or(Err(why));
     }
-    (disk, net)
+    Devices { disk, net, console }
 }
 
 /// CPL3 entry, called from entry.rs with the boot information.
@@ -383,8 +442,12 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
     clock::init(tsc_hz, entry_tsc);
     let cmd = command_line(boot_info, protocol);
     let seed = cpu::rdtsc();
-    let (blk, net) = find_devices(cmd, seed);
-    if blk.is_ok() || net.is_ok() {
+    let Devices {
+        disk: blk,
+        net,
+        console,
+    } = find_devices(cmd, seed);
+    if blk.is_ok() || net.is_ok() || console.is_some() {
         // Device waits and TCP timers sleep with the PIT as the alarm clock.
         irq::stop_timer();
         irq::enable_line(0);
@@ -401,6 +464,7 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         model_entries: 0,
         disk: blk.map(disk::Disk::new),
         net: Err(""),
+        console,
     };
     let update_net = |svc: &mut Service, server: &Result<server::Server, &'static str>| {
         svc.net = match server {
@@ -416,44 +480,61 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
     let now = cpu::rdtsc();
     let entry = if protocol == 1 { "pvh" } else { "linux64" };
     let boot = now.wrapping_sub(entry_tsc);
+    // Formatted first, so that it is one console write (one notification).
+    svc.reply.clear();
     let _ = match svc.micros(boot) {
         Some(us) => writeln!(
-            Serial,
+            svc.reply,
             "micro-guest {} ready boot_us={us} entry={entry}",
             env!("CARGO_PKG_VERSION")
         ),
         None => writeln!(
-            Serial,
+            svc.reply,
             "micro-guest {} ready boot_cycles={boot} entry={entry}",
             env!("CARGO_PKG_VERSION")
         ),
     };
+    print(&mut svc.console, svc.reply.as_bytes());
     for c in cmdline::run_commands(cmd) {
         svc.handle(c, b':');
     }
     let lines = arena::leak(LineReader::<LINE_MAX>::new());
-    // When the network card's interrupt does not reach the 8259, poll it: every millisecond
-    // while there is traffic, backing off to 20 ms after a quiet second.
+    let mut chunk = [0u8; console::RX_BUF];
+    // When a device's interrupt (network card, console) does not reach the 8259, poll it:
+    // every millisecond while there is traffic, backing off to 20 ms after a quiet second.
     let mut last_busy = clock::micros();
     // Which interrupt lines fired: look at the serial port only after its interrupt (or the
-    // timer's, or at the start), at the network card's interrupt cause only after its
+    // timer's, or at the start), at a virtio device's interrupt cause only after its
     // interrupt. Each look is a VM exit; looking at the rings in memory is free.
     let mut fired = u16::MAX;
     loop {
         fired |= irq::take(u16::MAX);
         let mut busy = false;
-        if fired & (irq::bit(4) | irq::bit(0)) != 0 {
+        if let Some(c) = &mut svc.console {
+            // The virtio console; COM1 is not read. Acknowledge before looking at the ring.
+            if c.irq().is_some_and(|l| fired & irq::bit(l) != 0) {
+                c.ack_interrupt();
+            }
+            // Every buffer the device has filled (memory only, on every pass), then one
+            // notification that gives them all back. (The console is borrowed anew for each
+            // buffer: answering a line writes to it.)
+            loop {
+                let n = svc.console.as_mut().map_or(0, |c| c.read(&mut chunk));
+                if n == 0 {
+                    break;
+                }
+                busy = true;
+                for &b in &chunk[..n] {
+                    svc.take_byte(lines, b);
+                }
+            }
+            if let Some(c) = &mut svc.console {
+                c.flush();
+            }
+        } else if fired & (irq::bit(4) | irq::bit(0)) != 0 {
             while let Some(b) = serial::try_read() {
                 busy = true;
-                match lines.push(b) {
-                    None => {}
-                    Some(Line::Done(l)) if l.iter().all(u8::is_ascii_whitespace) => {}
-                    Some(Line::Done(l)) => svc.handle(l, b' '),
-                    Some(Line::TooLong) => {
-                        svc.requests += 1;
-                        serial::write(b"err line too long (at most 1024 bytes)\n");
-                    }
-                }
+                svc.take_byte(lines, b);
             }
         }
         if let Ok(s) = &mut server {
@@ -469,22 +550,25 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
             last_busy = now;
             continue;
         }
-        let timeout = match &mut server {
+        let every = if now - last_busy < 1_000_000 {
+            1_000
+        } else {
+            20_000
+        };
+        let mut timeout = match &mut server {
             Ok(s) => {
                 let t = s.poll_delay();
                 if s.irq().is_some() {
                     t
                 } else {
-                    let every = if now - last_busy < 1_000_000 {
-                        1_000
-                    } else {
-                        20_000
-                    };
                     Some(t.map_or(every, |t| t.min(every)))
                 }
             }
             Err(_) => None,
         };
+        if svc.console.as_ref().is_some_and(|c| c.irq().is_none()) {
+            timeout = Some(timeout.map_or(every, |t| t.min(every)));
+        }
         if timeout == Some(0) {
             continue;
         }

@@ -30,6 +30,10 @@ const SOCKET_BUF: usize = 4096;
 pub trait Handler {
     /// Answers one request (the frame's payload).
     fn handle(&mut self, request: &[u8]) -> (&[u8], Option<u8>);
+
+    /// Called when a request powers the guest off, once its reply is sent: finishes other
+    /// output in flight.
+    fn before_poweroff(&mut self) {}
 }
 
 /// The interface, its sockets and the device.
@@ -154,6 +158,7 @@ impl Server {
         self.dev.flush();
         if let Some(code) = power_off {
             self.drain();
+            handler.before_poweroff();
             crate::cpu::poweroff(code);
         }
         busy || self.dev.rx_pending()

@@ -41,6 +41,11 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 128;
 
+/// InterruptStatus bit: a queue has new used buffers.
+const INT_VRING: u32 = 1;
+/// InterruptStatus bit: the configuration space changed.
+const INT_CONFIG: u32 = 2;
+
 /// VIRTIO_F_VERSION_1: the device follows virtio 1.x (required by this driver).
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -48,6 +53,8 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const DEVICE_NET: u32 = 1;
 /// Device type: block device.
 pub const DEVICE_BLOCK: u32 = 2;
+/// Device type: console.
+pub const DEVICE_CONSOLE: u32 = 3;
 
 /// Most descriptors per queue this driver uses.
 pub const MAX_QUEUE: u16 = 32;
@@ -227,6 +234,22 @@ impl Mmio {
             any = true;
             self.write(REG_INTERRUPT_ACK, s);
         }
+    }
+
+    /// Acknowledges the pending interrupt causes with one read of InterruptStatus and, when
+    /// that is not 0, one write to InterruptACK: at most 2 VM exits (where
+    /// [`Mmio::ack_interrupt`] takes 3 or more when a cause is pending, as it reads the status
+    /// again until it is 0). The write acknowledges both defined causes, not only those read: a
+    /// cause raised between the read and the write is then cleared too, so a level line cannot
+    /// stay high without a new edge. That loses nothing as long as the caller looks at its used
+    /// rings afterwards (a used buffer published before the write is seen there, one published
+    /// after raises the line again) and ignores configuration changes. Returns the status read.
+    pub fn ack_interrupt_once(&self) -> u32 {
+        let s = self.read(REG_INTERRUPT_STATUS);
+        if s != 0 {
+            self.write(REG_INTERRUPT_ACK, INT_VRING | INT_CONFIG);
+        }
+        s
     }
 }
 

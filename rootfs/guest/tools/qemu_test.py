@@ -2,11 +2,14 @@
 """Checks the micro guest's disk and TCP service under QEMU microvm (virtio-mmio, modern
 transport, user networking with a host port forwarded to the guest's port 80).
 
-    qemu_test.py [--guest ELF] [--tcg] [--lines pic|ioapic] [--port N]
+    qemu_test.py [--guest ELF] [--tcg] [--lines pic|ioapic] [--console] [--port N]
 
 --lines pic (default): `acpi=off`, so QEMU puts the devices on 8259 lines (11, 12) and appends
 their `virtio_mmio.device=` entries to the command line itself. --lines ioapic: the same
 windows announced with lines 24+ (only an IOAPIC has those), so the guest must poll.
+--console: the guest also gets a virtio console (QEMU's virtio-serial, which acts as a
+single-port console since the guest declines MULTIPORT) on a Unix socket; the banner and the
+serial-protocol checks then go through it, and COM1 must stay silent.
 Exits non-zero with a message on the first failed check.
 """
 
@@ -33,8 +36,51 @@ def free_port():
         return s.getsockname()[1]
 
 
+class Lines:
+    """Lines of text read from a byte stream by a background thread."""
+
+    def __init__(self, read):
+        self.lines = []
+        self.closed = False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, args=(read,), daemon=True).start()
+
+    def _read(self, read):
+        buf = b""
+        while True:
+            try:
+                chunk = read()
+            except OSError:
+                chunk = b""
+            with self.cond:
+                if not chunk:
+                    self.closed = True
+                    self.cond.notify_all()
+                    return
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                for raw in done:
+                    self.lines.append(raw.decode(errors="replace").rstrip("\r"))
+                self.cond.notify_all()
+
+    def expect(self, pred, timeout, what):
+        end = time.time() + timeout
+        seen = 0
+        with self.cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if pred(line):
+                        return line
+                seen = len(self.lines)
+                left = end - time.time()
+                if left <= 0 or self.closed:
+                    raise AssertionError(f"no matching {what} line; saw {self.lines}")
+                self.cond.wait(left)
+
+
 class Guest:
-    """A QEMU process running the guest; serial output collected line by line."""
+    """A QEMU process running the guest; the output of its console (COM1, or the virtio
+    console with --console) collected line by line."""
 
     def __init__(self, args, disk, host_port, extra_append=""):
         machine = "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off"
@@ -45,6 +91,8 @@ class Guest:
             append += (
                 " virtio_mmio.device=512@0xfeb00e00:36 virtio_mmio.device=512@0xfeb00c00:35"
             )
+            if args.console:
+                append += " virtio_mmio.device=512@0xfeb00a00:37"
         accel = ["-accel", "tcg"] if args.tcg else ["-enable-kvm", "-cpu", "host,+invtsc"]
         cmd = [
             "qemu-system-x86_64", "-M", machine, *accel, "-m", "128", "-nodefaults",
@@ -57,41 +105,56 @@ class Guest:
             "-device", "virtio-net-device,netdev=n0",
             "-kernel", args.guest, "-append", append.strip(),
         ]
+        sock_path = None
+        if args.console:
+            sock_path = os.path.join(tempfile.mkdtemp(), "console.sock")
+            # QEMU waits for our connection before it starts the guest: no output is lost.
+            cmd += [
+                "-device", "virtio-serial-device",
+                "-chardev", f"socket,id=c0,path={sock_path},server=on,wait=on",
+                "-device", "virtconsole,chardev=c0",
+            ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        self.lines = []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.com1 = Lines(self.proc.stdout.read1)
+        self.sock = None
+        self.console = self.com1
+        if sock_path:
+            end = time.time() + 30
+            while self.sock is None:
+                try:
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(sock_path)
+                    self.sock = s
+                except OSError:
+                    s.close()
+                    if time.time() > end or self.proc.poll() is not None:
+                        raise AssertionError("QEMU's console socket never appeared")
+                    time.sleep(0.05)
+            self.console = Lines(lambda: self.sock.recv(65536))
 
-    def _read(self):
-        for raw in self.proc.stdout:
-            with self.cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-                self.cond.notify_all()
+    @property
+    def lines(self):
+        """The console's lines so far."""
+        return self.console.lines
 
     def expect(self, pred, timeout=30):
-        end = time.time() + timeout
-        seen = 0
-        with self.cond:
-            while True:
-                for line in self.lines[seen:]:
-                    if pred(line):
-                        return line
-                seen = len(self.lines)
-                left = end - time.time()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no matching serial line; saw {self.lines}")
-                self.cond.wait(left)
+        return self.console.expect(pred, timeout, "console")
 
     def send(self, text):
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
+        if self.sock:
+            self.sock.sendall(text.encode())
+        else:
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        if self.sock:
+            self.sock.close()
 
 
 def check(cond, what):
@@ -232,12 +295,30 @@ def run(args):
                 microclient.request(c, "health")
             print(f"   request round trip {1e6 * (time.time() - t0) / 200:.0f} us")
 
-        # Serial still works alongside, and stats counts everything.
+        # The console (COM1, or the virtio console) still works alongside, and stats counts
+        # everything.
         g.send("echo serial\n")
         check(g.expect(lambda l: l.startswith("ok echo")) == "ok echo serial", "serial echo")
+        seen = len(g.lines)
+        g.send("".join(f"echo p{k}\r\n" for k in range(100)))
+        g.expect(lambda l: l == "ok echo p99")
+        check(g.lines[seen:] == [f"ok echo p{k}" for k in range(100)], "100 pipelined lines")
+        g.send("echo sp")
+        time.sleep(0.05)
+        g.send("lit\n")
+        check(g.expect(lambda l: l.startswith("ok echo sp")) == "ok echo split", "split line")
+        g.send("echo " + "z" * 1019 + "\n")
+        r = g.expect(lambda l: l.startswith("ok echo z"))
+        check(r == "ok echo " + "z" * 1019, "1024-byte line")
+        g.send("echo " + "z" * 3000 + "\nhealth\n")
+        r = g.expect(lambda l: l.startswith("err line"))
+        check(r == "err line too long (at most 1024 bytes)", r)
+        check(g.expect(lambda l: l.startswith("ok health")) == "ok health", "served after it")
         g.send("stats\n")
         st = g.expect(lambda l: l.startswith("ok stats"))
         check(st.startswith("ok stats requests="), st)
+        if args.console:
+            check(g.com1.lines == [], f"COM1 silent with a virtio console: {g.com1.lines}")
 
         # The write reached the disk image.
         with microclient.connect(("127.0.0.1", port)) as c:
@@ -252,6 +333,8 @@ def run(args):
     finally:
         g.stop()
         err = g.proc.stderr.read().decode(errors="replace")
+        # (QEMU's notice that it waits for the console socket's client is not a problem.)
+        err = "\n".join(l for l in err.splitlines() if "QEMU waiting for connection" not in l)
         if err.strip():
             print("qemu stderr:", err, file=sys.stderr)
 
@@ -261,6 +344,7 @@ def main():
     p.add_argument("--guest", default=os.path.join(ROOT, "target/guest/micro-guest"))
     p.add_argument("--tcg", action="store_true", help="no KVM (slow)")
     p.add_argument("--lines", choices=["pic", "ioapic"], default="pic")
+    p.add_argument("--console", action="store_true", help="with a virtio console (see above)")
     p.add_argument("--port", type=int, default=0, help="host port (default: a free one)")
     try:
         run(p.parse_args())

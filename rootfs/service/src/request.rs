@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | `primes N` | `ok primes N=<N> count=<π(N)> us=<compute µs>` |
 //! | `echo TEXT` | `ok echo TEXT` |
-//! | `stats` | `ok stats requests=<served> uptime_us=<µs>` |
+//! | `stats` | `ok stats requests=<served> uptime_us=<µs> console=<virtio or com1>` |
 //! | `poweroff [CODE]` | `ok poweroff code=<CODE>`, then the guest powers off |
 //! | `load MIB` | `ok load mib=<MIB> sum=<wrapping sum of the entries> us=<µs>` (see [`crate::model`]) |
 //! | `query I` | `ok query i=<I> value=<entry I>`, or `err` when I is beyond the loaded table |
