@@ -74,7 +74,7 @@ pub fn base_devices(base: &Path, manifest: &Manifest) -> vmm::config::DevicesCon
             base: Some(base.join(image_format::base::DISK)),
             ..Default::default()
         }),
-        net: None,
+        ..Default::default()
     }
 }
 

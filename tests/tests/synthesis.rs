@@ -467,3 +467,64 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
         "the base disk is never written"
     );
 }
+
+/// A base with a virtio console (`image-builder base --console`): the overlay's script is
+/// typed on that console, and a VM synthesised from it answers there, from memory filled
+/// ahead and on first touch.
+#[test]
+fn a_console_base_synthesises_and_answers_on_its_virtio_console() {
+    let s = Scratch::new("synth-console");
+    let base = make_base(&s.path("base"), "64", &["--console".as_ref()]);
+    let overlay = s.path("model.overlay");
+    let fin = run_image_builder(
+        [
+            "overlay".as_ref(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--script".as_ref(),
+            "load:8".as_ref(),
+            "--out".as_ref(),
+            overlay.as_os_str(),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    // Typed before the VM exists: delivered into the console's receive buffers at start.
+    let mut vm = Vmm::spawn(synth_args(&base, &overlay, &[]));
+    vm.send("query 5\n");
+    let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
+    assert_eq!(l, format!("ok query i=5 value={}", model_entry(5)));
+    for i in [0u64, 1_048_575] {
+        vm.send(&format!("query {i}\n"));
+        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
+        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
+    }
+    vm.send("stats\npoweroff 0\n");
+    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
+    assert!(stats.ends_with(" console=virtio"), "{stats}");
+    vm.expect_line(T, |l| l == "ok poweroff code=0");
+    assert_eq!(vm.finish(T).code(), 0);
+}
+
+/// `vmm run --console` boots the micro guest with its console on virtio: banner, a request
+/// and power-off all go through it.
+#[test]
+fn run_with_a_console_talks_over_virtio() {
+    let kernel = micro_guest();
+    let mut vm = Vmm::spawn([
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--mem".into(),
+        "64".into(),
+        "--console".into(),
+    ]);
+    vm.expect_line(T, |l| l.starts_with("micro-guest "));
+    vm.send("primes 1000\nstats\npoweroff 0\n");
+    let l = vm.expect_line(T, |l| l.starts_with("ok primes"));
+    assert!(l.starts_with("ok primes N=1000 count=168"), "{l}");
+    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
+    assert!(stats.ends_with(" console=virtio"), "{stats}");
+    vm.expect_line(T, |l| l == "ok poweroff code=0");
+    assert_eq!(vm.finish(T).code(), 0);
+}

@@ -10,10 +10,12 @@ use crate::config::{DevicesConfig, NetBackendConfig, SerialOutput, VmConfig};
 use crate::devices::legacy::{DebugExit, I8042};
 use crate::devices::serial::{IrqTrigger, SerialDevice, SerialOut};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::Console;
 use crate::devices::virtio::disk::{CowDisk, Delta};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::slot::{Slot, SlotKind};
+use crate::devices::Interrupt;
 use crate::devices::{bus::BusError, Bus};
 use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
@@ -77,12 +79,38 @@ pub enum BuildError {
 
 /// Opens the serial output named by the config.
 pub fn open_serial_output(out: &SerialOutput) -> Result<SerialOut, BuildError> {
+    Ok(open_outputs(out, false)?.0)
+}
+
+/// Opens the serial output named by the config and, with `console`, a second writer to the
+/// same destination for the virtio console. A file is created once and both writers share its
+/// open file description (one file offset), so neither overwrites the other's output.
+pub fn open_outputs(
+    out: &SerialOutput,
+    console: bool,
+) -> Result<(SerialOut, Option<SerialOut>), BuildError> {
     Ok(match out {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::Null => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(
-            std::fs::File::create(p).map_err(|e| BuildError::Io("the serial output file", e))?,
+        SerialOutput::Stdout => (
+            Box::new(std::io::stdout()),
+            console.then(|| Box::new(std::io::stdout()) as SerialOut),
         ),
+        SerialOutput::Null => (
+            Box::new(std::io::sink()),
+            console.then(|| Box::new(std::io::sink()) as SerialOut),
+        ),
+        SerialOutput::File(p) => {
+            let f = std::fs::File::create(p)
+                .map_err(|e| BuildError::Io("the serial output file", e))?;
+            let second = if console {
+                let c = f
+                    .try_clone()
+                    .map_err(|e| BuildError::Io("the console output file", e))?;
+                Some(Box::new(c) as SerialOut)
+            } else {
+                None
+            };
+            (Box::new(f), second)
+        }
     })
 }
 
@@ -111,7 +139,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         &vm,
         &mem,
         &exit,
-        open_serial_output(&cfg.serial)?,
+        &cfg.serial,
         None,
         &cfg.devices,
         None,
@@ -175,7 +203,8 @@ pub enum DiskStart {
 /// The `virtio_mmio.device=` command-line entries Linux (and the micro guest) use to find
 /// the devices `cfg` describes.
 pub fn virtio_cmdline(cfg: &DevicesConfig) -> String {
-    let n = usize::from(cfg.disk.is_some()) + usize::from(cfg.net.is_some());
+    let n =
+        usize::from(cfg.disk.is_some()) + usize::from(cfg.net.is_some()) + usize::from(cfg.console);
     (0..n as u64)
         .map(|i| {
             format!(
@@ -218,7 +247,8 @@ fn net_backend(cfg: &NetBackendConfig) -> Result<Box<dyn netback::NetBackend>, B
 }
 
 /// Attaches the virtio devices of `cfg` (fresh, or from `saved` states) at their windows,
-/// with irqfds and ioeventfds registered.
+/// with irqfds and ioeventfds registered. `console` is the console's output and input-room
+/// eventfd, given when `cfg.console` is set.
 fn attach_virtio(
     vm: &Vm,
     mem: &GuestMemoryMmap,
@@ -226,11 +256,12 @@ fn attach_virtio(
     cfg: &DevicesConfig,
     saved: Option<&[VirtioSlotState]>,
     disk_start: DiskStart,
+    console: Option<(SerialOut, EventFd)>,
 ) -> Result<Vec<Slot>, BuildError> {
     let mut slots = Vec::new();
     let mut index = 0u32;
     let mut place =
-        |kind: SlotKind| -> Result<(u32, EventFd, Option<&VirtioSlotState>), BuildError> {
+        |kind: SlotKind| -> Result<(u32, Interrupt, Option<&VirtioSlotState>), BuildError> {
             let i = index;
             index += 1;
             let state = match saved {
@@ -250,8 +281,10 @@ fn attach_virtio(
                 }
                 None => None,
             };
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
-            vm.register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + i)?;
+            // Raised with KVM_IRQ_LINE from the device thread, not through an irqfd: KVM
+            // injects an irqfd on an IOAPIC line from a kernel worker, one more thread
+            // wake-up per interrupt (see `IrqLine`).
+            let irq = Interrupt::Line(vm.irq_line(layout::VIRTIO_IRQ_BASE + i)?);
             Ok((i, irq, state))
         };
     if let Some(d) = &cfg.disk {
@@ -304,6 +337,16 @@ fn attach_virtio(
         let t = transport(dev, mem, irq, state).map_err(virtio_err("the virtio NIC"))?;
         slots.push(plug(vm, mmio_bus, i, SlotKind::Net, t)?);
     }
+    if cfg.console {
+        let (out, input_room) = console.ok_or(BuildError::Virtio(
+            "the virtio console",
+            "no output given".into(),
+        ))?;
+        let (i, irq, state) = place(SlotKind::Console)?;
+        let dev = Console::new(out, input_room);
+        let t = transport(dev, mem, irq, state).map_err(virtio_err("the virtio console"))?;
+        slots.push(plug(vm, mmio_bus, i, SlotKind::Console, t)?);
+    }
     if let Some(states) = saved {
         if states.len() != slots.len() {
             return Err(BuildError::DeviceState(format!(
@@ -318,7 +361,8 @@ fn attach_virtio(
 
 /// The devices a restored VM gets: those of its snapshot. The disk sits on the base the
 /// snapshot names unless `cfg` names a disk (and a δ file to keep); the NIC uses `cfg`'s
-/// backend, or user-mode networking without forwards when `cfg` has none.
+/// backend, or user-mode networking without forwards when `cfg` has none; a console is there
+/// when the snapshot has one (whatever `cfg` says).
 pub fn devices_for_restore(state: &MachineState, cfg: &DevicesConfig) -> DevicesConfig {
     let mut out = DevicesConfig::default();
     for s in &state.virtio {
@@ -345,6 +389,7 @@ pub fn devices_for_restore(state: &MachineState, cfg: &DevicesConfig) -> Devices
                     mac: crate::config::DEFAULT_MAC,
                 }));
             }
+            SlotKind::Console => out.console = true,
         }
     }
     out
@@ -354,7 +399,7 @@ pub fn devices_for_restore(state: &MachineState, cfg: &DevicesConfig) -> Devices
 fn transport<D: crate::devices::virtio::VirtioDevice>(
     dev: D,
     mem: &GuestMemoryMmap,
-    irq: EventFd,
+    irq: Interrupt,
     state: Option<&VirtioSlotState>,
 ) -> Result<MmioTransport<D>, crate::devices::virtio::VirtioError> {
     match state {
@@ -387,21 +432,29 @@ fn plug<D: crate::devices::virtio::VirtioDevice + 'static>(
     Ok(slot)
 }
 
-/// COM1 (fresh, or from a snapshot), the i8042 and the power-off port.
+/// COM1 (fresh, or from a snapshot) writing to `output`, the i8042, the power-off port and
+/// the virtio devices (a console writes to `output` too).
 #[allow(clippy::too_many_arguments)]
 fn attach_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     exit: &Arc<ExitNotifier>,
-    serial_out: SerialOut,
+    output: &SerialOutput,
     serial_state: Option<&SerialSnapshot>,
     virtio: &DevicesConfig,
     virtio_state: Option<&[VirtioSlotState]>,
     disk_start: DiskStart,
 ) -> Result<Devices, BuildError> {
-    let serial_irq = IrqTrigger::Line(vm.irq_line(layout::COM1_IRQ)?);
+    let (serial_out, console_out) = open_outputs(output, virtio.console)?;
+    let serial_irq = IrqTrigger(Interrupt::Line(vm.irq_line(layout::COM1_IRQ)?));
+    // Written by COM1 when the guest empties its receive FIFO, and by a console when it
+    // delivered input it had refused: the event loop then offers the input it holds again.
     let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
     let drained = input_drained.try_clone().map_err(io_err)?;
+    let console = match console_out {
+        Some(out) => Some((out, input_drained.try_clone().map_err(io_err)?)),
+        None => None,
+    };
     let serial = match serial_state {
         None => SerialDevice::new(serial_irq, drained, serial_out),
         Some(s) => SerialDevice::from_state(s, serial_irq, drained, serial_out)
@@ -421,7 +474,15 @@ fn attach_devices(
         2,
     )?;
     let mut mmio_bus = Bus::new();
-    let virtio = attach_virtio(vm, mem, &mut mmio_bus, virtio, virtio_state, disk_start)?;
+    let virtio = attach_virtio(
+        vm,
+        mem,
+        &mut mmio_bus,
+        virtio,
+        virtio_state,
+        disk_start,
+        console,
+    )?;
     Ok(Devices {
         io_bus,
         mmio_bus,
@@ -469,7 +530,14 @@ fn start(
     serial_input: bool,
     paused: bool,
 ) -> Result<Machine, BuildError> {
-    let input = serial_input.then(|| crate::machine::SerialInput::primed(&devices.serial));
+    // Input typed while the VM was being built reaches the guest's console (or serial port)
+    // before its first instruction.
+    let console = devices.virtio.iter().find(|s| s.kind == SlotKind::Console);
+    let input = serial_input.then(|| {
+        crate::machine::SerialInput::primed(&|b: &[u8]| {
+            crate::machine::deliver_input(&devices.serial, console, b)
+        })
+    });
     let virtio = devices.virtio;
     let mut machine = Machine::new(
         vm,
@@ -527,7 +595,7 @@ pub struct RestoreConfig {
     pub snapshot: std::path::PathBuf,
     /// Serial output destination.
     pub serial: SerialOutput,
-    /// Feed stdin to the guest's serial port.
+    /// Feed stdin to the guest (its console when the snapshot has one, else its serial port).
     pub serial_input: bool,
     /// Leave the vCPUs paused.
     pub paused: bool,
@@ -546,7 +614,7 @@ pub struct SynthesisConfig {
     pub overlay: std::path::PathBuf,
     /// Serial output destination.
     pub serial: SerialOutput,
-    /// Feed stdin to the guest's serial port.
+    /// Feed stdin to the guest (its console when the snapshot has one, else its serial port).
     pub serial_input: bool,
     /// Leave the vCPUs paused.
     pub paused: bool,
@@ -594,6 +662,9 @@ pub fn build_from_overlay(
         ),
     };
     let vm = Vm::new(&kvm, &mem)?;
+    if let Some(p) = &plan {
+        p.vm_created();
+    }
     let t_restore = Instant::now();
     // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
     let mut fill = None;
@@ -695,7 +766,7 @@ fn restore_machine(
         &vm,
         &mem,
         &exit,
-        open_serial_output(&serial)?,
+        &serial,
         Some(&state.serial),
         &devices_cfg,
         Some(&state.virtio),
@@ -719,4 +790,50 @@ fn restore_machine(
     let spawned = spawn_vcpus(&vm, vcpus)?;
     before_start()?;
     start(vm, mem, spawned, devices, exit, serial_input, paused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_console_comes_after_the_disk_and_the_nic() {
+        let mut cfg = DevicesConfig {
+            console: true,
+            ..Default::default()
+        };
+        let line = |i: u64| {
+            format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                layout::VIRTIO_MMIO_START + i * layout::VIRTIO_MMIO_SIZE,
+                u64::from(layout::VIRTIO_IRQ_BASE) + i
+            )
+        };
+        assert_eq!(virtio_cmdline(&cfg), line(0));
+        cfg.disk = Some(crate::config::DiskConfig::default());
+        cfg.net = Some(crate::config::NetConfig {
+            backend: NetBackendConfig::User {
+                forwards: Vec::new(),
+            },
+            mac: crate::config::DEFAULT_MAC,
+        });
+        assert_eq!(virtio_cmdline(&cfg), line(0) + &line(1) + &line(2));
+    }
+
+    #[test]
+    fn serial_and_console_share_an_output_file_without_overwriting() {
+        let path = std::env::temp_dir().join(format!("vmm-console-out-{}", std::process::id()));
+        std::fs::write(&path, b"old contents, longer than what follows\n").unwrap();
+        let (mut serial, console) = open_outputs(&SerialOutput::File(path.clone()), true).unwrap();
+        let mut console = console.unwrap();
+        serial.write_all(b"serial 1\n").unwrap();
+        console.write_all(b"console\n").unwrap();
+        serial.write_all(b"serial 2\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(text, "serial 1\nconsole\nserial 2\n");
+        let (_, none) = open_outputs(&SerialOutput::Null, false).unwrap();
+        assert!(none.is_none());
+    }
 }

@@ -86,6 +86,10 @@ pub struct DevicesConfig {
     pub disk: Option<DiskConfig>,
     /// NIC (the next virtio-mmio device).
     pub net: Option<NetConfig>,
+    /// A virtio console (the device after those): the VMM's standard input and the serial
+    /// output destination are connected to it instead of COM1's input (COM1 keeps writing to
+    /// the same destination).
+    pub console: bool,
 }
 
 /// A validated VM description.
@@ -99,7 +103,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Serial output destination.
     pub serial: SerialOutput,
-    /// Feed the VMM's standard input to the guest's serial port.
+    /// Feed the VMM's standard input to the guest (its console when it has one, else its
+    /// serial port).
     pub serial_input: bool,
     /// The KVM device node.
     pub kvm_path: PathBuf,

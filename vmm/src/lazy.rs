@@ -295,10 +295,9 @@ fn prefetch(s: &Shared, delay: Duration) -> Result<(), String> {
     Ok(())
 }
 
-fn fault_server(s: &Shared) {
-    let mut faults = Vec::new();
-    // Ready before the first fault, as large as the largest chunk: a fresh buffer would take
-    // a page fault per page while the faulting vCPU waits.
+/// A buffer as large as the overlay's largest chunk, its pages already mapped: a fresh buffer
+/// would take a page fault per page while a faulting vCPU waits.
+fn chunk_buffer(s: &Shared) -> Vec<u8> {
     let largest = s
         .overlay
         .index()
@@ -307,7 +306,11 @@ fn fault_server(s: &Shared) {
         .map(|c| c.page_count() as usize * PAGE_SIZE)
         .max()
         .unwrap_or(0);
-    let mut buf = populated_buffer(largest);
+    populated_buffer(largest)
+}
+
+fn fault_server(s: &Shared, mut buf: Vec<u8>) {
+    let mut faults = Vec::new();
     loop {
         let complete = s.complete.load(Ordering::Acquire);
         faults.clear();
@@ -361,6 +364,13 @@ pub fn prepare_memory(uffd: &Uffd, regions: &[Region], runs: &[Run]) -> Result<(
     Ok(())
 }
 
+/// [`Filler::warm_then_serve_faults`]: not yet (the VM is being created).
+pub const WARM_WAIT: u8 = 0;
+/// [`Filler::warm_then_serve_faults`]: fill chunks ahead now.
+pub const WARM_GO: u8 = 1;
+/// [`Filler::warm_then_serve_faults`]: the vCPUs start; only serve faults.
+pub const WARM_STOP: u8 = 2;
+
 /// The fill made ready (warm chunks in place) by the thread that then serves its faults
 /// ([`Filler::serve_faults`]); [`LazyFill::new`] hands it to the machine.
 pub struct Filler(Arc<Shared>);
@@ -406,9 +416,34 @@ impl Filler {
         Filler(self.0.clone())
     }
 
-    /// Serves faults until every page is present, the fill fails or the VM goes away.
-    pub fn serve_faults(&self) {
-        fault_server(&self.0);
+    /// Once `warm` says [`WARM_GO`], fills whole chunks in file order (the lowest guest pages
+    /// first: the guest's own kernel-side pages, then the application's) until it says
+    /// [`WARM_STOP`]; then serves faults until every page is present, the fill fails or the
+    /// VM goes away. Whoever moves `warm` on unparks this thread.
+    ///
+    /// The filling uses the time between the VM's creation and the vCPUs' start, which the
+    /// VMM's main thread spends on devices and vCPU state: what is filled then is not
+    /// decompressed later on a faulting vCPU's behalf. Not before the VM exists: filling
+    /// guest memory while KVM creates the VM and registers its memory slot slowed those by
+    /// milliseconds (both need the memory-map lock that filling takes). [`WARM_STOP`] comes
+    /// when the main thread is ready to start the vCPUs, so it never waits for this; a vCPU
+    /// touching a page of the chunk being filled waits for that chunk, as for any fault.
+    pub fn warm_then_serve_faults(&self, warm: &AtomicU8) {
+        let s = &self.0;
+        let mut buf = chunk_buffer(s);
+        while warm.load(Ordering::Acquire) == WARM_WAIT && !s.stop.load(Ordering::Relaxed) {
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        for c in 0..s.sources.chunks() {
+            if warm.load(Ordering::Acquire) == WARM_STOP || s.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Err(e) = s.fill_chunk(c, &mut buf) {
+                s.fail(e);
+                return;
+            }
+        }
+        fault_server(s, buf);
     }
 }
 

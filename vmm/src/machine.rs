@@ -2,8 +2,9 @@
 //!
 //! The event loop (epoll) waits for:
 //! - the exit eventfd (a vCPU or device decided the VM stops),
-//! - standard input (bytes for the guest's serial port),
-//! - the serial "receive FIFO drained" eventfd (room for more input),
+//! - standard input (bytes for the guest: its virtio console when it has one, else COM1),
+//! - the "input drained" eventfd (room for more input: COM1's receive FIFO emptied, or the
+//!   console delivered input it had refused),
 //! - a signalfd for SIGINT/SIGTERM/SIGHUP (stop cleanly).
 //!
 //! Call-order contract: the vCPU threads are stopped and joined before guest memory and the
@@ -24,7 +25,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::slot::Slot;
+use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
@@ -59,7 +60,8 @@ pub enum MachineError {
 /// either).
 pub const OUTPUT_FLUSH_MS: i32 = 20;
 
-/// Most serial input buffered in the VMM before it stops reading stdin.
+/// Most input for the guest buffered in the VMM (beyond what its serial port or console holds)
+/// before it stops reading stdin.
 const PENDING_INPUT_MAX: usize = 64 * 1024;
 
 const TOKEN_EXIT: u64 = 0;
@@ -128,7 +130,7 @@ pub struct Machine {
     input_drained: EventFd,
     exit: Arc<ExitNotifier>,
     signals: StopSignals,
-    /// Serial input from stdin (none with `--no-stdin`).
+    /// Input from stdin for the guest's console or serial port (none with `--no-stdin`).
     input: Option<SerialInput>,
     paused: std::sync::atomic::AtomicBool,
     api: Option<(UnixListener, PathBuf)>,
@@ -428,13 +430,21 @@ impl Machine {
         })
     }
 
-    /// Feeds `bytes` to the guest's serial input (as much as the FIFO takes now); returns how
-    /// many were taken.
+    /// Feeds `bytes` to the guest's input: its virtio console when it has one (delivered from
+    /// this thread into posted receive buffers, the rest held in the device up to its bound),
+    /// else COM1's receive FIFO (as much as it takes now). Returns how many were taken; offer
+    /// the rest again later.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
-        self.serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue_input(bytes)
+        let console = self.console();
+        // Into a console: not while a snapshot saves the devices, nor while the device thread
+        // runs them.
+        let _still = console.and(self.devices.as_ref()).map(|d| d.hold());
+        deliver_input(&self.serial, console, bytes)
+    }
+
+    /// The virtio console, if the machine has one.
+    fn console(&self) -> Option<&Slot> {
+        self.virtio.iter().find(|s| s.kind == SlotKind::Console)
     }
 
     /// The exit reason, once the VM has stopped on its own.
@@ -459,11 +469,12 @@ impl Machine {
             add(l.as_raw_fd(), TOKEN_API)?;
         }
         let mut input = self.input.take();
+        let deliver = |b: &[u8]| self.serial_input(b);
         if let Some(input) = &mut input {
             if !input.eof {
                 input.attach_stdin(&epoll)?;
             }
-            input.feed(&epoll, &self.serial)?;
+            input.feed(&epoll, &deliver)?;
         }
         let mut events = vec![EpollEvent::default(); 8];
         let reason = 'outer: loop {
@@ -491,13 +502,13 @@ impl Machine {
                     }
                     TOKEN_STDIN => {
                         if let Some(input) = &mut input {
-                            input.read_stdin(&epoll, &self.serial)?;
+                            input.read_stdin(&epoll, &deliver)?;
                         }
                     }
                     TOKEN_DRAINED => {
                         let _ = self.input_drained.read();
                         if let Some(input) = &mut input {
-                            input.feed(&epoll, &self.serial)?;
+                            input.feed(&epoll, &deliver)?;
                         }
                     }
                     TOKEN_API => self.serve_api(),
@@ -529,7 +540,26 @@ impl Machine {
     }
 }
 
-/// Serial input from stdin, buffered in the VMM while the guest's 64-byte FIFO is full.
+/// Gives `bytes` to the guest: to `console` when there is one, else to COM1's receive FIFO;
+/// returns how many were taken.
+pub(crate) fn deliver_input(
+    serial: &Mutex<SerialDevice>,
+    console: Option<&Slot>,
+    bytes: &[u8],
+) -> usize {
+    match console {
+        Some(slot) => slot.lock().host_input(bytes),
+        None => serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes),
+    }
+}
+
+/// Input from stdin for the guest (its console, or its serial port), buffered in the VMM while
+/// the device cannot take it: COM1's 64-byte FIFO is full, or the console holds as much
+/// pending input as it may. The device writes the "input drained" eventfd when it has room
+/// again, and the event loop offers the rest then.
 #[derive(Debug, Default)]
 pub struct SerialInput {
     pending: VecDeque<u8>,
@@ -544,11 +574,12 @@ impl SerialInput {
         std::io::stdin().as_raw_fd()
     }
 
-    /// Serial input from stdin, with what stdin already holds put in the receive FIFO of
-    /// `serial` now. Called before the vCPUs start: a request written while the VM was being
-    /// built (a restore or synthesis takes milliseconds) is there, interrupt raised, when the
-    /// guest first runs, instead of waiting for the event loop to start.
-    pub fn primed(serial: &Mutex<SerialDevice>) -> Self {
+    /// Input from stdin, with what stdin already holds given to `deliver` now (the guest's
+    /// serial port or console; it returns how many bytes it took). Called before the vCPUs
+    /// start: a request written while the VM was being built (a restore or synthesis takes
+    /// milliseconds) is there, interrupt raised, when the guest first runs, instead of waiting
+    /// for the event loop to start.
+    pub fn primed(deliver: &dyn Fn(&[u8]) -> usize) -> Self {
         let mut input = SerialInput::default();
         let mut pfd = libc::pollfd {
             fd: Self::stdin_fd(),
@@ -559,7 +590,7 @@ impl SerialInput {
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLIN != 0;
         if ready {
             if input.read_once() {
-                input.push_to(serial);
+                input.push_to(deliver);
             } else {
                 input.eof = true;
             }
@@ -581,13 +612,16 @@ impl SerialInput {
         true
     }
 
-    /// Moves as much of `pending` as the receive FIFO takes into it.
-    fn push_to(&mut self, serial: &Mutex<SerialDevice>) {
-        if !self.pending.is_empty() {
-            let mut dev = serial.lock().unwrap_or_else(|p| p.into_inner());
+    /// Gives `deliver` as much of `pending` as it takes.
+    fn push_to(&mut self, deliver: &dyn Fn(&[u8]) -> usize) {
+        while !self.pending.is_empty() {
             let (front, _) = self.pending.as_slices();
-            let took = dev.enqueue_input(front);
+            let len = front.len();
+            let took = deliver(front).min(len);
             self.pending.drain(..took);
+            if took < len {
+                break;
+            }
         }
     }
 
@@ -631,17 +665,21 @@ impl SerialInput {
         Ok(())
     }
 
-    fn read_stdin(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
+    fn read_stdin(
+        &mut self,
+        epoll: &Epoll,
+        deliver: &dyn Fn(&[u8]) -> usize,
+    ) -> std::io::Result<()> {
         if !self.read_once() {
             self.set_polling(epoll, false)?;
             self.eof = true;
             return Ok(());
         }
-        self.feed(epoll, serial)
+        self.feed(epoll, deliver)
     }
 
-    fn feed(&mut self, epoll: &Epoll, serial: &Mutex<SerialDevice>) -> std::io::Result<()> {
-        self.push_to(serial);
+    fn feed(&mut self, epoll: &Epoll, deliver: &dyn Fn(&[u8]) -> usize) -> std::io::Result<()> {
+        self.push_to(deliver);
         self.set_polling(epoll, self.pending.len() < PENDING_INPUT_MAX)
     }
 }

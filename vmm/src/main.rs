@@ -120,10 +120,12 @@ struct RestoreArgs {
 /// Options of every command that runs a VM.
 #[derive(clap::Args, Debug)]
 struct CommonArgs {
-    /// Where the guest's serial console (COM1) goes: `stdout`, `null`, or a file path.
+    /// Where the guest's serial console (COM1) goes: `stdout`, `null`, or a file path. A
+    /// virtio console (`run --console`, or one in the snapshot) writes there too.
     #[arg(long, value_name = "stdout|null|FILE", default_value = "stdout")]
     serial: String,
-    /// Do not connect standard input to the guest's serial console.
+    /// Do not connect standard input to the guest (its serial console, or its virtio console
+    /// when it has one).
     #[arg(long)]
     no_stdin: bool,
     /// Serve the control API (pause, resume, snapshot, status, stop) on this Unix socket.
@@ -199,6 +201,8 @@ impl CommonArgs {
                 backend,
                 mac: self.mac.unwrap_or(DEFAULT_MAC),
             }),
+            // `run --console`; a restored VM has the console of its snapshot.
+            console: false,
         }
     }
 
@@ -231,6 +235,10 @@ struct RunArgs {
     vcpus: u64,
     #[command(flatten)]
     common: CommonArgs,
+    /// Give the guest a virtio console and connect standard input/output to it instead of the
+    /// serial port (far fewer VM exits per byte)
+    #[arg(long, help_heading = "Devices")]
+    console: bool,
     /// Entry protocol: `linux` (64-bit boot protocol) or `pvh` (32-bit PVH entry from the
     /// ELF note, as QEMU and Firecracker use).
     #[arg(long, value_enum, default_value_t = Boot::Linux)]
@@ -270,6 +278,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
     let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)?;
     cfg.kvm_path = args.common.kvm_device.clone();
     cfg.devices = args.common.devices();
+    cfg.devices.console = args.console;
     let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
     serve(machine, &args.common)
 }

@@ -381,7 +381,7 @@ const PREFAULT_MAX: u64 = 16 << 20;
 /// read-only and shared with the page cache, in one `MADV_POPULATE_READ` per extent: the
 /// guest's first touches then skip the host page fault (measured on PVM hosts: ~10 µs per
 /// first touch of an unpopulated page, ~2.4 µs of a populated one). Best effort, at most
-/// [`PREFAULT_MAX`] bytes. `skip` (sorted image-page runs) are left alone: lazy synthesis
+/// `PREFAULT_MAX` (16 MiB) bytes. `skip` (sorted image-page runs) are left alone: lazy synthesis
 /// has replaced them by memory its fault server fills, and populating those would wait for
 /// it.
 pub fn prefault_data(dir: &Path, mem: &GuestMemoryMmap, skip: &[Run]) {

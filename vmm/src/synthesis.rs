@@ -7,6 +7,7 @@
 //! before a vCPU exists, and the base files are never written (private mapping).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -252,6 +253,8 @@ pub struct LazyPlan {
     /// The helper's fill, ready to serve, and its running time until then.
     ready: std::sync::mpsc::Receiver<Result<(Filler, Duration), LazyError>>,
     helper: std::thread::JoinHandle<()>,
+    /// When the helper fills ahead ([`crate::lazy::WARM_GO`] .. [`crate::lazy::WARM_STOP`]).
+    warming: Arc<AtomicU8>,
 }
 
 /// What the helper prepares: the page plan and the chunks decompressed ahead.
@@ -323,6 +326,8 @@ impl LazyPlan {
         let (helper, overlay) = (checks.clone(), checked.overlay.clone());
         let (tx, ready) = std::sync::mpsc::sync_channel(1);
         let (base_dir, guest) = (base.to_owned(), mem.clone());
+        let warming = Arc::new(AtomicU8::new(crate::lazy::WARM_WAIT));
+        let main_ready = warming.clone();
         let helper = std::thread::Builder::new()
             .name("overlay-check".into())
             .spawn(move || {
@@ -336,7 +341,7 @@ impl LazyPlan {
                     Ok(filler) => {
                         let serving = filler.handle();
                         if tx.send(Ok((filler, t.elapsed()))).is_ok() {
-                            serving.serve_faults();
+                            serving.warm_then_serve_faults(&main_ready);
                         }
                     }
                     Err(e) => {
@@ -352,14 +357,27 @@ impl LazyPlan {
                 checks,
                 ready,
                 helper,
+                warming,
             },
         )))
+    }
+
+    /// The VM and its memory slot exist: the helper may fill chunks ahead until
+    /// [`LazyPlan::start`].
+    pub fn vm_created(&self) {
+        self.set_warming(crate::lazy::WARM_GO);
+    }
+
+    fn set_warming(&self, to: u8) {
+        self.warming.store(to, Ordering::Release);
+        self.helper.thread().unpark();
     }
 
     /// Finishes the chunk checks (helping the helper thread; a damaged chunk fails here,
     /// before any vCPU runs) and starts serving faults on the rewritten pages.
     pub fn start(self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
         let t = Instant::now();
+        self.set_warming(crate::lazy::WARM_STOP);
         self.checks.work(&self.overlay);
         let (filler, verify) = match self.ready.recv() {
             Ok(Ok(r)) => r,

@@ -7,24 +7,16 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::BusDevice;
+use super::{BusDevice, Interrupt};
 
-/// How the UART raises its interrupt.
+/// The UART's interrupt, as vm-superio raises it.
 #[derive(Debug)]
-pub enum IrqTrigger {
-    /// An interrupt line pulsed from the raising thread (what the VMM uses).
-    Line(crate::vstate::vm::IrqLine),
-    /// An eventfd (registered as a KVM irqfd, or read by a test).
-    Event(EventFd),
-}
+pub struct IrqTrigger(pub Interrupt);
 
 impl Trigger for IrqTrigger {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        match self {
-            IrqTrigger::Line(l) => l.pulse(),
-            IrqTrigger::Event(e) => e.write(1),
-        }
+        self.0.trigger()
     }
 }
 
@@ -217,7 +209,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dev = SerialDevice::new(
-            IrqTrigger::Event(irq.try_clone().unwrap()),
+            IrqTrigger(Interrupt::Event(irq.try_clone().unwrap())),
             drained.try_clone().unwrap(),
             Box::new(out.clone()),
         );
@@ -252,7 +244,7 @@ mod tests {
     fn output_is_written_per_burst_not_per_byte() {
         let out = Counting::default();
         let mut dev = SerialDevice::new(
-            IrqTrigger::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            IrqTrigger(Interrupt::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             Box::new(out.clone()),
         );

@@ -1,8 +1,8 @@
 //! Fuzzing entry point for the virtio request paths, and a scriptable network backend.
 //!
 //! [`fuzz_process`] turns arbitrary bytes into guest memory plus queue positions and lets the
-//! block and network devices process whatever rings that memory describes. It must never
-//! panic or hang, whatever the bytes.
+//! block, network and console devices process whatever rings that memory describes. It must
+//! never panic or hang, whatever the bytes.
 
 use std::collections::VecDeque;
 use std::io;
@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::block::Block;
+use super::console::Console;
 use super::disk::{CowDisk, Delta};
 use super::net::Net;
 use super::{QueueIo, VirtioDevice};
@@ -100,13 +101,14 @@ fn queue_at(base: u64, size: u16, next_avail: u16, next_used: u16) -> Option<Que
     Some(q)
 }
 
-/// Runs the block and network request paths over guest memory built from `data`.
+/// Runs the block, network and console request paths over guest memory built from `data`.
 ///
 /// Layout of `data`: byte 0 picks the queue size (`1 << (b % 9)`), bytes 1–2 and 3–4 are the
 /// device's next available and next used indices, byte 5 bit 0 makes the disk read-only and
-/// bits 1–7 say how many frames the backend offers; the rest is guest memory from address 0
-/// (64 KiB; descriptor table at 0, available ring at 0x1000, used ring at 0x2000, and for the
-/// network receive queue the same at 0x3000).
+/// bits 1–7 say how many frames the backend offers (and, times 97, how many bytes of host
+/// input the console gets); the rest is guest memory from address 0 (64 KiB; descriptor table
+/// at 0, available ring at 0x1000, used ring at 0x2000, and for the network and console
+/// receive queues the same at 0x3000).
 pub fn fuzz_process(data: &[u8]) {
     let Some((head, image)) = data.split_at_checked(6) else {
         return;
@@ -155,6 +157,23 @@ pub fn fuzz_process(data: &[u8]) {
             }
             let mut io = QueueIo::new(&mem, &mut queues);
             net.process_host_event(Some(&mut io));
+        }
+    }
+
+    if let (Some(mem), Ok(room)) = (fresh_memory(), EventFd::new(EFD_NONBLOCK)) {
+        let rx = queue_at(0x3000, size, next_avail, next_used);
+        let tx = queue_at(0, size, next_avail, next_used);
+        if let (Some(rx), Some(tx)) = (rx, tx) {
+            let mut console = Console::new(Box::new(io::sink()), room);
+            let input = image.get(..frames * 97).unwrap_or(image);
+            console.host_input(input, None);
+            let mut queues = [rx, tx];
+            for index in [1, 0, 1] {
+                let mut io = QueueIo::new(&mem, &mut queues);
+                console.process_queue(index, &mut io);
+            }
+            let mut io = QueueIo::new(&mem, &mut queues);
+            console.host_input(image, Some(&mut io));
         }
     }
 }

@@ -45,6 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, MAX_QUEUES, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
+use crate::devices::Interrupt;
 
 /// "virt", little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -145,7 +146,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
-    irq: EventFd,
+    irq: Interrupt,
     status: u32,
     acked_features: u64,
     device_features_sel: u32,
@@ -167,9 +168,14 @@ impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
-    /// A transport for `device` over guest memory `mem`, raising its interrupt by writing
-    /// `irq` (register it as the KVM irqfd of the device's line).
-    pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, VirtioError> {
+    /// A transport for `device` over guest memory `mem`, raising its interrupt with `irq`
+    /// (the device's line, or an eventfd registered as its KVM irqfd).
+    pub fn new(
+        device: D,
+        mem: GuestMemoryMmap,
+        irq: impl Into<Interrupt>,
+    ) -> Result<Self, VirtioError> {
+        let irq = irq.into();
         let sizes = device.queue_max_sizes();
         if sizes.len() > MAX_QUEUES {
             return Err(VirtioError::TooManyQueues(sizes.len()));
@@ -207,7 +213,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     pub fn restore(
         device: D,
         mem: GuestMemoryMmap,
-        irq: EventFd,
+        irq: impl Into<Interrupt>,
         state: &MmioState,
     ) -> Result<Self, VirtioError> {
         let mut t = Self::new(device, mem, irq)?;
@@ -296,11 +302,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.queue_evts
     }
 
-    /// The interrupt eventfd given at construction.
-    pub fn interrupt_event(&self) -> &EventFd {
-        &self.irq
-    }
-
     /// The device.
     pub fn device(&self) -> &D {
         &self.device
@@ -350,6 +351,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.finish(used, requeue);
     }
 
+    /// Host input for the guest (see [`VirtioDevice::host_input`]): delivered now to buffers
+    /// the driver posted, interrupt raised; what finds no buffer waits in the device. Returns
+    /// how many bytes the device took.
+    pub fn host_input(&mut self, bytes: &[u8]) -> usize {
+        if !self.is_active() {
+            return self.device.host_input(bytes, None);
+        }
+        let mut io = QueueIo::new(&self.mem, &mut self.queues);
+        let taken = self.device.host_input(bytes, Some(&mut io));
+        let (used, requeue) = (io.used_mask(), io.requeue_mask());
+        self.finish(used, requeue);
+        taken
+    }
+
     /// How long the event loop may wait before calling [`Self::process_host_event`].
     pub fn next_timeout(&mut self) -> Option<Duration> {
         self.device.next_timeout()
@@ -371,9 +386,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.finish(used, requeue);
     }
 
-    /// Raises the interrupt for used buffers, and re-schedules queues with work left over.
+    /// Raises the interrupt for used buffers (unless the driver suppressed it on every queue
+    /// that got some), and re-schedules queues with work left over.
     fn finish(&mut self, used: u32, requeue: u32) {
-        if used != 0 {
+        let wanted = (0..self.queues.len()).any(|q| used & (1 << q) != 0 && !self.suppressed(q));
+        if wanted {
             self.signal(VIRTIO_MMIO_INT_VRING);
         }
         for (i, evt) in self.queue_evts.iter().enumerate() {
@@ -385,13 +402,29 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Whether the driver set VIRTQ_AVAIL_F_NO_INTERRUPT on queue `q` (virtio 1.x 2.7.7: it
+    /// polls that queue; e.g. the micro guest's console transmit queue). Read after the used
+    /// index was published; unreadable flags count as "interrupt me". virtio-queue does not
+    /// look at this flag (only at EVENT_IDX, which these devices do not offer).
+    fn suppressed(&self, q: usize) -> bool {
+        const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let Some(queue) = self.queues.get(q) else {
+            return false;
+        };
+        use vm_memory::Bytes;
+        self.mem
+            .read_obj::<u16>(vm_memory::GuestAddress(queue.avail_ring()))
+            .is_ok_and(|f| u16::from_le(f) & VIRTQ_AVAIL_F_NO_INTERRUPT != 0)
+    }
+
     fn signal(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         self.raise_irq();
     }
 
     fn raise_irq(&self) {
-        if let Err(e) = self.irq.write(1) {
+        if let Err(e) = self.irq.trigger() {
             warn!("virtio-mmio: cannot raise the interrupt: {e}");
         }
     }
@@ -852,6 +885,26 @@ mod tests {
         // Notifications for queues that do not exist are ignored.
         w(&mut t, NOTIFY_OFFSET, 7);
         t.process_queue_event(7);
+    }
+
+    #[test]
+    fn no_interrupt_when_the_driver_polls_the_queue() {
+        let (mut t, irq) = transport(block());
+        let mut gq = GuestQueue::new(&t.mem, QBASE, 16);
+        driver_ready(&mut t, &gq);
+        let _ = irq.read();
+        // VIRTQ_AVAIL_F_NO_INTERRUPT: the request completes, silently.
+        t.mem.write_obj(1u16, GuestAddress(gq.avail)).unwrap();
+        blk_request(&t, &mut gq, VIRTIO_BLK_T_IN, 5, 0x3_0000);
+        w(&mut t, NOTIFY_OFFSET, 0);
+        assert_eq!(gq.used_idx(), 1);
+        assert!(irq.read().is_err(), "suppressed by the driver");
+        // Flag cleared: interrupts again.
+        t.mem.write_obj(0u16, GuestAddress(gq.avail)).unwrap();
+        blk_request(&t, &mut gq, VIRTIO_BLK_T_IN, 5, 0x3_0000);
+        w(&mut t, NOTIFY_OFFSET, 0);
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!(irq.read().unwrap(), 1);
     }
 
     #[test]

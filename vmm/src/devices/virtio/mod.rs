@@ -5,6 +5,9 @@
 //! - [`block`] over [`disk`]: virtio-blk on a copy-on-write disk (read-only raw base plus a
 //!   per-VM δ of 4 KiB blocks);
 //! - [`net`]: virtio-net on a [`netback::NetBackend`];
+//! - [`console`]: virtio-console, one port, for the VMM's standard input and output (far fewer
+//!   VM exits per byte than the 16550): output in one write per queue notification, host input
+//!   in a bounded buffer until the guest posts receive buffers;
 //! - `queue`: descriptor chains popped once, copied, and checked before a device looks at them.
 //!
 //! # Wiring a device into the VMM
@@ -12,7 +15,8 @@
 //! For device `i` (window `base = VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE`, line
 //! `gsi = VIRTIO_IRQ_BASE + i`, see [`crate::arch::layout`]):
 //!
-//! 1. `irq = EventFd::new(EFD_NONBLOCK)`; `vm.register_irqfd(&irq, gsi)`;
+//! 1. `irq = Interrupt::Line(vm.irq_line(gsi)?)` (an eventfd registered as a KVM irqfd works
+//!    too, but KVM injects those from a kernel worker: one more wake-up per interrupt);
 //!    `t = MmioTransport::new(device, mem.clone(), irq)` (or [`MmioTransport::restore`]);
 //! 2. for each `(q, evt)` in `t.queue_events().iter().enumerate()`: register `evt` with KVM as an
 //!    ioeventfd at `base + NOTIFY_OFFSET` (4 bytes) with datamatch `q as u32`, and add it to the
@@ -24,15 +28,21 @@
 //!    receive buffer, and must not spin the loop. Interest returns through a queue event
 //!    (the guest posting buffers, or activation, which signals every queue event once);
 //! 4. put `Arc<Mutex<MmioTransport<_>>>` on the MMIO bus at `[base, base + VIRTIO_MMIO_SIZE)`,
-//!    and give the guest `virtio_mmio.device=4K@0x<base>:<gsi>` on its command line.
+//!    and give the guest `virtio_mmio.device=4K@0x<base>:<gsi>` on its command line;
+//! 5. host input for a console goes in with [`MmioTransport::host_input`] from whichever thread
+//!    has it, under the transport's lock (no hop through the device thread); when it takes
+//!    fewer bytes than offered, keep the rest and offer it again once the console's input-room
+//!    eventfd (given to [`console::Console::new`]) is written.
 //!
 //! Snapshots: `t.save_state()` gives a plain serde [`MmioState`]; restore builds a fresh device
 //! (same disk/backend) and calls [`MmioTransport::restore`]. A block device's disk δ is saved
 //! separately, through [`disk::Delta::delta_blocks`] (or by flushing a file-backed δ) — under
 //! the same lock as `save_state`, so state and disk agree. A received frame still waiting for a
-//! guest buffer is not saved (a lost frame, which networks tolerate).
+//! guest buffer is not saved (a lost frame, which networks tolerate); a console's pending input
+//! is.
 
 pub mod block;
+pub mod console;
 pub mod disk;
 #[doc(hidden)]
 pub mod fuzz;
@@ -50,6 +60,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use block::{Block, BlockState};
+pub use console::{Console, ConsoleState};
 pub use disk::{CowDisk, Delta, DiskError};
 pub use mmio::{MmioState, MmioTransport, QueueSnapshot, NOTIFY_OFFSET};
 pub use net::{Net, NetState};
@@ -112,7 +123,7 @@ pub enum VirtioError {
 /// A device behind the virtio-mmio transport. The transport owns the queues, the guest memory
 /// and the interrupt; the device sees them through a [`QueueIo`] while it processes a queue.
 pub trait VirtioDevice: Send {
-    /// virtio device type (1 = net, 2 = block).
+    /// virtio device type (1 = net, 2 = block, 3 = console).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue (powers of two); the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -142,6 +153,13 @@ pub trait VirtioDevice: Send {
     /// Host-side work ([`VirtioDevice::host_event_fd`] readable or the timeout elapsed);
     /// `io` is `None` while the driver has not activated the device.
     fn process_host_event(&mut self, _io: Option<&mut QueueIo<'_>>) {}
+    /// Input from the host for the guest (a console's keyboard): the device takes what it has
+    /// room for and delivers what it can to posted buffers; `io` is `None` while the driver
+    /// has not activated the device. Returns how many bytes it took (devices without host
+    /// input take none).
+    fn host_input(&mut self, _bytes: &[u8], _io: Option<&mut QueueIo<'_>>) -> usize {
+        0
+    }
     /// How long the event loop may sleep before calling
     /// [`VirtioDevice::process_host_event`] even if nothing is readable.
     fn next_timeout(&mut self) -> Option<Duration> {
@@ -162,6 +180,8 @@ pub enum DeviceState {
     Block(BlockState),
     /// A virtio-net device.
     Net(NetState),
+    /// A virtio-console device.
+    Console(ConsoleState),
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies past the end.

@@ -265,6 +265,14 @@ impl<'a> QueueIo<'a> {
         }
     }
 
+    /// Marks queue `q` for re-scheduling: the device stopped before its available ring was
+    /// empty (e.g. its round is full) and wants to be called again soon.
+    pub(crate) fn requeue(&mut self, q: usize) {
+        if q < MAX_QUEUES {
+            self.requeue |= 1 << q;
+        }
+    }
+
     /// Returns chain `head` of queue `q` to the guest with `len` bytes written.
     pub(crate) fn add_used(&mut self, q: usize, head: u16, len: u32) {
         let mem = self.mem;

@@ -24,6 +24,11 @@ pub trait Transport: BusDevice {
     fn process_host_event(&mut self);
     /// Longest wait before [`Transport::process_host_event`] must run again.
     fn next_timeout(&mut self) -> Option<Duration>;
+    /// Host input for the guest (a console's): how many bytes the device took; devices
+    /// without host input take none.
+    fn host_input(&mut self, _bytes: &[u8]) -> usize {
+        0
+    }
     /// Transport, queue and device state (vCPUs paused).
     fn save_state(&self) -> MmioState;
     /// The block device behind this transport, if it is one.
@@ -48,6 +53,9 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     fn next_timeout(&mut self) -> Option<Duration> {
         MmioTransport::next_timeout(self)
     }
+    fn host_input(&mut self, bytes: &[u8]) -> usize {
+        MmioTransport::host_input(self, bytes)
+    }
     fn save_state(&self) -> MmioState {
         MmioTransport::save_state(self)
     }
@@ -63,6 +71,8 @@ pub enum SlotKind {
     Block,
     /// virtio-net.
     Net,
+    /// virtio-console.
+    Console,
 }
 
 /// One attached virtio-mmio device.
