@@ -161,7 +161,11 @@ impl Service {
                     ),
                     None => write!(r, " uptime_cycles={up}"),
                 };
-                let console = if self.console.is_some() { "virtio" } else { "com1" };
+                let console = if self.console.is_some() {
+                    "virtio"
+                } else {
+                    "com1"
+                };
                 let _ = write!(r, " console={console}");
             }
             Ok(Request::Load(mib)) => {
