@@ -166,7 +166,8 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         vcpus.push(vcpu);
     }
     let t_vcpus = t0.elapsed();
-    let spawned = spawn_vcpus(&vm, vcpus)?;
+    let mut devices = devices;
+    let spawned = spawn_vcpus(&vm, vcpus, std::mem::take(&mut devices.virtio))?;
     let machine = start(vm, mem, spawned, devices, exit, cfg.serial_input, false)?;
     tracing::debug!(
         vm_us = t_vm.as_micros() as u64,
@@ -492,17 +493,21 @@ fn attach_devices(
     })
 }
 
-/// vCPU threads spawned paused, with what must exist before them.
+/// vCPU threads spawned paused and the virtio device thread, with what must exist before
+/// them.
 struct Spawned {
     signals: crate::machine::StopSignals,
     coalesced: Option<Arc<CoalescedRing>>,
     handles: Vec<crate::vstate::vcpu::VcpuHandle>,
+    virtio: Arc<Vec<Slot>>,
+    worker: crate::devices::virtio::worker::DeviceWorker,
 }
 
-/// Spawns the vCPU threads, paused: a thread's start-up (stack, signal stack, thread-local
-/// state: ~0.1 ms and some 50 page faults here) then overlaps the last checks before the
-/// guest may run, instead of delaying its first instruction.
-fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>) -> Result<Spawned, BuildError> {
+/// Spawns the vCPU threads, paused, and the thread driving the virtio devices `slots`: a
+/// thread's start-up (stack, signal stack, thread-local state: ~0.1 ms and some 50 page
+/// faults here) then overlaps the last checks before the guest may run, instead of delaying
+/// its first instruction.
+fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>, slots: Vec<Slot>) -> Result<Spawned, BuildError> {
     // Signals the event loop handles must be blocked before the vCPU threads exist, so that
     // they inherit the mask and the signals reach the loop's signalfd.
     let signals =
@@ -513,10 +518,15 @@ fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>) -> Result<Spawned, BuildError> {
         .into_iter()
         .map(|v| v.start(true))
         .collect::<Result<Vec<_>, _>>()?;
+    let virtio = Arc::new(slots);
+    let worker = crate::devices::virtio::worker::DeviceWorker::start(virtio.clone())
+        .map_err(|e| BuildError::Io("the virtio device thread", e))?;
     Ok(Spawned {
         signals,
         coalesced,
         handles,
+        virtio,
+        worker,
     })
 }
 
@@ -532,13 +542,12 @@ fn start(
 ) -> Result<Machine, BuildError> {
     // Input typed while the VM was being built reaches the guest's console (or serial port)
     // before its first instruction.
-    let console = devices.virtio.iter().find(|s| s.kind == SlotKind::Console);
+    let console = spawned.virtio.iter().find(|s| s.kind == SlotKind::Console);
     let input = serial_input.then(|| {
         crate::machine::SerialInput::primed(&|b: &[u8]| {
             crate::machine::deliver_input(&devices.serial, console, b)
         })
     });
-    let virtio = devices.virtio;
     let mut machine = Machine::new(
         vm,
         mem,
@@ -552,9 +561,7 @@ fn start(
     if let Some(ring) = spawned.coalesced {
         machine.set_coalesced(ring, devices.io_bus, devices.mmio_bus);
     }
-    machine
-        .set_virtio(virtio)
-        .map_err(|e| BuildError::Io("the virtio device thread", e))?;
+    machine.set_virtio(spawned.virtio, spawned.worker);
     machine.set_paused(true);
     if !paused {
         machine.resume()?;
@@ -787,7 +794,8 @@ fn restore_machine(
     for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
         vcpu.restore_state(s)?;
     }
-    let spawned = spawn_vcpus(&vm, vcpus)?;
+    let mut devices = devices;
+    let spawned = spawn_vcpus(&vm, vcpus, std::mem::take(&mut devices.virtio))?;
     before_start()?;
     start(vm, mem, spawned, devices, exit, serial_input, paused)
 }

@@ -364,15 +364,14 @@ pub fn prepare_memory(uffd: &Uffd, regions: &[Region], runs: &[Run]) -> Result<(
     Ok(())
 }
 
-/// [`Filler::warm_then_serve_faults`]: not yet (the VM is being created).
-pub const WARM_WAIT: u8 = 0;
-/// [`Filler::warm_then_serve_faults`]: fill chunks ahead now.
-pub const WARM_GO: u8 = 1;
-/// [`Filler::warm_then_serve_faults`]: the vCPUs start; only serve faults.
-pub const WARM_STOP: u8 = 2;
+/// Most pages [`Filler::warm_then_serve_faults`] fills ahead: the guest's first touches
+/// after a restore are in its lowest pages (its own kernel-side pages, then the start of the
+/// application's data); filling much beyond them only competes with the main thread for the
+/// memory-map lock and delays the first fault that does come.
+pub const WARM_AHEAD_PAGES: u64 = 128;
 
 /// The fill made ready (warm chunks in place) by the thread that then serves its faults
-/// ([`Filler::serve_faults`]); [`LazyFill::new`] hands it to the machine.
+/// ([`Filler::warm_then_serve_faults`]); [`LazyFill::new`] hands it to the machine.
 pub struct Filler(Arc<Shared>);
 
 impl Filler {
@@ -416,28 +415,28 @@ impl Filler {
         Filler(self.0.clone())
     }
 
-    /// Once `warm` says [`WARM_GO`], fills whole chunks in file order (the lowest guest pages
-    /// first: the guest's own kernel-side pages, then the application's) until it says
-    /// [`WARM_STOP`]; then serves faults until every page is present, the fill fails or the
-    /// VM goes away. Whoever moves `warm` on unparks this thread.
+    /// Once `go` is set (whoever sets it unparks this thread), fills whole chunks in file
+    /// order (the lowest guest pages first) up to [`WARM_AHEAD_PAGES`]; then serves faults
+    /// until every page is present, the fill fails or the VM goes away.
     ///
-    /// The filling uses the time between the VM's creation and the vCPUs' start, which the
-    /// VMM's main thread spends on devices and vCPU state: what is filled then is not
-    /// decompressed later on a faulting vCPU's behalf. Not before the VM exists: filling
-    /// guest memory while KVM creates the VM and registers its memory slot slowed those by
-    /// milliseconds (both need the memory-map lock that filling takes). [`WARM_STOP`] comes
-    /// when the main thread is ready to start the vCPUs, so it never waits for this; a vCPU
-    /// touching a page of the chunk being filled waits for that chunk, as for any fault.
-    pub fn warm_then_serve_faults(&self, warm: &AtomicU8) {
+    /// `go` comes when the VM exists: the filling then overlaps the main thread's work on
+    /// devices and vCPU state, and what it fills is not decompressed later on a faulting
+    /// vCPU's behalf. Not before: filling guest memory while KVM creates the VM and
+    /// registers its memory slot slowed those by milliseconds (both take the memory-map lock
+    /// that filling takes). A vCPU that faults meanwhile waits for at most the chunk being
+    /// filled.
+    pub fn warm_then_serve_faults(&self, go: &AtomicBool) {
         let s = &self.0;
         let mut buf = chunk_buffer(s);
-        while warm.load(Ordering::Acquire) == WARM_WAIT && !s.stop.load(Ordering::Relaxed) {
+        while !go.load(Ordering::Acquire) && !s.stop.load(Ordering::Relaxed) {
             std::thread::park_timeout(Duration::from_millis(50));
         }
+        let mut pages = 0u64;
         for c in 0..s.sources.chunks() {
-            if warm.load(Ordering::Acquire) == WARM_STOP || s.stop.load(Ordering::Relaxed) {
+            if s.stop.load(Ordering::Relaxed) || pages >= WARM_AHEAD_PAGES {
                 break;
             }
+            pages += s.sources.chunk_pages(c).len() as u64;
             if let Err(e) = s.fill_chunk(c, &mut buf) {
                 s.fail(e);
                 return;

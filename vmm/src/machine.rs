@@ -219,10 +219,9 @@ impl Machine {
     }
 
     /// The virtio devices the event loop drives and snapshots save.
-    pub fn set_virtio(&mut self, slots: Vec<Slot>) -> std::io::Result<()> {
-        self.virtio = Arc::new(slots);
-        self.devices = Some(DeviceWorker::start(self.virtio.clone())?);
-        Ok(())
+    pub fn set_virtio(&mut self, slots: Arc<Vec<Slot>>, worker: DeviceWorker) {
+        self.virtio = slots;
+        self.devices = Some(worker);
     }
 
     /// Marks the machine as started paused.

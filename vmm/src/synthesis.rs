@@ -7,7 +7,7 @@
 //! before a vCPU exists, and the base files are never written (private mapping).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -253,8 +253,8 @@ pub struct LazyPlan {
     /// The helper's fill, ready to serve, and its running time until then.
     ready: std::sync::mpsc::Receiver<Result<(Filler, Duration), LazyError>>,
     helper: std::thread::JoinHandle<()>,
-    /// When the helper fills ahead ([`crate::lazy::WARM_GO`] .. [`crate::lazy::WARM_STOP`]).
-    warming: Arc<AtomicU8>,
+    /// Set when the helper may fill ahead (the VM exists).
+    warming: Arc<AtomicBool>,
 }
 
 /// What the helper prepares: the page plan and the chunks decompressed ahead.
@@ -326,7 +326,7 @@ impl LazyPlan {
         let (helper, overlay) = (checks.clone(), checked.overlay.clone());
         let (tx, ready) = std::sync::mpsc::sync_channel(1);
         let (base_dir, guest) = (base.to_owned(), mem.clone());
-        let warming = Arc::new(AtomicU8::new(crate::lazy::WARM_WAIT));
+        let warming = Arc::new(AtomicBool::new(false));
         let main_ready = warming.clone();
         let helper = std::thread::Builder::new()
             .name("overlay-check".into())
@@ -362,14 +362,14 @@ impl LazyPlan {
         )))
     }
 
-    /// The VM and its memory slot exist: the helper may fill chunks ahead until
-    /// [`LazyPlan::start`].
+    /// The VM and its memory slot exist: the helper may fill chunks ahead (see
+    /// [`Filler::warm_then_serve_faults`]).
     pub fn vm_created(&self) {
-        self.set_warming(crate::lazy::WARM_GO);
+        self.allow_warming();
     }
 
-    fn set_warming(&self, to: u8) {
-        self.warming.store(to, Ordering::Release);
+    fn allow_warming(&self) {
+        self.warming.store(true, Ordering::Release);
         self.helper.thread().unpark();
     }
 
@@ -377,7 +377,8 @@ impl LazyPlan {
     /// before any vCPU runs) and starts serving faults on the rewritten pages.
     pub fn start(self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
         let t = Instant::now();
-        self.set_warming(crate::lazy::WARM_STOP);
+        // (Already allowed once the VM exists; this covers a caller that never said so.)
+        self.allow_warming();
         self.checks.work(&self.overlay);
         let (filler, verify) = match self.ready.recv() {
             Ok(Ok(r)) => r,
