@@ -1,5 +1,5 @@
-//! Any bytes as guest memory and queue positions for the virtio-blk and virtio-net request
-//! paths (layout in `vmm::devices::virtio::fuzz::fuzz_process`). Must never panic or hang,
+//! Any bytes as guest memory and queue positions for the virtio-blk, virtio-net and
+//! virtio-console request paths (layout in `vmm::devices::virtio::fuzz::fuzz_process`). Must never panic or hang,
 //! whatever the guest writes into its rings and descriptors.
 #![no_main]
 

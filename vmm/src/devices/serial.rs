@@ -225,24 +225,9 @@ mod tests {
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
     }
 
-    /// A writer that counts its `write` calls.
-    #[derive(Clone, Default)]
-    struct Counting(Arc<Mutex<(Vec<u8>, usize)>>);
-    impl Write for Counting {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            let mut g = self.0.lock().unwrap();
-            g.0.extend_from_slice(b);
-            g.1 += 1;
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn output_is_written_per_burst_not_per_byte() {
-        let out = Counting::default();
+        let out = crate::devices::virtio::testing::Sink::default();
         let mut dev = SerialDevice::new(
             IrqTrigger(Interrupt::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -251,20 +236,25 @@ mod tests {
         for b in b"a burst of 16 by" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(out.0.lock().unwrap().1, 0, "held until the guest looks");
+        assert_eq!(out.writes(), 0, "held until the guest looks");
         // The guest reads the line status before its next burst: the burst goes out whole.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
-        assert_eq!(*out.0.lock().unwrap(), (b"a burst of 16 by".to_vec(), 1));
+        assert_eq!(
+            (out.bytes(), out.writes()),
+            (b"a burst of 16 by".to_vec(), 1)
+        );
         // A line end goes out at once; a partial line when the event loop flushes.
         for b in b"tes\n" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(out.0.lock().unwrap().1, 2);
+        assert_eq!(out.writes(), 2);
         dev.write(0, b"p");
         dev.flush_output();
-        let g = out.0.lock().unwrap();
-        assert_eq!((g.0.as_slice(), g.1), (&b"a burst of 16 bytes\np"[..], 3));
+        assert_eq!(
+            (out.bytes(), out.writes()),
+            (b"a burst of 16 bytes\np".to_vec(), 3)
+        );
     }
 
     #[test]

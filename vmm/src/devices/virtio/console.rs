@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{read_bufs, write_bufs, Popped};
+use super::queue::{read_bufs, write_bufs};
 use super::{
     read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
 };
@@ -113,24 +113,9 @@ impl Console {
     fn receive(&mut self, io: &mut QueueIo<'_>) -> usize {
         let mut delivered = 0;
         while !self.pending.is_empty() {
-            let Some(popped) = io.pop(RX_QUEUE) else {
+            let Some(chain) = io.pop_one_way(RX_QUEUE, true) else {
                 break;
             };
-            let chain = match popped {
-                Popped::Bad { head, error } => {
-                    io.reject(RX_QUEUE, head, &error);
-                    continue;
-                }
-                Popped::Chain(c) => c,
-            };
-            if !chain.readable.is_empty() {
-                io.reject(
-                    RX_QUEUE,
-                    chain.head,
-                    &"device-readable buffer in a receive chain",
-                );
-                continue;
-            }
             // Fits: pending input is at most PENDING_INPUT_MAX bytes.
             let n = chain.writable_len().min(self.pending.len() as u64) as usize;
             let (front, back) = self.pending.as_slices();
@@ -162,24 +147,14 @@ impl Console {
     /// Gathers every queued transmit chain and writes the bytes out in one go.
     fn transmit(&mut self, io: &mut QueueIo<'_>) {
         self.tx_buf.clear();
-        while let Some(popped) = io.pop(TX_QUEUE) {
-            let chain = match popped {
-                Popped::Bad { head, error } => {
-                    io.reject(TX_QUEUE, head, &error);
-                    continue;
-                }
-                Popped::Chain(c) => c,
-            };
+        while let Some(chain) = io.pop_one_way(TX_QUEUE, false) {
             let len = chain.readable_len();
-            let why = if !chain.writable.is_empty() {
-                Some("device-writable buffer in a transmit chain")
-            } else if len > MAX_TX_CHAIN as u64 {
-                Some("transmit chain longer than the maximum")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                io.reject(TX_QUEUE, chain.head, &why);
+            if len > MAX_TX_CHAIN as u64 {
+                io.reject(
+                    TX_QUEUE,
+                    chain.head,
+                    &"transmit chain longer than the maximum",
+                );
                 continue;
             }
             // At most MAX_TX_CHAIN.
@@ -301,41 +276,14 @@ impl VirtioDevice for Console {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::slot::{Slot, SlotKind};
-    use crate::devices::virtio::testing::{guest_memory, GuestQueue, F_NEXT, F_WRITE};
+    use crate::devices::virtio::testing::{guest_memory, GuestQueue, Sink, F_NEXT, F_WRITE};
     use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
-
-    /// A writer that records its bytes and counts its `write` calls.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
-
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            let mut g = self.0.lock().unwrap();
-            g.0.extend_from_slice(b);
-            g.1 += 1;
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Sink {
-        fn bytes(&self) -> Vec<u8> {
-            self.0.lock().unwrap().0.clone()
-        }
-        fn writes(&self) -> usize {
-            self.0.lock().unwrap().1
-        }
-    }
 
     struct Rig {
         mem: GuestMemoryMmap,

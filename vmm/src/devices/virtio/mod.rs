@@ -51,7 +51,7 @@ pub mod net;
 mod queue;
 pub mod slot;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod worker;
 
 use std::os::fd::RawFd;

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 
-use super::queue::{read_bufs, write_bufs, Popped};
+use super::queue::{read_bufs, write_bufs};
 use super::{
     read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
 };
@@ -89,18 +89,9 @@ impl Net {
 
     /// Sends every frame the guest queued.
     fn transmit(&mut self, io: &mut QueueIo<'_>) {
-        while let Some(popped) = io.pop(TX_QUEUE) {
-            let chain = match popped {
-                Popped::Bad { head, error } => {
-                    io.reject(TX_QUEUE, head, &error);
-                    continue;
-                }
-                Popped::Chain(c) => c,
-            };
+        while let Some(chain) = io.pop_one_way(TX_QUEUE, false) {
             let len = chain.readable_len();
-            let why = if !chain.writable.is_empty() {
-                Some("writable buffer in a transmit chain")
-            } else if len < NET_HDR_LEN as u64 {
+            let why = if len < NET_HDR_LEN as u64 {
                 Some("transmit chain shorter than the header")
             } else if len > (NET_HDR_LEN + MAX_FRAME_LEN) as u64 {
                 Some("frame longer than the maximum")
@@ -138,20 +129,9 @@ impl Net {
             };
             self.rx_pending = Some(len);
             // No buffer: the frame stays pending until the guest posts one.
-            let Some(popped) = io.pop(RX_QUEUE) else {
+            let Some(chain) = io.pop_one_way(RX_QUEUE, true) else {
                 return;
             };
-            let chain = match popped {
-                Popped::Bad { head, error } => {
-                    io.reject(RX_QUEUE, head, &error);
-                    continue;
-                }
-                Popped::Chain(c) => c,
-            };
-            if !chain.readable.is_empty() {
-                io.reject(RX_QUEUE, chain.head, &"readable buffer in a receive chain");
-                continue;
-            }
             let total = NET_HDR_LEN + len;
             if chain.writable_len() < total as u64 {
                 debug!(

@@ -290,6 +290,34 @@ impl<'a> QueueIo<'a> {
         debug!("virtio queue {q}: refused chain {head}: {why}");
         self.add_used(q, head, 0);
     }
+
+    /// The next well-formed chain of queue `q` whose buffers all go one way: device-writable
+    /// only when `writable` (a receive chain), device-readable only otherwise (a transmit
+    /// chain). Malformed chains and chains with a buffer the other way go back to the guest
+    /// unused (logged). `None` when the queue has no more chains.
+    pub(crate) fn pop_one_way(&mut self, q: usize, writable: bool) -> Option<Chain> {
+        loop {
+            let chain = match self.pop(q)? {
+                Popped::Bad { head, error } => {
+                    self.reject(q, head, &error);
+                    continue;
+                }
+                Popped::Chain(c) => c,
+            };
+            let (wrong, why) = if writable {
+                (&chain.readable, "device-readable buffer in a receive chain")
+            } else {
+                (
+                    &chain.writable,
+                    "device-writable buffer in a transmit chain",
+                )
+            };
+            if wrong.is_empty() {
+                return Some(chain);
+            }
+            self.reject(q, chain.head, &why);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! Test helpers: a driver's view of a split virtqueue, written straight into guest memory.
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -114,5 +117,33 @@ impl GuestQueue {
             self.mem.read_obj(GuestAddress(at)).unwrap(),
             self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
         )
+    }
+}
+
+/// A writer (a device's output sink) that records its bytes and counts its `write` calls.
+#[derive(Clone, Default)]
+pub struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().unwrap();
+        g.0.extend_from_slice(b);
+        g.1 += 1;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().0.clone()
+    }
+
+    /// How many `write` calls it took.
+    pub fn writes(&self) -> usize {
+        self.0.lock().unwrap().1
     }
 }
