@@ -268,6 +268,11 @@ fn prefetch(s: &Shared, delay: Duration) -> Result<(), String> {
     // The thread starts at normal priority, and becoming SCHED_IDLE does not by itself give
     // up the core: without the yield it kept it until the next scheduler tick (up to 4 ms),
     // with the VMM's main thread runnable behind it (measured: 1 start in 10 lost ~3.5 ms).
+    //
+    // Its buffer is mapped before that: at idle priority a thread holding the memory-map
+    // lock (mmap while growing a buffer, or just a fill) can be kept off both cores while a
+    // vCPU's fault needs the same lock.
+    let mut buf = chunk_buffer(s);
     let idle = libc::sched_param { sched_priority: 0 };
     // SAFETY: changes only this thread's scheduling policy; the argument is a valid struct.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
@@ -277,12 +282,15 @@ fn prefetch(s: &Shared, delay: Duration) -> Result<(), String> {
         if s.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5)),
+        );
     }
     for &(page, src) in s.sources.other_pages() {
         s.fill_other(page, src)?;
     }
-    let mut buf = Vec::new();
     for c in 0..s.sources.chunks() {
         if s.stop.load(Ordering::Relaxed) {
             return Ok(());
