@@ -166,8 +166,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         vcpus.push(vcpu);
     }
     let t_vcpus = t0.elapsed();
-    let mut devices = devices;
-    let spawned = spawn_vcpus(&vm, vcpus, std::mem::take(&mut devices.virtio))?;
+    let spawned = spawn_vcpus(&vm, vcpus)?;
     let machine = start(vm, mem, spawned, devices, exit, cfg.serial_input, false)?;
     tracing::debug!(
         vm_us = t_vm.as_micros() as u64,
@@ -493,21 +492,18 @@ fn attach_devices(
     })
 }
 
-/// vCPU threads spawned paused and the virtio device thread, with what must exist before
-/// them.
+/// vCPU threads spawned paused, with what must exist before them.
 struct Spawned {
     signals: crate::machine::StopSignals,
     coalesced: Option<Arc<CoalescedRing>>,
     handles: Vec<crate::vstate::vcpu::VcpuHandle>,
-    virtio: Arc<Vec<Slot>>,
-    worker: crate::devices::virtio::worker::DeviceWorker,
 }
 
-/// Spawns the vCPU threads, paused, and the thread driving the virtio devices `slots`: a
-/// thread's start-up (stack, signal stack, thread-local state: ~0.1 ms and some 50 page
-/// faults here) then overlaps the last checks before the guest may run, instead of delaying
-/// its first instruction.
-fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>, slots: Vec<Slot>) -> Result<Spawned, BuildError> {
+/// Spawns the vCPU threads, paused: a thread's start-up (stack, signal stack, thread-local
+/// state: ~0.1 ms and some 50 page faults here) then overlaps the last checks before the
+/// guest may run, instead of delaying its first instruction. (The virtio device thread is
+/// not started before those checks: devices must not act for a VM that is then refused.)
+fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>) -> Result<Spawned, BuildError> {
     // Signals the event loop handles must be blocked before the vCPU threads exist, so that
     // they inherit the mask and the signals reach the loop's signalfd.
     let signals =
@@ -518,15 +514,10 @@ fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>, slots: Vec<Slot>) -> Result<Spawned, B
         .into_iter()
         .map(|v| v.start(true))
         .collect::<Result<Vec<_>, _>>()?;
-    let virtio = Arc::new(slots);
-    let worker = crate::devices::virtio::worker::DeviceWorker::start(virtio.clone())
-        .map_err(|e| BuildError::Io("the virtio device thread", e))?;
     Ok(Spawned {
         signals,
         coalesced,
         handles,
-        virtio,
-        worker,
     })
 }
 
@@ -542,7 +533,10 @@ fn start(
 ) -> Result<Machine, BuildError> {
     // Input typed while the VM was being built reaches the guest's console (or serial port)
     // before its first instruction.
-    let console = spawned.virtio.iter().find(|s| s.kind == SlotKind::Console);
+    let virtio = Arc::new(devices.virtio);
+    let worker = crate::devices::virtio::worker::DeviceWorker::start(virtio.clone())
+        .map_err(|e| BuildError::Io("the virtio device thread", e))?;
+    let console = virtio.iter().find(|s| s.kind == SlotKind::Console);
     let input = serial_input.then(|| {
         crate::machine::SerialInput::primed(&|b: &[u8]| {
             crate::machine::deliver_input(&devices.serial, console, b)
@@ -561,7 +555,7 @@ fn start(
     if let Some(ring) = spawned.coalesced {
         machine.set_coalesced(ring, devices.io_bus, devices.mmio_bus);
     }
-    machine.set_virtio(spawned.virtio, spawned.worker);
+    machine.set_virtio(virtio, worker);
     machine.set_paused(true);
     if !paused {
         machine.resume()?;
@@ -794,8 +788,12 @@ fn restore_machine(
     for (vcpu, s) in vcpus.iter().zip(&state.vcpus) {
         vcpu.restore_state(s)?;
     }
-    let mut devices = devices;
-    let spawned = spawn_vcpus(&vm, vcpus, std::mem::take(&mut devices.virtio))?;
+    // Interrupts the devices had pending when the snapshot was taken, on lines whose state
+    // the controllers' restore just overwrote.
+    for slot in &devices.virtio {
+        slot.lock().reassert_interrupt();
+    }
+    let spawned = spawn_vcpus(&vm, vcpus)?;
     before_start()?;
     start(vm, mem, spawned, devices, exit, serial_input, paused)
 }

@@ -367,6 +367,10 @@ impl Machine {
     /// for it and left paused: call [`Machine::resume`] to go on, or drop the machine.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotInfo, MachineError> {
         std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io("create", dir.to_owned(), e))?;
+        // No device request completes from here until the state is saved: one completing
+        // after the vCPUs' and controllers' state was read would raise an interrupt the
+        // snapshot misses (its status is saved with the device, and raised again on restore).
+        let _still = self.devices.as_ref().map(|d| d.hold());
         self.pause()?;
         // Pages not yet filled would read as missing (and mincore would skip them).
         if let Some(lazy) = &self.lazy {
@@ -384,8 +388,6 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save_state();
-        // No device request completes while the state is saved.
-        let _still = self.devices.as_ref().map(|d| d.hold());
         let mut virtio = Vec::with_capacity(self.virtio.len());
         for slot in self.virtio.iter() {
             let t = slot.lock();

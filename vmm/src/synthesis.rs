@@ -252,7 +252,8 @@ pub struct LazyPlan {
     checks: Arc<ChunkChecks>,
     /// The helper's fill, ready to serve, and its running time until then.
     ready: std::sync::mpsc::Receiver<Result<(Filler, Duration), LazyError>>,
-    helper: std::thread::JoinHandle<()>,
+    /// `None` once [`LazyPlan::start`] took it.
+    helper: Option<std::thread::JoinHandle<()>>,
     /// Set when the helper may fill ahead (the VM exists).
     warming: Arc<AtomicBool>,
 }
@@ -356,7 +357,7 @@ impl LazyPlan {
                 overlay: checked.overlay.clone(),
                 checks,
                 ready,
-                helper,
+                helper: Some(helper),
                 warming,
             },
         )))
@@ -370,29 +371,32 @@ impl LazyPlan {
 
     fn allow_warming(&self) {
         self.warming.store(true, Ordering::Release);
-        self.helper.thread().unpark();
+        if let Some(h) = &self.helper {
+            h.thread().unpark();
+        }
     }
 
     /// Finishes the chunk checks (helping the helper thread; a damaged chunk fails here,
     /// before any vCPU runs) and starts serving faults on the rewritten pages.
-    pub fn start(self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
+    pub fn start(mut self, timings: &mut Timings) -> Result<LazyFill, SynthesisError> {
         let t = Instant::now();
         // (Already allowed once the VM exists; this covers a caller that never said so.)
         self.allow_warming();
         self.checks.work(&self.overlay);
+        let helper = self.helper.take().expect("start runs once");
         let (filler, verify) = match self.ready.recv() {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let _ = self.helper.join();
+                let _ = helper.join();
                 return Err(SynthesisError::Lazy(e.to_string()));
             }
             Err(_) => {
-                let _ = self.helper.join();
+                let _ = helper.join();
                 return Err(SynthesisError::Lazy("the chunk checker panicked".into()));
             }
         };
         // From here dropping `fill` stops the fault server and joins it.
-        let fill = LazyFill::new(filler, self.helper);
+        let fill = LazyFill::new(filler, helper);
         self.checks.result()?;
         if !timings.verified_before {
             self.overlay.record_verified();
@@ -400,6 +404,25 @@ impl LazyPlan {
         timings.verify = verify;
         timings.apply = t.elapsed();
         Ok(fill)
+    }
+}
+
+impl Drop for LazyPlan {
+    /// A plan dropped before [`LazyPlan::start`] (the VM's construction failed): the helper is
+    /// stopped and joined, not left serving faults for memory nobody uses.
+    fn drop(&mut self) {
+        let Some(helper) = self.helper.take() else {
+            return;
+        };
+        self.warming.store(true, Ordering::Release);
+        helper.thread().unpark();
+        match self.ready.recv() {
+            // Dropping the fill stops its fault server (this thread) and joins it.
+            Ok(Ok((filler, _))) => drop(LazyFill::new(filler, helper)),
+            _ => {
+                let _ = helper.join();
+            }
+        }
     }
 }
 

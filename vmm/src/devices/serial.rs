@@ -64,6 +64,13 @@ impl Batched {
     }
 }
 
+impl Drop for Batched {
+    /// Output still gathered when the device goes (a machine dropped without a shutdown).
+    fn drop(&mut self) {
+        let _ = self.push_out();
+    }
+}
+
 impl Write for Batched {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(b);

@@ -274,10 +274,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
             t.device.activate(t.acked_features)?;
             t.kick_queues();
         }
-        if t.interrupt_status != 0 {
-            t.raise_irq();
-        }
+        // A pending interrupt is raised again by `reassert_interrupt` once the interrupt
+        // controllers and vCPUs have their state back: raised now, it would be lost when
+        // their restore overwrites the lines.
         Ok(t)
+    }
+
+    /// Raises the interrupt again if the device has one pending (interrupt status not yet
+    /// acknowledged): called after a restore, once the interrupt controllers' state is back.
+    pub fn reassert_interrupt(&self) {
+        if self.interrupt_status != 0 {
+            self.raise_irq();
+        }
     }
 
     /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
@@ -1002,6 +1010,10 @@ mod tests {
             VIRTIO_MMIO_INT_VRING,
             "unacked interrupt kept"
         );
+        // Raised again only when asked (after the interrupt controllers are restored).
+        assert!(irq2.read().is_err(), "not raised by the restore itself");
+        t2.reassert_interrupt();
+        assert_eq!(irq2.read().unwrap(), 1);
         // The in-flight notification is replayed through the queue event.
         assert_eq!(t2.queue_events()[0].read().unwrap(), 1);
         t2.process_queue_event(0);

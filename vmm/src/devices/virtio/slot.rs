@@ -31,6 +31,7 @@ pub trait Transport: BusDevice {
     }
     /// Transport, queue and device state (vCPUs paused).
     fn save_state(&self) -> MmioState;
+    fn reassert_interrupt(&self);
     /// The block device behind this transport, if it is one.
     fn block(&self) -> Option<&Block> {
         None
@@ -58,6 +59,9 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     }
     fn save_state(&self) -> MmioState {
         MmioTransport::save_state(self)
+    }
+    fn reassert_interrupt(&self) {
+        MmioTransport::reassert_interrupt(self)
     }
     fn block(&self) -> Option<&Block> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Block>()
