@@ -532,6 +532,10 @@ impl Machine {
         for v in &mut self.vcpus {
             v.stop();
         }
+        // The lazy fill next: its userfaultfd closed, a device thread waiting on a page that
+        // will never be filled (the fill failed) goes on, reading zeros for a guest that no
+        // longer runs, instead of hanging the join below.
+        self.lazy = None;
         // Then the device thread (which may hold the last work for a stopped guest).
         self.devices = None;
         self.serial
