@@ -214,6 +214,12 @@ def tool_seeds(tmp):
     with open(os.path.join(dbase, "state"), "rb") as f:
         write("state_file", "virtio.state", f.read())
 
+    # A base with a virtio console: its state has a console device (and its pending input).
+    cbase = os.path.join(tmp, "base-console")
+    run(ib, "base", "--kernel", guest, "--console", "--out", cbase)
+    with open(os.path.join(cbase, "state"), "rb") as f:
+        write("state_file", "console.state", f.read())
+
 
 def table_image(entries):
     """A 64 KiB disk with the micro guest's table (rootfs/service/src/table.rs)."""
