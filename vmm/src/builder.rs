@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{layout, mptable};
 use crate::config::{DevicesConfig, NetBackendConfig, SerialOutput, VmConfig};
 use crate::devices::legacy::{DebugExit, I8042};
-use crate::devices::serial::{IrqTrigger, SerialDevice, SerialOut};
+use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::disk::{CowDisk, Delta};
@@ -75,11 +75,6 @@ pub enum BuildError {
         /// KVM's maximum.
         max: usize,
     },
-}
-
-/// Opens the serial output named by the config.
-pub fn open_serial_output(out: &SerialOutput) -> Result<SerialOut, BuildError> {
-    Ok(open_outputs(out, false)?.0)
 }
 
 /// Opens the serial output named by the config and, with `console`, a second writer to the
@@ -247,7 +242,7 @@ fn net_backend(cfg: &NetBackendConfig) -> Result<Box<dyn netback::NetBackend>, B
 }
 
 /// Attaches the virtio devices of `cfg` (fresh, or from `saved` states) at their windows,
-/// with irqfds and ioeventfds registered. `console` is the console's output and input-room
+/// with their interrupt lines and ioeventfds. `console` is the console's output and input-room
 /// eventfd, given when `cfg.console` is set.
 fn attach_virtio(
     vm: &Vm,
@@ -446,7 +441,7 @@ fn attach_devices(
     disk_start: DiskStart,
 ) -> Result<Devices, BuildError> {
     let (serial_out, console_out) = open_outputs(output, virtio.console)?;
-    let serial_irq = IrqTrigger(Interrupt::Line(vm.irq_line(layout::COM1_IRQ)?));
+    let serial_irq = Interrupt::Line(vm.irq_line(layout::COM1_IRQ)?);
     // Written by COM1 when the guest empties its receive FIFO, and by a console when it
     // delivered input it had refused: the event loop then offers the input it holds again.
     let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
@@ -531,11 +526,11 @@ fn start(
     serial_input: bool,
     paused: bool,
 ) -> Result<Machine, BuildError> {
-    // Input typed while the VM was being built reaches the guest's console (or serial port)
-    // before its first instruction.
     let virtio = Arc::new(devices.virtio);
     let worker = crate::devices::virtio::worker::DeviceWorker::start(virtio.clone())
         .map_err(|e| BuildError::Io("the virtio device thread", e))?;
+    // Input typed while the VM was being built reaches the guest's console (or serial port)
+    // before its first instruction.
     let console = virtio.iter().find(|s| s.kind == SlotKind::Console);
     let input = serial_input.then(|| {
         crate::machine::SerialInput::primed(&|b: &[u8]| {

@@ -411,11 +411,10 @@ impl Drop for LazyPlan {
     /// A plan dropped before [`LazyPlan::start`] (the VM's construction failed): the helper is
     /// stopped and joined, not left serving faults for memory nobody uses.
     fn drop(&mut self) {
+        self.allow_warming();
         let Some(helper) = self.helper.take() else {
             return;
         };
-        self.warming.store(true, Ordering::Release);
-        helper.thread().unpark();
         match self.ready.recv() {
             // Dropping the fill stops its fault server (this thread) and joins it.
             Ok(Ok((filler, _))) => drop(LazyFill::new(filler, helper)),

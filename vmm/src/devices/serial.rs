@@ -9,14 +9,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{BusDevice, Interrupt};
 
-/// The UART's interrupt, as vm-superio raises it.
-#[derive(Debug)]
-pub struct IrqTrigger(pub Interrupt);
-
-impl Trigger for IrqTrigger {
+/// The UART raises its line as any device does.
+impl Trigger for Interrupt {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.trigger()
+        Interrupt::trigger(self)
     }
 }
 
@@ -88,7 +85,7 @@ impl Write for Batched {
 
 /// The COM1 device.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, InputDrained, Batched>,
+    uart: Serial<Interrupt, InputDrained, Batched>,
     output_failed: bool,
 }
 
@@ -100,7 +97,7 @@ impl std::fmt::Debug for SerialDevice {
 
 impl SerialDevice {
     /// A UART raising `irq`, signalling `drained`, writing to `out`.
-    pub fn new(irq: IrqTrigger, drained: EventFd, out: SerialOut) -> Self {
+    pub fn new(irq: Interrupt, drained: EventFd, out: SerialOut) -> Self {
         SerialDevice {
             uart: Serial::with_events(irq, InputDrained(drained), batched(out)),
             output_failed: false,
@@ -110,7 +107,7 @@ impl SerialDevice {
     /// A UART with registers and FIFO from a snapshot.
     pub fn from_state(
         state: &crate::snapshot::SerialSnapshot,
-        irq: IrqTrigger,
+        irq: Interrupt,
         drained: EventFd,
         out: SerialOut,
     ) -> Result<Self, String> {
@@ -216,7 +213,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dev = SerialDevice::new(
-            IrqTrigger(Interrupt::Event(irq.try_clone().unwrap())),
+            Interrupt::Event(irq.try_clone().unwrap()),
             drained.try_clone().unwrap(),
             Box::new(out.clone()),
         );
@@ -236,7 +233,7 @@ mod tests {
     fn output_is_written_per_burst_not_per_byte() {
         let out = crate::devices::virtio::testing::Sink::default();
         let mut dev = SerialDevice::new(
-            IrqTrigger(Interrupt::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            Interrupt::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             Box::new(out.clone()),
         );

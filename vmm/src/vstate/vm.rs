@@ -38,9 +38,6 @@ pub enum VmError {
     /// Saving or restoring VM state failed.
     #[error("failed to {0} the VM's {1}")]
     State(&'static str, &'static str, #[source] kvm_ioctls::Error),
-    /// Registering an irqfd failed.
-    #[error("failed to connect an interrupt event to GSI {0}")]
-    Irqfd(u32, #[source] kvm_ioctls::Error),
     /// The VM fd could not be duplicated for an interrupt line.
     #[error("failed to set up interrupt line {0}")]
     IrqLine(u32, #[source] std::io::Error),
@@ -112,17 +109,6 @@ impl Vm {
                 .map_err(|e| VmError::MemorySlot(slot, e))?;
         }
         Ok(())
-    }
-
-    /// Connects `evt` to GSI `gsi`: writing the eventfd raises the interrupt line.
-    pub fn register_irqfd(
-        &self,
-        evt: &vmm_sys_util::eventfd::EventFd,
-        gsi: u32,
-    ) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(evt, gsi)
-            .map_err(|e| VmError::Irqfd(gsi, e))
     }
 
     /// Saves the in-kernel PICs, IOAPIC, PIT and clock. vCPUs must be paused.
