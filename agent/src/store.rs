@@ -22,8 +22,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use image_format::base::Manifest;
-use image_format::overlay::Overlay;
+use format::base::Manifest;
+use format::overlay::Overlay;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

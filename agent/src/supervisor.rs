@@ -15,7 +15,7 @@
 //! the agent's terminal nor the agent's death reaches it. Its state is kept in
 //! `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances whose
 //! process is alive and answers `Status` on its control socket (postcard frames, see
-//! `vmm::api`), and kills and reports the rest, so a vmm is never leaked. Stopping sends
+//! `format::control`), and kills and reports the rest, so a vmm is never leaked. Stopping sends
 //! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`].
 
 use std::collections::BTreeMap;
@@ -361,11 +361,11 @@ impl Supervisor {
                         tokio::time::timeout(
                             Duration::from_secs(2),
                             tokio::task::spawn_blocking(move || {
-                                vmm::api::request(&sock, &vmm::api::ApiRequest::Status)
+                                format::control::request(&sock, &format::control::ApiRequest::Status)
                             }),
                         )
                         .await,
-                        Ok(Ok(Ok(vmm::api::ApiResponse::Status { .. })))
+                        Ok(Ok(Ok(format::control::ApiResponse::Status { .. })))
                     )
                 } else {
                     false
@@ -693,11 +693,11 @@ impl Supervisor {
             let asked = tokio::time::timeout(
                 Duration::from_secs(2),
                 tokio::task::spawn_blocking(move || {
-                    vmm::api::request(&sock, &vmm::api::ApiRequest::Stop)
+                    format::control::request(&sock, &format::control::ApiRequest::Stop)
                 }),
             )
             .await;
-            if !matches!(asked, Ok(Ok(Ok(vmm::api::ApiResponse::Ok)))) {
+            if !matches!(asked, Ok(Ok(Ok(format::control::ApiResponse::Ok)))) {
                 tracing::info!(instance = %id, "the vmm did not take Stop on its socket; killing it");
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
             }

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::api::{read_frame, ApiRequest};
+use format::control::{read_frame, ApiRequest};
 
 fuzz_target!(|data: &[u8]| {
     let mut r = data;

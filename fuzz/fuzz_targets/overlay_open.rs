@@ -3,7 +3,7 @@
 //! panic, hang or allocate without bound.
 #![no_main]
 
-use image_format::overlay::{Overlay, PageSink};
+use format::overlay::{Overlay, PageSink};
 use libfuzzer_sys::fuzz_target;
 
 struct Bounds(u64);

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::persist::{decode, Kind, StateFile};
+use format::state::{decode, Kind, StateFile};
 use vmm::snapshot::MachineState;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use image_format::base::{hex, Manifest, MANIFEST, MANIFEST_VERSION};
+use format::base::{hex, Manifest, MANIFEST, MANIFEST_VERSION};
 use sha2::{Digest, Sha256};
 use vmm::config::{
     DevicesConfig, DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig, DEFAULT_MAC,
@@ -44,9 +44,9 @@ pub struct BaseSpec {
 pub fn content_id(dir: &Path) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let with_disk = dir.join(image_format::base::DISK).exists();
-    for name in ["kernel", "state", "memory", image_format::base::DISK] {
-        if name == image_format::base::DISK && !with_disk {
+    let with_disk = dir.join(format::base::DISK).exists();
+    for name in ["kernel", "state", "memory", format::base::DISK] {
+        if name == format::base::DISK && !with_disk {
             continue;
         }
         let path = dir.join(name);
@@ -87,7 +87,7 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
             .with_context(|| format!("cannot remove '{}'", spec.out.display()))?;
     }
     std::fs::create_dir_all(&spec.out)?;
-    let disk_path = std::fs::canonicalize(&spec.out)?.join(image_format::base::DISK);
+    let disk_path = std::fs::canonicalize(&spec.out)?.join(format::base::DISK);
     if let Some(d) = &spec.disk {
         std::fs::copy(d, &disk_path)
             .with_context(|| format!("cannot copy the disk image '{}'", d.display()))?;
@@ -149,7 +149,7 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
         disk_bytes: spec
             .disk
             .as_ref()
-            .map(|_| size(image_format::base::DISK))
+            .map(|_| size(format::base::DISK))
             .transpose()?,
     };
     std::fs::write(spec.out.join(MANIFEST), manifest.to_json())?;
@@ -189,7 +189,7 @@ pub fn base_disk_bytes(dir: &Path) -> u64 {
         "kernel",
         "state",
         "memory",
-        image_format::base::DISK,
+        format::base::DISK,
     ]
     .iter()
     .map(|n| disk_bytes(&dir.join(n)))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use image_builder::{base, overlay};
-use image_format::overlay::{BuildOptions, Overlay};
+use format::overlay::{BuildOptions, Overlay};
 
 /// Build cloudlet base images and application overlays.
 ///
@@ -232,7 +232,7 @@ fn run(cmd: Command) -> Result<()> {
             let s = ov.index().stats;
             println!(
                 "overlay for base {}: {} pages ({} MiB), {} chunks (all intact), {} data pages, {} zero, {} base-dedup, {} self-dedup, disk δ {} blocks of a {} MiB disk, state {} B",
-                image_format::base::hex(ov.base_id()),
+                format::base::hex(ov.base_id()),
                 s.pages,
                 s.pages / 256,
                 chunks,

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use image_format::base::Manifest;
-use image_format::mapped::Mapped;
-use image_format::overlay::{self, BuildOptions, Stats};
+use format::base::Manifest;
+use format::mapped::Mapped;
+use format::overlay::{self, BuildOptions, Stats};
 use vmm::builder::{build_from_snapshot, RestoreConfig};
 use vmm::config::SerialOutput;
 
@@ -71,7 +71,7 @@ pub fn from_snapshot(
 pub fn base_devices(base: &Path, manifest: &Manifest) -> vmm::config::DevicesConfig {
     vmm::config::DevicesConfig {
         disk: manifest.disk_bytes.map(|_| vmm::config::DiskConfig {
-            base: Some(base.join(image_format::base::DISK)),
+            base: Some(base.join(format::base::DISK)),
             ..Default::default()
         }),
         ..Default::default()

@@ -675,7 +675,7 @@ pub fn build_from_overlay(
     if checked.manifest.disk_bytes.is_some() {
         let mut d = devices.disk.take().unwrap_or_default();
         if d.base.is_none() {
-            d.base = Some(cfg.base.join(image_format::base::DISK));
+            d.base = Some(cfg.base.join(format::base::DISK));
         }
         devices.disk = Some(d);
     }

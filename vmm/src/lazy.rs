@@ -18,11 +18,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use image_format::mapped::Mapped;
-use image_format::overlay::Overlay;
-use image_format::overlay::Run;
-use image_format::sources::{PageSources, Source};
-use image_format::PAGE_SIZE;
+use format::mapped::Mapped;
+use format::overlay::Overlay;
+use format::overlay::Run;
+use format::sources::{PageSources, Source};
+use format::PAGE_SIZE;
 
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::uffd::{Fill, Uffd};

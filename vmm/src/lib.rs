@@ -11,7 +11,6 @@
 //! - [`synthesis`], [`lazy`], [`uffd`]: base + overlay → a running VM, the overlay applied up
 //!   front or on first touch through userfaultfd.
 
-pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
@@ -20,7 +19,6 @@ pub mod exit;
 pub mod lazy;
 pub mod loader;
 pub mod machine;
-pub mod persist;
 pub mod snapshot;
 pub mod synthesis;
 pub mod uffd;

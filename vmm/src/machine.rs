@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use crate::api::{self, ApiRequest, ApiResponse};
+use format::control::{self as api, ApiRequest, ApiResponse};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -229,7 +229,7 @@ impl Machine {
         self.paused.store(paused, Ordering::Relaxed);
     }
 
-    /// Serves the control API ([`crate::api`]) on a Unix socket at `path`.
+    /// Serves the control API ([`format::control`]) on a Unix socket at `path`.
     pub fn listen_api(&mut self, path: &Path) -> Result<(), MachineError> {
         if path.exists() {
             return Err(MachineError::ApiSocket(

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use vmm::api::{ApiRequest, ApiResponse};
+use format::control::{ApiRequest, ApiResponse};
 use vmm::config::{SerialOutput, VmConfig, DEFAULT_CMDLINE};
 use vmm::exit::ExitReason;
 use vmm::loader::{BootProtocol, KernelConfig};
@@ -375,7 +375,7 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitReason> {
 
 /// Sends one control request and prints the answer; fails on an error answer.
 fn control(sock: &std::path::Path, req: ApiRequest) -> anyhow::Result<ExitReason> {
-    let resp = vmm::api::request(sock, &req).with_context(|| {
+    let resp = format::control::request(sock, &req).with_context(|| {
         format!(
             "cannot reach the vmm at '{}' (is it running with --api-sock?)",
             sock.display()

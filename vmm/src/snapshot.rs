@@ -1,6 +1,6 @@
 //! Machine snapshots: a directory with
 //!
-//! - `state`: a state file ([`crate::persist`], kind `Machine`) holding [`MachineState`];
+//! - `state`: a state file ([`format::state`], kind `Machine`) holding [`MachineState`];
 //! - `memory`: guest RAM, regions back to back (region i at the sum of the sizes before it),
 //!   written sparsely — all-zero 4 KiB pages are holes — and mapped `MAP_PRIVATE` on restore,
 //!   so VMs restored from one snapshot share its clean pages through the page cache.
@@ -11,7 +11,7 @@
 
 use std::fs::File;
 
-use image_format::overlay::Run;
+use format::overlay::Run;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use vm_memory::{
 };
 
 use crate::arch::layout;
-use crate::persist::{self, Kind, StateError};
+use format::state::{self as persist, Kind, StateError};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
 
@@ -352,7 +352,7 @@ pub fn map_memory(dir: &Path, mem_mib: u64) -> Result<GuestMemoryMmap, SnapshotE
 /// overlapping). `cursor` is the first run that may still matter; calls must come in
 /// ascending order of `start`.
 fn outside_runs(start: u64, end: u64, skip: &[Run], cursor: &mut usize) -> Vec<(u64, u64)> {
-    let page = image_format::PAGE_SIZE as u64;
+    let page = format::PAGE_SIZE as u64;
     let mut out = Vec::new();
     let mut at = start;
     while at < end {
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn prefault_skips_the_runs_lazy_synthesis_fills() {
-        let p = image_format::PAGE_SIZE as u64;
+        let p = format::PAGE_SIZE as u64;
         let skip = [
             Run { first: 2, count: 2 },
             Run {

@@ -11,27 +11,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use image_format::base::Manifest;
-use image_format::mapped::Mapped;
-use image_format::overlay::{ChunkChecks, Overlay, PageSink};
+use format::base::Manifest;
+use format::mapped::Mapped;
+use format::overlay::{ChunkChecks, Overlay, PageSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::layout;
 use crate::lazy::{Filler, LazyError, LazyFill, Region};
-use crate::persist::{self, Kind};
+use format::state::{self as persist, Kind};
 use crate::snapshot::MachineState;
 use crate::uffd::Uffd;
-use image_format::sources::PageSources;
+use format::sources::PageSources;
 
 /// Errors while synthesising.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthesisError {
     /// The base is unusable.
     #[error(transparent)]
-    Base(#[from] image_format::base::BaseError),
+    Base(#[from] format::base::BaseError),
     /// The overlay is unusable.
     #[error(transparent)]
-    Overlay(#[from] image_format::overlay::OverlayError),
+    Overlay(#[from] format::overlay::OverlayError),
     /// The overlay's machine state is unusable.
     #[error("the overlay's machine state is unusable")]
     State(#[source] persist::StateError),
@@ -124,7 +124,7 @@ struct GuestSink<'a> {
     base: &'a [u8],
 }
 
-const PAGE: u64 = image_format::PAGE_SIZE as u64;
+const PAGE: u64 = format::PAGE_SIZE as u64;
 
 impl GuestSink<'_> {
     /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap.
@@ -316,7 +316,7 @@ impl LazyPlan {
         timings.data_bytes = checked.overlay.index().stats.data * PAGE;
         // The rewritten pages become fresh memory the fault server fills, before the VM
         // exists (KVM then sees the final mappings).
-        let runs = image_format::sources::rewritten_runs(checked.overlay.index());
+        let runs = format::sources::rewritten_runs(checked.overlay.index());
         crate::lazy::prepare_memory(&uffd, &regions, &runs)
             .map_err(|e| SynthesisError::Lazy(e.to_string()))?;
         // The helper: the page plan, the first chunk's decompression and its share of the

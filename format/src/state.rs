@@ -26,15 +26,13 @@ pub const HEADER_LEN: usize = 20;
 /// Bytes after the payload.
 pub const TRAILER_LEN: usize = 8;
 
-/// CRC-64/XZ (ECMA-182 polynomial, reflected): the checksum of state files.
-pub const CRC64: crc::Crc<u64, crc::Table<16>> =
-    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+use crate::CRC64;
 
 /// What a state file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
-    /// A whole machine snapshot ([`crate::snapshot::MachineState`]).
+    /// A whole machine snapshot (`MachineState` in the vmm's `snapshot` module).
     Machine = 1,
 }
 

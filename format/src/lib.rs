@@ -1,0 +1,30 @@
+//! Every byte layout the cloudlet appliance reads or writes, in one crate with no KVM and no
+//! I/O beyond files and `Read`/`Write`. Each module draws its layout at the top (magic,
+//! version, checksum) and parses untrusted bytes without panicking:
+//!
+//! - [`base`]: a base image directory and its manifest (content id, sizes);
+//! - [`overlay`]: an application overlay — the RAM δ between a base and a customised VM,
+//!   in independently decodable, checksummed zstd chunks with a postcard index, plus the
+//!   customised VM's machine state and its disk δ;
+//! - [`state`]: the state file container (snapshots, an overlay's VM state);
+//! - [`control`]: the frames on a vmm's control socket (requests, answers, events);
+//!
+//! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
+//! each guest page of a synthesised VM comes from).
+//!
+//! Data flows one way: `image-builder` writes these formats, `vmm` reads them, the agent
+//! speaks the control frames; this crate depends on none of them.
+
+pub mod base;
+pub mod control;
+pub mod mapped;
+pub mod overlay;
+pub mod sources;
+pub mod state;
+
+/// Guest page size of every image.
+pub const PAGE_SIZE: usize = 4096;
+
+/// CRC-64/XZ: the checksum of headers, indexes and chunks.
+pub const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
