@@ -8,6 +8,7 @@
 //!   customised VM's machine state and its disk δ;
 //! - [`state`]: the state file container (snapshots, an overlay's VM state);
 //! - [`control`]: the frames on a vmm's control socket (requests, answers, events);
+//! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -17,6 +18,7 @@
 
 pub mod base;
 pub mod control;
+pub mod disk_delta;
 pub mod mapped;
 pub mod overlay;
 pub mod sources;
