@@ -26,9 +26,7 @@
 //! [`Record::new_checked`] check length, magic and checksum; version, block size, disk size
 //! and block range are the reader's to judge (it first picks the current header copy).
 
-use std::ops::Range;
-
-use crate::CRC64;
+use crate::{le_u32, le_u64, CRC64};
 
 /// File magic (header).
 pub const MAGIC: &[u8; 8] = b"CLDDELTA";
@@ -78,18 +76,6 @@ pub enum DeltaError {
     Checksum,
 }
 
-fn u64_at(b: &[u8], r: Range<usize>) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[r]);
-    u64::from_le_bytes(v)
-}
-
-fn u32_at(b: &[u8], r: Range<usize>) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[r]);
-    u32::from_le_bytes(v)
-}
-
 mod hfield {
     use std::ops::Range;
 
@@ -125,7 +111,7 @@ impl<T: AsRef<[u8]>> Header<T> {
         if &b[hfield::MAGIC] != MAGIC {
             return Err(DeltaError::BadMagic);
         }
-        if u64_at(b, hfield::CHECKSUM) != CRC64.checksum(&b[..hfield::CHECKSUM.start]) {
+        if le_u64(b, hfield::CHECKSUM) != CRC64.checksum(&b[..hfield::CHECKSUM.start]) {
             return Err(DeltaError::Checksum);
         }
         Ok(h)
@@ -138,27 +124,27 @@ impl<T: AsRef<[u8]>> Header<T> {
 
     /// Format version.
     pub fn version(&self) -> u32 {
-        u32_at(self.buffer.as_ref(), hfield::VERSION)
+        le_u32(self.buffer.as_ref(), hfield::VERSION)
     }
 
     /// Block size.
     pub fn block_size(&self) -> u32 {
-        u32_at(self.buffer.as_ref(), hfield::BLOCK_SIZE)
+        le_u32(self.buffer.as_ref(), hfield::BLOCK_SIZE)
     }
 
     /// Size of the disk, in bytes.
     pub fn disk_size(&self) -> u64 {
-        u64_at(self.buffer.as_ref(), hfield::DISK_SIZE)
+        le_u64(self.buffer.as_ref(), hfield::DISK_SIZE)
     }
 
     /// Sequence number.
     pub fn seq(&self) -> u64 {
-        u64_at(self.buffer.as_ref(), hfield::SEQ)
+        le_u64(self.buffer.as_ref(), hfield::SEQ)
     }
 
     /// Records this copy commits.
     pub fn committed(&self) -> u64 {
-        u64_at(self.buffer.as_ref(), hfield::COMMITTED)
+        le_u64(self.buffer.as_ref(), hfield::COMMITTED)
     }
 }
 
@@ -242,7 +228,7 @@ impl<T: AsRef<[u8]>> Record<T> {
         if &b[rfield::MAGIC] != RECORD_MAGIC {
             return Err(DeltaError::BadMagic);
         }
-        if u64_at(b, rfield::CHECKSUM) != r.computed_checksum() {
+        if le_u64(b, rfield::CHECKSUM) != r.computed_checksum() {
             return Err(DeltaError::Checksum);
         }
         Ok(r)
@@ -250,7 +236,7 @@ impl<T: AsRef<[u8]>> Record<T> {
 
     /// The block number.
     pub fn block(&self) -> u64 {
-        u64_at(self.buffer.as_ref(), rfield::BLOCK)
+        le_u64(self.buffer.as_ref(), rfield::BLOCK)
     }
 
     /// The block data.

@@ -30,3 +30,17 @@ pub const PAGE_SIZE: usize = 4096;
 /// CRC-64/XZ: the checksum of headers, indexes and chunks.
 pub const CRC64: crc::Crc<u64, crc::Table<16>> =
     crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+
+/// The little-endian `u64` at `at` (8 bytes) of `b`; callers check lengths first.
+pub(crate) fn le_u64(b: &[u8], at: std::ops::Range<usize>) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at]);
+    u64::from_le_bytes(v)
+}
+
+/// The little-endian `u32` at `at` (4 bytes) of `b`; callers check lengths first.
+pub(crate) fn le_u32(b: &[u8], at: std::ops::Range<usize>) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at]);
+    u32::from_le_bytes(v)
+}

@@ -121,7 +121,7 @@ impl<'a> StateFile<'a> {
             return Err(StateError::Version(version));
         }
         let kind = le16(10);
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let len = crate::le_u64(bytes, 12..20);
         let need = len.saturating_add(min);
         if (bytes.len() as u64) < need {
             return Err(StateError::Truncated {
@@ -133,7 +133,7 @@ impl<'a> StateFile<'a> {
         if bytes.len() > end + TRAILER_LEN {
             return Err(StateError::TrailingBytes(bytes.len() - end - TRAILER_LEN));
         }
-        let found = u64::from_le_bytes(bytes[end..end + 8].try_into().expect("8 bytes"));
+        let found = crate::le_u64(bytes, end..end + 8);
         let computed = CRC64.checksum(&bytes[..end]);
         // Fuzzing builds (cfg(fuzzing), set by cargo-fuzz) skip the comparison so mutations
         // reach the decoder.

@@ -15,7 +15,7 @@
 use std::ops::Range;
 
 use super::{CHECK_CRC, HEADER_LEN, MAGIC, MAX_INDEX, VERSION};
-use crate::CRC64;
+use crate::{le_u64, CRC64};
 
 /// Byte ranges of the header's fields.
 mod field {
@@ -101,9 +101,7 @@ impl<T: AsRef<[u8]>> Header<T> {
     }
 
     fn u64_at(&self, r: Range<usize>) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.buffer.as_ref()[r]);
-        u64::from_le_bytes(b)
+        le_u64(self.buffer.as_ref(), r)
     }
 
     /// Format version.
