@@ -22,8 +22,9 @@
 //! chunk independently (lazy start, handoff).
 //!
 //! Apply order: zero runs → base copies (read from the base image, never from the VM) →
-//! chunks (in parallel) → overlay copies. [`Overlay::open`] checks the header, the index and
-//! every page number and chunk bound before anything is applied; [`Overlay::verify_chunks`]
+//! chunks (in parallel) → overlay copies. [`Overlay::open`] (a file) and
+//! [`Overlay::from_bytes`] (bytes in memory) check the header ([`Header::new_checked`]), the
+//! index and every page number and chunk bound before anything is applied; [`Overlay::verify_chunks`]
 //! checks every chunk's XXH3-64 checksum (a few GB/s, so a lazy start can afford it before
 //! any vCPU runs), and each chunk is checked again before it is decompressed. A full pass
 //! can be recorded beside the file (`<overlay>.verified`, see [`verified`]), so the next user

@@ -38,6 +38,37 @@ fn apply_reproduces_the_customised_memory_exactly() {
     }
 }
 
+/// An overlay read from memory is the one read from its file: same index, same RAM applied,
+/// every chunk checked, no verification record.
+#[test]
+fn overlays_open_from_bytes_as_from_files() {
+    let (base, new) = images();
+    let (path, _) = write("bytes", &base, &new);
+    let from_file = Overlay::open(&path).unwrap();
+    let ov = Overlay::from_bytes("mem", std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(ov.index(), from_file.index());
+    assert_eq!(ov.base_id(), &[7; 32]);
+    ov.verify_chunks(2).unwrap();
+    let sink = VecSink {
+        mem: Mutex::new(base.clone()),
+        base: &base,
+    };
+    ov.apply(&sink, 2).unwrap();
+    assert!(sink.mem.into_inner().unwrap() == new);
+    ov.record_verified();
+    assert!(!ov.verified_before());
+    let mut bad = std::fs::read(&path).unwrap();
+    bad[ov.index().chunks[0].offset as usize] ^= 1;
+    let ov = Overlay::from_bytes("mem", bad).unwrap();
+    assert!(matches!(
+        ov.verify_chunks(1),
+        Err(OverlayError::Chunk {
+            source: ChunkError::Checksum,
+            ..
+        })
+    ));
+}
+
 /// Filling each rewritten page once, from its final source, in reverse order (as a lazy
 /// applier might), gives the same memory as `apply`.
 #[test]
@@ -81,14 +112,24 @@ fn damaged_overlays_are_refused_before_or_while_applying() {
     let (base, new) = images();
     let (path, _) = write("bad", &base, &new);
     let good = std::fs::read(&path).unwrap();
-    let try_bytes = |b: &[u8]| -> Result<(), OverlayError> {
-        std::fs::write(&path, b).unwrap();
-        let ov = Overlay::open(&path)?;
+    let apply = |ov: Overlay| {
         let sink = VecSink {
             mem: Mutex::new(base.clone()),
             base: &base,
         };
         ov.apply(&sink, 2)
+    };
+    // The file and the same bytes in memory are judged alike.
+    let try_bytes = |b: &[u8]| -> Result<(), OverlayError> {
+        std::fs::write(&path, b).unwrap();
+        let from_file = Overlay::open(&path).and_then(apply);
+        let in_memory = Overlay::from_bytes("mem", b.to_vec()).and_then(apply);
+        assert_eq!(
+            from_file.is_ok(),
+            in_memory.is_ok(),
+            "{from_file:?} {in_memory:?}"
+        );
+        from_file
     };
     // Truncations.
     for cut in [

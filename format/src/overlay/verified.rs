@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::reader::Body;
 use super::{Overlay, HEADER_LEN};
 
 /// First bytes of a `<overlay>.verified` record.
@@ -55,8 +56,11 @@ impl Overlay {
 
     /// What identifies this file's current content (see the module doc).
     fn identity(&self) -> Option<[u8; RECORD_LEN]> {
-        let m = self.file.metadata().ok()?;
-        Some(record(&m, self.map.bytes().get(..HEADER_LEN)?))
+        let Body::File { file, map } = &self.body else {
+            return None;
+        };
+        let m = file.metadata().ok()?;
+        Some(record(&m, map.bytes().get(..HEADER_LEN)?))
     }
 
     /// True when every chunk of this very file (same inode, size, times and header) passed a
