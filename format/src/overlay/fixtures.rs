@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use super::writer::page;
-use super::{build, BuildOptions, Index, PageSink, Run, SinkError, Stats};
+use super::{build, BuildOptions, Index, Overlay, OverlayError, PageSink, Run, SinkError, Stats};
 use crate::PAGE_SIZE;
 
 /// Guest memory in a Vec, with the base image beside it.
-pub struct VecSink<'a> {
-    pub mem: Mutex<Vec<u8>>,
-    pub base: &'a [u8],
+struct VecSink<'a> {
+    mem: Mutex<Vec<u8>>,
+    base: &'a [u8],
 }
 
 impl PageSink for VecSink<'_> {
@@ -36,6 +36,16 @@ impl PageSink for VecSink<'_> {
         m.copy_within(s..s + PAGE_SIZE, dst as usize * PAGE_SIZE);
         Ok(())
     }
+}
+
+/// The memory `ov` makes of `base`, applied with `threads` threads.
+pub fn applied(ov: &Overlay, base: &[u8], threads: usize) -> Result<Vec<u8>, OverlayError> {
+    let sink = VecSink {
+        mem: Mutex::new(base.to_vec()),
+        base,
+    };
+    ov.apply(&sink, threads)?;
+    Ok(sink.mem.into_inner().unwrap())
 }
 
 /// Pages of [`images`].

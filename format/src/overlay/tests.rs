@@ -1,9 +1,7 @@
 //! Round trips through the writer and the reader: apply, lazy page sources, damage, shared
 //! checks, the disk δ.
 
-use std::sync::Mutex;
-
-use super::fixtures::{images, scratch, write, VecSink, PAGES};
+use super::fixtures::{applied, images, scratch, write, PAGES};
 use super::writer::page;
 use super::*;
 use crate::PAGE_SIZE;
@@ -29,12 +27,10 @@ fn apply_reproduces_the_customised_memory_exactly() {
         Err(OverlayError::WrongBase { .. })
     ));
     for threads in [1, 2, 3] {
-        let sink = VecSink {
-            mem: Mutex::new(base.clone()),
-            base: &base,
-        };
-        ov.apply(&sink, threads).unwrap();
-        assert!(sink.mem.into_inner().unwrap() == new, "threads = {threads}");
+        assert!(
+            applied(&ov, &base, threads).unwrap() == new,
+            "threads = {threads}"
+        );
     }
 }
 
@@ -49,12 +45,7 @@ fn overlays_open_from_bytes_as_from_files() {
     assert_eq!(ov.index(), from_file.index());
     assert_eq!(ov.base_id(), &[7; 32]);
     ov.verify_chunks(2).unwrap();
-    let sink = VecSink {
-        mem: Mutex::new(base.clone()),
-        base: &base,
-    };
-    ov.apply(&sink, 2).unwrap();
-    assert!(sink.mem.into_inner().unwrap() == new);
+    assert!(applied(&ov, &base, 2).unwrap() == new);
     ov.record_verified();
     assert!(!ov.verified_before());
     let mut bad = std::fs::read(&path).unwrap();
@@ -112,13 +103,7 @@ fn damaged_overlays_are_refused_before_or_while_applying() {
     let (base, new) = images();
     let (path, _) = write("bad", &base, &new);
     let good = std::fs::read(&path).unwrap();
-    let apply = |ov: Overlay| {
-        let sink = VecSink {
-            mem: Mutex::new(base.clone()),
-            base: &base,
-        };
-        ov.apply(&sink, 2)
-    };
+    let apply = |ov: Overlay| applied(&ov, &base, 2).map(|_| ());
     // The file and the same bytes in memory are judged alike.
     let try_bytes = |b: &[u8]| -> Result<(), OverlayError> {
         std::fs::write(&path, b).unwrap();
