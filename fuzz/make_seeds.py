@@ -100,7 +100,7 @@ class Reader:
 
 
 # ---------------------------------------------------------------------------------------------
-# Overlays: the postcard `Index` of image-builder/format/src/overlay.rs.
+# Overlays: the postcard `Index` of format/src/overlay/index.rs.
 
 def decode_index(raw):
     r = Reader(raw)

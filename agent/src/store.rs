@@ -306,7 +306,7 @@ impl Store {
         if !dir.is_dir() {
             return Err(StoreError::NoBase(name.into()));
         }
-        let m = Manifest::load(&dir).map_err(|e| StoreError::BadBase(format!("{e:#}")))?;
+        let m = Manifest::load(&dir).map_err(|e| StoreError::BadBase(error_chain(&e)))?;
         let bytes_on_disk = fs::read_dir(&dir)
             .map(|rd| {
                 rd.flatten()
@@ -406,7 +406,7 @@ impl Store {
     /// RAM file sparse; replaces an existing base of that name.
     pub fn stage_base(&self, name: &str, from: &Path) -> Result<BaseInfo, StoreError> {
         check_name(name)?;
-        let m = Manifest::load(from).map_err(|e| StoreError::BadBase(format!("{e:#}")))?;
+        let m = Manifest::load(from).map_err(|e| StoreError::BadBase(error_chain(&e)))?;
         let tmp = self.tmp_path("base");
         io("create", &tmp, fs::create_dir_all(&tmp))?;
         for e in io("list", from, fs::read_dir(from))? {

@@ -12,6 +12,22 @@
 //!
 //! The id is the SHA-256 of `kernel`, `state`, `memory` and, when present, `disk` (in that
 //! order, each prefixed by its length as u64 LE), hex-encoded. An overlay names the id of the base it applies to.
+//!
+//! The manifest, `base.json` (pretty JSON, unknown fields refused; sizes in bytes):
+//!
+//! ```text
+//! {
+//!   "version": 1,                      manifest format version
+//!   "id": "3f0c…(64 hex digits)",      content id (above)
+//!   "mem_mib": 128,                    guest RAM in MiB
+//!   "kernel_bytes": 1234567,           size of `kernel`
+//!   "state_bytes": 11023,              size of `state`
+//!   "memory_bytes": 134217728,         logical size of `memory` (mem_mib MiB)
+//!   "memory_disk_bytes": 2502656,      bytes `memory` occupies on disk (sparse)
+//!   "cmdline": "console=ttyS0 …",      kernel command line it was booted with
+//!   "disk_bytes": 65536                size of `disk`; absent without a disk
+//! }
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -29,11 +45,20 @@ pub enum BaseError {
     #[error("cannot read the base manifest '{0}'")]
     Read(PathBuf, #[source] std::io::Error),
     /// The manifest does not parse.
-    #[error("base manifest '{0}' is invalid: {1}")]
-    Parse(PathBuf, String),
+    #[error("base manifest '{0}' is invalid")]
+    Parse(PathBuf, #[source] serde_json::Error),
+    /// The manifest is of another format version.
+    #[error("base manifest '{0}' is version {1} (this build reads {MANIFEST_VERSION})")]
+    Version(PathBuf, u32),
+    /// The id is not an id.
+    #[error("base manifest '{0}' is invalid: id is not 64 hex digits")]
+    Id(PathBuf),
     /// A file of the base does not match its manifest.
     #[error("base '{0}' is damaged: {1}")]
     Mismatch(PathBuf, String),
+    /// A file of the base cannot be inspected.
+    #[error("base '{0}' is damaged: cannot inspect {1}")]
+    Missing(PathBuf, &'static str, #[source] std::io::Error),
 }
 
 /// `base.json`.
@@ -70,19 +95,13 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self, BaseError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| BaseError::Read(path.clone(), e))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| BaseError::Parse(path.clone(), e.to_string()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| BaseError::Parse(path.clone(), e))?;
         if m.version != MANIFEST_VERSION {
-            return Err(BaseError::Parse(
-                path,
-                format!(
-                    "version {} (this build reads {MANIFEST_VERSION})",
-                    m.version
-                ),
-            ));
+            return Err(BaseError::Version(path, m.version));
         }
         if m.id.len() != 64 || !m.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(BaseError::Parse(path, "id is not 64 hex digits".into()));
+            return Err(BaseError::Id(path));
         }
         let size = |name: &str| std::fs::metadata(dir.join(name)).map(|md| md.len());
         for (name, want) in [
@@ -98,7 +117,7 @@ impl Manifest {
                         format!("{name} is {n} bytes, the manifest says {want}"),
                     ))
                 }
-                Err(e) => return Err(BaseError::Mismatch(dir.to_owned(), format!("{name}: {e}"))),
+                Err(e) => return Err(BaseError::Missing(dir.to_owned(), name, e)),
             }
         }
         if let Some(want) = m.disk_bytes {
@@ -110,7 +129,7 @@ impl Manifest {
                         format!("disk is {n} bytes, the manifest says {want} (whole 4 KiB blocks)"),
                     ))
                 }
-                Err(e) => return Err(BaseError::Mismatch(dir.to_owned(), format!("disk: {e}"))),
+                Err(e) => return Err(BaseError::Missing(dir.to_owned(), DISK, e)),
             }
         }
         if m.memory_bytes != m.mem_mib << 20 {
@@ -142,4 +161,95 @@ impl Manifest {
 /// Hex encoding of an id.
 pub fn hex(id: &[u8; 32]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            version: 1,
+            id: "0123456789abcdef".repeat(4),
+            mem_mib: 1,
+            kernel_bytes: 3,
+            state_bytes: 2,
+            memory_bytes: 1 << 20,
+            memory_disk_bytes: 4096,
+            cmdline: "console=ttyS0".into(),
+            disk_bytes: None,
+        }
+    }
+
+    #[test]
+    fn golden_manifest() {
+        let json = sample().to_json();
+        let want = r#"{
+  "version": 1,
+  "id": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+  "mem_mib": 1,
+  "kernel_bytes": 3,
+  "state_bytes": 2,
+  "memory_bytes": 1048576,
+  "memory_disk_bytes": 4096,
+  "cmdline": "console=ttyS0"
+}
+"#;
+        assert_eq!(json, want);
+        assert_eq!(
+            sample().id_bytes()[..4],
+            [0x01, 0x23, 0x45, 0x67],
+            "the id's bytes are its hex digits in order"
+        );
+        assert_eq!(hex(&sample().id_bytes()), sample().id);
+        let with_disk = Manifest {
+            disk_bytes: Some(65536),
+            ..sample()
+        };
+        assert!(with_disk
+            .to_json()
+            .ends_with("  \"disk_bytes\": 65536\n}\n"));
+    }
+
+    #[test]
+    fn load_checks_the_files_against_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("format-base-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kernel"), b"abc").unwrap();
+        std::fs::write(dir.join("state"), b"st").unwrap();
+        let memory = std::fs::File::create(dir.join("memory")).unwrap();
+        memory.set_len(1 << 20).unwrap();
+        let write = |m: &Manifest| std::fs::write(dir.join(MANIFEST), m.to_json()).unwrap();
+        write(&sample());
+        assert_eq!(Manifest::load(&dir).unwrap(), sample());
+        write(&Manifest {
+            state_bytes: 5,
+            ..sample()
+        });
+        assert!(matches!(Manifest::load(&dir), Err(BaseError::Mismatch(..))));
+        write(&Manifest {
+            disk_bytes: Some(4096),
+            ..sample()
+        });
+        assert!(matches!(
+            Manifest::load(&dir),
+            Err(BaseError::Missing(_, DISK, _))
+        ));
+        write(&Manifest {
+            version: 2,
+            ..sample()
+        });
+        assert!(matches!(
+            Manifest::load(&dir),
+            Err(BaseError::Version(_, 2))
+        ));
+        write(&Manifest {
+            id: "xyz".into(),
+            ..sample()
+        });
+        assert!(matches!(Manifest::load(&dir), Err(BaseError::Id(_))));
+        std::fs::write(dir.join(MANIFEST), "{").unwrap();
+        assert!(matches!(Manifest::load(&dir), Err(BaseError::Parse(..))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

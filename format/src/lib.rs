@@ -8,6 +8,7 @@
 //!   customised VM's machine state and its disk δ;
 //! - [`state`]: the state file container (snapshots, an overlay's VM state);
 //! - [`control`]: the frames on a vmm's control socket (requests, answers, events);
+//! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
@@ -18,6 +19,7 @@
 
 pub mod base;
 pub mod control;
+pub mod disk_delta;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;
@@ -30,3 +32,17 @@ pub const PAGE_SIZE: usize = 4096;
 /// CRC-64/XZ: the checksum of headers, indexes and chunks.
 pub const CRC64: crc::Crc<u64, crc::Table<16>> =
     crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+
+/// The little-endian `u64` at `at` (8 bytes) of `b`; callers check lengths first.
+pub(crate) fn le_u64(b: &[u8], at: std::ops::Range<usize>) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at]);
+    u64::from_le_bytes(v)
+}
+
+/// The little-endian `u32` at `at` (4 bytes) of `b`; callers check lengths first.
+pub(crate) fn le_u32(b: &[u8], at: std::ops::Range<usize>) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at]);
+    u32::from_le_bytes(v)
+}

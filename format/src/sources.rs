@@ -217,3 +217,51 @@ impl PageSources {
         self.pages.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::{Chunk, PageCopy};
+
+    /// Later passes of `apply` win: a page zeroed, then base-copied, then written by a chunk
+    /// resolves to the chunk; an overlay copy resolves to its source's final source.
+    #[test]
+    fn page_sources_follow_the_apply_order() {
+        let mut index = crate::overlay::fixtures::index(16, vec![Run { first: 0, count: 4 }]);
+        index.base_copies = vec![PageCopy { dst: 2, src: 9 }, PageCopy { dst: 3, src: 9 }];
+        index.chunks = vec![Chunk {
+            offset: 0,
+            len: 0,
+            xxh3: 0,
+            pages: vec![Run { first: 3, count: 2 }],
+        }];
+        index.self_copies = vec![
+            PageCopy { dst: 1, src: 4 },
+            PageCopy { dst: 7, src: 1 },
+            PageCopy { dst: 8, src: 12 },
+        ];
+        let s = PageSources::new(&index);
+        let c = |index| Some(Source::Chunk { chunk: 0, index });
+        assert_eq!(s.get(0), Some(Source::Zero));
+        assert_eq!(s.get(1), c(1));
+        assert_eq!(s.get(2), Some(Source::Base(9)));
+        assert_eq!(s.get(3), c(0));
+        assert_eq!(s.get(4), c(1));
+        assert_eq!(s.get(7), c(1));
+        assert_eq!(s.get(8), Some(Source::Base(12)));
+        assert_eq!(s.get(5), None);
+        assert_eq!(
+            s.runs(),
+            &[Run { first: 0, count: 5 }, Run { first: 7, count: 2 }]
+        );
+        assert_eq!(s.chunk_pages(0), &[(1, 1), (3, 0), (4, 1), (7, 1)]);
+        // The runs (computed from the index alone) are exactly the pages with a source.
+        let listed: Vec<u64> = s
+            .runs()
+            .iter()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect();
+        let with_source: Vec<u64> = (0..16).filter(|&p| s.get(p).is_some()).collect();
+        assert_eq!(listed, with_source);
+    }
+}

@@ -4,7 +4,7 @@
 //! ```text
 //! offset  size  field
 //! 0       8     magic   "CLDSTATE"
-//! 8       2     version (u16 LE) of the payload schema, currently 1
+//! 8       2     version (u16 LE) of the payload schema = 2
 //! 10      2     kind    (u16 LE): what the payload is (see [`Kind`])
 //! 12      8     length  (u64 LE) of the payload
 //! 20      len   payload: postcard encoding of the component's state struct
@@ -14,6 +14,9 @@
 //! Reading checks, in order: length of the buffer, magic, version, kind, length field against
 //! the buffer, checksum, then decodes. A file that passes every check but does not decode is
 //! reported as such; nothing is trusted before the checksum matches.
+//!
+//! Version 2 is what this build writes and reads (version 1 files are refused, not
+//! converted).
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -82,11 +85,14 @@ pub enum StateError {
         computed: u64,
     },
     /// The payload does not decode.
-    #[error("state file payload does not decode: {0}")]
-    Decode(String),
+    #[error("state file payload does not decode")]
+    Decode(#[source] postcard::Error),
+    /// The payload decodes with bytes left over.
+    #[error("state file payload has {0} bytes left over")]
+    LeftOver(usize),
     /// Encoding failed.
-    #[error("failed to encode state: {0}")]
-    Encode(String),
+    #[error("failed to encode state")]
+    Encode(#[source] postcard::Error),
 }
 
 /// A checked view of a state file's bytes.
@@ -115,7 +121,7 @@ impl<'a> StateFile<'a> {
             return Err(StateError::Version(version));
         }
         let kind = le16(10);
-        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let len = crate::le_u64(bytes, 12..20);
         let need = len.saturating_add(min);
         if (bytes.len() as u64) < need {
             return Err(StateError::Truncated {
@@ -127,7 +133,7 @@ impl<'a> StateFile<'a> {
         if bytes.len() > end + TRAILER_LEN {
             return Err(StateError::TrailingBytes(bytes.len() - end - TRAILER_LEN));
         }
-        let found = u64::from_le_bytes(bytes[end..end + 8].try_into().expect("8 bytes"));
+        let found = crate::le_u64(bytes, end..end + 8);
         let computed = CRC64.checksum(&bytes[..end]);
         // Fuzzing builds (cfg(fuzzing), set by cargo-fuzz) skip the comparison so mutations
         // reach the decoder.
@@ -153,7 +159,7 @@ impl<'a> StateFile<'a> {
 
 /// Encodes `value` as a state file of `kind`.
 pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, StateError> {
-    let payload = postcard::to_stdvec(value).map_err(|e| StateError::Encode(e.to_string()))?;
+    let payload = postcard::to_stdvec(value).map_err(StateError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -174,13 +180,9 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, StateE
             expected: kind,
         });
     }
-    let (value, rest) =
-        postcard::take_from_bytes(file.payload()).map_err(|e| StateError::Decode(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes(file.payload()).map_err(StateError::Decode)?;
     if !rest.is_empty() {
-        return Err(StateError::Decode(format!(
-            "{} bytes left over",
-            rest.len()
-        )));
+        return Err(StateError::LeftOver(rest.len()));
     }
     Ok(value)
 }
@@ -217,8 +219,11 @@ mod tests {
                 0xac, 0x02, 2, 1, 2
             ]
         );
-        let crc = CRC64.checksum(&bytes[..HEADER_LEN + 5]);
-        assert_eq!(&bytes[HEADER_LEN + 5..], &crc.to_le_bytes());
+        // The CRC-64/XZ of the bytes above, computed independently of this crate.
+        assert_eq!(
+            &bytes[HEADER_LEN + 5..],
+            &[0xe3, 0xd3, 0xc5, 0x6c, 0x3e, 0x58, 0xd1, 0x64]
+        );
         // CRC-64/XZ check value.
         assert_eq!(CRC64.checksum(b"123456789"), 0x995d_c9bb_df19_39fa);
     }
@@ -226,6 +231,11 @@ mod tests {
     #[test]
     fn round_trips() {
         let back: Sample = decode(Kind::Machine, &sample()).unwrap();
+        // A payload that decodes with bytes to spare is refused.
+        assert_eq!(
+            decode::<u32>(Kind::Machine, &sample()),
+            Err(StateError::LeftOver(3))
+        );
         assert_eq!(
             back,
             Sample {

@@ -3,27 +3,33 @@
 //! panic, hang or allocate without bound.
 #![no_main]
 
-use format::overlay::{Overlay, PageSink};
+use format::overlay::{Overlay, PageSink, SinkError};
 use libfuzzer_sys::fuzz_target;
 
 struct Bounds(u64);
 
 impl PageSink for Bounds {
-    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String> {
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), SinkError> {
         let end = first + (data.len() / 4096) as u64;
         if data.len() % 4096 != 0 || end > self.0 {
-            return Err("out of bounds".into());
+            return Err(SinkError::OutsideMemory(first.saturating_mul(4096)));
         }
         Ok(())
     }
-    fn zero_pages(&self, first: u64, count: u64) -> Result<(), String> {
-        (first + count <= self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    fn zero_pages(&self, first: u64, count: u64) -> Result<(), SinkError> {
+        (first + count <= self.0)
+            .then_some(())
+            .ok_or(SinkError::OutsideMemory(first.saturating_mul(4096)))
     }
-    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String> {
-        (dst < self.0 && src < self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), SinkError> {
+        (dst < self.0 && src < self.0)
+            .then_some(())
+            .ok_or(SinkError::OutsideMemory(dst.saturating_mul(4096)))
     }
-    fn copy_page(&self, dst: u64, src: u64) -> Result<(), String> {
-        (dst < self.0 && src < self.0).then_some(()).ok_or_else(|| "out of bounds".into())
+    fn copy_page(&self, dst: u64, src: u64) -> Result<(), SinkError> {
+        (dst < self.0 && src < self.0)
+            .then_some(())
+            .ok_or(SinkError::OutsideMemory(dst.saturating_mul(4096)))
     }
 }
 

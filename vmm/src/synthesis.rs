@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 
 use format::base::Manifest;
 use format::mapped::Mapped;
-use format::overlay::{ChunkChecks, Overlay, PageSink};
+use format::overlay::{ChunkChecks, Overlay, PageSink, SinkError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::layout;
 use crate::lazy::{Filler, LazyError, LazyFill, Region};
-use format::state::{self as persist, Kind};
 use crate::snapshot::MachineState;
 use crate::uffd::Uffd;
 use format::sources::PageSources;
+use format::state::{self as persist, Kind};
 
 /// Errors while synthesising.
 #[derive(Debug, thiserror::Error)]
@@ -128,17 +128,19 @@ const PAGE: u64 = format::PAGE_SIZE as u64;
 
 impl GuestSink<'_> {
     /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap.
-    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), String> {
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), SinkError> {
         let mut done = 0usize;
         while done < data.len() {
             let o = off + done as u64;
-            let (gpa, in_range) = locate(self.mem_bytes, o)
-                .ok_or_else(|| format!("image offset {o:#x} is outside guest RAM"))?;
+            let (gpa, in_range) = locate(self.mem_bytes, o).ok_or(SinkError::OutsideMemory(o))?;
             let n = (in_range as usize).min(data.len() - done);
             self.populate(gpa, n);
             self.mem
                 .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|e| format!("write at {gpa:#x}: {e}"))?;
+                .map_err(|e| SinkError::Access {
+                    gpa,
+                    source: e.into(),
+                })?;
             done += n;
         }
         Ok(())
@@ -154,23 +156,26 @@ impl GuestSink<'_> {
         }
     }
 
-    fn read_page(&self, page: u64) -> Result<Vec<u8>, String> {
+    fn read_page(&self, page: u64) -> Result<Vec<u8>, SinkError> {
         let mut buf = vec![0u8; PAGE as usize];
-        let (gpa, _) = locate(self.mem_bytes, page * PAGE)
-            .ok_or_else(|| format!("page {page} is outside guest RAM"))?;
+        let (gpa, _) =
+            locate(self.mem_bytes, page * PAGE).ok_or(SinkError::OutsideMemory(page * PAGE))?;
         self.mem
             .read_slice(&mut buf, GuestAddress(gpa))
-            .map_err(|e| format!("read at {gpa:#x}: {e}"))?;
+            .map_err(|e| SinkError::Access {
+                gpa,
+                source: e.into(),
+            })?;
         Ok(buf)
     }
 }
 
 impl PageSink for GuestSink<'_> {
-    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), String> {
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), SinkError> {
         self.write_at(first * PAGE, data)
     }
 
-    fn zero_pages(&self, first: u64, count: u64) -> Result<(), String> {
+    fn zero_pages(&self, first: u64, count: u64) -> Result<(), SinkError> {
         let zeros = vec![0u8; PAGE as usize];
         for p in first..first + count {
             self.write_at(p * PAGE, &zeros)?;
@@ -178,16 +183,16 @@ impl PageSink for GuestSink<'_> {
         Ok(())
     }
 
-    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), String> {
+    fn copy_from_base(&self, dst: u64, src: u64) -> Result<(), SinkError> {
         let s = (src * PAGE) as usize;
         let page = self
             .base
             .get(s..s + PAGE as usize)
-            .ok_or_else(|| format!("base page {src} is beyond the base image"))?;
+            .ok_or(SinkError::OutsideBase(src))?;
         self.write_at(dst * PAGE, page)
     }
 
-    fn copy_page(&self, dst: u64, src: u64) -> Result<(), String> {
+    fn copy_page(&self, dst: u64, src: u64) -> Result<(), SinkError> {
         let page = self.read_page(src)?;
         self.write_at(dst * PAGE, &page)
     }

@@ -6,27 +6,10 @@
 //! way it exports and imports as a list of `(block number, 4096 bytes)`: the disk part of a VM
 //! overlay ([`Delta::delta_blocks`], [`Delta::from_blocks`], [`Delta::create_from_blocks`]).
 //!
-//! # δ file format (version 1, all integers little-endian)
+//! # δ file
 //!
-//! ```text
-//! offset 0      header copy A (64 bytes), zero-padded to 512
-//! offset 512    header copy B (64 bytes), zero-padded to 512
-//! offset 1024   record 0, record 1, …  (RECORD_LEN = 4120 bytes each)
-//!
-//! header:  0  8  magic "CLDDELTA"
-//!          8  4  version (1)
-//!         12  4  block size (4096)
-//!         16  8  disk size in bytes (a multiple of 512)
-//!         24  8  sequence number: of two valid copies the higher one is current
-//!         32  8  committed: records 0..committed are durable (fsynced before this header)
-//!         40 16  reserved, zero
-//!         56  8  CRC-64/XZ of bytes 0..56
-//! record:  0  4  magic "DBLK"
-//!          4  4  reserved, zero
-//!          8  8  block number (< disk size / 4096, rounded up)
-//!         16  8  CRC-64/XZ of record bytes 0..16 followed by the data
-//!         24 4096 block data
-//! ```
+//! The bytes of the δ file — two header copies, then 4 KiB block records, each with a
+//! CRC-64/XZ — are drawn and encoded in [`format::disk_delta`]; this module keeps the log.
 //!
 //! The file is a log: a write appends a record, later records win. A flush `fdatasync`s the
 //! records, then writes the other header copy with `committed` = record count and a higher
@@ -47,27 +30,21 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
+use format::disk_delta::{self as layout, Record, HEADER_LEN, HEADER_SLOT, RECORDS_START};
+use format::disk_delta::{record_data_offset, record_offset};
+
 /// Size of a δ block.
-pub const BLOCK_SIZE: usize = 4096;
+pub use format::disk_delta::BLOCK_SIZE;
 const BS: u64 = BLOCK_SIZE as u64;
 /// Bytes in a sector (the unit of disk sizes and virtio-blk requests).
 pub const SECTOR_SIZE: u64 = 512;
 
-/// δ file magic.
-pub const DELTA_MAGIC: &[u8; 8] = b"CLDDELTA";
 /// δ file format version.
-pub const DELTA_VERSION: u32 = 1;
-const RECORD_MAGIC: &[u8; 4] = b"DBLK";
-const HEADER_LEN: usize = 64;
-const HEADER_SLOT: u64 = 512;
-const RECORDS_START: u64 = 2 * HEADER_SLOT;
-const RECORD_HEADER_LEN: usize = 24;
+pub const DELTA_VERSION: u32 = layout::VERSION;
 /// Bytes of one δ record.
-pub const RECORD_LEN: u64 = (RECORD_HEADER_LEN + BLOCK_SIZE) as u64;
+pub const RECORD_LEN: u64 = layout::RECORD_LEN as u64;
 /// Dead records tolerated beyond the live count before the log is compacted.
 pub const COMPACT_SLACK: u64 = 1024;
-
-const CRC64: crc::Crc<u64, crc::Table<16>> = crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
 
 /// Errors of the copy-on-write disk.
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +181,7 @@ impl Delta {
             slots: 0,
             committed: 0,
             seq: 0,
-            record: vec![0; RECORD_LEN as usize],
+            record: vec![0; layout::RECORD_LEN],
         };
         // Both copies valid from the start; B (sequence 1) is current.
         f.write_header(disk_size, 0, 0)?;
@@ -267,7 +244,8 @@ impl Delta {
             .filter_map(|&at| {
                 let mut b = [0u8; HEADER_LEN];
                 file.read_exact_at(&mut b, at).ok()?;
-                Header::parse(&b)
+                let h = layout::Header::new_checked(&b[..]).ok()?;
+                Some(layout::HeaderRepr::parse(&h))
             })
             .max_by_key(|h| h.seq)
             .ok_or_else(|| DiskError::NotDelta(path.to_owned()))?;
@@ -285,14 +263,15 @@ impl Delta {
         }
         let blocks = disk_size.div_ceil(BS);
         let in_file = len.saturating_sub(RECORDS_START) / RECORD_LEN;
-        let mut record = vec![0u8; RECORD_LEN as usize];
+        let mut record = vec![0u8; layout::RECORD_LEN];
         let mut index = BTreeMap::new();
         let mut slots = 0;
         while slots < in_file {
             let ok = file
-                .read_exact_at(&mut record, RECORDS_START + slots * RECORD_LEN)
+                .read_exact_at(&mut record, record_offset(slots))
                 .is_ok();
-            match parse_record(&record).filter(|_| ok) {
+            let block = Record::new_checked(&record[..]).ok().map(|r| r.block());
+            match block.filter(|_| ok) {
                 Some(block) if block < blocks => {
                     index.insert(block, slots);
                     slots += 1;
@@ -304,7 +283,7 @@ impl Delta {
         if slots < header.committed {
             return Err(DiskError::Corrupt(slots));
         }
-        let end = RECORDS_START + slots * RECORD_LEN;
+        let end = record_offset(slots);
         if len != end && writable {
             debug!(
                 "disk delta {}: dropping {} bytes of unflushed tail",
@@ -391,9 +370,8 @@ impl Delta {
             },
             Store::File(f) => match f.index.get(&n) {
                 Some(&slot) => {
-                    let at = RECORDS_START + slot * RECORD_LEN + RECORD_HEADER_LEN as u64;
                     f.file
-                        .read_exact_at(buf, at + offset as u64)
+                        .read_exact_at(buf, record_data_offset(slot) + offset as u64)
                         .map_err(io_err("read the disk delta"))?;
                     Ok(true)
                 }
@@ -448,71 +426,6 @@ impl Delta {
     }
 }
 
-/// A parsed header copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Header {
-    version: u32,
-    block_size: u32,
-    disk_size: u64,
-    seq: u64,
-    committed: u64,
-}
-
-impl Header {
-    fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        b[0..8].copy_from_slice(DELTA_MAGIC);
-        b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
-        b[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
-        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
-        b[32..40].copy_from_slice(&self.committed.to_le_bytes());
-        let crc = CRC64.checksum(&b[..56]);
-        b[56..64].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-
-    /// A header copy, if its magic and checksum hold.
-    fn parse(b: &[u8; HEADER_LEN]) -> Option<Header> {
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or_default());
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        if &b[0..8] != DELTA_MAGIC || CRC64.checksum(&b[..56]) != u64_at(56) {
-            return None;
-        }
-        Some(Header {
-            version: u32_at(8),
-            block_size: u32_at(12),
-            disk_size: u64_at(16),
-            seq: u64_at(24),
-            committed: u64_at(32),
-        })
-    }
-}
-
-/// The block number of a record whose magic and checksum hold.
-fn parse_record(r: &[u8]) -> Option<u64> {
-    if r.len() != RECORD_LEN as usize || &r[0..4] != RECORD_MAGIC {
-        return None;
-    }
-    let stored = u64::from_le_bytes(r[16..24].try_into().ok()?);
-    let mut digest = CRC64.digest();
-    digest.update(&r[..16]);
-    digest.update(&r[RECORD_HEADER_LEN..]);
-    (digest.finalize() == stored)
-        .then(|| u64::from_le_bytes(r[8..16].try_into().unwrap_or_default()))
-}
-
-fn encode_record(out: &mut [u8], n: u64, data: &[u8]) {
-    out[0..4].copy_from_slice(RECORD_MAGIC);
-    out[4..8].fill(0);
-    out[8..16].copy_from_slice(&n.to_le_bytes());
-    out[RECORD_HEADER_LEN..].copy_from_slice(data);
-    let mut digest = CRC64.digest();
-    digest.update(&out[..16]);
-    digest.update(data);
-    out[16..24].copy_from_slice(&digest.finalize().to_le_bytes());
-}
-
 /// Best effort: makes a rename or create in `path`'s directory durable.
 fn sync_parent(path: &Path) {
     let dir = match path.parent() {
@@ -526,7 +439,7 @@ fn sync_parent(path: &Path) {
 
 impl DeltaFile {
     fn write_header(&mut self, disk_size: u64, seq: u64, committed: u64) -> Result<(), DiskError> {
-        let h = Header {
+        let h = layout::HeaderRepr {
             version: DELTA_VERSION,
             block_size: BLOCK_SIZE as u32,
             disk_size,
@@ -534,15 +447,14 @@ impl DeltaFile {
             committed,
         };
         self.file
-            .write_all_at(&h.encode(), (seq % 2) * HEADER_SLOT)
+            .write_all_at(&h.to_bytes(), layout::header_offset(seq))
             .map_err(io_err("write the disk delta header"))
     }
 
     fn append(&mut self, n: u64, data: &[u8]) -> Result<(), DiskError> {
-        encode_record(&mut self.record, n, data);
-        let at = RECORDS_START + self.slots * RECORD_LEN;
+        Record::new_unchecked(&mut self.record[..]).emit(n, data);
         self.file
-            .write_all_at(&self.record, at)
+            .write_all_at(&self.record, record_offset(self.slots))
             .map_err(io_err("write the disk delta"))?;
         self.index.insert(n, self.slots);
         self.slots += 1;
@@ -585,13 +497,12 @@ impl DeltaFile {
             slots: 0,
             committed: 0,
             seq: 0,
-            record: vec![0; RECORD_LEN as usize],
+            record: vec![0; layout::RECORD_LEN],
         };
         let mut data = vec![0u8; BLOCK_SIZE];
         for (&n, &slot) in &self.index {
-            let at = RECORDS_START + slot * RECORD_LEN + RECORD_HEADER_LEN as u64;
             self.file
-                .read_exact_at(&mut data, at)
+                .read_exact_at(&mut data, record_data_offset(slot))
                 .map_err(io_err("read the disk delta"))?;
             new.append(n, &data)?;
         }
@@ -966,28 +877,5 @@ mod tests {
         drop(copy);
         let copy = Delta::open(&copy_path, 64 * BS).unwrap();
         assert_eq!(copy.len(), 3);
-    }
-
-    #[test]
-    fn header_golden_bytes() {
-        let h = Header {
-            version: 1,
-            block_size: 4096,
-            disk_size: 0x10_0000,
-            seq: 2,
-            committed: 5,
-        };
-        let b = h.encode();
-        assert_eq!(&b[..8], b"CLDDELTA");
-        assert_eq!(&b[8..16], &[1, 0, 0, 0, 0, 0x10, 0, 0]);
-        assert_eq!(&b[16..24], &[0, 0, 0x10, 0, 0, 0, 0, 0]);
-        assert_eq!(
-            &b[24..40],
-            &[2, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]
-        );
-        assert_eq!(Header::parse(&b), Some(h));
-        let mut bad = b;
-        bad[30] ^= 1;
-        assert_eq!(Header::parse(&bad), None);
     }
 }
