@@ -3,11 +3,94 @@
 
 use std::io::Write;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BusDevice, Interrupt};
+use crate::persist::Persist;
+
+/// Why a saved serial state was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// vm-superio refused the saved registers or FIFO.
+    #[error("the saved serial port state is invalid")]
+    State(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
+/// The serial port's registers and receive FIFO (vm-superio's `SerialState`, serialisable).
+/// Field order is the state file's encoding.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch low.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        // One conversion: a clone converted back.
+        let SerialSnapshot {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer,
+        } = s.clone();
+        SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer,
+        }
+    }
+}
 
 /// The UART raises its line as any device does.
 impl Trigger for Interrupt {
@@ -83,6 +166,30 @@ impl Write for Batched {
     }
 }
 
+/// The registers and FIFO; restored: a UART with them, raising the line, signalling the
+/// eventfd and writing to the output given.
+impl Persist for SerialDevice {
+    type State = SerialSnapshot;
+    type Args<'a> = (Interrupt, EventFd, SerialOut);
+    type Error = SerialError;
+
+    fn save(&self) -> Result<SerialSnapshot, SerialError> {
+        Ok(self.uart.state().into())
+    }
+
+    fn restore(
+        (irq, drained, out): (Interrupt, EventFd, SerialOut),
+        state: &SerialSnapshot,
+    ) -> Result<Self, SerialError> {
+        let uart = Serial::from_state(&state.into(), irq, InputDrained(drained), batched(out))
+            .map_err(SerialError::State)?;
+        Ok(SerialDevice {
+            uart,
+            output_failed: false,
+        })
+    }
+}
+
 /// The COM1 device.
 pub struct SerialDevice {
     uart: Serial<Interrupt, InputDrained, Batched>,
@@ -102,26 +209,6 @@ impl SerialDevice {
             uart: Serial::with_events(irq, InputDrained(drained), batched(out)),
             output_failed: false,
         }
-    }
-
-    /// A UART with registers and FIFO from a snapshot.
-    pub fn from_state(
-        state: &crate::snapshot::SerialSnapshot,
-        irq: Interrupt,
-        drained: EventFd,
-        out: SerialOut,
-    ) -> Result<Self, String> {
-        let uart = Serial::from_state(&state.into(), irq, InputDrained(drained), batched(out))
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(SerialDevice {
-            uart,
-            output_failed: false,
-        })
-    }
-
-    /// The registers and FIFO, for a snapshot.
-    pub fn save_state(&self) -> crate::snapshot::SerialSnapshot {
-        self.uart.state().into()
     }
 
     /// Queues as much of `input` as the receive FIFO takes; returns how many bytes it took.

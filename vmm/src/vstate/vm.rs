@@ -112,7 +112,7 @@ impl Vm {
     }
 
     /// Saves the in-kernel PICs, IOAPIC, PIT and clock. vCPUs must be paused.
-    pub fn save_state(&self) -> Result<VmState, VmError> {
+    fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
             let mut c = kvm_irqchip {
                 chip_id,
@@ -138,8 +138,8 @@ impl Vm {
         })
     }
 
-    /// Restores what [`Vm::save_state`] saved.
-    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+    /// Restores what `save_state` saved.
+    fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
         let e = |part| move |err| VmError::State("restore", part, err);
         self.fd.set_pit2(&s.pit).map_err(e("PIT"))?;
         // Only the clock value: the flags describe how it was read, not what to set.
@@ -204,5 +204,21 @@ impl IrqLine {
     pub fn pulse(&self) -> std::io::Result<()> {
         self.set(1)?;
         self.set(0)
+    }
+}
+/// The in-kernel PICs, IOAPIC, PIT and clock; restored onto the freshly created VM (`Args`)
+/// once its vCPUs exist (see [`crate::snapshot::restore`]).
+impl crate::persist::Persist for Vm {
+    type State = VmState;
+    type Args<'a> = Vm;
+    type Error = VmError;
+
+    fn save(&self) -> Result<VmState, VmError> {
+        self.save_state()
+    }
+
+    fn restore(created: Vm, state: &VmState) -> Result<Vm, VmError> {
+        created.restore_state(state)?;
+        Ok(created)
     }
 }

@@ -43,6 +43,18 @@ pub struct BlockState {
     pub read_only: bool,
 }
 
+/// A disk's identity in a snapshot: what it sits on (its δ blocks are saved beside the
+/// state). Field order is the state file's encoding.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSnapshot {
+    /// The raw base image (absolute path), if any.
+    pub base: Option<std::path::PathBuf>,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Read-only.
+    pub read_only: bool,
+}
+
 /// A virtio-blk device.
 pub struct Block {
     disk: CowDisk,

@@ -46,6 +46,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, MAX_QUEUES, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::devices::Interrupt;
+use crate::persist::Persist;
 
 /// "virt", little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -167,42 +168,27 @@ impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
     }
 }
 
-impl<D: VirtioDevice> MmioTransport<D> {
-    /// A transport for `device` over guest memory `mem`, raising its interrupt with `irq`
-    /// (the device's line, or an eventfd registered as its KVM irqfd).
-    pub fn new(
-        device: D,
-        mem: GuestMemoryMmap,
-        irq: impl Into<Interrupt>,
-    ) -> Result<Self, VirtioError> {
-        let irq = irq.into();
-        let sizes = device.queue_max_sizes();
-        if sizes.len() > MAX_QUEUES {
-            return Err(VirtioError::TooManyQueues(sizes.len()));
-        }
-        let queues = sizes
-            .iter()
-            .enumerate()
-            .map(|(index, &size)| {
-                Queue::new(size).map_err(|_| VirtioError::QueueMaxSize { index, size })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let queue_evts = (0..queues.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(MmioTransport {
-            device,
-            mem,
-            queues,
-            queue_evts,
-            irq,
-            status: 0,
-            acked_features: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            queue_sel: 0,
-            interrupt_status: 0,
-            config_generation: 0,
+/// The transport's and device's state (take it with the vCPUs paused); restored: a
+/// transport around a freshly built device (same disk or backend), on the guest's memory
+/// and its interrupt line.
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    type Args<'a> = (D, GuestMemoryMmap, Interrupt);
+    type Error = VirtioError;
+
+    /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
+    fn save(&self) -> Result<MmioState, VirtioError> {
+        Ok(MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device: self.device.save_state(),
         })
     }
 
@@ -210,10 +196,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// backend). An active device comes back activated; every queue event is signalled once
     /// so that notifications in flight at snapshot time are not lost, and a pending interrupt
     /// is raised again.
-    pub fn restore(
-        device: D,
-        mem: GuestMemoryMmap,
-        irq: impl Into<Interrupt>,
+    fn restore(
+        (device, mem, irq): (D, GuestMemoryMmap, Interrupt),
         state: &MmioState,
     ) -> Result<Self, VirtioError> {
         let mut t = Self::new(device, mem, irq)?;
@@ -279,28 +263,52 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // their restore overwrites the lines.
         Ok(t)
     }
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device` over guest memory `mem`, raising its interrupt with `irq`
+    /// (the device's line, or an eventfd registered as its KVM irqfd).
+    pub fn new(
+        device: D,
+        mem: GuestMemoryMmap,
+        irq: impl Into<Interrupt>,
+    ) -> Result<Self, VirtioError> {
+        let irq = irq.into();
+        let sizes = device.queue_max_sizes();
+        if sizes.len() > MAX_QUEUES {
+            return Err(VirtioError::TooManyQueues(sizes.len()));
+        }
+        let queues = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|_| VirtioError::QueueMaxSize { index, size })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            irq,
+            status: 0,
+            acked_features: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        })
+    }
 
     /// Raises the interrupt again if the device has one pending (interrupt status not yet
     /// acknowledged): called after a restore, once the interrupt controllers' state is back.
     pub fn reassert_interrupt(&self) {
         if self.interrupt_status != 0 {
             self.raise_irq();
-        }
-    }
-
-    /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
-    pub fn save_state(&self) -> MmioState {
-        MmioState {
-            device_type: self.device.device_type(),
-            status: self.status,
-            acked_features: self.acked_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt_status,
-            config_generation: self.config_generation,
-            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
-            device: self.device.save_state(),
         }
     }
 
@@ -810,7 +818,7 @@ mod tests {
         // Features are frozen after FEATURES_OK.
         w(&mut t, 0x24, 0);
         w(&mut t, 0x20, u32::MAX);
-        assert_eq!(t.save_state().acked_features, VIRTIO_F_VERSION_1);
+        assert_eq!(t.save().unwrap().acked_features, VIRTIO_F_VERSION_1);
     }
 
     #[test]
@@ -849,12 +857,12 @@ mod tests {
         // Invalid sizes are ignored.
         for bad in [0, 3, 512, 0x1_0010] {
             w(&mut t, 0x38, bad);
-            assert_eq!(t.save_state().queues[0].size, 256, "size {bad}");
+            assert_eq!(t.save().unwrap().queues[0].size, 256, "size {bad}");
         }
         setup_queue(&mut t, 0, &gq);
         // A ready queue cannot be moved.
         w(&mut t, 0x80, 0x9000);
-        assert_eq!(t.save_state().queues[0].desc_table, gq.desc);
+        assert_eq!(t.save().unwrap().queues[0].desc_table, gq.desc);
         w(&mut t, 0x70, ACK | DRV | FOK | DOK);
         assert!(t.is_active());
         // After DRIVER_OK it cannot be re-enabled once disabled.
@@ -946,7 +954,7 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         // Reset brings everything back to the start.
         w(&mut t, 0x70, 0);
-        let s = t.save_state();
+        let s = t.save().unwrap();
         assert_eq!((s.status, s.acked_features, s.interrupt_status), (0, 0, 0));
         assert!(!s.queues[0].ready);
         assert_eq!(s.queues[0].size, 256);
@@ -978,10 +986,10 @@ mod tests {
         blk_request(&t, &mut gq, VIRTIO_BLK_T_IN, 1, 0x3_2000);
         assert_eq!(gq.used_idx(), 3);
         let _ = irq.read();
-        let state = t.save_state();
+        let state = t.save().unwrap();
         let bytes = postcard::to_allocvec(&state).unwrap();
         let state: MmioState = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(state, t.save_state());
+        assert_eq!(state, t.save().unwrap());
         assert_eq!(state.queues[0].next_used, 3);
 
         // A fresh device over the same disk δ, in the same guest memory.
@@ -996,9 +1004,11 @@ mod tests {
         let disk = CowDisk::new(None, Delta::from_blocks(1 << 20, blocks).unwrap()).unwrap();
         let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut t2 = MmioTransport::restore(
-            Block::new(disk, false, "t"),
-            t.mem.clone(),
-            irq2.try_clone().unwrap(),
+            (
+                Block::new(disk, false, "t"),
+                t.mem.clone(),
+                irq2.try_clone().unwrap().into(),
+            ),
             &state,
         )
         .unwrap();
@@ -1036,41 +1046,41 @@ mod tests {
         let (mut t, _) = transport(block());
         let gq = GuestQueue::new(&t.mem, QBASE, 16);
         driver_ready(&mut t, &gq);
-        let state = t.save_state();
+        let state = t.save().unwrap();
         let mem = t.mem.clone();
         let irq = || EventFd::new(EFD_NONBLOCK).unwrap();
         let net = Net::new(Box::new(FakeBackend::new().unwrap()), [0; 6]);
         assert!(matches!(
-            MmioTransport::restore(net, mem.clone(), irq(), &state),
+            MmioTransport::restore((net, mem.clone(), irq().into()), &state),
             Err(VirtioError::DeviceType { .. })
         ));
         let mut bad = state.clone();
         bad.status = DOK;
-        assert!(MmioTransport::restore(block(), mem.clone(), irq(), &bad).is_err());
+        assert!(MmioTransport::restore((block(), mem.clone(), irq().into()), &bad).is_err());
         let mut bad = state.clone();
         bad.acked_features = 0;
-        assert!(MmioTransport::restore(block(), mem.clone(), irq(), &bad).is_err());
+        assert!(MmioTransport::restore((block(), mem.clone(), irq().into()), &bad).is_err());
         let mut bad = state.clone();
         bad.queues[0].size = 3;
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueState { .. })
         ));
         let mut bad = state.clone();
         bad.queues[0].used_ring = (1 << 20) - 8;
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueMemory(0))
         ));
         let mut bad = state.clone();
         bad.queues.push(QueueSnapshot::default());
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueLayout(_))
         ));
         let small = CowDisk::new(None, Delta::in_memory(4096).unwrap()).unwrap();
         assert!(matches!(
-            MmioTransport::restore(Block::new(small, false, ""), mem, irq(), &state),
+            MmioTransport::restore((Block::new(small, false, ""), mem, irq().into()), &state),
             Err(VirtioError::DeviceState(_))
         ));
     }
