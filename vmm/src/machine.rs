@@ -109,7 +109,7 @@ impl StopSignals {
     }
 }
 
-/// What a machine is made of (see [`crate::builder`]), its vCPU threads spawned paused.
+/// What a machine is made of (the builder makes them), its vCPU threads spawned paused.
 pub struct MachineParts {
     /// The VM.
     pub vm: Vm,

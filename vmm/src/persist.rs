@@ -1,6 +1,6 @@
 //! One save/restore pair for every stateful component of a machine (after Firecracker's
 //! `Persist`): the COM1 serial device, a virtio transport with its device, the VM, a vCPU.
-//! Each component's state type lives beside its code; [`crate::snapshot::MachineState`]
+//! Each component's state type lives beside its code; the snapshot module's `MachineState`
 //! gathers them into the state file a snapshot or an overlay carries.
 //!
 //! These states are postcard-encoded into state files and overlays: a state's field order

@@ -45,9 +45,11 @@ pub struct SerialSnapshot {
     pub in_buffer: Vec<u8>,
 }
 
-impl From<SerialState> for SerialSnapshot {
-    fn from(s: SerialState) -> Self {
-        SerialSnapshot {
+/// Moves every register field of one struct into the other (the two have the same fields).
+macro_rules! serial_fields {
+    ($from:expr => $to:ident) => {{
+        let s = $from;
+        $to {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -59,36 +61,18 @@ impl From<SerialState> for SerialSnapshot {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         }
+    }};
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        serial_fields!(s => SerialSnapshot)
     }
 }
 
 impl From<&SerialSnapshot> for SerialState {
     fn from(s: &SerialSnapshot) -> Self {
-        // One conversion: a clone converted back.
-        let SerialSnapshot {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer,
-        } = s.clone();
-        SerialState {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer,
-        }
+        serial_fields!(s.clone() => SerialState)
     }
 }
 

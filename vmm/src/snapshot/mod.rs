@@ -6,7 +6,7 @@
 //!   so VMs restored from one snapshot share its clean pages through the page cache.
 //! - `disk.delta`: with a disk, the blocks the guest wrote (a δ file).
 //!
-//! [`save`] writes one from a running machine ([`crate::machine::Machine::snapshot`]);
+//! [`save`] writes one from a running machine (`Machine::snapshot`);
 //! [`restore`] reads and checks one and rebuilds devices and vCPUs from it (for a snapshot
 //! directory, and for synthesis from a base and an overlay's state). The file names are
 //! [`format::base`]'s: a base is a snapshot plus its kernel, disk and manifest.

@@ -730,7 +730,7 @@ impl Drop for VcpuHandle {
     }
 }
 /// Everything KVM holds for a vCPU; restored onto a freshly created vCPU (`Args`), after the
-/// VM's own state (see [`crate::snapshot::restore`]).
+/// VM's own state (see the snapshot module's `restore`).
 impl crate::persist::Persist for Vcpu {
     type State = VcpuState;
     type Args<'a> = Vcpu;

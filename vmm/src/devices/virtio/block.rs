@@ -19,9 +19,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::disk::{CowDisk, SECTOR_SIZE};
 use super::queue::{read_bufs, segments, write_bufs, Chain, Popped};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -257,9 +255,7 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_BLOCK;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -274,8 +270,8 @@ impl VirtioDevice for Block {
         VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_SEG_MAX | ro
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
@@ -374,6 +370,34 @@ mod tests {
             self.mem.read_obj(GuestAddress(STATUS)).unwrap()
         }
 
+        /// Posts request `req` at `sector` as `chain` (header first), runs the device and
+        /// returns the status it wrote.
+        fn request(
+            &mut self,
+            gq: &mut GuestQueue,
+            req: u32,
+            sector: u64,
+            chain: &[(u64, u32, bool)],
+        ) -> u8 {
+            self.header(req, sector);
+            gq.add_chain(chain);
+            self.run();
+            self.status()
+        }
+
+        /// [`Rig::request`] with the usual chain: header, `len` data bytes at `DATA`, status.
+        fn data_request(
+            &mut self,
+            gq: &mut GuestQueue,
+            req: u32,
+            sector: u64,
+            len: u32,
+            writable: bool,
+        ) -> u8 {
+            let chain = [(HDR, 16, false), (DATA, len, writable), (STATUS, 1, true)];
+            self.request(gq, req, sector, &chain)
+        }
+
         fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
             let mut v = vec![0u8; len];
             self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
@@ -459,10 +483,15 @@ mod tests {
         rig.mem
             .write_slice(&[0x55; 4096], GuestAddress(0x4_0000))
             .unwrap();
-        rig.header(VIRTIO_BLK_T_IN, (DISK_SIZE - 4096) / 512);
-        gq.add_chain(&[(HDR, 16, false), (0x4_0000, 4096, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), 0);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_IN,
+                (DISK_SIZE - 4096) / 512,
+                &[(HDR, 16, false), (0x4_0000, 4096, true), (STATUS, 1, true)]
+            ),
+            0
+        );
         // Block 15 is past the 32 KiB base but is in the δ.
         let want: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
         assert_eq!(rig.bytes(0x4_0000, 4096), want);
@@ -476,39 +505,44 @@ mod tests {
     fn flush_get_id_and_unsupported() {
         let mut rig = Rig::new(false);
         let mut gq = rig.gq();
-        rig.header(VIRTIO_BLK_T_FLUSH, 0);
-        gq.add_chain(&[(HDR, 16, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_FLUSH,
+                0,
+                &[(HDR, 16, false), (STATUS, 1, true)]
+            ),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(gq.used_elem(0).1, 1);
 
-        rig.header(VIRTIO_BLK_T_GET_ID, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_GET_ID, 0, 20, true),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(gq.used_elem(1).1, 21);
         assert_eq!(&rig.bytes(DATA, 20)[..15], b"cloudlet-disk-0");
 
-        rig.header(11, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, 11, 0, 16, false),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
     }
 
     #[test]
     fn read_only_disk_refuses_writes() {
         let mut rig = Rig::new(true);
         let mut gq = rig.gq();
-        rig.header(VIRTIO_BLK_T_OUT, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_OUT, 0, 512, false),
+            VIRTIO_BLK_S_IOERR as u8
+        );
         assert_eq!(rig.blk.disk().delta().len(), 1, "only the preloaded block");
         // Reads still work.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_IN, 0, 512, true),
+            VIRTIO_BLK_S_OK as u8
+        );
     }
 
     #[test]
@@ -531,40 +565,54 @@ mod tests {
             assert_eq!(gq.used_elem(i as u16).1, 1, "case {i}");
         }
         // A request larger than guest memory could hold, against a tiny disk.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[
-            (HDR, 16, false),
-            (0x8_0000, 0x8_0000, true),
-            (STATUS, 1, true),
-        ]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_IN,
+                0,
+                &[
+                    (HDR, 16, false),
+                    (0x8_0000, 0x8_0000, true),
+                    (STATUS, 1, true),
+                ]
+            ),
+            VIRTIO_BLK_S_IOERR as u8
+        );
     }
 
     #[test]
     fn malformed_requests_get_io_errors() {
         let mut rig = Rig::new(false);
         let mut gq = rig.gq();
-        // Header device-writable.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, true), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // Header too short.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 8, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // IN with device-readable data.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // OUT with device-writable data: nothing is written to the disk.
-        rig.header(VIRTIO_BLK_T_OUT, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        // (what, request, header length, header writable, data writable); an OUT with
+        // device-writable data writes nothing to the disk.
+        let cases = [
+            ("header device-writable", VIRTIO_BLK_T_IN, 16, true, true),
+            ("header too short", VIRTIO_BLK_T_IN, 8, false, true),
+            (
+                "IN with device-readable data",
+                VIRTIO_BLK_T_IN,
+                16,
+                false,
+                false,
+            ),
+            (
+                "OUT with device-writable data",
+                VIRTIO_BLK_T_OUT,
+                16,
+                false,
+                true,
+            ),
+        ];
+        for (what, req, hdr_len, hdr_writable, data_writable) in cases {
+            let chain = [
+                (HDR, hdr_len, hdr_writable),
+                (DATA, 512, data_writable),
+                (STATUS, 1, true),
+            ];
+            let status = rig.request(&mut gq, req, 0, &chain);
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "{what}");
+        }
         assert_eq!(rig.blk.disk().delta().len(), 1);
         assert_eq!(gq.used_idx(), 4);
     }

@@ -30,9 +30,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{read_bufs, write_bufs};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -197,9 +195,7 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_CONSOLE;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -209,8 +205,8 @@ impl VirtioDevice for Console {
         VIRTIO_F_VERSION_1
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
@@ -355,7 +351,7 @@ mod tests {
             "writes ignored"
         );
         assert_eq!(rig.console.features(), VIRTIO_F_VERSION_1);
-        assert_eq!(rig.console.device_type(), 3);
+        assert_eq!(Console::DEVICE_TYPE, 3);
         assert_eq!(rig.console.queue_max_sizes(), &[256, 256]);
     }
 

@@ -160,7 +160,7 @@ pub struct MmioTransport<D: VirtioDevice> {
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.device.device_type())
+            .field("device_type", &D::DEVICE_TYPE)
             .field("status", &self.status)
             .field("acked_features", &self.acked_features)
             .field("interrupt_status", &self.interrupt_status)
@@ -179,7 +179,7 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
     /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
     fn save(&self) -> Result<MmioState, VirtioError> {
         Ok(MmioState {
-            device_type: self.device.device_type(),
+            device_type: D::DEVICE_TYPE,
             status: self.status,
             acked_features: self.acked_features,
             device_features_sel: self.device_features_sel,
@@ -201,7 +201,7 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
         state: &MmioState,
     ) -> Result<Self, VirtioError> {
         let mut t = Self::new(device, mem, irq)?;
-        let device_type = t.device.device_type();
+        let device_type = D::DEVICE_TYPE;
         if state.device_type != device_type {
             return Err(VirtioError::DeviceType {
                 saved: state.device_type,
@@ -542,7 +542,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match offset {
             0x000 => MMIO_MAGIC,
             0x004 => MMIO_VERSION,
-            0x008 => self.device.device_type(),
+            0x008 => D::DEVICE_TYPE,
             0x00c => VENDOR_ID,
             0x010 => match self.device_features_sel {
                 0 => self.device.features() as u32,
@@ -1139,17 +1139,15 @@ mod tests {
     }
 
     impl VirtioDevice for Flooder {
-        fn device_type(&self) -> u32 {
-            99
-        }
+        const DEVICE_TYPE: u32 = 99;
         fn queue_max_sizes(&self) -> &[u16] {
             &self.sizes
         }
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1
         }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0);
+        fn config_space(&self) -> &[u8] {
+            &[]
         }
         fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
             while let Some(crate::devices::virtio::queue::Popped::Chain(c)) = io.pop(index) {

@@ -124,13 +124,17 @@ pub enum VirtioError {
 /// and the interrupt; the device sees them through a [`QueueIo`] while it processes a queue.
 pub trait VirtioDevice: Send {
     /// virtio device type (1 = net, 2 = block, 3 = console).
-    fn device_type(&self) -> u32;
+    const DEVICE_TYPE: u32;
     /// Maximum size of each queue (powers of two); the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers, [`VIRTIO_F_VERSION_1`] included.
     fn features(&self) -> u64;
+    /// The device's config space as the driver reads it.
+    fn config_space(&self) -> &[u8];
     /// Reads device config space at `offset` (bytes past the end read as zero).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
     /// Writes device config space; read-only fields ignore it.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver set DRIVER_OK having accepted `features`; an error makes the transport set

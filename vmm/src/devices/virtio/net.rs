@@ -19,9 +19,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 
 use super::queue::{read_bufs, write_bufs};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -153,9 +151,7 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -165,8 +161,8 @@ impl VirtioDevice for Net {
         VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.mac, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.mac
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {

@@ -92,7 +92,7 @@ pub struct VirtioSlotState {
     /// Transport, queues and device registers.
     pub mmio: MmioState,
     /// For a disk: what it sits on (its δ blocks are in the snapshot's
-    /// [`crate::snapshot::DISK_DELTA_FILE`]).
+    /// `DISK_DELTA_FILE`).
     pub disk: Option<DiskSnapshot>,
 }
 
