@@ -39,36 +39,6 @@ pub enum BuildError {
     /// Creating or mapping guest memory failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// Creating the VM failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Loading the kernel failed.
-    #[error(transparent)]
-    Loader(#[from] LoaderError),
-    /// Creating or starting a vCPU failed.
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    /// Base or overlay refused, or the overlay could not be applied.
-    #[error(transparent)]
-    Synthesis(#[from] SynthesisError),
-    /// Reading the snapshot failed.
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    /// Rebuilding devices and vCPUs from the machine state failed.
-    #[error(transparent)]
-    Restore(#[from] RestoreError),
-    /// Setting up a device failed.
-    #[error(transparent)]
-    Devices(#[from] DeviceError),
-    /// Starting the machine failed.
-    #[error(transparent)]
-    Start(#[from] MachineError),
-    /// Creating an eventfd, blocking signals or starting a thread failed.
-    #[error("failed to set up {0}")]
-    Io(&'static str, #[source] std::io::Error),
-    /// Writing the MP table failed.
-    #[error(transparent)]
-    Mptable(#[from] mptable::MptableError),
     /// More vCPUs than KVM allows.
     #[error("--vcpus {requested} exceeds what KVM allows on this host ({max})")]
     TooManyVcpus {
@@ -77,6 +47,36 @@ pub enum BuildError {
         /// KVM's maximum.
         max: usize,
     },
+    /// Creating the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Creating an eventfd, blocking signals or starting a thread failed.
+    #[error("failed to set up {0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Creating or starting a vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Rebuilding devices and vCPUs from the machine state failed.
+    #[error("cannot rebuild the machine from its state")]
+    Restore(#[from] RestoreError),
+    /// Base or overlay refused, or the overlay could not be applied.
+    #[error(transparent)]
+    Synthesis(#[from] SynthesisError),
+    /// Reading the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Setting up a device failed.
+    #[error("cannot set up the devices")]
+    Devices(#[from] DeviceError),
+    /// Starting the machine failed.
+    #[error("cannot start the machine")]
+    Start(#[from] MachineError),
 }
 
 /// Builds a VM that boots `cfg.kernel` and starts its vCPUs.
@@ -220,7 +220,7 @@ pub fn build_from_overlay(
     let t_restore = Instant::now();
     let devices = synthesis.devices(&cfg.devices);
     let disk_blocks = synthesis.disk_blocks()?;
-    let restored = restore::restore_machine(
+    let mut restored = restore::restore_machine(
         &kvm,
         vm,
         &mem,
@@ -229,19 +229,11 @@ pub fn build_from_overlay(
         &devices,
         DiskStart::Blocks(disk_blocks),
     )?;
-    let spawned = spawn_vcpus(&restored.vm, restored.vcpus)?;
+    let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
     // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
     let fill = synthesis.start_fill()?;
-    let machine = start(
-        restored.vm,
-        mem,
-        spawned,
-        restored.devices,
-        restored.exit,
-        cfg.serial_input,
-        cfg.paused,
-        fill.map(|f| (f, cfg.prefetch_delay)),
-    )?;
+    let lazy = fill.map(|f| (f, cfg.prefetch_delay));
+    let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, lazy)?;
     Ok((machine, synthesis.timings(), t_restore.elapsed()))
 }
 
@@ -257,7 +249,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     memory::prefault_image(&image, &mem, &[]);
     let disk_start = restore::read_disk_delta(&cfg.snapshot, &state)?;
     let vm = Vm::new(&kvm, &mem)?;
-    let restored = restore::restore_machine(
+    let mut restored = restore::restore_machine(
         &kvm,
         vm,
         &mem,
@@ -266,17 +258,8 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         &cfg.devices,
         DiskStart::Blocks(disk_start),
     )?;
-    let spawned = spawn_vcpus(&restored.vm, restored.vcpus)?;
-    let machine = start(
-        restored.vm,
-        mem,
-        spawned,
-        restored.devices,
-        restored.exit,
-        cfg.serial_input,
-        cfg.paused,
-        None,
-    )?;
+    let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
+    let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, None)?;
     tracing::debug!(
         total_us = t0.elapsed().as_micros() as u64,
         "VM restored from snapshot"
@@ -310,6 +293,21 @@ fn spawn_vcpus(vm: &Vm, vcpus: Vec<Vcpu>) -> Result<Spawned, BuildError> {
         coalesced,
         handles,
     })
+}
+
+/// [`start`] for a machine rebuilt from its state (its vCPUs taken out and spawned).
+fn start_restored(
+    restored: restore::Restored,
+    mem: GuestMemoryMmap,
+    spawned: Spawned,
+    serial_input: bool,
+    paused: bool,
+    lazy: Option<(LazyFill, Duration)>,
+) -> Result<Machine, BuildError> {
+    let restore::Restored {
+        vm, devices, exit, ..
+    } = restored;
+    start(vm, mem, spawned, devices, exit, serial_input, paused, lazy)
 }
 
 /// Assembles the machine around spawned vCPUs and lets them run unless `paused`; a lazy fill

@@ -148,7 +148,7 @@ impl Block {
                     return Err(VIRTIO_BLK_S_IOERR);
                 }
                 let offset = self.range(sector, data_room)?;
-                self.read_into(mem, chain, offset, data_room)?;
+                self.transfer(mem, chain, offset, data_room, Direction::ToGuest)?;
                 Ok(data_room)
             }
             VIRTIO_BLK_T_OUT => {
@@ -162,7 +162,7 @@ impl Block {
                 }
                 let len = chain.readable_len() - HEADER_LEN;
                 let offset = self.range(sector, len)?;
-                self.write_from(mem, chain, offset, len)?;
+                self.transfer(mem, chain, offset, len, Direction::ToDisk)?;
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -199,59 +199,59 @@ impl Block {
         }
     }
 
-    /// Disk `[offset, offset + len)` → the chain's writable buffers.
-    fn read_into(
+    /// Copies through the scratch buffer: disk `[offset, offset + len)` → the chain's
+    /// writable buffers ([`Direction::ToGuest`]), or the chain's readable data after the
+    /// header → disk `[offset, offset + len)` ([`Direction::ToDisk`]).
+    fn transfer(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: &Chain,
         offset: u64,
         len: u64,
+        dir: Direction,
     ) -> Result<(), u32> {
+        let (bufs, skip) = match dir {
+            Direction::ToGuest => (&chain.writable, 0),
+            Direction::ToDisk => (&chain.readable, HEADER_LEN),
+        };
         let mut pos = offset;
-        for (addr, n) in segments(&chain.writable, 0, len) {
+        for (addr, n) in segments(bufs, skip, len) {
             let mut done = 0;
             while done < n {
                 let k = (n - done).min(SCRATCH_LEN);
                 let buf = &mut self.scratch[..k];
-                self.disk.read_at(pos, buf).map_err(|e| {
-                    warn!("virtio-blk: read failed: {e}");
-                    VIRTIO_BLK_S_IOERR
-                })?;
                 let at = addr.checked_add(done as u64).ok_or(VIRTIO_BLK_S_IOERR)?;
-                mem.write_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                match dir {
+                    Direction::ToGuest => {
+                        self.disk.read_at(pos, buf).map_err(|e| {
+                            warn!("virtio-blk: read failed: {e}");
+                            VIRTIO_BLK_S_IOERR
+                        })?;
+                        mem.write_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                    }
+                    Direction::ToDisk => {
+                        mem.read_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                        self.disk.write_at(pos, buf).map_err(|e| {
+                            warn!("virtio-blk: write failed: {e}");
+                            VIRTIO_BLK_S_IOERR
+                        })?;
+                    }
+                }
                 done += k;
                 pos += k as u64;
             }
         }
         Ok(())
     }
+}
 
-    /// The chain's readable data (after the header) → disk `[offset, offset + len)`.
-    fn write_from(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: &Chain,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), u32> {
-        let mut pos = offset;
-        for (addr, n) in segments(&chain.readable, HEADER_LEN, len) {
-            let mut done = 0;
-            while done < n {
-                let k = (n - done).min(SCRATCH_LEN);
-                let buf = &mut self.scratch[..k];
-                let at = addr.checked_add(done as u64).ok_or(VIRTIO_BLK_S_IOERR)?;
-                mem.read_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                self.disk.write_at(pos, buf).map_err(|e| {
-                    warn!("virtio-blk: write failed: {e}");
-                    VIRTIO_BLK_S_IOERR
-                })?;
-                done += k;
-                pos += k as u64;
-            }
-        }
-        Ok(())
-    }
+/// Which way [`Block::transfer`] copies.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Disk → guest (a read request).
+    ToGuest,
+    /// Guest → disk (a write request).
+    ToDisk,
 }
 
 impl VirtioDevice for Block {
