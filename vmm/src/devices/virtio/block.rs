@@ -291,14 +291,14 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {}
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Block(BlockState {
             capacity: self.capacity(),
             read_only: self.read_only,
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Block(s) = state else {
             return Err(VirtioError::DeviceState("not a block device state".into()));
         };
@@ -695,12 +695,12 @@ mod tests {
     #[test]
     fn state_round_trip_checks_the_disk() {
         let rig = Rig::new(false);
-        let state = rig.blk.save_state();
+        let state = rig.blk.save();
         let mut same = Rig::new(false).blk;
-        same.restore_state(&state).unwrap();
+        same.restore(&state).unwrap();
         let mut ro = Rig::new(true).blk;
-        assert!(ro.restore_state(&state).is_err());
+        assert!(ro.restore(&state).is_err());
         let net = DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] });
-        assert!(same.restore_state(&net).is_err());
+        assert!(same.restore(&net).is_err());
     }
 }

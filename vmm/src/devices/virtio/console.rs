@@ -247,13 +247,13 @@ impl VirtioDevice for Console {
     /// Pending input is host data, not per-activation state: it stays for the next driver.
     fn reset(&mut self) {}
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Console(ConsoleState {
             pending_input: self.pending.iter().copied().collect(),
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Console(s) = state else {
             return Err(VirtioError::DeviceState(
                 "not a console device state".into(),
@@ -556,7 +556,7 @@ mod tests {
     fn state_keeps_pending_input_and_refuses_too_much() {
         let mut rig = Rig::new();
         rig.input(b"pending");
-        let state = rig.console.save_state();
+        let state = rig.console.save();
         assert_eq!(
             state,
             DeviceState::Console(ConsoleState {
@@ -564,18 +564,18 @@ mod tests {
             })
         );
         let mut other = Console::new(Box::new(Sink::default()), rig.room.try_clone().unwrap());
-        other.restore_state(&state).unwrap();
+        other.restore(&state).unwrap();
         assert_eq!(other.pending_input(), 7);
-        assert_eq!(other.save_state(), state);
+        assert_eq!(other.save(), state);
 
         let big = DeviceState::Console(ConsoleState {
             pending_input: vec![0; PENDING_INPUT_MAX + 1],
         });
-        let e = other.restore_state(&big).unwrap_err();
+        let e = other.restore(&big).unwrap_err();
         assert!(matches!(e, VirtioError::DeviceState(_)), "{e}");
         assert_eq!(other.pending_input(), 7, "unchanged");
         let net = DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] });
-        assert!(other.restore_state(&net).is_err());
+        assert!(other.restore(&net).is_err());
     }
 
     fn w(t: &mut MmioTransport<Console>, offset: u64, v: u32) {

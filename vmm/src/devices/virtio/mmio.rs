@@ -188,7 +188,7 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
             interrupt_status: self.interrupt_status,
             config_generation: self.config_generation,
             queues: self.queues.iter().map(QueueSnapshot::of).collect(),
-            device: self.device.save_state(),
+            device: self.device.save(),
         })
     }
 
@@ -242,7 +242,7 @@ impl<D: VirtioDevice> Persist for MmioTransport<D> {
                 t.device.features()
             )));
         }
-        t.device.restore_state(&state.device)?;
+        t.device.restore(&state.device)?;
         t.status = status;
         t.acked_features = state.acked_features;
         t.device_features_sel = state.device_features_sel;
@@ -1161,10 +1161,10 @@ mod tests {
             }
         }
         fn reset(&mut self) {}
-        fn save_state(&self) -> DeviceState {
+        fn save(&self) -> DeviceState {
             DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] })
         }
-        fn restore_state(&mut self, _: &DeviceState) -> Result<(), VirtioError> {
+        fn restore(&mut self, _: &DeviceState) -> Result<(), VirtioError> {
             Ok(())
         }
     }

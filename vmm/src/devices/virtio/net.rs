@@ -202,11 +202,11 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
     }
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Net(NetState { mac: self.mac })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Net(s) = state else {
             return Err(VirtioError::DeviceState(
                 "not a network device state".into(),
@@ -430,14 +430,14 @@ mod tests {
     #[test]
     fn state_keeps_the_mac() {
         let rig = Rig::new();
-        let state = rig.net.save_state();
+        let state = rig.net.save();
         let mut other = Net::new(Box::new(FakeBackend::new().unwrap()), [0; 6]);
-        other.restore_state(&state).unwrap();
+        other.restore(&state).unwrap();
         assert_eq!(other.mac(), MAC);
         let blk = DeviceState::Block(crate::devices::virtio::BlockState {
             capacity: 1,
             read_only: false,
         });
-        assert!(other.restore_state(&blk).is_err());
+        assert!(other.restore(&blk).is_err());
     }
 }
