@@ -20,7 +20,7 @@ use crate::exit::ExitNotifier;
 use crate::loader::{self, LoaderError};
 use crate::machine::{Machine, MachineError, MachineParts, StopSignals};
 use crate::serial_input::{deliver_input, SerialInput};
-use crate::snapshot::restore::{self, RestoreError};
+use crate::snapshot::restore;
 use crate::snapshot::SnapshotError;
 use crate::synthesis::lazy::LazyFill;
 use crate::synthesis::{self, SynthesisError, Timings};
@@ -62,9 +62,6 @@ pub enum BuildError {
     /// Creating or starting a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// Rebuilding devices and vCPUs from the machine state failed.
-    #[error("cannot rebuild the machine from its state")]
-    Restore(#[from] RestoreError),
     /// Base or overlay refused, or the overlay could not be applied.
     #[error(transparent)]
     Synthesis(#[from] SynthesisError),

@@ -31,18 +31,15 @@ use crate::serial_input::{deliver_input, SerialInput, TOKEN_STDIN};
 use crate::synthesis::lazy::{LazyError, LazyFill};
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::Vm;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors of machine-level operations.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    /// A vCPU request failed.
-    #[error(transparent)]
+    /// The vCPUs could not be let run.
+    #[error("failed to let the vCPUs run")]
     Vcpu(#[from] VcpuError),
-    /// A VM request failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
     /// The control socket could not be set up.
     #[error("failed to listen on the control socket '{0}'")]
     ApiSocket(PathBuf, #[source] std::io::Error),

@@ -13,7 +13,7 @@
 
 pub mod restore;
 pub mod save;
-mod state;
+pub mod state;
 
 pub use restore::{read_disk_delta, read_state};
 pub use state::{MachineState, SnapshotError, SnapshotInfo, DISK_DELTA_FILE};

@@ -12,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::state::{MachineState, SnapshotError, DISK_DELTA_FILE};
 use crate::config::{DevicesConfig, NetBackendConfig, SerialOutput};
-use crate::device_manager::{self, DeviceError, Devices, DiskStart};
+use crate::device_manager::{self, Devices, DiskStart};
 use crate::devices::virtio::block::DiskSnapshot;
 use crate::devices::virtio::disk::{Delta, DiskError};
 use crate::devices::virtio::slot::SlotKind;
@@ -20,33 +20,8 @@ use crate::exit::ExitNotifier;
 use crate::persist::Persist;
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory;
-use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{Vm, VmError};
-
-/// Errors while rebuilding a machine from its state.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// More vCPUs than KVM allows.
-    #[error("the state has {requested} vCPUs, more than KVM allows on this host ({max})")]
-    TooManyVcpus {
-        /// In the state.
-        requested: usize,
-        /// KVM's maximum.
-        max: usize,
-    },
-    /// The exit eventfd could not be created.
-    #[error("failed to set up an event file descriptor")]
-    Exit(#[source] std::io::Error),
-    /// A device could not be rebuilt.
-    #[error(transparent)]
-    Devices(#[from] DeviceError),
-    /// A vCPU could not be created or restored.
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    /// The VM's state could not be restored.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-}
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
 
 /// A machine rebuilt from its state, its vCPUs created but not spawned.
 pub struct Restored {
@@ -146,14 +121,14 @@ pub fn restore_machine(
     serial: &SerialOutput,
     cfg: &DevicesConfig,
     disk_start: DiskStart,
-) -> Result<Restored, RestoreError> {
+) -> Result<Restored, SnapshotError> {
     if state.vcpus.len() > kvm.max_vcpus {
-        return Err(RestoreError::TooManyVcpus {
+        return Err(SnapshotError::TooManyVcpus {
             requested: state.vcpus.len(),
             max: kvm.max_vcpus,
         });
     }
-    let exit = Arc::new(ExitNotifier::new().map_err(RestoreError::Exit)?);
+    let exit = Arc::new(ExitNotifier::new().map_err(SnapshotError::Exit)?);
     let devices_cfg = devices_for_restore(state, cfg);
     let devices = device_manager::attach_devices(
         &vm,
@@ -167,21 +142,25 @@ pub fn restore_machine(
     )?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for index in 0..state.vcpus.len() {
-        vcpus.push(Vcpu::new(
-            &vm,
-            index as u8,
-            devices.io_bus.clone(),
-            devices.mmio_bus.clone(),
-            exit.clone(),
-            kvm.msr_indices.clone(),
-        )?);
+        vcpus.push(
+            Vcpu::new(
+                &vm,
+                index as u8,
+                devices.io_bus.clone(),
+                devices.mmio_bus.clone(),
+                exit.clone(),
+                kvm.msr_indices.clone(),
+            )
+            .map_err(|e| SnapshotError::Vcpu("create", e))?,
+        );
     }
-    let vm = Vm::restore(vm, &state.vm)?;
+    let vm = Vm::restore(vm, &state.vm).map_err(|e| SnapshotError::Vm("restore", e))?;
     let vcpus = vcpus
         .into_iter()
         .zip(&state.vcpus)
         .map(|(vcpu, s)| Vcpu::restore(vcpu, s))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SnapshotError::Vcpu("restore", e))?;
     // Interrupts the devices had pending when the snapshot was taken, on lines whose state
     // the controllers' restore just overwrote.
     for slot in &devices.virtio {

@@ -17,34 +17,18 @@ use vm_memory::{
 };
 
 use super::state::{MachineState, SnapshotError, SnapshotInfo, DISK_DELTA_FILE};
-use crate::devices::serial::SerialError;
-use crate::devices::virtio::VirtioError;
 use crate::machine::Machine;
 use crate::persist::Persist;
 use crate::synthesis::lazy::LazyError;
-use crate::vstate::vcpu::VcpuError;
-use crate::vstate::vm::VmError;
 
 const PAGE: usize = 4096;
 
 /// Errors while saving a machine.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
-    /// Writing the snapshot's files failed.
+    /// Saving a component or writing the snapshot's files failed.
     #[error(transparent)]
-    Files(#[from] SnapshotError),
-    /// Pausing a vCPU or reading its state failed.
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    /// Reading the VM's state failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Reading the serial port's state failed.
-    #[error(transparent)]
-    Serial(#[from] SerialError),
-    /// Reading a virtio device's state failed.
-    #[error("failed to save a virtio device")]
-    Virtio(#[from] VirtioError),
+    Snapshot(#[from] SnapshotError),
     /// Guest memory is still being filled from an overlay and could not be completed.
     #[error("guest memory is incomplete")]
     Lazy(#[from] LazyError),
@@ -59,7 +43,7 @@ impl Machine {
         // after the vCPUs' and controllers' state was read would raise an interrupt the
         // snapshot misses (its status is saved with the device, and raised again on restore).
         let _still = self.devices.as_ref().map(|d| d.hold());
-        self.pause()?;
+        self.pause().map_err(|e| SnapshotError::Vcpu("pause", e))?;
         // Pages not yet filled would read as missing (and mincore would skip them).
         if let Some(lazy) = &self.lazy {
             lazy.wait(std::time::Duration::from_secs(60))?;
@@ -68,16 +52,18 @@ impl Machine {
             .vcpus
             .iter()
             .map(|v| v.save())
-            .collect::<Result<Vec<_>, _>>()?;
-        let vm = self.vm.save()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SnapshotError::Vcpu("save", e))?;
+        let vm = self.vm.save().map_err(|e| SnapshotError::Vm("save", e))?;
         let serial = self
             .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .save()?;
+            .save()
+            .map_err(SnapshotError::from)?;
         let mut virtio = Vec::with_capacity(self.virtio.len());
         for slot in self.virtio.iter() {
-            let state = slot.save()?;
+            let state = slot.save().map_err(SnapshotError::from)?;
             if state.disk.is_some() {
                 if let Some(b) = slot.lock().block() {
                     let d = b.disk();

@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::serial::SerialSnapshot;
+use crate::device_manager::DeviceError;
+use crate::devices::serial::{SerialError, SerialSnapshot};
 use crate::devices::virtio::disk::DiskError;
 use crate::devices::virtio::slot::VirtioSlotState;
+use crate::devices::virtio::VirtioError;
 use crate::vstate::memory::MemoryError;
-use crate::vstate::vcpu::VcpuState;
-use crate::vstate::vm::VmState;
+use crate::vstate::vcpu::{VcpuError, VcpuState};
+use crate::vstate::vm::{VmError, VmState};
 use format::state::StateError;
 
 /// The disk δ (a δ file, see [`crate::devices::virtio::disk`]) next to a snapshot's state.
@@ -36,6 +38,32 @@ pub enum SnapshotError {
     /// The disk δ file is unusable.
     #[error("the disk δ '{0}' is unusable")]
     Disk(PathBuf, #[source] DiskError),
+    /// The state has more vCPUs than KVM allows.
+    #[error("the state has {requested} vCPUs, more than KVM allows on this host ({max})")]
+    TooManyVcpus {
+        /// In the state.
+        requested: usize,
+        /// KVM's maximum.
+        max: usize,
+    },
+    /// The exit eventfd could not be created.
+    #[error("failed to set up an event file descriptor")]
+    Exit(#[source] std::io::Error),
+    /// A device could not be rebuilt.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// A vCPU could not be created, paused, saved or restored.
+    #[error("failed to {0} a vCPU")]
+    Vcpu(&'static str, #[source] VcpuError),
+    /// The VM's state could not be saved or restored.
+    #[error("failed to {0} the VM's state")]
+    Vm(&'static str, #[source] VmError),
+    /// The serial port's state could not be saved.
+    #[error("failed to save the serial port")]
+    Serial(#[from] SerialError),
+    /// A virtio device's state could not be saved.
+    #[error("failed to save a virtio device")]
+    Virtio(#[from] VirtioError),
 }
 
 /// Everything but RAM.

@@ -8,7 +8,7 @@ use format::base::Manifest;
 use format::overlay::Overlay;
 use format::state::{self, Kind};
 
-use crate::snapshot::MachineState;
+use crate::snapshot::state::MachineState;
 
 /// Why a base and an overlay were refused.
 #[derive(Debug, thiserror::Error)]

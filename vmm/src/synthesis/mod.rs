@@ -21,7 +21,7 @@ use format::overlay::OverlayError;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::DevicesConfig;
-use crate::snapshot::MachineState;
+use crate::snapshot::state::MachineState;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use check::{CheckError, Checked};
 use eager::EagerError;
@@ -37,7 +37,7 @@ pub enum SynthesisError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
     /// Applying the overlay up front failed.
-    #[error(transparent)]
+    #[error("failed to apply the overlay")]
     Eager(#[from] EagerError),
     /// Lazy filling could not be set up.
     #[error("lazy synthesis failed")]
