@@ -249,7 +249,7 @@ impl BusDevice for SerialDevice {
         };
         let r = self.uart.write(off, value).map_err(|e| match e {
             vm_superio::serial::Error::IOError(e) => e,
-            other => std::io::Error::other(other.to_string()),
+            other => std::io::Error::other(other),
         });
         self.note_output(r);
     }
