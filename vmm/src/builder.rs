@@ -213,6 +213,7 @@ pub fn build_from_overlay(
         cfg.threads,
     )?;
     let vm = Vm::new(&kvm, &mem)?;
+    // The VM and its memory slot exist: a lazy fill may fill ahead from now on.
     synthesis.vm_created();
     let t_restore = Instant::now();
     let devices = synthesis.devices(&cfg.devices);

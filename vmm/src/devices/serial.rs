@@ -354,4 +354,51 @@ mod tests {
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0, "fifo empty");
     }
+
+    #[test]
+    fn saved_registers_and_fifo_restore_and_an_overfull_fifo_is_refused() {
+        let (mut dev, _, _, _) = device();
+        dev.write(3, &[0x03]); // LCR: 8 data bits
+        dev.write(7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"abc"), 3);
+        let saved = dev.save().unwrap();
+        assert_eq!(saved.scratch, 0x5a);
+        assert_eq!(saved.in_buffer, b"abc");
+        let fresh = || {
+            (
+                Interrupt::Event(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                Box::new(std::io::sink()) as SerialOut,
+            )
+        };
+        let back = SerialDevice::restore(fresh(), &saved).unwrap();
+        assert_eq!(back.save().unwrap(), saved);
+        let overfull = SerialSnapshot {
+            in_buffer: vec![0; 65],
+            ..saved
+        };
+        assert!(matches!(
+            SerialDevice::restore(fresh(), &overfull),
+            Err(SerialError::State(_))
+        ));
+    }
+
+    #[test]
+    fn the_saved_state_encodes_field_by_field_in_declaration_order() {
+        // State files and overlays hold this encoding: moving or retyping a field breaks them.
+        let s = SerialSnapshot {
+            baud_divisor_low: 1,
+            baud_divisor_high: 2,
+            interrupt_enable: 3,
+            interrupt_identification: 4,
+            line_control: 5,
+            line_status: 6,
+            modem_control: 7,
+            modem_status: 8,
+            scratch: 9,
+            in_buffer: b"xy".to_vec(),
+        };
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 2, b'x', b'y']);
+    }
 }
