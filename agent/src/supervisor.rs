@@ -361,7 +361,10 @@ impl Supervisor {
                         tokio::time::timeout(
                             Duration::from_secs(2),
                             tokio::task::spawn_blocking(move || {
-                                format::control::request(&sock, &format::control::ApiRequest::Status)
+                                format::control::request(
+                                    &sock,
+                                    &format::control::ApiRequest::Status,
+                                )
                             }),
                         )
                         .await,

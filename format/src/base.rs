@@ -88,6 +88,13 @@ pub struct Manifest {
 
 /// The root disk file of a base directory.
 pub const DISK: &str = "disk";
+/// The guest kernel file of a base directory.
+pub const KERNEL: &str = "kernel";
+/// The machine state file (a state file of kind `Machine`) of a base, and of a vmm snapshot
+/// directory (a base is a snapshot plus its kernel, disk and manifest).
+pub const STATE: &str = "state";
+/// The guest RAM image of a base, and of a vmm snapshot directory.
+pub const MEMORY: &str = "memory";
 
 impl Manifest {
     /// Reads and checks `BASE/base.json` against the files beside it (sizes only; the id is

@@ -139,7 +139,9 @@ impl Preamble {
             return Err(HandoffError::Version(version));
         }
         if b[10..12] != [0, 0] {
-            return Err(HandoffError::Malformed("reserved preamble bytes are not zero"));
+            return Err(HandoffError::Malformed(
+                "reserved preamble bytes are not zero",
+            ));
         }
         let sum = u64::from_le_bytes(b[76..84].try_into().expect("8 bytes"));
         if sum != xxh3_64(&b[..76]) && !cfg!(fuzzing) {
@@ -255,7 +257,9 @@ impl Pages {
             match r.fill {
                 Fill::Data => data_pages += u64::from(r.count),
                 Fill::BaseAt(s) | Fill::Copy(s) => {
-                    if s.checked_add(u64::from(r.count)).is_none_or(|e| e > mem_pages) {
+                    if s.checked_add(u64::from(r.count))
+                        .is_none_or(|e| e > mem_pages)
+                    {
                         return Err(HandoffError::Pages("a copy source lies outside memory"));
                     }
                 }
@@ -531,7 +535,9 @@ pub fn decode_frame(frame: &[u8], seq: u32) -> Result<Message, HandoffError> {
     let h = FrameHeader::parse(header)?;
     let end = FRAME_HEADER_LEN + h.wire_len as usize;
     if frame.len() != end + FRAME_TRAILER_LEN {
-        return Err(HandoffError::Malformed("a frame's length disagrees with its header"));
+        return Err(HandoffError::Malformed(
+            "a frame's length disagrees with its header",
+        ));
     }
     let sum = u64::from_le_bytes(frame[end..].try_into().expect("8 bytes"));
     if sum != xxh3_64(&frame[..end]) && !cfg!(fuzzing) {
@@ -545,10 +551,12 @@ pub fn decode_frame(frame: &[u8], seq: u32) -> Result<Message, HandoffError> {
     }
     let wire = &frame[FRAME_HEADER_LEN..end];
     let body = if h.zstd {
-        let raw = zstd::bulk::decompress(wire, h.raw_len as usize)
-            .map_err(HandoffError::Decompress)?;
+        let raw =
+            zstd::bulk::decompress(wire, h.raw_len as usize).map_err(HandoffError::Decompress)?;
         if raw.len() != h.raw_len as usize {
-            return Err(HandoffError::Malformed("a body decompressed to another length"));
+            return Err(HandoffError::Malformed(
+                "a body decompressed to another length",
+            ));
         }
         raw
     } else {
@@ -678,13 +686,19 @@ mod tests {
         assert_eq!(Preamble::parse(&b).unwrap(), preamble());
         let mut bad = b;
         bad[8] = 2;
-        assert!(matches!(Preamble::parse(&bad), Err(HandoffError::Version(2))));
+        assert!(matches!(
+            Preamble::parse(&bad),
+            Err(HandoffError::Version(2))
+        ));
         let mut bad = b;
         bad[0] = b'X';
         assert!(matches!(Preamble::parse(&bad), Err(HandoffError::BadMagic)));
         let mut bad = b;
         bad[50] ^= 1;
-        assert!(matches!(Preamble::parse(&bad), Err(HandoffError::Checksum(_))));
+        assert!(matches!(
+            Preamble::parse(&bad),
+            Err(HandoffError::Checksum(_))
+        ));
     }
 
     #[test]
@@ -701,7 +715,10 @@ mod tests {
         });
         let f = encode_frame(0, &start, Codec::Raw).unwrap();
         // postcard varints: 256 → [0x80, 0x02], 1, 0.
-        assert_eq!(&f[..20], &[4, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0x80, 2, 1, 0]);
+        assert_eq!(
+            &f[..20],
+            &[4, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0x80, 2, 1, 0]
+        );
         assert_eq!(decode_frame(&f, 0).unwrap(), start);
     }
 
@@ -831,7 +848,10 @@ mod tests {
             let mut bad = b.clone();
             bad[i] ^= 0x10;
             assert!(decode_frame(&bad, 1).is_err(), "flip at {i} accepted");
-            assert!(decode_frame(&b[..i], 1).is_err(), "truncation at {i} accepted");
+            assert!(
+                decode_frame(&b[..i], 1).is_err(),
+                "truncation at {i} accepted"
+            );
         }
         // A length beyond the limit is refused before anything is allocated.
         let mut huge = b.clone();

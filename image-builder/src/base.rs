@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use format::base::{hex, Manifest, MANIFEST, MANIFEST_VERSION};
+use format::base::{hex, Manifest, DISK, KERNEL, MANIFEST, MANIFEST_VERSION, MEMORY, STATE};
 use sha2::{Digest, Sha256};
 use vmm::config::{
     DevicesConfig, DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig, DEFAULT_MAC,
@@ -44,9 +44,9 @@ pub struct BaseSpec {
 pub fn content_id(dir: &Path) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let with_disk = dir.join(format::base::DISK).exists();
-    for name in ["kernel", "state", "memory", format::base::DISK] {
-        if name == format::base::DISK && !with_disk {
+    let with_disk = dir.join(DISK).exists();
+    for name in [KERNEL, STATE, MEMORY, DISK] {
+        if name == DISK && !with_disk {
             continue;
         }
         let path = dir.join(name);
@@ -87,7 +87,7 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
             .with_context(|| format!("cannot remove '{}'", spec.out.display()))?;
     }
     std::fs::create_dir_all(&spec.out)?;
-    let disk_path = std::fs::canonicalize(&spec.out)?.join(format::base::DISK);
+    let disk_path = std::fs::canonicalize(&spec.out)?.join(DISK);
     if let Some(d) = &spec.disk {
         std::fs::copy(d, &disk_path)
             .with_context(|| format!("cannot copy the disk image '{}'", d.display()))?;
@@ -134,23 +134,19 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
     drop(machine);
     std::fs::remove_file(&log)?;
     fold_disk_delta(&spec.out, &disk_path)?;
-    std::fs::copy(&spec.kernel, spec.out.join("kernel"))
+    std::fs::copy(&spec.kernel, spec.out.join(KERNEL))
         .with_context(|| format!("cannot copy '{}'", spec.kernel.display()))?;
     let size = |n: &str| std::fs::metadata(spec.out.join(n)).map(|m| m.len());
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         id: hex(&content_id(&spec.out)?),
         mem_mib: spec.mem_mib,
-        kernel_bytes: size("kernel")?,
-        state_bytes: size("state")?,
-        memory_bytes: size("memory")?,
-        memory_disk_bytes: disk_bytes(&spec.out.join("memory")),
+        kernel_bytes: size(KERNEL)?,
+        state_bytes: size(STATE)?,
+        memory_bytes: size(MEMORY)?,
+        memory_disk_bytes: disk_bytes(&spec.out.join(MEMORY)),
         cmdline: spec.cmdline.clone(),
-        disk_bytes: spec
-            .disk
-            .as_ref()
-            .map(|_| size(format::base::DISK))
-            .transpose()?,
+        disk_bytes: spec.disk.as_ref().map(|_| size(DISK)).transpose()?,
     };
     std::fs::write(spec.out.join(MANIFEST), manifest.to_json())?;
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "base built");
@@ -184,16 +180,10 @@ fn fold_disk_delta(dir: &Path, disk: &Path) -> Result<()> {
 
 /// Bytes the whole base directory occupies on disk.
 pub fn base_disk_bytes(dir: &Path) -> u64 {
-    [
-        MANIFEST,
-        "kernel",
-        "state",
-        "memory",
-        format::base::DISK,
-    ]
-    .iter()
-    .map(|n| disk_bytes(&dir.join(n)))
-    .sum()
+    [MANIFEST, KERNEL, STATE, MEMORY, DISK]
+        .iter()
+        .map(|n| disk_bytes(&dir.join(n)))
+        .sum()
 }
 
 /// Recomputes the id of a base and compares it with its manifest.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use image_builder::{base, overlay};
 use format::overlay::{BuildOptions, Overlay};
+use image_builder::{base, overlay};
 
 /// Build cloudlet base images and application overlays.
 ///

@@ -30,7 +30,7 @@ pub fn from_snapshot(
             manifest.mem_mib
         );
     }
-    let state_bytes = std::fs::read(snapshot.join(vmm::snapshot::STATE_FILE))?;
+    let state_bytes = std::fs::read(snapshot.join(format::base::STATE))?;
     let disk_blocks = vmm::snapshot::read_disk_delta(snapshot, &state)?;
     let disk_size = state
         .virtio
@@ -45,8 +45,8 @@ pub fn from_snapshot(
     }
     let open =
         |p: PathBuf| Mapped::open(&p).with_context(|| format!("cannot map '{}'", p.display()));
-    let base_mem = open(base.join("memory"))?;
-    let new_mem = open(snapshot.join(vmm::snapshot::MEMORY_FILE))?;
+    let base_mem = open(base.join(format::base::MEMORY))?;
+    let new_mem = open(snapshot.join(format::base::MEMORY))?;
     let stats = overlay::build(
         base_mem.bytes(),
         new_mem.bytes(),

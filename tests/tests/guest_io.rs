@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudlet_tests::{file_digest, micro_guest, run_vmm, Scratch, Vmm};
+use vmm::snapshot::DISK_DELTA_FILE;
 
 /// Timeout for anything a VM does (boot, exit, a reply) on a loaded 2-core host.
 const T: Duration = Duration::from_secs(30);
@@ -602,16 +603,16 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
         "--stay-paused leaves the VM paused: {status:?}"
     );
     assert!(
-        snap.join("disk.delta").exists(),
+        snap.join(DISK_DELTA_FILE).exists(),
         "the snapshot carries the disk δ ({})",
-        snap.join("disk.delta").display()
+        snap.join(DISK_DELTA_FILE).display()
     );
     let stop = run_vmm(["stop", "--api-sock", &k], T);
     assert_eq!(stop.code(), 0, "vmm stop: {stop:?}");
     let mut vmm = g.vmm;
     let fin = vmm.finish(T);
     assert_eq!(fin.code(), 0, "a stopped VM's vmm exits with 0: {fin:?}");
-    let snap_delta = file_digest(&snap.join("disk.delta"));
+    let snap_delta = file_digest(&snap.join(DISK_DELTA_FILE));
 
     // Restore with the service on another host port; the disk comes from the snapshot.
     let port = free_port();
@@ -637,7 +638,7 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
     drop(c);
     restored.poweroff();
     assert_eq!(
-        file_digest(&snap.join("disk.delta")),
+        file_digest(&snap.join(DISK_DELTA_FILE)),
         snap_delta,
         "the snapshot's δ is not written by the restored VM"
     );

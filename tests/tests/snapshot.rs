@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cloudlet_tests::{file_digest, micro_guest, Scratch};
+use format::base::{MEMORY, STATE};
 use vmm::builder::{build_for_boot, build_from_snapshot, RestoreConfig};
 use vmm::config::{SerialOutput, VmConfig};
 use vmm::loader::{BootProtocol, KernelConfig};
@@ -120,8 +121,8 @@ fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
     m.snapshot(&snap).unwrap();
     drop(m);
     let (mem_digest, state_digest) = (
-        file_digest(&snap.join("memory")),
-        file_digest(&snap.join("state")),
+        file_digest(&snap.join(MEMORY)),
+        file_digest(&snap.join(STATE)),
     );
 
     let (a_log, b_log) = (s.path("a.log"), s.path("b.log"));
@@ -139,11 +140,11 @@ fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
     assert!(!std::fs::read_to_string(&b_log).unwrap().contains("from-a"));
     drop((a, b));
     assert_eq!(
-        file_digest(&snap.join("memory")),
+        file_digest(&snap.join(MEMORY)),
         mem_digest,
         "the snapshot's memory is untouched"
     );
-    assert_eq!(file_digest(&snap.join("state")), state_digest);
+    assert_eq!(file_digest(&snap.join(STATE)), state_digest);
 }
 
 #[test]
@@ -155,7 +156,7 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
     let snap = s.path("snap");
     m.snapshot(&snap).unwrap();
     drop(m);
-    let state = std::fs::read(snap.join("state")).unwrap();
+    let state = std::fs::read(snap.join(STATE)).unwrap();
     let cfg = |dir: &Path| RestoreConfig {
         snapshot: dir.to_owned(),
         serial: SerialOutput::File(s.path("never.log")),
@@ -167,8 +168,8 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
     let refused = |name: &str, mutate: &dyn Fn(&Path)| -> String {
         let dir = s.path(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(snap.join("memory"), dir.join("memory")).unwrap();
-        std::fs::write(dir.join("state"), &state).unwrap();
+        std::fs::copy(snap.join(MEMORY), dir.join(MEMORY)).unwrap();
+        std::fs::write(dir.join(STATE), &state).unwrap();
         mutate(&dir);
         let err = build_from_snapshot(&cfg(&dir)).map(|_| ()).unwrap_err();
         assert!(!s.path("never.log").exists(), "{name}: nothing ran");
@@ -184,30 +185,30 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
     let flipped = refused("flip", &|d| {
         let mut b = state.clone();
         b[state.len() / 2] ^= 0x10;
-        std::fs::write(d.join("state"), b).unwrap();
+        std::fs::write(d.join(STATE), b).unwrap();
     });
     assert!(flipped.contains("corrupt"), "{flipped}");
     let cut = refused("cut", &|d| {
-        std::fs::write(d.join("state"), &state[..state.len() - 9]).unwrap()
+        std::fs::write(d.join(STATE), &state[..state.len() - 9]).unwrap()
     });
     assert!(cut.contains("truncated"), "{cut}");
     let version = refused("version", &|d| {
         let mut b = state.clone();
         b[8] = 9;
-        std::fs::write(d.join("state"), b).unwrap();
+        std::fs::write(d.join(STATE), b).unwrap();
     });
     assert!(version.contains("version 9"), "{version}");
     let short_mem = refused("short-mem", &|d| {
         std::fs::OpenOptions::new()
             .write(true)
-            .open(d.join("memory"))
+            .open(d.join(MEMORY))
             .unwrap()
             .set_len(8 << 20)
             .unwrap();
     });
     assert!(short_mem.contains("memory image"), "{short_mem}");
     let missing = refused("missing", &|d| {
-        std::fs::remove_file(d.join("memory")).unwrap()
+        std::fs::remove_file(d.join(MEMORY)).unwrap()
     });
-    assert!(missing.contains("memory"), "{missing}");
+    assert!(missing.contains(MEMORY), "{missing}");
 }

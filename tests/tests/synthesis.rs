@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cloudlet_tests::{file_digest, micro_guest, run_image_builder, run_vmm, Scratch, Vmm};
+use format::base::{DISK, KERNEL, MANIFEST, MEMORY, STATE};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -109,7 +110,7 @@ fn snapshot_of(sock: &str, dir: &Path) -> PathBuf {
 }
 
 fn digests(dir: &Path) -> Vec<u64> {
-    ["base.json", "kernel", "state", "memory"]
+    [MANIFEST, KERNEL, STATE, MEMORY]
         .iter()
         .map(|n| file_digest(&dir.join(n)))
         .collect()
@@ -118,7 +119,7 @@ fn digests(dir: &Path) -> Vec<u64> {
 #[test]
 fn base_is_small_and_verifiable() {
     let img = images();
-    let on_disk: u64 = ["base.json", "kernel", "state", "memory"]
+    let on_disk: u64 = [MANIFEST, KERNEL, STATE, MEMORY]
         .iter()
         .map(|n| {
             use std::os::unix::fs::MetadataExt;
@@ -167,8 +168,8 @@ fn identical_and_answers(name: &str, mode: &[&str]) {
     );
     assert_eq!(out.code(), 0, "{out:?}");
     assert_eq!(
-        file_digest(&snap.join("memory")),
-        file_digest(&img.custom.join("memory")),
+        file_digest(&snap.join(MEMORY)),
+        file_digest(&img.custom.join(MEMORY)),
         "synthesised RAM equals the customised VM's RAM"
     );
     let ok = run_vmm(["resume", "--api-sock", &sock.display().to_string()], T);
@@ -208,7 +209,7 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
     // A snapshot waits for the fill; the model table must then be complete in its memory
     // image (the table lives at guest physical 16 MiB), even where no query touched it.
     let snap = snapshot_of(&sock_arg, &s.path("snap"));
-    let image = std::fs::read(snap.join("memory")).unwrap();
+    let image = std::fs::read(snap.join(MEMORY)).unwrap();
     for i in [1u64, 1_048_576, 2_000_000] {
         let at = (16 << 20) + 8 * i as usize;
         let v = u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
@@ -290,7 +291,7 @@ fn two_vms_share_the_base_and_not_each_others_writes() {
         "b does not see a's writes"
     );
     // Both map the base memory file and share its clean pages through the page cache.
-    let mem = img.base.join("memory");
+    let mem = img.base.join(MEMORY);
     let (sa, _) = mapping_of(a.pid(), &mem);
     let (sb, _) = mapping_of(b.pid(), &mem);
     assert!(
@@ -400,7 +401,7 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
         "64",
         &["--disk".as_ref(), table.as_os_str(), "--net".as_ref()],
     );
-    let base_disk = base.join("disk");
+    let base_disk = base.join(DISK);
     let before = file_digest(&base_disk);
     assert_eq!(
         before,

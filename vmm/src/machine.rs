@@ -10,8 +10,6 @@
 //! Call-order contract: the vCPU threads are stopped and joined before guest memory and the
 //! VM fd are released (field order of [`Machine`]).
 
-use std::collections::VecDeque;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -29,30 +27,25 @@ use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::snapshot::{self, MachineState, SnapshotError, SnapshotInfo};
+use crate::serial_input::{deliver_input, SerialInput, TOKEN_STDIN};
+use crate::synthesis::lazy::{LazyError, LazyFill};
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::Vm;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors of machine-level operations.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    /// A vCPU request failed.
-    #[error(transparent)]
+    /// The vCPUs could not be let run.
+    #[error("failed to let the vCPUs run")]
     Vcpu(#[from] VcpuError),
-    /// A VM request failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Writing the snapshot failed.
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
     /// The control socket could not be set up.
     #[error("failed to listen on the control socket '{0}'")]
     ApiSocket(PathBuf, #[source] std::io::Error),
-    /// Guest memory is still being filled from an overlay and could not be completed.
-    #[error("guest memory is incomplete: {0}")]
-    Lazy(String),
+    /// Filling guest memory from an overlay could not go on.
+    #[error("guest memory is incomplete")]
+    Lazy(#[from] LazyError),
 }
 
 /// How often the event loop replays coalesced guest writes no vCPU exit has drained and
@@ -60,12 +53,7 @@ pub enum MachineError {
 /// either).
 pub const OUTPUT_FLUSH_MS: i32 = 20;
 
-/// Most input for the guest buffered in the VMM (beyond what its serial port or console holds)
-/// before it stops reading stdin.
-const PENDING_INPUT_MAX: usize = 64 * 1024;
-
 const TOKEN_EXIT: u64 = 0;
-const TOKEN_STDIN: u64 = 1;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_API: u64 = 4;
@@ -118,15 +106,45 @@ impl StopSignals {
     }
 }
 
+/// What a machine is made of (the builder makes them), its vCPU threads spawned paused.
+pub struct MachineParts {
+    /// The VM.
+    pub vm: Vm,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The vCPU threads, paused.
+    pub vcpus: Vec<VcpuHandle>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Written when the guest's serial port or console has room for more input.
+    pub input_drained: EventFd,
+    /// Where vCPUs and devices report that the VM stops.
+    pub exit: Arc<ExitNotifier>,
+    /// The stop signals, blocked before the vCPU threads were spawned.
+    pub signals: StopSignals,
+    /// Input from stdin for the guest's console or serial port (none with `--no-stdin`).
+    pub input: Option<SerialInput>,
+    /// The coalesced-write ring with the buses its writes go to, drained every
+    /// [`OUTPUT_FLUSH_MS`] ms for guests that write without ever causing an exit.
+    pub coalesced: Option<(Arc<CoalescedRing>, Bus, Bus)>,
+    /// The virtio devices the event loop drives and snapshots save.
+    pub virtio: Arc<Vec<Slot>>,
+    /// The thread that runs them.
+    pub devices: DeviceWorker,
+    /// The lazy fill of guest memory, if synthesis left one, and how long its background
+    /// prefetch waits before it starts.
+    pub lazy: Option<(LazyFill, std::time::Duration)>,
+}
+
 /// A running VM.
 pub struct Machine {
     // Field order is drop order: vCPU threads end before the VM and its memory go away.
-    vcpus: Vec<VcpuHandle>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
     /// Lazy synthesis still filling guest memory (its threads end before the memory goes).
-    lazy: Option<crate::lazy::LazyFill>,
-    vm: Vm,
-    mem: GuestMemoryMmap,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) lazy: Option<LazyFill>,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     input_drained: EventFd,
     exit: Arc<ExitNotifier>,
     signals: StopSignals,
@@ -137,8 +155,8 @@ pub struct Machine {
     /// Coalesced guest writes, with the buses they go to, drained here when no vCPU exits.
     coalesced: Option<(Arc<CoalescedRing>, Bus, Bus)>,
     /// virtio devices, run by their own thread.
-    virtio: Arc<Vec<Slot>>,
-    devices: Option<DeviceWorker>,
+    pub(crate) virtio: Arc<Vec<Slot>>,
+    pub(crate) devices: Option<DeviceWorker>,
 }
 
 impl Drop for Machine {
@@ -158,19 +176,27 @@ impl std::fmt::Debug for Machine {
 }
 
 impl Machine {
-    /// Assembles a machine from its built parts (see [`crate::builder`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        vm: Vm,
-        mem: GuestMemoryMmap,
-        vcpus: Vec<VcpuHandle>,
-        serial: Arc<Mutex<SerialDevice>>,
-        input_drained: EventFd,
-        exit: Arc<ExitNotifier>,
-        signals: StopSignals,
-        input: Option<SerialInput>,
-    ) -> Self {
-        Machine {
+    /// Assembles a machine from its parts and lets its vCPUs run unless `paused`; then starts
+    /// the background fill of guest memory not yet touched, if synthesis left a lazy fill:
+    /// only once the vCPUs run (on these hosts, creating a VM while another thread fills
+    /// guest memory took 7–10 ms instead of 0.4, measured), and fill errors stop the VM from
+    /// then on. A snapshot waits for the fill to complete.
+    pub fn start(parts: MachineParts, paused: bool) -> Result<Self, MachineError> {
+        let MachineParts {
+            vm,
+            mem,
+            vcpus,
+            serial,
+            input_drained,
+            exit,
+            signals,
+            input,
+            coalesced,
+            virtio,
+            devices,
+            lazy,
+        } = parts;
+        let mut machine = Machine {
             vcpus,
             lazy: None,
             vm,
@@ -180,53 +206,26 @@ impl Machine {
             exit,
             signals,
             input,
-            paused: std::sync::atomic::AtomicBool::new(false),
+            paused: std::sync::atomic::AtomicBool::new(true),
             api: None,
-            coalesced: None,
-            virtio: Arc::new(Vec::new()),
-            devices: None,
+            coalesced,
+            virtio,
+            devices: Some(devices),
+        };
+        if !paused {
+            machine.resume()?;
         }
-    }
-
-    /// Hands the machine the lazy fill of its memory: fill errors stop the VM, and a
-    /// snapshot waits for the fill to complete.
-    pub fn set_lazy(&mut self, lazy: crate::lazy::LazyFill) {
-        lazy.set_exit(self.exit.clone());
-        self.lazy = Some(lazy);
-    }
-
-    /// Starts the background fill of guest memory not yet touched (see
-    /// [`crate::lazy::LazyFill::start_prefetch`]).
-    pub fn start_prefetch(
-        &mut self,
-        delay: std::time::Duration,
-    ) -> Result<(), crate::lazy::LazyError> {
-        match self.lazy.as_mut() {
-            Some(l) => l.start_prefetch(delay),
-            None => Ok(()),
+        if let Some((fill, delay)) = lazy {
+            fill.set_exit(machine.exit.clone());
+            // Held by the machine first: on an error the vCPUs stop before the fill does.
+            machine.lazy.insert(fill).start_prefetch(delay)?;
         }
+        Ok(machine)
     }
 
     /// The lazy fill of guest memory, while the machine has one.
-    pub fn lazy(&self) -> Option<&crate::lazy::LazyFill> {
+    pub fn lazy(&self) -> Option<&LazyFill> {
         self.lazy.as_ref()
-    }
-
-    /// Gives the event loop the coalesced-write ring to drain every
-    /// [`OUTPUT_FLUSH_MS`] ms, for guests that write without ever causing an exit.
-    pub fn set_coalesced(&mut self, ring: Arc<CoalescedRing>, io_bus: Bus, mmio_bus: Bus) {
-        self.coalesced = Some((ring, io_bus, mmio_bus));
-    }
-
-    /// The virtio devices the event loop drives and snapshots save.
-    pub fn set_virtio(&mut self, slots: Arc<Vec<Slot>>, worker: DeviceWorker) {
-        self.virtio = slots;
-        self.devices = Some(worker);
-    }
-
-    /// Marks the machine as started paused.
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// Serves the control API ([`format::control`]) on a Unix socket at `path`.
@@ -363,74 +362,6 @@ impl Machine {
         Ok(())
     }
 
-    /// Writes a snapshot of the machine into `dir` (created if needed). The vCPUs are paused
-    /// for it and left paused: call [`Machine::resume`] to go on, or drop the machine.
-    pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotInfo, MachineError> {
-        std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Io("create", dir.to_owned(), e))?;
-        // No device request completes from here until the state is saved: one completing
-        // after the vCPUs' and controllers' state was read would raise an interrupt the
-        // snapshot misses (its status is saved with the device, and raised again on restore).
-        let _still = self.devices.as_ref().map(|d| d.hold());
-        self.pause()?;
-        // Pages not yet filled would read as missing (and mincore would skip them).
-        if let Some(lazy) = &self.lazy {
-            lazy.wait(std::time::Duration::from_secs(60))
-                .map_err(MachineError::Lazy)?;
-        }
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(|v| v.save())
-            .collect::<Result<Vec<_>, _>>()?;
-        let vm = self.vm.save_state()?;
-        let serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_state();
-        let mut virtio = Vec::with_capacity(self.virtio.len());
-        for slot in self.virtio.iter() {
-            let t = slot.lock();
-            let disk = match (t.block(), &slot.disk) {
-                (Some(b), Some(info)) => {
-                    let d = b.disk();
-                    let blocks = d
-                        .delta()
-                        .delta_blocks()
-                        .map(|r| r.map(|(n, data)| (n, data.into_owned())))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| {
-                            SnapshotError::Disk(dir.join(snapshot::DISK_DELTA_FILE), e.to_string())
-                        })?;
-                    snapshot::write_disk_delta(dir, d.size(), blocks)?;
-                    Some(info.clone())
-                }
-                _ => None,
-            };
-            virtio.push(snapshot::VirtioSlotState {
-                index: slot.index,
-                kind: slot.kind,
-                mmio: t.save_state(),
-                disk,
-            });
-        }
-        let memory_bytes_written =
-            snapshot::write_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
-        let state = MachineState {
-            mem_mib: self.mem_mib(),
-            vcpus,
-            vm,
-            serial,
-            virtio,
-        };
-        let state_bytes = snapshot::write_state(&state, dir)?;
-        Ok(SnapshotInfo {
-            state_bytes,
-            memory_bytes_written,
-            memory_bytes: state.mem_mib << 20,
-        })
-    }
-
     /// Feeds `bytes` to the guest's input: its virtio console when it has one (delivered from
     /// this thread into posted receive buffers, the rest held in the device up to its bound),
     /// else COM1's receive FIFO (as much as it takes now). Returns how many were taken; offer
@@ -542,149 +473,5 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush_output();
-    }
-}
-
-/// Gives `bytes` to the guest: to `console` when there is one, else to COM1's receive FIFO;
-/// returns how many were taken.
-pub(crate) fn deliver_input(
-    serial: &Mutex<SerialDevice>,
-    console: Option<&Slot>,
-    bytes: &[u8],
-) -> usize {
-    match console {
-        Some(slot) => slot.lock().host_input(bytes),
-        None => serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue_input(bytes),
-    }
-}
-
-/// Input from stdin for the guest (its console, or its serial port), buffered in the VMM while
-/// the device cannot take it: COM1's 64-byte FIFO is full, or the console holds as much
-/// pending input as it may. The device writes the "input drained" eventfd when it has room
-/// again, and the event loop offers the rest then.
-#[derive(Debug, Default)]
-pub struct SerialInput {
-    pending: VecDeque<u8>,
-    /// stdin is in the epoll set.
-    polling: bool,
-    /// stdin reached end of file (or cannot be read).
-    eof: bool,
-}
-
-impl SerialInput {
-    fn stdin_fd() -> RawFd {
-        std::io::stdin().as_raw_fd()
-    }
-
-    /// Input from stdin, with what stdin already holds given to `deliver` now (the guest's
-    /// serial port or console; it returns how many bytes it took). Called before the vCPUs
-    /// start: a request written while the VM was being built (a restore or synthesis takes
-    /// milliseconds) is there, interrupt raised, when the guest first runs, instead of waiting
-    /// for the event loop to start.
-    pub fn primed(deliver: &dyn Fn(&[u8]) -> usize) -> Self {
-        let mut input = SerialInput::default();
-        let mut pfd = libc::pollfd {
-            fd: Self::stdin_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid pollfd without waiting.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 0) } == 1 && pfd.revents & libc::POLLIN != 0;
-        if ready {
-            if input.read_once() {
-                input.push_to(deliver);
-            } else {
-                input.eof = true;
-            }
-        }
-        input
-    }
-
-    /// Reads what stdin has (one `read`) into `pending`; false at end of input or on error.
-    fn read_once(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        // SAFETY: reads at most `buf.len()` bytes into `buf` from stdin, which poll or epoll
-        // reported readable; std's Stdin would add its own buffering, which we do not want.
-        let n = unsafe { libc::read(Self::stdin_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return n < 0
-                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
-        }
-        self.pending.extend(&buf[..n as usize]);
-        true
-    }
-
-    /// Gives `deliver` as much of `pending` as it takes.
-    fn push_to(&mut self, deliver: &dyn Fn(&[u8]) -> usize) {
-        while !self.pending.is_empty() {
-            let (front, _) = self.pending.as_slices();
-            let len = front.len();
-            let took = deliver(front).min(len);
-            self.pending.drain(..took);
-            if took < len {
-                break;
-            }
-        }
-    }
-
-    fn attach_stdin(&mut self, epoll: &Epoll) -> std::io::Result<()> {
-        let ev = EpollEvent::new(EventSet::IN, TOKEN_STDIN);
-        match epoll.ctl(ControlOperation::Add, Self::stdin_fd(), ev) {
-            Ok(()) => {
-                self.polling = true;
-                Ok(())
-            }
-            // A regular file (or /dev/null) cannot be polled: it is always readable, so read
-            // it up to the buffer bound now.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                let mut buf = Vec::new();
-                std::io::stdin()
-                    .take(PENDING_INPUT_MAX as u64)
-                    .read_to_end(&mut buf)?;
-                self.pending.extend(buf);
-                self.eof = true;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn set_polling(&mut self, epoll: &Epoll, on: bool) -> std::io::Result<()> {
-        if on == self.polling || self.eof {
-            return Ok(());
-        }
-        let op = if on {
-            ControlOperation::Add
-        } else {
-            ControlOperation::Delete
-        };
-        epoll.ctl(
-            op,
-            Self::stdin_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STDIN),
-        )?;
-        self.polling = on;
-        Ok(())
-    }
-
-    fn read_stdin(
-        &mut self,
-        epoll: &Epoll,
-        deliver: &dyn Fn(&[u8]) -> usize,
-    ) -> std::io::Result<()> {
-        if !self.read_once() {
-            self.set_polling(epoll, false)?;
-            self.eof = true;
-            return Ok(());
-        }
-        self.feed(epoll, deliver)
-    }
-
-    fn feed(&mut self, epoll: &Epoll, deliver: &dyn Fn(&[u8]) -> usize) -> std::io::Result<()> {
-        self.push_to(deliver);
-        self.set_polling(epoll, self.pending.len() < PENDING_INPUT_MAX)
     }
 }

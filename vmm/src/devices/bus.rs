@@ -86,33 +86,29 @@ impl Bus {
     /// Dispatches a read. Returns false (and fills `data` with 0xff, as an unclaimed ISA
     /// port reads) when no device owns `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
-            Some((e, off)) => {
-                e.device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(off, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
+        let claimed = self.dispatch(addr, |d, off| d.read(off, data));
+        if !claimed {
+            data.fill(0xff);
         }
+        claimed
     }
 
     /// Dispatches a write. Returns false when no device owns `addr` (the write is dropped).
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr) {
-            Some((e, off)) => {
-                e.device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(off, data);
-                true
-            }
-            None => false,
-        }
+        self.dispatch(addr, |d, off| d.write(off, data))
+    }
+
+    /// Runs `access` on the device owning `addr` (locked) with the offset into its range;
+    /// false when none does.
+    fn dispatch(&self, addr: u64, access: impl FnOnce(&mut dyn BusDevice, u64)) -> bool {
+        let Some((e, off)) = self.find(addr) else {
+            return false;
+        };
+        access(
+            &mut *e.device.lock().unwrap_or_else(|p| p.into_inner()),
+            off,
+        );
+        true
     }
 }
 

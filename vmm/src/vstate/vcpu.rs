@@ -594,7 +594,7 @@ impl Vcpu {
     }
 
     /// Saves everything KVM holds for this vCPU. The vCPU must be out of `KVM_RUN`.
-    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+    fn save_state(&self) -> Result<VcpuState, VcpuError> {
         let e = |part| self.state_err("save", part);
         let cpuid = self
             .fd
@@ -618,7 +618,7 @@ impl Vcpu {
     /// Restores a saved state into this freshly created vCPU. Order (as Firecracker's): CPUID,
     /// MP state, registers, special registers, XSAVE, XCRs, debug registers, LAPIC (after the
     /// APIC base in the special registers), MSRs (the TSC deadline needs the LAPIC), events.
-    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+    fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
         let e = |part| self.state_err("restore", part);
         if let (Some(khz), Some(now)) = (s.tsc_khz, self.tsc_khz()) {
             if khz != now {
@@ -727,5 +727,21 @@ impl VcpuHandle {
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+/// Everything KVM holds for a vCPU; restored onto a freshly created vCPU (`Args`), after the
+/// VM's own state (see the snapshot module's `restore`).
+impl crate::persist::Persist for Vcpu {
+    type State = VcpuState;
+    type Args<'a> = Vcpu;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        self.save_state()
+    }
+
+    fn restore(created: Vcpu, state: &VcpuState) -> Result<Vcpu, VcpuError> {
+        created.restore_state(state)?;
+        Ok(created)
     }
 }

@@ -1,5 +1,6 @@
 //! The KVM VM: memory slots, in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
+use crate::persist::Persist;
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
@@ -111,35 +112,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Saves the in-kernel PICs, IOAPIC, PIT and clock. vCPUs must be paused.
-    pub fn save_state(&self) -> Result<VmState, VmError> {
-        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut c)
-                .map_err(|e| VmError::State("save", "interrupt controllers", e))?;
-            Ok(c)
-        };
-        Ok(VmState {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self
-                .fd
-                .get_pit2()
-                .map_err(|e| VmError::State("save", "PIT", e))?,
-            clock: self
-                .fd
-                .get_clock()
-                .map_err(|e| VmError::State("save", "clock", e))?,
-        })
-    }
-
-    /// Restores what [`Vm::save_state`] saved.
-    pub fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
+    /// Restores what [`Persist::save`] saved.
+    fn restore_state(&self, s: &VmState) -> Result<(), VmError> {
         let e = |part| move |err| VmError::State("restore", part, err);
         self.fd.set_pit2(&s.pit).map_err(e("PIT"))?;
         // Only the clock value: the flags describe how it was read, not what to set.
@@ -204,5 +178,44 @@ impl IrqLine {
     pub fn pulse(&self) -> std::io::Result<()> {
         self.set(1)?;
         self.set(0)
+    }
+}
+/// The in-kernel PICs, IOAPIC, PIT and clock; restored onto the freshly created VM (`Args`)
+/// once its vCPUs exist (see the snapshot module's `restore`).
+impl Persist for Vm {
+    type State = VmState;
+    type Args<'a> = Vm;
+    type Error = VmError;
+
+    /// Saves the in-kernel PICs, IOAPIC, PIT and clock. vCPUs must be paused.
+    fn save(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::State("save", "interrupt controllers", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::State("save", "PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::State("save", "clock", e))?,
+        })
+    }
+
+    fn restore(created: Vm, state: &VmState) -> Result<Vm, VmError> {
+        created.restore_state(state)?;
+        Ok(created)
     }
 }

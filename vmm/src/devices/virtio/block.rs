@@ -19,9 +19,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::disk::{CowDisk, SECTOR_SIZE};
 use super::queue::{read_bufs, segments, write_bufs, Chain, Popped};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -40,6 +38,18 @@ pub struct BlockState {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
     /// Whether the disk was read-only.
+    pub read_only: bool,
+}
+
+/// A disk's identity in a snapshot: what it sits on (its δ blocks are saved beside the
+/// state). Field order is the state file's encoding.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSnapshot {
+    /// The raw base image (absolute path), if any.
+    pub base: Option<std::path::PathBuf>,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Read-only.
     pub read_only: bool,
 }
 
@@ -138,7 +148,7 @@ impl Block {
                     return Err(VIRTIO_BLK_S_IOERR);
                 }
                 let offset = self.range(sector, data_room)?;
-                self.read_into(mem, chain, offset, data_room)?;
+                self.transfer(mem, chain, offset, data_room, Direction::ToGuest)?;
                 Ok(data_room)
             }
             VIRTIO_BLK_T_OUT => {
@@ -152,7 +162,7 @@ impl Block {
                 }
                 let len = chain.readable_len() - HEADER_LEN;
                 let offset = self.range(sector, len)?;
-                self.write_from(mem, chain, offset, len)?;
+                self.transfer(mem, chain, offset, len, Direction::ToDisk)?;
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -189,53 +199,44 @@ impl Block {
         }
     }
 
-    /// Disk `[offset, offset + len)` → the chain's writable buffers.
-    fn read_into(
+    /// Copies through the scratch buffer: disk `[offset, offset + len)` → the chain's
+    /// writable buffers ([`Direction::ToGuest`]), or the chain's readable data after the
+    /// header → disk `[offset, offset + len)` ([`Direction::ToDisk`]).
+    fn transfer(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: &Chain,
         offset: u64,
         len: u64,
+        dir: Direction,
     ) -> Result<(), u32> {
+        let (bufs, skip) = match dir {
+            Direction::ToGuest => (&chain.writable, 0),
+            Direction::ToDisk => (&chain.readable, HEADER_LEN),
+        };
         let mut pos = offset;
-        for (addr, n) in segments(&chain.writable, 0, len) {
-            let mut done = 0;
-            while done < n {
-                let k = (n - done).min(SCRATCH_LEN);
-                let buf = &mut self.scratch[..k];
-                self.disk.read_at(pos, buf).map_err(|e| {
-                    warn!("virtio-blk: read failed: {e}");
-                    VIRTIO_BLK_S_IOERR
-                })?;
-                let at = addr.checked_add(done as u64).ok_or(VIRTIO_BLK_S_IOERR)?;
-                mem.write_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                done += k;
-                pos += k as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// The chain's readable data (after the header) → disk `[offset, offset + len)`.
-    fn write_from(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: &Chain,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), u32> {
-        let mut pos = offset;
-        for (addr, n) in segments(&chain.readable, HEADER_LEN, len) {
+        for (addr, n) in segments(bufs, skip, len) {
             let mut done = 0;
             while done < n {
                 let k = (n - done).min(SCRATCH_LEN);
                 let buf = &mut self.scratch[..k];
                 let at = addr.checked_add(done as u64).ok_or(VIRTIO_BLK_S_IOERR)?;
-                mem.read_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                self.disk.write_at(pos, buf).map_err(|e| {
-                    warn!("virtio-blk: write failed: {e}");
-                    VIRTIO_BLK_S_IOERR
-                })?;
+                match dir {
+                    Direction::ToGuest => {
+                        self.disk.read_at(pos, buf).map_err(|e| {
+                            warn!("virtio-blk: read failed: {e}");
+                            VIRTIO_BLK_S_IOERR
+                        })?;
+                        mem.write_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                    }
+                    Direction::ToDisk => {
+                        mem.read_slice(buf, at).map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                        self.disk.write_at(pos, buf).map_err(|e| {
+                            warn!("virtio-blk: write failed: {e}");
+                            VIRTIO_BLK_S_IOERR
+                        })?;
+                    }
+                }
                 done += k;
                 pos += k as u64;
             }
@@ -244,10 +245,17 @@ impl Block {
     }
 }
 
+/// Which way [`Block::transfer`] copies.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Disk → guest (a read request).
+    ToGuest,
+    /// Guest → disk (a write request).
+    ToDisk,
+}
+
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_BLOCK;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -262,8 +270,8 @@ impl VirtioDevice for Block {
         VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_SEG_MAX | ro
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
@@ -283,14 +291,14 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {}
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Block(BlockState {
             capacity: self.capacity(),
             read_only: self.read_only,
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Block(s) = state else {
             return Err(VirtioError::DeviceState("not a block device state".into()));
         };
@@ -360,6 +368,34 @@ mod tests {
 
         fn status(&self) -> u8 {
             self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+        }
+
+        /// Posts request `req` at `sector` as `chain` (header first), runs the device and
+        /// returns the status it wrote.
+        fn request(
+            &mut self,
+            gq: &mut GuestQueue,
+            req: u32,
+            sector: u64,
+            chain: &[(u64, u32, bool)],
+        ) -> u8 {
+            self.header(req, sector);
+            gq.add_chain(chain);
+            self.run();
+            self.status()
+        }
+
+        /// [`Rig::request`] with the usual chain: header, `len` data bytes at `DATA`, status.
+        fn data_request(
+            &mut self,
+            gq: &mut GuestQueue,
+            req: u32,
+            sector: u64,
+            len: u32,
+            writable: bool,
+        ) -> u8 {
+            let chain = [(HDR, 16, false), (DATA, len, writable), (STATUS, 1, true)];
+            self.request(gq, req, sector, &chain)
         }
 
         fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
@@ -447,10 +483,15 @@ mod tests {
         rig.mem
             .write_slice(&[0x55; 4096], GuestAddress(0x4_0000))
             .unwrap();
-        rig.header(VIRTIO_BLK_T_IN, (DISK_SIZE - 4096) / 512);
-        gq.add_chain(&[(HDR, 16, false), (0x4_0000, 4096, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), 0);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_IN,
+                (DISK_SIZE - 4096) / 512,
+                &[(HDR, 16, false), (0x4_0000, 4096, true), (STATUS, 1, true)]
+            ),
+            0
+        );
         // Block 15 is past the 32 KiB base but is in the δ.
         let want: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
         assert_eq!(rig.bytes(0x4_0000, 4096), want);
@@ -464,39 +505,44 @@ mod tests {
     fn flush_get_id_and_unsupported() {
         let mut rig = Rig::new(false);
         let mut gq = rig.gq();
-        rig.header(VIRTIO_BLK_T_FLUSH, 0);
-        gq.add_chain(&[(HDR, 16, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_FLUSH,
+                0,
+                &[(HDR, 16, false), (STATUS, 1, true)]
+            ),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(gq.used_elem(0).1, 1);
 
-        rig.header(VIRTIO_BLK_T_GET_ID, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_GET_ID, 0, 20, true),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(gq.used_elem(1).1, 21);
         assert_eq!(&rig.bytes(DATA, 20)[..15], b"cloudlet-disk-0");
 
-        rig.header(11, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, 11, 0, 16, false),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
     }
 
     #[test]
     fn read_only_disk_refuses_writes() {
         let mut rig = Rig::new(true);
         let mut gq = rig.gq();
-        rig.header(VIRTIO_BLK_T_OUT, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_OUT, 0, 512, false),
+            VIRTIO_BLK_S_IOERR as u8
+        );
         assert_eq!(rig.blk.disk().delta().len(), 1, "only the preloaded block");
         // Reads still work.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            rig.data_request(&mut gq, VIRTIO_BLK_T_IN, 0, 512, true),
+            VIRTIO_BLK_S_OK as u8
+        );
     }
 
     #[test]
@@ -519,40 +565,54 @@ mod tests {
             assert_eq!(gq.used_elem(i as u16).1, 1, "case {i}");
         }
         // A request larger than guest memory could hold, against a tiny disk.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[
-            (HDR, 16, false),
-            (0x8_0000, 0x8_0000, true),
-            (STATUS, 1, true),
-        ]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(
+            rig.request(
+                &mut gq,
+                VIRTIO_BLK_T_IN,
+                0,
+                &[
+                    (HDR, 16, false),
+                    (0x8_0000, 0x8_0000, true),
+                    (STATUS, 1, true),
+                ]
+            ),
+            VIRTIO_BLK_S_IOERR as u8
+        );
     }
 
     #[test]
     fn malformed_requests_get_io_errors() {
         let mut rig = Rig::new(false);
         let mut gq = rig.gq();
-        // Header device-writable.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, true), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // Header too short.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 8, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // IN with device-readable data.
-        rig.header(VIRTIO_BLK_T_IN, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
-        // OUT with device-writable data: nothing is written to the disk.
-        rig.header(VIRTIO_BLK_T_OUT, 0);
-        gq.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-        rig.run();
-        assert_eq!(rig.status(), VIRTIO_BLK_S_IOERR as u8);
+        // (what, request, header length, header writable, data writable); an OUT with
+        // device-writable data writes nothing to the disk.
+        let cases = [
+            ("header device-writable", VIRTIO_BLK_T_IN, 16, true, true),
+            ("header too short", VIRTIO_BLK_T_IN, 8, false, true),
+            (
+                "IN with device-readable data",
+                VIRTIO_BLK_T_IN,
+                16,
+                false,
+                false,
+            ),
+            (
+                "OUT with device-writable data",
+                VIRTIO_BLK_T_OUT,
+                16,
+                false,
+                true,
+            ),
+        ];
+        for (what, req, hdr_len, hdr_writable, data_writable) in cases {
+            let chain = [
+                (HDR, hdr_len, hdr_writable),
+                (DATA, 512, data_writable),
+                (STATUS, 1, true),
+            ];
+            let status = rig.request(&mut gq, req, 0, &chain);
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "{what}");
+        }
         assert_eq!(rig.blk.disk().delta().len(), 1);
         assert_eq!(gq.used_idx(), 4);
     }
@@ -635,12 +695,12 @@ mod tests {
     #[test]
     fn state_round_trip_checks_the_disk() {
         let rig = Rig::new(false);
-        let state = rig.blk.save_state();
+        let state = rig.blk.save();
         let mut same = Rig::new(false).blk;
-        same.restore_state(&state).unwrap();
+        same.restore(&state).unwrap();
         let mut ro = Rig::new(true).blk;
-        assert!(ro.restore_state(&state).is_err());
+        assert!(ro.restore(&state).is_err());
         let net = DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] });
-        assert!(same.restore_state(&net).is_err());
+        assert!(same.restore(&net).is_err());
     }
 }

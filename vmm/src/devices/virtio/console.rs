@@ -30,9 +30,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{read_bufs, write_bufs};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -197,9 +195,7 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_CONSOLE;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -209,8 +205,8 @@ impl VirtioDevice for Console {
         VIRTIO_F_VERSION_1
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
@@ -251,13 +247,13 @@ impl VirtioDevice for Console {
     /// Pending input is host data, not per-activation state: it stays for the next driver.
     fn reset(&mut self) {}
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Console(ConsoleState {
             pending_input: self.pending.iter().copied().collect(),
         })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Console(s) = state else {
             return Err(VirtioError::DeviceState(
                 "not a console device state".into(),
@@ -280,54 +276,44 @@ mod tests {
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::slot::{Slot, SlotKind};
-    use crate::devices::virtio::testing::{guest_memory, GuestQueue, Sink, F_NEXT, F_WRITE};
-    use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::devices::virtio::testing::{guest_memory, GuestQueue, RxTx, Sink, F_NEXT, F_WRITE};
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     struct Rig {
-        mem: GuestMemoryMmap,
+        q: RxTx,
         console: Console,
         sink: Sink,
         room: EventFd,
-        queues: [Queue; 2],
-        rx: GuestQueue,
-        tx: GuestQueue,
     }
 
     impl Rig {
         fn new() -> Self {
-            let mem = guest_memory();
             let sink = Sink::default();
             let room = EventFd::new(EFD_NONBLOCK).unwrap();
-            let rx = GuestQueue::new(&mem, 0x1_0000, 8);
-            let tx = GuestQueue::new(&mem, 0x2_0000, 8);
             Rig {
-                queues: [rx.queue(), tx.queue()],
+                q: RxTx::new(),
                 console: Console::new(Box::new(sink.clone()), room.try_clone().unwrap()),
-                mem,
                 sink,
                 room,
-                rx,
-                tx,
             }
         }
 
         fn run(&mut self, index: usize) -> (u32, u32) {
-            let mut io = QueueIo::new(&self.mem, &mut self.queues);
+            let mut io = QueueIo::new(&self.q.mem, &mut self.q.queues);
             self.console.process_queue(index, &mut io);
             (io.used_mask(), io.requeue_mask())
         }
 
         fn input(&mut self, bytes: &[u8]) -> (usize, u32) {
-            let mut io = QueueIo::new(&self.mem, &mut self.queues);
+            let mut io = QueueIo::new(&self.q.mem, &mut self.q.queues);
             let n = self.console.host_input(bytes, Some(&mut io));
             (n, io.used_mask())
         }
 
         fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
             let mut v = vec![0u8; len];
-            self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+            self.q.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
             v
         }
     }
@@ -355,31 +341,37 @@ mod tests {
             "writes ignored"
         );
         assert_eq!(rig.console.features(), VIRTIO_F_VERSION_1);
-        assert_eq!(rig.console.device_type(), 3);
+        assert_eq!(Console::DEVICE_TYPE, 3);
         assert_eq!(rig.console.queue_max_sizes(), &[256, 256]);
     }
 
     #[test]
     fn transmit_writes_every_chain_in_one_write() {
         let mut rig = Rig::new();
-        rig.mem
+        rig.q
+            .mem
             .write_slice(b"hello, ", GuestAddress(0x4_0000))
             .unwrap();
-        rig.mem
+        rig.q
+            .mem
             .write_slice(b"world", GuestAddress(0x5_0000))
             .unwrap();
-        rig.mem.write_slice(b"!\n", GuestAddress(0x6_0000)).unwrap();
-        rig.tx.add_chain(&[(0x4_0000, 7, false)]);
+        rig.q
+            .mem
+            .write_slice(b"!\n", GuestAddress(0x6_0000))
+            .unwrap();
+        rig.q.tx.add_chain(&[(0x4_0000, 7, false)]);
         // A chain split across descriptors.
-        rig.tx
+        rig.q
+            .tx
             .add_chain(&[(0x5_0000, 3, false), (0x5_0003, 2, false)]);
-        rig.tx.add_chain(&[(0x6_0000, 2, false)]);
+        rig.q.tx.add_chain(&[(0x6_0000, 2, false)]);
         assert_eq!(rig.run(TX_QUEUE), (1 << TX_QUEUE, 0));
         assert_eq!(rig.sink.bytes(), b"hello, world!\n");
         assert_eq!(rig.sink.writes(), 1);
-        assert_eq!(rig.tx.used_idx(), 3);
+        assert_eq!(rig.q.tx.used_idx(), 3);
         for i in 0..3 {
-            assert_eq!(rig.tx.used_elem(i).1, 0);
+            assert_eq!(rig.q.tx.used_elem(i).1, 0);
         }
         // Nothing queued: nothing written.
         assert_eq!(rig.run(TX_QUEUE), (0, 0));
@@ -390,46 +382,52 @@ mod tests {
     fn a_round_stops_at_the_batch_bound_and_comes_back() {
         let mut rig = Rig::new();
         let chunk = text(MAX_TX_CHAIN, 3);
-        rig.mem.write_slice(&chunk, GuestAddress(0x4_0000)).unwrap();
+        rig.q
+            .mem
+            .write_slice(&chunk, GuestAddress(0x4_0000))
+            .unwrap();
         let chains = TX_BATCH_MAX / MAX_TX_CHAIN + 1;
         for _ in 0..chains {
-            rig.tx.add_chain(&[(0x4_0000, MAX_TX_CHAIN as u32, false)]);
+            rig.q
+                .tx
+                .add_chain(&[(0x4_0000, MAX_TX_CHAIN as u32, false)]);
         }
         assert_eq!(rig.run(TX_QUEUE), (1 << TX_QUEUE, 1 << TX_QUEUE));
         assert_eq!(rig.sink.bytes().len(), TX_BATCH_MAX);
         assert_eq!(rig.sink.writes(), 1);
-        assert_eq!(usize::from(rig.tx.used_idx()), chains - 1);
+        assert_eq!(usize::from(rig.q.tx.used_idx()), chains - 1);
         assert_eq!(rig.run(TX_QUEUE), (1 << TX_QUEUE, 0));
         assert_eq!(rig.sink.bytes().len(), chains * MAX_TX_CHAIN);
         assert_eq!(rig.sink.writes(), 2);
-        assert_eq!(usize::from(rig.tx.used_idx()), chains);
+        assert_eq!(usize::from(rig.q.tx.used_idx()), chains);
     }
 
     #[test]
     fn hostile_transmit_chains_are_returned_unwritten() {
         let mut rig = Rig::new();
         // Device-writable buffer.
-        rig.tx
+        rig.q
+            .tx
             .add_chain(&[(0x4_0000, 4, false), (0x4_1000, 4, true)]);
         // Longer than a chain may be (and longer than guest memory, through repetition).
-        rig.tx.add_chain(&[
+        rig.q.tx.add_chain(&[
             (0x0, 0x8_0000, false),
             (0x0, 0x8_0000, false),
             (0x0, 0x8_0000, false),
         ]);
         // A loop.
-        rig.tx.set_desc(6, 0x4_0000, 64, F_NEXT, 7);
-        rig.tx.set_desc(7, 0x4_0000, 64, F_NEXT, 6);
-        rig.tx.publish(6);
+        rig.q.tx.set_desc(6, 0x4_0000, 64, F_NEXT, 7);
+        rig.q.tx.set_desc(7, 0x4_0000, 64, F_NEXT, 6);
+        rig.q.tx.publish(6);
         // Outside memory.
-        rig.tx.add_chain(&[(0xffff_f000, 64, false)]);
+        rig.q.tx.add_chain(&[(0xffff_f000, 64, false)]);
         // Head out of range (skipped: it cannot go into the used ring).
-        rig.tx.publish(200);
+        rig.q.tx.publish(200);
         assert_eq!(rig.run(TX_QUEUE).0, 1 << TX_QUEUE);
         assert_eq!(rig.sink.writes(), 0);
-        assert_eq!(rig.tx.used_idx(), 4);
+        assert_eq!(rig.q.tx.used_idx(), 4);
         for i in 0..4 {
-            assert_eq!(rig.tx.used_elem(i).1, 0);
+            assert_eq!(rig.q.tx.used_elem(i).1, 0);
         }
     }
 
@@ -447,10 +445,10 @@ mod tests {
         let mut rig = Rig::new();
         rig.console = Console::new(Box::new(Broken), EventFd::new(EFD_NONBLOCK).unwrap());
         for _ in 0..2 {
-            rig.tx.add_chain(&[(0x4_0000, 8, false)]);
+            rig.q.tx.add_chain(&[(0x4_0000, 8, false)]);
             rig.run(TX_QUEUE);
         }
-        assert_eq!(rig.tx.used_idx(), 2);
+        assert_eq!(rig.q.tx.used_idx(), 2);
     }
 
     #[test]
@@ -460,26 +458,27 @@ mod tests {
         assert_eq!(rig.input(b"primes 100\n"), (11, 0));
         assert_eq!(rig.console.pending_input(), 11);
         // A buffer split in two descriptors, smaller than the input.
-        rig.rx
+        rig.q
+            .rx
             .add_chain(&[(0x6_0000, 4, true), (0x6_1000, 3, true)]);
         assert_eq!(rig.run(RX_QUEUE), (1 << RX_QUEUE, 0));
-        assert_eq!(rig.rx.used_elem(0), (0, 7));
+        assert_eq!(rig.q.rx.used_elem(0), (0, 7));
         assert_eq!(rig.bytes(0x6_0000, 4), b"prim");
         assert_eq!(rig.bytes(0x6_1000, 3), b"es ");
         assert_eq!(rig.console.pending_input(), 4);
         // The next buffer takes the rest; more input goes straight to a posted buffer.
-        let h = rig.rx.add_chain(&[(0x7_0000, 4096, true)]);
+        let h = rig.q.rx.add_chain(&[(0x7_0000, 4096, true)]);
         rig.run(RX_QUEUE);
-        assert_eq!(rig.rx.used_elem(1), (u32::from(h), 4));
+        assert_eq!(rig.q.rx.used_elem(1), (u32::from(h), 4));
         assert_eq!(rig.bytes(0x7_0000, 4), b"100\n");
-        rig.rx.add_chain(&[(0x8_0000, 4096, true)]);
+        rig.q.rx.add_chain(&[(0x8_0000, 4096, true)]);
         assert_eq!(rig.input(b"stats\n"), (6, 1 << RX_QUEUE));
         assert_eq!(rig.bytes(0x8_0000, 6), b"stats\n");
         assert_eq!(rig.console.pending_input(), 0);
         // Nothing pending: a posted buffer stays posted.
-        rig.rx.add_chain(&[(0x9_0000, 4096, true)]);
+        rig.q.rx.add_chain(&[(0x9_0000, 4096, true)]);
         assert_eq!(rig.run(RX_QUEUE), (0, 0));
-        assert_eq!(rig.rx.used_idx(), 3);
+        assert_eq!(rig.q.rx.used_idx(), 3);
     }
 
     #[test]
@@ -490,19 +489,21 @@ mod tests {
         assert_eq!(rig.input(b"more"), (0, 0));
         assert!(rig.room.read().is_err(), "no room yet");
         // The guest posts a buffer: input moves, room appears, the host is told once.
-        rig.rx.add_chain(&[(0x6_0000, 1000, true)]);
+        rig.q.rx.add_chain(&[(0x6_0000, 1000, true)]);
         rig.run(RX_QUEUE);
         assert_eq!(rig.console.pending_input(), PENDING_INPUT_MAX - 1000);
         assert_eq!(rig.bytes(0x6_0000, 1000), big[..1000]);
         assert_eq!(rig.room.read().unwrap(), 1);
-        rig.rx.add_chain(&[(0x7_0000, 10, true)]);
+        rig.q.rx.add_chain(&[(0x7_0000, 10, true)]);
         rig.run(RX_QUEUE);
         assert!(rig.room.read().is_err(), "only after a refusal");
         // With buffers posted, input that did not fit at first is taken in the same call once
         // delivering made room.
         let mut rig = Rig::new();
         for i in 0..2 {
-            rig.rx.add_chain(&[(0x4_0000 + 0x1_0000 * i, 0x8000, true)]);
+            rig.q
+                .rx
+                .add_chain(&[(0x4_0000 + 0x1_0000 * i, 0x8000, true)]);
         }
         let big = text(PENDING_INPUT_MAX + 0x8000, 2);
         assert_eq!(rig.input(&big), (big.len(), 1 << RX_QUEUE));
@@ -516,26 +517,27 @@ mod tests {
         let mut rig = Rig::new();
         rig.input(b"abc");
         // Device-readable buffer.
-        rig.rx.add_chain(&[(0x6_0000, 16, false)]);
+        rig.q.rx.add_chain(&[(0x6_0000, 16, false)]);
         // A loop.
-        rig.rx.set_desc(6, 0x6_0000, 16, F_NEXT | F_WRITE, 7);
-        rig.rx.set_desc(7, 0x6_0000, 16, F_NEXT | F_WRITE, 6);
-        rig.rx.publish(6);
+        rig.q.rx.set_desc(6, 0x6_0000, 16, F_NEXT | F_WRITE, 7);
+        rig.q.rx.set_desc(7, 0x6_0000, 16, F_NEXT | F_WRITE, 6);
+        rig.q.rx.publish(6);
         // Outside memory.
-        rig.rx.add_chain(&[(0xffff_f000, 64, true)]);
+        rig.q.rx.add_chain(&[(0xffff_f000, 64, true)]);
         // Readable after writable.
-        rig.rx
+        rig.q
+            .rx
             .add_chain(&[(0x6_0000, 4, true), (0x6_1000, 4, false)]);
         // Head out of range (skipped: it cannot go into the used ring).
-        rig.rx.publish(99);
+        rig.q.rx.publish(99);
         // A good one.
-        let good = rig.rx.add_chain(&[(0x7_0000, 16, true)]);
+        let good = rig.q.rx.add_chain(&[(0x7_0000, 16, true)]);
         rig.run(RX_QUEUE);
-        assert_eq!(rig.rx.used_idx(), 5);
+        assert_eq!(rig.q.rx.used_idx(), 5);
         for i in 0..4 {
-            assert_eq!(rig.rx.used_elem(i).1, 0);
+            assert_eq!(rig.q.rx.used_elem(i).1, 0);
         }
-        assert_eq!(rig.rx.used_elem(4), (u32::from(good), 3));
+        assert_eq!(rig.q.rx.used_elem(4), (u32::from(good), 3));
         assert_eq!(rig.bytes(0x7_0000, 3), b"abc");
     }
 
@@ -545,7 +547,7 @@ mod tests {
         assert_eq!(rig.console.host_input(b"early", None), 5);
         rig.console.reset();
         assert_eq!(rig.console.pending_input(), 5);
-        rig.rx.add_chain(&[(0x6_0000, 16, true)]);
+        rig.q.rx.add_chain(&[(0x6_0000, 16, true)]);
         rig.run(RX_QUEUE);
         assert_eq!(rig.bytes(0x6_0000, 5), b"early");
     }
@@ -554,7 +556,7 @@ mod tests {
     fn state_keeps_pending_input_and_refuses_too_much() {
         let mut rig = Rig::new();
         rig.input(b"pending");
-        let state = rig.console.save_state();
+        let state = rig.console.save();
         assert_eq!(
             state,
             DeviceState::Console(ConsoleState {
@@ -562,18 +564,18 @@ mod tests {
             })
         );
         let mut other = Console::new(Box::new(Sink::default()), rig.room.try_clone().unwrap());
-        other.restore_state(&state).unwrap();
+        other.restore(&state).unwrap();
         assert_eq!(other.pending_input(), 7);
-        assert_eq!(other.save_state(), state);
+        assert_eq!(other.save(), state);
 
         let big = DeviceState::Console(ConsoleState {
             pending_input: vec![0; PENDING_INPUT_MAX + 1],
         });
-        let e = other.restore_state(&big).unwrap_err();
+        let e = other.restore(&big).unwrap_err();
         assert!(matches!(e, VirtioError::DeviceState(_)), "{e}");
         assert_eq!(other.pending_input(), 7, "unchanged");
         let net = DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] });
-        assert!(other.restore_state(&net).is_err());
+        assert!(other.restore(&net).is_err());
     }
 
     fn w(t: &mut MmioTransport<Console>, offset: u64, v: u32) {

@@ -46,6 +46,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, MAX_QUEUES, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::devices::Interrupt;
+use crate::persist::Persist;
 
 /// "virt", little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -159,11 +160,108 @@ pub struct MmioTransport<D: VirtioDevice> {
 impl<D: VirtioDevice> std::fmt::Debug for MmioTransport<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.device.device_type())
+            .field("device_type", &D::DEVICE_TYPE)
             .field("status", &self.status)
             .field("acked_features", &self.acked_features)
             .field("interrupt_status", &self.interrupt_status)
             .finish_non_exhaustive()
+    }
+}
+
+/// The transport's and device's state (take it with the vCPUs paused); restored: a
+/// transport around a freshly built device (same disk or backend), on the guest's memory
+/// and its interrupt line.
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    type Args<'a> = (D, GuestMemoryMmap, Interrupt);
+    type Error = VirtioError;
+
+    /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
+    fn save(&self) -> Result<MmioState, VirtioError> {
+        Ok(MmioState {
+            device_type: D::DEVICE_TYPE,
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+            device: self.device.save(),
+        })
+    }
+
+    /// Rebuilds a transport from `state` around a freshly built `device` (same disk or
+    /// backend). An active device comes back activated; every queue event is signalled once
+    /// so that notifications in flight at snapshot time are not lost, and a pending interrupt
+    /// is raised again.
+    fn restore(
+        (device, mem, irq): (D, GuestMemoryMmap, Interrupt),
+        state: &MmioState,
+    ) -> Result<Self, VirtioError> {
+        let mut t = Self::new(device, mem, irq)?;
+        let device_type = D::DEVICE_TYPE;
+        if state.device_type != device_type {
+            return Err(VirtioError::DeviceType {
+                saved: state.device_type,
+                device: device_type,
+            });
+        }
+        if state.queues.len() != t.queues.len() {
+            return Err(VirtioError::QueueLayout(format!(
+                "{} saved queues, the device has {}",
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        for (index, (saved, live)) in state.queues.iter().zip(&mut t.queues).enumerate() {
+            if saved.max_size != live.max_size() {
+                return Err(VirtioError::QueueLayout(format!(
+                    "queue {index} had {} entries at most, now {}",
+                    saved.max_size,
+                    live.max_size()
+                )));
+            }
+            *live = saved
+                .to_queue()
+                .map_err(|source| VirtioError::QueueState { index, source })?;
+        }
+        let status = state.status;
+        if status & !STATUS_KNOWN != 0 || !status_ordered(status) {
+            return Err(VirtioError::TransportState(format!(
+                "status {status:#x} cannot be reached"
+            )));
+        }
+        if status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && !features_acceptable(state.acked_features, t.device.features())
+        {
+            return Err(VirtioError::TransportState(format!(
+                "accepted features {:#x} are not acceptable for offered {:#x}",
+                state.acked_features,
+                t.device.features()
+            )));
+        }
+        t.device.restore(&state.device)?;
+        t.status = status;
+        t.acked_features = state.acked_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.interrupt_status =
+            state.interrupt_status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        t.config_generation = state.config_generation;
+        if t.is_active() {
+            if let Some(index) = t.invalid_ready_queue() {
+                return Err(VirtioError::QueueMemory(index));
+            }
+            t.device.activate(t.acked_features)?;
+            t.kick_queues();
+        }
+        // A pending interrupt is raised again by `reassert_interrupt` once the interrupt
+        // controllers and vCPUs have their state back: raised now, it would be lost when
+        // their restore overwrites the lines.
+        Ok(t)
     }
 }
 
@@ -206,101 +304,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
-    /// Rebuilds a transport from `state` around a freshly built `device` (same disk or
-    /// backend). An active device comes back activated; every queue event is signalled once
-    /// so that notifications in flight at snapshot time are not lost, and a pending interrupt
-    /// is raised again.
-    pub fn restore(
-        device: D,
-        mem: GuestMemoryMmap,
-        irq: impl Into<Interrupt>,
-        state: &MmioState,
-    ) -> Result<Self, VirtioError> {
-        let mut t = Self::new(device, mem, irq)?;
-        let device_type = t.device.device_type();
-        if state.device_type != device_type {
-            return Err(VirtioError::DeviceType {
-                saved: state.device_type,
-                device: device_type,
-            });
-        }
-        if state.queues.len() != t.queues.len() {
-            return Err(VirtioError::QueueLayout(format!(
-                "{} saved queues, the device has {}",
-                state.queues.len(),
-                t.queues.len()
-            )));
-        }
-        for (index, (saved, live)) in state.queues.iter().zip(&mut t.queues).enumerate() {
-            if saved.max_size != live.max_size() {
-                return Err(VirtioError::QueueLayout(format!(
-                    "queue {index} had {} entries at most, now {}",
-                    saved.max_size,
-                    live.max_size()
-                )));
-            }
-            *live = saved
-                .to_queue()
-                .map_err(|source| VirtioError::QueueState { index, source })?;
-        }
-        let status = state.status;
-        if status & !STATUS_KNOWN != 0 || !status_ordered(status) {
-            return Err(VirtioError::TransportState(format!(
-                "status {status:#x} cannot be reached"
-            )));
-        }
-        if status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && !features_acceptable(state.acked_features, t.device.features())
-        {
-            return Err(VirtioError::TransportState(format!(
-                "accepted features {:#x} are not acceptable for offered {:#x}",
-                state.acked_features,
-                t.device.features()
-            )));
-        }
-        t.device.restore_state(&state.device)?;
-        t.status = status;
-        t.acked_features = state.acked_features;
-        t.device_features_sel = state.device_features_sel;
-        t.driver_features_sel = state.driver_features_sel;
-        t.queue_sel = state.queue_sel;
-        t.interrupt_status =
-            state.interrupt_status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
-        t.config_generation = state.config_generation;
-        if t.is_active() {
-            if let Some(index) = t.invalid_ready_queue() {
-                return Err(VirtioError::QueueMemory(index));
-            }
-            t.device.activate(t.acked_features)?;
-            t.kick_queues();
-        }
-        // A pending interrupt is raised again by `reassert_interrupt` once the interrupt
-        // controllers and vCPUs have their state back: raised now, it would be lost when
-        // their restore overwrites the lines.
-        Ok(t)
-    }
-
     /// Raises the interrupt again if the device has one pending (interrupt status not yet
     /// acknowledged): called after a restore, once the interrupt controllers' state is back.
     pub fn reassert_interrupt(&self) {
         if self.interrupt_status != 0 {
             self.raise_irq();
-        }
-    }
-
-    /// The transport's and device's state, for a snapshot (take it with vCPUs paused).
-    pub fn save_state(&self) -> MmioState {
-        MmioState {
-            device_type: self.device.device_type(),
-            status: self.status,
-            acked_features: self.acked_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt_status,
-            config_generation: self.config_generation,
-            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
-            device: self.device.save_state(),
         }
     }
 
@@ -534,7 +542,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match offset {
             0x000 => MMIO_MAGIC,
             0x004 => MMIO_VERSION,
-            0x008 => self.device.device_type(),
+            0x008 => D::DEVICE_TYPE,
             0x00c => VENDOR_ID,
             0x010 => match self.device_features_sel {
                 0 => self.device.features() as u32,
@@ -810,7 +818,7 @@ mod tests {
         // Features are frozen after FEATURES_OK.
         w(&mut t, 0x24, 0);
         w(&mut t, 0x20, u32::MAX);
-        assert_eq!(t.save_state().acked_features, VIRTIO_F_VERSION_1);
+        assert_eq!(t.save().unwrap().acked_features, VIRTIO_F_VERSION_1);
     }
 
     #[test]
@@ -849,12 +857,12 @@ mod tests {
         // Invalid sizes are ignored.
         for bad in [0, 3, 512, 0x1_0010] {
             w(&mut t, 0x38, bad);
-            assert_eq!(t.save_state().queues[0].size, 256, "size {bad}");
+            assert_eq!(t.save().unwrap().queues[0].size, 256, "size {bad}");
         }
         setup_queue(&mut t, 0, &gq);
         // A ready queue cannot be moved.
         w(&mut t, 0x80, 0x9000);
-        assert_eq!(t.save_state().queues[0].desc_table, gq.desc);
+        assert_eq!(t.save().unwrap().queues[0].desc_table, gq.desc);
         w(&mut t, 0x70, ACK | DRV | FOK | DOK);
         assert!(t.is_active());
         // After DRIVER_OK it cannot be re-enabled once disabled.
@@ -946,7 +954,7 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         // Reset brings everything back to the start.
         w(&mut t, 0x70, 0);
-        let s = t.save_state();
+        let s = t.save().unwrap();
         assert_eq!((s.status, s.acked_features, s.interrupt_status), (0, 0, 0));
         assert!(!s.queues[0].ready);
         assert_eq!(s.queues[0].size, 256);
@@ -978,10 +986,10 @@ mod tests {
         blk_request(&t, &mut gq, VIRTIO_BLK_T_IN, 1, 0x3_2000);
         assert_eq!(gq.used_idx(), 3);
         let _ = irq.read();
-        let state = t.save_state();
+        let state = t.save().unwrap();
         let bytes = postcard::to_allocvec(&state).unwrap();
         let state: MmioState = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(state, t.save_state());
+        assert_eq!(state, t.save().unwrap());
         assert_eq!(state.queues[0].next_used, 3);
 
         // A fresh device over the same disk δ, in the same guest memory.
@@ -996,9 +1004,11 @@ mod tests {
         let disk = CowDisk::new(None, Delta::from_blocks(1 << 20, blocks).unwrap()).unwrap();
         let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut t2 = MmioTransport::restore(
-            Block::new(disk, false, "t"),
-            t.mem.clone(),
-            irq2.try_clone().unwrap(),
+            (
+                Block::new(disk, false, "t"),
+                t.mem.clone(),
+                irq2.try_clone().unwrap().into(),
+            ),
             &state,
         )
         .unwrap();
@@ -1036,41 +1046,41 @@ mod tests {
         let (mut t, _) = transport(block());
         let gq = GuestQueue::new(&t.mem, QBASE, 16);
         driver_ready(&mut t, &gq);
-        let state = t.save_state();
+        let state = t.save().unwrap();
         let mem = t.mem.clone();
         let irq = || EventFd::new(EFD_NONBLOCK).unwrap();
         let net = Net::new(Box::new(FakeBackend::new().unwrap()), [0; 6]);
         assert!(matches!(
-            MmioTransport::restore(net, mem.clone(), irq(), &state),
+            MmioTransport::restore((net, mem.clone(), irq().into()), &state),
             Err(VirtioError::DeviceType { .. })
         ));
         let mut bad = state.clone();
         bad.status = DOK;
-        assert!(MmioTransport::restore(block(), mem.clone(), irq(), &bad).is_err());
+        assert!(MmioTransport::restore((block(), mem.clone(), irq().into()), &bad).is_err());
         let mut bad = state.clone();
         bad.acked_features = 0;
-        assert!(MmioTransport::restore(block(), mem.clone(), irq(), &bad).is_err());
+        assert!(MmioTransport::restore((block(), mem.clone(), irq().into()), &bad).is_err());
         let mut bad = state.clone();
         bad.queues[0].size = 3;
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueState { .. })
         ));
         let mut bad = state.clone();
         bad.queues[0].used_ring = (1 << 20) - 8;
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueMemory(0))
         ));
         let mut bad = state.clone();
         bad.queues.push(QueueSnapshot::default());
         assert!(matches!(
-            MmioTransport::restore(block(), mem.clone(), irq(), &bad),
+            MmioTransport::restore((block(), mem.clone(), irq().into()), &bad),
             Err(VirtioError::QueueLayout(_))
         ));
         let small = CowDisk::new(None, Delta::in_memory(4096).unwrap()).unwrap();
         assert!(matches!(
-            MmioTransport::restore(Block::new(small, false, ""), mem, irq(), &state),
+            MmioTransport::restore((Block::new(small, false, ""), mem, irq().into()), &state),
             Err(VirtioError::DeviceState(_))
         ));
     }
@@ -1129,17 +1139,15 @@ mod tests {
     }
 
     impl VirtioDevice for Flooder {
-        fn device_type(&self) -> u32 {
-            99
-        }
+        const DEVICE_TYPE: u32 = 99;
         fn queue_max_sizes(&self) -> &[u16] {
             &self.sizes
         }
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1
         }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0);
+        fn config_space(&self) -> &[u8] {
+            &[]
         }
         fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
             while let Some(crate::devices::virtio::queue::Popped::Chain(c)) = io.pop(index) {
@@ -1153,10 +1161,10 @@ mod tests {
             }
         }
         fn reset(&mut self) {}
-        fn save_state(&self) -> DeviceState {
+        fn save(&self) -> DeviceState {
             DeviceState::Net(crate::devices::virtio::NetState { mac: [0; 6] })
         }
-        fn restore_state(&mut self, _: &DeviceState) -> Result<(), VirtioError> {
+        fn restore(&mut self, _: &DeviceState) -> Result<(), VirtioError> {
             Ok(())
         }
     }

@@ -17,7 +17,8 @@
 //!
 //! 1. `irq = Interrupt::Line(vm.irq_line(gsi)?)` (an eventfd registered as a KVM irqfd works
 //!    too, but KVM injects those from a kernel worker: one more wake-up per interrupt);
-//!    `t = MmioTransport::new(device, mem.clone(), irq)` (or [`MmioTransport::restore`]);
+//!    `t = MmioTransport::new(device, mem.clone(), irq)` (or, from a saved state,
+//!    `MmioTransport::restore((device, mem.clone(), irq), &state)`: [`crate::persist::Persist`]);
 //! 2. for each `(q, evt)` in `t.queue_events().iter().enumerate()`: register `evt` with KVM as an
 //!    ioeventfd at `base + NOTIFY_OFFSET` (4 bytes) with datamatch `q as u32`, and add it to the
 //!    event loop's epoll set; when it fires call `t.process_queue_event(q)`;
@@ -34,10 +35,10 @@
 //!    fewer bytes than offered, keep the rest and offer it again once the console's input-room
 //!    eventfd (given to [`console::Console::new`]) is written.
 //!
-//! Snapshots: `t.save_state()` gives a plain serde [`MmioState`]; restore builds a fresh device
-//! (same disk/backend) and calls [`MmioTransport::restore`]. A block device's disk δ is saved
+//! Snapshots: `t.save()` ([`crate::persist::Persist`]) gives a plain serde [`MmioState`]; restore builds a fresh device
+//! (same disk/backend) and calls `MmioTransport::restore`. A block device's disk δ is saved
 //! separately, through [`disk::Delta::delta_blocks`] (or by flushing a file-backed δ) — under
-//! the same lock as `save_state`, so state and disk agree. A received frame still waiting for a
+//! the same lock as `save`, so state and disk agree. A received frame still waiting for a
 //! guest buffer is not saved (a lost frame, which networks tolerate); a console's pending input
 //! is.
 
@@ -124,13 +125,17 @@ pub enum VirtioError {
 /// and the interrupt; the device sees them through a [`QueueIo`] while it processes a queue.
 pub trait VirtioDevice: Send {
     /// virtio device type (1 = net, 2 = block, 3 = console).
-    fn device_type(&self) -> u32;
+    const DEVICE_TYPE: u32;
     /// Maximum size of each queue (powers of two); the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers, [`VIRTIO_F_VERSION_1`] included.
     fn features(&self) -> u64;
+    /// The device's config space as the driver reads it.
+    fn config_space(&self) -> &[u8];
     /// Reads device config space at `offset` (bytes past the end read as zero).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
     /// Writes device config space; read-only fields ignore it.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver set DRIVER_OK having accepted `features`; an error makes the transport set
@@ -168,9 +173,9 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop per-activation state.
     fn reset(&mut self);
     /// The device's own state, for a snapshot.
-    fn save_state(&self) -> DeviceState;
+    fn save(&self) -> DeviceState;
     /// Takes a saved state back (before the transport re-activates the device).
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError>;
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError>;
 }
 
 /// Device-specific saved state.

@@ -19,9 +19,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 
 use super::queue::{read_bufs, write_bufs};
-use super::{
-    read_config_bytes, DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -153,9 +151,7 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
 
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
@@ -165,8 +161,8 @@ impl VirtioDevice for Net {
         VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.mac, offset, data);
+    fn config_space(&self) -> &[u8] {
+        &self.mac
     }
 
     fn process_queue(&mut self, index: usize, io: &mut QueueIo<'_>) {
@@ -206,11 +202,11 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
     }
 
-    fn save_state(&self) -> DeviceState {
+    fn save(&self) -> DeviceState {
         DeviceState::Net(NetState { mac: self.mac })
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
+    fn restore(&mut self, state: &DeviceState) -> Result<(), VirtioError> {
         let DeviceState::Net(s) = state else {
             return Err(VirtioError::DeviceState(
                 "not a network device state".into(),
@@ -226,45 +222,35 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
     use crate::devices::virtio::fuzz::FakeBackend;
-    use crate::devices::virtio::testing::{guest_memory, GuestQueue, F_NEXT};
-    use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::devices::virtio::testing::{RxTx, F_NEXT};
+    use vm_memory::{Bytes, GuestAddress};
 
     const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x12, 0x34, 0x56];
 
     struct Rig {
-        mem: GuestMemoryMmap,
+        q: RxTx,
         net: Net,
         backend: FakeBackend,
-        queues: [Queue; 2],
-        rx: GuestQueue,
-        tx: GuestQueue,
     }
 
     impl Rig {
         fn new() -> Self {
-            let mem = guest_memory();
             let backend = FakeBackend::new().unwrap();
-            let rx = GuestQueue::new(&mem, 0x1_0000, 8);
-            let tx = GuestQueue::new(&mem, 0x2_0000, 8);
             Rig {
-                queues: [rx.queue(), tx.queue()],
+                q: RxTx::new(),
                 net: Net::new(Box::new(backend.clone()), MAC),
-                mem,
                 backend,
-                rx,
-                tx,
             }
         }
 
         fn run(&mut self, index: usize) -> u32 {
-            let mut io = QueueIo::new(&self.mem, &mut self.queues);
+            let mut io = QueueIo::new(&self.q.mem, &mut self.q.queues);
             self.net.process_queue(index, &mut io);
             io.used_mask()
         }
 
         fn host_event(&mut self) -> u32 {
-            let mut io = QueueIo::new(&self.mem, &mut self.queues);
+            let mut io = QueueIo::new(&self.q.mem, &mut self.q.queues);
             self.net.process_host_event(Some(&mut io));
             io.used_mask()
         }
@@ -275,7 +261,7 @@ mod tests {
 
         fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
             let mut v = vec![0u8; len];
-            self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+            self.q.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
             v
         }
     }
@@ -305,14 +291,15 @@ mod tests {
     fn transmit_strips_the_header() {
         let mut rig = Rig::new();
         let f = frame(60, 1);
-        rig.mem
+        rig.q
+            .mem
             .write_slice(&[0xaa; 12], GuestAddress(0x4_0000))
             .unwrap();
-        rig.mem.write_slice(&f, GuestAddress(0x4_000c)).unwrap();
-        rig.tx.add_chain(&[(0x4_0000, 72, false)]);
+        rig.q.mem.write_slice(&f, GuestAddress(0x4_000c)).unwrap();
+        rig.q.tx.add_chain(&[(0x4_0000, 72, false)]);
         // Header split across descriptors, frame across two more.
-        rig.mem.write_slice(&f, GuestAddress(0x5_0000)).unwrap();
-        rig.tx.add_chain(&[
+        rig.q.mem.write_slice(&f, GuestAddress(0x5_0000)).unwrap();
+        rig.q.tx.add_chain(&[
             (0x4_0000, 5, false),
             (0x4_0005, 7, false),
             (0x5_0000, 20, false),
@@ -320,32 +307,34 @@ mod tests {
         ]);
         assert_eq!(rig.run(TX_QUEUE), 1 << TX_QUEUE);
         assert_eq!(rig.sent(), vec![f.clone(), f]);
-        assert_eq!(rig.tx.used_idx(), 2);
-        assert_eq!(rig.tx.used_elem(0), (0, 0));
+        assert_eq!(rig.q.tx.used_idx(), 2);
+        assert_eq!(rig.q.tx.used_elem(0), (0, 0));
     }
 
     #[test]
     fn bad_transmit_chains_are_not_sent() {
         let mut rig = Rig::new();
         // Device-writable buffer.
-        rig.tx
+        rig.q
+            .tx
             .add_chain(&[(0x4_0000, 12, false), (0x4_1000, 60, true)]);
         // Shorter than the header.
-        rig.tx.add_chain(&[(0x4_0000, 11, false)]);
+        rig.q.tx.add_chain(&[(0x4_0000, 11, false)]);
         // Longer than the largest frame.
-        rig.tx
+        rig.q
+            .tx
             .add_chain(&[(0x4_0000, (NET_HDR_LEN + MAX_FRAME_LEN + 1) as u32, false)]);
         // A loop.
-        rig.tx.set_desc(6, 0x4_0000, 64, F_NEXT, 7);
-        rig.tx.set_desc(7, 0x4_0000, 64, F_NEXT, 6);
-        rig.tx.publish(6);
+        rig.q.tx.set_desc(6, 0x4_0000, 64, F_NEXT, 7);
+        rig.q.tx.set_desc(7, 0x4_0000, 64, F_NEXT, 6);
+        rig.q.tx.publish(6);
         // Outside memory.
-        rig.tx.add_chain(&[(0xffff_f000, 64, false)]);
+        rig.q.tx.add_chain(&[(0xffff_f000, 64, false)]);
         rig.run(TX_QUEUE);
         assert!(rig.sent().is_empty());
-        assert_eq!(rig.tx.used_idx(), 5);
+        assert_eq!(rig.q.tx.used_idx(), 5);
         for i in 0..5 {
-            assert_eq!(rig.tx.used_elem(i).1, 0);
+            assert_eq!(rig.q.tx.used_elem(i).1, 0);
         }
     }
 
@@ -365,24 +354,26 @@ mod tests {
         assert_eq!(rig.backend.inbox.lock().unwrap().len(), 1);
 
         // A buffer split in two descriptors; the guest notifies the receive queue.
-        rig.mem
+        rig.q
+            .mem
             .write_slice(&[0xff; 2048], GuestAddress(0x6_0000))
             .unwrap();
-        rig.rx
+        rig.q
+            .rx
             .add_chain(&[(0x6_0000, 10, true), (0x6_0010, 1600, true)]);
         assert_eq!(rig.run(RX_QUEUE), 1 << RX_QUEUE);
-        assert_eq!(rig.rx.used_elem(0), (0, (NET_HDR_LEN + f.len()) as u32));
+        assert_eq!(rig.q.rx.used_elem(0), (0, (NET_HDR_LEN + f.len()) as u32));
         let mut hdr = rig.bytes(0x6_0000, 10);
         hdr.extend(rig.bytes(0x6_0010, 2));
         assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
         assert_eq!(rig.bytes(0x6_0012, f.len()), f);
         // The second frame waits for the next buffer.
         assert!(rig.net.rx_pending());
-        rig.rx.add_chain(&[(0x7_0000, 1526, true)]);
+        rig.q.rx.add_chain(&[(0x7_0000, 1526, true)]);
         rig.run(RX_QUEUE);
         assert!(!rig.net.rx_pending());
         assert_eq!(rig.bytes(0x7_000c, 200), frame(200, 9));
-        assert_eq!(rig.rx.used_idx(), 2);
+        assert_eq!(rig.q.rx.used_idx(), 2);
     }
 
     #[test]
@@ -391,14 +382,14 @@ mod tests {
         rig.backend.push(&frame(1000, 1));
         rig.backend.push(&frame(64, 2));
         // A buffer with a device-readable part: refused, the frame goes to the next buffer.
-        rig.rx.add_chain(&[(0x6_0000, 1526, false)]);
+        rig.q.rx.add_chain(&[(0x6_0000, 1526, false)]);
         // Too small for the 1000-byte frame: that frame is dropped, the buffer kept for the
         // next frame.
-        let small = rig.rx.add_chain(&[(0x7_0000, 100, true)]);
+        let small = rig.q.rx.add_chain(&[(0x7_0000, 100, true)]);
         rig.host_event();
-        assert_eq!(rig.rx.used_idx(), 2);
-        assert_eq!(rig.rx.used_elem(0).1, 0);
-        assert_eq!(rig.rx.used_elem(1), (u32::from(small), 12 + 64));
+        assert_eq!(rig.q.rx.used_idx(), 2);
+        assert_eq!(rig.q.rx.used_elem(0).1, 0);
+        assert_eq!(rig.q.rx.used_elem(1), (u32::from(small), 12 + 64));
         assert_eq!(rig.bytes(0x7_000c, 64), frame(64, 2));
         assert!(!rig.net.rx_pending());
     }
@@ -409,8 +400,8 @@ mod tests {
         for _ in 0..1000 {
             rig.backend.push(&frame(1000, 5));
         }
-        rig.rx.add_chain(&[(0x7_0000, 100, true)]);
-        let mut io = QueueIo::new(&rig.mem, &mut rig.queues);
+        rig.q.rx.add_chain(&[(0x7_0000, 100, true)]);
+        let mut io = QueueIo::new(&rig.q.mem, &mut rig.q.queues);
         rig.net.process_host_event(Some(&mut io));
         assert_eq!(io.requeue_mask(), 1 << RX_QUEUE, "comes back later");
         let left = rig.backend.inbox.lock().unwrap().len();
@@ -418,17 +409,17 @@ mod tests {
             left >= 1000 - 9,
             "at most a ring's worth dropped per round ({left} left)"
         );
-        assert_eq!(rig.rx.used_idx(), 0);
+        assert_eq!(rig.q.rx.used_idx(), 0);
     }
 
     #[test]
     fn transmit_also_delivers_replies_and_reset_drops_the_pending_frame() {
         let mut rig = Rig::new();
-        rig.rx.add_chain(&[(0x6_0000, 1526, true)]);
+        rig.q.rx.add_chain(&[(0x6_0000, 1526, true)]);
         rig.backend.push(&frame(42, 3));
-        rig.tx.add_chain(&[(0x4_0000, 12 + 42, false)]);
+        rig.q.tx.add_chain(&[(0x4_0000, 12 + 42, false)]);
         assert_eq!(rig.run(TX_QUEUE), (1 << TX_QUEUE) | (1 << RX_QUEUE));
-        assert_eq!(rig.rx.used_idx(), 1);
+        assert_eq!(rig.q.rx.used_idx(), 1);
         rig.backend.push(&frame(42, 4));
         rig.host_event();
         assert!(rig.net.rx_pending());
@@ -439,14 +430,14 @@ mod tests {
     #[test]
     fn state_keeps_the_mac() {
         let rig = Rig::new();
-        let state = rig.net.save_state();
+        let state = rig.net.save();
         let mut other = Net::new(Box::new(FakeBackend::new().unwrap()), [0; 6]);
-        other.restore_state(&state).unwrap();
+        other.restore(&state).unwrap();
         assert_eq!(other.mac(), MAC);
         let blk = DeviceState::Block(crate::devices::virtio::BlockState {
             capacity: 1,
             read_only: false,
         });
-        assert!(other.restore_state(&blk).is_err());
+        assert!(other.restore(&blk).is_err());
     }
 }

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::block::Block;
+use super::block::{Block, DiskSnapshot};
 use super::mmio::{MmioState, MmioTransport};
-use super::VirtioDevice;
+use super::{VirtioDevice, VirtioError};
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 /// The event-loop and snapshot face of a transport, independent of its device type.
 pub trait Transport: BusDevice {
@@ -29,8 +30,10 @@ pub trait Transport: BusDevice {
     fn host_input(&mut self, _bytes: &[u8]) -> usize {
         0
     }
-    /// Transport, queue and device state (vCPUs paused).
-    fn save_state(&self) -> MmioState;
+    /// Transport, queue and device state (vCPUs paused): [`Persist::save`] of the transport.
+    fn save(&self) -> Result<MmioState, VirtioError>;
+    /// Raises a pending interrupt again (after a restore; see
+    /// [`MmioTransport::reassert_interrupt`]).
     fn reassert_interrupt(&self);
     /// The block device behind this transport, if it is one.
     fn block(&self) -> Option<&Block> {
@@ -57,8 +60,8 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     fn host_input(&mut self, bytes: &[u8]) -> usize {
         MmioTransport::host_input(self, bytes)
     }
-    fn save_state(&self) -> MmioState {
-        MmioTransport::save_state(self)
+    fn save(&self) -> Result<MmioState, VirtioError> {
+        Persist::save(self)
     }
     fn reassert_interrupt(&self) {
         MmioTransport::reassert_interrupt(self)
@@ -79,6 +82,20 @@ pub enum SlotKind {
     Console,
 }
 
+/// One virtio device in a snapshot. Field order is the state file's encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSlotState {
+    /// Window index.
+    pub index: u32,
+    /// Device kind.
+    pub kind: SlotKind,
+    /// Transport, queues and device registers.
+    pub mmio: MmioState,
+    /// For a disk: what it sits on (its δ blocks are in the snapshot's
+    /// `DISK_DELTA_FILE`).
+    pub disk: Option<DiskSnapshot>,
+}
+
 /// One attached virtio-mmio device.
 pub struct Slot {
     /// Device index: window at `VIRTIO_MMIO_START + index * VIRTIO_MMIO_SIZE`.
@@ -90,7 +107,7 @@ pub struct Slot {
     /// Raw fds of the queue eventfds, in queue order (owned by the transport).
     pub queue_fds: Vec<RawFd>,
     /// For a disk: what it sits on, as snapshots record it.
-    pub disk: Option<crate::snapshot::DiskSnapshot>,
+    pub disk: Option<DiskSnapshot>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -121,6 +138,17 @@ impl Slot {
             queue_fds,
             disk: None,
         }
+    }
+
+    /// The slot's state (vCPUs paused): its transport's, and for a disk what it sits on.
+    pub fn save(&self) -> Result<VirtioSlotState, VirtioError> {
+        let t = self.lock();
+        Ok(VirtioSlotState {
+            index: self.index,
+            kind: self.kind,
+            mmio: t.save()?,
+            disk: t.block().and(self.disk.clone()),
+        })
     }
 
     /// Locks the transport (a poisoned lock still yields it: device state stays usable).

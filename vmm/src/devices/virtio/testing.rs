@@ -120,6 +120,34 @@ impl GuestQueue {
     }
 }
 
+/// Guest memory with a receive queue (0x1_0000) and a transmit queue (0x2_0000) of 8
+/// entries: the layout the net and console tests share.
+pub struct RxTx {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The device side of both queues.
+    pub queues: [Queue; 2],
+    /// The driver side of the receive queue.
+    pub rx: GuestQueue,
+    /// The driver side of the transmit queue.
+    pub tx: GuestQueue,
+}
+
+impl RxTx {
+    /// Both queues, empty.
+    pub fn new() -> Self {
+        let mem = guest_memory();
+        let rx = GuestQueue::new(&mem, 0x1_0000, 8);
+        let tx = GuestQueue::new(&mem, 0x2_0000, 8);
+        RxTx {
+            queues: [rx.queue(), tx.queue()],
+            mem,
+            rx,
+            tx,
+        }
+    }
+}
+
 /// A writer (a device's output sink) that records its bytes and counts its `write` calls.
 #[derive(Clone, Default)]
 pub struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);

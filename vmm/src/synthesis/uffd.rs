@@ -152,22 +152,21 @@ impl Uffd {
     /// # Safety
     /// `src..src+len` must be readable memory.
     pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<Fill> {
-        let mut arg = CopyArg {
+        let arg = CopyArg {
             dst: dst as u64,
             src: src as u64,
             len: len as u64,
             mode: 0,
             copy: 0,
         };
-        // SAFETY: UFFDIO_COPY with a correctly sized `uffdio_copy`; the caller guarantees the
-        // source is readable, and the kernel only writes registered, missing pages at `dst`.
-        let r = unsafe { ioctl_with_mut_ref(self, UFFDIO_COPY, &mut arg) };
-        Self::filled(r, arg.copy)
+        // SAFETY: UFFDIO_COPY takes a `uffdio_copy`; the caller guarantees the source is
+        // readable, and the kernel only writes registered, missing pages at `dst`.
+        unsafe { self.fill(UFFDIO_COPY, arg, |a| a.copy) }
     }
 
     /// Maps zero pages at `[dst, dst + len)` (registered, missing), waking waiters.
     pub fn zero(&self, dst: usize, len: usize) -> io::Result<Fill> {
-        let mut arg = ZeroArg {
+        let arg = ZeroArg {
             range: Range {
                 start: dst as u64,
                 len: len as u64,
@@ -175,10 +174,25 @@ impl Uffd {
             mode: 0,
             zeropage: 0,
         };
-        // SAFETY: UFFDIO_ZEROPAGE with a correctly sized `uffdio_zeropage`; the kernel only
-        // maps zero pages where registered pages are missing.
-        let r = unsafe { ioctl_with_mut_ref(self, UFFDIO_ZEROPAGE, &mut arg) };
-        Self::filled(r, arg.zeropage)
+        // SAFETY: UFFDIO_ZEROPAGE takes a `uffdio_zeropage`; the kernel only maps zero pages
+        // where registered pages are missing.
+        unsafe { self.fill(UFFDIO_ZEROPAGE, arg, |a| a.zeropage) }
+    }
+
+    /// Issues the fill ioctl `req` with `arg`; `done` reads from it how many bytes were
+    /// filled before an interruption.
+    ///
+    /// # Safety
+    /// `arg` must be the argument struct `req` takes, naming memory the kernel may read.
+    unsafe fn fill<A>(
+        &self,
+        req: libc::c_ulong,
+        mut arg: A,
+        done: fn(&A) -> i64,
+    ) -> io::Result<Fill> {
+        // SAFETY: the caller guarantees `arg` is what `req` expects; it lives across the call.
+        let r = unsafe { ioctl_with_mut_ref(self, req, &mut arg) };
+        Self::filled(r, done(&arg))
     }
 
     fn filled(r: i32, done: i64) -> io::Result<Fill> {

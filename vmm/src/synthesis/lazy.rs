@@ -13,19 +13,23 @@
 //! decompress (a crafted file) stops the VM with an error before the page is ever filled:
 //! the guest never runs on bytes that are not the overlay's.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use format::mapped::Mapped;
-use format::overlay::Overlay;
-use format::overlay::Run;
+use format::overlay::{ChunkChecks, Overlay, OverlayError, Run};
 use format::sources::{PageSources, Source};
 use format::PAGE_SIZE;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::check::Checked;
+use super::uffd::{Fill, Uffd};
+use crate::arch::layout;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::uffd::{Fill, Uffd};
+use crate::vstate::memory::{self, MemoryError};
 
 /// One guest RAM region in image-page space.
 #[derive(Clone, Copy, Debug)]
@@ -66,7 +70,7 @@ struct Shared {
     complete: AtomicBool,
     /// The VM is gone: stop prefetching.
     stop: AtomicBool,
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<Arc<FillError>>>,
     done: (Mutex<bool>, Condvar),
     exit: Mutex<Option<Arc<ExitNotifier>>>,
     stats: Arc<LazyStats>,
@@ -88,17 +92,86 @@ impl std::fmt::Debug for LazyFill {
     }
 }
 
-/// Why lazy filling could not start.
+/// Why lazy filling could not start, or did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
     /// userfaultfd is missing or not permitted.
-    #[error(
-        "userfaultfd is unavailable ({0}); synthesis falls back to applying the overlay up front"
-    )]
+    #[error("userfaultfd is unavailable; synthesis falls back to applying the overlay up front")]
     Unavailable(#[source] std::io::Error),
-    /// Preparing guest memory failed.
-    #[error("cannot prepare guest memory for lazy filling: {0}")]
-    Memory(String),
+    /// Mapping the base RAM failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The base memory image cannot be mapped for reading.
+    #[error("cannot map the base memory '{0}'")]
+    Map(PathBuf, #[source] std::io::Error),
+    /// Guest RAM has no host address here.
+    #[error("guest RAM at {0:#x} has no host mapping")]
+    Host(u64, #[source] vm_memory::GuestMemoryError),
+    /// A rewritten page lies outside guest RAM.
+    #[error("page {0} is outside guest RAM")]
+    OutsideRam(u64),
+    /// Replacing rewritten pages by anonymous memory failed.
+    #[error("anonymous remap at {0:#x} failed")]
+    Remap(usize, #[source] std::io::Error),
+    /// A helper thread could not be started.
+    #[error("cannot start the {0}")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The chunk checker panicked.
+    #[error("the chunk checker panicked")]
+    CheckerPanicked,
+    /// A chunk failed its check.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// Filling guest memory failed.
+    #[error("guest memory could not be filled")]
+    Fill(#[source] Arc<FillError>),
+    /// Guest memory was not filled in time.
+    #[error("guest memory not filled within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a page could not be filled (the VM is stopped with it).
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// A userfaultfd fill failed.
+    #[error("userfaultfd {0} at {1:#x}")]
+    Uffd(&'static str, usize, #[source] std::io::Error),
+    /// A page lies outside guest RAM.
+    #[error("page {0} is outside guest RAM")]
+    OutsideRam(u64),
+    /// A fault lies outside guest RAM.
+    #[error("fault at {0:#x} outside guest RAM")]
+    FaultOutsideRam(usize),
+    /// A base page lies beyond the base image.
+    #[error("base page {0} is beyond the base image")]
+    BeyondBase(u64),
+    /// A chunk page was asked for alone.
+    #[error("chunk pages are filled per chunk")]
+    ChunkPage,
+    /// A chunk could not be read.
+    #[error(transparent)]
+    Chunk(#[from] OverlayError),
+    /// A chunk holds fewer pages than the index says.
+    #[error("chunk {0} is shorter than its index says")]
+    ShortChunk(usize),
+    /// Waking a faulting thread failed.
+    #[error("userfaultfd wake")]
+    Wake(#[source] std::io::Error),
+    /// Reading fault events failed.
+    #[error("reading userfaultfd events")]
+    Events(#[source] std::io::Error),
+}
+
+/// `e` and its causes, one after the other (for the VM's exit reason, which is text).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 impl Shared {
@@ -118,7 +191,7 @@ impl Shared {
     }
 
     /// Fills `pages` host-contiguous pages at `dst` from `src`, skipping pages already there.
-    fn fill_copy(&self, dst: usize, src: *const u8, pages: usize) -> Result<(), String> {
+    fn fill_copy(&self, dst: usize, src: *const u8, pages: usize) -> Result<(), FillError> {
         self.fill_pages(dst, pages, "copy", |off, len| {
             // SAFETY: `src` points into a decompressed chunk buffer or the base mapping, both
             // covering `pages` pages (callers slice them so); `off + len` stays inside.
@@ -126,7 +199,7 @@ impl Shared {
         })
     }
 
-    fn fill_zero(&self, dst: usize, pages: usize) -> Result<(), String> {
+    fn fill_zero(&self, dst: usize, pages: usize) -> Result<(), FillError> {
         self.fill_pages(dst, pages, "zero page", |off, len| {
             self.uffd.zero(dst + off, len)
         })
@@ -138,14 +211,14 @@ impl Shared {
         &self,
         dst: usize,
         pages: usize,
-        what: &str,
+        what: &'static str,
         fill: impl Fn(usize, usize) -> std::io::Result<Fill>,
-    ) -> Result<(), String> {
+    ) -> Result<(), FillError> {
         let mut done = 0;
         while done < pages {
             let off = done * PAGE_SIZE;
             match fill(off, (pages - done) * PAGE_SIZE)
-                .map_err(|e| format!("userfaultfd {what} at {:#x}: {e}", dst + off))?
+                .map_err(|e| FillError::Uffd(what, dst + off, e))?
             {
                 Fill::Done => return Ok(()),
                 Fill::Partial(n) => done += (n as usize).div_ceil(PAGE_SIZE),
@@ -157,43 +230,39 @@ impl Shared {
     }
 
     /// Fills one page from the base or with zeros.
-    fn fill_other(&self, page: u64, src: Source) -> Result<(), String> {
-        let dst = self
-            .host_of(page)
-            .ok_or_else(|| format!("page {page} is outside guest RAM"))?;
+    fn fill_other(&self, page: u64, src: Source) -> Result<(), FillError> {
+        let dst = self.host_of(page).ok_or(FillError::OutsideRam(page))?;
         match src {
             Source::Zero => self.fill_zero(dst, 1),
             Source::Base(b) => {
                 let off = b as usize * PAGE_SIZE;
                 let base = self.base.bytes();
                 if off + PAGE_SIZE > base.len() {
-                    return Err(format!("base page {b} is beyond the base image"));
+                    return Err(FillError::BeyondBase(b));
                 }
                 self.fill_copy(dst, base[off..].as_ptr(), 1)
             }
-            Source::Chunk { .. } => Err("chunk pages are filled per chunk".into()),
+            Source::Chunk { .. } => Err(FillError::ChunkPage),
         }
     }
 
     /// Decompresses chunk `c` into `buf` and fills every page taken from it.
-    fn fill_chunk(&self, c: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+    fn fill_chunk(&self, c: usize, buf: &mut Vec<u8>) -> Result<(), FillError> {
         if self.chunk_state[c].load(Ordering::Acquire) == CHUNK_FILLED {
             return Ok(());
         }
-        self.overlay.read_chunk(c, buf).map_err(|e| e.to_string())?;
+        self.overlay.read_chunk(c, buf)?;
         self.fill_decoded(c, buf)
     }
 
     /// Fills every page taken from chunk `c`, decompressed in `buf`.
-    fn fill_decoded(&self, c: usize, buf: &[u8]) -> Result<(), String> {
+    fn fill_decoded(&self, c: usize, buf: &[u8]) -> Result<(), FillError> {
         let pages = self.sources.chunk_pages(c);
         let mut i = 0;
         while i < pages.len() {
             // A run: guest pages and chunk pages both consecutive, in one host region.
             let (p0, k0) = pages[i];
-            let dst = self
-                .host_of(p0)
-                .ok_or_else(|| format!("page {p0} is outside guest RAM"))?;
+            let dst = self.host_of(p0).ok_or(FillError::OutsideRam(p0))?;
             let mut n = 1;
             while i + n < pages.len()
                 && pages[i + n] == (p0 + n as u64, k0 + n as u32)
@@ -203,7 +272,7 @@ impl Shared {
             }
             let src = k0 as usize * PAGE_SIZE;
             if src + n * PAGE_SIZE > buf.len() {
-                return Err(format!("chunk {c} is shorter than its index says"));
+                return Err(FillError::ShortChunk(c));
             }
             self.fill_copy(dst, buf[src..].as_ptr(), n)?;
             i += n;
@@ -213,11 +282,11 @@ impl Shared {
     }
 
     /// Serves the fault at host address `addr`.
-    fn serve(&self, addr: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+    fn serve(&self, addr: usize, buf: &mut Vec<u8>) -> Result<(), FillError> {
         let page_addr = addr & !(PAGE_SIZE - 1);
         let page = self
             .page_of(page_addr)
-            .ok_or_else(|| format!("fault at {addr:#x} outside guest RAM"))?;
+            .ok_or(FillError::FaultOutsideRam(addr))?;
         match self.sources.get(page) {
             Some(Source::Chunk { chunk, .. }) => {
                 tracing::debug!(chunk, page, "fault served from a chunk");
@@ -230,18 +299,19 @@ impl Shared {
         // Whoever filled it woke the waiters; wake again in case the fill raced the fault.
         self.uffd
             .wake(page_addr, PAGE_SIZE)
-            .map_err(|e| format!("userfaultfd wake: {e}"))
+            .map_err(FillError::Wake)
     }
 
-    fn fail(&self, why: String) {
-        tracing::error!("lazy synthesis failed: {why}");
+    fn fail(&self, why: FillError) {
+        let text = chain(&why);
+        tracing::error!("lazy synthesis failed: {text}");
         let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
-            *f = Some(why.clone());
+            *f = Some(Arc::new(why));
         }
         if let Some(exit) = self.exit.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             exit.notify(ExitReason::Error(format!(
-                "the overlay could not be applied: {why}"
+                "the overlay could not be applied: {text}"
             )));
         }
     }
@@ -259,7 +329,7 @@ impl Shared {
 
 /// Fills every page not filled yet, after `delay` (a test knob: it leaves the guest's first
 /// touches to the fault server). Returns early, incomplete, when the VM goes away.
-fn prefetch(s: &Shared, delay: Duration) -> Result<(), String> {
+fn prefetch(s: &Shared, delay: Duration) -> Result<(), FillError> {
     // Background work only: SCHED_IDLE lets the vCPU (and the event loop that feeds it)
     // take the core the moment they wake. Measured: at normal priority the prefetcher kept a
     // woken vCPU off its core for 4-6 ms, so the first reply of a 16 MiB synthesis came
@@ -326,7 +396,7 @@ fn fault_server(s: &Shared, mut buf: Vec<u8>) {
             .uffd
             .read_faults(if complete { 0 } else { 50 }, &mut faults)
         {
-            s.fail(format!("reading userfaultfd events: {e}"));
+            s.fail(FillError::Events(e));
             return;
         }
         for &a in &faults {
@@ -359,17 +429,216 @@ pub fn prepare_memory(uffd: &Uffd, regions: &[Region], runs: &[Run]) -> Result<(
             let reg = regions
                 .iter()
                 .find(|g| p >= g.first_page && p < g.first_page + g.pages)
-                .ok_or_else(|| LazyError::Memory(format!("page {p} is outside guest RAM")))?;
+                .ok_or(LazyError::OutsideRam(p))?;
             let n = (end.min(reg.first_page + reg.pages) - p) as usize;
             let host = reg.host + (p - reg.first_page) as usize * PAGE_SIZE;
-            crate::vstate::memory::remap_anonymous(host, n * PAGE_SIZE)
-                .map_err(|e| LazyError::Memory(format!("anonymous remap at {host:#x}: {e}")))?;
+            memory::remap_anonymous(host, n * PAGE_SIZE).map_err(|e| LazyError::Remap(host, e))?;
             uffd.register(host, n * PAGE_SIZE)
                 .map_err(LazyError::Unavailable)?;
             p += n as u64;
         }
     }
     Ok(())
+}
+
+/// Lazy synthesis in the making. The rewritten pages are already anonymous and registered
+/// with userfaultfd; a helper thread checks chunks, builds the page plan, fills the first
+/// chunk, and then stays on as the fault server. [`LazyPlan::start`] waits for it just
+/// before the vCPUs start.
+pub struct LazyPlan {
+    overlay: Arc<Overlay>,
+    checks: Arc<ChunkChecks>,
+    /// The helper's fill, ready to serve, and its running time until then.
+    ready: std::sync::mpsc::Receiver<Result<(Filler, Duration), LazyError>>,
+    /// `None` once [`LazyPlan::start`] took it.
+    helper: Option<std::thread::JoinHandle<()>>,
+    /// Set when the helper may fill ahead (the VM exists).
+    warming: Arc<AtomicBool>,
+    /// A full checksum pass over this unchanged overlay file was recorded before.
+    verified_before: bool,
+}
+
+/// What the helper prepares: the page plan and the chunks decompressed ahead.
+type Prepared = (PageSources, Vec<(usize, Vec<u8>)>);
+
+/// Chunks decompressed ahead, while the VM is built: the guest's first touches after a
+/// restore are its own kernel-side pages (stack, data), which sit at the lowest page numbers
+/// and so in the first chunk; without this the first fault decompresses it (~0.4 ms) on the
+/// critical path.
+const WARM_CHUNKS: usize = 1;
+
+impl LazyPlan {
+    /// Maps the base RAM privately and starts checking every chunk and planning each page's
+    /// source on another thread; returns the guest memory, the plan and the time the mapping
+    /// took. `Ok(None)` when userfaultfd is unavailable: the caller then applies the overlay
+    /// up front.
+    #[allow(clippy::type_complexity)]
+    pub fn new(
+        base: &Path,
+        checked: &Checked,
+    ) -> Result<Option<(GuestMemoryMmap, LazyPlan, Duration)>, LazyError> {
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!("{}", LazyError::Unavailable(e));
+                return Ok(None);
+            }
+        };
+        // A full checksum pass over this unchanged file was recorded before: skip it (each
+        // chunk is still checked when it is decompressed).
+        let trusted = checked.overlay.verified_before();
+        let checks = Arc::new(if trusted {
+            ChunkChecks::finished()
+        } else {
+            ChunkChecks::new()
+        });
+        let t1 = Instant::now();
+        let image = base.join(format::base::MEMORY);
+        let mem = memory::map_image(&image, checked.manifest.mem_mib)?;
+        let base_ro = Arc::new(Mapped::open(&image).map_err(|e| LazyError::Map(image.clone(), e))?);
+        let mut regions = Vec::new();
+        let mut first_page = 0;
+        for (start, size) in layout::ram_ranges(checked.manifest.mem_mib << 20) {
+            let host = mem
+                .get_host_address(GuestAddress(start))
+                .map_err(|e| LazyError::Host(start, e))?;
+            regions.push(Region {
+                first_page,
+                pages: size / PAGE_SIZE as u64,
+                host: host as usize,
+            });
+            first_page += size / PAGE_SIZE as u64;
+        }
+        let map = t1.elapsed();
+        // The rewritten pages become fresh memory the fault server fills, before the VM
+        // exists (KVM then sees the final mappings).
+        let runs = format::sources::rewritten_runs(checked.overlay.index());
+        prepare_memory(&uffd, &regions, &runs)?;
+        // The helper: the page plan, the first chunk's decompression and its share of the
+        // chunk checks, beside the VM's construction; then it serves faults. Started after
+        // the mapping (which populates the base's pages) and before the VM: measured both
+        // ways on the 2-core PVM hosts, this order reached the first reply ~0.1 ms sooner at
+        // the median. Serving faults from the same thread saves starting another.
+        let (helper, overlay) = (checks.clone(), checked.overlay.clone());
+        let (tx, ready) = std::sync::mpsc::sync_channel(1);
+        let guest = mem.clone();
+        let warming = Arc::new(AtomicBool::new(false));
+        let main_ready = warming.clone();
+        let helper = std::thread::Builder::new()
+            .name("overlay-check".into())
+            .spawn(move || {
+                let t = Instant::now();
+                // The base's own pages, off the main thread (the rewritten ones are the
+                // fault server's: this thread's, later).
+                memory::prefault_image(&image, &guest, &runs);
+                drop(guest);
+                let (sources, warm) = plan_pages(&overlay, &helper);
+                match Filler::new(uffd, overlay, sources, base_ro, regions, warm) {
+                    Ok(filler) => {
+                        let serving = filler.handle();
+                        if tx.send(Ok((filler, t.elapsed()))).is_ok() {
+                            serving.warm_then_serve_faults(&main_ready);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| LazyError::Thread("chunk checker", e))?;
+        Ok(Some((
+            mem,
+            LazyPlan {
+                overlay: checked.overlay.clone(),
+                checks,
+                ready,
+                helper: Some(helper),
+                warming,
+                verified_before: trusted,
+            },
+            map,
+        )))
+    }
+
+    /// The VM and its memory slot exist: the helper may fill chunks ahead (see
+    /// [`Filler::warm_then_serve_faults`]).
+    pub fn vm_created(&self) {
+        self.allow_warming();
+    }
+
+    fn allow_warming(&self) {
+        self.warming.store(true, Ordering::Release);
+        if let Some(h) = &self.helper {
+            h.thread().unpark();
+        }
+    }
+
+    /// A full checksum pass over this unchanged overlay file was recorded before, so none is
+    /// made up front.
+    pub fn verified_before(&self) -> bool {
+        self.verified_before
+    }
+
+    /// Finishes the chunk checks (helping the helper thread; a damaged chunk fails here,
+    /// before any vCPU runs) and starts serving faults on the rewritten pages. Returns the
+    /// fill and the helper's running time until it was ready (its chunk checks).
+    pub fn start(mut self) -> Result<(LazyFill, Duration), LazyError> {
+        // (Already allowed once the VM exists; this covers a caller that never said so.)
+        self.allow_warming();
+        self.checks.work(&self.overlay);
+        let helper = self.helper.take().expect("start runs once");
+        let (filler, verify) = match self.ready.recv() {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let _ = helper.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = helper.join();
+                return Err(LazyError::CheckerPanicked);
+            }
+        };
+        // From here dropping `fill` stops the fault server and joins it.
+        let fill = LazyFill::new(filler, helper);
+        self.checks.result()?;
+        if !self.verified_before {
+            self.overlay.record_verified();
+        }
+        Ok((fill, verify))
+    }
+}
+
+impl Drop for LazyPlan {
+    /// A plan dropped before [`LazyPlan::start`] (the VM's construction failed): the helper is
+    /// stopped and joined, not left serving faults for memory nobody uses.
+    fn drop(&mut self) {
+        self.allow_warming();
+        let Some(helper) = self.helper.take() else {
+            return;
+        };
+        match self.ready.recv() {
+            // Dropping the fill stops its fault server (this thread) and joins it.
+            Ok(Ok((filler, _))) => drop(LazyFill::new(filler, helper)),
+            _ => {
+                let _ = helper.join();
+            }
+        }
+    }
+}
+
+/// The helper's work: the page plan, the warm chunks, its share of the chunk checks.
+fn plan_pages(overlay: &Overlay, checks: &ChunkChecks) -> Prepared {
+    let sources = PageSources::new(overlay.index());
+    let ram_chunks = overlay.index().chunks.len();
+    let warm = (0..WARM_CHUNKS.min(ram_chunks))
+        .filter_map(|c| {
+            let pages = overlay.index().chunks[c].page_count();
+            let mut buf = populated_buffer(pages as usize * PAGE_SIZE);
+            overlay.read_chunk(c, &mut buf).ok().map(|()| (c, buf))
+        })
+        .collect();
+    checks.work(overlay);
+    (sources, warm)
 }
 
 /// Most pages [`Filler::warm_then_serve_faults`] fills ahead: the guest's first touches
@@ -412,7 +681,9 @@ impl Filler {
         });
         for (c, data) in &warm {
             if *c < chunks {
-                shared.fill_decoded(*c, data).map_err(LazyError::Memory)?;
+                shared
+                    .fill_decoded(*c, data)
+                    .map_err(|e| LazyError::Fill(Arc::new(e)))?;
             }
         }
         Ok(Filler(shared))
@@ -477,7 +748,7 @@ impl LazyFill {
                 Ok(()) => s.finish(),
                 Err(e) => s.fail(e),
             })
-            .map_err(|e| LazyError::Memory(format!("cannot start the prefetcher: {e}")))?;
+            .map_err(|e| LazyError::Thread("prefetcher", e))?;
         self.threads.push(t);
         Ok(())
     }
@@ -485,31 +756,26 @@ impl LazyFill {
     /// Where a fatal fill error is reported (stopping the VM).
     pub fn set_exit(&self, exit: Arc<ExitNotifier>) {
         *self.shared.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit.clone());
-        if let Some(why) = self
-            .shared
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(why) = self.failure() {
             exit.notify(ExitReason::Error(format!(
-                "the overlay could not be applied: {why}"
+                "the overlay could not be applied: {}",
+                chain(&*why)
             )));
         }
     }
 
     /// Waits until every rewritten page is present (or the fill failed); returns the error.
-    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait(&self, timeout: Duration) -> Result<(), LazyError> {
         let (m, cv) = &self.shared.done;
         let deadline = Instant::now() + timeout;
         let mut done = m.lock().unwrap_or_else(|e| e.into_inner());
         while !*done {
             if let Some(f) = self.failure() {
-                return Err(f);
+                return Err(LazyError::Fill(f));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("guest memory not filled within {timeout:?}"));
+                return Err(LazyError::Timeout(timeout));
             }
             done = cv
                 .wait_timeout(done, left.min(Duration::from_millis(50)))
@@ -520,7 +786,7 @@ impl LazyFill {
     }
 
     /// The fill error, if any.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Arc<FillError>> {
         self.shared
             .failed
             .lock()
