@@ -90,7 +90,11 @@ pub fn images() -> &'static Images {
         let guest = require(root().join("target/guest/micro-guest"), "the micro guest");
         let ib = require(profile_dir().join("image-builder"), "image-builder");
         let disk = dir.path("table.img");
-        std::fs::write(&disk, agent::guest::table_image(TABLE_ENTRIES, 1 << 20)).unwrap();
+        std::fs::write(
+            &disk,
+            micro_service::oracle::table_image(TABLE_ENTRIES, 1 << 20),
+        )
+        .unwrap();
         let base = dir.path("base");
         let out = Command::new(&ib)
             .args(["base", "--kernel"])
@@ -361,19 +365,15 @@ pub fn spawn_lines(cmd: &mut Command) -> (Child, Receiver<String>) {
 
 /// Checks replies of a running instance against the reference values.
 pub fn verify_guest(endpoint: &str) {
-    use agent::guest::{model_entry, table_value, GuestConn};
-    let mut g = GuestConn::connect(endpoint, Duration::from_secs(10)).unwrap();
-    assert_eq!(g.request("health").unwrap(), "ok health");
+    use micro_service::client::{Client, DEFAULT_TIMEOUT};
+    use micro_service::oracle::{get_reply, query_reply, table_value};
+    let mut g = Client::connect(endpoint, DEFAULT_TIMEOUT).unwrap();
+    g.expect("health", "ok health").unwrap();
     for i in [0u64, 5, 77_777, 131_071] {
-        assert_eq!(
-            g.request(&format!("query {i}")).unwrap(),
-            format!("ok query i={i} value={}", model_entry(i))
-        );
+        g.expect(&format!("query {i}"), &query_reply(i)).unwrap();
     }
     for i in [0u64, 7, TABLE_ENTRIES - 1] {
-        assert_eq!(
-            g.request(&format!("get {i}")).unwrap(),
-            format!("ok get i={i} value={}", table_value(i))
-        );
+        g.expect(&format!("get {i}"), &get_reply(i, table_value(i)))
+            .unwrap();
     }
 }
