@@ -8,17 +8,21 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cloudlet_tests::{file_digest, micro_guest, run_image_builder, run_vmm, Scratch, Vmm};
+use cloudlet_tests::{
+    file_digest, micro_guest, run_image_builder, run_vmm, vmm_snapshot, Scratch, Vmm,
+};
+use micro_service::oracle::{get_reply, model_entry, query_reply, table_image, table_value};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Entry `i` of the guest's model table: SplitMix64's finaliser of i+1, masked (an
-/// independent implementation of rootfs/service's model.rs).
-fn model_entry(i: u64) -> u64 {
-    let mut z = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
+/// Sends `query I` for each of `indices` on `vm`'s console and checks each answer against
+/// the oracle.
+fn check_queries(vm: &mut Vmm, indices: &[u64]) {
+    for &i in indices {
+        vm.send(&format!("query {i}\n"));
+        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
+        assert_eq!(l, query_reply(i));
+    }
 }
 
 /// One base, one 16 MiB-model overlay (with the customised snapshot kept), shared by the
@@ -92,22 +96,6 @@ fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// Snapshots the VM behind control socket `sock` into `dir` (the VM goes on); returns `dir`.
-fn snapshot_of(sock: &str, dir: &Path) -> PathBuf {
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            sock,
-            "--out",
-            &dir.display().to_string(),
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
-    dir.to_owned()
-}
-
 fn digests(dir: &Path) -> Vec<u64> {
     ["base.json", "kernel", "state", "memory"]
         .iter()
@@ -154,18 +142,7 @@ fn identical_and_answers(name: &str, mode: &[&str]) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let snap = s.path("snap");
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &sock.display().to_string(),
-            "--out",
-            &snap.display().to_string(),
-            "--stay-paused",
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
+    vmm_snapshot(&sock_arg, &snap, true, T);
     assert_eq!(
         file_digest(&snap.join("memory")),
         file_digest(&img.custom.join("memory")),
@@ -173,11 +150,7 @@ fn identical_and_answers(name: &str, mode: &[&str]) {
     );
     let ok = run_vmm(["resume", "--api-sock", &sock.display().to_string()], T);
     assert_eq!(ok.code(), 0);
-    for i in [0u64, 7, 123_456, 2_097_151] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
+    check_queries(&mut vm, &[0, 7, 123_456, 2_097_151]);
     vm.send("stats\npoweroff 0\n");
     let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
     // load and query ran while the overlay was made; the 4 queries and stats here.
@@ -200,14 +173,11 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
         &["-v", "--prefetch-delay-ms", "1500", "--api-sock", &sock_arg],
     ));
     // Entries spread over the 16 MiB table: each lies in a different chunk.
-    for i in [5u64, 700_000, 1_400_001, 2_097_151, 3] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
+    check_queries(&mut vm, &[5, 700_000, 1_400_001, 2_097_151, 3]);
     // A snapshot waits for the fill; the model table must then be complete in its memory
     // image (the table lives at guest physical 16 MiB), even where no query touched it.
-    let snap = snapshot_of(&sock_arg, &s.path("snap"));
+    let snap = s.path("snap");
+    vmm_snapshot(&sock_arg, &snap, false, T);
     let image = std::fs::read(snap.join("memory")).unwrap();
     for i in [1u64, 1_048_576, 2_000_000] {
         let at = (16 << 20) + 8 * i as usize;
@@ -216,10 +186,7 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
     }
     vm.send("query 1048576\npoweroff 0\n");
     let l = vm.expect_line(T, |l| l.starts_with("ok query"));
-    assert_eq!(
-        l,
-        format!("ok query i=1048576 value={}", model_entry(1_048_576))
-    );
+    assert_eq!(l, query_reply(1_048_576));
     let done = vm.finish(T);
     assert_eq!(done.code(), 0, "{}", done.stderr);
     let faults: u64 = done
@@ -286,7 +253,7 @@ fn two_vms_share_the_base_and_not_each_others_writes() {
     b.send("query 200000\n");
     assert_eq!(
         b.expect_line(T, |l| l.starts_with("ok query")),
-        format!("ok query i=200000 value={}", model_entry(200_000)),
+        query_reply(200_000),
         "b does not see a's writes"
     );
     // Both map the base memory file and share its clean pages through the page cache.
@@ -368,26 +335,6 @@ fn bad_overlays_are_refused_before_any_vcpu_runs() {
     refused(&other, &img.overlay, "applies to base");
 }
 
-/// Value the table generator stores in entry `i` (an independent copy of the rule in
-/// rootfs/service's table.rs).
-fn table_value(i: u64) -> u64 {
-    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// A disk table image: sector 0 = "CLDTABLE", version 1, reserved, entry count; entry i is a
-/// u64 LE at 512 + 8 i.
-fn table_image(entries: u64, bytes: usize) -> Vec<u8> {
-    let mut d = vec![0u8; bytes];
-    d[..8].copy_from_slice(b"CLDTABLE");
-    d[8..12].copy_from_slice(&1u32.to_le_bytes());
-    d[16..24].copy_from_slice(&entries.to_le_bytes());
-    for i in 0..entries {
-        let at = 512 + 8 * i as usize;
-        d[at..at + 8].copy_from_slice(&table_value(i).to_le_bytes());
-    }
-    d
-}
-
 /// A base with a root disk and a NIC; an overlay whose customisation wrote the disk. The
 /// write travels as the overlay's disk δ (not just in the guest's RAM cache): a snapshot of
 /// the synthesised VM holds it in its own δ, and the base's disk is never written.
@@ -436,9 +383,10 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
     ] {
         vm.send(&format!("get {i}\n"));
         let l = vm.expect_line(T, |l| l.starts_with("ok get") || l.starts_with("err"));
-        assert_eq!(l, format!("ok get i={i} value={want}"));
+        assert_eq!(l, get_reply(i, want));
     }
-    let snap = snapshot_of(&sock_arg, &s.path("snap"));
+    let snap = s.path("snap");
+    vmm_snapshot(&sock_arg, &snap, false, T);
     vm.send("poweroff 0\n");
     assert_eq!(vm.finish(T).code(), 0);
     let state = vmm::snapshot::read_state(&snap).unwrap();
@@ -491,14 +439,7 @@ fn a_console_base_synthesises_and_answers_on_its_virtio_console() {
     assert_eq!(fin.code(), 0, "{fin:?}");
     // Typed before the VM exists: delivered into the console's receive buffers at start.
     let mut vm = Vmm::spawn(synth_args(&base, &overlay, &[]));
-    vm.send("query 5\n");
-    let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-    assert_eq!(l, format!("ok query i=5 value={}", model_entry(5)));
-    for i in [0u64, 1_048_575] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
+    check_queries(&mut vm, &[5, 0, 1_048_575]);
     vm.send("stats\npoweroff 0\n");
     let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
     assert!(stats.ends_with(" console=virtio"), "{stats}");
