@@ -111,6 +111,12 @@ fn refused(
     }
 }
 
+/// `POST /v1/instances` of the sample service by `c`, refused with `status` (see
+/// [`refused`]).
+fn start_refused(c: &Client, status: u16, json: &[(&str, &str)]) {
+    refused(c, "POST", "/v1/instances", Some(START_MODEL), status, json);
+}
+
 /// 404 for an unknown service, 400 with the parser's message for malformed JSON, 401 for a
 /// missing or wrong token (and nothing started), JSON errors with hints everywhere.
 #[test]
@@ -143,14 +149,7 @@ fn errors_and_authentication() {
         &[("error", "unknown field")],
     );
     for who in [a.anon(), Client::new(&a.url, Some("wrong-token"))] {
-        refused(
-            &who,
-            "POST",
-            post,
-            Some(START_MODEL),
-            401,
-            &[("hint", "Bearer")],
-        );
+        start_refused(&who, 401, &[("hint", "Bearer")]);
         refused(&who, "DELETE", "/v1/services/model", None, 401, &[]);
     }
     assert!(c.instances().unwrap().is_empty());
@@ -167,15 +166,7 @@ fn limits_refuse_with_503() {
     let c = a.client();
     let i1 = c.start("model").unwrap();
     let _i2 = c.start("model").unwrap();
-    let post = "/v1/instances";
-    refused(
-        &c,
-        "POST",
-        post,
-        Some(START_MODEL),
-        503,
-        &[("error", "max_vms")],
-    );
+    start_refused(&c, 503, &[("error", "max_vms")]);
     c.delete(&i1.id).unwrap();
     let i3 = c.start("model").unwrap();
     verify_guest(&i3.endpoint);
@@ -185,14 +176,7 @@ fn limits_refuse_with_503() {
     let b = AgentProc::start("limits-mem", &[("memory_mib = 1024", "memory_mib = 64")]);
     let c = b.client();
     c.start("model").unwrap();
-    refused(
-        &c,
-        "POST",
-        post,
-        Some(START_MODEL),
-        503,
-        &[("error", "MiB")],
-    );
+    start_refused(&c, 503, &[("error", "MiB")]);
 }
 
 /// Sends a raw HTTP request and returns the status line's code.

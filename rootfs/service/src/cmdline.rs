@@ -265,27 +265,23 @@ mod tests {
 
     #[test]
     fn address_and_port_keys() {
-        let statics: [(&[u8], [u8; 4], u8, Option<[u8; 4]>); 3] = [
-            (b"", [10, 0, 2, 15], 24, Some([10, 0, 2, 2])),
+        let fixed = |addr, prefix, gateway| IpConfig::Static {
+            addr,
+            prefix,
+            gateway,
+        };
+        let cases = [
+            (&b""[..], fixed([10, 0, 2, 15], 24, Some([10, 0, 2, 2]))),
             (
                 b"micro.ip=192.168.7.9/16 micro.gw=192.168.0.1",
-                [192, 168, 7, 9],
-                16,
-                Some([192, 168, 0, 1]),
+                fixed([192, 168, 7, 9], 16, Some([192, 168, 0, 1])),
             ),
             (
                 b"micro.ip=172.16.0.2 micro.gw=none",
-                [172, 16, 0, 2],
-                24,
-                None,
+                fixed([172, 16, 0, 2], 24, None),
             ),
         ];
-        for (cmdline, addr, prefix, gateway) in statics {
-            let want = IpConfig::Static {
-                addr,
-                prefix,
-                gateway,
-            };
+        for (cmdline, want) in cases {
             assert_eq!(ip_config(cmdline), want, "{cmdline:?}");
         }
         assert_eq!(ip_config(b"micro.ip=dhcp"), IpConfig::Dhcp);

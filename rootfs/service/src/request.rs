@@ -262,8 +262,25 @@ impl<'a> Request<'a> {
 mod tests {
     use super::*;
 
+    type Parsed<'a> = Result<Request<'a>, ParseError<'a>>;
+
+    /// A malformed number.
+    fn bad(arg: &[u8]) -> Parsed<'_> {
+        Err(ParseError::BadNumber(arg))
+    }
+
+    /// An argument too many.
+    fn extra(arg: &[u8]) -> Parsed<'_> {
+        Err(ParseError::UnexpectedArgument(arg))
+    }
+
+    /// An argument missing; `usage` is the request's form.
+    fn missing(usage: &'static str) -> Parsed<'static> {
+        Err(ParseError::MissingArgument(usage))
+    }
+
     /// Checks that each line, split at its separator, parses to its expected result.
-    fn check(cases: &[(&[u8], u8, Result<Request, ParseError>)]) {
+    fn check(cases: &[(&[u8], u8, Parsed)]) {
         for &(line, sep, want) in cases {
             let text = core::str::from_utf8(line);
             assert_eq!(Request::parse(line, sep), want, "{text:?}");
@@ -283,10 +300,10 @@ mod tests {
             (b"poweroff 7", b' ', Ok(Request::Poweroff(7))),
             (b"poweroff:255", b':', Ok(Request::Poweroff(255))),
             (b"load 16", b' ', Ok(Request::Load(16))),
-            (b"load 0", b' ', Err(ParseError::BadNumber(b"0"))),
-            (b"load 5000", b' ', Err(ParseError::BadNumber(b"5000"))),
+            (b"load 0", b' ', bad(b"0")),
+            (b"load 5000", b' ', bad(b"5000")),
             (b"query 12345", b' ', Ok(Request::Query(12345))),
-            (b"query", b' ', Err(ParseError::MissingArgument("query I"))),
+            (b"query", b' ', missing("query I")),
         ]);
     }
 
@@ -305,15 +322,11 @@ mod tests {
                 Ok(Request::Put(3, u64::MAX)),
             ),
             (b"put:3:99", b':', Ok(Request::Put(3, 99))),
-            (b"put 3", b' ', Err(ParseError::MissingArgument("put I V"))),
-            (b"put 3 x", b' ', Err(ParseError::BadNumber(b"x"))),
-            (b"put 3 4 5", b' ', Err(ParseError::BadNumber(b"4 5"))),
-            (
-                b"health now",
-                b' ',
-                Err(ParseError::UnexpectedArgument(b"now")),
-            ),
-            (b"get", b' ', Err(ParseError::MissingArgument("get I"))),
+            (b"put 3", b' ', missing("put I V")),
+            (b"put 3 x", b' ', bad(b"x")),
+            (b"put 3 4 5", b' ', bad(b"4 5")),
+            (b"health now", b' ', extra(b"now")),
+            (b"get", b' ', missing("get I")),
         ]);
     }
 
@@ -337,27 +350,17 @@ mod tests {
             let line = format!("scan 0 1 {k}");
             assert_eq!(Request::parse(line.as_bytes(), b' '), scan(0, 1, k));
         }
-        let usage = Err(ParseError::MissingArgument(
-            "scan FIRST_SECTOR SECTORS REQ_KIB",
-        ));
+        let usage = missing("scan FIRST_SECTOR SECTORS REQ_KIB");
         check(&[
             (b"scan", b' ', usage),
             (b"scan 0", b' ', usage),
             (b"scan 0 8", b' ', usage),
             (b"scan:0:8", b':', usage),
-            (
-                b"scan 0 8 4 9",
-                b' ',
-                Err(ParseError::UnexpectedArgument(b"9")),
-            ),
-            (
-                b"scan:0:8:4:9",
-                b':',
-                Err(ParseError::UnexpectedArgument(b"9")),
-            ),
-            (b"scan x 8 4", b' ', Err(ParseError::BadNumber(b"x"))),
-            (b"scan 0 -8 4", b' ', Err(ParseError::BadNumber(b"-8"))),
-            (b"scan 0 8 4k", b' ', Err(ParseError::BadNumber(b"4k"))),
+            (b"scan 0 8 4 9", b' ', extra(b"9")),
+            (b"scan:0:8:4:9", b':', extra(b"9")),
+            (b"scan x 8 4", b' ', bad(b"x")),
+            (b"scan 0 -8 4", b' ', bad(b"-8")),
+            (b"scan 0 8 4k", b' ', bad(b"4k")),
             (
                 b"scan 0 0 4",
                 b' ',
@@ -390,29 +393,17 @@ mod tests {
             (b"", b' ', Err(ParseError::Empty)),
             (b"   ", b' ', Err(ParseError::Empty)),
             (b"frob", b' ', Err(ParseError::UnknownCommand(b"frob"))),
-            (
-                b"primes",
-                b' ',
-                Err(ParseError::MissingArgument("primes N")),
-            ),
-            (b"primes x", b' ', Err(ParseError::BadNumber(b"x"))),
-            (b"primes -1", b' ', Err(ParseError::BadNumber(b"-1"))),
-            (
-                b"primes 10000000001",
-                b' ',
-                Err(ParseError::BadNumber(b"10000000001")),
-            ),
+            (b"primes", b' ', missing("primes N")),
+            (b"primes x", b' ', bad(b"x")),
+            (b"primes -1", b' ', bad(b"-1")),
+            (b"primes 10000000001", b' ', bad(b"10000000001")),
             (
                 b"primes 99999999999999999999999",
                 b' ',
-                Err(ParseError::BadNumber(b"99999999999999999999999")),
+                bad(b"99999999999999999999999"),
             ),
-            (b"poweroff 256", b' ', Err(ParseError::BadNumber(b"256"))),
-            (
-                b"stats now",
-                b' ',
-                Err(ParseError::UnexpectedArgument(b"now")),
-            ),
+            (b"poweroff 256", b' ', bad(b"256")),
+            (b"stats now", b' ', extra(b"now")),
         ]);
         let msg = format!("{}", ParseError::UnknownCommand(b"frob"));
         assert!(msg.starts_with("unknown command 'frob'"));
