@@ -236,6 +236,16 @@ impl Vmm {
         stdin.flush().expect("flush vmm stdin");
     }
 
+    /// Asks the guest for `stats` and then to power off with `code` (both on its console);
+    /// checks the exit status and returns the `ok stats` line and what the VMM left.
+    pub fn stats_and_poweroff(&mut self, code: u8, timeout: Duration) -> (String, Finished) {
+        self.send(&format!("stats\npoweroff {code}\n"));
+        let stats = self.expect_line(timeout, |l| l.starts_with("ok stats"));
+        let fin = self.finish(timeout);
+        assert_eq!(fin.code(), i32::from(code), "{fin:?}");
+        (stats, fin)
+    }
+
     /// Closes stdin.
     pub fn close_stdin(&mut self) {
         self.stdin = None;
@@ -324,14 +334,8 @@ pub fn vmm_status(sock: &str, timeout: Duration) -> String {
 
 /// An error and its causes, `: `-separated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(e) = src {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        src = e.source();
-    }
-    msg
+    let causes = std::iter::successors(Some(e), |e| e.source());
+    causes.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 /// Requests to the guest's service for tests: a transport failure panics, naming the request

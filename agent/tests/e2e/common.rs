@@ -13,26 +13,19 @@ use agent::client::Client;
 /// The dev board's token.
 pub const TOKEN: &str = "cloudlet-dev-token";
 
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("agent/ is in the workspace")
-        .to_path_buf()
-}
-
-/// `target/<profile>` of this test build.
-fn profile_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_agent"))
-        .parent()
-        .expect("agent binary dir")
-        .to_path_buf()
-}
-
-fn require(p: PathBuf, what: &str) -> PathBuf {
+/// What `cargo xtask test` builds before the tests run: the micro guest (`micro-guest`) or a
+/// binary of this test build beside `agent`. Panics, saying how to build it, when missing.
+fn built(name: &str) -> PathBuf {
+    let p = match name {
+        "micro-guest" => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("agent/ is in the workspace")
+            .join("target/guest/micro-guest"),
+        bin => Path::new(env!("CARGO_BIN_EXE_agent")).with_file_name(bin),
+    };
     assert!(
         p.exists(),
-        "{what} not found at {}: run `cargo xtask test` (it builds the guest and every binary first)",
+        "{name} not found at {}: run `cargo xtask test` (it builds the guest and every binary first)",
         p.display()
     );
     p
@@ -87,8 +80,8 @@ pub fn images() -> &'static Images {
     static I: OnceLock<Images> = OnceLock::new();
     I.get_or_init(|| {
         let dir = Scratch::new("images");
-        let guest = require(root().join("target/guest/micro-guest"), "the micro guest");
-        let ib = require(profile_dir().join("image-builder"), "image-builder");
+        let guest = built("micro-guest");
+        let ib = built("image-builder");
         let disk = dir.path("table.img");
         std::fs::write(
             &disk,

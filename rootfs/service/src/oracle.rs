@@ -93,9 +93,9 @@ mod tests {
 
     #[test]
     fn golden_values() {
-        assert_eq!(model_entry(0), 0x0200_0809_0b0d_0d0f);
-        assert_eq!(model_entry(5), 219_285_551_139_652_106);
         assert_eq!(query_reply(5), "ok query i=5 value=219285551139652106");
+        assert_eq!(model_entry(5), 219_285_551_139_652_106);
+        assert_eq!(model_entry(0), 0x0200_0809_0b0d_0d0f);
         assert_eq!(table_value(7), 17_418_742_259_747_381_416);
         assert_eq!(get_reply(7, 42), "ok get i=7 value=42");
         assert_eq!(
