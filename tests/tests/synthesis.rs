@@ -45,7 +45,7 @@ fn images() -> &'static Images {
             &base,
             "load:16,query:7",
             &overlay,
-            &["--keep-snapshot".as_ref(), custom.as_os_str()],
+            &["--keep-snapshot", arg(&custom)],
         );
         Images {
             _dir: dir,
@@ -56,44 +56,48 @@ fn images() -> &'static Images {
     })
 }
 
-/// `image-builder overlay` of `base` customised by `script` into `out`, with `extra`
-/// options.
-fn make_overlay(
-    base: &Path,
-    script: &str,
-    out: &Path,
-    extra: &[&std::ffi::OsStr],
-) -> cloudlet_tests::Finished {
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "overlay".as_ref(),
-        "--base".as_ref(),
-        base.as_os_str(),
-        "--script".as_ref(),
-        script.as_ref(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ];
-    args.extend_from_slice(extra);
+/// A scratch path as an argument.
+fn arg(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
+/// Runs `image-builder` with `args`, which must succeed.
+fn image_builder(args: &[&str]) -> cloudlet_tests::Finished {
     let fin = run_image_builder(args, T);
     assert_eq!(fin.code(), 0, "{fin:?}");
     fin
 }
 
-/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
-fn make_base(out: &Path, mem: &str, extra: &[&std::ffi::OsStr]) -> PathBuf {
-    let kernel = micro_guest();
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "base".as_ref(),
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--mem".as_ref(),
-        mem.as_ref(),
+/// `image-builder overlay` of `base` customised by `script` into `out`, with `extra`
+/// options.
+fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> cloudlet_tests::Finished {
+    let mut args = vec![
+        "overlay",
+        "--base",
+        arg(base),
+        "--script",
+        script,
+        "--out",
+        arg(out),
     ];
     args.extend_from_slice(extra);
-    let fin = run_image_builder(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    image_builder(&args)
+}
+
+/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
+fn make_base(out: &Path, mem: &str, extra: &[&str]) -> PathBuf {
+    let kernel = micro_guest();
+    let mut args = vec![
+        "base",
+        "--kernel",
+        arg(&kernel),
+        "--out",
+        arg(out),
+        "--mem",
+        mem,
+    ];
+    args.extend_from_slice(extra);
+    let fin = image_builder(&args);
     assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
     out.to_owned()
 }
@@ -131,8 +135,7 @@ fn base_is_small_and_verifiable() {
         on_disk <= 8 << 20,
         "base is {on_disk} bytes on disk, budget 8 MiB"
     );
-    let fin = run_image_builder(["verify".as_ref(), img.base.as_os_str()], T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    let fin = image_builder(&["verify", arg(&img.base)]);
     assert!(fin.stdout[0].contains("is intact"));
 }
 
@@ -328,22 +331,11 @@ fn bad_overlays_are_refused_before_any_vcpu_runs() {
     refused(&img.base, &write("empty", b""), "truncated");
 
     // An overlay for another base: a base with another command line has another id.
-    let other = s.path("other-base");
-    let fin = run_image_builder(
-        [
-            "base".as_ref(),
-            "--kernel".as_ref(),
-            micro_guest().as_os_str(),
-            "--out".as_ref(),
-            other.as_os_str(),
-            "--mem".as_ref(),
-            "128".as_ref(),
-            "--cmdline".as_ref(),
-            "console=ttyS0 other".as_ref(),
-        ],
-        T,
+    let other = make_base(
+        &s.path("other-base"),
+        "128",
+        &["--cmdline", "console=ttyS0 other"],
     );
-    assert_eq!(fin.code(), 0, "{fin:?}");
     refused(&other, &img.overlay, "applies to base");
 }
 
@@ -354,11 +346,7 @@ fn bad_overlays_are_refused_before_any_vcpu_runs() {
 fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
     let s = Scratch::new("synth-disk");
     let table = s.write("table.img", &table_image(5000, 1 << 20));
-    let base = make_base(
-        &s.path("base"),
-        "64",
-        &["--disk".as_ref(), table.as_os_str(), "--net".as_ref()],
-    );
+    let base = make_base(&s.path("base"), "64", &["--disk", arg(&table), "--net"]);
     let base_disk = base.join("disk");
     let before = file_digest(&base_disk);
     assert_eq!(
@@ -422,7 +410,7 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
 #[test]
 fn a_console_base_synthesises_and_answers_on_its_virtio_console() {
     let s = Scratch::new("synth-console");
-    let base = make_base(&s.path("base"), "64", &["--console".as_ref()]);
+    let base = make_base(&s.path("base"), "64", &["--console"]);
     let overlay = s.path("model.overlay");
     make_overlay(&base, "load:8", &overlay, &[]);
     // Typed before the VM exists: delivered into the console's receive buffers at start.

@@ -345,13 +345,10 @@ pub fn spawn_lines(cmd: &mut Command) -> (Child, Receiver<String>) {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let out = child.stdout.take().unwrap();
     let (tx, rx) = channel();
+    // Until the pipe closes or the receiver goes.
     std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
+        let lines = BufReader::new(out).lines().map_while(Result::ok);
+        lines.map(|l| tx.send(l)).take_while(Result::is_ok).count()
     });
     (child, rx)
 }
