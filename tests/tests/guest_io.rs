@@ -286,6 +286,11 @@ impl TableDisk {
         TableDisk { path, digest }
     }
 
+    /// The image's path as an argument.
+    fn arg(&self) -> String {
+        path_arg(&self.path)
+    }
+
     /// Checks the image still holds what was written.
     fn assert_unchanged(&self) {
         assert_eq!(
@@ -303,7 +308,7 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     let delta = s.path("disk.delta");
     let disk_args = [
         "--disk".to_string(),
-        path_arg(&base.path),
+        base.arg(),
         "--disk-delta".into(),
         path_arg(&delta),
     ];
@@ -355,8 +360,13 @@ fn read_only_disk_refuses_put_and_changes_nothing() {
     let s = Scratch::new("guest-io-ro");
     let base = TableDisk::new(&s);
     let delta = s.path("disk.delta");
-    let (b, d) = (path_arg(&base.path), path_arg(&delta));
-    let g = Guest::boot(&["--disk", &b, "--disk-delta", &d, "--disk-read-only"]);
+    let g = Guest::boot(&[
+        "--disk",
+        &base.arg(),
+        "--disk-delta",
+        &path_arg(&delta),
+        "--disk-read-only",
+    ]);
     let mut c = g.conn();
     let disk = c.ask("disk");
     assert_eq!(
@@ -465,8 +475,8 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
     let base = TableDisk::new(&s);
     let sock = s.path("vm.sock");
     let snap = s.path("snap");
-    let (b, k) = (path_arg(&base.path), path_arg(&sock));
-    let g = Guest::boot(&["--disk", &b, "--api-sock", &k]);
+    let k = path_arg(&sock);
+    let g = Guest::boot(&["--disk", &base.arg(), "--api-sock", &k]);
     let mut c = g.conn();
     let puts = [(3u64, 777u64), (150_000, 123_456_789)];
     put_all(&mut c, &puts);
