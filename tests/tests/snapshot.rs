@@ -47,7 +47,14 @@ fn wait_line(log: &Path, prefix: &str) -> String {
     let deadline = Instant::now() + T;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+        // Whole lines only: the guest may be writing the last one right now.
+        let whole = text
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'));
+        if let Some(l) = whole
+            .map(|l| l.trim_end_matches('\r'))
+            .find(|l| l.starts_with(prefix))
+        {
             return l.to_string();
         }
         assert!(Instant::now() < deadline, "no line {prefix:?} in {text:?}");
