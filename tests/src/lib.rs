@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: where the built artefacts are, a `vmm` process
-//! driver with timeouts (a test never hangs on a stuck guest), and builders for tiny test
-//! kernels (raw ELF and bzImage files made byte by byte).
+//! driver with timeouts (a test never hangs on a stuck guest), the `vmm` control commands,
+//! requests to the guest's service that panic with the reason ([`Ask`]), and builders for
+//! tiny test kernels (raw ELF and bzImage files made byte by byte).
 //!
 //! The artefacts are built by `cargo xtask test` before the tests run; a test that cannot find
 //! one fails and says how to build it.
@@ -235,6 +236,16 @@ impl Vmm {
         stdin.flush().expect("flush vmm stdin");
     }
 
+    /// Asks the guest for `stats` and then to power off with `code` (both on its console);
+    /// checks the exit status and returns the `ok stats` line and what the VMM left.
+    pub fn stats_and_poweroff(&mut self, code: u8, timeout: Duration) -> (String, Finished) {
+        self.send(&format!("stats\npoweroff {code}\n"));
+        let stats = self.expect_line(timeout, |l| l.starts_with("ok stats"));
+        let fin = self.finish(timeout);
+        assert_eq!(fin.code(), i32::from(code), "{fin:?}");
+        (stats, fin)
+    }
+
     /// Closes stdin.
     pub fn close_stdin(&mut self) {
         self.stdin = None;
@@ -296,6 +307,49 @@ where
     let mut v = Vmm::spawn(args);
     v.close_stdin();
     v.finish(timeout)
+}
+
+/// `vmm snapshot` of the VM behind control socket `sock` into `out` (left paused if
+/// `stay_paused`); panics unless it succeeds.
+pub fn vmm_snapshot(sock: &str, out: &Path, stay_paused: bool, timeout: Duration) -> Finished {
+    let out = out.display().to_string();
+    let mut args = vec!["snapshot", "--api-sock", sock, "--out", &out];
+    if stay_paused {
+        args.push("--stay-paused");
+    }
+    let fin = run_vmm(args, timeout);
+    assert_eq!(fin.code(), 0, "vmm snapshot: {fin:?}");
+    fin
+}
+
+/// The first line of `vmm status` for the VM behind control socket `sock` (`running …`,
+/// `paused …`).
+pub fn vmm_status(sock: &str, timeout: Duration) -> String {
+    let fin = run_vmm(["status", "--api-sock", sock], timeout);
+    fin.stdout
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("vmm status printed nothing: {fin:?}"))
+}
+
+/// An error and its causes, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let causes = std::iter::successors(Some(e), |e| e.source());
+    causes.map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+/// Requests to the guest's service for tests: a transport failure panics, naming the request
+/// and the cause.
+pub trait Ask {
+    /// Sends `request` and returns its reply.
+    fn ask(&mut self, request: &str) -> String;
+}
+
+impl Ask for micro_service::client::Client {
+    fn ask(&mut self, request: &str) -> String {
+        self.request(request)
+            .unwrap_or_else(|e| panic!("request {request:?} failed: {}", error_chain(&e)))
+    }
 }
 
 /// Load address of the tiny test kernels.

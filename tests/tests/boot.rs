@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use cloudlet_tests::{micro_guest, run_vmm, Scratch, Vmm};
+use micro_service::client::field;
+use micro_service::oracle::prime_count;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -19,10 +21,19 @@ fn guest_args(cmdline: &str) -> Vec<String> {
     ]
 }
 
-/// The value of `key=` in a reply line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+/// Runs `vmm` with `args` (a `micro.run` with one `primes` and `poweroff:0`), checks it
+/// exits with 0, and returns its output and the `primes` reply's count.
+fn primes_count(args: Vec<String>) -> (cloudlet_tests::Finished, String) {
+    let fin = run_vmm(args, T);
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    let count = fin
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("ok primes"))
+        .and_then(|l| field(l, "count"))
+        .unwrap_or_else(|| panic!("no `ok primes … count=` line: {fin:?}"))
+        .to_string();
+    (fin, count)
 }
 
 #[test]
@@ -108,15 +119,9 @@ fn serves_requests_typed_on_the_serial_console() {
 fn pvh_entry_boots_the_same_guest() {
     let mut args = guest_args("micro.run=primes:1000,poweroff:0");
     args.extend(["--boot".into(), "pvh".into()]);
-    let fin = run_vmm(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    let (fin, count) = primes_count(args);
     assert!(fin.stdout[0].starts_with("micro-guest "));
-    let l = fin
-        .stdout
-        .iter()
-        .find(|l| l.starts_with("ok primes"))
-        .unwrap();
-    assert_eq!(field(l, "count"), Some("168"));
+    assert_eq!(count, prime_count(1000).to_string());
 }
 
 #[test]
@@ -125,14 +130,8 @@ fn boots_with_two_vcpus_and_large_memory_above_4_gib() {
     // 3.5 GiB: part of the RAM is placed above the 4 GiB boundary.
     args[4] = "3584".into();
     args.extend(["--vcpus".into(), "2".into()]);
-    let fin = run_vmm(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
-    let l = fin
-        .stdout
-        .iter()
-        .find(|l| l.starts_with("ok primes"))
-        .unwrap();
-    assert_eq!(field(l, "count"), Some("9592"));
+    let (_, count) = primes_count(args);
+    assert_eq!(count, prime_count(100_000).to_string());
 }
 
 #[test]

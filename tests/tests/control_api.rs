@@ -78,10 +78,8 @@ fn snapshot_through_the_socket_and_restore_from_the_command_line() {
 
     // The restored VM has served `echo before` and not `echo after`.
     let mut r = Vmm::spawn(["restore", "--snapshot", &snap.display().to_string()]);
-    r.send("stats\npoweroff 6\n");
-    let stats = r.expect_line(T, |l| l.starts_with("ok stats"));
+    let (stats, _) = r.stats_and_poweroff(6, T);
     assert!(stats.contains("requests=2"), "{stats}");
-    assert_eq!(r.finish(T).code(), 6);
 }
 
 #[test]

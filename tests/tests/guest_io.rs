@@ -4,16 +4,19 @@
 //! δ (in a file, read-only, carried in a snapshot), whole disk ranges read with `scan` in
 //! requests of 4 to 64 KiB, with every answer checked against values computed here.
 //!
-//! The wire protocol (docs/micro-guest.md, rootfs/service/src/frame.rs) is implemented here
-//! independently: a `u32` little-endian length, then that many bytes of UTF-8, both ways.
+//! The host side of the protocol is `micro_service::client` and the expected answers come
+//! from `micro_service::oracle`, which is written independently of the guest's code.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cloudlet_tests::{file_digest, micro_guest, run_vmm, Scratch, Vmm};
+use cloudlet_tests::{
+    error_chain, file_digest, micro_guest, run_vmm, vmm_snapshot, vmm_status, Ask, Scratch, Vmm,
+};
+use micro_service::client::{field, Client};
+use micro_service::oracle::{get_reply, prime_count, table_image, table_value, word_sum};
 use vmm::snapshot::DISK_DELTA_FILE;
 
 /// Timeout for anything a VM does (boot, exit, a reply) on a loaded 2-core host.
@@ -21,141 +24,26 @@ const T: Duration = Duration::from_secs(30);
 /// The guest's service address on the user-mode network.
 const GUEST_SERVICE: &str = "10.0.2.15:80";
 
-// ---------------------------------------------------------------------------------------
-// Reference values, computed independently of the guest.
-
-/// Number of primes ≤ `n` (sieve of Eratosthenes).
-fn prime_count(n: usize) -> usize {
-    if n < 2 {
-        return 0;
-    }
-    let mut composite = vec![false; n + 1];
-    let mut count = 0;
-    for i in 2..=n {
-        if !composite[i] {
-            count += 1;
-            let mut j = i * i;
-            while j <= n {
-                composite[j] = true;
-                j += i;
-            }
-        }
-    }
-    count
-}
-
-/// The value this file's table images hold in entry `i` (the same as
-/// `microclient.py mkdisk`).
-fn table_value(i: u64) -> u64 {
-    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// A disk image of `size` bytes holding a table of `entries` entries (format of
-/// rootfs/service/src/table.rs): sector 0 = `CLDTABLE`, u32 version 1, u32 0, u64 count;
-/// entry `i` is a little-endian u64 at byte 512 + 8 i.
-fn table_image(entries: u64, size: usize) -> Vec<u8> {
-    let mut img = vec![0u8; size];
-    img[..8].copy_from_slice(b"CLDTABLE");
-    img[8..12].copy_from_slice(&1u32.to_le_bytes());
-    img[16..24].copy_from_slice(&entries.to_le_bytes());
-    for i in 0..entries {
-        let at = 512 + 8 * i as usize;
-        img[at..at + 8].copy_from_slice(&table_value(i).to_le_bytes());
-    }
-    img
-}
-
-// ---------------------------------------------------------------------------------------
-// The client side of the protocol.
-
-/// One connection to the guest's service.
-struct Conn(TcpStream);
-
-impl Conn {
-    /// Connects to `addr` with generous timeouts on every read and write.
-    fn open(addr: SocketAddr) -> std::io::Result<Conn> {
-        let s = TcpStream::connect_timeout(&addr, T)?;
-        s.set_read_timeout(Some(T))?;
-        s.set_write_timeout(Some(T))?;
-        s.set_nodelay(true)?;
-        Ok(Conn(s))
-    }
-
-    /// Sends one request frame.
-    fn send(&mut self, text: &str) -> std::io::Result<()> {
-        let mut frame = Vec::with_capacity(4 + text.len());
-        frame.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        frame.extend_from_slice(text.as_bytes());
-        self.0.write_all(&frame)
-    }
-
-    /// Reads one reply frame.
-    fn recv(&mut self) -> std::io::Result<String> {
-        let mut head = [0u8; 4];
-        self.0.read_exact(&mut head)?;
-        let len = u32::from_le_bytes(head) as usize;
-        if len > 64 * 1024 {
-            return Err(std::io::Error::other(format!(
-                "reply announces {len} bytes, far beyond the protocol's limit"
-            )));
-        }
-        let mut body = vec![0u8; len];
-        self.0.read_exact(&mut body)?;
-        String::from_utf8(body).map_err(std::io::Error::other)
-    }
-
-    /// One request and its reply.
-    fn try_request(&mut self, text: &str) -> std::io::Result<String> {
-        self.send(text)?;
-        self.recv()
-    }
-
-    /// One request and its reply; panics (saying which request) on a transport error.
-    fn request(&mut self, text: &str) -> String {
-        self.try_request(text)
-            .unwrap_or_else(|e| panic!("request {text:?} failed: {e}"))
-    }
-}
-
 /// How long one attempt of [`connect_when_up`] waits for `health` before trying a new
 /// connection (a reply takes well under a millisecond; this allows for a loaded host).
 const ATTEMPT: Duration = Duration::from_secs(3);
 
 /// Connects to the service at `addr` once it answers `health`, retrying with a new
 /// connection (the forward or the guest's stack may not be up yet) until `T` has passed.
-fn connect_when_up(addr: SocketAddr) -> Conn {
-    let deadline = Instant::now() + T;
-    loop {
-        let attempt = Conn::open(addr).and_then(|mut c| {
-            c.0.set_read_timeout(Some(ATTEMPT))?;
-            let r = c.try_request("health")?;
-            c.0.set_read_timeout(Some(T))?;
-            Ok((c, r))
-        });
-        let last_err = match attempt {
-            Ok((c, r)) if r == "ok health" => return c,
-            Ok((_, r)) => panic!("the service at {addr} answered `health` with {r:?}"),
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "the guest service at {addr} did not answer `health` within {T:?} (last error: {last_err})"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn connect_when_up(addr: SocketAddr) -> Client {
+    Client::connect_when_up(addr, T, ATTEMPT)
+        .unwrap_or_else(|e| panic!("the guest service at {addr}: {}", error_chain(&e)))
+}
+
+/// A connection to `addr` (no `health` first); `what` names it when that fails.
+fn open(addr: SocketAddr, what: &str) -> Client {
+    Client::connect(addr, T).unwrap_or_else(|e| panic!("{what}: {}", error_chain(&e)))
 }
 
 /// A host TCP port that was free a moment ago (bound, read, released).
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local address").port()
-}
-
-/// The value of `key=` in a reply.
-fn field<'a>(reply: &'a str, key: &str) -> Option<&'a str> {
-    reply
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// The expected reply to `primes n`, checked field by field (the compute time varies).
@@ -217,8 +105,31 @@ impl Guest {
     }
 
     /// A connection to the service, once it answers.
-    fn conn(&self) -> Conn {
+    fn conn(&self) -> Client {
         connect_when_up(self.addr)
+    }
+
+    /// `vmm restore` of `snap` with the service forwarded from a free host port (no banner:
+    /// a restored guest prints none).
+    fn restore(snap: &Path) -> Guest {
+        let port = free_port();
+        let args = vec![
+            "restore".into(),
+            "--snapshot".into(),
+            path_arg(snap),
+            "--forward".into(),
+            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
+        ];
+        Guest::spawn(args, port, false)
+    }
+
+    /// Stops the VM over its control socket `sock` and checks the VMM exits with 0.
+    fn stop(self, sock: &str) {
+        let stop = run_vmm(["stop", "--api-sock", sock], T);
+        assert_eq!(stop.code(), 0, "vmm stop: {stop:?}");
+        let mut vmm = self.vmm;
+        let fin = vmm.finish(T);
+        assert_eq!(fin.code(), 0, "a stopped VM's vmm exits with 0: {fin:?}");
     }
 
     /// Powers the guest off through its serial console and checks the VMM exits with 0.
@@ -240,38 +151,38 @@ fn path_arg(p: &Path) -> String {
 fn forwarded_port_serves_verified_replies() {
     let g = Guest::boot(&[]);
     let mut c = g.conn();
-    assert_eq!(c.request("health"), "ok health");
-    assert_eq!(c.request("echo hello host"), "ok echo hello host");
+    assert_eq!(c.ask("health"), "ok health");
+    assert_eq!(c.ask("echo hello host"), "ok echo hello host");
     for n in [10usize, 1000, 65_537, 1_000_000] {
-        check_primes(&c.request(&format!("primes {n}")), n);
+        check_primes(&c.ask(&format!("primes {n}")), n);
     }
-    let reply = c.request("primes 1000000");
+    let reply = c.ask("primes 1000000");
     assert_eq!(
         field(&reply, "count"),
         Some("78498"),
         "π(10^6) = 78498: {reply:?}"
     );
-    let net = c.request("net");
+    let net = c.ask("net");
     assert_eq!(
         field(&net, "ip"),
         Some("10.0.2.15/24"),
         "the guest's default address on the user-mode network: {net:?}"
     );
     assert!(
-        c.request("frobnicate").starts_with("err unknown command"),
+        c.ask("frobnicate").starts_with("err unknown command"),
         "an unknown command is an error reply"
     );
     // The largest request the protocol allows comes back whole.
     let big = "b".repeat(1024 - "echo ".len());
-    assert_eq!(c.request(&format!("echo {big}")), format!("ok echo {big}"));
+    assert_eq!(c.ask(&format!("echo {big}")), format!("ok echo {big}"));
     // A longer one is refused and the connection ends; the service goes on.
-    let reply = c.request(&format!("echo {big}x"));
+    let reply = c.ask(&format!("echo {big}x"));
     assert!(
         reply.starts_with("err request too long"),
         "a request over 1024 bytes is refused: {reply:?}"
     );
     let mut c = g.conn();
-    let stats = c.request("stats");
+    let stats = c.ask("stats");
     assert!(
         field(&stats, "requests").is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 10)),
         "stats counts the requests served: {stats:?}"
@@ -285,11 +196,9 @@ fn hundred_sequential_connections_all_answer() {
     let g = Guest::boot(&[]);
     drop(g.conn());
     for i in 0..100 {
-        let mut c = Conn::open(g.addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
-        let reply = c
-            .try_request(&format!("echo seq {i}"))
-            .unwrap_or_else(|e| panic!("connection {i} of 100 got no reply: {e}"));
-        assert_eq!(reply, format!("ok echo seq {i}"), "connection {i}");
+        let mut c = open(g.addr, &format!("connection {i}"));
+        let reply = c.ask(&format!("echo seq {i}"));
+        assert_eq!(reply, format!("ok echo seq {i}"), "connection {i} of 100");
     }
     g.poweroff();
 }
@@ -302,16 +211,17 @@ fn sixteen_concurrent_connections_all_answer() {
     let threads: Vec<_> = (0..16)
         .map(|t| {
             std::thread::spawn(move || {
-                let mut c = Conn::open(addr).unwrap_or_else(|e| panic!("client {t}: {e}"));
+                let mut c = open(addr, &format!("client {t}"));
                 for k in 0..20 {
                     let text = format!("echo client {t} request {k}");
-                    let reply = c
-                        .try_request(&text)
-                        .unwrap_or_else(|e| panic!("client {t}, request {k}: {e}"));
-                    assert_eq!(reply, format!("ok {text}"), "client {t}, request {k}");
+                    assert_eq!(
+                        c.ask(&text),
+                        format!("ok {text}"),
+                        "client {t}, request {k}"
+                    );
                 }
                 let n = 1000 + 37 * t;
-                let reply = c.request(&format!("primes {n}"));
+                let reply = c.ask(&format!("primes {n}"));
                 check_primes(&reply, n);
             })
         })
@@ -335,7 +245,7 @@ const DISK_BYTES: usize = 2 << 20;
 const PROBES: [u64; 8] = [0, 1, 63, 64, 511, 512, 100_003, ENTRIES - 1];
 
 /// Checks `get i` for every probe against the image's values, except `changed` entries.
-fn check_table(c: &mut Conn, changed: &[(u64, u64)]) {
+fn check_table(c: &mut Client, changed: &[(u64, u64)]) {
     for i in PROBES
         .iter()
         .copied()
@@ -346,9 +256,48 @@ fn check_table(c: &mut Conn, changed: &[(u64, u64)]) {
             .find(|&&(j, _)| j == i)
             .map_or(table_value(i), |&(_, v)| v);
         assert_eq!(
-            c.request(&format!("get {i}")),
-            format!("ok get i={i} value={want}"),
+            c.ask(&format!("get {i}")),
+            get_reply(i, want),
             "entry {i} of the table"
+        );
+    }
+}
+
+/// Writes each `(i, v)` with `put i v` and checks the replies.
+fn put_all(c: &mut Client, puts: &[(u64, u64)]) {
+    for &(i, v) in puts {
+        assert_eq!(
+            c.ask(&format!("put {i} {v}")),
+            format!("ok put i={i} value={v}")
+        );
+    }
+}
+
+/// The test table as a scratch disk image, its digest taken to check it is never written.
+struct TableDisk {
+    path: PathBuf,
+    digest: u64,
+}
+
+impl TableDisk {
+    /// Writes `table.img` in `s`.
+    fn new(s: &Scratch) -> TableDisk {
+        let path = s.write("table.img", &table_image(ENTRIES, DISK_BYTES));
+        let digest = file_digest(&path);
+        TableDisk { path, digest }
+    }
+
+    /// The image's path as an argument.
+    fn arg(&self) -> String {
+        path_arg(&self.path)
+    }
+
+    /// Checks the image still holds what was written.
+    fn assert_unchanged(&self) {
+        assert_eq!(
+            file_digest(&self.path),
+            self.digest,
+            "the base image is never written"
         );
     }
 }
@@ -356,12 +305,11 @@ fn check_table(c: &mut Conn, changed: &[(u64, u64)]) {
 #[test]
 fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     let s = Scratch::new("guest-io-disk");
-    let base = s.write("table.img", &table_image(ENTRIES, DISK_BYTES));
+    let base = TableDisk::new(&s);
     let delta = s.path("disk.delta");
-    let before = file_digest(&base);
     let disk_args = [
         "--disk".to_string(),
-        path_arg(&base),
+        base.arg(),
         "--disk-delta".into(),
         path_arg(&delta),
     ];
@@ -370,7 +318,7 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     let g = Guest::boot(&args);
     let mut c = g.conn();
     assert_eq!(
-        c.request("disk"),
+        c.ask("disk"),
         format!(
             "ok disk sectors={} ro=0 magic=CLDTABLE entries={ENTRIES}",
             DISK_BYTES / 512
@@ -378,7 +326,7 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
         "the guest sees the whole disk and the table header"
     );
     check_table(&mut c, &[]);
-    let reply = c.request(&format!("get {ENTRIES}"));
+    let reply = c.ask(&format!("get {ENTRIES}"));
     assert!(
         reply.starts_with("err") && reply.contains("beyond"),
         "an entry past the table is an error: {reply:?}"
@@ -386,12 +334,7 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     let delta_len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let empty = delta_len(&delta);
     let puts = [(7u64, 4242u64), (100_003, u64::MAX), (ENTRIES - 1, 0)];
-    for (i, v) in puts {
-        assert_eq!(
-            c.request(&format!("put {i} {v}")),
-            format!("ok put i={i} value={v}")
-        );
-    }
+    put_all(&mut c, &puts);
     check_table(&mut c, &puts);
     assert!(delta.exists(), "--disk-delta creates {}", delta.display());
     assert!(
@@ -402,11 +345,7 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     );
     drop(c);
     g.poweroff();
-    assert_eq!(
-        file_digest(&base),
-        before,
-        "the base image is never written"
-    );
+    base.assert_unchanged();
 
     // A second VM on the same base and the same δ file sees the writes.
     let g = Guest::boot(&args);
@@ -414,30 +353,30 @@ fn disk_get_reads_the_table_and_put_lands_in_the_delta_file() {
     check_table(&mut c, &puts);
     drop(c);
     g.poweroff();
-    assert_eq!(
-        file_digest(&base),
-        before,
-        "the base image is never written"
-    );
+    base.assert_unchanged();
 }
 
 #[test]
 fn read_only_disk_refuses_put_and_changes_nothing() {
     let s = Scratch::new("guest-io-ro");
-    let base = s.write("table.img", &table_image(ENTRIES, DISK_BYTES));
+    let base = TableDisk::new(&s);
     let delta = s.path("disk.delta");
-    let before = file_digest(&base);
-    let (b, d) = (path_arg(&base), path_arg(&delta));
-    let g = Guest::boot(&["--disk", &b, "--disk-delta", &d, "--disk-read-only"]);
+    let g = Guest::boot(&[
+        "--disk",
+        &base.arg(),
+        "--disk-delta",
+        &path_arg(&delta),
+        "--disk-read-only",
+    ]);
     let mut c = g.conn();
-    let disk = c.request("disk");
+    let disk = c.ask("disk");
     assert_eq!(
         field(&disk, "ro"),
         Some("1"),
         "the guest sees a read-only disk: {disk:?}"
     );
     let delta_before = std::fs::read(&delta).unwrap_or_default();
-    let reply = c.request("put 7 4242");
+    let reply = c.ask("put 7 4242");
     assert!(
         reply.starts_with("err") && reply.contains("read-only"),
         "a put on a read-only disk is an error reply: {reply:?}"
@@ -450,20 +389,12 @@ fn read_only_disk_refuses_put_and_changes_nothing() {
         delta_before,
         "the δ file is unchanged by a refused put"
     );
-    assert_eq!(
-        file_digest(&base),
-        before,
-        "the base image is never written"
-    );
+    base.assert_unchanged();
 }
 
-/// The `scan` checksum of `sectors` sectors of `img` from `first`: the wrapping sum of the
-/// little-endian u64 words.
+/// The `scan` checksum of `sectors` sectors of `img` from `first`.
 fn scan_sum(img: &[u8], first: usize, sectors: usize) -> u64 {
-    img[first * 512..(first + sectors) * 512]
-        .chunks_exact(8)
-        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-        .fold(0u64, u64::wrapping_add)
+    word_sum(&img[first * 512..(first + sectors) * 512])
 }
 
 #[test]
@@ -486,7 +417,7 @@ fn disk_scan_reads_ranges_in_requests_of_any_allowed_size() {
         (sectors - 1, 1, 4),
     ];
     for (first, n, k) in ranges {
-        let reply = c.request(&format!("scan {first} {n} {k}"));
+        let reply = c.ask(&format!("scan {first} {n} {k}"));
         let want = format!(
             "ok scan sectors={n} req_kib={k} sum={} us=",
             scan_sum(&img, first, n)
@@ -496,26 +427,26 @@ fn disk_scan_reads_ranges_in_requests_of_any_allowed_size() {
             "`scan {first} {n} {k}` answered {reply:?}, expected {want:?}…"
         );
     }
-    let reply = c.request(&format!("scan {} 2 4", sectors - 1));
+    let reply = c.ask(&format!("scan {} 2 4", sectors - 1));
     assert!(
         reply.starts_with("err") && reply.contains("beyond the end of the disk"),
         "a scan past the end is refused: {reply:?}"
     );
-    let reply = c.request("scan 0 8 6");
+    let reply = c.ask("scan 0 8 6");
     assert!(
         reply.starts_with("err bad argument '6'"),
         "a request size that is not a multiple of 4 KiB is refused: {reply:?}"
     );
-    let reply = c.request("scan 0 8 128");
+    let reply = c.ask("scan 0 8 128");
     assert!(
         reply.starts_with("err bad argument '128'"),
         "a request size above 64 KiB is refused: {reply:?}"
     );
     // A scan reads what a put wrote (through the δ) and leaves the table cache alone.
     check_table(&mut c, &[]);
-    assert_eq!(c.request("put 7 4242"), "ok put i=7 value=4242");
+    assert_eq!(c.ask("put 7 4242"), "ok put i=7 value=4242");
     img[512 + 8 * 7..512 + 8 * 8].copy_from_slice(&4242u64.to_le_bytes());
-    let reply = c.request("scan 0 64 64");
+    let reply = c.ask("scan 0 64 64");
     assert_eq!(
         field(&reply, "sum"),
         Some(scan_sum(&img, 0, 64).to_string().as_str()),
@@ -542,64 +473,31 @@ fn disk_scan_reads_ranges_in_requests_of_any_allowed_size() {
 #[test]
 fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
     let s = Scratch::new("guest-io-snap");
-    let base = s.write("table.img", &table_image(ENTRIES, DISK_BYTES));
-    let before = file_digest(&base);
+    let base = TableDisk::new(&s);
     let sock = s.path("vm.sock");
     let snap = s.path("snap");
-    let (b, k) = (path_arg(&base), path_arg(&sock));
-    let g = Guest::boot(&["--disk", &b, "--api-sock", &k]);
+    let k = path_arg(&sock);
+    let g = Guest::boot(&["--disk", &base.arg(), "--api-sock", &k]);
     let mut c = g.conn();
     let puts = [(3u64, 777u64), (150_000, 123_456_789)];
-    for (i, v) in puts {
-        assert_eq!(
-            c.request(&format!("put {i} {v}")),
-            format!("ok put i={i} value={v}")
-        );
-    }
-    check_primes(&c.request("primes 100000"), 100_000);
-    assert_eq!(c.request("echo before snapshot"), "ok echo before snapshot");
+    put_all(&mut c, &puts);
+    check_primes(&c.ask("primes 100000"), 100_000);
+    assert_eq!(c.ask("echo before snapshot"), "ok echo before snapshot");
 
     // Without --stay-paused the VM goes on serving after its snapshot.
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &k,
-            "--out",
-            &path_arg(&s.path("snap-running")),
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
-    let status = run_vmm(["status", "--api-sock", &k], T);
+    vmm_snapshot(&k, &s.path("snap-running"), false, T);
+    let status = vmm_status(&k, T);
     assert!(
-        status
-            .stdout
-            .first()
-            .is_some_and(|l| l.starts_with("running")),
+        status.starts_with("running"),
         "without --stay-paused the VM resumes after the snapshot: {status:?}"
     );
-    assert_eq!(c.request("echo still here"), "ok echo still here");
+    assert_eq!(c.ask("echo still here"), "ok echo still here");
     drop(c);
 
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &k,
-            "--out",
-            &path_arg(&snap),
-            "--stay-paused",
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
-    let status = run_vmm(["status", "--api-sock", &k], T);
+    vmm_snapshot(&k, &snap, true, T);
+    let status = vmm_status(&k, T);
     assert!(
-        status
-            .stdout
-            .first()
-            .is_some_and(|l| l.starts_with("paused")),
+        status.starts_with("paused"),
         "--stay-paused leaves the VM paused: {status:?}"
     );
     assert!(
@@ -607,34 +505,19 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
         "the snapshot carries the disk δ ({})",
         snap.join(DISK_DELTA_FILE).display()
     );
-    let stop = run_vmm(["stop", "--api-sock", &k], T);
-    assert_eq!(stop.code(), 0, "vmm stop: {stop:?}");
-    let mut vmm = g.vmm;
-    let fin = vmm.finish(T);
-    assert_eq!(fin.code(), 0, "a stopped VM's vmm exits with 0: {fin:?}");
+    g.stop(&k);
     let snap_delta = file_digest(&snap.join(DISK_DELTA_FILE));
 
     // Restore with the service on another host port; the disk comes from the snapshot.
-    let port = free_port();
-    let restored = Guest::spawn(
-        vec![
-            "restore".into(),
-            "--snapshot".into(),
-            path_arg(&snap),
-            "--forward".into(),
-            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
-        ],
-        port,
-        false,
-    );
+    let restored = Guest::restore(&snap);
     // `connect_when_up` retries if the service is not up yet.
     let mut c = restored.conn();
     check_table(&mut c, &puts);
-    assert_eq!(c.request("echo after restore"), "ok echo after restore");
-    check_primes(&c.request("primes 1000000"), 1_000_000);
+    assert_eq!(c.ask("echo after restore"), "ok echo after restore");
+    check_primes(&c.ask("primes 1000000"), 1_000_000);
     // Writes after the restore go to the restored VM's δ, not to the snapshot or the base.
-    assert_eq!(c.request("put 4 9"), "ok put i=4 value=9");
-    assert_eq!(c.request("get 4"), "ok get i=4 value=9");
+    assert_eq!(c.ask("put 4 9"), "ok put i=4 value=9");
+    assert_eq!(c.ask("get 4"), "ok get i=4 value=9");
     drop(c);
     restored.poweroff();
     assert_eq!(
@@ -642,11 +525,7 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
         snap_delta,
         "the snapshot's δ is not written by the restored VM"
     );
-    assert_eq!(
-        file_digest(&base),
-        before,
-        "the base image is never written"
-    );
+    base.assert_unchanged();
 }
 
 /// Regression: the user-mode network used to number its connections to the guest from
@@ -661,52 +540,28 @@ fn restored_vm_answers_the_first_connection_while_an_old_one_is_open() {
     let k = path_arg(&sock);
     let g = Guest::boot(&["--api-sock", &k]);
     let mut old = g.conn();
-    assert_eq!(old.request("echo open"), "ok echo open");
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &k,
-            "--out",
-            &path_arg(&snap),
-            "--stay-paused",
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
-    let stop = run_vmm(["stop", "--api-sock", &k], T);
-    assert_eq!(stop.code(), 0, "vmm stop: {stop:?}");
-    let mut vmm = g.vmm;
-    assert_eq!(vmm.finish(T).code(), 0);
+    assert_eq!(old.ask("echo open"), "ok echo open");
+    vmm_snapshot(&k, &snap, true, T);
+    g.stop(&k);
     drop(old);
 
-    let port = free_port();
-    let restored = Guest::spawn(
-        vec![
-            "restore".into(),
-            "--snapshot".into(),
-            path_arg(&snap),
-            "--forward".into(),
-            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
-        ],
-        port,
-        false,
-    );
+    let restored = Guest::restore(&snap);
     // Retry only until the forward listens; then one connection must be served.
     let deadline = Instant::now() + T;
     let mut c = loop {
-        match Conn::open(restored.addr) {
+        match Client::connect(restored.addr, T) {
             Ok(c) => break c,
             Err(e) => assert!(
                 Instant::now() < deadline,
-                "the restored VM's forward never listened: {e}"
+                "the restored VM's forward never listened: {}",
+                error_chain(&e)
             ),
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    c.0.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_timeout(Duration::from_secs(10)).unwrap();
     let t0 = Instant::now();
-    let reply = c.try_request("health");
+    let reply = c.request("health");
     assert!(
         matches!(reply.as_deref(), Ok("ok health")),
         "the first forwarded connection after a restore got {reply:?} after {:?}: the \
@@ -721,20 +576,30 @@ fn restored_vm_answers_the_first_connection_while_an_old_one_is_open() {
 // ---------------------------------------------------------------------------------------
 // TAP backend, in a network namespace of the test's own.
 
-/// Runs `ip` with `args`; the error says what failed.
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Why an `ip` command failed.
+#[derive(Debug, thiserror::Error)]
+enum IpError {
+    /// It did not run.
+    #[error("cannot run `ip` (iproute2)")]
+    Spawn(#[source] std::io::Error),
+    /// It ran and failed.
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+/// Runs `ip` with `args`.
+fn ip(args: &[&str]) -> Result<(), IpError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
+        .map_err(IpError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(IpError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -750,7 +615,7 @@ impl NetNs {
     fn create(name: &str) -> NetNs {
         // One of this name can only be left over from a killed run with this process id.
         let _ = ip(&["netns", "del", name]);
-        ip(&["netns", "add", name]).unwrap_or_else(|e| panic!("{e}"));
+        ip(&["netns", "add", name]).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         // From here on the guard deletes the namespace, even if the next steps fail.
         let ns = NetNs {
             name: name.to_string(),
@@ -764,7 +629,7 @@ impl NetNs {
     fn ip(&self, args: &[&str]) {
         let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
-        ip(&all).unwrap_or_else(|e| panic!("{e}"));
+        ip(&all).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     }
 
     /// Creates TAP `tap` in the namespace, gives it `cidr` and brings it up.
@@ -821,10 +686,12 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         for tap in &self.taps {
             if let Err(e) = ip(&["-n", &self.name, "link", "del", tap]) {
+                let e = error_chain(&e);
                 eprintln!("warning: could not delete TAP {tap} in {}: {e}", self.name);
             }
         }
         if let Err(e) = ip(&["netns", "del", &self.name]) {
+            let e = error_chain(&e);
             eprintln!(
                 "warning: could not delete network namespace {}: {e}",
                 self.name
@@ -877,19 +744,19 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
 
     ns.run(|| {
         let mut c = connect_when_up(addr);
-        let reply = c.request("net");
+        let reply = c.ask("net");
         assert_eq!(
             field(&reply, "ip"),
             Some(format!("{net}.2/24").as_str()),
             "the guest takes its address from micro.ip: {reply:?}"
         );
-        assert_eq!(c.request("echo over tap"), "ok echo over tap");
-        check_primes(&c.request("primes 1000000"), 1_000_000);
+        assert_eq!(c.ask("echo over tap"), "ok echo over tap");
+        check_primes(&c.ask("primes 1000000"), 1_000_000);
         drop(c);
         for i in 0..20 {
-            let mut c = Conn::open(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            let mut c = open(addr, &format!("connection {i}"));
             assert_eq!(
-                c.request(&format!("echo tap {i}")),
+                c.ask(&format!("echo tap {i}")),
                 format!("ok echo tap {i}"),
                 "connection {i} over the TAP"
             );
@@ -902,12 +769,12 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
                 .map(|t| {
                     s.spawn(move || {
                         ns.enter();
-                        let mut c = Conn::open(addr).unwrap_or_else(|e| panic!("client {t}: {e}"));
+                        let mut c = open(addr, &format!("client {t}"));
                         for k in 0..10 {
                             let text = format!("echo tap client {t} request {k}");
-                            assert_eq!(c.request(&text), format!("ok {text}"), "client {t}");
+                            assert_eq!(c.ask(&text), format!("ok {text}"), "client {t}");
                         }
-                        check_primes(&c.request(&format!("primes {}", 1000 + t)), 1000 + t);
+                        check_primes(&c.ask(&format!("primes {}", 1000 + t)), 1000 + t);
                     })
                 })
                 .collect();
@@ -934,12 +801,8 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
     // address and answers them with an HTTP error): the guest is reached only if it answers
     // the probe.
     let probe = format!("echo isolation probe {pid}");
-    let from_root = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let mut c = Conn(s);
-        c.try_request(&probe)
-    });
+    let from_root =
+        Client::connect(addr, Duration::from_secs(2)).and_then(|mut c| c.request(&probe));
     assert!(
         !matches!(&from_root, Ok(r) if r.starts_with("ok echo")),
         "the guest at {addr} must answer only inside namespace {}, but the root namespace \

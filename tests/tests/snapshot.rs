@@ -2,10 +2,10 @@
 //! computation continues exactly where it was after restore; several VMs restored from one
 //! snapshot are independent; a damaged snapshot is refused before any vCPU runs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cloudlet_tests::{file_digest, micro_guest, Scratch};
+use cloudlet_tests::{error_chain, file_digest, micro_guest, Scratch};
 use format::base::{MEMORY, STATE};
 use vmm::builder::{build_for_boot, build_from_snapshot, RestoreConfig};
 use vmm::config::{SerialOutput, VmConfig};
@@ -48,7 +48,14 @@ fn wait_line(log: &Path, prefix: &str) -> String {
     let deadline = Instant::now() + T;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+        // Whole lines only: the guest may be writing the last one right now.
+        let whole = text
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'));
+        if let Some(l) = whole
+            .map(|l| l.trim_end_matches('\r'))
+            .find(|l| l.starts_with(prefix))
+        {
             return l.to_string();
         }
         assert!(Instant::now() < deadline, "no line {prefix:?} in {text:?}");
@@ -57,10 +64,20 @@ fn wait_line(log: &Path, prefix: &str) -> String {
 }
 
 fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    micro_service::client::field(line, key)
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+/// Boots the micro guest with `mem_mib` MiB (serial to `s`'s `boot.log`), snapshots it once
+/// it is up into `s`'s `snap` and ends it; returns the snapshot's directory.
+fn booted_snapshot(s: &Scratch, mem_mib: u64) -> PathBuf {
+    let boot_log = s.path("boot.log");
+    let m = boot(&boot_log, mem_mib);
+    wait_line(&boot_log, "micro-guest");
+    let snap = s.path("snap");
+    m.snapshot(&snap).unwrap();
+    snap
 }
 
 fn send(m: &Machine, text: &str) {
@@ -114,12 +131,7 @@ fn guest_continues_exactly_where_it_was_snapshotted() {
 #[test]
 fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
     let s = Scratch::new("snap-two");
-    let boot_log = s.path("boot.log");
-    let m = boot(&boot_log, 64);
-    wait_line(&boot_log, "micro-guest");
-    let snap = s.path("snap");
-    m.snapshot(&snap).unwrap();
-    drop(m);
+    let snap = booted_snapshot(&s, 64);
     let (mem_digest, state_digest) = (
         file_digest(&snap.join(MEMORY)),
         file_digest(&snap.join(STATE)),
@@ -150,12 +162,7 @@ fn vms_restored_from_one_snapshot_are_independent_and_leave_it_unchanged() {
 #[test]
 fn damaged_snapshots_are_refused_before_anything_runs() {
     let s = Scratch::new("snap-bad");
-    let boot_log = s.path("boot.log");
-    let m = boot(&boot_log, 16);
-    wait_line(&boot_log, "micro-guest");
-    let snap = s.path("snap");
-    m.snapshot(&snap).unwrap();
-    drop(m);
+    let snap = booted_snapshot(&s, 16);
     let state = std::fs::read(snap.join(STATE)).unwrap();
     let cfg = |dir: &Path| RestoreConfig {
         snapshot: dir.to_owned(),
@@ -173,14 +180,7 @@ fn damaged_snapshots_are_refused_before_anything_runs() {
         mutate(&dir);
         let err = build_from_snapshot(&cfg(&dir)).map(|_| ()).unwrap_err();
         assert!(!s.path("never.log").exists(), "{name}: nothing ran");
-        let mut msg = err.to_string();
-        let mut src = std::error::Error::source(&err);
-        while let Some(e) = src {
-            msg.push_str(": ");
-            msg.push_str(&e.to_string());
-            src = e.source();
-        }
-        msg
+        error_chain(&err)
     };
     let flipped = refused("flip", &|d| {
         let mut b = state.clone();

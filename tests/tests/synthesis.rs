@@ -8,18 +8,22 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cloudlet_tests::{file_digest, micro_guest, run_image_builder, run_vmm, Scratch, Vmm};
+use cloudlet_tests::{
+    file_digest, micro_guest, run_image_builder, run_vmm, vmm_snapshot, Scratch, Vmm,
+};
 use format::base::{DISK, KERNEL, MANIFEST, MEMORY, STATE};
+use micro_service::oracle::{get_reply, model_entry, query_reply, table_image, table_value};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Entry `i` of the guest's model table: SplitMix64's finaliser of i+1, masked (an
-/// independent implementation of rootfs/service's model.rs).
-fn model_entry(i: u64) -> u64 {
-    let mut z = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
+/// Sends `query I` for each of `indices` on `vm`'s console and checks each answer against
+/// the oracle.
+fn check_queries(vm: &mut Vmm, indices: &[u64]) {
+    for &i in indices {
+        vm.send(&format!("query {i}\n"));
+        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
+        assert_eq!(l, query_reply(i));
+    }
 }
 
 /// One base, one 16 MiB-model overlay (with the customised snapshot kept), shared by the
@@ -38,21 +42,12 @@ fn images() -> &'static Images {
         let base = make_base(&dir.path("base"), "128", &[]);
         let overlay = dir.path("model.overlay");
         let custom = dir.path("custom");
-        let fin = run_image_builder(
-            [
-                "overlay".as_ref(),
-                "--base".as_ref(),
-                base.as_os_str(),
-                "--script".as_ref(),
-                "load:16,query:7".as_ref(),
-                "--keep-snapshot".as_ref(),
-                custom.as_os_str(),
-                "--out".as_ref(),
-                overlay.as_os_str(),
-            ],
-            T,
+        make_overlay(
+            &base,
+            "load:16,query:7",
+            &overlay,
+            &["--keep-snapshot", arg(&custom)],
         );
-        assert_eq!(fin.code(), 0, "{fin:?}");
         Images {
             _dir: dir,
             base,
@@ -62,21 +57,48 @@ fn images() -> &'static Images {
     })
 }
 
-/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
-fn make_base(out: &Path, mem: &str, extra: &[&std::ffi::OsStr]) -> PathBuf {
-    let kernel = micro_guest();
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "base".as_ref(),
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--mem".as_ref(),
-        mem.as_ref(),
-    ];
-    args.extend_from_slice(extra);
+/// A scratch path as an argument.
+fn arg(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
+/// Runs `image-builder` with `args`, which must succeed.
+fn image_builder(args: &[&str]) -> cloudlet_tests::Finished {
     let fin = run_image_builder(args, T);
     assert_eq!(fin.code(), 0, "{fin:?}");
+    fin
+}
+
+/// `image-builder overlay` of `base` customised by `script` into `out`, with `extra`
+/// options.
+fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> cloudlet_tests::Finished {
+    let mut args = vec![
+        "overlay",
+        "--base",
+        arg(base),
+        "--script",
+        script,
+        "--out",
+        arg(out),
+    ];
+    args.extend_from_slice(extra);
+    image_builder(&args)
+}
+
+/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
+fn make_base(out: &Path, mem: &str, extra: &[&str]) -> PathBuf {
+    let kernel = micro_guest();
+    let mut args = vec![
+        "base",
+        "--kernel",
+        arg(&kernel),
+        "--out",
+        arg(out),
+        "--mem",
+        mem,
+    ];
+    args.extend_from_slice(extra);
+    let fin = image_builder(&args);
     assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
     out.to_owned()
 }
@@ -91,22 +113,6 @@ fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
     a
-}
-
-/// Snapshots the VM behind control socket `sock` into `dir` (the VM goes on); returns `dir`.
-fn snapshot_of(sock: &str, dir: &Path) -> PathBuf {
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            sock,
-            "--out",
-            &dir.display().to_string(),
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
-    dir.to_owned()
 }
 
 fn digests(dir: &Path) -> Vec<u64> {
@@ -130,8 +136,7 @@ fn base_is_small_and_verifiable() {
         on_disk <= 8 << 20,
         "base is {on_disk} bytes on disk, budget 8 MiB"
     );
-    let fin = run_image_builder(["verify".as_ref(), img.base.as_os_str()], T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    let fin = image_builder(&["verify", arg(&img.base)]);
     assert!(fin.stdout[0].contains("is intact"));
 }
 
@@ -155,18 +160,7 @@ fn identical_and_answers(name: &str, mode: &[&str]) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let snap = s.path("snap");
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &sock.display().to_string(),
-            "--out",
-            &snap.display().to_string(),
-            "--stay-paused",
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "{out:?}");
+    vmm_snapshot(&sock_arg, &snap, true, T);
     assert_eq!(
         file_digest(&snap.join(MEMORY)),
         file_digest(&img.custom.join(MEMORY)),
@@ -174,16 +168,10 @@ fn identical_and_answers(name: &str, mode: &[&str]) {
     );
     let ok = run_vmm(["resume", "--api-sock", &sock.display().to_string()], T);
     assert_eq!(ok.code(), 0);
-    for i in [0u64, 7, 123_456, 2_097_151] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
-    vm.send("stats\npoweroff 0\n");
-    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
+    check_queries(&mut vm, &[0, 7, 123_456, 2_097_151]);
+    let (stats, _) = vm.stats_and_poweroff(0, T);
     // load and query ran while the overlay was made; the 4 queries and stats here.
     assert!(stats.contains("requests=7"), "{stats}");
-    assert_eq!(vm.finish(T).code(), 0);
 }
 
 /// Lazy synthesis with the background fill held back: every page the guest needs comes
@@ -201,14 +189,11 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
         &["-v", "--prefetch-delay-ms", "1500", "--api-sock", &sock_arg],
     ));
     // Entries spread over the 16 MiB table: each lies in a different chunk.
-    for i in [5u64, 700_000, 1_400_001, 2_097_151, 3] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
+    check_queries(&mut vm, &[5, 700_000, 1_400_001, 2_097_151, 3]);
     // A snapshot waits for the fill; the model table must then be complete in its memory
     // image (the table lives at guest physical 16 MiB), even where no query touched it.
-    let snap = snapshot_of(&sock_arg, &s.path("snap"));
+    let snap = s.path("snap");
+    vmm_snapshot(&sock_arg, &snap, false, T);
     let image = std::fs::read(snap.join(MEMORY)).unwrap();
     for i in [1u64, 1_048_576, 2_000_000] {
         let at = (16 << 20) + 8 * i as usize;
@@ -217,10 +202,7 @@ fn lazy_synthesis_serves_first_touches_through_faults() {
     }
     vm.send("query 1048576\npoweroff 0\n");
     let l = vm.expect_line(T, |l| l.starts_with("ok query"));
-    assert_eq!(
-        l,
-        format!("ok query i=1048576 value={}", model_entry(1_048_576))
-    );
+    assert_eq!(l, query_reply(1_048_576));
     let done = vm.finish(T);
     assert_eq!(done.code(), 0, "{}", done.stderr);
     let faults: u64 = done
@@ -287,7 +269,7 @@ fn two_vms_share_the_base_and_not_each_others_writes() {
     b.send("query 200000\n");
     assert_eq!(
         b.expect_line(T, |l| l.starts_with("ok query")),
-        format!("ok query i=200000 value={}", model_entry(200_000)),
+        query_reply(200_000),
         "b does not see a's writes"
     );
     // Both map the base memory file and share its clean pages through the page cache.
@@ -350,43 +332,12 @@ fn bad_overlays_are_refused_before_any_vcpu_runs() {
     refused(&img.base, &write("empty", b""), "truncated");
 
     // An overlay for another base: a base with another command line has another id.
-    let other = s.path("other-base");
-    let fin = run_image_builder(
-        [
-            "base".as_ref(),
-            "--kernel".as_ref(),
-            micro_guest().as_os_str(),
-            "--out".as_ref(),
-            other.as_os_str(),
-            "--mem".as_ref(),
-            "128".as_ref(),
-            "--cmdline".as_ref(),
-            "console=ttyS0 other".as_ref(),
-        ],
-        T,
+    let other = make_base(
+        &s.path("other-base"),
+        "128",
+        &["--cmdline", "console=ttyS0 other"],
     );
-    assert_eq!(fin.code(), 0, "{fin:?}");
     refused(&other, &img.overlay, "applies to base");
-}
-
-/// Value the table generator stores in entry `i` (an independent copy of the rule in
-/// rootfs/service's table.rs).
-fn table_value(i: u64) -> u64 {
-    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// A disk table image: sector 0 = "CLDTABLE", version 1, reserved, entry count; entry i is a
-/// u64 LE at 512 + 8 i.
-fn table_image(entries: u64, bytes: usize) -> Vec<u8> {
-    let mut d = vec![0u8; bytes];
-    d[..8].copy_from_slice(b"CLDTABLE");
-    d[8..12].copy_from_slice(&1u32.to_le_bytes());
-    d[16..24].copy_from_slice(&entries.to_le_bytes());
-    for i in 0..entries {
-        let at = 512 + 8 * i as usize;
-        d[at..at + 8].copy_from_slice(&table_value(i).to_le_bytes());
-    }
-    d
 }
 
 /// A base with a root disk and a NIC; an overlay whose customisation wrote the disk. The
@@ -396,11 +347,7 @@ fn table_image(entries: u64, bytes: usize) -> Vec<u8> {
 fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
     let s = Scratch::new("synth-disk");
     let table = s.write("table.img", &table_image(5000, 1 << 20));
-    let base = make_base(
-        &s.path("base"),
-        "64",
-        &["--disk".as_ref(), table.as_os_str(), "--net".as_ref()],
-    );
+    let base = make_base(&s.path("base"), "64", &["--disk", arg(&table), "--net"]);
     let base_disk = base.join(DISK);
     let before = file_digest(&base_disk);
     assert_eq!(
@@ -409,19 +356,7 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
         "the base keeps the disk as given"
     );
     let overlay = s.path("app.overlay");
-    let fin = run_image_builder(
-        [
-            "overlay".as_ref(),
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--script".as_ref(),
-            "put:7:42,put:4000:9".as_ref(),
-            "--out".as_ref(),
-            overlay.as_os_str(),
-        ],
-        T,
-    );
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    let fin = make_overlay(&base, "put:7:42,put:4000:9", &overlay, &[]);
     assert!(
         fin.stdout[0].contains("disk δ: 2 blocks"),
         "entries 7 and 4000 lie in two disk blocks: {fin:?}"
@@ -437,9 +372,10 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
     ] {
         vm.send(&format!("get {i}\n"));
         let l = vm.expect_line(T, |l| l.starts_with("ok get") || l.starts_with("err"));
-        assert_eq!(l, format!("ok get i={i} value={want}"));
+        assert_eq!(l, get_reply(i, want));
     }
-    let snap = snapshot_of(&sock_arg, &s.path("snap"));
+    let snap = s.path("snap");
+    vmm_snapshot(&sock_arg, &snap, false, T);
     vm.send("poweroff 0\n");
     assert_eq!(vm.finish(T).code(), 0);
     let state = vmm::snapshot::read_state(&snap).unwrap();
@@ -475,36 +411,13 @@ fn disk_delta_travels_in_the_overlay_and_the_base_disk_is_never_written() {
 #[test]
 fn a_console_base_synthesises_and_answers_on_its_virtio_console() {
     let s = Scratch::new("synth-console");
-    let base = make_base(&s.path("base"), "64", &["--console".as_ref()]);
+    let base = make_base(&s.path("base"), "64", &["--console"]);
     let overlay = s.path("model.overlay");
-    let fin = run_image_builder(
-        [
-            "overlay".as_ref(),
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--script".as_ref(),
-            "load:8".as_ref(),
-            "--out".as_ref(),
-            overlay.as_os_str(),
-        ],
-        T,
-    );
-    assert_eq!(fin.code(), 0, "{fin:?}");
+    make_overlay(&base, "load:8", &overlay, &[]);
     // Typed before the VM exists: delivered into the console's receive buffers at start.
     let mut vm = Vmm::spawn(synth_args(&base, &overlay, &[]));
-    vm.send("query 5\n");
-    let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-    assert_eq!(l, format!("ok query i=5 value={}", model_entry(5)));
-    for i in [0u64, 1_048_575] {
-        vm.send(&format!("query {i}\n"));
-        let l = vm.expect_line(T, |l| l.starts_with("ok query") || l.starts_with("err"));
-        assert_eq!(l, format!("ok query i={i} value={}", model_entry(i)));
-    }
-    vm.send("stats\npoweroff 0\n");
-    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
-    assert!(stats.ends_with(" console=virtio"), "{stats}");
-    vm.expect_line(T, |l| l == "ok poweroff code=0");
-    assert_eq!(vm.finish(T).code(), 0);
+    check_queries(&mut vm, &[5, 0, 1_048_575]);
+    powers_off_on_the_virtio_console(vm);
 }
 
 /// `vmm run --console` boots the micro guest with its console on virtio: banner, a request
@@ -521,11 +434,19 @@ fn run_with_a_console_talks_over_virtio() {
         "--console".into(),
     ]);
     vm.expect_line(T, |l| l.starts_with("micro-guest "));
-    vm.send("primes 1000\nstats\npoweroff 0\n");
+    vm.send("primes 1000\n");
     let l = vm.expect_line(T, |l| l.starts_with("ok primes"));
     assert!(l.starts_with("ok primes N=1000 count=168"), "{l}");
-    let stats = vm.expect_line(T, |l| l.starts_with("ok stats"));
+    powers_off_on_the_virtio_console(vm);
+}
+
+/// `stats` and `poweroff 0` on `vm`'s console: the guest says its console is virtio and
+/// answers the power-off there.
+fn powers_off_on_the_virtio_console(mut vm: Vmm) {
+    let (stats, fin) = vm.stats_and_poweroff(0, T);
     assert!(stats.ends_with(" console=virtio"), "{stats}");
-    vm.expect_line(T, |l| l == "ok poweroff code=0");
-    assert_eq!(vm.finish(T).code(), 0);
+    assert!(
+        fin.stdout.iter().any(|l| l == "ok poweroff code=0"),
+        "{fin:?}"
+    );
 }

@@ -5,16 +5,19 @@
 //! stages them into a fresh data directory, starts the agent with the dev board on loopback,
 //! discovers it over mDNS with the client library (`cloudlet discover`), starts the service
 //! over the HTTP API, sends requests through the forwarded port and checks every answer
-//! against an independent implementation (`query I` against the model's formula, `get I`
-//! against the disk table written here), prints the timings and stops everything.
+//! against the reference oracle (`micro_service::oracle`: `query I` against the model's
+//! formula, `get I` against the disk table written here), prints the timings and stops everything.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use micro_service::client::{field, Client, DEFAULT_TIMEOUT};
+use micro_service::oracle;
 use serde_json::Value;
 
 use crate::util::{cargo, run, step, target_dir};
@@ -24,32 +27,8 @@ pub const TOKEN: &str = "cloudlet-dev-token";
 /// Entries in the demo's disk table.
 pub const TABLE_ENTRIES: u64 = 5000;
 
-/// Entry `i` of the sample service's model table (rootfs/service/src/model.rs), computed here
-/// independently.
-pub fn model_entry(i: u64) -> u64 {
-    let mut z = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) & 0x0f0f_0f0f_0f0f_0f0f
-}
-
-/// Entry `i` of the disk table this module writes.
-pub fn table_value(i: u64) -> u64 {
-    (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// A 1 MiB disk image with the table (rootfs/service/src/table.rs layout).
-fn table_image() -> Vec<u8> {
-    let mut img = vec![0u8; 1 << 20];
-    img[..8].copy_from_slice(b"CLDTABLE");
-    img[8..12].copy_from_slice(&1u32.to_le_bytes());
-    img[16..24].copy_from_slice(&TABLE_ENTRIES.to_le_bytes());
-    for i in 0..TABLE_ENTRIES {
-        let at = 512 + 8 * i as usize;
-        img[at..at + 8].copy_from_slice(&table_value(i).to_le_bytes());
-    }
-    img
-}
+/// The model's reference values, for `bench agent` (which checks the same service).
+pub use micro_service::oracle::model_entry;
 
 /// Release binaries and the demo's images.
 pub struct Prepared {
@@ -70,7 +49,7 @@ pub fn prepare(work: &Path) -> Result<Prepared> {
     let bin = target_dir().join("release");
     std::fs::create_dir_all(work)?;
     let disk = work.join("table.img");
-    std::fs::write(&disk, table_image())?;
+    std::fs::write(&disk, oracle::table_image(TABLE_ENTRIES, 1 << 20))?;
     let base = work.join("base");
     step("making the base image (guest booted to ready, disk table, NIC)");
     run(Command::new(bin.join("image-builder"))
@@ -252,42 +231,54 @@ pub fn api(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<V
     serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON: {text}"))
 }
 
-/// A connection speaking the guest's framed protocol.
-pub struct Guest(TcpStream);
+/// A connection to an instance's service: the shared guest client with its default timeout.
+pub struct Guest(Client);
 
 impl Guest {
-    /// Connects.
+    /// Connects to `endpoint` (`IP:PORT`).
     pub fn connect(endpoint: &str) -> Result<Guest> {
-        let s = TcpStream::connect(endpoint).with_context(|| format!("connect {endpoint}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_nodelay(true)?;
-        Ok(Guest(s))
+        Ok(Guest(Client::connect(endpoint, DEFAULT_TIMEOUT)?))
     }
+}
 
-    /// One request → reply.
-    pub fn request(&mut self, r: &str) -> Result<String> {
-        let mut frame = (r.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(r.as_bytes());
-        self.0.write_all(&frame)?;
-        let mut h = [0u8; 4];
-        self.0.read_exact(&mut h)?;
-        let n = u32::from_le_bytes(h) as usize;
-        if n > 4096 {
-            bail!("reply of {n} bytes");
-        }
-        let mut b = vec![0u8; n];
-        self.0.read_exact(&mut b)?;
-        Ok(String::from_utf8(b)?)
+impl Deref for Guest {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.0
     }
+}
 
-    /// Sends `r` and fails unless the reply is `want`.
-    pub fn expect(&mut self, r: &str, want: &str) -> Result<()> {
-        let got = self.request(r)?;
-        if got != want {
-            bail!("'{r}' answered '{got}', expected '{want}'");
-        }
-        Ok(())
+impl DerefMut for Guest {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.0
     }
+}
+
+/// A service instance the agent started.
+pub struct Instance {
+    /// Its id.
+    pub id: String,
+    /// Its service's `IP:PORT`.
+    pub endpoint: String,
+    /// The agent's JSON for it (timings and all).
+    pub json: Value,
+}
+
+/// `POST /v1/instances` of `service` on the agent at `addr`.
+pub fn start_instance(addr: &str, service: &str) -> Result<Instance> {
+    let body = serde_json::json!({ "service": service }).to_string();
+    let json = api(addr, "POST", "/v1/instances", Some(&body))?;
+    let field = |k: &str| {
+        json[k]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no {k} in {json}"))
+    };
+    Ok(Instance {
+        id: field("id")?,
+        endpoint: field("endpoint")?,
+        json,
+    })
 }
 
 /// Runs `cloudlet discover --json --wait-for ID`; returns the appliance's JSON.
@@ -350,47 +341,43 @@ pub fn demo() -> Result<()> {
 
     step("starting the sample service (POST /v1/instances)");
     let t = Instant::now();
-    let inst = api(
-        &addr,
-        "POST",
-        "/v1/instances",
-        Some(r#"{"service":"model"}"#),
-    )?;
+    let Instance {
+        id,
+        endpoint,
+        json: inst,
+    } = start_instance(&addr, "model")?;
     let start_ms = t.elapsed().as_secs_f64() * 1e3;
-    let id = inst["id"].as_str().context("no id")?.to_string();
-    let endpoint = inst["endpoint"]
-        .as_str()
-        .context("no endpoint")?
-        .to_string();
     println!("instance {id} running at {endpoint}");
 
     step("sending requests through the forwarded port, checking every answer");
     let t = Instant::now();
     let mut g = Guest::connect(&endpoint)?;
-    g.expect("query 5", &format!("ok query i=5 value={}", model_entry(5)))?;
+    g.expect("query 5", &oracle::query_reply(5))?;
     let first_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut checked = 1;
     let t = Instant::now();
     for k in 0..200u64 {
         let i = (k * 10_007) % (2 << 20);
-        g.expect(
-            &format!("query {i}"),
-            &format!("ok query i={i} value={}", model_entry(i)),
-        )?;
+        g.expect(&format!("query {i}"), &oracle::query_reply(i))?;
         let j = (k * 37) % TABLE_ENTRIES;
         g.expect(
             &format!("get {j}"),
-            &format!("ok get i={j} value={}", table_value(j)),
+            &oracle::get_reply(j, oracle::table_value(j)),
         )?;
         checked += 2;
     }
     let per_req_us = t.elapsed().as_secs_f64() * 1e6 / 400.0;
     let primes = g.request("primes 1000000")?;
-    if !primes.starts_with("ok primes N=1000000 count=78498 ") {
-        bail!("primes 1000000 answered '{primes}'");
+    let pi = oracle::prime_count(1_000_000);
+    let count = pi.to_string();
+    if !primes.starts_with("ok primes ")
+        || field(&primes, "N") != Some("1000000")
+        || field(&primes, "count") != Some(&count)
+    {
+        bail!("primes 1000000 answered '{primes}', expected count={pi}");
     }
     checked += 1;
-    println!("{checked} answers checked (query against the model formula, get against the disk table, π(10^6) = 78498)");
+    println!("{checked} answers checked (query against the model formula, get against the disk table, π(10^6) = {pi})");
     drop(g);
 
     step("stopping the instance and the agent");

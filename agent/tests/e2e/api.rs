@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use agent::client::Client;
 use agent::store::sha256_file;
 
 use crate::common::{images, verify_guest, wait_for, AgentProc, TOKEN};
@@ -86,73 +87,76 @@ fn start_call_stop_and_the_read_routes() {
     assert!(m.contains("cloudlet_instances{state=\"running\"} 0"), "{m}");
 }
 
+/// The start request of the sample service.
+const START_MODEL: &[u8] = br#"{"service":"model"}"#;
+
+/// Sends `method path` (with `body` as JSON, and `c`'s token unless it is a GET), checks the
+/// answer is `status`, and that each `(key, needle)` names a JSON string field holding
+/// `needle`.
+fn refused(
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    status: u16,
+    json: &[(&str, &str)],
+) {
+    let r = c.raw(method, path, body, method != "GET").unwrap();
+    assert_eq!(r.status, status, "{method} {path}: {r:?}");
+    for (key, needle) in json {
+        assert!(
+            r.json()[key].as_str().unwrap().contains(needle),
+            "{method} {path}: {key} should hold {needle:?}: {r:?}"
+        );
+    }
+}
+
+/// `POST /v1/instances` of the sample service by `c`, refused with `status` (see
+/// [`refused`]).
+fn start_refused(c: &Client, status: u16, json: &[(&str, &str)]) {
+    refused(c, "POST", "/v1/instances", Some(START_MODEL), status, json);
+}
+
 /// 404 for an unknown service, 400 with the parser's message for malformed JSON, 401 for a
 /// missing or wrong token (and nothing started), JSON errors with hints everywhere.
 #[test]
 fn errors_and_authentication() {
     let a = AgentProc::start("errors", &[]);
     let c = a.client();
-    let r = c
-        .raw(
-            "POST",
-            "/v1/instances",
-            Some(br#"{"service":"nope"}"#),
-            true,
-        )
-        .unwrap();
-    assert_eq!(r.status, 404, "{r:?}");
-    assert!(r.json()["error"].as_str().unwrap().contains("nope"));
-    assert!(r.json()["hint"].as_str().unwrap().contains("/v1/services"));
-    let r = c
-        .raw("POST", "/v1/instances", Some(br#"{"service": "#), true)
-        .unwrap();
-    assert_eq!(r.status, 400, "{r:?}");
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("EOF while parsing"),
-        "{r:?}"
+    let post = "/v1/instances";
+    refused(
+        &c,
+        "POST",
+        post,
+        Some(br#"{"service":"nope"}"#),
+        404,
+        &[("error", "nope"), ("hint", "/v1/services")],
     );
-    let r = c
-        .raw("POST", "/v1/instances", Some(br#"{"svc": "model"}"#), true)
-        .unwrap();
-    assert_eq!(r.status, 400, "{r:?}");
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field"),
-        "{r:?}"
+    refused(
+        &c,
+        "POST",
+        post,
+        Some(br#"{"service": "#),
+        400,
+        &[("error", "EOF while parsing")],
     );
-    for who in [
-        a.anon(),
-        agent::client::Client::new(&a.url, Some("wrong-token")),
-    ] {
-        let r = who
-            .raw(
-                "POST",
-                "/v1/instances",
-                Some(br#"{"service":"model"}"#),
-                true,
-            )
-            .unwrap();
-        assert_eq!(r.status, 401, "{r:?}");
-        assert!(r.json()["hint"].as_str().unwrap().contains("Bearer"));
-        let r = who.raw("DELETE", "/v1/services/model", None, true).unwrap();
-        assert_eq!(r.status, 401);
+    refused(
+        &c,
+        "POST",
+        post,
+        Some(br#"{"svc": "model"}"#),
+        400,
+        &[("error", "unknown field")],
+    );
+    for who in [a.anon(), Client::new(&a.url, Some("wrong-token"))] {
+        start_refused(&who, 401, &[("hint", "Bearer")]);
+        refused(&who, "DELETE", "/v1/services/model", None, 401, &[]);
     }
     assert!(c.instances().unwrap().is_empty());
     assert_eq!(c.services().unwrap().len(), 1);
-    let r = c.raw("GET", "/v1/services/nope", None, false).unwrap();
-    assert_eq!(r.status, 404);
-    let r = c
-        .raw("GET", "/v1/instances/i-00000000", None, false)
-        .unwrap();
-    assert_eq!(r.status, 404);
-    let r = c.raw("GET", "/v2/nothing", None, false).unwrap();
-    assert_eq!(r.status, 404);
-    assert!(r.json()["hint"].as_str().unwrap().contains("openapi"));
+    refused(&c, "GET", "/v1/services/nope", None, 404, &[]);
+    refused(&c, "GET", "/v1/instances/i-00000000", None, 404, &[]);
+    refused(&c, "GET", "/v2/nothing", None, 404, &[("hint", "openapi")]);
 }
 
 /// max_vms and the memory reserve → 503 with the reason; a freed slot is usable again.
@@ -162,19 +166,7 @@ fn limits_refuse_with_503() {
     let c = a.client();
     let i1 = c.start("model").unwrap();
     let _i2 = c.start("model").unwrap();
-    let r = c
-        .raw(
-            "POST",
-            "/v1/instances",
-            Some(br#"{"service":"model"}"#),
-            true,
-        )
-        .unwrap();
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(
-        r.json()["error"].as_str().unwrap().contains("max_vms"),
-        "{r:?}"
-    );
+    start_refused(&c, 503, &[("error", "max_vms")]);
     c.delete(&i1.id).unwrap();
     let i3 = c.start("model").unwrap();
     verify_guest(&i3.endpoint);
@@ -184,16 +176,7 @@ fn limits_refuse_with_503() {
     let b = AgentProc::start("limits-mem", &[("memory_mib = 1024", "memory_mib = 64")]);
     let c = b.client();
     c.start("model").unwrap();
-    let r = c
-        .raw(
-            "POST",
-            "/v1/instances",
-            Some(br#"{"service":"model"}"#),
-            true,
-        )
-        .unwrap();
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(r.json()["error"].as_str().unwrap().contains("MiB"), "{r:?}");
+    start_refused(&c, 503, &[("error", "MiB")]);
 }
 
 /// Sends a raw HTTP request and returns the status line's code.

@@ -13,26 +13,19 @@ use agent::client::Client;
 /// The dev board's token.
 pub const TOKEN: &str = "cloudlet-dev-token";
 
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("agent/ is in the workspace")
-        .to_path_buf()
-}
-
-/// `target/<profile>` of this test build.
-fn profile_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_agent"))
-        .parent()
-        .expect("agent binary dir")
-        .to_path_buf()
-}
-
-fn require(p: PathBuf, what: &str) -> PathBuf {
+/// What `cargo xtask test` builds before the tests run: the micro guest (`micro-guest`) or a
+/// binary of this test build beside `agent`. Panics, saying how to build it, when missing.
+fn built(name: &str) -> PathBuf {
+    let p = match name {
+        "micro-guest" => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("agent/ is in the workspace")
+            .join("target/guest/micro-guest"),
+        bin => Path::new(env!("CARGO_BIN_EXE_agent")).with_file_name(bin),
+    };
     assert!(
         p.exists(),
-        "{what} not found at {}: run `cargo xtask test` (it builds the guest and every binary first)",
+        "{name} not found at {}: run `cargo xtask test` (it builds the guest and every binary first)",
         p.display()
     );
     p
@@ -87,10 +80,14 @@ pub fn images() -> &'static Images {
     static I: OnceLock<Images> = OnceLock::new();
     I.get_or_init(|| {
         let dir = Scratch::new("images");
-        let guest = require(root().join("target/guest/micro-guest"), "the micro guest");
-        let ib = require(profile_dir().join("image-builder"), "image-builder");
+        let guest = built("micro-guest");
+        let ib = built("image-builder");
         let disk = dir.path("table.img");
-        std::fs::write(&disk, agent::guest::table_image(TABLE_ENTRIES, 1 << 20)).unwrap();
+        std::fs::write(
+            &disk,
+            micro_service::oracle::table_image(TABLE_ENTRIES, 1 << 20),
+        )
+        .unwrap();
         let base = dir.path("base");
         let out = Command::new(&ib)
             .args(["base", "--kernel"])
@@ -348,32 +345,25 @@ pub fn spawn_lines(cmd: &mut Command) -> (Child, Receiver<String>) {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let out = child.stdout.take().unwrap();
     let (tx, rx) = channel();
+    // Until the pipe closes or the receiver goes.
     std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
+        let lines = BufReader::new(out).lines().map_while(Result::ok);
+        lines.map(|l| tx.send(l)).take_while(Result::is_ok).count()
     });
     (child, rx)
 }
 
 /// Checks replies of a running instance against the reference values.
 pub fn verify_guest(endpoint: &str) {
-    use agent::guest::{model_entry, table_value, GuestConn};
-    let mut g = GuestConn::connect(endpoint, Duration::from_secs(10)).unwrap();
-    assert_eq!(g.request("health").unwrap(), "ok health");
+    use micro_service::client::{Client, DEFAULT_TIMEOUT};
+    use micro_service::oracle::{get_reply, query_reply, table_value};
+    let mut g = Client::connect(endpoint, DEFAULT_TIMEOUT).unwrap();
+    g.expect("health", "ok health").unwrap();
     for i in [0u64, 5, 77_777, 131_071] {
-        assert_eq!(
-            g.request(&format!("query {i}")).unwrap(),
-            format!("ok query i={i} value={}", model_entry(i))
-        );
+        g.expect(&format!("query {i}"), &query_reply(i)).unwrap();
     }
     for i in [0u64, 7, TABLE_ENTRIES - 1] {
-        assert_eq!(
-            g.request(&format!("get {i}")).unwrap(),
-            format!("ok get i={i} value={}", table_value(i))
-        );
+        g.expect(&format!("get {i}"), &get_reply(i, table_value(i)))
+            .unwrap();
     }
 }

@@ -6,11 +6,12 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{arp_request, echo_request, eth_frame, ipv4_packet};
 use netback::{NetBackend, Tap, TapError};
-use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol,
 };
 
 const OUR_MAC: EthernetAddress = EthernetAddress([0x02, 0x00, 0x00, 0x00, 0x00, 0x02]);
@@ -27,16 +28,7 @@ fn ip(args: &[&str]) {
 }
 
 fn frame(dst: EthernetAddress, ethertype: EthernetProtocol, payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0; 14 + payload.len()];
-    let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
-    EthernetRepr {
-        src_addr: OUR_MAC,
-        dst_addr: dst,
-        ethertype,
-    }
-    .emit(&mut f);
-    f.payload_mut().copy_from_slice(payload);
-    buf
+    eth_frame(OUR_MAC, dst, ethertype, payload)
 }
 
 /// Reads frames from the tap until `want` returns a value or 5 s pass.
@@ -80,18 +72,8 @@ fn arp_reply(f: &[u8]) -> Option<EthernetAddress> {
 }
 
 fn echo_reply(f: &[u8]) -> Option<()> {
-    let f = EthernetFrame::new_checked(f).ok()?;
-    let p = Ipv4Packet::new_checked(f.payload()).ok()?;
-    if p.src_addr() != KERNEL_IP || p.next_header() != IpProtocol::Icmp {
-        return None;
-    }
-    let i = Icmpv4Packet::new_checked(p.payload()).ok()?;
-    match Icmpv4Repr::parse(&i, &ChecksumCapabilities::default()).ok()? {
-        Icmpv4Repr::EchoReply {
-            seq_no: 1, data, ..
-        } if data == b"tap test" => Some(()),
-        _ => None,
-    }
+    let (seq, data) = common::echo_reply(f, KERNEL_IP)?;
+    (seq == 1 && data == b"tap test").then_some(())
 }
 
 fn exchange() {
@@ -102,41 +84,12 @@ fn exchange() {
     assert_eq!(tap.poll().map(|_| tap.next_timeout()).unwrap(), None);
 
     // Backend → kernel: who-has 10.77.0.1; kernel → backend: the reply.
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: OUR_MAC,
-        source_protocol_addr: OUR_IP,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: KERNEL_IP,
-    };
-    let mut buf = vec![0; arp.buffer_len()];
-    arp.emit(&mut ArpPacket::new_unchecked(&mut buf[..]));
-    tap.send(&frame(
-        EthernetAddress::BROADCAST,
-        EthernetProtocol::Arp,
-        &buf,
-    ))
-    .unwrap();
+    tap.send(&arp_request(OUR_MAC, OUR_IP, KERNEL_IP)).unwrap();
     let kernel_mac = wait_for(&mut tap, arp_reply);
 
     // And a ping, answered by the kernel's IP stack.
-    let icmp = Icmpv4Repr::EchoRequest {
-        ident: 7,
-        seq_no: 1,
-        data: b"tap test",
-    };
-    let ip_repr = Ipv4Repr {
-        src_addr: OUR_IP,
-        dst_addr: KERNEL_IP,
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0; ip_repr.buffer_len() + icmp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip_repr.emit(&mut p, &caps);
-    icmp.emit(&mut Icmpv4Packet::new_unchecked(p.payload_mut()), &caps);
+    let icmp = echo_request(7, 1, b"tap test");
+    let buf = ipv4_packet(OUR_IP, KERNEL_IP, IpProtocol::Icmp, &icmp);
     tap.send(&frame(kernel_mac, EthernetProtocol::Ipv4, &buf))
         .unwrap();
     wait_for(&mut tap, echo_reply);

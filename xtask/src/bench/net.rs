@@ -26,8 +26,7 @@
 //!   against a server thread in this process speaking the same framing on 127.0.0.1;
 //!   `ratio_vs_host_loopback` = `rpc_p50_us` / `host_loopback_rpc_p50_us`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use micro_service::client::{field, read_frame, write_frame, Client};
+use micro_service::frame::MAX_REQUEST;
+use micro_service::oracle;
 
 use super::child::Proc;
 use super::stats::{median, percentile};
@@ -62,78 +64,36 @@ const DISK_MIB: usize = 64;
 const SCAN_KIB: [u64; 2] = [4, 64];
 
 // ---------------------------------------------------------------------------------------
-// The framing: u32 little-endian length + UTF-8 text, both ways.
-
-/// One client connection.
-struct Conn(TcpStream);
-
-impl Conn {
-    fn open(addr: SocketAddr) -> Result<Conn> {
-        let s = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .with_context(|| format!("connect to {addr}"))?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.set_write_timeout(Some(TIMEOUT))?;
-        s.set_nodelay(true)?;
-        Ok(Conn(s))
-    }
-
-    fn send(&mut self, text: &str) -> Result<()> {
-        let mut f = Vec::with_capacity(4 + text.len());
-        f.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        f.extend_from_slice(text.as_bytes());
-        self.0.write_all(&f).context("send a request")
-    }
-
-    fn recv(&mut self) -> Result<String> {
-        read_frame(&mut self.0)?.context("the connection ended before the reply")
-    }
-
-    fn request(&mut self, text: &str) -> Result<String> {
-        self.send(text)?;
-        self.recv()
-    }
-
-    /// A request whose reply must be `want`.
-    fn expect(&mut self, text: &str, want: &str) -> Result<()> {
-        let r = self.request(text)?;
-        if r != want {
-            bail!("`{text}` answered {r:?}, expected {want:?}");
-        }
-        Ok(())
-    }
-}
-
-/// One frame from `s`; `None` at a clean end of stream before a frame starts.
-fn read_frame(s: &mut TcpStream) -> Result<Option<String>> {
-    let mut head = [0u8; 4];
-    match s.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e).context("read a frame header"),
-    }
-    let len = u32::from_le_bytes(head) as usize;
-    if len > 64 << 10 {
-        bail!("a frame announces {len} bytes");
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).context("read a frame")?;
-    Ok(Some(String::from_utf8(body)?))
-}
+// The framing: `micro_service::client` on the host side.
 
 /// Connects once the service answers `health` (retrying until [`TIMEOUT`]).
-fn connect_when_up(addr: SocketAddr) -> Result<Conn> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let err = match Conn::open(addr).and_then(|mut c| c.request("health").map(|r| (c, r))) {
-            Ok((c, r)) if r == "ok health" => return Ok(c),
-            Ok((_, r)) => bail!("{addr} answered `health` with {r:?}"),
-            Err(e) => e,
-        };
-        if Instant::now() > deadline {
-            return Err(err.context(format!("no service at {addr} within {TIMEOUT:?}")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+fn connect_when_up(addr: SocketAddr) -> Result<Client> {
+    Ok(Client::connect_when_up(addr, TIMEOUT, TIMEOUT)?)
+}
+
+/// `n` connections, each once the service answers.
+fn connect_many(addr: SocketAddr, n: usize) -> Result<Vec<Client>> {
+    (0..n).map(|_| connect_when_up(addr)).collect()
+}
+
+/// Runs `work` on its own thread for each connection; the first failure, if any.
+fn on_each(
+    conns: Vec<Client>,
+    work: impl Fn(usize, Client) -> Result<()> + Clone + Send + 'static,
+) -> Result<()> {
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let work = work.clone();
+            std::thread::spawn(move || work(k, c))
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
     }
+    Ok(())
 }
 
 /// The floor: a server thread answering `health` and `echo` on 127.0.0.1 with the guest's
@@ -146,15 +106,13 @@ fn host_server() -> Result<SocketAddr> {
             let Ok(mut s) = s else { continue };
             std::thread::spawn(move || {
                 let _ = s.set_nodelay(true);
-                while let Ok(Some(req)) = read_frame(&mut s) {
+                while let Ok(Some(req)) = read_frame(&mut s, MAX_REQUEST) {
                     let reply = match req.strip_prefix("echo ") {
                         Some(t) => format!("ok echo {t}"),
                         None if req == "health" => "ok health".to_string(),
                         None => format!("err unknown command '{req}'"),
                     };
-                    let mut f = (reply.len() as u32).to_le_bytes().to_vec();
-                    f.extend_from_slice(reply.as_bytes());
-                    if s.write_all(&f).is_err() {
+                    if write_frame(&mut s, &reply).is_err() {
                         break;
                     }
                 }
@@ -187,31 +145,24 @@ fn rpc_latency(addr: SocketAddr, samples: usize) -> Result<Vec<f64>> {
 fn rpc_throughput(addr: SocketAddr) -> Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let mut conns = Vec::new();
-    for _ in 0..THROUGHPUT_CONNS {
-        conns.push(connect_when_up(addr)?);
-    }
+    let conns = connect_many(addr, THROUGHPUT_CONNS)?;
     let t0 = Instant::now();
-    let threads: Vec<_> = conns
-        .into_iter()
-        .map(|mut c| {
-            let (stop, done) = (stop.clone(), done.clone());
-            std::thread::spawn(move || -> Result<()> {
-                let want = format!("ok {SMALL}");
-                while !stop.load(Ordering::Relaxed) {
-                    c.expect(SMALL, &want)?;
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            })
+    let (stop2, done2) = (stop.clone(), done.clone());
+    let clients = std::thread::spawn(move || {
+        on_each(conns, move |_, mut c| {
+            let want = format!("ok {SMALL}");
+            while !stop2.load(Ordering::Relaxed) {
+                c.expect(SMALL, &want)?;
+                done2.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
         })
-        .collect();
+    });
     std::thread::sleep(THROUGHPUT_FOR);
     stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
-    }
+    clients
+        .join()
+        .map_err(|_| anyhow::anyhow!("the clients panicked"))??;
     Ok(done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64())
 }
 
@@ -219,84 +170,44 @@ fn rpc_throughput(addr: SocketAddr) -> Result<f64> {
 /// comment); every reply is checked.
 fn bulk(addr: SocketAddr) -> Result<f64> {
     let per_conn = BULK_BYTES / BULK_PAYLOAD / BULK_CONNS;
-    let mut conns = Vec::new();
-    for _ in 0..BULK_CONNS {
-        conns.push(connect_when_up(addr)?);
-    }
+    let conns = connect_many(addr, BULK_CONNS)?;
     let t0 = Instant::now();
-    let threads: Vec<_> = conns
-        .into_iter()
-        .enumerate()
-        .map(|(k, mut c)| {
-            std::thread::spawn(move || -> Result<()> {
-                let letter = char::from(b'a' + k as u8);
-                let payload: String = std::iter::repeat_n(letter, BULK_PAYLOAD).collect();
-                let req = format!("echo {payload}");
-                let want = format!("ok echo {payload}");
-                let (mut sent, mut got) = (0, 0);
-                while got < per_conn {
-                    if sent < per_conn && sent - got < BULK_WINDOW {
-                        c.send(&req)?;
-                        sent += 1;
-                    } else {
-                        let r = c.recv()?;
-                        if r != want {
-                            bail!("bulk echo came back wrong ({} bytes)", r.len());
-                        }
-                        got += 1;
-                    }
+    on_each(conns, move |k, mut c| {
+        let letter = char::from(b'a' + k as u8);
+        let payload: String = std::iter::repeat_n(letter, BULK_PAYLOAD).collect();
+        let req = format!("echo {payload}");
+        let want = format!("ok echo {payload}");
+        let (mut sent, mut got) = (0, 0);
+        while got < per_conn {
+            if sent < per_conn && sent - got < BULK_WINDOW {
+                c.send(&req)?;
+                sent += 1;
+            } else {
+                let r = c.recv()?;
+                if r != want {
+                    bail!("bulk echo came back wrong ({} bytes)", r.len());
                 }
-                Ok(())
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
-    }
+                got += 1;
+            }
+        }
+        Ok(())
+    })?;
     let bytes = (per_conn * BULK_CONNS * BULK_PAYLOAD) as f64;
     Ok(bytes / (1 << 20) as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// The value entry `i` of the benchmark's table holds.
-fn table_value(i: u64) -> u64 {
-    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Writes a `mib` MiB disk image whose table fills it (format of rootfs/service/src/table.rs);
-/// returns the entry count.
-fn write_table(path: &Path, mib: usize) -> Result<u64> {
+/// Writes a `mib` MiB disk image whose table fills it (the oracle's table); returns the
+/// image.
+fn write_table(path: &Path, mib: usize) -> Result<Vec<u8>> {
     let size = mib << 20;
-    let entries = (size as u64 / 512 - 1) * 64;
-    let mut img = vec![0u8; size];
-    img[..8].copy_from_slice(b"CLDTABLE");
-    img[8..12].copy_from_slice(&1u32.to_le_bytes());
-    img[16..24].copy_from_slice(&entries.to_le_bytes());
-    for (i, e) in img[512..].chunks_exact_mut(8).enumerate() {
-        e.copy_from_slice(&table_value(i as u64).to_le_bytes());
-    }
+    let img = oracle::table_image(oracle::table_capacity(size), size);
     std::fs::write(path, &img).with_context(|| format!("write {}", path.display()))?;
-    Ok(entries)
-}
-
-/// The wrapping sum of the little-endian u64 words of `bytes` (the `scan` checksum).
-fn word_sum(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks_exact(8)
-        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-        .fold(0, u64::wrapping_add)
-}
-
-/// The value of `key=` in a reply.
-fn field<'a>(reply: &'a str, key: &str) -> Option<&'a str> {
-    reply
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    Ok(img)
 }
 
 /// One `scan` of the whole disk in `req_kib` KiB requests, its checksum verified against
 /// `sum`: (host round trip µs, the guest's µs if it reported them).
-fn blk_scan(c: &mut Conn, sectors: u64, req_kib: u64, sum: u64) -> Result<(f64, Option<f64>)> {
+fn blk_scan(c: &mut Client, sectors: u64, req_kib: u64, sum: u64) -> Result<(f64, Option<f64>)> {
     let req = format!("scan 0 {sectors} {req_kib}");
     let t = Instant::now();
     let r = c.request(&req)?;
@@ -434,9 +345,8 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         BULK_BYTES >> 20
     ));
     let disk = work.join("table.img");
-    write_table(&disk, DISK_MIB)?;
-    let image = std::fs::read(&disk).with_context(|| format!("read {}", disk.display()))?;
-    let disk_sum = word_sum(&image);
+    let image = write_table(&disk, DISK_MIB)?;
+    let disk_sum = oracle::word_sum(&image);
     let disk_sectors = image.len() as u64 / 512;
     drop(image);
     let port = free_port()?;

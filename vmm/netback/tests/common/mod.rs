@@ -10,9 +10,14 @@ use std::time::{Duration, Instant};
 
 use netback::{NetBackend, UserNet, UserNetConfig};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpCidr, IpProtocol, Ipv4Packet,
+    Ipv4Repr,
+};
 
 pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -276,4 +281,85 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames built and read by hand (smoltcp's wire types), for tests that speak raw Ethernet.
+
+/// An Ethernet frame from `src` to `dst` carrying `payload`.
+pub fn eth_frame(
+    src: EthernetAddress,
+    dst: EthernetAddress,
+    ethertype: EthernetProtocol,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = EthernetRepr {
+        src_addr: src,
+        dst_addr: dst,
+        ethertype,
+    };
+    let mut buf = vec![0; repr.buffer_len() + payload.len()];
+    let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+    repr.emit(&mut f);
+    f.payload_mut().copy_from_slice(payload);
+    buf
+}
+
+/// A broadcast ARP request from (`mac`, `ip`): who has `target`?
+pub fn arp_request(mac: EthernetAddress, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut buf = vec![0; repr.buffer_len()];
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[..]));
+    eth_frame(mac, EthernetAddress::BROADCAST, EthernetProtocol::Arp, &buf)
+}
+
+/// An IPv4 packet from `src` to `dst` carrying `body` of protocol `proto`.
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, body: &[u8]) -> Vec<u8> {
+    let repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: proto,
+        payload_len: body.len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0; repr.buffer_len() + body.len()];
+    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+    repr.emit(&mut p, &ChecksumCapabilities::default());
+    p.payload_mut().copy_from_slice(body);
+    buf
+}
+
+/// An ICMP echo request (the ICMP message alone).
+pub fn echo_request(ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    let repr = Icmpv4Repr::EchoRequest {
+        ident,
+        seq_no,
+        data,
+    };
+    let mut buf = vec![0; repr.buffer_len()];
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[..]),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+/// The sequence number and data of an ICMP echo reply from `from` in Ethernet `frame`.
+pub fn echo_reply(frame: &[u8], from: Ipv4Addr) -> Option<(u16, Vec<u8>)> {
+    let f = EthernetFrame::new_checked(frame).ok()?;
+    let p = Ipv4Packet::new_checked(f.payload()).ok()?;
+    if p.next_header() != IpProtocol::Icmp || p.src_addr() != from {
+        return None;
+    }
+    let i = Icmpv4Packet::new_checked(p.payload()).ok()?;
+    match Icmpv4Repr::parse(&i, &ChecksumCapabilities::default()).ok()? {
+        Icmpv4Repr::EchoReply { seq_no, data, .. } => Some((seq_no, data.to_vec())),
+        _ => None,
+    }
 }
