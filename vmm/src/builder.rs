@@ -67,6 +67,9 @@ pub enum BuildError {
     /// A virtio device could not be set up.
     #[error("failed to set up {0}: {1}")]
     Virtio(&'static str, String),
+    /// User-mode networking could not be set up (a forward's port is taken …).
+    #[error("failed to set up user-mode networking")]
+    UserNet(#[source] netback::UserNetError),
     /// More vCPUs than KVM allows.
     #[error("--vcpus {requested} exceeds what KVM allows on this host ({max})")]
     TooManyVcpus {
@@ -226,8 +229,7 @@ fn net_backend(cfg: &NetBackendConfig) -> Result<Box<dyn netback::NetBackend>, B
                         BuildError::Virtio("a port forward", format!("'{f}': {e}"))
                     })?);
             }
-            let net = netback::UserNet::new(c)
-                .map_err(|e| BuildError::Virtio("user-mode networking", e.to_string()))?;
+            let net = netback::UserNet::new(c).map_err(BuildError::UserNet)?;
             for f in net.forwards() {
                 tracing::info!("forwarding {f}");
             }

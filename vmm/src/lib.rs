@@ -14,6 +14,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod lazy;

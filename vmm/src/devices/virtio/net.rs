@@ -82,6 +82,11 @@ impl Net {
         self.mac
     }
 
+    /// The backend's port forwards, as bound.
+    pub fn forwards(&self) -> Vec<netback::Forward> {
+        self.backend.forwards()
+    }
+
     /// Whether a received frame waits for a guest buffer.
     pub fn rx_pending(&self) -> bool {
         self.rx_pending.is_some()

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::block::Block;
 use super::mmio::{MmioState, MmioTransport};
+use super::net::Net;
 use super::VirtioDevice;
 use crate::devices::bus::BusDevice;
 
@@ -34,6 +35,10 @@ pub trait Transport: BusDevice {
     fn reassert_interrupt(&self);
     /// The block device behind this transport, if it is one.
     fn block(&self) -> Option<&Block> {
+        None
+    }
+    /// The network device behind this transport, if it is one.
+    fn net(&self) -> Option<&Net> {
         None
     }
 }
@@ -65,6 +70,9 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     }
     fn block(&self) -> Option<&Block> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Block>()
+    }
+    fn net(&self) -> Option<&Net> {
+        (self.device() as &dyn std::any::Any).downcast_ref::<Net>()
     }
 }
 
