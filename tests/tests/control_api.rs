@@ -226,6 +226,10 @@ fn the_report_channel_says_ready_with_the_bound_port_then_exited_then_eof() {
         read_frame::<Report>(&mut report).unwrap().unwrap(),
         Report::Exited { code: 0 }
     );
+    assert!(
+        std::net::TcpStream::connect(host).is_err(),
+        "the forward is closed by the time the exit is reported"
+    );
     let mut rest = Vec::new();
     report.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "end of file after Exited: {rest:?}");

@@ -244,6 +244,15 @@ impl Machine {
             .collect()
     }
 
+    /// Closes the NICs' host sockets (port forwards, relayed connections): for a stopped VM.
+    fn close_host_network(&self) {
+        for s in self.virtio.iter().filter(|s| s.kind == SlotKind::Net) {
+            if let Some(n) = s.lock().net_mut() {
+                n.close_backend();
+            }
+        }
+    }
+
     /// Guest RAM in MiB.
     pub fn mem_mib(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum::<u64>() >> 20
@@ -444,8 +453,10 @@ impl Machine {
             }
         };
         self.shutdown();
-        // Before the VM and its memory are released (which takes the kernel a while).
+        // The supervisor learns of the stop once the guest's ports are closed, before the VM
+        // and its memory are released (which takes the kernel ~15 ms for a 256 MiB guest).
         if let Some(report) = &mut control.report {
+            self.close_host_network();
             report.exited(reason.exit_code());
         }
         Ok(reason)

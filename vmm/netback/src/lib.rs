@@ -61,6 +61,10 @@ pub trait NetBackend: Send {
     fn forwards(&self) -> Vec<Forward> {
         Vec::new()
     }
+
+    /// Closes what the backend holds open on the host for the guest (port forward
+    /// listeners, relayed connections) once the guest has stopped for good.
+    fn close(&mut self) {}
 }
 
 /// Feeds arbitrary bytes to a fresh [`UserNet`] (outbound relaying off, so nothing reaches

@@ -606,6 +606,12 @@ impl NetBackend for UserNet {
         UserNet::forwards(self)
     }
 
+    fn close(&mut self) {
+        self.listeners.clear();
+        self.conns.clear();
+        self.pending.clear();
+    }
+
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.stats.frames_from_guest += 1;
         match wire::inspect(frame, self.cfg.gateway, self.gateway_mac) {

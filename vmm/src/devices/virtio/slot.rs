@@ -41,6 +41,10 @@ pub trait Transport: BusDevice {
     fn net(&self) -> Option<&Net> {
         None
     }
+    /// The network device behind this transport, if it is one, to change.
+    fn net_mut(&mut self) -> Option<&mut Net> {
+        None
+    }
 }
 
 impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
@@ -73,6 +77,9 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     }
     fn net(&self) -> Option<&Net> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Net>()
+    }
+    fn net_mut(&mut self) -> Option<&mut Net> {
+        (self.device_mut() as &mut dyn std::any::Any).downcast_mut::<Net>()
     }
 }
 
