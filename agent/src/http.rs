@@ -172,7 +172,7 @@ impl From<SupervisorError> for ApiError {
                 msg,
                 "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
             ),
-            SupervisorError::Internal(_) => ApiError::new(
+            SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 msg,
                 "see the agent's log",

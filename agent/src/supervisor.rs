@@ -1,32 +1,42 @@
 //! The supervisor: one `vmm synthesize` process per service-VM instance.
 //!
 //! ```text
-//!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ pick a host port
-//!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:PORT=10.0.2.15:80
-//!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log`
-//!        ──▶ `health` over TCP every 2 ms until `ok health` ──▶ Running
+//!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
+//!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
+//!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
+//!                   --report-fd N` (N: the vmm's end of the pair)
+//!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
+//!            Failed (why, and a kind) or end of file (it died)
+//!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
 //!
-//!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──exit──▶ Stopped
+//!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
-//!      └──exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
+//!      └──Failed / exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
 //! ```
 //!
-//! Each vmm runs in its own process group with stdio going to files, so neither a Ctrl-C at
-//! the agent's terminal nor the agent's death reaches it. Its state is kept in
-//! `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances whose
-//! process is alive and answers `Status` on its control socket (postcard frames, see
+//! Every step is an event the agent awaits (the report, the guest's reply, the `Exited`
+//! report or the process's exit): nothing polls, and nothing reads the vmm's log, which is
+//! kept for people. Each vmm runs in its own process group with stdio going to files, so
+//! neither a Ctrl-C at the agent's terminal nor the agent's death reaches it. Its state is
+//! kept in `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances
+//! whose process is alive and answers `Status` on its control socket (postcard frames, see
 //! `format::control`), and kills and reports the rest, so a vmm is never leaked. Stopping sends
-//! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`].
+//! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`]; the
+//! vmm reports `Exited` once its guest is stopped and its ports are closed, before the kernel
+//! releases the VM.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use format::control::{self as wire, ApiRequest, ApiResponse, Failed, Report};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::board::NetworkMode;
@@ -137,16 +147,63 @@ pub enum SupervisorError {
     #[error("instance {0} is {1}: {2}")]
     Conflict(String, &'static str, &'static str),
     /// The vmm did not come up.
-    #[error("instance {id} failed to start: {why}")]
+    #[error("instance {id} failed to start")]
     StartFailed {
         /// Instance id.
         id: String,
-        /// What happened (with the end of the vmm's log).
-        why: String,
+        /// What happened.
+        #[source]
+        why: StartError,
     },
-    /// Anything else (I/O on the data directory, spawning).
-    #[error("{0}")]
-    Internal(String),
+    /// The control socket's path does not fit a Unix socket address.
+    #[error("the control socket path {0} is too long for a Unix socket: use a shorter --data-dir")]
+    SocketPath(PathBuf),
+    /// The instance's directory could not be created.
+    #[error("cannot create {0}")]
+    InstanceDir(PathBuf, #[source] std::io::Error),
+}
+
+/// Why a vmm did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The instance was deleted meanwhile.
+    #[error("the instance vanished while starting")]
+    Vanished,
+    /// The vmm's log could not be opened.
+    #[error("cannot open {0}")]
+    Log(PathBuf, #[source] std::io::Error),
+    /// The report channel could not be made.
+    #[error("cannot make the vmm's report channel")]
+    Channel(#[source] std::io::Error),
+    /// The vmm could not be run.
+    #[error("cannot run the vmm at {0} (build it with `cargo build --bins`, or pass --vmm)")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The vmm reported why it could not start.
+    #[error("the vmm could not start ({:?}): {failed}", failed.kind)]
+    Refused {
+        /// Its report.
+        failed: Failed,
+    },
+    /// The report channel broke or carried something else than a report.
+    #[error("bad report from the vmm")]
+    Report(#[source] wire::ApiError),
+    /// The vmm reported a state other than Ready or Failed first.
+    #[error("the vmm reported {0:?} before Ready")]
+    Unexpected(Box<Report>),
+    /// The vmm ended without a report, or before the guest answered.
+    #[error("the vmm ended before the guest answered ({exit}); vmm log:\n{tail}")]
+    Ended {
+        /// How it ended.
+        exit: String,
+        /// The end of its log (for people).
+        tail: String,
+    },
+    /// The vmm reported no port forward to reach the guest at.
+    #[error("the vmm reported no port forward")]
+    NoForward,
+    /// Nothing within the start timeout.
+    #[error("no reply to `health` within {0:?}; vmm log:\n{1}")]
+    Timeout(Duration, String),
 }
 
 /// Settings of the supervisor.
@@ -230,17 +287,37 @@ pub fn log_tail(p: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// "vmm: synthesised in 17.23 ms: …" → 17.23.
-fn synthesis_ms_from_log(p: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(p).ok()?;
-    let at = text.find("synthesised in ")? + "synthesised in ".len();
-    text[at..].split_whitespace().next()?.parse().ok()
+/// Describes an exit code the vmm reported.
+fn describe_code(code: i32) -> String {
+    format!("exit status {code}")
 }
 
-fn free_port(ip: IpAddr) -> std::io::Result<u16> {
-    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?
-        .local_addr()?
-        .port())
+/// Reads one frame from an async stream: `Ok(None)` at end of file before it.
+async fn read_message<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Option<T>, wire::ApiError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let mut buf = vec![0u8; wire::Frame::total_len(len)?];
+    buf[..4].copy_from_slice(&len);
+    r.read_exact(&mut buf[4..]).await?;
+    wire::Frame::new_checked(&buf)?
+        .message()?
+        .map(Some)
+        .map_err(wire::ApiError::Version)
+}
+
+/// Sends one request on a vmm's control socket and returns its answer.
+pub async fn control_request(sock: &Path, req: &ApiRequest) -> Result<ApiResponse, wire::ApiError> {
+    let mut s = tokio::net::UnixStream::connect(sock).await?;
+    s.write_all(&wire::encode(req)?).await?;
+    read_message(&mut s)
+        .await?
+        .ok_or_else(|| wire::ApiError::Io(std::io::ErrorKind::UnexpectedEof.into()))
 }
 
 impl Supervisor {
@@ -356,16 +433,13 @@ impl Supervisor {
                     .pid
                     .is_some_and(|pid| pid_alive(pid) && is_our_vmm(pid, &rec.api_sock));
                 let answers = if alive {
-                    let sock = rec.api_sock.clone();
                     matches!(
                         tokio::time::timeout(
                             Duration::from_secs(2),
-                            tokio::task::spawn_blocking(move || {
-                                format::control::request(&sock, &format::control::ApiRequest::Status)
-                            }),
+                            control_request(&rec.api_sock, &ApiRequest::Status),
                         )
                         .await,
-                        Ok(Ok(Ok(format::control::ApiResponse::Status { .. })))
+                        Ok(Ok(ApiResponse::Status { .. }))
                     )
                 } else {
                     false
@@ -456,10 +530,7 @@ impl Supervisor {
         let dir = self.store.instances_dir().join(&id);
         let sock = dir.join("vm.sock");
         if sock.as_os_str().len() >= 100 {
-            return Err(SupervisorError::Internal(format!(
-                "the control socket path {} is too long for a Unix socket: use a shorter --data-dir",
-                sock.display()
-            )));
+            return Err(SupervisorError::SocketPath(sock));
         }
         let rec = InstanceRecord {
             id: id.clone(),
@@ -506,172 +577,233 @@ impl Supervisor {
                 },
             );
         }
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            SupervisorError::Internal(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.table.lock().expect("instance table").remove(&id);
+            return Err(SupervisorError::InstanceDir(dir, e));
+        }
         self.save(&rec);
         self.notify();
         match self.launch(&id, &svc.name, &svc.base).await {
             Ok(rec) => Ok(rec),
             Err(why) => {
                 self.metrics.start_failed();
-                let rec = self.update(&id, |e| {
+                let msg = error_chain(&why);
+                self.update(&id, |e| {
                     e.rec.state = State::Failed;
-                    e.rec.error = Some(why.clone());
+                    e.rec.error = Some(msg.clone());
                     e.rec.pid = None;
                 });
-                tracing::warn!(instance = %id, "start failed: {why}");
-                let _ = rec;
+                tracing::warn!(instance = %id, "start failed: {msg}");
                 Err(SupervisorError::StartFailed { id, why })
             }
         }
     }
 
-    /// Spawns the vmm (retrying on a port taken in between) and waits for `ok health`.
+    /// Spawns the vmm with a report channel, awaits its Ready report and the guest's first
+    /// `ok health`.
     async fn launch(
         self: &Arc<Self>,
         id: &str,
         service: &str,
         base: &str,
-    ) -> Result<InstanceRecord, String> {
-        let rec = self.get(id).ok_or("instance vanished")?;
+    ) -> Result<InstanceRecord, StartError> {
+        let rec = self.get(id).ok_or(StartError::Vanished)?;
         let overlay = self.store.overlay_path(service);
         let base_dir = self.store.base_dir(base);
-        for attempt in 0..3 {
-            let _ = std::fs::remove_file(&rec.api_sock);
-            let (net_args, endpoint): (Vec<String>, String) = match &self.cfg.network {
-                NetworkMode::User => {
-                    let port = free_port(self.cfg.host_ip).map_err(|e| {
-                        format!("cannot find a free port on {}: {e}", self.cfg.host_ip)
-                    })?;
-                    let ep = SocketAddr::new(self.cfg.host_ip, port).to_string();
-                    (
-                        vec!["--forward".into(), format!("{ep}={GUEST_SERVICE}")],
-                        ep,
-                    )
+        let _ = std::fs::remove_file(&rec.api_sock);
+        let net_args: Vec<String> = match &self.cfg.network {
+            // Port 0: the vmm binds a free port and reports it.
+            NetworkMode::User => vec![
+                "--forward".into(),
+                format!("{}={GUEST_SERVICE}", SocketAddr::new(self.cfg.host_ip, 0)),
+            ],
+            NetworkMode::Tap(dev) => vec!["--tap".into(), dev.clone()],
+        };
+        let log_err = |e| StartError::Log(rec.vmm_log.clone(), e);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&rec.vmm_log)
+            .map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+        // Both ends are close-on-exec; the vmm's end is made inheritable in its child alone,
+        // so no other vmm started meanwhile holds it (its end of file is this vmm's exit).
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Channel)?;
+        ours.set_nonblocking(true).map_err(StartError::Channel)?;
+        let mut report = tokio::net::UnixStream::from_std(ours).map_err(StartError::Channel)?;
+        let report_fd = theirs.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
+        cmd.arg("synthesize")
+            .arg("--base")
+            .arg(&base_dir)
+            .arg("--overlay")
+            .arg(&overlay)
+            .args(&net_args)
+            .arg("--api-sock")
+            .arg(&rec.api_sock)
+            .arg("--serial")
+            .arg(&rec.serial_log)
+            .arg("--report-fd")
+            .arg(report_fd.to_string())
+            .arg("--no-stdin")
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe, on a descriptor open in the parent (and so in it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(report_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                NetworkMode::Tap(dev) => (vec!["--tap".into(), dev.clone()], GUEST_SERVICE.into()),
-            };
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&rec.vmm_log)
-                .map_err(|e| format!("cannot open {}: {e}", rec.vmm_log.display()))?;
-            let log2 = log.try_clone().map_err(|e| e.to_string())?;
-            let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
-            cmd.arg("synthesize")
-                .arg("--base")
-                .arg(&base_dir)
-                .arg("--overlay")
-                .arg(&overlay)
-                .args(&net_args)
-                .arg("--api-sock")
-                .arg(&rec.api_sock)
-                .arg("--serial")
-                .arg(&rec.serial_log)
-                .arg("--no-stdin")
-                .arg("-v")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log2))
-                .process_group(0)
-                .kill_on_drop(false);
-            let t0 = Instant::now();
-            let mut child = cmd.spawn().map_err(|e| {
-                format!(
-                    "cannot run the vmm at {}: {e} (build it with `cargo build --bins`, or pass --vmm)",
-                    self.cfg.vmm.display()
-                )
-            })?;
-            let pid = child.id();
-            self.update(id, |e| {
-                e.rec.pid = pid;
-                e.rec.endpoint = endpoint.clone();
+                Ok(())
             });
-            let addr: SocketAddr = endpoint
-                .parse()
-                .map_err(|_| format!("bad endpoint {endpoint}"))?;
-            let deadline = t0 + self.cfg.start_timeout;
-            let outcome = loop {
-                if let Ok(Some(st)) = child.try_wait() {
-                    break Err(st);
+        }
+        let t0 = Instant::now();
+        let spawned = cmd.spawn();
+        drop(theirs);
+        let mut child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
+        let pid = child.id();
+        self.update(id, |e| e.rec.pid = pid);
+        let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
+
+        // The report, unless a stop comes first.
+        let first = tokio::select! {
+            r = read_message::<Report>(&mut report) => Some(r),
+            _ = self.stop_requested(id) => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
+            }
+        };
+        let mut first_reply = None;
+        if let Some(first) = first {
+            let ready = match first {
+                Ok(Some(Report::Ready(ready))) => ready,
+                other => {
+                    let exit = child
+                        .wait()
+                        .await
+                        .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                    self.update(id, |e| e.rec.exit = Some(exit.clone()));
+                    return Err(match other {
+                        Ok(Some(Report::Failed(failed))) => StartError::Refused { failed },
+                        Ok(Some(r)) => StartError::Unexpected(Box::new(r)),
+                        Ok(None) => StartError::Ended {
+                            exit,
+                            tail: log_tail(&rec.vmm_log, 8),
+                        },
+                        Err(e) => StartError::Report(e),
+                    });
                 }
-                if Instant::now() > deadline {
+            };
+            let addr = match &self.cfg.network {
+                NetworkMode::User => ready.forwards.first().ok_or(StartError::NoForward)?.host,
+                NetworkMode::Tap(_) => GUEST_SERVICE.parse().expect("a socket address"),
+            };
+            self.update(id, |e| {
+                e.rec.endpoint = addr.to_string();
+                e.rec.synthesis_ms = ready.synthesis.map(|t| t.total_ms());
+            });
+            // The guest runs: one verified request, again only if that fails.
+            let answered = async {
+                loop {
+                    match tokio::time::timeout(
+                        Duration::from_millis(500),
+                        crate::guest::request_async(addr, "health"),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) if r == "ok health" => return t0.elapsed(),
+                        _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                    }
+                }
+            };
+            tokio::select! {
+                took = answered => first_reply = Some(took),
+                _ = self.stop_requested(id) => {}
+                st = child.wait() => {
+                    let exit = st.map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                    self.update(id, |e| e.rec.exit = Some(exit.clone()));
+                    return Err(StartError::Ended { exit, tail: log_tail(&rec.vmm_log, 8) });
+                }
+                _ = tokio::time::sleep_until(deadline) => {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
-                    return Err(format!(
-                        "no reply to `health` within {:?}; vmm log:\n{}",
-                        self.cfg.start_timeout,
-                        log_tail(&rec.vmm_log, 8)
-                    ));
-                }
-                let stopping = self
-                    .table
-                    .lock()
-                    .expect("instance table")
-                    .get(id)
-                    .is_none_or(|e| e.stop_requested);
-                if stopping {
-                    break Ok(None);
-                }
-                match tokio::time::timeout(
-                    Duration::from_millis(500),
-                    crate::guest::request_async(addr, "health"),
-                )
-                .await
-                {
-                    Ok(Ok(r)) if r == "ok health" => break Ok(Some(t0.elapsed())),
-                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
-                }
-            };
-            match outcome {
-                Ok(first) => {
-                    let first_ms = first.map(|d| d.as_secs_f64() * 1e3);
-                    let synth = synthesis_ms_from_log(&rec.vmm_log);
-                    let rec = self
-                        .update(id, |e| {
-                            if e.rec.state == State::Starting {
-                                e.rec.state = State::Running;
-                            }
-                            e.rec.first_reply_ms = first_ms;
-                            e.rec.synthesis_ms = synth;
-                        })
-                        .ok_or("instance vanished")?;
-                    if let Some(ms) = first_ms {
-                        self.metrics.start_latency(ms);
-                        tracing::info!(instance = %id, service, endpoint = %rec.endpoint, first_reply_ms = ms, synthesis_ms = ?synth, "instance running");
-                    }
-                    let me = Arc::clone(self);
-                    let wid = id.to_string();
-                    tokio::spawn(async move {
-                        let how = match child.wait().await {
-                            Ok(st) => describe_exit(st),
-                            Err(e) => format!("wait failed: {e}"),
-                        };
-                        me.finished(&wid, how);
-                    });
-                    return Ok(rec);
-                }
-                Err(st) => {
-                    let tail = log_tail(&rec.vmm_log, 8);
-                    if attempt < 2 && tail.contains("in use") {
-                        tracing::info!(instance = %id, "port {endpoint} was taken meanwhile; retrying with another");
-                        continue;
-                    }
-                    self.update(id, |e| e.rec.exit = Some(describe_exit(st)));
-                    return Err(format!(
-                        "the vmm ended before the guest answered ({}); vmm log:\n{tail}",
-                        describe_exit(st)
-                    ));
+                    return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
                 }
             }
         }
-        Err("could not get a free port for the instance after 3 tries".into())
+        let first_ms = first_reply.map(|d| d.as_secs_f64() * 1e3);
+        let rec = self
+            .update(id, |e| {
+                if e.rec.state == State::Starting {
+                    e.rec.state = State::Running;
+                }
+                e.rec.first_reply_ms = first_ms;
+            })
+            .ok_or(StartError::Vanished)?;
+        if let Some(ms) = first_ms {
+            self.metrics.start_latency(ms);
+            tracing::info!(instance = %id, service, endpoint = %rec.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.synthesis_ms, "instance running");
+        }
+        let me = Arc::clone(self);
+        let wid = id.to_string();
+        tokio::spawn(async move { me.watch(wid, child, report).await });
+        Ok(rec)
     }
 
-    /// Stops an instance: `Stop` over its control socket, a kill after [`STOP_GRACE`].
+    /// Resolves once a stop of `id` is requested (or it is gone).
+    async fn stop_requested(&self, id: &str) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let stop = self
+                .table
+                .lock()
+                .expect("instance table")
+                .get(id)
+                .is_none_or(|e| e.stop_requested);
+            if stop || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Follows a running vmm of ours: its `Exited` report (the guest stopped, its ports
+    /// closed), then its exit status.
+    async fn watch(
+        self: Arc<Self>,
+        id: String,
+        mut child: tokio::process::Child,
+        mut report: tokio::net::UnixStream,
+    ) {
+        // A stop during the start leaves Ready unread.
+        loop {
+            match read_message::<Report>(&mut report).await {
+                Ok(Some(Report::Exited { code })) => {
+                    self.finished(&id, describe_code(code));
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let how = match child.wait().await {
+            Ok(st) => describe_exit(st),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        self.finished(&id, how);
+    }
+
+    /// Stops an instance: `Stop` over its control socket, a kill after [`STOP_GRACE`]. Returns
+    /// once the vmm has reported its guest stopped (or, for one adopted after an agent
+    /// restart, once its process is gone).
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
-        let (pid, sock) = {
+        let (pid, sock, adopted) = {
             let mut t = self.table.lock().expect("instance table");
             let e = t
                 .get_mut(id)
@@ -683,7 +815,7 @@ impl Supervisor {
             if e.rec.state == State::Running {
                 e.rec.state = State::Stopping;
             }
-            (e.rec.pid, e.rec.api_sock.clone())
+            (e.rec.pid, e.rec.api_sock.clone(), e.rec.adopted)
         };
         if let Some(r) = self.get(id) {
             self.save(&r);
@@ -692,32 +824,19 @@ impl Supervisor {
         if let Some(pid) = pid {
             let asked = tokio::time::timeout(
                 Duration::from_secs(2),
-                tokio::task::spawn_blocking(move || {
-                    format::control::request(&sock, &format::control::ApiRequest::Stop)
-                }),
+                control_request(&sock, &ApiRequest::Stop),
             )
             .await;
-            if !matches!(asked, Ok(Ok(Ok(format::control::ApiResponse::Ok)))) {
+            if !matches!(asked, Ok(Ok(ApiResponse::Ok))) {
                 tracing::info!(instance = %id, "the vmm did not take Stop on its socket; killing it");
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
             }
-            let deadline = Instant::now() + STOP_GRACE;
-            while pid_alive(pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if pid_alive(pid) {
+            if !self.ended_within(id, pid, adopted, STOP_GRACE).await {
                 tracing::warn!(instance = %id, pid, "the vmm did not exit after Stop; killing it");
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while pid_alive(pid) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                self.ended_within(id, pid, adopted, Duration::from_secs(2))
+                    .await;
             }
-        }
-        // Our own children are reaped by their watcher; give it a moment to record the exit.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while self.get(id).is_some_and(|r| r.pid.is_some()) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         self.update(id, |e| {
             e.rec.pid = None;
@@ -726,6 +845,32 @@ impl Supervisor {
             }
         })
         .ok_or_else(|| SupervisorError::NoInstance(id.into()))
+    }
+
+    /// Waits up to `limit` for the vmm of `id` to end: for ours, until its watcher records
+    /// it (an event); for an adopted one (not our child, no report channel), by polling
+    /// its pid.
+    async fn ended_within(&self, id: &str, pid: u32, adopted: bool, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if adopted {
+            while pid_alive(pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            return true;
+        }
+        let mut rx = self.changed.subscribe();
+        loop {
+            if self.get(id).is_none_or(|r| r.pid.is_none()) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.get(id).is_none_or(|r| r.pid.is_none()),
+            }
+        }
     }
 
     /// Stops (if needed) and forgets an instance, removing its files.
