@@ -97,8 +97,9 @@ pub enum Report {
     Ready(Ready),
     /// The VM could not be started; the vmm exits with status 1.
     Failed(Failed),
-    /// The VM has stopped (its vCPUs and devices are gone); the vmm exits with `code` once it
-    /// has released the VM's memory, and the channel then reaches end of file.
+    /// The VM has stopped: its vCPUs are gone and its host ports (forwards) closed. The vmm
+    /// exits with `code` once it has released the rest, and the channel then reaches end of
+    /// file.
     Exited {
         /// The exit status the vmm will have.
         code: i32,

@@ -17,7 +17,7 @@
 //!
 //! The report channel: [`Reporter`] writes [`Report::Ready`] (timings, bound forwards) or
 //! [`Report::Failed`] (the error chain and a kind), and after `Ready`, [`Report::Exited`] as
-//! soon as the vCPUs and devices have stopped. The descriptor stays open until the process
+//! soon as the vCPUs have stopped and the guest's host ports are closed. The descriptor stays open until the process
 //! exits, so the supervisor sees that as end of file.
 
 use std::fs::File;
