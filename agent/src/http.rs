@@ -135,7 +135,7 @@ impl From<StoreError> for ApiError {
                 msg,
                 "names are lower-case letters, digits, '.', '_' and '-'",
             ),
-            StoreError::BadOverlay(_) => ApiError::new(
+            StoreError::BadOverlay(_) | StoreError::OverlayBase(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "upload an overlay made by `image-builder overlay` for a base staged here (GET /v1/bases); nothing was installed",
