@@ -81,8 +81,8 @@ impl State {
         matches!(self, State::Starting | State::Running | State::Stopping)
     }
 
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
+    /// Lower-case name (as in JSON).
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Running => "running",
@@ -93,9 +93,21 @@ impl State {
     }
 }
 
-/// `instances/ID.json`, and what the API shows of an instance.
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for State {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What the API shows of an instance: its record without the host paths.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct InstanceRecord {
+pub struct Instance {
     /// Instance id (`i-` and 8 hex digits).
     pub id: String,
     /// Service it runs.
@@ -106,22 +118,16 @@ pub struct InstanceRecord {
     pub state: State,
     /// Where clients reach the guest's service ("IP:PORT").
     pub endpoint: String,
-    /// The vmm's process id (while it may be alive).
-    pub pid: Option<u32>,
-    /// The vmm's control socket.
-    pub api_sock: PathBuf,
-    /// The guest's serial console log.
-    pub serial_log: PathBuf,
-    /// The vmm's own log.
-    pub vmm_log: PathBuf,
-    /// Guest RAM, MiB (counted against the board's memory).
-    pub mem_mib: u64,
-    /// When it was created (Unix seconds).
-    pub created_unix: u64,
     /// The vmm's own synthesis time (checks → vCPUs running), ms.
     pub synthesis_ms: Option<f64>,
     /// vmm spawn → first verified reply (`ok health`) from the guest, ms.
     pub first_reply_ms: Option<f64>,
+    /// Guest RAM, MiB (counted against the board's memory).
+    pub mem_mib: u64,
+    /// When it was created (Unix seconds).
+    pub created_unix: u64,
+    /// The vmm's process id (while it may be alive).
+    pub pid: Option<u32>,
     /// How the vmm ended ("exit status 0", "killed by signal 9").
     pub exit: Option<String>,
     /// Why it failed.
@@ -129,6 +135,20 @@ pub struct InstanceRecord {
     /// True when a restarted agent took it over.
     #[serde(default)]
     pub adopted: bool,
+}
+
+/// `instances/ID.json`: what the API shows, and the instance's files on this host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceRecord {
+    /// What the API shows.
+    #[serde(flatten)]
+    pub info: Instance,
+    /// The vmm's control socket.
+    pub api_sock: PathBuf,
+    /// The guest's serial console log.
+    pub serial_log: PathBuf,
+    /// The vmm's own log.
+    pub vmm_log: PathBuf,
 }
 
 /// Why a start or stop was refused.
@@ -346,11 +366,11 @@ impl Supervisor {
     }
 
     fn save(&self, rec: &InstanceRecord) {
-        let p = self.record_path(&rec.id);
+        let p = self.record_path(&rec.info.id);
         let tmp = p.with_extension("json.tmp");
         let json = serde_json::to_string_pretty(rec).expect("a record serialises");
         if let Err(e) = std::fs::write(&tmp, json + "\n").and_then(|_| std::fs::rename(&tmp, &p)) {
-            tracing::error!(instance = %rec.id, "cannot save {}: {e}", p.display());
+            tracing::error!(instance = %rec.info.id, "cannot save {}: {e}", p.display());
         }
     }
 
@@ -370,7 +390,7 @@ impl Supervisor {
     pub fn list(&self) -> Vec<InstanceRecord> {
         let t = self.table.lock().expect("instance table");
         let mut v: Vec<_> = t.values().map(|e| e.rec.clone()).collect();
-        v.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        v.sort_by(|a, b| (a.info.created_unix, &a.info.id).cmp(&(b.info.created_unix, &b.info.id)));
         v
     }
 
@@ -388,7 +408,12 @@ impl Supervisor {
         let t = self.table.lock().expect("instance table");
         State::ALL
             .iter()
-            .map(|s| (s.name(), t.values().filter(|e| e.rec.state == *s).count()))
+            .map(|s| {
+                (
+                    s.as_str(),
+                    t.values().filter(|e| e.rec.info.state == *s).count(),
+                )
+            })
             .collect()
     }
 
@@ -396,8 +421,8 @@ impl Supervisor {
     pub fn usage(&self) -> (u32, u64) {
         let t = self.table.lock().expect("instance table");
         t.values()
-            .filter(|e| e.rec.state.active())
-            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.mem_mib))
+            .filter(|e| e.rec.info.state.active())
+            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.info.mem_mib))
     }
 
     /// The limits (max VMs, memory MiB).
@@ -428,8 +453,9 @@ impl Supervisor {
                 }
             };
             let mut rec = rec;
-            if rec.state.active() {
+            if rec.info.state.active() {
                 let alive = rec
+                    .info
                     .pid
                     .is_some_and(|pid| pid_alive(pid) && is_our_vmm(pid, &rec.api_sock));
                 let answers = if alive {
@@ -444,31 +470,31 @@ impl Supervisor {
                 } else {
                     false
                 };
-                if alive && answers && rec.state != State::Stopping {
-                    rec.state = State::Running;
-                    rec.adopted = true;
-                    tracing::info!(instance = %rec.id, pid = ?rec.pid, endpoint = %rec.endpoint, "re-adopted a running instance");
+                if alive && answers && rec.info.state != State::Stopping {
+                    rec.info.state = State::Running;
+                    rec.info.adopted = true;
+                    tracing::info!(instance = %rec.info.id, pid = ?rec.info.pid, endpoint = %rec.info.endpoint, "re-adopted a running instance");
                 } else if alive {
-                    let pid = rec.pid.unwrap_or(0);
+                    let pid = rec.info.pid.unwrap_or(0);
                     signal(pid, nix::sys::signal::Signal::SIGKILL);
-                    rec.state = State::Failed;
-                    rec.exit = Some("killed by the agent".into());
-                    rec.error = Some(
+                    rec.info.state = State::Failed;
+                    rec.info.exit = Some("killed by the agent".into());
+                    rec.info.error = Some(
                         "its vmm did not answer on its control socket after an agent restart"
                             .into(),
                     );
-                    rec.pid = None;
-                    tracing::warn!(instance = %rec.id, pid, "killed an unresponsive vmm left from before the restart");
+                    rec.info.pid = None;
+                    tracing::warn!(instance = %rec.info.id, pid, "killed an unresponsive vmm left from before the restart");
                 } else {
-                    rec.state = State::Failed;
-                    rec.exit = Some("exited while the agent was down".into());
-                    rec.error = Some("the vmm exited while the agent was not running".into());
-                    rec.pid = None;
-                    tracing::warn!(instance = %rec.id, "instance ended while the agent was down");
+                    rec.info.state = State::Failed;
+                    rec.info.exit = Some("exited while the agent was down".into());
+                    rec.info.error = Some("the vmm exited while the agent was not running".into());
+                    rec.info.pid = None;
+                    tracing::warn!(instance = %rec.info.id, "instance ended while the agent was down");
                 }
             }
-            let id = rec.id.clone();
-            let adopt = rec.state == State::Running;
+            let id = rec.info.id.clone();
+            let adopt = rec.info.state == State::Running;
             self.save(&rec);
             self.table.lock().expect("instance table").insert(
                 id.clone(),
@@ -490,7 +516,7 @@ impl Supervisor {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let Some(rec) = self.get(&id) else { return };
-            let Some(pid) = rec.pid else { return };
+            let Some(pid) = rec.info.pid else { return };
             if !pid_alive(pid) {
                 self.finished(
                     &id,
@@ -504,18 +530,18 @@ impl Supervisor {
     /// Records that the vmm of `id` ended.
     fn finished(&self, id: &str, how: String) {
         let rec = self.update(id, |e| {
-            e.rec.pid = None;
-            if e.stop_requested || e.rec.state == State::Stopping {
-                e.rec.state = State::Stopped;
-            } else if e.rec.state != State::Failed {
-                e.rec.state = State::Failed;
-                e.rec.error = Some(format!("the vmm ended unexpectedly ({how})"));
+            e.rec.info.pid = None;
+            if e.stop_requested || e.rec.info.state == State::Stopping {
+                e.rec.info.state = State::Stopped;
+            } else if e.rec.info.state != State::Failed {
+                e.rec.info.state = State::Failed;
+                e.rec.info.error = Some(format!("the vmm ended unexpectedly ({how})"));
             }
-            e.rec.exit = Some(how);
+            e.rec.info.exit = Some(how);
         });
         if let Some(r) = rec {
-            if r.state == State::Failed {
-                tracing::warn!(instance = %id, exit = ?r.exit, "instance failed; log: {}", r.vmm_log.display());
+            if r.info.state == State::Failed {
+                tracing::warn!(instance = %id, exit = ?r.info.exit, "instance failed; log: {}", r.vmm_log.display());
             } else {
                 tracing::info!(instance = %id, "instance stopped");
             }
@@ -533,30 +559,32 @@ impl Supervisor {
             return Err(SupervisorError::SocketPath(sock));
         }
         let rec = InstanceRecord {
-            id: id.clone(),
-            service: svc.name.clone(),
-            base: svc.base.clone(),
-            state: State::Starting,
-            endpoint: String::new(),
-            pid: None,
+            info: Instance {
+                id: id.clone(),
+                service: svc.name.clone(),
+                base: svc.base.clone(),
+                state: State::Starting,
+                endpoint: String::new(),
+                synthesis_ms: None,
+                first_reply_ms: None,
+                mem_mib: base.mem_mib,
+                created_unix: unix_now(),
+                pid: None,
+                exit: None,
+                error: None,
+                adopted: false,
+            },
             api_sock: sock.clone(),
             serial_log: dir.join("serial.log"),
             vmm_log: dir.join("vmm.log"),
-            mem_mib: base.mem_mib,
-            created_unix: unix_now(),
-            synthesis_ms: None,
-            first_reply_ms: None,
-            exit: None,
-            error: None,
-            adopted: false,
         };
         // Reserve the slot under the lock, so concurrent starts cannot overshoot the limits.
         {
             let mut t = self.table.lock().expect("instance table");
             let (n, mem) = t
                 .values()
-                .filter(|e| e.rec.state.active())
-                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.mem_mib));
+                .filter(|e| e.rec.info.state.active())
+                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.info.mem_mib));
             if n >= self.cfg.max_vms {
                 return Err(SupervisorError::Full(format!(
                     "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
@@ -589,9 +617,9 @@ impl Supervisor {
                 self.metrics.start_failed();
                 let msg = error_chain(&why);
                 self.update(&id, |e| {
-                    e.rec.state = State::Failed;
-                    e.rec.error = Some(msg.clone());
-                    e.rec.pid = None;
+                    e.rec.info.state = State::Failed;
+                    e.rec.info.error = Some(msg.clone());
+                    e.rec.info.pid = None;
                 });
                 tracing::warn!(instance = %id, "start failed: {msg}");
                 Err(SupervisorError::StartFailed { id, why })
@@ -667,7 +695,7 @@ impl Supervisor {
         drop(theirs);
         let mut child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
         let pid = child.id();
-        self.update(id, |e| e.rec.pid = pid);
+        self.update(id, |e| e.rec.info.pid = pid);
         let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
 
         // The report, unless a stop comes first.
@@ -689,7 +717,7 @@ impl Supervisor {
                         .wait()
                         .await
                         .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
-                    self.update(id, |e| e.rec.exit = Some(exit.clone()));
+                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
                     return Err(match other {
                         Ok(Some(Report::Failed(failed))) => StartError::Refused { failed },
                         Ok(Some(r)) => StartError::Unexpected(Box::new(r)),
@@ -706,8 +734,8 @@ impl Supervisor {
                 NetworkMode::Tap(_) => GUEST_SERVICE.parse().expect("a socket address"),
             };
             self.update(id, |e| {
-                e.rec.endpoint = addr.to_string();
-                e.rec.synthesis_ms = ready.synthesis.map(|t| t.total_ms());
+                e.rec.info.endpoint = addr.to_string();
+                e.rec.info.synthesis_ms = ready.synthesis.map(|t| t.total_ms());
             });
             // The guest runs: one verified request, again only if that fails.
             let answered = async {
@@ -728,7 +756,7 @@ impl Supervisor {
                 _ = self.stop_requested(id) => {}
                 st = child.wait() => {
                     let exit = st.map_or_else(|e| format!("wait failed: {e}"), describe_exit);
-                    self.update(id, |e| e.rec.exit = Some(exit.clone()));
+                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
                     return Err(StartError::Ended { exit, tail: log_tail(&rec.vmm_log, 8) });
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -741,15 +769,15 @@ impl Supervisor {
         let first_ms = first_reply.map(|d| d.as_secs_f64() * 1e3);
         let rec = self
             .update(id, |e| {
-                if e.rec.state == State::Starting {
-                    e.rec.state = State::Running;
+                if e.rec.info.state == State::Starting {
+                    e.rec.info.state = State::Running;
                 }
-                e.rec.first_reply_ms = first_ms;
+                e.rec.info.first_reply_ms = first_ms;
             })
             .ok_or(StartError::Vanished)?;
         if let Some(ms) = first_ms {
             self.metrics.start_latency(ms);
-            tracing::info!(instance = %id, service, endpoint = %rec.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.synthesis_ms, "instance running");
+            tracing::info!(instance = %id, service, endpoint = %rec.info.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.info.synthesis_ms, "instance running");
         }
         let me = Arc::clone(self);
         let wid = id.to_string();
@@ -808,14 +836,14 @@ impl Supervisor {
             let e = t
                 .get_mut(id)
                 .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
-            if !e.rec.state.active() {
+            if !e.rec.info.state.active() {
                 return Ok(e.rec.clone());
             }
             e.stop_requested = true;
-            if e.rec.state == State::Running {
-                e.rec.state = State::Stopping;
+            if e.rec.info.state == State::Running {
+                e.rec.info.state = State::Stopping;
             }
-            (e.rec.pid, e.rec.api_sock.clone(), e.rec.adopted)
+            (e.rec.info.pid, e.rec.api_sock.clone(), e.rec.info.adopted)
         };
         if let Some(r) = self.get(id) {
             self.save(&r);
@@ -839,9 +867,9 @@ impl Supervisor {
             }
         }
         self.update(id, |e| {
-            e.rec.pid = None;
-            if e.rec.state.active() {
-                e.rec.state = State::Stopped;
+            e.rec.info.pid = None;
+            if e.rec.info.state.active() {
+                e.rec.info.state = State::Stopped;
             }
         })
         .ok_or_else(|| SupervisorError::NoInstance(id.into()))
@@ -863,12 +891,12 @@ impl Supervisor {
         }
         let mut rx = self.changed.subscribe();
         loop {
-            if self.get(id).is_none_or(|r| r.pid.is_none()) {
+            if self.get(id).is_none_or(|r| r.info.pid.is_none()) {
                 return true;
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return self.get(id).is_none_or(|r| r.pid.is_none()),
+                _ => return self.get(id).is_none_or(|r| r.info.pid.is_none()),
             }
         }
     }
@@ -888,8 +916,8 @@ impl Supervisor {
         let ids: Vec<String> = self
             .list()
             .into_iter()
-            .filter(|r| r.state.active())
-            .map(|r| r.id)
+            .filter(|r| r.info.state.active())
+            .map(|r| r.info.id)
             .collect();
         for id in ids {
             if let Err(e) = self.stop(&id).await {
