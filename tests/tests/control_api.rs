@@ -20,23 +20,39 @@ fn ctl(args: &[&str]) -> cloudlet_tests::Finished {
     run_vmm(args, T)
 }
 
-#[test]
-fn snapshot_through_the_socket_and_restore_from_the_command_line() {
-    let s = Scratch::new("api");
-    let sock = s.path("vm.sock");
-    let sock_s = sock.display().to_string();
-    let mut vm = Vmm::spawn([
+/// Arguments of `vmm run` for the micro guest (64 MiB) with a control socket at `sock`.
+fn run_args(sock: &str) -> Vec<String> {
+    let kernel = micro_guest().display().to_string();
+    [
         "run",
         "--kernel",
-        &micro_guest().display().to_string(),
+        &kernel,
         "--mem",
         "64",
         "--api-sock",
-        &sock_s,
-    ]);
+        sock,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `vmm run` of the micro guest (64 MiB) with a control socket `vm.sock` in `s`, once the
+/// guest has answered `echo WORD` (the socket listens by then); with the socket's path.
+fn run_with_socket(s: &Scratch, word: &str) -> (Vmm, std::path::PathBuf, String) {
+    let sock = s.path("vm.sock");
+    let sock_s = sock.display().to_string();
+    let mut vm = Vmm::spawn(run_args(&sock_s));
     vm.expect_line(T, |l| l.starts_with("micro-guest"));
-    vm.send("echo before\n");
-    vm.expect_line(T, |l| l == "ok echo before");
+    vm.send(&format!("echo {word}\n"));
+    let want = format!("ok echo {word}");
+    vm.expect_line(T, |l| l == want);
+    (vm, sock, sock_s)
+}
+
+#[test]
+fn snapshot_through_the_socket_and_restore_from_the_command_line() {
+    let s = Scratch::new("api");
+    let (mut vm, sock, sock_s) = run_with_socket(&s, "before");
 
     let st = ctl(&["status", "--api-sock", &sock_s]);
     assert_eq!(
@@ -117,21 +133,7 @@ fn control_commands_fail_clearly_without_a_vm() {
 #[test]
 fn a_silent_client_blocks_no_other() {
     let s = Scratch::new("api-silent");
-    let sock = s.path("vm.sock");
-    let sock_s = sock.display().to_string();
-    let mut vm = Vmm::spawn([
-        "run",
-        "--kernel",
-        &micro_guest().display().to_string(),
-        "--mem",
-        "64",
-        "--api-sock",
-        &sock_s,
-    ]);
-    vm.expect_line(T, |l| l.starts_with("micro-guest"));
-    // The socket listens once the vmm's event loop runs, by the time the guest answers.
-    vm.send("echo up\n");
-    vm.expect_line(T, |l| l == "ok echo up");
+    let (mut vm, sock, sock_s) = run_with_socket(&s, "up");
     // One client connected that sends nothing, one that sends half a frame.
     let _silent = UnixStream::connect(&sock).unwrap();
     let mut half = UnixStream::connect(&sock).unwrap();
@@ -170,12 +172,14 @@ fn a_silent_client_blocks_no_other() {
     assert_eq!(vm.finish(T).code(), 0);
 }
 
-/// `vmm` with `--report-fd` on one end of a socket pair; returns the other end.
-fn spawn_reporting(args: &[&str]) -> (Vmm, UnixStream) {
+/// `vmm` with `run_args(sock)`, then `forward`, and `--report-fd` on one end of a socket
+/// pair; returns the other end.
+fn spawn_reporting(sock: &str, forward: &str) -> (Vmm, UnixStream) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(cloudlet_tests::vmm_bin());
-    cmd.args(args).args(["--report-fd", &fd.to_string()]);
+    cmd.args(run_args(sock))
+        .args(["--forward", forward, "--report-fd", &fd.to_string()]);
     // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy of
     // `fd` only, so no other process spawned meanwhile inherits it.
     unsafe {
@@ -196,18 +200,7 @@ fn spawn_reporting(args: &[&str]) -> (Vmm, UnixStream) {
 fn the_report_channel_says_ready_with_the_bound_port_then_exited_then_eof() {
     let s = Scratch::new("api-report");
     let sock = s.path("vm.sock").display().to_string();
-    let kernel = micro_guest().display().to_string();
-    let (mut vm, mut report) = spawn_reporting(&[
-        "run",
-        "--kernel",
-        &kernel,
-        "--mem",
-        "64",
-        "--api-sock",
-        &sock,
-        "--forward",
-        "127.0.0.1:0=10.0.2.15:80",
-    ]);
+    let (mut vm, mut report) = spawn_reporting(&sock, "127.0.0.1:0=10.0.2.15:80");
     let ready = match read_frame::<Report>(&mut report).unwrap().unwrap() {
         Report::Ready(r) => r,
         other => panic!("expected Ready, got {other:?}"),
@@ -241,17 +234,8 @@ fn the_report_channel_says_why_a_start_failed() {
     let s = Scratch::new("api-report-fail");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let fwd = format!("{}=10.0.2.15:80", taken.local_addr().unwrap());
-    let (mut vm, mut report) = spawn_reporting(&[
-        "run",
-        "--kernel",
-        &micro_guest().display().to_string(),
-        "--mem",
-        "64",
-        "--api-sock",
-        &s.path("vm.sock").display().to_string(),
-        "--forward",
-        &fwd,
-    ]);
+    let sock = s.path("vm.sock").display().to_string();
+    let (mut vm, mut report) = spawn_reporting(&sock, &fwd);
     let failed = match read_frame::<Report>(&mut report).unwrap().unwrap() {
         Report::Failed(f) => f,
         other => panic!("expected Failed, got {other:?}"),
