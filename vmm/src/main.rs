@@ -275,6 +275,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
+    let mut report = reporter(&args.common)?;
     let serial = args.common.serial();
     let kernel = KernelConfig {
         kernel: args.kernel,
@@ -285,12 +286,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
             Boot::Pvh => BootProtocol::Pvh,
         },
     };
-    let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)?;
-    cfg.kvm_path = args.common.kvm_device.clone();
-    cfg.devices = args.common.devices();
-    cfg.devices.console = args.console;
-    let mut report = reporter(&args.common)?;
-    let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM");
+    let machine = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut cfg| {
+            cfg.kvm_path = args.common.kvm_device.clone();
+            cfg.devices = args.common.devices();
+            cfg.devices.console = args.console;
+            vmm::builder::build_for_boot(&cfg).context("failed to start the VM")
+        });
     serve(machine, None, &args.common, &mut report)
 }
 
