@@ -713,6 +713,10 @@ impl Supervisor {
             let ready = match first {
                 Ok(Some(Report::Ready(ready))) => ready,
                 other => {
+                    // After Failed or at end of file the vmm exits on its own.
+                    if matches!(other, Ok(Some(Report::Exited { .. })) | Err(_)) {
+                        let _ = child.start_kill();
+                    }
                     let exit = child
                         .wait()
                         .await
@@ -729,9 +733,14 @@ impl Supervisor {
                     });
                 }
             };
-            let addr = match &self.cfg.network {
-                NetworkMode::User => ready.forwards.first().ok_or(StartError::NoForward)?.host,
-                NetworkMode::Tap(_) => GUEST_SERVICE.parse().expect("a socket address"),
+            let addr = match (&self.cfg.network, ready.forwards.first()) {
+                (NetworkMode::User, Some(f)) => f.host,
+                (NetworkMode::User, None) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(StartError::NoForward);
+                }
+                (NetworkMode::Tap(_), _) => GUEST_SERVICE.parse().expect("a socket address"),
             };
             self.update(id, |e| {
                 e.rec.info.endpoint = addr.to_string();
