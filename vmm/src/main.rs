@@ -275,7 +275,6 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
-    let mut report = reporter(&args.common)?;
     let serial = args.common.serial();
     let kernel = KernelConfig {
         kernel: args.kernel,
@@ -286,42 +285,37 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
             Boot::Pvh => BootProtocol::Pvh,
         },
     };
-    let machine = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)
-        .map_err(anyhow::Error::from)
-        .and_then(|mut cfg| {
-            cfg.kvm_path = args.common.kvm_device.clone();
-            cfg.devices = args.common.devices();
-            cfg.devices.console = args.console;
-            vmm::builder::build_for_boot(&cfg).context("failed to start the VM")
-        });
-    serve(machine, None, &args.common, &mut report)
+    let common = &args.common;
+    launch(common, || {
+        let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !common.no_stdin)?;
+        cfg.kvm_path = common.kvm_device.clone();
+        cfg.devices = common.devices();
+        cfg.devices.console = args.console;
+        let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
+        Ok((machine, None))
+    })
 }
 
-/// The report channel of `--report-fd`, if given.
-fn reporter(common: &CommonArgs) -> anyhow::Result<Option<Reporter>> {
-    Ok(common.report_fd.map(Reporter::from_fd).transpose()?)
-}
-
-/// Opens the control socket of a built machine, reports ready (or why it could not start)
-/// on the report channel, and runs the machine until it stops.
-fn serve(
-    machine: anyhow::Result<vmm::machine::Machine>,
-    synthesis: Option<SynthesisTimes>,
+/// Opens the report channel (`--report-fd`) and the control socket, builds the machine with
+/// `build` (which may return synthesis timings), reports ready (or why it could not start)
+/// and runs the machine until it stops. The socket is bound before the build, so that Ready
+/// follows the vCPUs' start without waiting for it.
+fn launch(
     common: &CommonArgs,
-    report: &mut Option<Reporter>,
+    build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
-    let started = machine.and_then(|m| {
-        let socket = common
-            .api_sock
-            .as_deref()
-            .map(ControlSocket::bind)
-            .transpose()?;
-        Ok((m, socket))
-    });
-    let (machine, socket) = match started {
+    let mut report = common.report_fd.map(Reporter::from_fd).transpose()?;
+    let started = common
+        .api_sock
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()
+        .map_err(anyhow::Error::from)
+        .and_then(|socket| Ok((build()?, socket)));
+    let ((machine, synthesis), socket) = match started {
         Ok(s) => s,
         Err(e) => {
-            if let Some(r) = report {
+            if let Some(r) = &mut report {
                 if let Err(re) = r.failed(e.as_ref()) {
                     tracing::warn!("{re}");
                 }
@@ -329,78 +323,73 @@ fn serve(
             return Err(e);
         }
     };
-    if let Some(r) = report {
+    if let Some(r) = &mut report {
         if let Err(e) = r.ready(synthesis, &machine.forwards()) {
             tracing::warn!("{e}");
         }
     }
-    let mut control = Control {
-        socket,
-        report: report.take(),
-    };
+    let mut control = Control { socket, report };
     machine
         .run(&mut control)
         .context("the VMM event loop failed")
 }
 
 fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason> {
-    let t0 = std::time::Instant::now();
-    let mut report = reporter(&args.common)?;
-    let cfg = vmm::builder::SynthesisConfig {
-        base: args.base.clone(),
-        overlay: args.overlay.clone(),
-        serial: args.common.serial(),
-        serial_input: !args.common.no_stdin,
-        paused: args.paused,
-        kvm_path: args.common.kvm_device.clone(),
-        devices: args.common.devices(),
-        threads: args.threads,
-        lazy: !args.eager,
-        prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
-    };
-    let built = vmm::builder::build_from_overlay(&cfg).with_context(|| {
-        format!(
-            "failed to synthesise a VM from base '{}' and overlay '{}'",
-            args.base.display(),
-            args.overlay.display()
-        )
+    let mut lazy_stats = None;
+    let reason = launch(&args.common, || {
+        let t0 = std::time::Instant::now();
+        let cfg = vmm::builder::SynthesisConfig {
+            base: args.base.clone(),
+            overlay: args.overlay.clone(),
+            serial: args.common.serial(),
+            serial_input: !args.common.no_stdin,
+            paused: args.paused,
+            kvm_path: args.common.kvm_device.clone(),
+            devices: args.common.devices(),
+            threads: args.threads,
+            lazy: !args.eager,
+            prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
+        };
+        let (machine, t, restore) = vmm::builder::build_from_overlay(&cfg).with_context(|| {
+            format!(
+                "failed to synthesise a VM from base '{}' and overlay '{}'",
+                args.base.display(),
+                args.overlay.display()
+            )
+        })?;
+        let total = t0.elapsed();
+        lazy_stats = machine.lazy().map(|l| l.stats());
+        if verbose {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            eprintln!(
+                "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}{}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
+                ms(total),
+                ms(t.check),
+                ms(t.verify),
+                if t.verified_before { " (verified before)" } else { "" },
+                ms(t.map),
+                if t.lazy { "lazy fill start" } else { "apply" },
+                ms(t.apply),
+                t.chunks,
+                t.data_bytes as f64 / (1 << 20) as f64,
+                ms(restore)
+            );
+        }
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        let times = SynthesisTimes {
+            total_us: us(total),
+            check_us: us(t.check),
+            verify_us: us(t.verify),
+            verified_before: t.verified_before,
+            map_us: us(t.map),
+            apply_us: us(t.apply),
+            lazy: t.lazy,
+            chunks: t.chunks as u64,
+            data_bytes: t.data_bytes,
+            restore_us: us(restore),
+        };
+        Ok((machine, Some(times)))
     });
-    let (machine, t, restore) = match built {
-        Ok(b) => b,
-        Err(e) => return serve(Err(e), None, &args.common, &mut report),
-    };
-    let total = t0.elapsed();
-    let lazy_stats = machine.lazy().map(|l| l.stats());
-    let us = |d: std::time::Duration| d.as_micros() as u64;
-    let times = SynthesisTimes {
-        total_us: us(total),
-        check_us: us(t.check),
-        verify_us: us(t.verify),
-        verified_before: t.verified_before,
-        map_us: us(t.map),
-        apply_us: us(t.apply),
-        lazy: t.lazy,
-        chunks: t.chunks as u64,
-        data_bytes: t.data_bytes,
-        restore_us: us(restore),
-    };
-    if verbose {
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        eprintln!(
-            "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}{}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
-            ms(total),
-            ms(t.check),
-            ms(t.verify),
-            if t.verified_before { " (verified before)" } else { "" },
-            ms(t.map),
-            if t.lazy { "lazy fill start" } else { "apply" },
-            ms(t.apply),
-            t.chunks,
-            t.data_bytes as f64 / (1 << 20) as f64,
-            ms(restore)
-        );
-    }
-    let reason = serve(Ok(machine), Some(times), &args.common, &mut report);
     if let (true, Some(s)) = (verbose, lazy_stats) {
         use std::sync::atomic::Ordering::Relaxed;
         eprintln!(
@@ -424,14 +413,15 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
         kvm_path: args.common.kvm_device.clone(),
         devices: args.common.devices(),
     };
-    let mut report = reporter(&args.common)?;
-    let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
-        format!(
-            "failed to restore the snapshot in '{}'",
-            args.snapshot.display()
-        )
-    });
-    serve(machine, None, &args.common, &mut report)
+    launch(&args.common, || {
+        let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
+            format!(
+                "failed to restore the snapshot in '{}'",
+                args.snapshot.display()
+            )
+        })?;
+        Ok((machine, None))
+    })
 }
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitReason> {
