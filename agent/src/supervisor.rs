@@ -708,7 +708,7 @@ impl Supervisor {
                 return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
             }
         };
-        let mut first_reply = None;
+        let (mut first_reply, mut endpoint) = (None, None);
         if let Some(first) = first {
             let ready = match first {
                 Ok(Some(Report::Ready(ready))) => ready,
@@ -742,10 +742,8 @@ impl Supervisor {
                 }
                 (NetworkMode::Tap(_), _) => GUEST_SERVICE.parse().expect("a socket address"),
             };
-            self.update(id, |e| {
-                e.rec.info.endpoint = addr.to_string();
-                e.rec.info.synthesis_ms = ready.synthesis.map(|t| t.total_ms());
-            });
+            // Recorded with the first reply (a record written here would delay it).
+            endpoint = Some((addr, ready.synthesis.map(|t| t.total_ms())));
             // The guest runs: one verified request, again only if that fails.
             let answered = async {
                 loop {
@@ -780,6 +778,10 @@ impl Supervisor {
             .update(id, |e| {
                 if e.rec.info.state == State::Starting {
                     e.rec.info.state = State::Running;
+                }
+                if let Some((addr, synthesis_ms)) = endpoint {
+                    e.rec.info.endpoint = addr.to_string();
+                    e.rec.info.synthesis_ms = synthesis_ms;
                 }
                 e.rec.info.first_reply_ms = first_ms;
             })
