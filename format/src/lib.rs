@@ -7,7 +7,8 @@
 //!   in independently decodable, checksummed zstd chunks with a postcard index, plus the
 //!   customised VM's machine state and its disk δ;
 //! - [`state`]: the state file container (snapshots, an overlay's VM state);
-//! - [`control`]: the frames on a vmm's control socket (requests, answers, events);
+//! - [`control`]: the frames a vmm speaks: its control socket (requests, answers) and the
+//!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
