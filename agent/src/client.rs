@@ -15,7 +15,7 @@ use crate::http::{InstanceView, ServiceView, SystemInfo};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The HTTP exchange failed (connection refused, timeout …).
-    #[error("request to {url} failed: {source}")]
+    #[error("request to {url} failed")]
     Http {
         /// URL.
         url: String,
@@ -36,7 +36,7 @@ pub enum ClientError {
         hint: String,
     },
     /// A local file could not be read or written.
-    #[error("{0}: {1}")]
+    #[error("{0}")]
     Io(String, #[source] std::io::Error),
     /// mDNS browsing failed.
     #[error(transparent)]

@@ -19,7 +19,7 @@ use crate::board::Board;
 use crate::discovery::{Announcer, REFRESH};
 use crate::http::{router, shown_ip, system_info, AppState};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{error_chain, Store};
 use crate::supervisor::{Supervisor, SupervisorConfig, START_TIMEOUT};
 
 /// How the daemon runs.
@@ -176,14 +176,14 @@ pub async fn run(opts: Options) -> Result<()> {
                             continue;
                         };
                         if let Err(e) = a.update(txt) {
-                            tracing::warn!("mDNS re-announcement failed: {e}");
+                            tracing::warn!("mDNS re-announcement failed: {}", error_chain(&e));
                         }
                     }
                     tokio::task::spawn_blocking(move || a.goodbye()).await.ok();
                 }))
             }
             Err(e) => {
-                tracing::warn!("mDNS discovery is off: {e}");
+                tracing::warn!("mDNS discovery is off: {}", error_chain(&e));
                 None
             }
         }

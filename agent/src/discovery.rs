@@ -41,7 +41,7 @@ pub const VOLATILE_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// The mDNS daemon failed.
-    #[error("mDNS: {0}")]
+    #[error("the mDNS daemon failed")]
     Mdns(#[from] mdns_sd::Error),
 }
 
@@ -146,9 +146,12 @@ impl Announcer {
         match self.daemon.unregister(&self.fullname) {
             Ok(rx) => match rx.recv_timeout(Duration::from_secs(2)) {
                 Ok(st) => tracing::info!(name = %self.fullname, ?st, "mDNS goodbye sent"),
-                Err(e) => tracing::warn!("mDNS goodbye not confirmed: {e}"),
+                Err(e) => tracing::warn!(
+                    "mDNS goodbye not confirmed: {}",
+                    crate::store::error_chain(&e)
+                ),
             },
-            Err(e) => tracing::warn!("mDNS unregister failed: {e}"),
+            Err(e) => tracing::warn!("mDNS unregister failed: {}", crate::store::error_chain(&e)),
         }
         if let Ok(rx) = self.daemon.shutdown() {
             let _ = rx.recv_timeout(Duration::from_secs(1));

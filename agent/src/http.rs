@@ -135,7 +135,7 @@ impl From<StoreError> for ApiError {
                 msg,
                 "names are lower-case letters, digits, '.', '_' and '-'",
             ),
-            StoreError::BadOverlay(_) => ApiError::new(
+            StoreError::BadOverlay(_) | StoreError::OverlayBase(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "upload an overlay made by `image-builder overlay` for a base staged here (GET /v1/bases); nothing was installed",
@@ -172,7 +172,7 @@ impl From<SupervisorError> for ApiError {
                 msg,
                 "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
             ),
-            SupervisorError::Internal(_) => ApiError::new(
+            SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 msg,
                 "see the agent's log",
@@ -184,60 +184,20 @@ impl From<SupervisorError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// What the API shows of an instance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct InstanceView {
-    /// Instance id.
-    pub id: String,
-    /// Service.
-    pub service: String,
-    /// Base image.
-    pub base: String,
-    /// `starting`, `running`, `stopping`, `stopped` or `failed`.
-    pub state: String,
-    /// "IP:PORT" of the guest's service (framed TCP protocol).
-    pub endpoint: String,
-    /// The vmm's synthesis time, ms.
-    pub synthesis_ms: Option<f64>,
-    /// vmm spawn → first verified reply, ms.
-    pub first_reply_ms: Option<f64>,
-    /// Guest RAM, MiB.
-    pub mem_mib: u64,
-    /// Creation time, Unix seconds.
-    pub created_unix: u64,
-    /// The vmm's process id while it runs.
-    pub pid: Option<u32>,
-    /// How the vmm ended.
-    pub exit: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Taken over by a restarted agent.
-    pub adopted: bool,
-}
+pub type InstanceView = crate::supervisor::Instance;
 
 fn view(r: &InstanceRecord, host: Option<&str>) -> InstanceView {
+    let mut v = r.info.clone();
     // An instance listening on every address is reached at the host the client used.
-    let endpoint = match (r.endpoint.parse::<std::net::SocketAddr>(), host) {
-        (Ok(sa), Some(h)) if sa.ip().is_unspecified() => {
+    if let (Ok(sa), Some(h)) = (v.endpoint.parse::<std::net::SocketAddr>(), host) {
+        if sa.ip().is_unspecified() {
             let h = h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h);
-            format!("{h}:{}", sa.port())
+            v.endpoint = format!("{h}:{}", sa.port());
         }
-        _ => r.endpoint.clone(),
-    };
-    InstanceView {
-        id: r.id.clone(),
-        service: r.service.clone(),
-        base: r.base.clone(),
-        state: r.state.name().into(),
-        endpoint,
-        synthesis_ms: r.synthesis_ms.map(round2),
-        first_reply_ms: r.first_reply_ms.map(round2),
-        mem_mib: r.mem_mib,
-        created_unix: r.created_unix,
-        pid: r.pid,
-        exit: r.exit.clone(),
-        error: r.error.clone(),
-        adopted: r.adopted,
     }
+    v.synthesis_ms = v.synthesis_ms.map(round2);
+    v.first_reply_ms = v.first_reply_ms.map(round2);
+    v
 }
 
 fn round2(v: f64) -> f64 {
@@ -479,7 +439,7 @@ fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
         .sup
         .list()
         .iter()
-        .filter(|i| i.service == r.name && i.state.active())
+        .filter(|i| i.info.service == r.name && i.info.state.active())
         .count();
     ServiceView {
         mem_mib: st.store.base(&r.base).ok().map(|b| b.mem_mib),

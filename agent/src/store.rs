@@ -52,15 +52,20 @@ pub enum StoreError {
     /// No such app.
     #[error("no app named '{0}'")]
     NoApp(String),
-    /// An overlay that does not verify, or names no staged base.
-    #[error("overlay refused: {0}")]
-    BadOverlay(String),
+    /// An overlay that does not open or verify.
+    #[error("overlay refused")]
+    BadOverlay(#[source] format::overlay::OverlayError),
+    /// An overlay for a base that is not staged here (its id, hex).
+    #[error(
+        "overlay refused: it applies to base {0}, which is not staged here (stage that base first)"
+    )]
+    OverlayBase(String),
     /// A base directory that does not load.
-    #[error("base refused: {0}")]
-    BadBase(String),
+    #[error("base refused")]
+    BadBase(#[source] format::base::BaseError),
     /// A record that does not parse.
-    #[error("{0} is damaged: {1}")]
-    Damaged(PathBuf, String),
+    #[error("{0} is damaged")]
+    Damaged(PathBuf, #[source] serde_json::Error),
 }
 
 /// A base image in the catalogue.
@@ -306,7 +311,7 @@ impl Store {
         if !dir.is_dir() {
             return Err(StoreError::NoBase(name.into()));
         }
-        let m = Manifest::load(&dir).map_err(|e| StoreError::BadBase(error_chain(&e)))?;
+        let m = Manifest::load(&dir).map_err(StoreError::BadBase)?;
         let bytes_on_disk = fs::read_dir(&dir)
             .map(|rd| {
                 rd.flatten()
@@ -334,7 +339,7 @@ impl Store {
             .filter_map(|n| match self.base(&n) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    tracing::warn!("skipping base {n}: {e}");
+                    tracing::warn!("skipping base {n}: {}", error_chain(&e));
                     None
                 }
             })
@@ -352,7 +357,7 @@ impl Store {
             }
             Err(e) => return Err(StoreError::Io("read", p, e)),
         };
-        serde_json::from_str(&text).map_err(|e| StoreError::Damaged(p, e.to_string()))
+        serde_json::from_str(&text).map_err(|e| StoreError::Damaged(p, e))
     }
 
     /// Every service.
@@ -386,7 +391,7 @@ impl Store {
         check_name(name)?;
         let p = self.root.join("apps").join(name).join(APP_FILE);
         let text = fs::read_to_string(&p).map_err(|_| StoreError::NoApp(name.into()))?;
-        serde_json::from_str(&text).map_err(|e| StoreError::Damaged(p, e.to_string()))
+        serde_json::from_str(&text).map_err(|e| StoreError::Damaged(p, e))
     }
 
     /// The file of an app.
@@ -406,7 +411,7 @@ impl Store {
     /// RAM file sparse; replaces an existing base of that name.
     pub fn stage_base(&self, name: &str, from: &Path) -> Result<BaseInfo, StoreError> {
         check_name(name)?;
-        let m = Manifest::load(from).map_err(|e| StoreError::BadBase(error_chain(&e)))?;
+        let m = Manifest::load(from).map_err(StoreError::BadBase)?;
         let tmp = self.tmp_path("base");
         io("create", &tmp, fs::create_dir_all(&tmp))?;
         for e in io("list", from, fs::read_dir(from))? {
@@ -427,19 +432,14 @@ impl Store {
     /// Checks an overlay file: it opens, every chunk checksum matches, and it names a
     /// staged base. Returns that base's name.
     pub fn verify_overlay(&self, path: &Path) -> Result<String, StoreError> {
-        let ov = Overlay::open(path).map_err(|e| StoreError::BadOverlay(error_chain(&e)))?;
-        ov.verify_chunks(2)
-            .map_err(|e| StoreError::BadOverlay(error_chain(&e)))?;
+        let ov = Overlay::open(path).map_err(StoreError::BadOverlay)?;
+        ov.verify_chunks(2).map_err(StoreError::BadOverlay)?;
         let want = hex(ov.base_id());
         self.bases()
             .into_iter()
             .find(|b| b.id == want)
             .map(|b| b.name)
-            .ok_or_else(|| {
-                StoreError::BadOverlay(format!(
-                    "it applies to base {want}, which is not staged here (stage that base first)"
-                ))
-            })
+            .ok_or(StoreError::OverlayBase(want))
     }
 
     /// Installs the overlay at `tmp_overlay` (a file under `tmp/` or anywhere on the same

@@ -1,32 +1,42 @@
 //! The supervisor: one `vmm synthesize` process per service-VM instance.
 //!
 //! ```text
-//!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ pick a host port
-//!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:PORT=10.0.2.15:80
-//!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log`
-//!        ──▶ `health` over TCP every 2 ms until `ok health` ──▶ Running
+//!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
+//!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
+//!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
+//!                   --report-fd N` (N: the vmm's end of the pair)
+//!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
+//!            Failed (why, and a kind) or end of file (it died)
+//!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
 //!
-//!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──exit──▶ Stopped
+//!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
-//!      └──exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
+//!      └──Failed / exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
 //! ```
 //!
-//! Each vmm runs in its own process group with stdio going to files, so neither a Ctrl-C at
-//! the agent's terminal nor the agent's death reaches it. Its state is kept in
-//! `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances whose
-//! process is alive and answers `Status` on its control socket (postcard frames, see
+//! Every step is an event the agent awaits (the report, the guest's reply, the `Exited`
+//! report or the process's exit): nothing polls, and nothing reads the vmm's log, which is
+//! kept for people. Each vmm runs in its own process group with stdio going to files, so
+//! neither a Ctrl-C at the agent's terminal nor the agent's death reaches it. Its state is
+//! kept in `instances/ID.json` ([`InstanceRecord`]); a restarted agent re-adopts instances
+//! whose process is alive and answers `Status` on its control socket (postcard frames, see
 //! `format::control`), and kills and reports the rest, so a vmm is never leaked. Stopping sends
-//! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`].
+//! `ApiRequest::Stop` and kills the process if it has not exited after [`STOP_GRACE`]; the
+//! vmm reports `Exited` once its guest is stopped and its ports are closed, before the kernel
+//! releases the VM.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use format::control::{self as wire, ApiRequest, ApiResponse, Failed, Report};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::board::NetworkMode;
@@ -71,8 +81,8 @@ impl State {
         matches!(self, State::Starting | State::Running | State::Stopping)
     }
 
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
+    /// Lower-case name (as in JSON).
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Running => "running",
@@ -83,9 +93,21 @@ impl State {
     }
 }
 
-/// `instances/ID.json`, and what the API shows of an instance.
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for State {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What the API shows of an instance: its record without the host paths.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct InstanceRecord {
+pub struct Instance {
     /// Instance id (`i-` and 8 hex digits).
     pub id: String,
     /// Service it runs.
@@ -96,22 +118,16 @@ pub struct InstanceRecord {
     pub state: State,
     /// Where clients reach the guest's service ("IP:PORT").
     pub endpoint: String,
-    /// The vmm's process id (while it may be alive).
-    pub pid: Option<u32>,
-    /// The vmm's control socket.
-    pub api_sock: PathBuf,
-    /// The guest's serial console log.
-    pub serial_log: PathBuf,
-    /// The vmm's own log.
-    pub vmm_log: PathBuf,
-    /// Guest RAM, MiB (counted against the board's memory).
-    pub mem_mib: u64,
-    /// When it was created (Unix seconds).
-    pub created_unix: u64,
     /// The vmm's own synthesis time (checks → vCPUs running), ms.
     pub synthesis_ms: Option<f64>,
     /// vmm spawn → first verified reply (`ok health`) from the guest, ms.
     pub first_reply_ms: Option<f64>,
+    /// Guest RAM, MiB (counted against the board's memory).
+    pub mem_mib: u64,
+    /// When it was created (Unix seconds).
+    pub created_unix: u64,
+    /// The vmm's process id (while it may be alive).
+    pub pid: Option<u32>,
     /// How the vmm ended ("exit status 0", "killed by signal 9").
     pub exit: Option<String>,
     /// Why it failed.
@@ -119,6 +135,20 @@ pub struct InstanceRecord {
     /// True when a restarted agent took it over.
     #[serde(default)]
     pub adopted: bool,
+}
+
+/// `instances/ID.json`: what the API shows, and the instance's files on this host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceRecord {
+    /// What the API shows.
+    #[serde(flatten)]
+    pub info: Instance,
+    /// The vmm's control socket.
+    pub api_sock: PathBuf,
+    /// The guest's serial console log.
+    pub serial_log: PathBuf,
+    /// The vmm's own log.
+    pub vmm_log: PathBuf,
 }
 
 /// Why a start or stop was refused.
@@ -137,16 +167,63 @@ pub enum SupervisorError {
     #[error("instance {0} is {1}: {2}")]
     Conflict(String, &'static str, &'static str),
     /// The vmm did not come up.
-    #[error("instance {id} failed to start: {why}")]
+    #[error("instance {id} failed to start")]
     StartFailed {
         /// Instance id.
         id: String,
-        /// What happened (with the end of the vmm's log).
-        why: String,
+        /// What happened.
+        #[source]
+        why: StartError,
     },
-    /// Anything else (I/O on the data directory, spawning).
-    #[error("{0}")]
-    Internal(String),
+    /// The control socket's path does not fit a Unix socket address.
+    #[error("the control socket path {0} is too long for a Unix socket: use a shorter --data-dir")]
+    SocketPath(PathBuf),
+    /// The instance's directory could not be created.
+    #[error("cannot create {0}")]
+    InstanceDir(PathBuf, #[source] std::io::Error),
+}
+
+/// Why a vmm did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The instance was deleted meanwhile.
+    #[error("the instance vanished while starting")]
+    Vanished,
+    /// The vmm's log could not be opened.
+    #[error("cannot open {0}")]
+    Log(PathBuf, #[source] std::io::Error),
+    /// The report channel could not be made.
+    #[error("cannot make the vmm's report channel")]
+    Channel(#[source] std::io::Error),
+    /// The vmm could not be run.
+    #[error("cannot run the vmm at {0} (build it with `cargo build --bins`, or pass --vmm)")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The vmm reported why it could not start.
+    #[error("the vmm could not start ({:?}): {failed}", failed.kind)]
+    Refused {
+        /// Its report.
+        failed: Failed,
+    },
+    /// The report channel broke or carried something else than a report.
+    #[error("bad report from the vmm")]
+    Report(#[source] wire::ApiError),
+    /// The vmm reported a state other than Ready or Failed first.
+    #[error("the vmm reported {0:?} before Ready")]
+    Unexpected(Box<Report>),
+    /// The vmm ended without a report, or before the guest answered.
+    #[error("the vmm ended before the guest answered ({exit}); vmm log:\n{tail}")]
+    Ended {
+        /// How it ended.
+        exit: String,
+        /// The end of its log (for people).
+        tail: String,
+    },
+    /// The vmm reported no port forward to reach the guest at.
+    #[error("the vmm reported no port forward")]
+    NoForward,
+    /// Nothing within the start timeout.
+    #[error("no reply to `health` within {0:?}; vmm log:\n{1}")]
+    Timeout(Duration, String),
 }
 
 /// Settings of the supervisor.
@@ -230,17 +307,37 @@ pub fn log_tail(p: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// "vmm: synthesised in 17.23 ms: …" → 17.23.
-fn synthesis_ms_from_log(p: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(p).ok()?;
-    let at = text.find("synthesised in ")? + "synthesised in ".len();
-    text[at..].split_whitespace().next()?.parse().ok()
+/// Describes an exit code the vmm reported.
+fn describe_code(code: i32) -> String {
+    format!("exit status {code}")
 }
 
-fn free_port(ip: IpAddr) -> std::io::Result<u16> {
-    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?
-        .local_addr()?
-        .port())
+/// Reads one frame from an async stream: `Ok(None)` at end of file before it.
+async fn read_message<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Option<T>, wire::ApiError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let mut buf = vec![0u8; wire::Frame::total_len(len)?];
+    buf[..4].copy_from_slice(&len);
+    r.read_exact(&mut buf[4..]).await?;
+    wire::Frame::new_checked(&buf)?
+        .message()?
+        .map(Some)
+        .map_err(wire::ApiError::Version)
+}
+
+/// Sends one request on a vmm's control socket and returns its answer.
+pub async fn control_request(sock: &Path, req: &ApiRequest) -> Result<ApiResponse, wire::ApiError> {
+    let mut s = tokio::net::UnixStream::connect(sock).await?;
+    s.write_all(&wire::encode(req)?).await?;
+    read_message(&mut s)
+        .await?
+        .ok_or_else(|| wire::ApiError::Io(std::io::ErrorKind::UnexpectedEof.into()))
 }
 
 impl Supervisor {
@@ -269,11 +366,11 @@ impl Supervisor {
     }
 
     fn save(&self, rec: &InstanceRecord) {
-        let p = self.record_path(&rec.id);
+        let p = self.record_path(&rec.info.id);
         let tmp = p.with_extension("json.tmp");
         let json = serde_json::to_string_pretty(rec).expect("a record serialises");
         if let Err(e) = std::fs::write(&tmp, json + "\n").and_then(|_| std::fs::rename(&tmp, &p)) {
-            tracing::error!(instance = %rec.id, "cannot save {}: {e}", p.display());
+            tracing::error!(instance = %rec.info.id, "cannot save {}: {e}", p.display());
         }
     }
 
@@ -293,7 +390,7 @@ impl Supervisor {
     pub fn list(&self) -> Vec<InstanceRecord> {
         let t = self.table.lock().expect("instance table");
         let mut v: Vec<_> = t.values().map(|e| e.rec.clone()).collect();
-        v.sort_by(|a, b| (a.created_unix, &a.id).cmp(&(b.created_unix, &b.id)));
+        v.sort_by(|a, b| (a.info.created_unix, &a.info.id).cmp(&(b.info.created_unix, &b.info.id)));
         v
     }
 
@@ -311,7 +408,12 @@ impl Supervisor {
         let t = self.table.lock().expect("instance table");
         State::ALL
             .iter()
-            .map(|s| (s.name(), t.values().filter(|e| e.rec.state == *s).count()))
+            .map(|s| {
+                (
+                    s.as_str(),
+                    t.values().filter(|e| e.rec.info.state == *s).count(),
+                )
+            })
             .collect()
     }
 
@@ -319,8 +421,8 @@ impl Supervisor {
     pub fn usage(&self) -> (u32, u64) {
         let t = self.table.lock().expect("instance table");
         t.values()
-            .filter(|e| e.rec.state.active())
-            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.mem_mib))
+            .filter(|e| e.rec.info.state.active())
+            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.info.mem_mib))
     }
 
     /// The limits (max VMs, memory MiB).
@@ -351,53 +453,48 @@ impl Supervisor {
                 }
             };
             let mut rec = rec;
-            if rec.state.active() {
+            if rec.info.state.active() {
                 let alive = rec
+                    .info
                     .pid
                     .is_some_and(|pid| pid_alive(pid) && is_our_vmm(pid, &rec.api_sock));
                 let answers = if alive {
-                    let sock = rec.api_sock.clone();
                     matches!(
                         tokio::time::timeout(
                             Duration::from_secs(2),
-                            tokio::task::spawn_blocking(move || {
-                                format::control::request(
-                                    &sock,
-                                    &format::control::ApiRequest::Status,
-                                )
-                            }),
+                            control_request(&rec.api_sock, &ApiRequest::Status),
                         )
                         .await,
-                        Ok(Ok(Ok(format::control::ApiResponse::Status { .. })))
+                        Ok(Ok(ApiResponse::Status { .. }))
                     )
                 } else {
                     false
                 };
-                if alive && answers && rec.state != State::Stopping {
-                    rec.state = State::Running;
-                    rec.adopted = true;
-                    tracing::info!(instance = %rec.id, pid = ?rec.pid, endpoint = %rec.endpoint, "re-adopted a running instance");
+                if alive && answers && rec.info.state != State::Stopping {
+                    rec.info.state = State::Running;
+                    rec.info.adopted = true;
+                    tracing::info!(instance = %rec.info.id, pid = ?rec.info.pid, endpoint = %rec.info.endpoint, "re-adopted a running instance");
                 } else if alive {
-                    let pid = rec.pid.unwrap_or(0);
+                    let pid = rec.info.pid.unwrap_or(0);
                     signal(pid, nix::sys::signal::Signal::SIGKILL);
-                    rec.state = State::Failed;
-                    rec.exit = Some("killed by the agent".into());
-                    rec.error = Some(
+                    rec.info.state = State::Failed;
+                    rec.info.exit = Some("killed by the agent".into());
+                    rec.info.error = Some(
                         "its vmm did not answer on its control socket after an agent restart"
                             .into(),
                     );
-                    rec.pid = None;
-                    tracing::warn!(instance = %rec.id, pid, "killed an unresponsive vmm left from before the restart");
+                    rec.info.pid = None;
+                    tracing::warn!(instance = %rec.info.id, pid, "killed an unresponsive vmm left from before the restart");
                 } else {
-                    rec.state = State::Failed;
-                    rec.exit = Some("exited while the agent was down".into());
-                    rec.error = Some("the vmm exited while the agent was not running".into());
-                    rec.pid = None;
-                    tracing::warn!(instance = %rec.id, "instance ended while the agent was down");
+                    rec.info.state = State::Failed;
+                    rec.info.exit = Some("exited while the agent was down".into());
+                    rec.info.error = Some("the vmm exited while the agent was not running".into());
+                    rec.info.pid = None;
+                    tracing::warn!(instance = %rec.info.id, "instance ended while the agent was down");
                 }
             }
-            let id = rec.id.clone();
-            let adopt = rec.state == State::Running;
+            let id = rec.info.id.clone();
+            let adopt = rec.info.state == State::Running;
             self.save(&rec);
             self.table.lock().expect("instance table").insert(
                 id.clone(),
@@ -419,7 +516,7 @@ impl Supervisor {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let Some(rec) = self.get(&id) else { return };
-            let Some(pid) = rec.pid else { return };
+            let Some(pid) = rec.info.pid else { return };
             if !pid_alive(pid) {
                 self.finished(
                     &id,
@@ -433,18 +530,18 @@ impl Supervisor {
     /// Records that the vmm of `id` ended.
     fn finished(&self, id: &str, how: String) {
         let rec = self.update(id, |e| {
-            e.rec.pid = None;
-            if e.stop_requested || e.rec.state == State::Stopping {
-                e.rec.state = State::Stopped;
-            } else if e.rec.state != State::Failed {
-                e.rec.state = State::Failed;
-                e.rec.error = Some(format!("the vmm ended unexpectedly ({how})"));
+            e.rec.info.pid = None;
+            if e.stop_requested || e.rec.info.state == State::Stopping {
+                e.rec.info.state = State::Stopped;
+            } else if e.rec.info.state != State::Failed {
+                e.rec.info.state = State::Failed;
+                e.rec.info.error = Some(format!("the vmm ended unexpectedly ({how})"));
             }
-            e.rec.exit = Some(how);
+            e.rec.info.exit = Some(how);
         });
         if let Some(r) = rec {
-            if r.state == State::Failed {
-                tracing::warn!(instance = %id, exit = ?r.exit, "instance failed; log: {}", r.vmm_log.display());
+            if r.info.state == State::Failed {
+                tracing::warn!(instance = %id, exit = ?r.info.exit, "instance failed; log: {}", r.vmm_log.display());
             } else {
                 tracing::info!(instance = %id, "instance stopped");
             }
@@ -459,36 +556,35 @@ impl Supervisor {
         let dir = self.store.instances_dir().join(&id);
         let sock = dir.join("vm.sock");
         if sock.as_os_str().len() >= 100 {
-            return Err(SupervisorError::Internal(format!(
-                "the control socket path {} is too long for a Unix socket: use a shorter --data-dir",
-                sock.display()
-            )));
+            return Err(SupervisorError::SocketPath(sock));
         }
         let rec = InstanceRecord {
-            id: id.clone(),
-            service: svc.name.clone(),
-            base: svc.base.clone(),
-            state: State::Starting,
-            endpoint: String::new(),
-            pid: None,
+            info: Instance {
+                id: id.clone(),
+                service: svc.name.clone(),
+                base: svc.base.clone(),
+                state: State::Starting,
+                endpoint: String::new(),
+                synthesis_ms: None,
+                first_reply_ms: None,
+                mem_mib: base.mem_mib,
+                created_unix: unix_now(),
+                pid: None,
+                exit: None,
+                error: None,
+                adopted: false,
+            },
             api_sock: sock.clone(),
             serial_log: dir.join("serial.log"),
             vmm_log: dir.join("vmm.log"),
-            mem_mib: base.mem_mib,
-            created_unix: unix_now(),
-            synthesis_ms: None,
-            first_reply_ms: None,
-            exit: None,
-            error: None,
-            adopted: false,
         };
         // Reserve the slot under the lock, so concurrent starts cannot overshoot the limits.
         {
             let mut t = self.table.lock().expect("instance table");
             let (n, mem) = t
                 .values()
-                .filter(|e| e.rec.state.active())
-                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.mem_mib));
+                .filter(|e| e.rec.info.state.active())
+                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.info.mem_mib));
             if n >= self.cfg.max_vms {
                 return Err(SupervisorError::Full(format!(
                     "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
@@ -509,184 +605,256 @@ impl Supervisor {
                 },
             );
         }
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            SupervisorError::Internal(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.table.lock().expect("instance table").remove(&id);
+            return Err(SupervisorError::InstanceDir(dir, e));
+        }
         self.save(&rec);
         self.notify();
         match self.launch(&id, &svc.name, &svc.base).await {
             Ok(rec) => Ok(rec),
             Err(why) => {
                 self.metrics.start_failed();
-                let rec = self.update(&id, |e| {
-                    e.rec.state = State::Failed;
-                    e.rec.error = Some(why.clone());
-                    e.rec.pid = None;
+                let msg = error_chain(&why);
+                self.update(&id, |e| {
+                    e.rec.info.state = State::Failed;
+                    e.rec.info.error = Some(msg.clone());
+                    e.rec.info.pid = None;
                 });
-                tracing::warn!(instance = %id, "start failed: {why}");
-                let _ = rec;
+                tracing::warn!(instance = %id, "start failed: {msg}");
                 Err(SupervisorError::StartFailed { id, why })
             }
         }
     }
 
-    /// Spawns the vmm (retrying on a port taken in between) and waits for `ok health`.
+    /// Spawns the vmm with a report channel, awaits its Ready report and the guest's first
+    /// `ok health`.
     async fn launch(
         self: &Arc<Self>,
         id: &str,
         service: &str,
         base: &str,
-    ) -> Result<InstanceRecord, String> {
-        let rec = self.get(id).ok_or("instance vanished")?;
+    ) -> Result<InstanceRecord, StartError> {
+        let rec = self.get(id).ok_or(StartError::Vanished)?;
         let overlay = self.store.overlay_path(service);
         let base_dir = self.store.base_dir(base);
-        for attempt in 0..3 {
-            let _ = std::fs::remove_file(&rec.api_sock);
-            let (net_args, endpoint): (Vec<String>, String) = match &self.cfg.network {
-                NetworkMode::User => {
-                    let port = free_port(self.cfg.host_ip).map_err(|e| {
-                        format!("cannot find a free port on {}: {e}", self.cfg.host_ip)
-                    })?;
-                    let ep = SocketAddr::new(self.cfg.host_ip, port).to_string();
-                    (
-                        vec!["--forward".into(), format!("{ep}={GUEST_SERVICE}")],
-                        ep,
-                    )
+        let _ = std::fs::remove_file(&rec.api_sock);
+        let net_args: Vec<String> = match &self.cfg.network {
+            // Port 0: the vmm binds a free port and reports it.
+            NetworkMode::User => vec![
+                "--forward".into(),
+                format!("{}={GUEST_SERVICE}", SocketAddr::new(self.cfg.host_ip, 0)),
+            ],
+            NetworkMode::Tap(dev) => vec!["--tap".into(), dev.clone()],
+        };
+        let log_err = |e| StartError::Log(rec.vmm_log.clone(), e);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&rec.vmm_log)
+            .map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+        // Both ends are close-on-exec; the vmm's end is made inheritable in its child alone,
+        // so no other vmm started meanwhile holds it (its end of file is this vmm's exit).
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Channel)?;
+        ours.set_nonblocking(true).map_err(StartError::Channel)?;
+        let mut report = tokio::net::UnixStream::from_std(ours).map_err(StartError::Channel)?;
+        let report_fd = theirs.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
+        cmd.arg("synthesize")
+            .arg("--base")
+            .arg(&base_dir)
+            .arg("--overlay")
+            .arg(&overlay)
+            .args(&net_args)
+            .arg("--api-sock")
+            .arg(&rec.api_sock)
+            .arg("--serial")
+            .arg(&rec.serial_log)
+            .arg("--report-fd")
+            .arg(report_fd.to_string())
+            .arg("--no-stdin")
+            .arg("-v")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe, on a descriptor open in the parent (and so in it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(report_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                NetworkMode::Tap(dev) => (vec!["--tap".into(), dev.clone()], GUEST_SERVICE.into()),
-            };
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&rec.vmm_log)
-                .map_err(|e| format!("cannot open {}: {e}", rec.vmm_log.display()))?;
-            let log2 = log.try_clone().map_err(|e| e.to_string())?;
-            let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
-            cmd.arg("synthesize")
-                .arg("--base")
-                .arg(&base_dir)
-                .arg("--overlay")
-                .arg(&overlay)
-                .args(&net_args)
-                .arg("--api-sock")
-                .arg(&rec.api_sock)
-                .arg("--serial")
-                .arg(&rec.serial_log)
-                .arg("--no-stdin")
-                .arg("-v")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log2))
-                .process_group(0)
-                .kill_on_drop(false);
-            let t0 = Instant::now();
-            let mut child = cmd.spawn().map_err(|e| {
-                format!(
-                    "cannot run the vmm at {}: {e} (build it with `cargo build --bins`, or pass --vmm)",
-                    self.cfg.vmm.display()
-                )
-            })?;
-            let pid = child.id();
-            self.update(id, |e| {
-                e.rec.pid = pid;
-                e.rec.endpoint = endpoint.clone();
+                Ok(())
             });
-            let addr: SocketAddr = endpoint
-                .parse()
-                .map_err(|_| format!("bad endpoint {endpoint}"))?;
-            let deadline = t0 + self.cfg.start_timeout;
-            let outcome = loop {
-                if let Ok(Some(st)) = child.try_wait() {
-                    break Err(st);
+        }
+        let t0 = Instant::now();
+        let spawned = cmd.spawn();
+        drop(theirs);
+        let mut child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
+        let pid = child.id();
+        self.update(id, |e| e.rec.info.pid = pid);
+        let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
+
+        // The report, unless a stop comes first.
+        let first = tokio::select! {
+            r = read_message::<Report>(&mut report) => Some(r),
+            _ = self.stop_requested(id) => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
+            }
+        };
+        let (mut first_reply, mut endpoint) = (None, None);
+        if let Some(first) = first {
+            let ready = match first {
+                Ok(Some(Report::Ready(ready))) => ready,
+                other => {
+                    // After Failed or at end of file the vmm exits on its own.
+                    if matches!(other, Ok(Some(Report::Exited { .. })) | Err(_)) {
+                        let _ = child.start_kill();
+                    }
+                    let exit = child
+                        .wait()
+                        .await
+                        .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
+                    return Err(match other {
+                        Ok(Some(Report::Failed(failed))) => StartError::Refused { failed },
+                        Ok(Some(r)) => StartError::Unexpected(Box::new(r)),
+                        Ok(None) => StartError::Ended {
+                            exit,
+                            tail: log_tail(&rec.vmm_log, 8),
+                        },
+                        Err(e) => StartError::Report(e),
+                    });
                 }
-                if Instant::now() > deadline {
+            };
+            let addr = match (&self.cfg.network, ready.forwards.first()) {
+                (NetworkMode::User, Some(f)) => f.host,
+                (NetworkMode::User, None) => {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
-                    return Err(format!(
-                        "no reply to `health` within {:?}; vmm log:\n{}",
-                        self.cfg.start_timeout,
-                        log_tail(&rec.vmm_log, 8)
-                    ));
+                    return Err(StartError::NoForward);
                 }
-                let stopping = self
-                    .table
-                    .lock()
-                    .expect("instance table")
-                    .get(id)
-                    .is_none_or(|e| e.stop_requested);
-                if stopping {
-                    break Ok(None);
-                }
-                match tokio::time::timeout(
-                    Duration::from_millis(500),
-                    crate::guest::request_async(addr, "health"),
-                )
-                .await
-                {
-                    Ok(Ok(r)) if r == "ok health" => break Ok(Some(t0.elapsed())),
-                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                (NetworkMode::Tap(_), _) => GUEST_SERVICE.parse().expect("a socket address"),
+            };
+            // Recorded with the first reply (a record written here would delay it).
+            endpoint = Some((addr, ready.synthesis.map(|t| t.total_ms())));
+            // The guest runs: one verified request, again only if that fails.
+            let answered = async {
+                loop {
+                    match tokio::time::timeout(
+                        Duration::from_millis(500),
+                        crate::guest::request_async(addr, "health"),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) if r == "ok health" => return t0.elapsed(),
+                        _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                    }
                 }
             };
-            match outcome {
-                Ok(first) => {
-                    let first_ms = first.map(|d| d.as_secs_f64() * 1e3);
-                    let synth = synthesis_ms_from_log(&rec.vmm_log);
-                    let rec = self
-                        .update(id, |e| {
-                            if e.rec.state == State::Starting {
-                                e.rec.state = State::Running;
-                            }
-                            e.rec.first_reply_ms = first_ms;
-                            e.rec.synthesis_ms = synth;
-                        })
-                        .ok_or("instance vanished")?;
-                    if let Some(ms) = first_ms {
-                        self.metrics.start_latency(ms);
-                        tracing::info!(instance = %id, service, endpoint = %rec.endpoint, first_reply_ms = ms, synthesis_ms = ?synth, "instance running");
-                    }
-                    let me = Arc::clone(self);
-                    let wid = id.to_string();
-                    tokio::spawn(async move {
-                        let how = match child.wait().await {
-                            Ok(st) => describe_exit(st),
-                            Err(e) => format!("wait failed: {e}"),
-                        };
-                        me.finished(&wid, how);
-                    });
-                    return Ok(rec);
+            tokio::select! {
+                took = answered => first_reply = Some(took),
+                _ = self.stop_requested(id) => {}
+                st = child.wait() => {
+                    let exit = st.map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
+                    return Err(StartError::Ended { exit, tail: log_tail(&rec.vmm_log, 8) });
                 }
-                Err(st) => {
-                    let tail = log_tail(&rec.vmm_log, 8);
-                    if attempt < 2 && tail.contains("in use") {
-                        tracing::info!(instance = %id, "port {endpoint} was taken meanwhile; retrying with another");
-                        continue;
-                    }
-                    self.update(id, |e| e.rec.exit = Some(describe_exit(st)));
-                    return Err(format!(
-                        "the vmm ended before the guest answered ({}); vmm log:\n{tail}",
-                        describe_exit(st)
-                    ));
+                _ = tokio::time::sleep_until(deadline) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
                 }
             }
         }
-        Err("could not get a free port for the instance after 3 tries".into())
+        let first_ms = first_reply.map(|d| d.as_secs_f64() * 1e3);
+        let rec = self
+            .update(id, |e| {
+                if e.rec.info.state == State::Starting {
+                    e.rec.info.state = State::Running;
+                }
+                if let Some((addr, synthesis_ms)) = endpoint {
+                    e.rec.info.endpoint = addr.to_string();
+                    e.rec.info.synthesis_ms = synthesis_ms;
+                }
+                e.rec.info.first_reply_ms = first_ms;
+            })
+            .ok_or(StartError::Vanished)?;
+        if let Some(ms) = first_ms {
+            self.metrics.start_latency(ms);
+            tracing::info!(instance = %id, service, endpoint = %rec.info.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.info.synthesis_ms, "instance running");
+        }
+        let me = Arc::clone(self);
+        let wid = id.to_string();
+        tokio::spawn(async move { me.watch(wid, child, report).await });
+        Ok(rec)
     }
 
-    /// Stops an instance: `Stop` over its control socket, a kill after [`STOP_GRACE`].
+    /// Resolves once a stop of `id` is requested (or it is gone).
+    async fn stop_requested(&self, id: &str) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let stop = self
+                .table
+                .lock()
+                .expect("instance table")
+                .get(id)
+                .is_none_or(|e| e.stop_requested);
+            if stop || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Follows a running vmm of ours: its `Exited` report (the guest stopped, its ports
+    /// closed), then its exit status.
+    async fn watch(
+        self: Arc<Self>,
+        id: String,
+        mut child: tokio::process::Child,
+        mut report: tokio::net::UnixStream,
+    ) {
+        // A stop during the start leaves Ready unread.
+        loop {
+            match read_message::<Report>(&mut report).await {
+                Ok(Some(Report::Exited { code })) => {
+                    self.finished(&id, describe_code(code));
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let how = match child.wait().await {
+            Ok(st) => describe_exit(st),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        self.finished(&id, how);
+    }
+
+    /// Stops an instance: `Stop` over its control socket, a kill after [`STOP_GRACE`]. Returns
+    /// once the vmm has reported its guest stopped (or, for one adopted after an agent
+    /// restart, once its process is gone).
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
-        let (pid, sock) = {
+        let (pid, sock, adopted) = {
             let mut t = self.table.lock().expect("instance table");
             let e = t
                 .get_mut(id)
                 .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
-            if !e.rec.state.active() {
+            if !e.rec.info.state.active() {
                 return Ok(e.rec.clone());
             }
             e.stop_requested = true;
-            if e.rec.state == State::Running {
-                e.rec.state = State::Stopping;
+            if e.rec.info.state == State::Running {
+                e.rec.info.state = State::Stopping;
             }
-            (e.rec.pid, e.rec.api_sock.clone())
+            (e.rec.info.pid, e.rec.api_sock.clone(), e.rec.info.adopted)
         };
         if let Some(r) = self.get(id) {
             self.save(&r);
@@ -695,40 +863,53 @@ impl Supervisor {
         if let Some(pid) = pid {
             let asked = tokio::time::timeout(
                 Duration::from_secs(2),
-                tokio::task::spawn_blocking(move || {
-                    format::control::request(&sock, &format::control::ApiRequest::Stop)
-                }),
+                control_request(&sock, &ApiRequest::Stop),
             )
             .await;
-            if !matches!(asked, Ok(Ok(Ok(format::control::ApiResponse::Ok)))) {
+            if !matches!(asked, Ok(Ok(ApiResponse::Ok))) {
                 tracing::info!(instance = %id, "the vmm did not take Stop on its socket; killing it");
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
             }
-            let deadline = Instant::now() + STOP_GRACE;
-            while pid_alive(pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if pid_alive(pid) {
+            if !self.ended_within(id, pid, adopted, STOP_GRACE).await {
                 tracing::warn!(instance = %id, pid, "the vmm did not exit after Stop; killing it");
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while pid_alive(pid) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                self.ended_within(id, pid, adopted, Duration::from_secs(2))
+                    .await;
             }
         }
-        // Our own children are reaped by their watcher; give it a moment to record the exit.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while self.get(id).is_some_and(|r| r.pid.is_some()) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
         self.update(id, |e| {
-            e.rec.pid = None;
-            if e.rec.state.active() {
-                e.rec.state = State::Stopped;
+            e.rec.info.pid = None;
+            if e.rec.info.state.active() {
+                e.rec.info.state = State::Stopped;
             }
         })
         .ok_or_else(|| SupervisorError::NoInstance(id.into()))
+    }
+
+    /// Waits up to `limit` for the vmm of `id` to end: for ours, until its watcher records
+    /// it (an event); for an adopted one (not our child, no report channel), by polling
+    /// its pid.
+    async fn ended_within(&self, id: &str, pid: u32, adopted: bool, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if adopted {
+            while pid_alive(pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            return true;
+        }
+        let mut rx = self.changed.subscribe();
+        loop {
+            if self.get(id).is_none_or(|r| r.info.pid.is_none()) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.get(id).is_none_or(|r| r.info.pid.is_none()),
+            }
+        }
     }
 
     /// Stops (if needed) and forgets an instance, removing its files.
@@ -746,8 +927,8 @@ impl Supervisor {
         let ids: Vec<String> = self
             .list()
             .into_iter()
-            .filter(|r| r.state.active())
-            .map(|r| r.id)
+            .filter(|r| r.info.state.active())
+            .map(|r| r.info.id)
             .collect();
         for id in ids {
             if let Err(e) = self.stop(&id).await {

@@ -1,16 +1,32 @@
-//! The control socket of a running `vmm` (`vmm run --api-sock PATH`): a Unix stream socket,
-//! one request and one response per connection.
+//! The frames a vmm speaks with its supervisor and operators, on two channels:
+//!
+//! - the control socket (`vmm run --api-sock PATH`): a Unix stream socket, one request
+//!   ([`ApiRequest`], client → vmm) and one answer ([`ApiResponse`]) per connection;
+//! - the report channel (`--report-fd N`): a stream the supervisor hands the vmm at spawn
+//!   (one end of a socket pair). The vmm writes a [`Report`] on it — [`Ready`] once the VM
+//!   runs and its control socket and port forwards listen, or [`Failed`] with why it could not
+//!   start; after `Ready`, `Exited` as soon as the VM has stopped — and keeps it open until the
+//!   process exits, so the supervisor sees the exit as end of file.
+//!
+//! Every message travels in the same frame:
 //!
 //! ```text
-//! frame:  u32 LE  length of what follows (≤ 64 KiB)
-//!         u16 LE  protocol version (1)
-//!         …       postcard encoding of an ApiRequest (client → vmm) or ApiResponse (back)
+//!  0          4          6                              4 + len
+//!  +----------+----------+------------------------------+
+//!  | len      | version  | body                         |
+//!  | u32 LE   | u16 LE   | postcard encoding of the     |
+//!  |          |          | message                      |
+//!  +----------+----------+------------------------------+
+//!  len:     bytes after the length field (2 + body), 2 ..= MAX_FRAME
+//!  version: PROTOCOL_VERSION (1); no checksum: both channels are local streams
 //! ```
 //!
-//! A frame with another version is answered with `ApiResponse::Error` naming both versions;
-//! a malformed or oversized frame closes the connection without affecting the VM.
+//! Version 1: the control requests and answers below, and the reports. A frame with another
+//! version is answered with `ApiResponse::Error` naming both versions; a malformed or
+//! oversized frame closes the connection without affecting the VM.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -19,8 +35,10 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in every frame.
 pub const API_VERSION: u16 = 1;
-/// Largest frame accepted.
+/// Largest frame accepted (the value of its length field).
 pub const MAX_FRAME: u32 = 64 * 1024;
+/// Bytes before the body: length and version.
+pub const HEADER_LEN: usize = 6;
 /// How long either side waits for the other.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,26 +89,225 @@ pub enum ApiResponse {
     Error(String),
 }
 
-/// Errors on the control socket.
+/// What a vmm writes on its report channel: first [`Report::Ready`] or [`Report::Failed`];
+/// after `Ready`, [`Report::Exited`] once the VM has stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Report {
+    /// The VM runs; its control socket and port forwards listen.
+    Ready(Ready),
+    /// The VM could not be started; the vmm exits with status 1.
+    Failed(Failed),
+    /// The VM has stopped: its vCPUs are gone and its host ports (forwards) closed. The vmm
+    /// exits with `code` once it has released the rest, and the channel then reaches end of
+    /// file.
+    Exited {
+        /// The exit status the vmm will have.
+        code: i32,
+    },
+}
+
+/// A vmm that is up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    /// Where the time of a synthesis went (`vmm synthesize` only).
+    pub synthesis: Option<SynthesisTimes>,
+    /// The port forwards, with the host address actually bound (port 0 resolved).
+    pub forwards: Vec<BoundForward>,
+}
+
+/// Where a synthesis spent its time, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SynthesisTimes {
+    /// From the vmm's start of work to running vCPUs.
+    pub total_us: u64,
+    /// Checking the base, overlay and machine state.
+    pub check_us: u64,
+    /// Verifying the overlay's chunks.
+    pub verify_us: u64,
+    /// The overlay had been verified before (a cache hit).
+    pub verified_before: bool,
+    /// Mapping the base's memory.
+    pub map_us: u64,
+    /// Applying the overlay, or starting its lazy fill.
+    pub apply_us: u64,
+    /// The overlay is filled on first touch.
+    pub lazy: bool,
+    /// Overlay chunks.
+    pub chunks: u64,
+    /// Overlay data, bytes.
+    pub data_bytes: u64,
+    /// Restoring the machine state and starting the vCPUs.
+    pub restore_us: u64,
+}
+
+impl SynthesisTimes {
+    /// The total, in milliseconds.
+    pub fn total_ms(&self) -> f64 {
+        self.total_us as f64 / 1e3
+    }
+}
+
+/// A host → guest TCP port forward as bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundForward {
+    /// Where the host listens.
+    pub host: SocketAddr,
+    /// The guest's TCP port.
+    pub guest_port: u16,
+}
+
+/// A vmm that could not start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    /// What a supervisor can act on.
+    pub kind: FailureKind,
+    /// The error and its causes, outermost first.
+    pub chain: Vec<String>,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.chain.join(": "))
+    }
+}
+
+/// The class of a start failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// A port forward's host address is taken by another socket.
+    AddressInUse,
+    /// A port forward's host address is not one of this host's.
+    AddressNotAvailable,
+    /// A file (base, overlay, kernel, KVM device) does not exist.
+    NotFound,
+    /// Not allowed (KVM device, TAP device, files).
+    PermissionDenied,
+    /// Anything else (bad images, KVM errors …).
+    Other,
+}
+
+impl FailureKind {
+    /// The kind of an I/O error, when it is one a supervisor acts on.
+    pub fn of_io(e: &std::io::Error) -> Option<FailureKind> {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::AddrInUse => Some(FailureKind::AddressInUse),
+            K::AddrNotAvailable => Some(FailureKind::AddressNotAvailable),
+            K::NotFound => Some(FailureKind::NotFound),
+            K::PermissionDenied => Some(FailureKind::PermissionDenied),
+            _ => None,
+        }
+    }
+}
+
+/// Errors on the control socket and the report channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Socket I/O failed.
     #[error("control socket I/O failed")]
     Io(#[from] std::io::Error),
-    /// A frame was malformed.
-    #[error("malformed control message: {0}")]
-    Frame(String),
+    /// The length field is out of range.
+    #[error("frame length {0} is out of range (2 ..= {MAX_FRAME})")]
+    Length(u32),
+    /// Fewer bytes than the length field announces.
+    #[error("frame truncated: {have} of {want} bytes")]
+    Truncated {
+        /// Bytes there.
+        have: usize,
+        /// Bytes the frame needs.
+        want: usize,
+    },
+    /// The body does not decode as the message expected.
+    #[error("malformed control message")]
+    Decode(#[source] postcard::Error),
+    /// The body has bytes after the message.
+    #[error("malformed control message: trailing bytes")]
+    Trailing,
+    /// A message does not encode.
+    #[error("cannot encode a control message")]
+    Encode(#[source] postcard::Error),
+    /// The peer speaks another protocol version.
+    #[error("the peer speaks protocol version {0}; this side speaks {API_VERSION}")]
+    Version(u16),
+}
+
+/// A checked view of one frame's bytes (smoltcp style: [`Frame::new_checked`] validates the
+/// length once; the accessors then never panic).
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// Views `bytes` (the whole frame, length field included) after checking that the length
+    /// is in range and every byte it announces is there. Extra bytes after it are ignored.
+    pub fn new_checked(bytes: &'a [u8]) -> Result<Frame<'a>, ApiError> {
+        let want = Self::total_len(bytes.get(..4).and_then(|b| b.try_into().ok()).ok_or(
+            ApiError::Truncated {
+                have: bytes.len(),
+                want: 4,
+            },
+        )?)?;
+        if bytes.len() < want {
+            return Err(ApiError::Truncated {
+                have: bytes.len(),
+                want,
+            });
+        }
+        Ok(Frame {
+            bytes: &bytes[..want],
+        })
+    }
+
+    /// The length of a whole frame whose first four bytes are `len_field`.
+    pub fn total_len(len_field: [u8; 4]) -> Result<usize, ApiError> {
+        let len = u32::from_le_bytes(len_field);
+        if !(2..=MAX_FRAME).contains(&len) {
+            return Err(ApiError::Length(len));
+        }
+        Ok(4 + len as usize)
+    }
+
+    /// The protocol version.
+    pub fn version(&self) -> u16 {
+        u16::from_le_bytes([self.bytes[4], self.bytes[5]])
+    }
+
+    /// The encoded message.
+    pub fn body(&self) -> &'a [u8] {
+        &self.bytes[HEADER_LEN..]
+    }
+
+    /// The message, when the frame carries this protocol version: `Ok(Err(version))` when it
+    /// carries another.
+    pub fn message<T: for<'de> Deserialize<'de>>(&self) -> Result<Result<T, u16>, ApiError> {
+        if self.version() != API_VERSION {
+            return Ok(Err(self.version()));
+        }
+        let (msg, rest) = postcard::take_from_bytes(self.body()).map_err(ApiError::Decode)?;
+        if !rest.is_empty() {
+            return Err(ApiError::Trailing);
+        }
+        Ok(Ok(msg))
+    }
+}
+
+/// One message as a whole frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ApiError> {
+    let mut frame = vec![0u8; HEADER_LEN];
+    frame[4..6].copy_from_slice(&API_VERSION.to_le_bytes());
+    let mut frame = postcard::to_extend(msg, frame).map_err(ApiError::Encode)?;
+    let len = u32::try_from(frame.len() - 4)
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or(ApiError::Length(u32::MAX))?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(frame)
 }
 
 /// Writes one frame.
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ApiError> {
-    let body = postcard::to_stdvec(msg).map_err(|e| ApiError::Frame(e.to_string()))?;
-    let len = u32::try_from(body.len() + 2).map_err(|_| ApiError::Frame("too large".into()))?;
-    let mut frame = Vec::with_capacity(body.len() + 6);
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&API_VERSION.to_le_bytes());
-    frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    w.write_all(&encode(msg)?)?;
     Ok(())
 }
 
@@ -100,22 +317,11 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
 ) -> Result<Result<T, u16>, ApiError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len);
-    if !(2..=MAX_FRAME).contains(&len) {
-        return Err(ApiError::Frame(format!("frame length {len} out of range")));
-    }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf)?;
-    let version = u16::from_le_bytes([buf[0], buf[1]]);
-    if version != API_VERSION {
-        return Ok(Err(version));
-    }
-    let (msg, rest) =
-        postcard::take_from_bytes(&buf[2..]).map_err(|e| ApiError::Frame(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(ApiError::Frame("trailing bytes".into()));
-    }
-    Ok(Ok(msg))
+    let total = Frame::total_len(len)?;
+    let mut buf = vec![0u8; total];
+    buf[..4].copy_from_slice(&len);
+    r.read_exact(&mut buf[4..])?;
+    Frame::new_checked(&buf)?.message()
 }
 
 /// Sends `req` to the VMM listening on `socket` and returns its answer.
@@ -124,12 +330,7 @@ pub fn request(socket: &Path, req: &ApiRequest) -> Result<ApiResponse, ApiError>
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     write_frame(&mut s, req)?;
-    match read_frame(&mut s)? {
-        Ok(r) => Ok(r),
-        Err(v) => Err(ApiError::Frame(format!(
-            "the vmm answered with protocol version {v}"
-        ))),
-    }
+    read_frame(&mut s)?.map_err(ApiError::Version)
 }
 
 #[cfg(test)]
@@ -159,6 +360,70 @@ mod tests {
     }
 
     #[test]
+    fn golden_report() {
+        let ready = Report::Ready(Ready {
+            synthesis: Some(SynthesisTimes {
+                total_us: 2500,
+                check_us: 100,
+                verify_us: 0,
+                verified_before: true,
+                map_us: 200,
+                apply_us: 300,
+                lazy: true,
+                chunks: 4,
+                data_bytes: 65536,
+                restore_us: 900,
+            }),
+            forwards: vec![BoundForward {
+                host: "127.0.0.1:40000".parse().unwrap(),
+                guest_port: 80,
+            }],
+        });
+        let frame = encode(&ready).unwrap();
+        #[rustfmt::skip]
+        let golden = [
+            30, 0, 0, 0, 1, 0,            // length 30, version 1
+            0,                            // Report::Ready
+            1,                            // Some(SynthesisTimes)
+            0xc4, 0x13,                   // total_us 2500 (varint)
+            100, 0, 1,                    // check_us, verify_us, verified_before
+            0xc8, 0x01,                   // map_us 200
+            0xac, 0x02, 1,                // apply_us 300, lazy
+            4, 0x80, 0x80, 0x04,          // chunks, data_bytes 65536
+            0x84, 0x07,                   // restore_us 900
+            1,                            // one forward
+            0, 127, 0, 0, 1,              // SocketAddr::V4, its octets
+            0xc0, 0xb8, 0x02,             // port 40000
+            80,                           // guest_port
+        ];
+        assert_eq!(frame, golden, "{frame:?}");
+        let back = Frame::new_checked(&frame)
+            .unwrap()
+            .message::<Report>()
+            .unwrap();
+        assert_eq!(back, Ok(ready));
+
+        let failed = Report::Failed(Failed {
+            kind: FailureKind::AddressInUse,
+            chain: vec!["a".into(), "b".into()],
+        });
+        let frame = encode(&failed).unwrap();
+        assert_eq!(frame, [9, 0, 0, 0, 1, 0, 1, 0, 2, 1, b'a', 1, b'b']);
+        assert_eq!(
+            Frame::new_checked(&frame)
+                .unwrap()
+                .message::<Report>()
+                .unwrap(),
+            Ok(failed)
+        );
+        // Exited { code: -1 }: variant 2, zigzag varint 1.
+        assert_eq!(
+            encode(&Report::Exited { code: -1 }).unwrap(),
+            [4, 0, 0, 0, 1, 0, 2, 1]
+        );
+    }
+
+    #[test]
     fn bad_frames_are_errors_not_panics() {
         let other_version = [3u8, 0, 0, 0, 9, 0, 1];
         assert_eq!(
@@ -174,6 +439,11 @@ mod tests {
         ] {
             let r = read_frame::<ApiRequest>(&mut &bad[..]);
             assert!(!matches!(r, Ok(Ok(_))), "{bad:?} gave {r:?}");
+            let v = Frame::new_checked(bad).and_then(|f| f.message::<Report>());
+            assert!(!matches!(v, Ok(Ok(_))), "{bad:?} gave {v:?}");
+        }
+        for short in [&[][..], &[3, 0][..]] {
+            assert!(Frame::new_checked(short).is_err());
         }
     }
 }

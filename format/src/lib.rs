@@ -7,7 +7,8 @@
 //!   in independently decodable, checksummed zstd chunks with a postcard index, plus the
 //!   customised VM's machine state and its disk δ;
 //! - [`state`]: the state file container (snapshots, an overlay's VM state);
-//! - [`control`]: the frames on a vmm's control socket (requests, answers, events);
+//! - [`control`]: the frames a vmm speaks: its control socket (requests, answers) and the
+//!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
 //!

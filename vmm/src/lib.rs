@@ -17,6 +17,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;

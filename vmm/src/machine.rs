@@ -5,23 +5,22 @@
 //! - standard input (bytes for the guest: its virtio console when it has one, else COM1),
 //! - the "input drained" eventfd (room for more input: COM1's receive FIFO emptied, or the
 //!   console delivered input it had refused),
-//! - a signalfd for SIGINT/SIGTERM/SIGHUP (stop cleanly).
+//! - a signalfd for SIGINT/SIGTERM/SIGHUP (stop cleanly),
+//! - the control socket's eventfd (requests read by its threads, answered here; see
+//!   [`crate::control`]).
 //!
 //! Call-order contract: the vCPU threads are stopped and joined before guest memory and the
 //! VM fd are released (field order of [`Machine`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-
-use format::control::{self as api, ApiRequest, ApiResponse};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::control::Control;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
@@ -40,9 +39,6 @@ pub enum MachineError {
     /// The vCPUs could not be let run.
     #[error("failed to let the vCPUs run")]
     Vcpu(#[from] VcpuError),
-    /// The control socket could not be set up.
-    #[error("failed to listen on the control socket '{0}'")]
-    ApiSocket(PathBuf, #[source] std::io::Error),
     /// Filling guest memory from an overlay could not go on.
     #[error("guest memory is incomplete")]
     Lazy(#[from] LazyError),
@@ -151,20 +147,11 @@ pub struct Machine {
     /// Input from stdin for the guest's console or serial port (none with `--no-stdin`).
     input: Option<SerialInput>,
     paused: std::sync::atomic::AtomicBool,
-    api: Option<(UnixListener, PathBuf)>,
     /// Coalesced guest writes, with the buses they go to, drained here when no vCPU exits.
     coalesced: Option<(Arc<CoalescedRing>, Bus, Bus)>,
     /// virtio devices, run by their own thread.
     pub(crate) virtio: Arc<Vec<Slot>>,
     pub(crate) devices: Option<DeviceWorker>,
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        if let Some((_, path)) = &self.api {
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }
 
 impl std::fmt::Debug for Machine {
@@ -207,7 +194,6 @@ impl Machine {
             signals,
             input,
             paused: std::sync::atomic::AtomicBool::new(true),
-            api: None,
             coalesced,
             virtio,
             devices: Some(devices),
@@ -228,104 +214,42 @@ impl Machine {
         self.lazy.as_ref()
     }
 
-    /// Serves the control API ([`format::control`]) on a Unix socket at `path`.
-    pub fn listen_api(&mut self, path: &Path) -> Result<(), MachineError> {
-        if path.exists() {
-            return Err(MachineError::ApiSocket(
-                path.to_owned(),
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "the path exists: another vmm may be using it; remove it or choose another",
-                ),
-            ));
-        }
-        let l =
-            UnixListener::bind(path).map_err(|e| MachineError::ApiSocket(path.to_owned(), e))?;
-        l.set_nonblocking(true)
-            .map_err(|e| MachineError::ApiSocket(path.to_owned(), e))?;
-        self.api = Some((l, path.to_owned()));
-        Ok(())
-    }
-
-    /// Answers one control request.
-    pub fn handle_request(&self, req: ApiRequest) -> ApiResponse {
-        let err = |e: &dyn std::fmt::Display| ApiResponse::Error(e.to_string());
-        match req {
-            ApiRequest::Status => ApiResponse::Status {
-                paused: self.paused.load(Ordering::Relaxed),
-                vcpus: self.vcpus.len() as u32,
-                mem_mib: self.mem_mib(),
-            },
-            ApiRequest::Pause => self.pause().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
-            ApiRequest::Resume => self.resume().map_or_else(|e| err(&e), |_| ApiResponse::Ok),
-            ApiRequest::Snapshot { dir, resume } => {
-                let t0 = std::time::Instant::now();
-                let result = self.snapshot(Path::new(&dir));
-                let paused_us = t0.elapsed().as_micros() as u64;
-                match result {
-                    Ok(info) => {
-                        if resume {
-                            if let Err(e) = self.resume() {
-                                return err(&e);
-                            }
-                        }
-                        ApiResponse::Snapshot {
-                            state_bytes: info.state_bytes,
-                            memory_bytes_written: info.memory_bytes_written,
-                            paused_us,
-                        }
-                    }
-                    Err(e) => {
-                        let mut msg = e.to_string();
-                        let mut src = std::error::Error::source(&e);
-                        while let Some(s) = src {
-                            msg.push_str(": ");
-                            msg.push_str(&s.to_string());
-                            src = s.source();
-                        }
-                        ApiResponse::Error(msg)
-                    }
-                }
-            }
-            ApiRequest::Stop => {
-                self.exit.notify(ExitReason::Stopped);
-                ApiResponse::Ok
-            }
-        }
-    }
-
-    /// Accepts and serves pending control connections (one request each).
-    fn serve_api(&self) {
-        let Some((listener, _)) = &self.api else {
-            return;
-        };
-        while let Ok((mut stream, _)) = listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(api::IO_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(api::IO_TIMEOUT));
-            let response = match api::read_frame::<ApiRequest>(&mut stream) {
-                Ok(Ok(req)) => {
-                    tracing::debug!(?req, "control request");
-                    self.handle_request(req)
-                }
-                Ok(Err(v)) => ApiResponse::Error(format!(
-                    "protocol version {v} is not supported; this vmm speaks version {}",
-                    api::API_VERSION
-                )),
-                Err(e) => {
-                    tracing::warn!("bad control request: {e}");
-                    continue;
-                }
-            };
-            if let Err(e) = api::write_frame(&mut stream, &response) {
-                tracing::warn!("failed to answer a control request: {e}");
-            }
-        }
-    }
-
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Asks the event loop to stop the VM ([`ExitReason::Stopped`]).
+    pub fn request_stop(&self) {
+        self.exit.notify(ExitReason::Stopped);
+    }
+
+    /// The port forwards of the machine's NICs, with the host addresses actually bound.
+    pub fn forwards(&self) -> Vec<netback::Forward> {
+        self.virtio
+            .iter()
+            .filter(|s| s.kind == SlotKind::Net)
+            .flat_map(|s| s.lock().net().map(|n| n.forwards()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Closes the NICs' host sockets (port forwards, relayed connections): for a stopped VM.
+    fn close_host_network(&self) {
+        for s in self.virtio.iter().filter(|s| s.kind == SlotKind::Net) {
+            if let Some(n) = s.lock().net_mut() {
+                n.close_backend();
+            }
+        }
     }
 
     /// Guest RAM in MiB.
@@ -384,8 +308,9 @@ impl Machine {
         self.exit.reason()
     }
 
-    /// Runs the event loop until the VM stops, then stops the vCPU threads and returns why.
-    pub fn run(mut self) -> std::io::Result<ExitReason> {
+    /// Runs the event loop until the VM stops, serving `control`'s socket, then stops the
+    /// vCPU threads, reports the exit on `control`'s report channel and returns why.
+    pub fn run(mut self, control: &mut Control) -> std::io::Result<ExitReason> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token| {
             epoll.ctl(
@@ -397,8 +322,8 @@ impl Machine {
         add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
         add(self.input_drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(self.signals.fd.as_raw_fd(), TOKEN_SIGNAL)?;
-        if let Some((l, _)) = &self.api {
-            add(l.as_raw_fd(), TOKEN_API)?;
+        if let Some(socket) = &control.socket {
+            add(socket.event_fd(), TOKEN_API)?;
         }
         let mut input = self.input.take();
         let deliver = |b: &[u8]| self.serial_input(b);
@@ -443,7 +368,11 @@ impl Machine {
                             input.feed(&epoll, &deliver)?;
                         }
                     }
-                    TOKEN_API => self.serve_api(),
+                    TOKEN_API => {
+                        if let Some(socket) = &control.socket {
+                            socket.serve(&self);
+                        }
+                    }
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "stopping the VM on signal");
@@ -454,6 +383,17 @@ impl Machine {
                 }
             }
         };
+        // The supervisor learns of the stop once the guest no longer runs and its ports are
+        // closed: before the rest of the shutdown (the lazy fill's fault server may wait
+        // up to 50 ms for its next poll) and the release of the VM and its memory (~15 ms in
+        // the kernel for a 256 MiB guest).
+        if let Some(report) = &mut control.report {
+            for v in &mut self.vcpus {
+                v.stop();
+            }
+            self.close_host_network();
+            report.exited(reason.exit_code());
+        }
         self.shutdown();
         Ok(reason)
     }

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use format::control::{ApiRequest, ApiResponse};
+use format::control::{ApiRequest, ApiResponse, SynthesisTimes};
 use vmm::config::{SerialOutput, VmConfig, DEFAULT_CMDLINE};
+use vmm::control::{Control, ControlSocket, Reporter};
 use vmm::exit::ExitReason;
 use vmm::loader::{BootProtocol, KernelConfig};
 
@@ -131,6 +132,14 @@ struct CommonArgs {
     /// Serve the control API (pause, resume, snapshot, status, stop) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Report to a supervisor on this inherited file descriptor (e.g. one end of a socket
+    /// pair): one frame once the VM runs and --api-sock and the forwards listen (synthesis
+    /// timings, each forward's bound address: host port 0 is resolved), or why it could not
+    /// start (the error's causes and a kind such as "address in use"); after that, one when
+    /// the VM has stopped. The descriptor stays open until the vmm exits, so the supervisor
+    /// sees end of file then. Frames: format::control.
+    #[arg(long, value_name = "FD")]
+    report_fd: Option<i32>,
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -152,7 +161,8 @@ struct CommonArgs {
     #[arg(long, help_heading = "Devices")]
     net: bool,
     /// Forward a host TCP port to the guest (implies --net), e.g.
-    /// `127.0.0.1:8080=10.0.2.15:80`; host port 0 picks a free one (logged). Repeatable.
+    /// `127.0.0.1:8080=10.0.2.15:80`; host port 0 picks a free one (logged, and reported
+    /// on --report-fd). Repeatable.
     #[arg(long, value_name = "HOST:PORT=GUEST:PORT", help_heading = "Devices")]
     forward: Vec<String>,
     /// A virtio NIC on this TAP device instead of user-mode networking (needs CAP_NET_ADMIN
@@ -275,60 +285,111 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
             Boot::Pvh => BootProtocol::Pvh,
         },
     };
-    let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !args.common.no_stdin)?;
-    cfg.kvm_path = args.common.kvm_device.clone();
-    cfg.devices = args.common.devices();
-    cfg.devices.console = args.console;
-    let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
-    serve(machine, &args.common)
+    let common = &args.common;
+    launch(common, || {
+        let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !common.no_stdin)?;
+        cfg.kvm_path = common.kvm_device.clone();
+        cfg.devices = common.devices();
+        cfg.devices.console = args.console;
+        let machine = vmm::builder::build_for_boot(&cfg).context("failed to start the VM")?;
+        Ok((machine, None))
+    })
 }
 
-fn serve(mut machine: vmm::machine::Machine, common: &CommonArgs) -> anyhow::Result<ExitReason> {
-    if let Some(sock) = &common.api_sock {
-        machine.listen_api(sock)?;
+/// Opens the report channel (`--report-fd`) and the control socket, builds the machine with
+/// `build` (which may return synthesis timings), reports ready (or why it could not start)
+/// and runs the machine until it stops. The socket is bound before the build, so that Ready
+/// follows the vCPUs' start without waiting for it.
+fn launch(
+    common: &CommonArgs,
+    build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
+) -> anyhow::Result<ExitReason> {
+    let mut report = common.report_fd.map(Reporter::from_fd).transpose()?;
+    let started = common
+        .api_sock
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()
+        .map_err(anyhow::Error::from)
+        .and_then(|socket| Ok((build()?, socket)));
+    let ((machine, synthesis), socket) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(r) = &mut report {
+                if let Err(re) = r.failed(e.as_ref()) {
+                    tracing::warn!("{re}");
+                }
+            }
+            return Err(e);
+        }
+    };
+    if let Some(r) = &mut report {
+        if let Err(e) = r.ready(synthesis, &machine.forwards()) {
+            tracing::warn!("{e}");
+        }
     }
-    machine.run().context("the VMM event loop failed")
+    let mut control = Control { socket, report };
+    machine
+        .run(&mut control)
+        .context("the VMM event loop failed")
 }
 
 fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason> {
-    let t0 = std::time::Instant::now();
-    let cfg = vmm::builder::SynthesisConfig {
-        base: args.base.clone(),
-        overlay: args.overlay.clone(),
-        serial: args.common.serial(),
-        serial_input: !args.common.no_stdin,
-        paused: args.paused,
-        kvm_path: args.common.kvm_device.clone(),
-        devices: args.common.devices(),
-        threads: args.threads,
-        lazy: !args.eager,
-        prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
-    };
-    let (machine, t, restore) = vmm::builder::build_from_overlay(&cfg).with_context(|| {
-        format!(
-            "failed to synthesise a VM from base '{}' and overlay '{}'",
-            args.base.display(),
-            args.overlay.display()
-        )
-    })?;
-    let lazy_stats = machine.lazy().map(|l| l.stats());
-    if verbose {
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        eprintln!(
-            "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}{}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
-            ms(t0.elapsed()),
-            ms(t.check),
-            ms(t.verify),
-            if t.verified_before { " (verified before)" } else { "" },
-            ms(t.map),
-            if t.lazy { "lazy fill start" } else { "apply" },
-            ms(t.apply),
-            t.chunks,
-            t.data_bytes as f64 / (1 << 20) as f64,
-            ms(restore)
-        );
-    }
-    let reason = serve(machine, &args.common);
+    let mut lazy_stats = None;
+    let reason = launch(&args.common, || {
+        let t0 = std::time::Instant::now();
+        let cfg = vmm::builder::SynthesisConfig {
+            base: args.base.clone(),
+            overlay: args.overlay.clone(),
+            serial: args.common.serial(),
+            serial_input: !args.common.no_stdin,
+            paused: args.paused,
+            kvm_path: args.common.kvm_device.clone(),
+            devices: args.common.devices(),
+            threads: args.threads,
+            lazy: !args.eager,
+            prefetch_delay: std::time::Duration::from_millis(args.prefetch_delay_ms),
+        };
+        let (machine, t, restore) = vmm::builder::build_from_overlay(&cfg).with_context(|| {
+            format!(
+                "failed to synthesise a VM from base '{}' and overlay '{}'",
+                args.base.display(),
+                args.overlay.display()
+            )
+        })?;
+        let total = t0.elapsed();
+        lazy_stats = machine.lazy().map(|l| l.stats());
+        if verbose {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            eprintln!(
+                "vmm: synthesised in {:.2} ms: check {:.2}, verify {:.2}{}, map base {:.2}, {} {:.2} ({} chunks, {:.1} MiB), restore+start {:.2}",
+                ms(total),
+                ms(t.check),
+                ms(t.verify),
+                if t.verified_before { " (verified before)" } else { "" },
+                ms(t.map),
+                if t.lazy { "lazy fill start" } else { "apply" },
+                ms(t.apply),
+                t.chunks,
+                t.data_bytes as f64 / (1 << 20) as f64,
+                ms(restore)
+            );
+        }
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        let times = SynthesisTimes {
+            total_us: us(total),
+            check_us: us(t.check),
+            verify_us: us(t.verify),
+            verified_before: t.verified_before,
+            map_us: us(t.map),
+            apply_us: us(t.apply),
+            lazy: t.lazy,
+            chunks: t.chunks as u64,
+            data_bytes: t.data_bytes,
+            restore_us: us(restore),
+        };
+        Ok((machine, Some(times)))
+    });
     if let (true, Some(s)) = (verbose, lazy_stats) {
         use std::sync::atomic::Ordering::Relaxed;
         eprintln!(
@@ -352,13 +413,15 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
         kvm_path: args.common.kvm_device.clone(),
         devices: args.common.devices(),
     };
-    let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
-        format!(
-            "failed to restore the snapshot in '{}'",
-            args.snapshot.display()
-        )
-    })?;
-    serve(machine, &args.common)
+    launch(&args.common, || {
+        let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
+            format!(
+                "failed to restore the snapshot in '{}'",
+                args.snapshot.display()
+            )
+        })?;
+        Ok((machine, None))
+    })
 }
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitReason> {

@@ -55,6 +55,16 @@ pub trait NetBackend: Send {
     /// How long the caller may wait before calling [`NetBackend::poll`] again even if
     /// [`NetBackend::event_fd`] stays quiet (protocol timers); `None` for no deadline.
     fn next_timeout(&mut self) -> Option<Duration>;
+
+    /// The host → guest port forwards, with the host addresses actually bound; none for a
+    /// backend without forwards.
+    fn forwards(&self) -> Vec<Forward> {
+        Vec::new()
+    }
+
+    /// Closes what the backend holds open on the host for the guest (port forward
+    /// listeners, relayed connections) once the guest has stopped for good.
+    fn close(&mut self) {}
 }
 
 /// Feeds arbitrary bytes to a fresh [`UserNet`] (outbound relaying off, so nothing reaches

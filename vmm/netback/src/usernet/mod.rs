@@ -602,6 +602,16 @@ fn min_deadline(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 impl NetBackend for UserNet {
+    fn forwards(&self) -> Vec<Forward> {
+        UserNet::forwards(self)
+    }
+
+    fn close(&mut self) {
+        self.listeners.clear();
+        self.conns.clear();
+        self.pending.clear();
+    }
+
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.stats.frames_from_guest += 1;
         match wire::inspect(frame, self.cfg.gateway, self.gateway_mac) {

@@ -80,6 +80,16 @@ impl Net {
         self.mac
     }
 
+    /// The backend's port forwards, as bound.
+    pub fn forwards(&self) -> Vec<netback::Forward> {
+        self.backend.forwards()
+    }
+
+    /// Closes the backend's host sockets (the guest has stopped for good).
+    pub fn close_backend(&mut self) {
+        self.backend.close();
+    }
+
     /// Whether a received frame waits for a guest buffer.
     pub fn rx_pending(&self) -> bool {
         self.rx_pending.is_some()

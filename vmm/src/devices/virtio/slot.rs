@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::block::{Block, DiskSnapshot};
 use super::mmio::{MmioState, MmioTransport};
+use super::net::Net;
 use super::{VirtioDevice, VirtioError};
 use crate::devices::bus::BusDevice;
 use crate::persist::Persist;
@@ -37,6 +38,14 @@ pub trait Transport: BusDevice {
     fn reassert_interrupt(&self);
     /// The block device behind this transport, if it is one.
     fn block(&self) -> Option<&Block> {
+        None
+    }
+    /// The network device behind this transport, if it is one.
+    fn net(&self) -> Option<&Net> {
+        None
+    }
+    /// The network device behind this transport, if it is one, to change.
+    fn net_mut(&mut self) -> Option<&mut Net> {
         None
     }
 }
@@ -68,6 +77,12 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     }
     fn block(&self) -> Option<&Block> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Block>()
+    }
+    fn net(&self) -> Option<&Net> {
+        (self.device() as &dyn std::any::Any).downcast_ref::<Net>()
+    }
+    fn net_mut(&mut self) -> Option<&mut Net> {
+        (self.device_mut() as &mut dyn std::any::Any).downcast_mut::<Net>()
     }
 }
 
