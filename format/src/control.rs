@@ -60,6 +60,19 @@ pub enum ApiRequest {
     },
     /// Stop the VM; `vmm` exits with status 0.
     Stop,
+    /// Hand the running VM to the `vmm receive` listening at `to` (see `format::handoff`),
+    /// within a pause of about `downtime_ms`. Answered when the handoff has ended:
+    /// [`ApiResponse::HandedOff`] (the VM runs on the target; this vmm then exits with status
+    /// 0) or [`ApiResponse::Error`] (the VM still runs here, with all its state). Progress is
+    /// reported on the report channel ([`Report::Handoff`]).
+    Handoff {
+        /// The target vmm's listening address ("IP:PORT").
+        to: String,
+        /// The session token the target's agent issued for this handoff.
+        token: [u8; 32],
+        /// The pause the source aims for, milliseconds.
+        downtime_ms: u32,
+    },
 }
 
 /// What the VMM answers.
@@ -87,6 +100,59 @@ pub enum ApiResponse {
     },
     /// The request failed; the message says why.
     Error(String),
+    /// The VM now runs on the handoff's target.
+    HandedOff(HandoffStats),
+}
+
+/// What a handoff cost, as the source measured it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffStats {
+    /// Rounds of pages sent (round 0 is the δ against the base).
+    pub rounds: u32,
+    /// Bytes on the wire, both directions, preamble and frame headers included.
+    pub bytes: u64,
+    /// Guest pages sent (data, zero and base references).
+    pub pages: u64,
+    /// Disk δ blocks sent.
+    pub disk_blocks: u64,
+    /// Microseconds from the source's pause to the target's `Resumed`.
+    pub downtime_us: u64,
+    /// Microseconds from the request to the target's `Resumed`.
+    pub total_us: u64,
+    /// Microseconds the target took from `Complete` to running vCPUs.
+    pub target_restore_us: u64,
+}
+
+/// Where a handoff is, as the source reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoffPhase {
+    /// Connecting and being accepted.
+    Connecting,
+    /// Sending the δ against the base while the VM runs.
+    Delta,
+    /// Sending the pages dirtied meanwhile, round after round.
+    Rounds,
+    /// The VM is paused; the last pages, disk blocks and the machine state go out.
+    Paused,
+    /// The target runs the VM.
+    Done,
+    /// The handoff failed; the VM runs here.
+    Failed,
+}
+
+/// A handoff's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffProgress {
+    /// The phase entered.
+    pub phase: HandoffPhase,
+    /// The round (0: the δ).
+    pub round: u32,
+    /// Bytes on the wire so far.
+    pub bytes: u64,
+    /// Pages dirtied during the last round.
+    pub dirty_pages: u64,
+    /// Link bandwidth measured so far, bytes per second (0 until known).
+    pub bandwidth_bps: u64,
 }
 
 /// What a vmm writes on its report channel: first [`Report::Ready`] or [`Report::Failed`];
@@ -104,6 +170,13 @@ pub enum Report {
         /// The exit status the vmm will have.
         code: i32,
     },
+    /// `vmm receive` listens for a handoff at this address.
+    Listening {
+        /// The bound address (port 0 resolved).
+        addr: SocketAddr,
+    },
+    /// A handoff from this vmm (the source) progressed.
+    Handoff(HandoffProgress),
 }
 
 /// A vmm that is up.

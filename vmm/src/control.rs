@@ -260,6 +260,9 @@ pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
             machine.request_stop();
             ApiResponse::Ok
         }
+        ApiRequest::Handoff { .. } => {
+            ApiResponse::Error("this vmm cannot hand a VM off yet".into())
+        }
     }
 }
 
