@@ -456,6 +456,13 @@ fn control(sock: &std::path::Path, req: ApiRequest) -> anyhow::Result<ExitReason
             memory_bytes_written as f64 / (1 << 20) as f64,
             paused_us as f64 / 1e3
         ),
+        ApiResponse::HandedOff(s) => println!(
+            "handed off: {} rounds, {:.2} MiB, downtime {:.2} ms, total {:.1} ms",
+            s.rounds,
+            s.bytes as f64 / (1 << 20) as f64,
+            s.downtime_us as f64 / 1e3,
+            s.total_us as f64 / 1e3
+        ),
     }
     Ok(ExitReason::Stopped)
 }
