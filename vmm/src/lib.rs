@@ -21,6 +21,7 @@ pub mod control;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod handoff;
 pub mod loader;
 pub mod machine;
 pub mod persist;
