@@ -265,30 +265,25 @@ mod tests {
 
     #[test]
     fn address_and_port_keys() {
-        assert_eq!(
-            ip_config(b""),
-            IpConfig::Static {
-                addr: [10, 0, 2, 15],
-                prefix: 24,
-                gateway: Some([10, 0, 2, 2])
-            }
-        );
-        assert_eq!(
-            ip_config(b"micro.ip=192.168.7.9/16 micro.gw=192.168.0.1"),
-            IpConfig::Static {
-                addr: [192, 168, 7, 9],
-                prefix: 16,
-                gateway: Some([192, 168, 0, 1])
-            }
-        );
-        assert_eq!(
-            ip_config(b"micro.ip=172.16.0.2 micro.gw=none"),
-            IpConfig::Static {
-                addr: [172, 16, 0, 2],
-                prefix: 24,
-                gateway: None
-            }
-        );
+        let fixed = |addr, prefix, gateway| IpConfig::Static {
+            addr,
+            prefix,
+            gateway,
+        };
+        let cases = [
+            (&b""[..], fixed([10, 0, 2, 15], 24, Some([10, 0, 2, 2]))),
+            (
+                b"micro.ip=192.168.7.9/16 micro.gw=192.168.0.1",
+                fixed([192, 168, 7, 9], 16, Some([192, 168, 0, 1])),
+            ),
+            (
+                b"micro.ip=172.16.0.2 micro.gw=none",
+                fixed([172, 16, 0, 2], 24, None),
+            ),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(ip_config(cmdline), want, "{cmdline:?}");
+        }
         assert_eq!(ip_config(b"micro.ip=dhcp"), IpConfig::Dhcp);
         // Malformed values fall back to the defaults.
         assert_eq!(ip_config(b"micro.ip=1.2.3/8 micro.gw=x"), ip_config(b""));

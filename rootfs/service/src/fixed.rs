@@ -40,6 +40,24 @@ impl<const N: usize> FixedBuf<N> {
         self.truncated = false;
     }
 
+    /// Appends one byte, or marks the buffer truncated when it is full.
+    pub fn push(&mut self, b: u8) {
+        match self.buf.get_mut(self.len) {
+            Some(slot) => {
+                *slot = b;
+                self.len += 1;
+            }
+            None => self.truncated = true,
+        }
+    }
+
+    /// Empties the buffer; returns what it held, or `None` when bytes were cut.
+    pub fn take(&mut self) -> Option<&[u8]> {
+        let (len, truncated) = (self.len, self.truncated);
+        self.clear();
+        (!truncated).then_some(&self.buf[..len])
+    }
+
     /// Appends raw bytes (cut at the capacity).
     pub fn push_bytes(&mut self, b: &[u8]) {
         let room = N - self.len;
@@ -75,5 +93,10 @@ mod tests {
         b.clear();
         assert_eq!(b.as_bytes(), b"");
         assert!(!b.truncated());
+        write!(b, "xy").unwrap();
+        assert_eq!(b.take(), Some(&b"xy"[..]));
+        write!(b, "123456789").unwrap();
+        assert_eq!(b.take(), None);
+        assert_eq!(b.take(), Some(&b""[..]));
     }
 }

@@ -8,7 +8,8 @@
 //! side by side. A request longer than [`MAX_REQUEST`] bytes is answered with
 //! [`TOO_LONG_REPLY`] and the guest then closes the connection (it does not read the rest).
 //!
-//! Everything here is `no_std`, so the guest and host-side clients share it.
+//! Everything here is `no_std`, so the guest and the host share it: the host's blocking
+//! client (`client`, with the `std` feature) frames its requests and reads replies with it.
 
 /// Bytes of the length prefix.
 pub const HEADER: usize = 4;

@@ -4,16 +4,24 @@
 //! formatting into fixed buffers, and the sample compute job (counting primes).
 //!
 //! Nothing here touches hardware; the guest binary (`rootfs/guest`) wires it to the serial
-//! port, its virtio disk and its TCP/IP stack. Parsing untrusted bytes never panics. Host-side
-//! clients can use [`frame`] and [`table`] to talk to the guest and to build its disk.
-#![cfg_attr(not(test), no_std)]
+//! port, its virtio disk and its TCP/IP stack. Parsing untrusted bytes never panics.
+//!
+//! With the `std` feature the crate also holds the host's side, shared by the agent, the
+//! `cloudlet` CLI, xtask's demo and benchmarks and the end-to-end tests: `client` (a blocking
+//! TCP client speaking [`frame`]) and `oracle` (the answers the guest must give, computed
+//! independently of this crate's guest-side code).
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "std")]
+pub mod client;
 pub mod cmdline;
 pub mod fixed;
 pub mod frame;
 pub mod line;
 pub mod model;
+#[cfg(feature = "std")]
+pub mod oracle;
 pub mod primes;
 pub mod request;
 pub mod scan;

@@ -1,11 +1,12 @@
 //! Assembling serial input into request lines: bytes up to `\n`, `\r` dropped, lines longer
 //! than the buffer reported as too long (their bytes are consumed up to the `\n`).
 
+use crate::FixedBuf;
+
 /// A line being assembled in a fixed buffer of `N` bytes.
 pub struct LineReader<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-    overflow: bool,
+    /// The line so far; truncated once it outgrew `N` bytes.
+    line: FixedBuf<N>,
 }
 
 impl<const N: usize> Default for LineReader<N> {
@@ -27,33 +28,17 @@ impl<const N: usize> LineReader<N> {
     /// An empty reader.
     pub const fn new() -> Self {
         LineReader {
-            buf: [0; N],
-            len: 0,
-            overflow: false,
+            line: FixedBuf::new(),
         }
     }
 
     /// Takes one input byte; returns the line it completes, if any.
     pub fn push(&mut self, b: u8) -> Option<Line<'_>> {
         match b {
-            b'\n' => {
-                let (len, overflow) = (self.len, self.overflow);
-                self.len = 0;
-                self.overflow = false;
-                Some(if overflow {
-                    Line::TooLong
-                } else {
-                    Line::Done(&self.buf[..len])
-                })
-            }
+            b'\n' => Some(self.line.take().map_or(Line::TooLong, Line::Done)),
             b'\r' => None,
             b => {
-                if self.len < N {
-                    self.buf[self.len] = b;
-                    self.len += 1;
-                } else {
-                    self.overflow = true;
-                }
+                self.line.push(b);
                 None
             }
         }

@@ -262,87 +262,72 @@ impl<'a> Request<'a> {
 mod tests {
     use super::*;
 
+    type Parsed<'a> = Result<Request<'a>, ParseError<'a>>;
+
+    /// A malformed number.
+    fn bad(arg: &[u8]) -> Parsed<'_> {
+        Err(ParseError::BadNumber(arg))
+    }
+
+    /// An argument too many.
+    fn extra(arg: &[u8]) -> Parsed<'_> {
+        Err(ParseError::UnexpectedArgument(arg))
+    }
+
+    /// An argument missing; `usage` is the request's form.
+    fn missing(usage: &'static str) -> Parsed<'static> {
+        Err(ParseError::MissingArgument(usage))
+    }
+
+    /// Checks that each line, split at its separator, parses to its expected result.
+    fn check(cases: &[(&[u8], u8, Parsed)]) {
+        for &(line, sep, want) in cases {
+            let text = core::str::from_utf8(line);
+            assert_eq!(Request::parse(line, sep), want, "{text:?}");
+        }
+    }
+
     #[test]
     fn parses_every_request() {
-        assert_eq!(
-            Request::parse(b"primes 100", b' '),
-            Ok(Request::Primes(100))
-        );
-        assert_eq!(
-            Request::parse(b"  primes   7 \r", b' '),
-            Ok(Request::Primes(7))
-        );
-        assert_eq!(
-            Request::parse(b"primes:1000000", b':'),
-            Ok(Request::Primes(1_000_000))
-        );
-        assert_eq!(
-            Request::parse(b"echo hi there", b' '),
-            Ok(Request::Echo(b"hi there"))
-        );
-        assert_eq!(Request::parse(b"echo", b' '), Ok(Request::Echo(b"")));
-        assert_eq!(Request::parse(b"stats", b' '), Ok(Request::Stats));
-        assert_eq!(Request::parse(b"poweroff", b' '), Ok(Request::Poweroff(0)));
-        assert_eq!(
-            Request::parse(b"poweroff 7", b' '),
-            Ok(Request::Poweroff(7))
-        );
-        assert_eq!(
-            Request::parse(b"poweroff:255", b':'),
-            Ok(Request::Poweroff(255))
-        );
-        assert_eq!(Request::parse(b"load 16", b' '), Ok(Request::Load(16)));
-        assert_eq!(
-            Request::parse(b"load 0", b' '),
-            Err(ParseError::BadNumber(b"0"))
-        );
-        assert_eq!(
-            Request::parse(b"load 5000", b' '),
-            Err(ParseError::BadNumber(b"5000"))
-        );
-        assert_eq!(
-            Request::parse(b"query 12345", b' '),
-            Ok(Request::Query(12345))
-        );
-        assert_eq!(
-            Request::parse(b"query", b' '),
-            Err(ParseError::MissingArgument("query I"))
-        );
+        check(&[
+            (b"primes 100", b' ', Ok(Request::Primes(100))),
+            (b"  primes   7 \r", b' ', Ok(Request::Primes(7))),
+            (b"primes:1000000", b':', Ok(Request::Primes(1_000_000))),
+            (b"echo hi there", b' ', Ok(Request::Echo(b"hi there"))),
+            (b"echo", b' ', Ok(Request::Echo(b""))),
+            (b"stats", b' ', Ok(Request::Stats)),
+            (b"poweroff", b' ', Ok(Request::Poweroff(0))),
+            (b"poweroff 7", b' ', Ok(Request::Poweroff(7))),
+            (b"poweroff:255", b':', Ok(Request::Poweroff(255))),
+            (b"load 16", b' ', Ok(Request::Load(16))),
+            (b"load 0", b' ', bad(b"0")),
+            (b"load 5000", b' ', bad(b"5000")),
+            (b"query 12345", b' ', Ok(Request::Query(12345))),
+            (b"query", b' ', missing("query I")),
+        ]);
     }
 
     #[test]
     fn parses_the_disk_and_network_requests() {
-        assert_eq!(Request::parse(b"health", b' '), Ok(Request::Health));
-        assert_eq!(Request::parse(b"disk", b' '), Ok(Request::Disk));
-        assert_eq!(Request::parse(b"net", b' '), Ok(Request::Net));
-        assert_eq!(Request::parse(b"get 42", b' '), Ok(Request::Get(42)));
-        assert_eq!(Request::parse(b"get:42", b':'), Ok(Request::Get(42)));
-        assert_eq!(Request::parse(b"put 3 99", b' '), Ok(Request::Put(3, 99)));
-        assert_eq!(
-            Request::parse(b"put  3   18446744073709551615 ", b' '),
-            Ok(Request::Put(3, u64::MAX))
-        );
-        assert_eq!(Request::parse(b"put:3:99", b':'), Ok(Request::Put(3, 99)));
-        assert_eq!(
-            Request::parse(b"put 3", b' '),
-            Err(ParseError::MissingArgument("put I V"))
-        );
-        assert_eq!(
-            Request::parse(b"put 3 x", b' '),
-            Err(ParseError::BadNumber(b"x"))
-        );
-        assert_eq!(
-            Request::parse(b"put 3 4 5", b' '),
-            Err(ParseError::BadNumber(b"4 5"))
-        );
-        assert_eq!(
-            Request::parse(b"health now", b' '),
-            Err(ParseError::UnexpectedArgument(b"now"))
-        );
-        assert_eq!(
-            Request::parse(b"get", b' '),
-            Err(ParseError::MissingArgument("get I"))
-        );
+        check(&[
+            (b"health", b' ', Ok(Request::Health)),
+            (b"disk", b' ', Ok(Request::Disk)),
+            (b"net", b' ', Ok(Request::Net)),
+            (b"get 42", b' ', Ok(Request::Get(42))),
+            (b"get:42", b':', Ok(Request::Get(42))),
+            (b"put 3 99", b' ', Ok(Request::Put(3, 99))),
+            (
+                b"put  3   18446744073709551615 ",
+                b' ',
+                Ok(Request::Put(3, u64::MAX)),
+            ),
+            (b"put:3:99", b':', Ok(Request::Put(3, 99))),
+            (b"put 3", b' ', missing("put I V")),
+            (b"put 3 x", b' ', bad(b"x")),
+            (b"put 3 4 5", b' ', bad(b"4 5")),
+            (b"health now", b' ', extra(b"now")),
+            (b"get", b' ', missing("get I")),
+        ]);
     }
 
     #[test]
@@ -354,55 +339,34 @@ mod tests {
                 req_kib,
             })
         };
-        assert_eq!(
-            Request::parse(b"scan 0 131072 4", b' '),
-            scan(0, 131_072, 4)
-        );
-        assert_eq!(Request::parse(b"scan 8 16 64", b' '), scan(8, 16, 64));
-        assert_eq!(
-            Request::parse(b"  scan  1   2 \t 12 \r", b' '),
-            scan(1, 2, 12)
-        );
-        assert_eq!(Request::parse(b"scan:0:128:64", b':'), scan(0, 128, 64));
-        assert_eq!(
-            Request::parse(b"scan 18446744073709551615 1 4", b' '),
-            scan(u64::MAX, 1, 4)
-        );
+        check(&[
+            (b"scan 0 131072 4", b' ', scan(0, 131_072, 4)),
+            (b"scan 8 16 64", b' ', scan(8, 16, 64)),
+            (b"  scan  1   2 \t 12 \r", b' ', scan(1, 2, 12)),
+            (b"scan:0:128:64", b':', scan(0, 128, 64)),
+            (b"scan 18446744073709551615 1 4", b' ', scan(u64::MAX, 1, 4)),
+        ]);
         for k in [4u64, 8, 60, 64] {
             let line = format!("scan 0 1 {k}");
             assert_eq!(Request::parse(line.as_bytes(), b' '), scan(0, 1, k));
         }
-        let usage = Err(ParseError::MissingArgument(
-            "scan FIRST_SECTOR SECTORS REQ_KIB",
-        ));
-        assert_eq!(Request::parse(b"scan", b' '), usage);
-        assert_eq!(Request::parse(b"scan 0", b' '), usage);
-        assert_eq!(Request::parse(b"scan 0 8", b' '), usage);
-        assert_eq!(Request::parse(b"scan:0:8", b':'), usage);
-        assert_eq!(
-            Request::parse(b"scan 0 8 4 9", b' '),
-            Err(ParseError::UnexpectedArgument(b"9"))
-        );
-        assert_eq!(
-            Request::parse(b"scan:0:8:4:9", b':'),
-            Err(ParseError::UnexpectedArgument(b"9"))
-        );
-        assert_eq!(
-            Request::parse(b"scan x 8 4", b' '),
-            Err(ParseError::BadNumber(b"x"))
-        );
-        assert_eq!(
-            Request::parse(b"scan 0 -8 4", b' '),
-            Err(ParseError::BadNumber(b"-8"))
-        );
-        assert_eq!(
-            Request::parse(b"scan 0 8 4k", b' '),
-            Err(ParseError::BadNumber(b"4k"))
-        );
-        assert_eq!(
-            Request::parse(b"scan 0 0 4", b' '),
-            Err(ParseError::OutOfRange(b"0", "SECTORS must be at least 1"))
-        );
+        let usage = missing("scan FIRST_SECTOR SECTORS REQ_KIB");
+        check(&[
+            (b"scan", b' ', usage),
+            (b"scan 0", b' ', usage),
+            (b"scan 0 8", b' ', usage),
+            (b"scan:0:8", b':', usage),
+            (b"scan 0 8 4 9", b' ', extra(b"9")),
+            (b"scan:0:8:4:9", b':', extra(b"9")),
+            (b"scan x 8 4", b' ', bad(b"x")),
+            (b"scan 0 -8 4", b' ', bad(b"-8")),
+            (b"scan 0 8 4k", b' ', bad(b"4k")),
+            (
+                b"scan 0 0 4",
+                b' ',
+                Err(ParseError::OutOfRange(b"0", "SECTORS must be at least 1")),
+            ),
+        ]);
         for k in ["0", "2", "6", "63", "68", "128", "99999999999"] {
             let line = format!("scan 0 8 {k}");
             assert_eq!(
@@ -425,40 +389,22 @@ mod tests {
 
     #[test]
     fn refuses_bad_requests_with_reasons() {
-        assert_eq!(Request::parse(b"", b' '), Err(ParseError::Empty));
-        assert_eq!(Request::parse(b"   ", b' '), Err(ParseError::Empty));
-        assert_eq!(
-            Request::parse(b"frob", b' '),
-            Err(ParseError::UnknownCommand(b"frob"))
-        );
-        assert_eq!(
-            Request::parse(b"primes", b' '),
-            Err(ParseError::MissingArgument("primes N"))
-        );
-        assert_eq!(
-            Request::parse(b"primes x", b' '),
-            Err(ParseError::BadNumber(b"x"))
-        );
-        assert_eq!(
-            Request::parse(b"primes -1", b' '),
-            Err(ParseError::BadNumber(b"-1"))
-        );
-        assert_eq!(
-            Request::parse(b"primes 10000000001", b' '),
-            Err(ParseError::BadNumber(b"10000000001"))
-        );
-        assert_eq!(
-            Request::parse(b"primes 99999999999999999999999", b' '),
-            Err(ParseError::BadNumber(b"99999999999999999999999"))
-        );
-        assert_eq!(
-            Request::parse(b"poweroff 256", b' '),
-            Err(ParseError::BadNumber(b"256"))
-        );
-        assert_eq!(
-            Request::parse(b"stats now", b' '),
-            Err(ParseError::UnexpectedArgument(b"now"))
-        );
+        check(&[
+            (b"", b' ', Err(ParseError::Empty)),
+            (b"   ", b' ', Err(ParseError::Empty)),
+            (b"frob", b' ', Err(ParseError::UnknownCommand(b"frob"))),
+            (b"primes", b' ', missing("primes N")),
+            (b"primes x", b' ', bad(b"x")),
+            (b"primes -1", b' ', bad(b"-1")),
+            (b"primes 10000000001", b' ', bad(b"10000000001")),
+            (
+                b"primes 99999999999999999999999",
+                b' ',
+                bad(b"99999999999999999999999"),
+            ),
+            (b"poweroff 256", b' ', bad(b"256")),
+            (b"stats now", b' ', extra(b"now")),
+        ]);
         let msg = format!("{}", ParseError::UnknownCommand(b"frob"));
         assert!(msg.starts_with("unknown command 'frob'"));
         assert_eq!(format!("{}", ParseError::BadNumber(b"x")), "bad number 'x'");
