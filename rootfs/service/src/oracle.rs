@@ -183,7 +183,10 @@ mod tests {
         assert_eq!(count_reply(7), "ok count n=7");
         assert_eq!(fill_word(0), model_entry(1 << 48));
         assert_ne!(fill_word(3), model_entry(3));
-        assert_eq!(check_reply(0, 0), "ok check fill_mib=0 fill_sum=0 model_mib=0 model_sum=0");
+        assert_eq!(
+            check_reply(0, 0),
+            "ok check fill_mib=0 fill_sum=0 model_mib=0 model_sum=0"
+        );
         assert_eq!(
             parse_dirty_reply("ok dirty rate=2000 pages=123"),
             Some((2000, 123))

@@ -282,7 +282,10 @@ mod tests {
             l.check_fill(16 * MIB),
             Err(LayoutError::Overlaps("the model table (load)"))
         );
-        assert_eq!(l.check_fill(400 * MIB), Err(LayoutError::TooSmall(432, 240)));
+        assert_eq!(
+            l.check_fill(400 * MIB),
+            Err(LayoutError::TooSmall(432, 240))
+        );
         l.model = 209 * MIB;
         assert_eq!(
             l.check_dirty(),
