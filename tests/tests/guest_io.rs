@@ -951,3 +951,75 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
     assert_eq!(fin.code(), 0, "the guest powers off with code 0: {fin:?}");
     drop(ns);
 }
+
+// ---------------------------------------------------------------------------------------
+// The handoff scenario's RAM state: counter, base content, model table, page dirtier.
+
+#[test]
+fn counter_and_dirtier_work_over_tcp() {
+    use micro_service::oracle::{check_reply, count_reply, incr_reply, parse_dirty_reply};
+    // 64 MiB: model 16–24 MiB, base content 24–32 MiB, dirtier 32–64 MiB.
+    let g = Guest::boot(&[]);
+    let mut c = g.conn();
+    for n in 0..3 {
+        assert_eq!(c.request("incr"), incr_reply(n));
+    }
+    // The counter is the guest's, not the connection's.
+    let mut c = g.conn();
+    for n in 3..5 {
+        assert_eq!(c.request("incr"), incr_reply(n));
+    }
+    assert_eq!(c.request("count"), count_reply(5));
+
+    // 8 MiB of base content below the dirtier's buffer, an 8 MiB model table at 16 MiB.
+    assert!(c.request("fill 8").starts_with(&format!(
+        "ok fill mib=8 sum={} ",
+        micro_service::oracle::fill_sum(8)
+    )));
+    assert!(c.request("load 8").starts_with(&format!(
+        "ok load mib=8 sum={} ",
+        micro_service::oracle::model_sum(8)
+    )));
+    assert_eq!(c.request("check"), check_reply(8, 8));
+
+    // The dirtier at 2000 pages/s: requests are still answered promptly meanwhile.
+    let t0 = Instant::now();
+    assert_eq!(parse_dirty_reply(&c.request("dirty 2000")), Some((2000, 0)));
+    let mut lat = Vec::new();
+    while t0.elapsed() < Duration::from_millis(1000) {
+        let t = Instant::now();
+        assert_eq!(c.request("health"), "ok health");
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lat.sort();
+    let p50 = lat[lat.len() / 2];
+    assert!(
+        p50 < Duration::from_millis(10),
+        "requests answered in {p50:?} (p50) while the dirtier runs"
+    );
+    let (rate, pages) = parse_dirty_reply(&c.request("dirty")).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(rate, 2000);
+    assert!(
+        (pages as f64) <= 2000.0 * secs + 1.0 && (pages as f64) >= 1000.0 * secs,
+        "{pages} pages in {secs:.2} s at 2000 pages/s"
+    );
+    // Stopped, it writes no more.
+    let (rate, stopped) = parse_dirty_reply(&c.request("dirty 0")).unwrap();
+    assert_eq!(rate, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(parse_dirty_reply(&c.request("dirty")), Some((0, stopped)));
+    // Its writes went to its own buffer: base content and model are intact.
+    assert_eq!(c.request("check"), check_reply(8, 8));
+    // Regions in use are kept apart.
+    assert!(c
+        .request("load 9")
+        .starts_with("err load 9: it would overlap"));
+    assert!(c
+        .request("fill 100")
+        .starts_with("err fill 100: not enough memory"));
+    assert_eq!(c.request("count"), count_reply(5));
+    drop(c);
+    g.poweroff();
+}
