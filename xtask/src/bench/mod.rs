@@ -7,6 +7,7 @@ mod boot;
 mod child;
 mod net;
 mod qemu;
+mod qmp;
 pub mod stats;
 mod synthesis;
 
