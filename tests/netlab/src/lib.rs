@@ -230,6 +230,26 @@ impl Ns {
             .map_err(io::Error::other)?
     }
 
+    /// Bytes this end's veth has sent and received so far (Ethernet frames: what went over
+    /// the link, headers included), from its counters.
+    pub fn link_bytes(&self) -> Result<(u64, u64), Error> {
+        let out = run("ip", &["-n", &self.name, "-s", "-j", "link", "show", DEV])?;
+        let field = |dir: &str| -> Option<u64> {
+            let at = out.find(&format!("\"{dir}\":{{"))?;
+            let rest = &out[at..];
+            let b = rest.find("\"bytes\":")? + "\"bytes\":".len();
+            let digits: String = rest[b..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        match (field("tx"), field("rx")) {
+            (Some(tx), Some(rx)) => Ok((tx, rx)),
+            _ => Err(Error::Failed {
+                cmd: format!("ip -n {} -s -j link show {DEV}", self.name),
+                stderr: format!("no byte counters in {out:?}"),
+            }),
+        }
+    }
+
     /// The ids of the processes inside this namespace.
     pub fn pids(&self) -> Vec<u32> {
         run("ip", &["netns", "pids", &self.name])

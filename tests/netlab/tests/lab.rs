@@ -87,6 +87,17 @@ fn bulk_tcp_keeps_to_the_shaped_rate() {
     let secs = timed_transfer(c, s, bytes);
     let mbit = bytes as f64 * 8.0 / secs / 1e6;
     eprintln!("25 Mbit/s link: {mbit:.1} Mbit/s measured");
+    // The link's counters saw the payload and its headers (one way) and the ACKs (the other).
+    let (tx, _) = pair.a().link_bytes().unwrap();
+    let (_, rx) = pair.b().link_bytes().unwrap();
+    assert!(
+        tx >= bytes as u64 && tx < bytes as u64 * 11 / 10,
+        "A sent {tx} bytes"
+    );
+    assert!(
+        rx >= bytes as u64 && rx <= tx,
+        "B received {rx} of {tx} bytes"
+    );
     assert!(
         (17.5..=32.5).contains(&mbit),
         "25 Mbit/s link measured {mbit:.1} Mbit/s"
