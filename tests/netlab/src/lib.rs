@@ -230,8 +230,10 @@ impl Ns {
             .map_err(io::Error::other)?
     }
 
-    /// Bytes this end's veth has sent and received so far (Ethernet frames: what went over
-    /// the link, headers included), from its counters.
+    /// Bytes this end's veth has sent and received so far, from its counters: Ethernet
+    /// frames as the kernel hands them over, so a segmentation-offloaded frame (up to 64 KiB
+    /// of TCP payload) counts its headers once. Bytes still queued by the shaping are not
+    /// sent yet.
     pub fn link_bytes(&self) -> Result<(u64, u64), Error> {
         let out = run("ip", &["-n", &self.name, "-s", "-j", "link", "show", DEV])?;
         let field = |dir: &str| -> Option<u64> {

@@ -80,7 +80,8 @@ pub struct Measured {
     pub downtime_ms: f64,
     /// Bytes the side says it sent (its payload).
     pub bytes: u64,
-    /// Bytes that went over the link from the source (Ethernet frames, headers included).
+    /// Bytes that went over the link from the source, as the veth counts them (Ethernet
+    /// frames; a segmentation-offloaded frame counts its headers once).
     pub wire_bytes: u64,
 }
 
@@ -250,11 +251,11 @@ pub fn qemu_run(
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    let measured = Measured {
+    let mut measured = Measured {
         total_ms: done["total-time"].as_f64().context("no total-time")?,
         downtime_ms: done["downtime"].as_f64().context("no downtime")?,
         bytes: done["ram"]["transferred"].as_u64().unwrap_or(0),
-        wire_bytes: pair.a().link_bytes()?.0 - sent_before,
+        wire_bytes: 0,
     };
     // Input sent before the destination runs would be lost under the incoming device state.
     loop {
@@ -267,6 +268,9 @@ pub fn qemu_run(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Read once the destination runs: the last bytes may still sit in the link's queue
+    // when the source calls the migration complete.
+    measured.wire_bytes = pair.a().link_bytes()?.0 - sent_before;
     check_moved_guest(&mut dst, s).context("the migrated guest")?;
     src.kill();
     dst.kill();
