@@ -201,3 +201,22 @@ fn a_panicking_owner_leaves_nothing_either() {
         assert!(!exists(n), "{n} left behind");
     }
 }
+
+#[test]
+fn pairs_of_a_killed_process_are_removed_by_the_next_one() {
+    // A namespace named as a pair of a process that no longer runs (pid beyond pid_max's
+    // default range of live processes here: checked).
+    let dead = 4_194_000u32;
+    assert!(!std::path::Path::new(&format!("/proc/{dead}")).exists());
+    let name = format!("clab{dead}n0a");
+    let made = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert!(netlab::stale().contains(&name));
+    let pair = Pair::new().unwrap();
+    assert!(!exists(&name), "{name} left behind");
+    // A live process's pairs are not stale.
+    assert!(!netlab::stale().iter().any(|n| n == pair.a().name()));
+}
