@@ -1023,3 +1023,66 @@ fn counter_and_dirtier_work_over_tcp() {
     drop(c);
     g.poweroff();
 }
+
+#[test]
+fn counter_content_and_dirtier_survive_snapshot_and_restore() {
+    use micro_service::oracle::{check_reply, count_reply, incr_reply, parse_dirty_reply};
+    let s = Scratch::new("guest-io-ram-state");
+    let sock = s.path("vm.sock");
+    let snap = s.path("snap");
+    let k = path_arg(&sock);
+    let g = Guest::boot(&["--api-sock", &k]);
+    let mut c = g.conn();
+    for n in 0..4 {
+        assert_eq!(c.request("incr"), incr_reply(n));
+    }
+    assert!(c.request("fill 8").starts_with("ok fill mib=8 "));
+    assert!(c.request("load 8").starts_with("ok load mib=8 "));
+    assert!(c.request("dirty 1000").starts_with("ok dirty rate=1000 "));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    let out = run_vmm(
+        [
+            "snapshot",
+            "--api-sock",
+            &k,
+            "--out",
+            &path_arg(&snap),
+            "--stay-paused",
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
+    assert_eq!(run_vmm(["stop", "--api-sock", &k], T).code(), 0);
+    let mut vmm = g.vmm;
+    assert_eq!(vmm.finish(T).code(), 0);
+
+    let port = free_port();
+    let restored = Guest::spawn(
+        vec![
+            "restore".into(),
+            "--snapshot".into(),
+            path_arg(&snap),
+            "--forward".into(),
+            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
+        ],
+        port,
+        false,
+    );
+    let mut c = restored.conn();
+    assert_eq!(c.request("count"), count_reply(4));
+    assert_eq!(c.request("check"), check_reply(8, 8));
+    // The dirtier goes on at its rate in the restored VM.
+    let (rate, p0) = parse_dirty_reply(&c.request("dirty")).unwrap();
+    assert_eq!(rate, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, p1) = parse_dirty_reply(&c.request("dirty")).unwrap();
+    assert!(
+        p1 >= p0 + 100,
+        "{} pages in 300 ms at 1000 pages/s",
+        p1 - p0
+    );
+    assert_eq!(c.request("incr"), incr_reply(4));
+    drop(c);
+    restored.poweroff();
+}

@@ -161,6 +161,8 @@ pub struct Dirtier {
     total: u64,
     /// Next page of the buffer (index).
     next: u64,
+    /// The latest time seen, µs since boot.
+    last: u64,
 }
 
 impl Dirtier {
@@ -172,6 +174,7 @@ impl Dirtier {
             slots: 0,
             total: 0,
             next: 0,
+            last: 0,
         }
     }
 
@@ -180,6 +183,7 @@ impl Dirtier {
         self.rate = rate.min(MAX_DIRTY_RATE);
         self.since = now_us;
         self.slots = 0;
+        self.last = now_us;
     }
 
     /// The current rate, pages per second.
@@ -198,11 +202,18 @@ impl Dirtier {
         (elapsed * u128::from(self.rate) / 1_000_000) as u64
     }
 
-    /// How many pages to write now; slots more than [`CATCH_UP_US`] behind are skipped.
+    /// How many pages to write now; slots more than [`CATCH_UP_US`] behind are skipped. A
+    /// clock that went back (a VM restored where the time counter is lower) restarts the
+    /// pacing from now instead of stalling until the clock is back where it was.
     pub fn due(&mut self, now_us: u64) -> u64 {
         if self.rate == 0 {
             return 0;
         }
+        if now_us < self.last {
+            self.since = now_us;
+            self.slots = 0;
+        }
+        self.last = now_us;
         let owed = self.slots_by(now_us).saturating_sub(self.slots);
         let cap = (self.rate * CATCH_UP_US / 1_000_000).max(1);
         if owed > cap {
@@ -344,6 +355,20 @@ mod tests {
         assert!((1_990..=2_000).contains(&d.total()), "{}", d.total());
         d.set_rate(0, now);
         assert_eq!((d.due(now + 1_000_000), d.wake_in(now)), (0, None));
+    }
+
+    #[test]
+    fn dirtier_survives_a_clock_that_goes_back() {
+        let mut d = Dirtier::new();
+        d.set_rate(1000, 50_000_000);
+        for _ in 0..d.due(50_010_000) {
+            d.next_write();
+        }
+        assert_eq!(d.total(), 10);
+        // Restored where the clock reads 1 s: pages keep coming at the rate from there.
+        assert_eq!(d.due(1_000_000), 0);
+        assert_eq!(d.due(1_005_000), 5);
+        assert_eq!(d.wake_in(1_005_000), Some(MIN_TICK_US));
     }
 
     #[test]
