@@ -6,6 +6,8 @@
 //! The artefacts are built by `cargo xtask test` before the tests run; a test that cannot find
 //! one fails and says how to build it.
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

@@ -814,3 +814,136 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
     assert_eq!(fin.code(), 0, "the guest powers off with code 0: {fin:?}");
     drop(ns);
 }
+
+// ---------------------------------------------------------------------------------------
+// The handoff scenario's RAM state: counter, base content, model table, page dirtier.
+
+#[test]
+fn counter_and_dirtier_work_over_tcp() {
+    use micro_service::oracle::{check_reply, count_reply, incr_reply, parse_dirty_reply};
+    // 64 MiB: model 16–24 MiB, base content 24–32 MiB, dirtier 32–64 MiB.
+    let g = Guest::boot(&[]);
+    let mut c = g.conn();
+    for n in 0..3 {
+        assert_eq!(c.ask("incr"), incr_reply(n));
+    }
+    // The counter is the guest's, not the connection's.
+    let mut c = g.conn();
+    for n in 3..5 {
+        assert_eq!(c.ask("incr"), incr_reply(n));
+    }
+    assert_eq!(c.ask("count"), count_reply(5));
+
+    // 8 MiB of base content below the dirtier's buffer, an 8 MiB model table at 16 MiB.
+    assert!(c.ask("fill 8").starts_with(&format!(
+        "ok fill mib=8 sum={} ",
+        micro_service::oracle::fill_sum(8)
+    )));
+    assert!(c.ask("load 8").starts_with(&format!(
+        "ok load mib=8 sum={} ",
+        micro_service::oracle::model_sum(8)
+    )));
+    assert_eq!(c.ask("check"), check_reply(8, 8));
+
+    // The dirtier at 2000 pages/s: requests are still answered promptly meanwhile.
+    let t0 = Instant::now();
+    assert_eq!(parse_dirty_reply(&c.ask("dirty 2000")), Some((2000, 0)));
+    let mut lat = Vec::new();
+    while t0.elapsed() < Duration::from_millis(1000) {
+        let t = Instant::now();
+        assert_eq!(c.ask("health"), "ok health");
+        lat.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lat.sort();
+    let p50 = lat[lat.len() / 2];
+    assert!(
+        p50 < Duration::from_millis(10),
+        "requests answered in {p50:?} (p50) while the dirtier runs"
+    );
+    let (rate, pages) = parse_dirty_reply(&c.ask("dirty")).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(rate, 2000);
+    assert!(
+        (pages as f64) <= 2000.0 * secs + 1.0 && (pages as f64) >= 1000.0 * secs,
+        "{pages} pages in {secs:.2} s at 2000 pages/s"
+    );
+    // Stopped, it writes no more.
+    let (rate, stopped) = parse_dirty_reply(&c.ask("dirty 0")).unwrap();
+    assert_eq!(rate, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(parse_dirty_reply(&c.ask("dirty")), Some((0, stopped)));
+    // Its writes went to its own buffer: base content and model are intact.
+    assert_eq!(c.ask("check"), check_reply(8, 8));
+    // Regions in use are kept apart.
+    assert!(c.ask("load 9").starts_with("err load 9: it would overlap"));
+    assert!(c
+        .ask("fill 100")
+        .starts_with("err fill 100: not enough memory"));
+    assert_eq!(c.ask("count"), count_reply(5));
+    drop(c);
+    g.poweroff();
+}
+
+#[test]
+fn counter_content_and_dirtier_survive_snapshot_and_restore() {
+    use micro_service::oracle::{check_reply, count_reply, incr_reply, parse_dirty_reply};
+    let s = Scratch::new("guest-io-ram-state");
+    let sock = s.path("vm.sock");
+    let snap = s.path("snap");
+    let k = path_arg(&sock);
+    let g = Guest::boot(&["--api-sock", &k]);
+    let mut c = g.conn();
+    for n in 0..4 {
+        assert_eq!(c.ask("incr"), incr_reply(n));
+    }
+    assert!(c.ask("fill 8").starts_with("ok fill mib=8 "));
+    assert!(c.ask("load 8").starts_with("ok load mib=8 "));
+    assert!(c.ask("dirty 1000").starts_with("ok dirty rate=1000 "));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    let out = run_vmm(
+        [
+            "snapshot",
+            "--api-sock",
+            &k,
+            "--out",
+            &path_arg(&snap),
+            "--stay-paused",
+        ],
+        T,
+    );
+    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
+    assert_eq!(run_vmm(["stop", "--api-sock", &k], T).code(), 0);
+    let mut vmm = g.vmm;
+    assert_eq!(vmm.finish(T).code(), 0);
+
+    let port = free_port();
+    let restored = Guest::spawn(
+        vec![
+            "restore".into(),
+            "--snapshot".into(),
+            path_arg(&snap),
+            "--forward".into(),
+            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
+        ],
+        port,
+        false,
+    );
+    let mut c = restored.conn();
+    assert_eq!(c.ask("count"), count_reply(4));
+    assert_eq!(c.ask("check"), check_reply(8, 8));
+    // The dirtier goes on at its rate in the restored VM.
+    let (rate, p0) = parse_dirty_reply(&c.ask("dirty")).unwrap();
+    assert_eq!(rate, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, p1) = parse_dirty_reply(&c.ask("dirty")).unwrap();
+    assert!(
+        p1 >= p0 + 100,
+        "{} pages in 300 ms at 1000 pages/s",
+        p1 - p0
+    );
+    assert_eq!(c.ask("incr"), incr_reply(4));
+    drop(c);
+    restored.poweroff();
+}

@@ -21,8 +21,11 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     require_kvm()?;
     crate::guest::build()?;
     crate::linux::fetch()?;
-    // The agent's tests: an independent mDNS client and a real browser.
+    // The agent's tests: an independent mDNS client and a real browser; the handoff tests'
+    // two appliances: network namespaces, veth and shaping (netlab).
     ensure_programs(&[
+        ("ip", "iproute2"),
+        ("tc", "iproute2"),
         (
             "/usr/lib/python3/dist-packages/zeroconf/__init__.py",
             "python3-zeroconf",

@@ -34,7 +34,7 @@ mod virtio;
 use core::fmt::Write;
 
 use micro_service::cmdline;
-use micro_service::{model, FixedBuf, Line, LineReader, PrimeCounter, Request};
+use micro_service::{model, ram, FixedBuf, Line, LineReader, PrimeCounter, Request};
 use serial::Serial;
 
 /// Longest request line.
@@ -63,6 +63,14 @@ struct Service {
     model_room: u64,
     /// Entries of the loaded model table.
     model_entries: u64,
+    /// The regions in use above 16 MiB: model table, base content, dirtier's buffer.
+    layout: ram::Layout,
+    /// The steady page dirtier's pacing.
+    dirtier: ram::Dirtier,
+    /// The counter `incr` and `count` change and read.
+    counter: u64,
+    /// Whether IRQ 0 (the PIT) is enabled as the wake-up timer.
+    timer: bool,
     /// The disk table, or why there is none.
     disk: Result<disk::Disk, &'static str>,
     /// The network interface, or why there is none.
@@ -84,6 +92,18 @@ impl Service {
     fn micros(&self, cycles: u64) -> Option<u64> {
         self.tsc_hz
             .map(|hz| (u128::from(cycles) * 1_000_000 / u128::from(hz.max(1))) as u64)
+    }
+
+    /// Writes the pages the dirtier owes by `now_us`: one word (the write's number) at the
+    /// start of each successive page of its buffer.
+    fn dirty_pages(&mut self, now_us: u64) {
+        let start = self.layout.dirty_start();
+        for _ in 0..self.dirtier.due(now_us) {
+            let (off, word) = self.dirtier.next_write();
+            // SAFETY: the dirtier runs only once `check_dirty` found its buffer (32 MiB from
+            // `start`) inside RAM above the model table and the base content; identity-mapped.
+            unsafe { ((start + off) as *mut u64).write_volatile(word) };
+        }
     }
 
     /// Handles one request line and prints its reply.
@@ -176,6 +196,8 @@ impl Service {
                         "err not enough memory: load {mib} needs {mib} MiB above 16 MiB, the guest has {} MiB there",
                         self.model_room >> 20
                     );
+                } else if let Err(e) = self.layout.check_model(bytes) {
+                    let _ = write!(r, "err load {mib}: {e}");
                 } else {
                     let t0 = cpu::rdtsc();
                     // SAFETY: `model_room` bytes from MODEL_BASE are RAM (from the firmware
@@ -188,6 +210,7 @@ impl Service {
                     };
                     let sum = model::fill(table, 0);
                     self.model_entries = bytes / 8;
+                    self.layout.model = bytes;
                     let cycles = cpu::rdtsc() - t0;
                     let us = self.tsc_hz.map_or(0, |hz| {
                         (u128::from(cycles) * 1_000_000 / u128::from(hz.max(1))) as u64
@@ -207,6 +230,85 @@ impl Service {
                         self.model_entries
                     );
                 }
+            }
+            Ok(Request::Incr) => {
+                self.counter = self.counter.wrapping_add(1);
+                let _ = write!(r, "ok incr n={}", self.counter);
+            }
+            Ok(Request::Count) => {
+                let _ = write!(r, "ok count n={}", self.counter);
+            }
+            Ok(Request::Fill(mib)) => match self.layout.check_fill(mib << 20) {
+                Ok(start) => {
+                    let t0 = cpu::rdtsc();
+                    // SAFETY: `mib` MiB from `start` lie in the RAM range above 16 MiB (the
+                    // layout checked it against `model_room`), identity-mapped, and overlap
+                    // neither the model table nor the dirtier's buffer.
+                    let words = unsafe {
+                        core::slice::from_raw_parts_mut(start as *mut u64, (mib << 17) as usize)
+                    };
+                    let sum = ram::fill(words, 0);
+                    self.layout.fill = mib << 20;
+                    let cycles = cpu::rdtsc() - t0;
+                    let us = self.tsc_hz.map_or(0, |hz| {
+                        (u128::from(cycles) * 1_000_000 / u128::from(hz.max(1))) as u64
+                    });
+                    let _ = write!(r, "ok fill mib={mib} sum={sum} us={us}");
+                }
+                Err(e) => {
+                    let _ = write!(r, "err fill {mib}: {e}");
+                }
+            },
+            Ok(Request::Dirty(rate)) => {
+                let started = match rate {
+                    Some(0) => {
+                        self.dirtier.set_rate(0, clock::micros());
+                        Ok(())
+                    }
+                    Some(rate) => self.layout.check_dirty().map(|_| {
+                        self.layout.dirty = true;
+                        if !self.timer {
+                            irq::stop_timer();
+                            irq::enable_line(0);
+                            self.timer = true;
+                        }
+                        self.dirtier.set_rate(rate, clock::micros());
+                    }),
+                    None => Ok(()),
+                };
+                let _ = match started {
+                    Ok(()) => write!(
+                        r,
+                        "ok dirty rate={} pages={}",
+                        self.dirtier.rate(),
+                        self.dirtier.total()
+                    ),
+                    Err(e) => write!(r, "err dirty: {e}"),
+                };
+            }
+            Ok(Request::Check) => {
+                let fill = self.layout.fill;
+                let start = self.layout.fill_start(fill);
+                // SAFETY: the base content and the model table were written by `fill` and
+                // `load` at these places in RAM (identity-mapped); reading them is harmless.
+                let (fill_sum, model_sum) = unsafe {
+                    (
+                        ram::sum(core::slice::from_raw_parts(
+                            start as *const u64,
+                            (fill / 8) as usize,
+                        )),
+                        ram::sum(core::slice::from_raw_parts(
+                            model::MODEL_BASE as *const u64,
+                            self.model_entries as usize,
+                        )),
+                    )
+                };
+                let _ = write!(
+                    r,
+                    "ok check fill_mib={} fill_sum={fill_sum} model_mib={} model_sum={model_sum}",
+                    fill >> 20,
+                    self.layout.model >> 20
+                );
             }
             Ok(Request::Poweroff(code)) => {
                 let _ = write!(r, "ok poweroff code={code}");
@@ -451,21 +553,30 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         net,
         console,
     } = find_devices(cmd, seed);
-    if blk.is_ok() || net.is_ok() || console.is_some() {
+    let timer = blk.is_ok() || net.is_ok() || console.is_some();
+    if timer {
         // Device waits and TCP timers sleep with the PIT as the alarm clock.
         irq::stop_timer();
         irq::enable_line(0);
     }
     let mut server =
         net.map(|n| server::Server::new(n, cmdline::ip_config(cmd), cmdline::port(cmd), seed));
+    let room = model_room(boot_info, protocol);
     let mut svc = Service {
         requests: 0,
         start_tsc: entry_tsc,
         tsc_hz,
         primes: PrimeCounter::new(),
         reply: FixedBuf::new(),
-        model_room: model_room(boot_info, protocol),
+        model_room: room,
         model_entries: 0,
+        layout: ram::Layout {
+            room,
+            ..ram::Layout::default()
+        },
+        dirtier: ram::Dirtier::new(),
+        counter: 0,
+        timer,
         disk: blk.map(disk::Disk::new),
         net: Err(""),
         console,
@@ -550,6 +661,7 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         }
         fired = 0;
         let now = clock::micros();
+        svc.dirty_pages(now);
         if busy {
             last_busy = now;
             continue;
@@ -572,6 +684,9 @@ extern "C" fn guest_main(boot_info: u64, protocol: u64, entry_tsc: u64) -> ! {
         };
         if svc.console.as_ref().is_some_and(|c| c.irq().is_none()) {
             timeout = Some(timeout.map_or(every, |t| t.min(every)));
+        }
+        if let Some(w) = svc.dirtier.wake_in(now) {
+            timeout = Some(timeout.map_or(w, |t| t.min(w)));
         }
         if timeout == Some(0) {
             continue;

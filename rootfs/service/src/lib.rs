@@ -1,7 +1,8 @@
 //! The micro guest's service, as plain `no_std` logic that the host can test: the request
 //! protocol (see `docs/micro-guest.md`), its TCP framing ([`frame`]), the disk table format
 //! ([`table`]), the disk scan's request sizes and checksum ([`scan`]), the command-line keys ([`cmdline`]), serial line assembly ([`line`]), reply
-//! formatting into fixed buffers, and the sample compute job (counting primes).
+//! formatting into fixed buffers, the sample compute job (counting primes) and the RAM the
+//! handoff scenario moves ([`ram`]: base content, model table, steady page dirtier).
 //!
 //! Nothing here touches hardware; the guest binary (`rootfs/guest`) wires it to the serial
 //! port, its virtio disk and its TCP/IP stack. Parsing untrusted bytes never panics.
@@ -23,6 +24,7 @@ pub mod model;
 #[cfg(feature = "std")]
 pub mod oracle;
 pub mod primes;
+pub mod ram;
 pub mod request;
 pub mod scan;
 pub mod table;

@@ -7,7 +7,11 @@
 //! - `get I` on a disk written by [`table_image`]: [`table_value`], as the reply
 //!   [`get_reply`];
 //! - `scan`'s checksum of a range of a disk image: [`word_sum`];
-//! - `primes N`'s count: [`prime_count`].
+//! - `primes N`'s count: [`prime_count`];
+//! - the handoff scenario's RAM: `incr`/`count` ([`incr_reply`], [`count_reply`]), the base
+//!   content of `fill MIB` and the sums of `load`, `fill` and `check` ([`fill_word`],
+//!   [`model_sum`], [`fill_sum`], [`check_reply`]), and the dirtier's report
+//!   ([`parse_dirty_reply`]).
 
 /// Bytes per disk sector.
 const SECTOR: usize = 512;
@@ -87,6 +91,54 @@ pub fn prime_count(n: usize) -> usize {
     count
 }
 
+/// The reply to `incr` when the counter was `before`.
+pub fn incr_reply(before: u64) -> String {
+    format!("ok incr n={}", before.wrapping_add(1))
+}
+
+/// The reply to `count` when the counter is `n`.
+pub fn count_reply(n: u64) -> String {
+    format!("ok count n={n}")
+}
+
+/// Word `i` of the base content (`fill MIB`): the model's formula at index `i + 2^48`
+/// (docs/micro-guest.md).
+pub fn fill_word(i: u64) -> u64 {
+    model_entry(i + (1 << 48))
+}
+
+/// Words in `mib` MiB.
+fn words(mib: u64) -> u64 {
+    mib << 17
+}
+
+/// The `sum` of `load MIB`: the wrapping sum of the model table's entries.
+pub fn model_sum(mib: u64) -> u64 {
+    (0..words(mib)).map(model_entry).fold(0, u64::wrapping_add)
+}
+
+/// The `sum` of `fill MIB`: the wrapping sum of the base content's words.
+pub fn fill_sum(mib: u64) -> u64 {
+    (0..words(mib)).map(fill_word).fold(0, u64::wrapping_add)
+}
+
+/// The reply to `check` with `fill_mib` MiB of base content and a model table of `model_mib`
+/// MiB, both intact.
+pub fn check_reply(fill_mib: u64, model_mib: u64) -> String {
+    format!(
+        "ok check fill_mib={fill_mib} fill_sum={} model_mib={model_mib} model_sum={}",
+        fill_sum(fill_mib),
+        model_sum(model_mib)
+    )
+}
+
+/// `(rate, pages)` from a reply to `dirty [RATE]` (`ok dirty rate=R pages=P`).
+pub fn parse_dirty_reply(reply: &str) -> Option<(u64, u64)> {
+    let rest = reply.strip_prefix("ok dirty rate=")?;
+    let (rate, pages) = rest.split_once(" pages=")?;
+    Some((rate.parse().ok()?, pages.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,9 +176,31 @@ mod tests {
         assert_eq!(&full[4088..], &table_value(447).to_le_bytes());
     }
 
+    #[test]
+    fn handoff_scenario_values() {
+        assert_eq!(incr_reply(41), "ok incr n=42");
+        assert_eq!(incr_reply(u64::MAX), "ok incr n=0");
+        assert_eq!(count_reply(7), "ok count n=7");
+        assert_eq!(fill_word(0), model_entry(1 << 48));
+        assert_ne!(fill_word(3), model_entry(3));
+        assert_eq!(
+            check_reply(0, 0),
+            "ok check fill_mib=0 fill_sum=0 model_mib=0 model_sum=0"
+        );
+        assert_eq!(
+            parse_dirty_reply("ok dirty rate=2000 pages=123"),
+            Some((2000, 123))
+        );
+        assert_eq!(parse_dirty_reply("ok dirty rate=x pages=1"), None);
+        assert_eq!(parse_dirty_reply("err dirty"), None);
+    }
+
     /// The oracle agrees with the guest's own code (which it must not call itself).
     #[test]
     fn agrees_with_the_guest_side() {
+        let mut words = vec![0u64; 1 << 17];
+        assert_eq!(crate::ram::fill(&mut words, 0), fill_sum(1));
+        assert_eq!(crate::model::fill(&mut words, 0), model_sum(1));
         for i in [0, 1, 5, 77_777, 2_097_151, u64::MAX - 1] {
             assert_eq!(model_entry(i), crate::model::entry(i), "model entry {i}");
         }

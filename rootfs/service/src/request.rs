@@ -14,6 +14,11 @@
 //! | `disk` | `ok disk sectors=<S> ro=<0\|1> magic=<CLDTABLE\|none> entries=<C>` |
 //! | `scan FIRST_SECTOR SECTORS REQ_KIB` | `ok scan sectors=<N> req_kib=<K> sum=<checksum> us=<µs>`: the disk range read in `REQ_KIB` KiB requests (see [`crate::scan`]) |
 //! | `net` | `ok net mac=<MAC> ip=<A.B.C.D/N\|none> port=<P>` |
+//! | `incr` | `ok incr n=<the counter after adding 1>` (a counter in RAM) |
+//! | `count` | `ok count n=<the counter>` |
+//! | `fill MIB` | `ok fill mib=<MIB> sum=<wrapping sum of the words> us=<µs>`: the base content (see [`crate::ram`]) |
+//! | `dirty [RATE]` | `ok dirty rate=<pages/s> pages=<page writes since boot>`; RATE sets the steady dirtier's rate (0 stops it) |
+//! | `check` | `ok check fill_mib=<F> fill_sum=<sum of the base content> model_mib=<M> model_sum=<sum of the model table>` |
 //! | anything else | `err <reason>` |
 //!
 //! The same requests come from the kernel command line (`micro.run=`), where `:` separates a
@@ -55,6 +60,16 @@ pub enum Request<'a> {
         /// Request size in KiB (see [`crate::scan::valid_req_kib`]).
         req_kib: u64,
     },
+    /// Add 1 to the RAM counter.
+    Incr,
+    /// Read the RAM counter.
+    Count,
+    /// Write this many MiB of base content (see [`crate::ram`]).
+    Fill(u64),
+    /// Set the dirtier's rate (pages per second; 0 stops it), or just report it (`None`).
+    Dirty(Option<u64>),
+    /// Sum the base content and the model table as they are in RAM now.
+    Check,
 }
 
 /// Why a request line was refused.
@@ -83,7 +98,7 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::Empty => write!(f, "empty request"),
             ParseError::UnknownCommand(c) => write!(
                 f,
-                "unknown command '{}' (try primes, echo, stats, load, query, health, get, put, disk, scan, net, poweroff)",
+                "unknown command '{}' (try primes, echo, stats, load, query, health, get, put, disk, scan, net, incr, count, fill, dirty, check, poweroff)",
                 text(c)
             ),
             ParseError::BadNumber(n) => write!(f, "bad number '{}'", text(n)),
@@ -253,6 +268,30 @@ impl<'a> Request<'a> {
                     req_kib,
                 })
             }
+            b"incr" => no_argument(arg, Request::Incr),
+            b"count" => no_argument(arg, Request::Count),
+            b"check" => no_argument(arg, Request::Check),
+            b"fill" => {
+                let [a] = words::<1>(arg, sep, "fill MIB")?;
+                parse_number(a, crate::ram::MAX_FILL_MIB)
+                    .filter(|&m| m > 0)
+                    .map(Request::Fill)
+                    .ok_or(ParseError::BadNumber(a))
+            }
+            b"dirty" => match arg {
+                None => Ok(Request::Dirty(None)),
+                Some(_) => {
+                    let [a] = words::<1>(arg, sep, "dirty [RATE]")?;
+                    let rate = parse_number(a, u64::MAX).ok_or(ParseError::BadNumber(a))?;
+                    if rate > crate::ram::MAX_DIRTY_RATE {
+                        return Err(ParseError::OutOfRange(
+                            a,
+                            "RATE is pages per second, at most 1000000",
+                        ));
+                    }
+                    Ok(Request::Dirty(Some(rate)))
+                }
+            },
             other => Err(ParseError::UnknownCommand(other)),
         }
     }
@@ -385,6 +424,38 @@ mod tests {
             ),
             "bad argument '6': REQ_KIB must be a multiple of 4 from 4 to 64"
         );
+    }
+
+    #[test]
+    fn parses_the_handoff_scenario_requests() {
+        check(&[
+            (b"incr", b' ', Ok(Request::Incr)),
+            (b"count", b' ', Ok(Request::Count)),
+            (b"check", b' ', Ok(Request::Check)),
+            (b"incr 2", b' ', extra(b"2")),
+            (b"count x", b' ', extra(b"x")),
+            (b"fill 64", b' ', Ok(Request::Fill(64))),
+            (b"fill:64", b':', Ok(Request::Fill(64))),
+            (b"fill", b' ', missing("fill MIB")),
+            (b"fill 0", b' ', bad(b"0")),
+            (b"fill 4097", b' ', bad(b"4097")),
+            (b"fill 64 1", b' ', extra(b"1")),
+            (b"dirty", b' ', Ok(Request::Dirty(None))),
+            (b"dirty 2000", b' ', Ok(Request::Dirty(Some(2000)))),
+            (b" dirty   0 ", b' ', Ok(Request::Dirty(Some(0)))),
+            (b"dirty:500", b':', Ok(Request::Dirty(Some(500)))),
+            (b"dirty 1000000", b' ', Ok(Request::Dirty(Some(1_000_000)))),
+            (b"dirty fast", b' ', bad(b"fast")),
+            (b"dirty 1 2", b' ', extra(b"2")),
+            (
+                b"dirty 1000001",
+                b' ',
+                Err(ParseError::OutOfRange(
+                    b"1000001",
+                    "RATE is pages per second, at most 1000000",
+                )),
+            ),
+        ]);
     }
 
     #[test]

@@ -5,8 +5,10 @@
 mod agent;
 mod boot;
 mod child;
+mod handoff;
 mod net;
 mod qemu;
+mod qmp;
 pub mod stats;
 mod synthesis;
 
@@ -18,7 +20,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot`, `synthesis`, `net` or `agent`.
+    /// Which benchmark: `boot`, `synthesis`, `net`, `agent` or `handoff`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -38,7 +40,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         "synthesis" => synthesis::run_bench(args.runs)?,
         "net" => net::run_bench(args.runs)?,
         "agent" => agent::run_bench(args.runs)?,
-        other => bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent"),
+        "handoff" => handoff::run_bench(args.runs)?,
+        other => {
+            bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent, handoff")
+        }
     };
     write_report(&args.name, args.runs, figures)
 }

@@ -12,15 +12,14 @@
 //! virtio console on stdio (the base is built with `--console`; QEMU gets virtio-serial with
 //! a virtconsole), which the micro guest uses instead of its 16550 when present.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::child::Proc;
+use super::qmp::Qmp;
 use super::stats::{median, percentile};
 use crate::util::{cargo, ensure_programs, require_kvm, run, step, target_dir};
 
@@ -48,54 +47,6 @@ fn first_reply(p: &mut Proc, t0: Instant) -> Result<f64> {
 fn qemu(guest: &Path) -> Command {
     // No invtsc here: it blocks migration. The console is a virtio console, as in our base.
     super::qemu::microvm_console(guest, MEM_MIB, "host", &[])
-}
-
-/// Minimal QMP client: one JSON object per line.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Self> {
-        let deadline = Instant::now() + TIMEOUT;
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(e).context("QMP socket"),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        s.set_read_timeout(Some(TIMEOUT))?;
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        q.read()?; // greeting
-        q.exec(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
-        self.r.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("QMP said {line:?}"))
-    }
-
-    /// Sends a command and returns its `return` (events in between are skipped).
-    fn exec(&mut self, cmd: &str) -> Result<serde_json::Value> {
-        self.w.write_all(cmd.as_bytes())?;
-        self.w.write_all(b"\n")?;
-        loop {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {cmd} failed: {e}");
-            }
-        }
-    }
 }
 
 /// Boots the guest in QEMU, loads a `mib` MiB model and migrates it into `file`.
