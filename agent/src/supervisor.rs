@@ -4,7 +4,7 @@
 //!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
 //!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
 //!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
-//!                   --report-fd N` (N: the vmm's end of the pair)
+//!                   --report-fd 0 --no-stdin` (its standard input: the vmm's end of the pair)
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -654,12 +653,13 @@ impl Supervisor {
             .open(&rec.vmm_log)
             .map_err(log_err)?;
         let log2 = log.try_clone().map_err(log_err)?;
-        // Both ends are close-on-exec; the vmm's end is made inheritable in its child alone,
-        // so no other vmm started meanwhile holds it (its end of file is this vmm's exit).
+        // The vmm's end becomes its standard input (it reads no input: `--no-stdin`), so no
+        // other vmm started meanwhile inherits it (its end of file is this vmm's exit), and the
+        // spawn needs no code in the child: std then spawns with posix_spawn (vfork), not
+        // fork, which copies this multi-threaded process's page tables.
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Channel)?;
         ours.set_nonblocking(true).map_err(StartError::Channel)?;
         let mut report = tokio::net::UnixStream::from_std(ours).map_err(StartError::Channel)?;
-        let report_fd = theirs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
         cmd.arg("synthesize")
             .arg("--base")
@@ -672,27 +672,16 @@ impl Supervisor {
             .arg("--serial")
             .arg(&rec.serial_log)
             .arg("--report-fd")
-            .arg(report_fd.to_string())
+            .arg("0")
             .arg("--no-stdin")
             .arg("-v")
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
-        // which is async-signal-safe, on a descriptor open in the parent (and so in it).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::fcntl(report_fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let t0 = Instant::now();
         let spawned = cmd.spawn();
-        drop(theirs);
         let mut child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
         let pid = child.id();
         self.update(id, |e| e.rec.info.pid = pid);

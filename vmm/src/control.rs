@@ -293,11 +293,14 @@ impl Reporter {
     pub fn from_fd(fd: RawFd) -> Result<Reporter, ControlError> {
         // SAFETY: F_GETFD only reads the descriptor's flags; it fails on a closed one.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags < 0 || fd <= 2 {
+        // Standard input may be the channel (a supervisor that spawns without running code
+        // in the child passes it there; the vmm then takes no guest input from it, see
+        // `--no-stdin`); standard output and error carry the log.
+        if flags < 0 || fd == 1 || fd == 2 {
             let why = if flags < 0 {
                 std::io::Error::last_os_error()
             } else {
-                std::io::Error::other("standard input, output and error are not report channels")
+                std::io::Error::other("standard output and error are not report channels")
             };
             return Err(ControlError::ReportFd(fd, why));
         }

@@ -137,7 +137,7 @@ struct CommonArgs {
     /// timings, each forward's bound address: host port 0 is resolved), or why it could not
     /// start (the error's causes and a kind such as "address in use"); after that, one when
     /// the VM has stopped. The descriptor stays open until the vmm exits, so the supervisor
-    /// sees end of file then. Frames: format::control.
+    /// sees end of file then. Frames: format::control. 0 (standard input) needs --no-stdin.
     #[arg(long, value_name = "FD")]
     report_fd: Option<i32>,
     /// KVM device node.
@@ -304,6 +304,9 @@ fn launch(
     common: &CommonArgs,
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
+    if common.report_fd == Some(0) && !common.no_stdin {
+        anyhow::bail!("--report-fd 0 makes standard input the report channel: add --no-stdin");
+    }
     let mut report = common.report_fd.map(Reporter::from_fd).transpose()?;
     let started = common
         .api_sock

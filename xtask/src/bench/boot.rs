@@ -93,7 +93,7 @@ fn qemu(guest: &Path) -> Command {
     super::qemu::microvm(
         guest,
         MEM_MIB,
-        "host,+invtsc,vmware-cpuid-freq=on",
+        "host,-arch-capabilities,+invtsc,vmware-cpuid-freq=on",
         &["-device", "isa-debug-exit,iobase=0x501,iosize=2"],
     )
 }

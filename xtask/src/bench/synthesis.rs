@@ -46,7 +46,7 @@ fn first_reply(p: &mut Proc, t0: Instant) -> Result<f64> {
 
 fn qemu(guest: &Path) -> Command {
     // No invtsc here: it blocks migration. The console is a virtio console, as in our base.
-    super::qemu::microvm_console(guest, MEM_MIB, "host", &[])
+    super::qemu::microvm_console(guest, MEM_MIB, "host,-arch-capabilities", &[])
 }
 
 /// Boots the guest in QEMU, loads a `mib` MiB model and migrates it into `file`.
