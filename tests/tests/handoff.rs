@@ -712,3 +712,23 @@ fn a_stalled_or_absent_source_times_out() {
     let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "300"]);
     r.fails_with("no source connected within 300 ms");
 }
+
+/// The restore itself fails after a complete stream (the forward's host port is taken): the
+/// source is told, the disk δ file the restore had created is removed, no VM runs.
+#[test]
+fn a_failed_restore_tells_the_source_and_leaves_nothing() {
+    let img = images();
+    let s = Scratch::new("handoff-restore-fails");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fwd = format!("{}={GUEST_SERVICE}", taken.local_addr().unwrap());
+    let r = receiver(&s, &img.base, Some(TOKEN), &["--forward", &fwd]);
+    let mut src = Sender::accepted(r.addr);
+    for m in src.rest_of_stream() {
+        src.send(&m);
+    }
+    match src.answer() {
+        Message::Failed(f) => assert!(f.reason.contains("already in use"), "{f:?}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    r.fails_with("failed to restore the handed-off VM");
+}
