@@ -459,6 +459,8 @@ fn a_streamed_vm_resumes_with_its_memory_and_disk_and_serves() {
         other => panic!("expected Resumed, got {other:?}"),
     };
     assert!(restore_us > 0 && restore_us < 5_000_000, "{restore_us} µs");
+    // The source lets go of its VM: the target keeps it and says Ready.
+    drop(src);
     let ready = match read_frame::<Report>(&mut r.report).unwrap().unwrap() {
         Report::Ready(ready) => ready,
         other => panic!("expected Ready, got {other:?}"),
@@ -731,4 +733,26 @@ fn a_failed_restore_tells_the_source_and_leaves_nothing() {
         other => panic!("expected Failed, got {other:?}"),
     }
     r.fails_with("failed to restore the handed-off VM");
+}
+
+/// The target resumed the VM and said so, but the source did not take it as done (it sends
+/// Abandon: `Resumed` came too late), or never closes: the VM stops here, nothing is left.
+#[test]
+fn a_vm_the_source_does_not_release_is_stopped_here() {
+    let img = images();
+    for (name, abandon) in [("handoff-kept", true), ("handoff-held", false)] {
+        let s = Scratch::new(name);
+        let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1000"]);
+        let mut src = Sender::accepted(r.addr);
+        for m in src.rest_of_stream() {
+            src.send(&m);
+        }
+        assert!(matches!(src.answer(), Message::Resumed(_)));
+        if abandon {
+            src.send(&Message::Abandon("no Resumed within the deadline".into()));
+            r.fails_with("the source kept it");
+        } else {
+            r.fails_with("did not release the VM within 1000 ms");
+        }
+    }
 }

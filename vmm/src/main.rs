@@ -55,7 +55,9 @@ enum Command {
     /// the VM's RAM and disk size must be the base's. The VM's pages, disk δ and machine
     /// state are applied over the base's RAM (mapped privately: the base is never written)
     /// and the VM is restored and started only once the source said Complete and every check
-    /// passed; the source is then told it runs here.
+    /// passed; the source is then told it runs here (Resumed), and the VM is kept once the
+    /// source closed the connection (it released its copy). Abandon instead, or no close
+    /// within --timeout-ms, means the source kept its VM: it is stopped here.
     ///
     /// On any failure (refusal, link cut, stalled or corrupt stream, the source abandoning,
     /// a failed restore) nothing is kept: no VM runs, no file is left (--disk-delta,
@@ -63,7 +65,7 @@ enum Command {
     /// and the vmm exits with status 1.
     ///
     /// On --report-fd: Listening{addr} once bound (port 0 resolved; printed with -v), then
-    /// Ready{forwards} or Failed{kind, chain}, then Exited.
+    /// Ready{forwards} (once the source let go) or Failed{kind, chain}, then Exited.
     ///
     /// Example: VMM_HANDOFF_TOKEN=… vmm receive --base bases/micro --listen 0.0.0.0:7070
     ///          --forward 0.0.0.0:8080=10.0.2.15:80
@@ -599,7 +601,7 @@ fn receive(args: ReceiveArgs, verbose: bool) -> anyhow::Result<ExitReason> {
         if let Err(e) = link.resumed(restore.as_micros() as u64) {
             machine.shutdown();
             return Err(anyhow::Error::from(e)
-                .context("the VM was restored but the source could not be told; stopped it"));
+                .context("the VM ran here but the source kept it; stopped it here"));
         }
         *kept = true;
         if verbose {

@@ -13,7 +13,17 @@
 //!                    must match what arrived                                 ─▶ Failed on
 //!                                                                               any error
 //! Received           Incoming (for the builder) + Link (Resumed, or Failed)
+//! Link::resumed      Resumed sent once the VM runs; then the source's end of the stream
+//!                    is its release of the VM: end of file = the VM lives here; Abandon,
+//!                    a reset or the timeout = the source kept it, the caller stops it here
 //! ```
+//!
+//! The commit rule: the source stops its VM only on `Resumed`, and the target keeps its VM
+//! only once the source closed the connection after `Resumed` (a source that did not get
+//! `Resumed` in time sends `Abandon` if it can before closing). A link cut after `Resumed` was
+//! written but before it arrived thus ends with the VM on the source alone. The one window
+//! left: a source that times out waiting for `Resumed` and closes without sending `Abandon`
+//! while the target's `Resumed` is in flight would leave the VM running on both sides.
 //!
 //! Every read has an idle timeout, so a stalled source does not hold the target. Nothing here
 //! runs a vCPU: the builder restores only once `Complete` arrived and every check passed, and
@@ -25,7 +35,7 @@
 //! those pages before.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, ErrorKind, Read};
+use std::io::{BufReader, ErrorKind};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -95,6 +105,9 @@ pub enum ReceiveError {
     /// The received machine state does not decode.
     #[error("the handoff's machine state is unusable")]
     State(#[source] StateError),
+    /// The source neither released the VM nor abandoned the handoff after `Resumed`.
+    #[error("the source did not release the VM within {0} ms of Resumed")]
+    Unreleased(u128),
     /// Sending to the source failed.
     #[error("cannot answer the source")]
     Answer(#[source] HandoffError),
@@ -143,7 +156,9 @@ pub struct Incoming {
 /// The connection to the source once the stream is complete: the target's last answer.
 #[derive(Debug)]
 pub struct Link {
+    input: FrameReader<BufReader<TcpStream>>,
     out: FrameWriter<TcpStream>,
+    timeout: Duration,
 }
 
 /// What a received handoff cost.
@@ -218,7 +233,11 @@ impl Receiver {
         stats.elapsed = t0.elapsed();
         Ok(Received {
             incoming,
-            link: Link { out: session.out },
+            link: Link {
+                input: session.input,
+                out: session.out,
+                timeout: cfg.timeout,
+            },
             stats,
         })
     }
@@ -662,26 +681,30 @@ impl Guest<'_> {
 }
 
 impl Link {
-    /// Tells the source the VM runs here (`restore_us` from `Complete` to running vCPUs), then
-    /// closes the connection once the source has (in the background: nothing waits for it).
+    /// Tells the source the VM runs here (`restore_us`: from `Complete` to running vCPUs),
+    /// then waits for the source to let go of it: the source closes the connection once it
+    /// has read `Resumed` and released its copy. `Abandon` instead (the source did not get
+    /// `Resumed` in time and kept its VM), a reset, or no end within the timeout: an error,
+    /// and the caller must stop the VM here — the source keeps it.
     pub fn resumed(mut self, restore_us: u64) -> Result<(), ReceiveError> {
         self.out
             .write(&Message::Resumed(Resumed { restore_us }), Codec::Raw)
             .map_err(ReceiveError::Answer)?;
-        // Closing a socket with unread input resets it, which may destroy the answer in
-        // flight: read to the source's end of file first.
-        let conn = self.out.get_ref();
-        let _ = conn.shutdown(Shutdown::Write);
-        let _ = conn.set_read_timeout(Some(ANSWER_TIMEOUT));
-        if let Ok(mut conn) = conn.try_clone() {
-            let _ = std::thread::Builder::new()
-                .name("vmm-handoff-close".into())
-                .spawn(move || {
-                    let mut sink = [0u8; 4096];
-                    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
-                });
+        let _ = self.out.get_ref().shutdown(Shutdown::Write);
+        match self.input.read() {
+            Err(HandoffError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof => Ok(()),
+            Err(HandoffError::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                Err(ReceiveError::Unreleased(self.timeout.as_millis()))
+            }
+            Err(e) => Err(ReceiveError::Stream(e)),
+            Ok(Message::Abandon(why)) => Err(ReceiveError::Abandoned(why)),
+            Ok(m) => Err(ReceiveError::Inconsistent(format!(
+                "the source sent {:?} after Resumed",
+                m.kind()
+            ))),
         }
-        Ok(())
     }
 
     /// Tells the source the handoff failed here after all (best effort).
