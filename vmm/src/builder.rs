@@ -248,20 +248,21 @@ pub struct HandoffConfig {
     pub devices: DevicesConfig,
 }
 
-/// Restores a VM received by handoff ([`crate::handoff::receive`]) over the memory the stream
-/// filled, as a synthesis restores one: the devices of its state with `cfg`'s overrides, its
+/// Restores a VM received by handoff ([`crate::handoff::receive`], which created the VM over
+/// the memory the stream filled) as a synthesis restores one: the devices of its state with `cfg`'s overrides, its
 /// disk the base's disk under the received δ; returns it running. Call it only with a
 /// complete, checked stream.
 pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Machine, BuildError> {
     let Incoming {
         kvm,
+        vm,
         memory: mem,
         state,
         disk_blocks,
         base_disk,
         ..
     } = incoming;
-    let vm = Vm::new(&kvm, &mem)?;
+    let t0 = Instant::now();
     let mut devices = cfg.devices.clone();
     if let Some(disk) = base_disk {
         let mut d = devices.disk.take().unwrap_or_default();
@@ -279,8 +280,15 @@ pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Mac
         &devices,
         DiskStart::Blocks(disk_blocks),
     )?;
+    let t_restore = t0.elapsed();
     let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
-    start_restored(restored, mem, spawned, cfg.serial_input, false, None)
+    let machine = start_restored(restored, mem, spawned, cfg.serial_input, false, None)?;
+    tracing::debug!(
+        restore_us = t_restore.as_micros() as u64,
+        start_us = (t0.elapsed() - t_restore).as_micros() as u64,
+        "handed-off VM built and started"
+    );
+    Ok(machine)
 }
 
 /// Restores a machine from a snapshot directory. Order (as Firecracker's): state file

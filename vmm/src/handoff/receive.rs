@@ -7,7 +7,8 @@
 //! Receiver::receive  one connection accepted before the deadline; the listener closed
 //!                    preamble: session token (constant time), then base id ─▶ Refuse
 //!                    Start: RAM and disk size equal the base's, vCPUs fit    ─▶ Refuse
-//!                    KVM opened, the base's RAM mapped MAP_PRIVATE           ─▶ Accept
+//!                    KVM opened, the base's RAM mapped MAP_PRIVATE, the VM
+//!                    created over it (off the critical path of the pause)    ─▶ Accept
 //!                    Pages → guest memory, Disk → δ blocks (later ones win),
 //!                    State → MachineState (once), until Complete, whose totals
 //!                    must match what arrived                                 ─▶ Failed on
@@ -54,6 +55,7 @@ use crate::arch::layout::image_offset_to_gpa as locate;
 use crate::snapshot::state::MachineState;
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory;
+use crate::vstate::vm::Vm;
 
 const PAGE: u64 = format::PAGE_SIZE as u64;
 
@@ -139,8 +141,10 @@ pub struct Receiver {
 
 /// What a handoff delivered, ready for [`crate::builder::build_from_handoff`].
 pub struct Incoming {
-    /// The KVM handle the VM is created with.
+    /// The KVM handle the VM was created with.
     pub kvm: KvmContext,
+    /// The VM, created over `memory` before the pages arrived (no vCPU yet).
+    pub vm: Vm,
     /// Guest memory: the base's RAM mapped privately with every received page applied.
     pub memory: GuestMemoryMmap,
     /// The machine state, checked against `Start` and the base.
@@ -325,7 +329,7 @@ struct Arrived {
 
 impl Session<'_> {
     fn run(&mut self) -> Result<(Incoming, ReceiveStats), ReceiveError> {
-        let (start, kvm, memory) = self.handshake()?;
+        let (start, kvm, vm, memory) = self.handshake()?;
         match self.transfer(&start, &memory) {
             Ok((arrived, completed)) => {
                 let Arrived { disk, state, stats } = arrived;
@@ -335,6 +339,7 @@ impl Session<'_> {
                     .map(|_| self.cfg.base.join(base::DISK));
                 let incoming = Incoming {
                     kvm,
+                    vm,
                     memory,
                     state: state.expect("transfer ends with a state"),
                     disk_blocks: disk.into_iter().collect(),
@@ -384,8 +389,9 @@ impl Session<'_> {
         }
     }
 
-    /// Preamble and `Start` checked, KVM opened, base RAM mapped, `Accept` sent.
-    fn handshake(&mut self) -> Result<(Start, KvmContext, GuestMemoryMmap), ReceiveError> {
+    /// Preamble and `Start` checked, KVM opened, base RAM mapped, the VM created, `Accept`
+    /// sent.
+    fn handshake(&mut self) -> Result<(Start, KvmContext, Vm, GuestMemoryMmap), ReceiveError> {
         let preamble = match self.input.read_preamble() {
             Ok(p) => p,
             Err(e @ HandoffError::Io(_)) => return Err(self.stream_error(e)),
@@ -457,10 +463,15 @@ impl Session<'_> {
             Ok(mem) => mem,
             Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
         };
+        // Its memory slots are the mapping the pages are written into: the guest sees them.
+        let vm = match Vm::new(&kvm, &memory) {
+            Ok(vm) => vm,
+            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+        };
         self.out
             .write(&Message::Accept, Codec::Raw)
             .map_err(ReceiveError::Answer)?;
-        Ok((start, kvm, memory))
+        Ok((start, kvm, vm, memory))
     }
 
     /// Frames until `Complete`: pages applied, disk blocks and the state kept.
