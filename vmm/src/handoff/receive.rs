@@ -471,6 +471,9 @@ impl Session<'_> {
         self.out
             .write(&Message::Accept, Codec::Raw)
             .map_err(ReceiveError::Answer)?;
+        // While the first pages travel: the base's pages mapped up front, as a synthesis does,
+        // so the resumed guest's first touches of pages it did not change cost no host fault.
+        memory::prefault_image(&image, &memory, &[]);
         Ok((start, kvm, vm, memory))
     }
 
