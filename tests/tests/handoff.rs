@@ -622,6 +622,21 @@ fn cut_after(name: &str, frames: usize, half: bool) {
 
 #[test]
 fn a_truncated_stream_leaves_nothing() {
+    // Before the first byte, and inside the preamble.
+    for (name, bytes) in [("handoff-cut-0", 0), ("handoff-cut-pre", PREAMBLE_LEN / 2)] {
+        let img = images();
+        let s = Scratch::new(name);
+        let r = receiver(&s, &img.base, Some(TOKEN), &[]);
+        let mut src = Sender::connect(r.addr);
+        let p = Preamble {
+            base_id: img.base_id,
+            token: TOKEN,
+        }
+        .emit();
+        src.raw(&p[..bytes]).unwrap();
+        drop(src);
+        r.fails_with("handoff connection I/O failed");
+    }
     cut_after("handoff-cut-delta", 2, false);
     cut_after("handoff-cut-frame", 3, true);
     // Everything but Complete.
@@ -704,15 +719,15 @@ fn an_abandoned_handoff_leaves_nothing() {
 fn a_stalled_or_absent_source_times_out() {
     let img = images();
     let s = Scratch::new("handoff-stall");
-    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "300"]);
+    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
     let mut src = Sender::accepted(r.addr);
     let first = src.rest_of_stream().remove(0);
     src.send(&first);
-    r.fails_with("the source sent nothing for 300 ms");
+    r.fails_with("the source sent nothing for 1500 ms");
     drop(src);
     let s = Scratch::new("handoff-absent");
-    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "300"]);
-    r.fails_with("no source connected within 300 ms");
+    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
+    r.fails_with("no source connected within 1500 ms");
 }
 
 /// The restore itself fails after a complete stream (the forward's host port is taken): the
@@ -742,7 +757,7 @@ fn a_vm_the_source_does_not_release_is_stopped_here() {
     let img = images();
     for (name, abandon) in [("handoff-kept", true), ("handoff-held", false)] {
         let s = Scratch::new(name);
-        let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1000"]);
+        let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
         let mut src = Sender::accepted(r.addr);
         for m in src.rest_of_stream() {
             src.send(&m);
@@ -752,7 +767,7 @@ fn a_vm_the_source_does_not_release_is_stopped_here() {
             src.send(&Message::Abandon("no Resumed within the deadline".into()));
             r.fails_with("the source kept it");
         } else {
-            r.fails_with("did not release the VM within 1000 ms");
+            r.fails_with("did not release the VM within 1500 ms");
         }
     }
 }
