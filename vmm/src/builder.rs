@@ -1,8 +1,9 @@
 //! Building a VM: the entry points that turn a configuration into a running
 //! [`Machine`] — boot a kernel ([`build_for_boot`]), restore a snapshot
-//! ([`build_from_snapshot`]), synthesise from a base and an overlay ([`build_from_overlay`]).
+//! ([`build_from_snapshot`]), synthesise from a base and an overlay ([`build_from_overlay`]),
+//! resume a VM handed off by another appliance ([`build_from_handoff`]).
 //!
-//! Boot: KVM → memory → VM → kernel → devices → vCPUs → start. Restore and synthesis: memory
+//! Boot: KVM → memory → VM → kernel → devices → vCPUs → start. Restore, synthesis, handoff: memory
 //! holding the guest's RAM → VM → devices and vCPUs from the machine state
 //! ([`crate::snapshot::restore`]) → start.
 
@@ -17,6 +18,7 @@ use crate::device_manager::{self, virtio_cmdline, DeviceError, Devices, DiskStar
 use crate::devices::virtio::slot::SlotKind;
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::exit::ExitNotifier;
+use crate::handoff::receive::Incoming;
 use crate::loader::{self, LoaderError};
 use crate::machine::{Machine, MachineError, MachineParts, StopSignals};
 use crate::serial_input::{deliver_input, SerialInput};
@@ -233,6 +235,60 @@ pub fn build_from_overlay(
     let lazy = fill.map(|f| (f, cfg.prefetch_delay));
     let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, lazy)?;
     Ok((machine, synthesis.timings(), t_restore.elapsed()))
+}
+
+/// How a VM received by handoff runs here.
+#[derive(Clone, Debug)]
+pub struct HandoffConfig {
+    /// Serial output destination.
+    pub serial: SerialOutput,
+    /// Feed stdin to the guest (its console when it has one, else its serial port).
+    pub serial_input: bool,
+    /// Device overrides (NIC backend; a disk δ file to keep writes in).
+    pub devices: DevicesConfig,
+}
+
+/// Restores a VM received by handoff ([`crate::handoff::receive`], which created the VM over
+/// the memory the stream filled) as a synthesis restores one: the devices of its state with `cfg`'s overrides, its
+/// disk the base's disk under the received δ; returns it running. Call it only with a
+/// complete, checked stream.
+pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Machine, BuildError> {
+    let Incoming {
+        kvm,
+        vm,
+        memory: mem,
+        state,
+        disk_blocks,
+        base_disk,
+        ..
+    } = incoming;
+    let t0 = Instant::now();
+    let mut devices = cfg.devices.clone();
+    if let Some(disk) = base_disk {
+        let mut d = devices.disk.take().unwrap_or_default();
+        if d.base.is_none() {
+            d.base = Some(disk);
+        }
+        devices.disk = Some(d);
+    }
+    let mut restored = restore::restore_machine(
+        &kvm,
+        vm,
+        &mem,
+        &state,
+        &cfg.serial,
+        &devices,
+        DiskStart::Blocks(disk_blocks),
+    )?;
+    let t_restore = t0.elapsed();
+    let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
+    let machine = start_restored(restored, mem, spawned, cfg.serial_input, false, None)?;
+    tracing::debug!(
+        restore_us = t_restore.as_micros() as u64,
+        start_us = (t0.elapsed() - t_restore).as_micros() as u64,
+        "handed-off VM built and started"
+    );
+    Ok(machine)
 }
 
 /// Restores a machine from a snapshot directory. Order (as Firecracker's): state file

@@ -338,6 +338,11 @@ impl Reporter {
         Ok(())
     }
 
+    /// Reports that `vmm receive` listens for a handoff at `addr`.
+    pub fn listening(&mut self, addr: std::net::SocketAddr) -> Result<(), ControlError> {
+        self.write(&Report::Listening { addr })
+    }
+
     /// Reports why the VM could not start.
     pub fn failed(&mut self, e: &(dyn std::error::Error + 'static)) -> Result<(), ControlError> {
         self.write(&Report::Failed(Failed {

@@ -46,6 +46,30 @@ enum Command {
     ///
     /// Example: vmm synthesize --base bases/micro --overlay apps/model.overlay
     Synthesize(SynthesizeArgs),
+    /// Receive a running VM handed off by another appliance's vmm, and run it.
+    ///
+    /// Listens on --listen for exactly one connection (the listener closes then: a second
+    /// one is refused), with --timeout-ms to connect and for each read. The stream must carry
+    /// the session token given in the environment variable VMM_HANDOFF_TOKEN (64 hex digits;
+    /// never on the command line, which other users can read) and the content id of --base;
+    /// the VM's RAM and disk size must be the base's. The VM's pages, disk δ and machine
+    /// state are applied over the base's RAM (mapped privately: the base is never written)
+    /// and the VM is restored and started only once the source said Complete and every check
+    /// passed; the source is then told it runs here (Resumed), and the VM is kept once the
+    /// source closed the connection (it released its copy). Abandon instead, or no close
+    /// within --timeout-ms, means the source kept its VM: it is stopped here.
+    ///
+    /// On any failure (refusal, link cut, stalled or corrupt stream, the source abandoning,
+    /// a failed restore) nothing is kept: no VM runs, no file is left (--disk-delta,
+    /// --api-sock, --serial FILE are created only at the restore, and removed if it fails),
+    /// and the vmm exits with status 1.
+    ///
+    /// On --report-fd: Listening{addr} once bound (port 0 resolved; printed with -v), then
+    /// Ready{forwards} (once the source let go) or Failed{kind, chain}, then Exited.
+    ///
+    /// Example: VMM_HANDOFF_TOKEN=… vmm receive --base bases/micro --listen 0.0.0.0:7070
+    ///          --forward 0.0.0.0:8080=10.0.2.15:80
+    Receive(ReceiveArgs),
     /// Snapshot a running VM through its control socket (`vmm run --api-sock`).
     ///
     /// Writes DIR/state and DIR/memory; the VM resumes afterwards unless --stay-paused.
@@ -104,6 +128,23 @@ struct SynthesizeArgs {
     /// Test knob: delay the background fill by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     prefetch_delay_ms: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReceiveArgs {
+    /// Base image directory: the base the source's VM was made from (the stream names its
+    /// content id).
+    #[arg(long, value_name = "DIR")]
+    base: PathBuf,
+    /// Where to listen for the source, e.g. 0.0.0.0:7070 (port 0: any free port).
+    #[arg(long, value_name = "IP:PORT")]
+    listen: std::net::SocketAddr,
+    /// How long to wait for the source to connect, and for each read of its stream, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    timeout_ms: u64,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -304,10 +345,24 @@ fn launch(
     common: &CommonArgs,
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
+    let report = open_report(common)?;
+    launch_with(common, report, build)
+}
+
+/// The report channel named by `--report-fd`, if any.
+fn open_report(common: &CommonArgs) -> anyhow::Result<Option<Reporter>> {
     if common.report_fd == Some(0) && !common.no_stdin {
         anyhow::bail!("--report-fd 0 makes standard input the report channel: add --no-stdin");
     }
-    let mut report = common.report_fd.map(Reporter::from_fd).transpose()?;
+    Ok(common.report_fd.map(Reporter::from_fd).transpose()?)
+}
+
+/// [`launch`] with the report channel already open.
+fn launch_with(
+    common: &CommonArgs,
+    mut report: Option<Reporter>,
+    build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
+) -> anyhow::Result<ExitReason> {
     let started = common
         .api_sock
         .as_deref()
@@ -427,6 +482,155 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
     })
 }
 
+/// The environment variable holding a handoff's session token.
+const TOKEN_VAR: &str = "VMM_HANDOFF_TOKEN";
+
+/// The session token from the environment: 32 bytes as 64 hex digits.
+fn handoff_token() -> anyhow::Result<[u8; 32]> {
+    let hex = std::env::var(TOKEN_VAR).map_err(|_| {
+        anyhow::anyhow!(
+            "{TOKEN_VAR} is not set: a handoff needs the session token (64 hex digits) in the \
+             environment"
+        )
+    })?;
+    let hex = hex.trim().as_bytes();
+    let mut token = [0u8; 32];
+    let digit = |c: u8| (c as char).to_digit(16);
+    if hex.len() != 64 {
+        anyhow::bail!("{TOKEN_VAR} is not 64 hex digits");
+    }
+    for (b, pair) in token.iter_mut().zip(hex.chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(h), Some(l)) => *b = (h * 16 + l) as u8,
+            _ => anyhow::bail!("{TOKEN_VAR} is not 64 hex digits"),
+        }
+    }
+    Ok(token)
+}
+
+/// Files a received VM creates at its restore, removed unless the restore succeeded.
+struct Leftovers {
+    paths: Vec<PathBuf>,
+    keep: bool,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !self.keep {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// Checks that the files `vmm receive` would create do not exist yet (a failed handoff
+/// removes them, and must not remove anyone else's).
+fn receive_outputs(common: &CommonArgs) -> anyhow::Result<Leftovers> {
+    let mut paths = Vec::new();
+    for (p, what) in [
+        (common.disk_delta.as_ref(), "--disk-delta"),
+        (common.api_sock.as_ref(), "--api-sock"),
+    ] {
+        if let Some(p) = p {
+            anyhow::ensure!(
+                !p.exists(),
+                "{what} '{}' exists: a received VM starts from what the source sent; choose a \
+                 path that does not exist",
+                p.display()
+            );
+            paths.push(p.clone());
+        }
+    }
+    if let SerialOutput::File(p) = common.serial() {
+        if !p.exists() {
+            paths.push(p);
+        }
+    }
+    Ok(Leftovers { paths, keep: false })
+}
+
+fn receive(args: ReceiveArgs, verbose: bool) -> anyhow::Result<ExitReason> {
+    use vmm::handoff::receive::{ReceiveConfig, Received, Receiver};
+    let mut report = open_report(&args.common)?;
+    let mut leftovers = None;
+    let received = (|| -> anyhow::Result<Received> {
+        let token = handoff_token()?;
+        leftovers = Some(receive_outputs(&args.common)?);
+        let receiver = Receiver::bind(ReceiveConfig {
+            base: args.base.clone(),
+            listen: args.listen,
+            token,
+            timeout: std::time::Duration::from_millis(args.timeout_ms),
+            kvm_path: args.common.kvm_device.clone(),
+        })?;
+        let addr = receiver.local_addr();
+        if verbose {
+            eprintln!("vmm: listening for a handoff on {addr}");
+        }
+        if let Some(r) = &mut report {
+            r.listening(addr)?;
+        }
+        Ok(receiver.receive()?)
+    })()
+    .context("failed to receive a handoff");
+    let Received {
+        incoming,
+        link,
+        stats,
+    } = match received {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(r) = &mut report {
+                if let Err(re) = r.failed(e.as_ref()) {
+                    tracing::warn!("{re}");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let mut leftovers = leftovers.expect("set before receiving");
+    let completed = incoming.completed;
+    let cfg = vmm::builder::HandoffConfig {
+        serial: args.common.serial(),
+        serial_input: !args.common.no_stdin,
+        devices: args.common.devices(),
+    };
+    let kept = &mut leftovers.keep;
+    launch_with(&args.common, report, move || {
+        let mut machine = match vmm::builder::build_from_handoff(incoming, &cfg) {
+            Ok(m) => m,
+            Err(e) => {
+                link.failed(&e);
+                return Err(anyhow::Error::from(e).context("failed to restore the handed-off VM"));
+            }
+        };
+        let restore = completed.elapsed();
+        if let Err(e) = link.resumed(restore.as_micros() as u64) {
+            machine.shutdown();
+            return Err(anyhow::Error::from(e)
+                .context("the VM ran here but the source kept it; stopped it here"));
+        }
+        *kept = true;
+        if verbose {
+            eprintln!(
+                "vmm: received a handoff: {} pages in {} batches, {} disk blocks, {:.2} MiB in {:.1} ms; restored and running in {:.2} ms",
+                stats.pages,
+                stats.page_batches,
+                stats.disk_blocks,
+                stats.bytes as f64 / (1 << 20) as f64,
+                stats.elapsed.as_secs_f64() * 1e3,
+                restore.as_secs_f64() * 1e3
+            );
+        }
+        tracing::debug!(
+            restore_us = restore.as_micros() as u64,
+            "handed-off VM running"
+        );
+        Ok((machine, None))
+    })
+}
+
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitReason> {
     // The vmm may run in another directory: send an absolute path.
     let dir = std::path::absolute(&a.out).context("invalid --out path")?;
@@ -477,6 +681,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Synthesize(args) => synthesize(args, cli.verbose > 0),
+        Command::Receive(args) => receive(args, cli.verbose > 0),
         Command::Snapshot(a) => snapshot(a),
         Command::Pause(a) => control(&a.api_sock, ApiRequest::Pause),
         Command::Resume(a) => control(&a.api_sock, ApiRequest::Resume),
