@@ -2,9 +2,16 @@
 //!
 //! Every route is in [`ROUTES`] and described in `/v1/openapi.json` (a test keeps the two in
 //! step). Mutating requests (anything but GET/HEAD) need `Authorization: Bearer <token>`
-//! (401 otherwise). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
+//! (401 otherwise): the operator's (or a paired device's) token, except on the handoff routes
+//! between appliances (`/v1/handoff/...`), which take only a trusted peer's secret (see
+//! [`crate::auth`]). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
 //! saying what kind: 400 malformed request, 401 unauthenticated, 404 unknown name, 409 wrong
-//! state, 413 upload too large, 422 overlay refused, 503 no capacity (with `Retry-After`).
+//! state, 413 upload too large, 422 overlay or handoff refused, 502 the handoff's target or
+//! vmm failed, 503 no capacity (with `Retry-After`).
+//!
+//! A moved instance (handed off to another appliance) stays listed here as `moved`; `GET
+//! /v1/instances/{id}` answers 200 with `moved_to` (the target agent, the instance's id and
+//! URL there, its endpoint) and a `Location` header holding that URL.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, PeerStore, Principal, Role};
 use crate::board::Board;
+use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::store::{error_chain, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, Supervisor, SupervisorError};
@@ -52,6 +60,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances/{id}"),
     ("DELETE", "/v1/instances/{id}"),
     ("POST", "/v1/instances/{id}/stop"),
+    ("POST", "/v1/instances/{id}/handoff"),
+    ("POST", "/v1/handoff/incoming"),
+    ("DELETE", "/v1/handoff/incoming/{id}"),
     ("GET", "/v1/apps"),
     ("GET", "/v1/apps/{name}"),
     ("GET", "/v1/apps/{name}/download"),
@@ -69,6 +80,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Who may mutate.
     pub creds: Credentials,
+    /// The appliances trusted for handoff.
+    pub peers: PeerStore,
     /// When the agent started.
     pub started: Instant,
 }
@@ -172,10 +185,55 @@ impl From<SupervisorError> for ApiError {
                 msg,
                 "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
             ),
+            SupervisorError::ReceiveFailed(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg,
+                "this appliance's vmm could not receive the handoff; see its agent's log",
+            ),
             SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 msg,
                 "see the agent's log",
+            ),
+        }
+    }
+}
+
+impl From<HandoffError> for ApiError {
+    fn from(e: HandoffError) -> Self {
+        let msg = error_chain(&e);
+        let still = " The instance still runs here.";
+        match e {
+            HandoffError::Supervisor(s) => s.into(),
+            HandoffError::BadTarget(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                msg,
+                "send {\"to\": \"http://HOST:PORT\"}, the target agent's base URL",
+            ),
+            HandoffError::SelfTarget(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                msg,
+                "name another appliance's agent",
+            ),
+            HandoffError::NotPeer(..) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                msg,
+                "trust each other first: `agent add-peer ID --secret S` on both appliances (each with the other's id, the same secret)",
+            ),
+            ref r if r.target_status() == Some(503) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                msg,
+                format!("the target has no room; try another appliance.{still}"),
+            ),
+            HandoffError::Refused(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                msg,
+                format!("the target's error says why (401: it does not trust this appliance; 422: it does not hold the base).{still}"),
+            ),
+            _ => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                msg,
+                format!("see both agents' logs.{still}"),
             ),
         }
     }
@@ -225,6 +283,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/instances", get(instances).post(start_instance))
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/instances/{id}/handoff", post(handoff_instance))
+        .route("/v1/handoff/incoming", post(incoming_handoff))
+        .route(
+            "/v1/handoff/incoming/{id}",
+            axum::routing::delete(abort_incoming),
+        )
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{name}", get(app))
         .route("/v1/apps/{name}/download", get(download_app))
@@ -259,8 +323,10 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Requires a valid bearer credential on every mutating request.
-async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// Requires a valid bearer credential on every mutating request: a peer's secret on the
+/// handoff routes between appliances, the operator's (or a device's) token elsewhere. The
+/// principal goes into the request's extensions.
+async fn authenticate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD) {
         return next.run(req).await;
     }
@@ -268,9 +334,22 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match st.creds.check_header(h) {
+    let peer_route = req.uri().path().starts_with("/v1/handoff/");
+    let (roles, hint): (&[Role], &str) = if peer_route {
+        (
+            &[Role::Peer],
+            "this route is for appliances that trust each other: send `Authorization: Bearer <secret>` with the secret in both appliances' DATA/peers.json (`agent add-peer`)",
+        )
+    } else {
+        (
+            &[Role::Operator, Role::Device],
+            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
+        )
+    };
+    match st.creds.check_role(h, roles) {
         Ok(p) => {
             tracing::debug!(principal = %p.name, "authenticated");
+            req.extensions_mut().insert(p);
             next.run(req).await
         }
         Err(why) => ApiError::new(
@@ -280,7 +359,7 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
                 req.method(),
                 req.uri().path()
             ),
-            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
+            hint,
         )
         .into_response(),
     }
@@ -516,9 +595,89 @@ async fn instance(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<InstanceView>> {
+) -> ApiResult<Response> {
     let r = st.sup.get(&id).ok_or(SupervisorError::NoInstance(id))?;
-    Ok(Json(view(&r, host_of(&headers))))
+    let mut resp = Json(view(&r, host_of(&headers))).into_response();
+    if let Some(m) = &r.info.moved_to {
+        if let Ok(v) = HeaderValue::from_str(&m.url) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `POST /v1/instances/{id}/handoff`: runs on its own task, so a client that goes away
+/// does not cut a handoff short.
+async fn handoff_instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<InstanceView>> {
+    let req: HandoffRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            "send {\"to\": \"http://HOST:PORT\"} (and optionally \"downtime_ms\")",
+        )
+    })?;
+    let src = Source {
+        sup: st.sup.clone(),
+        store: st.store.clone(),
+        peers: st.peers.clone(),
+    };
+    let rec = tokio::spawn(async move { src.hand_off(&id, &req).await })
+        .await
+        .map_err(|e| ApiError::from(HandoffError::Task(e.to_string())))??;
+    Ok(Json(view(&rec, host_of(&headers))))
+}
+
+/// `POST /v1/handoff/incoming` (from a trusted peer): checks the base and the room, starts
+/// `vmm receive`, answers where it listens and the session token.
+async fn incoming_handoff(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::supervisor::Receiving>)> {
+    let req: IncomingRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            "send {from, instance, service, base_id, mem_mib}",
+        )
+    })?;
+    if who.name != format!("peer:{}", req.from) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the credential is {}'s, but the request says it comes from appliance {}",
+                who.name, req.from
+            ),
+            "send the secret shared with this appliance",
+        ));
+    }
+    let Some(base) = st.store.bases().into_iter().find(|b| b.id == req.base_id) else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "base {} is not staged here, so instance {} of '{}' cannot be received",
+                req.base_id, req.instance, req.service
+            ),
+            "stage the same base on this appliance first (`agent stage-base`); GET /v1/bases lists what it holds",
+        ));
+    };
+    tracing::info!(from = %req.from, instance = %req.instance, service = %req.service, base = %base.name, "incoming handoff");
+    let r = st.sup.receive(&req.service, &base.name).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+/// `DELETE /v1/handoff/incoming/{id}`: the source gave up.
+async fn abort_incoming(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.sup.abort_receive(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn stop_instance(
