@@ -61,6 +61,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/instances/{id}"),
     ("POST", "/v1/instances/{id}/stop"),
     ("POST", "/v1/instances/{id}/handoff"),
+    ("GET", "/v1/appliances"),
     ("POST", "/v1/handoff/incoming"),
     ("DELETE", "/v1/handoff/incoming/{id}"),
     ("GET", "/v1/apps"),
@@ -284,6 +285,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
         .route("/v1/instances/{id}/handoff", post(handoff_instance))
+        .route("/v1/appliances", get(appliances))
         .route("/v1/handoff/incoming", post(incoming_handoff))
         .route(
             "/v1/handoff/incoming/{id}",
@@ -630,6 +632,54 @@ async fn handoff_instance(
         .await
         .map_err(|e| ApiError::from(HandoffError::Task(e.to_string())))??;
     Ok(Json(view(&rec, host_of(&headers))))
+}
+
+/// `GET /v1/appliances` query.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BrowseQuery {
+    /// How long to browse, ms (100 ..= 5000, default 1500).
+    pub window_ms: Option<u64>,
+}
+
+/// Another appliance seen over mDNS.
+#[derive(Serialize, Debug)]
+pub struct Found {
+    /// Its API's base URL.
+    pub url: Option<String>,
+    /// What it announced.
+    #[serde(flatten)]
+    pub appliance: crate::discovery::Appliance,
+}
+
+/// `GET /v1/appliances`: the other appliances announcing `_cloudlet._tcp` (handoff
+/// targets for the web manager).
+async fn appliances(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<BrowseQuery>,
+) -> ApiResult<Json<Vec<Found>>> {
+    let window = std::time::Duration::from_millis(q.window_ms.unwrap_or(1500).clamp(100, 5000));
+    let me = st.store.id().to_string();
+    let found = tokio::task::spawn_blocking(move || crate::discovery::browse(window))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error_chain(&e),
+                "mDNS browsing is not possible here; enter the target's URL instead",
+            )
+        })?;
+    Ok(Json(
+        found
+            .into_iter()
+            .filter(|a| a.txt.get("id") != Some(&me))
+            .map(|a| Found {
+                url: a.url(),
+                appliance: a,
+            })
+            .collect(),
+    ))
 }
 
 /// `POST /v1/handoff/incoming` (from a trusted peer): checks the base and the room, starts
