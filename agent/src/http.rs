@@ -936,4 +936,244 @@ mod tests {
             "openapi.json documents routes that do not exist"
         );
     }
+
+    use crate::auth::TokenStore;
+    use crate::client::{Client, RawResponse};
+    use crate::supervisor::tests::{fake_base, running, scratch_supervisor};
+
+    const OPERATOR: &str = "operator-token";
+
+    /// An agent in this process on 127.0.0.1:0 over a scratch data directory (base `micro`
+    /// staged, its content id all `base_digit`s; no vmm). Returns its URL and state.
+    async fn serve(name: &str, max_vms: u32, base_digit: char) -> (String, Arc<AppState>) {
+        let (sup, store, d) = scratch_supervisor(name, max_vms, 1024);
+        if base_digit != 'a' {
+            fake_base(&d.join("base2"), 1, base_digit);
+            store.stage_base("micro", &d.join("base2")).unwrap();
+        }
+        let peers = PeerStore::in_dir(store.root());
+        let st = Arc::new(AppState {
+            board: Board::shipped("dev").unwrap(),
+            store,
+            metrics: sup.metrics(),
+            sup,
+            creds: Credentials::default()
+                .with(Arc::new(TokenStore::new(OPERATOR, "operator")))
+                .with(Arc::new(peers.clone())),
+            peers,
+            started: Instant::now(),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let app = router(st.clone());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (url, st)
+    }
+
+    async fn call(
+        url: &str,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> RawResponse {
+        let (c, m, p, b) = (
+            Client::new(url, token),
+            method.to_string(),
+            path.to_string(),
+            body.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            c.raw(&m, &p, (!b.is_empty()).then_some(b.as_bytes()), true)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
+    fn says(r: &RawResponse, status: u16, needle: &str) {
+        assert_eq!(r.status, status, "{r:?}");
+        assert!(r.body.contains(needle), "{needle:?} not in {r:?}");
+    }
+
+    fn incoming(from: &str, base_digit: char) -> String {
+        serde_json::to_string(&IncomingRequest {
+            from: from.into(),
+            instance: "i-00000001".into(),
+            service: "model".into(),
+            base_id: base_digit.to_string().repeat(64),
+            mem_mib: 1,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_incoming_handoff_takes_a_peer_secret_a_held_base_and_room() {
+        let (url, st) = serve("incoming", 1, 'a').await;
+        let secret = "s".repeat(32);
+        st.peers.add("0123456789ab", "source", &secret).unwrap();
+        let path = "/v1/handoff/incoming";
+        let good = incoming("0123456789ab", 'a');
+        says(
+            &call(&url, None, "POST", path, &good).await,
+            401,
+            "peers.json",
+        );
+        says(
+            &call(&url, Some(OPERATOR), "POST", path, &good).await,
+            401,
+            "peer",
+        );
+        says(
+            &call(&url, Some("s-wrong-secret-xxxxxxxx"), "POST", path, &good).await,
+            401,
+            "not valid",
+        );
+        // The secret is another appliance's than the one the request names.
+        let other = incoming("ba9876543210", 'a');
+        says(
+            &call(&url, Some(&secret), "POST", path, &other).await,
+            401,
+            "ba9876543210",
+        );
+        // A peer's secret opens nothing else.
+        says(
+            &call(
+                &url,
+                Some(&secret),
+                "POST",
+                "/v1/instances",
+                r#"{"service":"model"}"#,
+            )
+            .await,
+            401,
+            "only the handoff routes",
+        );
+        says(
+            &call(&url, Some(&secret), "POST", path, "{").await,
+            400,
+            "malformed",
+        );
+        // A base not held here.
+        let r = call(
+            &url,
+            Some(&secret),
+            "POST",
+            path,
+            &incoming("0123456789ab", 'c'),
+        )
+        .await;
+        says(&r, 422, "is not staged here");
+        assert!(r.json()["hint"].as_str().unwrap().contains("stage-base"));
+        // Held, with room, but the receiver does not come up (no vmm here): nothing is left.
+        let r = call(&url, Some(&secret), "POST", path, &good).await;
+        says(&r, 500, "cannot receive a handoff");
+        assert!(st.sup.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(st.store.instances_dir()).unwrap().count(),
+            0
+        );
+        // No room.
+        running(&st.sup);
+        let r = call(&url, Some(&secret), "POST", path, &good).await;
+        says(&r, 503, "max_vms");
+        says(
+            &call(
+                &url,
+                Some(&secret),
+                "DELETE",
+                "/v1/handoff/incoming/i-nope",
+                "",
+            )
+            .await,
+            404,
+            "no instance",
+        );
+        let m = call(&url, None, "GET", "/metrics", "").await.body;
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"failed\"} 1"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_handoff_leaves_the_instance_running_here() {
+        let (a, sa) = serve("source", 4, 'a').await;
+        let (b, sb) = serve("target", 1, 'a').await;
+        let (c, sc) = serve("other-base", 4, 'c').await;
+        let id = running(&sa.sup);
+        let ho = format!("/v1/instances/{id}/handoff");
+        let to = |u: &str| format!(r#"{{"to":"{u}"}}"#);
+        let state = || sa.sup.get(&id).unwrap().info;
+
+        says(&call(&a, None, "POST", &ho, &to(&b)).await, 401, "Bearer");
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, "{").await,
+            400,
+            "malformed",
+        );
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, &to("b:1")).await,
+            400,
+            "not an agent URL",
+        );
+        says(
+            &call(
+                &a,
+                Some(OPERATOR),
+                "POST",
+                "/v1/instances/i-nope/handoff",
+                &to(&b),
+            )
+            .await,
+            404,
+            "no instance",
+        );
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, &to(&a)).await,
+            422,
+            "this appliance",
+        );
+        // B is not a peer of A.
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 422, "not a trusted peer");
+        assert!(r.json()["hint"].as_str().unwrap().contains("add-peer"));
+        let v = state();
+        assert_eq!(v.state, crate::supervisor::State::Running);
+        assert!(v
+            .handoff
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("not a trusted peer"));
+        // A trusts B, B does not trust A: B answers 401, A 502, and A's VM stays.
+        let secret = "t".repeat(40);
+        sa.peers.add(sb.store.id(), "b", &secret).unwrap();
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 502, "401");
+        assert!(r.json()["hint"]
+            .as_str()
+            .unwrap()
+            .contains("still runs here"));
+        assert_eq!(state().state, crate::supervisor::State::Running);
+        // Both trust each other, B is full: 503 from A too.
+        sb.peers.add(sa.store.id(), "a", &secret).unwrap();
+        running(&sb.sup);
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 503, "max_vms");
+        assert_eq!(state().state, crate::supervisor::State::Running);
+        // C does not hold the base: 502 naming C's 422.
+        sa.peers.add(sc.store.id(), "c", &secret).unwrap();
+        sc.peers.add(sa.store.id(), "a", &secret).unwrap();
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&c)).await;
+        says(&r, 502, "is not staged here");
+        let v = state();
+        assert_eq!(v.state, crate::supervisor::State::Running);
+        assert_eq!(v.handoff.unwrap().phase, "failed");
+        let m = call(&a, None, "GET", "/metrics", "").await.body;
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 5"),
+            "{m}"
+        );
+    }
 }

@@ -486,6 +486,11 @@ impl Supervisor {
         })
     }
 
+    /// The counters it keeps.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Bumped whenever an instance changes state.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -1412,5 +1417,254 @@ impl Supervisor {
                 tracing::warn!(instance = %id, "stop at shutdown failed: {}", error_chain(&e));
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A base directory `mem_mib` MiB large that loads (sizes only; no VM can run on it).
+    pub(crate) fn fake_base(dir: &Path, mem_mib: u64, id_digit: char) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("kernel"), b"k").unwrap();
+        std::fs::write(dir.join("state"), b"s").unwrap();
+        let m = std::fs::File::create(dir.join("memory")).unwrap();
+        m.set_len(mem_mib << 20).unwrap();
+        let manifest = format::base::Manifest {
+            version: format::base::MANIFEST_VERSION,
+            id: id_digit.to_string().repeat(64),
+            mem_mib,
+            kernel_bytes: 1,
+            state_bytes: 1,
+            memory_bytes: mem_mib << 20,
+            memory_disk_bytes: 0,
+            cmdline: String::new(),
+            disk_bytes: None,
+        };
+        std::fs::write(dir.join(format::base::MANIFEST), manifest.to_json()).unwrap();
+    }
+
+    /// A supervisor over a fresh data directory with base `micro` (1 MiB) staged, whose vmm
+    /// does not exist.
+    pub(crate) fn scratch_supervisor(
+        name: &str,
+        max_vms: u32,
+        memory_mib: u64,
+    ) -> (Arc<Supervisor>, Store, PathBuf) {
+        let d = std::env::temp_dir().join(format!("agent-sup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let store = Store::open(&d.join("data")).unwrap();
+        fake_base(&d.join("base"), 1, 'a');
+        store.stage_base("micro", &d.join("base")).unwrap();
+        let sup = Supervisor::new(
+            SupervisorConfig {
+                vmm: d.join("no-such-vmm"),
+                host_ip: "127.0.0.1".parse().unwrap(),
+                network: NetworkMode::User,
+                max_vms,
+                memory_mib,
+                start_timeout: Duration::from_secs(2),
+            },
+            store.clone(),
+            Arc::new(Metrics::default()),
+        );
+        (sup, store, d)
+    }
+
+    /// Puts a running instance whose "vmm" is this test process into the table.
+    pub(crate) fn running(sup: &Supervisor) -> String {
+        let mut rec = sup.new_record("model", "micro", 1, State::Running).unwrap();
+        rec.info.pid = Some(std::process::id());
+        rec.info.endpoint = "127.0.0.1:1".into();
+        sup.reserve(&rec, "model").unwrap();
+        sup.save(&rec);
+        rec.info.id
+    }
+
+    fn state(sup: &Supervisor, id: &str) -> State {
+        sup.get(id).unwrap().info.state
+    }
+
+    #[tokio::test]
+    async fn a_handoff_moves_the_instance_or_leaves_it_running() {
+        let (sup, _store, d) = scratch_supervisor("handoff", 4, 1024);
+        let id = running(&sup);
+        assert!(matches!(
+            sup.begin_handoff("i-nope", "http://x:1"),
+            Err(SupervisorError::NoInstance(_))
+        ));
+        let r = sup.begin_handoff(&id, "http://10.0.0.2:9999").unwrap();
+        assert_eq!(r.info.state, State::HandingOff);
+        assert_eq!(r.info.handoff.as_ref().unwrap().phase, "connecting");
+        // One handoff at a time, and no stop in the middle of one; it holds its slot.
+        assert!(matches!(
+            sup.begin_handoff(&id, "http://10.0.0.3:9999"),
+            Err(SupervisorError::Conflict(_, "handing_off", _))
+        ));
+        assert!(matches!(
+            sup.stop(&id).await,
+            Err(SupervisorError::Conflict(..))
+        ));
+        assert_eq!(sup.usage(), (1, 1));
+        sup.handoff_progress(
+            &id,
+            &HandoffProgress {
+                phase: HandoffPhase::Rounds,
+                round: 2,
+                bytes: 5000,
+                dirty_pages: 7,
+                bandwidth_bps: 1_000_000,
+            },
+        );
+        let h = sup.get(&id).unwrap().info.handoff.unwrap();
+        assert_eq!(
+            (
+                h.phase.as_str(),
+                h.round,
+                h.bytes,
+                h.dirty_pages,
+                h.bandwidth_bps
+            ),
+            ("rounds", 2, 5000, 7, 1_000_000)
+        );
+        // A failure while the vmm lives: running again, the error shown.
+        let r = sup.handoff_failed(&id, "link cut").unwrap();
+        assert_eq!(r.info.state, State::Running);
+        let h = r.info.handoff.unwrap();
+        assert_eq!(
+            (h.phase.as_str(), h.error.as_deref()),
+            ("failed", Some("link cut"))
+        );
+        assert!(r.info.error.is_none());
+        // Progress after the end changes nothing.
+        sup.handoff_progress(
+            &id,
+            &HandoffProgress {
+                phase: HandoffPhase::Delta,
+                round: 0,
+                bytes: 1,
+                dirty_pages: 0,
+                bandwidth_bps: 0,
+            },
+        );
+        assert_eq!(sup.get(&id).unwrap().info.handoff.unwrap().phase, "failed");
+
+        // Success, with the source vmm's exit seen first: moved, not failed; slot freed.
+        sup.begin_handoff(&id, "http://10.0.0.2:9999").unwrap();
+        sup.finished(&id, "exit status 0".into());
+        assert_eq!(state(&sup, &id), State::HandingOff);
+        let stats = HandoffStats {
+            rounds: 3,
+            bytes: 1 << 20,
+            downtime_us: 4200,
+            total_us: 900_000,
+            ..Default::default()
+        };
+        let moved = MovedTo {
+            agent: "http://10.0.0.2:9999".into(),
+            instance: "i-0000beef".into(),
+            url: "http://10.0.0.2:9999/v1/instances/i-0000beef".into(),
+            endpoint: Some("10.0.0.2:40000".into()),
+        };
+        let r = sup.handoff_succeeded(&id, &stats, moved.clone()).unwrap();
+        assert_eq!(r.info.state, State::Moved);
+        assert_eq!(r.info.moved_to, Some(moved));
+        assert_eq!(r.info.pid, None);
+        let h = r.info.handoff.unwrap();
+        assert_eq!(
+            (h.phase.as_str(), h.round, h.downtime_ms),
+            ("done", 3, Some(4.2))
+        );
+        assert_eq!(sup.usage(), (0, 0));
+        sup.finished(&id, "exit status 0".into());
+        assert_eq!(
+            state(&sup, &id),
+            State::Moved,
+            "the vmm's exit does not fail it"
+        );
+        // The record on disk says the same (a restarted agent shows it moved).
+        let disk: InstanceRecord =
+            serde_json::from_str(&std::fs::read_to_string(sup.record_path(&id)).unwrap()).unwrap();
+        assert_eq!(disk.info.state, State::Moved);
+        assert!(!State::Moved.active() && State::Receiving.active());
+
+        // A failure after the vmm died: failed.
+        let id2 = running(&sup);
+        sup.begin_handoff(&id2, "http://10.0.0.2:9999").unwrap();
+        sup.finished(&id2, "killed by signal 9".into());
+        let r = sup
+            .handoff_failed(&id2, "the vmm's control socket failed")
+            .unwrap();
+        assert_eq!(r.info.state, State::Failed);
+        assert!(r.info.error.unwrap().contains("during a handoff"));
+        let m = sup.metrics.render(&[], &[]);
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 1"),
+            "{m}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_does_not_come_up_leaves_nothing() {
+        let (sup, store, d) = scratch_supervisor("receive", 1, 1024);
+        let e = sup.receive("model", "micro").await.unwrap_err();
+        assert!(
+            matches!(e, SupervisorError::ReceiveFailed(StartError::Spawn(..))),
+            "{e:?}"
+        );
+        assert!(sup.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(store.instances_dir()).unwrap().count(),
+            0,
+            "no record, no directory"
+        );
+        assert!(matches!(
+            sup.receive("model", "nope").await,
+            Err(SupervisorError::Store(StoreError::NoBase(_)))
+        ));
+        // Full: the one slot is taken.
+        running(&sup);
+        assert!(matches!(
+            sup.receive("model", "micro").await,
+            Err(SupervisorError::Full(_))
+        ));
+        assert_eq!(std::fs::read_dir(store.instances_dir()).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restart_drops_unfinished_receptions_and_readopts_a_source() {
+        let (sup, store, d) = scratch_supervisor("recover", 4, 1024);
+        let mut rec = sup
+            .new_record("model", "micro", 1, State::Receiving)
+            .unwrap();
+        std::fs::create_dir_all(store.instances_dir().join(&rec.info.id)).unwrap();
+        std::fs::write(
+            store.instances_dir().join(&rec.info.id).join("vmm.log"),
+            b"x",
+        )
+        .unwrap();
+        sup.save(&rec);
+        // A source whose vmm is gone: failed, with the handoff marked failed.
+        rec = sup
+            .new_record("model", "micro", 1, State::HandingOff)
+            .unwrap();
+        rec.info.handoff = Some(HandoffInfo::new("http://10.0.0.2:1"));
+        sup.save(&rec);
+        let again = Supervisor::new(sup.cfg.clone(), store.clone(), Arc::new(Metrics::default()));
+        again.recover().await;
+        let v = again.list();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].info.id, rec.info.id);
+        assert_eq!(v[0].info.state, State::Failed);
+        assert_eq!(v[0].info.handoff.as_ref().unwrap().phase, "failed");
+        assert_eq!(std::fs::read_dir(store.instances_dir()).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
