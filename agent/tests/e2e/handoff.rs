@@ -186,7 +186,7 @@ fn refused_handoff_changes_nothing(a: &AgentProc, untrusting: &AgentProc) {
 }
 
 /// The stand-in vmm: a copy, executable, in a scratch directory.
-fn stand_in() -> (Scratch, PathBuf) {
+pub fn stand_in() -> (Scratch, PathBuf) {
     let d = Scratch::new("stand-in");
     let p = d.path("vmm");
     std::fs::copy(
