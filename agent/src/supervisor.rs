@@ -12,6 +12,11 @@
 //!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
 //!      └──Failed / exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
+//!
+//!   handoff, source:  Running ──begin──▶ HandingOff ──HandedOff──▶ Moved (moved_to)
+//!                                          └──error──▶ Running (vmm alive) / Failed (vmm gone)
+//!   handoff, target:  `vmm receive` ──Listening──▶ Receiving ──Ready + ok health──▶ Running
+//!                                          └──Failed / end / timeout / abort──▶ removed, no files
 //! ```
 //!
 //! Every step is an event the agent awaits (the report, the guest's reply, the `Exited`
