@@ -918,8 +918,17 @@ impl Supervisor {
         mut report: tokio::net::UnixStream,
     ) {
         let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+        // Reports other than the outcome (e.g. progress) are skipped.
+        let arrival = async {
+            loop {
+                match read_message::<Report>(&mut report).await {
+                    Ok(Some(Report::Handoff(_) | Report::Listening { .. })) => {}
+                    other => return other,
+                }
+            }
+        };
         let outcome: Result<(SocketAddr, Instant), String> = tokio::select! {
-            r = read_message::<Report>(&mut report) => match r {
+            r = arrival => match r {
                 Ok(Some(Report::Ready(ready))) => match (&self.cfg.network, ready.forwards.first()) {
                     (NetworkMode::User, Some(f)) => Ok((f.host, Instant::now())),
                     (NetworkMode::User, None) => Err("the vmm reported no port forward".into()),
@@ -945,6 +954,7 @@ impl Supervisor {
                 _ = tokio::time::sleep(self.cfg.start_timeout) => {
                     Err(format!("no reply to `health` within {:?}", self.cfg.start_timeout))
                 }
+                _ = self.stop_requested(&id) => Err("aborted".into()),
             },
             Err(e) => Err(e),
         };
@@ -1322,6 +1332,13 @@ impl Supervisor {
     /// once the vmm has reported its guest stopped (or, for one adopted after an agent
     /// restart, once its process is gone).
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
+        if let Some(mut r) = self.get(id).filter(|r| r.info.state == State::Receiving) {
+            // Nothing runs here yet: stopping a reception aborts it (and removes it).
+            self.abort_receive(id).await?;
+            r.info.state = State::Stopped;
+            r.info.pid = None;
+            return Ok(r);
+        }
         let (pid, sock, adopted) = {
             let mut t = self.table.lock().expect("instance table");
             let e = t

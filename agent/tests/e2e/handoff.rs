@@ -185,6 +185,28 @@ fn refused_handoff_changes_nothing(a: &AgentProc, untrusting: &AgentProc) {
     c.delete(&i.id).unwrap();
 }
 
+/// A handoff that fails in the rounds (the stand-in's test mode) leaves the instance
+/// running on the source with its state, and the target with no process or file.
+fn link_cut_changes_nothing(a: &AgentProc, b: &AgentProc) {
+    let c = a.client();
+    let i = c.start("model").unwrap();
+    let mut s = Session::open(&c, &i.id, Duration::from_secs(5)).unwrap();
+    assert_eq!(s.request("put 3 77").unwrap(), "ok put i=3 value=77");
+    let e = c.handoff(&i.id, &b.url, Some(1)).unwrap_err().to_string();
+    assert!(e.contains("502") && e.contains("link cut"), "{e}");
+    let v = c.instance(&i.id).unwrap();
+    assert_eq!(v.state, "running", "{v:?}");
+    assert_eq!(v.handoff.unwrap().phase, "failed");
+    assert_eq!(s.request("get 3").unwrap(), "ok get i=3 value=77");
+    wait_for(
+        Duration::from_secs(10),
+        "the target to drop the handoff",
+        || (b.instance_files().is_empty() && b.live_vmms().is_empty()).then_some(()),
+    );
+    assert!(b.client().instances().unwrap().is_empty());
+    c.delete(&i.id).unwrap();
+}
+
 /// The stand-in vmm: a copy, executable, in a scratch directory.
 pub fn stand_in() -> (Scratch, PathBuf) {
     let d = Scratch::new("stand-in");
@@ -210,6 +232,7 @@ fn handoff_with_a_stand_in_vmm() {
     );
     a.trust(&stranger, SECRET);
     refused_handoff_changes_nothing(&a, &stranger);
+    link_cut_changes_nothing(&a, &b);
     let (calls, _) = hand_off_under_load(&a, &b);
     assert!(calls.n > 30, "{}", calls.n);
     // The target's instance is an instance like any other: it stops and goes.

@@ -5,7 +5,7 @@ toy guest instead of a VM: it serves the guest protocol (health, get, put, stats
 table in its memory, and a "handoff" moves that table to the receiving stand-in over TCP
 (token line, then the table as JSON, then an "ok" back). It lets the agents' handoff be
 tested end to end before the real vmm can hand off; handoff.rs has the test with the real
-one.
+one. A Handoff with downtime_ms = 1 cuts the link in round 1 (a failure to test).
 
 Frames: u32 LE length (of what follows), u16 LE version 1, postcard body.
 """
@@ -145,6 +145,7 @@ class Stub:
         n, i = read_varint(body, 1)
         to = body[i:i + n].decode()
         token = body[i + n:i + n + 32].hex()
+        downtime_ms, _ = read_varint(body, i + n + 32)
         t0 = time.monotonic()
         self.progress(0, 0, 0)
         host, port = to.rsplit(":", 1)
@@ -154,6 +155,10 @@ class Stub:
             s.sendall(token.encode() + b"\n")
             time.sleep(0.05)  # the "rounds", while the guest keeps serving
             self.progress(2, 1, 4096)
+            if downtime_ms == 1:
+                # The test's way to cut the link in the rounds.
+                s.close()
+                raise OSError("link cut in round 1 (the stand-in's downtime_ms=1 test mode)")
             # Pause: no more guest replies here; then the state goes.
             self.serving.clear()
             paused = time.monotonic()
