@@ -235,9 +235,29 @@ fn handoff_with_a_stand_in_vmm() {
     link_cut_changes_nothing(&a, &b);
     let (calls, _) = hand_off_under_load(&a, &b);
     assert!(calls.n > 30, "{}", calls.n);
-    // The target's instance is an instance like any other: it stops and goes.
-    let on_b = b.client().instances().unwrap();
-    b.client().delete(&on_b[0].id).unwrap();
+    // The CLI: `cloudlet handoff` prints where it went; `cloudlet call ID` follows it.
+    let j = a.client().start("model").unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+            .args(args)
+            .args(["--agent", &a.url, "--token", crate::common::TOKEN])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "cloudlet {args:?}: {out:?}");
+        text
+    };
+    let out = cli(&["handoff", &j.id, "--to", &b.url]);
+    eprintln!("cloudlet handoff: {out}");
+    assert!(
+        out.contains("moved") && out.contains(&b.url) && out.contains("downtime"),
+        "{out}"
+    );
+    assert_eq!(cli(&["call", &j.id, "health"]).trim(), "ok health");
+    // The target's instances are instances like any other: they stop and go.
+    for i in b.client().instances().unwrap() {
+        b.client().delete(&i.id).unwrap();
+    }
     assert!(b.live_vmms().is_empty());
 }
 
