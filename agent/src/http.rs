@@ -717,16 +717,18 @@ async fn incoming_handoff(
         ));
     };
     tracing::info!(from = %req.from, instance = %req.instance, service = %req.service, base = %base.name, "incoming handoff");
-    let r = st.sup.receive(&req.service, &base.name).await?;
+    let r = st.sup.receive(&req.service, &base.name, &req.from).await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 
 /// `DELETE /v1/handoff/incoming/{id}`: the source gave up.
 async fn abort_incoming(
     State(st): State<Arc<AppState>>,
+    axum::Extension(who): axum::Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    st.sup.abort_receive(&id).await?;
+    let from = who.name.strip_prefix("peer:").unwrap_or(&who.name);
+    st.sup.abort_receive(&id, Some(from)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

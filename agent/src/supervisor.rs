@@ -173,6 +173,9 @@ pub struct Instance {
     /// Where it went, once `moved`.
     #[serde(default)]
     pub moved_to: Option<MovedTo>,
+    /// The appliance it was handed off from (its id), when it arrived by handoff.
+    #[serde(default)]
+    pub received_from: Option<String>,
 }
 
 /// A handoff as the source shows it.
@@ -808,6 +811,7 @@ impl Supervisor {
                 adopted: false,
                 handoff: None,
                 moved_to: None,
+                received_from: None,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -834,9 +838,11 @@ impl Supervisor {
         self: &Arc<Self>,
         service: &str,
         base: &str,
+        from: &str,
     ) -> Result<Receiving, SupervisorError> {
         let b = self.store.base(base)?;
-        let rec = self.new_record(service, base, b.mem_mib, State::Receiving)?;
+        let mut rec = self.new_record(service, base, b.mem_mib, State::Receiving)?;
+        rec.info.received_from = Some(from.into());
         let id = rec.info.id.clone();
         self.reserve(&rec, service)?;
         let dir = self.store.instances_dir().join(&id);
@@ -984,12 +990,14 @@ impl Supervisor {
     }
 
     /// Aborts a handoff being received (the source gave up): kills its `vmm receive` and
-    /// removes the instance. Refused once the VM runs here.
-    pub async fn abort_receive(&self, id: &str) -> Result<(), SupervisorError> {
+    /// removes the instance. Refused once the VM runs here. With `by`, only the appliance
+    /// it comes from may abort it (another's instance is not found).
+    pub async fn abort_receive(&self, id: &str, by: Option<&str>) -> Result<(), SupervisorError> {
         {
             let mut t = self.table.lock().expect("instance table");
             let e = t
                 .get_mut(id)
+                .filter(|e| by.is_none() || e.rec.info.received_from.as_deref() == by)
                 .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
             if e.rec.info.state != State::Receiving {
                 return Err(SupervisorError::Conflict(
@@ -1334,7 +1342,7 @@ impl Supervisor {
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
         if let Some(mut r) = self.get(id).filter(|r| r.info.state == State::Receiving) {
             // Nothing runs here yet: stopping a reception aborts it (and removes it).
-            self.abort_receive(id).await?;
+            self.abort_receive(id, None).await?;
             r.info.state = State::Stopped;
             r.info.pid = None;
             return Ok(r);
@@ -1635,7 +1643,10 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_receiver_that_does_not_come_up_leaves_nothing() {
         let (sup, store, d) = scratch_supervisor("receive", 1, 1024);
-        let e = sup.receive("model", "micro").await.unwrap_err();
+        let e = sup
+            .receive("model", "micro", "0123456789ab")
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, SupervisorError::ReceiveFailed(StartError::Spawn(..))),
             "{e:?}"
@@ -1647,13 +1658,25 @@ pub(crate) mod tests {
             "no record, no directory"
         );
         assert!(matches!(
-            sup.receive("model", "nope").await,
+            sup.receive("model", "nope", "0123456789ab").await,
             Err(SupervisorError::Store(StoreError::NoBase(_)))
         ));
         // Full: the one slot is taken.
-        running(&sup);
+        let r = running(&sup);
+        // Only a reception can be aborted, and only by the appliance it comes from.
         assert!(matches!(
-            sup.receive("model", "micro").await,
+            sup.abort_receive(&r, None).await,
+            Err(SupervisorError::Conflict(_, "running", _))
+        ));
+        sup.update(&r, |e| {
+            e.rec.info.received_from = Some("0123456789ab".into())
+        });
+        assert!(matches!(
+            sup.abort_receive(&r, Some("ba9876543210")).await,
+            Err(SupervisorError::NoInstance(_))
+        ));
+        assert!(matches!(
+            sup.receive("model", "micro", "0123456789ab").await,
             Err(SupervisorError::Full(_))
         ));
         assert_eq!(std::fs::read_dir(store.instances_dir()).unwrap().count(), 1);
