@@ -1,18 +1,42 @@
 //! Authentication of mutating API requests.
 //!
 //! A request presents `Authorization: Bearer <secret>`; a [`CredentialStore`] says which
-//! principal (if any) the secret belongs to. Today the only store is [`TokenStore`], the one
-//! token of the board config (the operator's); USB pairing will add a store of per-device
-//! credentials (issued to a phone, revocable one by one) behind the same trait, and
+//! principal (if any) the secret belongs to, and with which [`Role`]. The stores today:
+//!
+//! - [`TokenStore`]: the one token of the board config (role [`Role::Operator`]);
+//! - [`PeerStore`]: the appliances this one trusts for VM handoff (`DATA/peers.json`, role
+//!   [`Role::Peer`]): one shared secret per trusted appliance, the same on both sides. The
+//!   source presents it to the target's `POST /v1/handoff/incoming`; the target accepts an
+//!   incoming handoff only with it. A peer secret opens the handoff routes and nothing else,
+//!   and the operator token does not open them.
+//!
+//! USB pairing will add a store of per-device credentials (issued to a phone, revocable one
+//! by one, role [`Role::Device`]) behind the same trait, and write peers the same way;
 //! [`Credentials`] chains several stores.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// What a principal may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The appliance's operator (the board token): every client route.
+    Operator,
+    /// A paired device: every client route.
+    Device,
+    /// A trusted appliance: the handoff routes only.
+    Peer,
+}
 
 /// Who made a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
-    /// A name for logs: "operator", "device:<id>".
+    /// A name for logs: "operator", "device:<id>", "peer:<appliance id>".
     pub name: String,
+    /// What it may do.
+    pub role: Role,
 }
 
 /// Something that recognises bearer secrets.
@@ -29,18 +53,25 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The board config's single operator token.
+/// A single token (the board config's operator token).
 pub struct TokenStore {
     token: String,
     principal: String,
+    role: Role,
 }
 
 impl TokenStore {
-    /// A store accepting `token` as `principal`.
+    /// A store accepting `token` as the operator `principal`.
     pub fn new(token: impl Into<String>, principal: impl Into<String>) -> Self {
+        TokenStore::with_role(token, principal, Role::Operator)
+    }
+
+    /// A store accepting `token` as `principal` with `role`.
+    pub fn with_role(token: impl Into<String>, principal: impl Into<String>, role: Role) -> Self {
         TokenStore {
             token: token.into(),
             principal: principal.into(),
+            role,
         }
     }
 }
@@ -49,7 +80,140 @@ impl CredentialStore for TokenStore {
     fn authenticate(&self, secret: &str) -> Option<Principal> {
         constant_time_eq(secret.as_bytes(), self.token.as_bytes()).then(|| Principal {
             name: self.principal.clone(),
+            role: self.role,
         })
+    }
+}
+
+/// Errors of the peer store.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// `peers.json` cannot be read or written.
+    #[error("cannot {0} {1}")]
+    Io(&'static str, PathBuf, #[source] std::io::Error),
+    /// `peers.json` does not parse.
+    #[error("{0} is damaged")]
+    Damaged(PathBuf, #[source] serde_json::Error),
+    /// An appliance id that is not 12 hex digits.
+    #[error("'{0}' is not an appliance id (12 hex digits, as GET /v1/system shows)")]
+    BadId(String),
+    /// A secret too short or with whitespace.
+    #[error("a peer secret needs at least {MIN_PEER_SECRET} characters and no whitespace")]
+    WeakSecret,
+    /// No random bytes.
+    #[error("cannot read random bytes")]
+    Random(#[source] std::io::Error),
+}
+
+/// Shortest peer secret accepted.
+pub const MIN_PEER_SECRET: usize = 16;
+/// File name of the peer store in the data directory.
+pub const PEERS_FILE: &str = "peers.json";
+
+/// One trusted appliance: `peers.json` holds a JSON array of these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its appliance id (12 hex digits, `GET /v1/system` → `id`).
+    pub id: String,
+    /// A name for people and logs.
+    #[serde(default)]
+    pub name: String,
+    /// The secret shared with it (the same entry, with this appliance's id, is on its side).
+    pub secret: String,
+}
+
+/// The appliances this one trusts for handoff, in `DATA/peers.json`. The file is read at
+/// every use, so a peer added (by `agent add-peer`, later by pairing) counts at once
+/// without a restart; a missing file means no peers.
+#[derive(Clone, Debug)]
+pub struct PeerStore {
+    path: PathBuf,
+}
+
+fn check_id(id: &str) -> Result<(), AuthError> {
+    if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(AuthError::BadId(id.into()))
+    }
+}
+
+/// A fresh random secret: 32 bytes from the kernel, hex (64 characters).
+pub fn random_secret() -> Result<String, AuthError> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(AuthError::Random)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+impl PeerStore {
+    /// The store of the data directory `data`.
+    pub fn in_dir(data: &Path) -> PeerStore {
+        PeerStore {
+            path: data.join(PEERS_FILE),
+        }
+    }
+
+    /// Every trusted appliance.
+    pub fn peers(&self) -> Result<Vec<Peer>, AuthError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| AuthError::Damaged(self.path.clone(), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(AuthError::Io("read", self.path.clone(), e)),
+        }
+    }
+
+    /// The peer entry of appliance `id`.
+    pub fn peer(&self, id: &str) -> Option<Peer> {
+        self.peers().ok()?.into_iter().find(|p| p.id == id)
+    }
+
+    /// Adds (or replaces) the entry of appliance `id`; returns it.
+    pub fn add(&self, id: &str, name: &str, secret: &str) -> Result<Peer, AuthError> {
+        check_id(id)?;
+        if secret.len() < MIN_PEER_SECRET || secret.chars().any(char::is_whitespace) {
+            return Err(AuthError::WeakSecret);
+        }
+        let mut v = self.peers()?;
+        v.retain(|p| p.id != id);
+        let p = Peer {
+            id: id.into(),
+            name: name.into(),
+            secret: secret.into(),
+        };
+        v.push(p.clone());
+        let tmp = self.path.with_extension("json.tmp");
+        let json = serde_json::to_string_pretty(&v).expect("peers serialise") + "\n";
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| AuthError::Io("write", self.path.clone(), e))?;
+        Ok(p)
+    }
+}
+
+impl CredentialStore for PeerStore {
+    fn authenticate(&self, secret: &str) -> Option<Principal> {
+        let peers = match self.peers() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("no peer is trusted: {}", crate::store::error_chain(&e));
+                return None;
+            }
+        };
+        // Every entry is compared, so the time does not tell which one matched.
+        let mut found = None;
+        for p in peers {
+            if constant_time_eq(secret.as_bytes(), p.secret.as_bytes()) && found.is_none() {
+                found = Some(Principal {
+                    name: format!("peer:{}", p.id),
+                    role: Role::Peer,
+                });
+            }
+        }
+        found
     }
 }
 
@@ -73,10 +237,29 @@ impl Credentials {
             .strip_prefix("Bearer ")
             .ok_or("Authorization is not a Bearer credential")?
             .trim();
+        if secret.is_empty() {
+            return Err("the bearer token is not valid here");
+        }
         self.stores
             .iter()
             .find_map(|s| s.authenticate(secret))
             .ok_or("the bearer token is not valid here")
+    }
+
+    /// As [`Credentials::check_header`], and the principal's role must be one of `roles`.
+    pub fn check_role(
+        &self,
+        header: Option<&str>,
+        roles: &[Role],
+    ) -> Result<Principal, &'static str> {
+        let p = self.check_header(header)?;
+        if roles.contains(&p.role) {
+            Ok(p)
+        } else if p.role == Role::Peer {
+            Err("a peer credential opens only the handoff routes")
+        } else {
+            Err("this route takes only a peer appliance's credential (DATA/peers.json)")
+        }
     }
 }
 
@@ -88,7 +271,11 @@ mod tests {
     fn bearer_tokens_are_checked_against_every_store() {
         let c = Credentials::default()
             .with(Arc::new(TokenStore::new("secret-1", "operator")))
-            .with(Arc::new(TokenStore::new("device-key", "device:phone")));
+            .with(Arc::new(TokenStore::with_role(
+                "device-key",
+                "device:phone",
+                Role::Device,
+            )));
         assert_eq!(
             c.check_header(Some("Bearer secret-1")).unwrap().name,
             "operator"
@@ -103,5 +290,56 @@ mod tests {
         assert!(c.check_header(Some("Bearer ")).is_err());
         assert!(constant_time_eq(b"ab", b"ab"));
         assert!(!constant_time_eq(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn peers_open_the_handoff_routes_only_and_are_read_at_each_use() {
+        let d = std::env::temp_dir().join(format!("agent-peers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let peers = PeerStore::in_dir(&d);
+        assert!(peers.peers().unwrap().is_empty(), "no file: no peers");
+        let c = Credentials::default()
+            .with(Arc::new(TokenStore::new("operator-token", "operator")))
+            .with(Arc::new(peers.clone()));
+        let secret = random_secret().unwrap();
+        assert_eq!(secret.len(), 64);
+        let bearer = format!("Bearer {secret}");
+        assert!(c.check_header(Some(&bearer)).is_err(), "not a peer yet");
+        peers.add("0123456789ab", "hall-b", &secret).unwrap();
+        // Counted at once, without a restart.
+        let p = c.check_role(Some(&bearer), &[Role::Peer]).unwrap();
+        assert_eq!((p.name.as_str(), p.role), ("peer:0123456789ab", Role::Peer));
+        let e = c
+            .check_role(Some(&bearer), &[Role::Operator, Role::Device])
+            .unwrap_err();
+        assert!(e.contains("only the handoff routes"), "{e}");
+        let e = c
+            .check_role(Some("Bearer operator-token"), &[Role::Peer])
+            .unwrap_err();
+        assert!(e.contains("peer"), "{e}");
+        assert_eq!(peers.peer("0123456789ab").unwrap().secret, secret);
+        assert!(peers.peer("ba9876543210").is_none());
+        // Replacing keeps one entry per appliance; bad ids and weak secrets are refused.
+        peers
+            .add("0123456789ab", "hall-b", &"x".repeat(20))
+            .unwrap();
+        assert_eq!(peers.peers().unwrap().len(), 1);
+        assert!(
+            c.check_header(Some(&bearer)).is_err(),
+            "the old secret is gone"
+        );
+        assert!(matches!(
+            peers.add("nope", "", &secret),
+            Err(AuthError::BadId(_))
+        ));
+        assert!(matches!(
+            peers.add("0123456789ab", "", "short"),
+            Err(AuthError::WeakSecret)
+        ));
+        // A damaged file trusts nobody.
+        std::fs::write(d.join(PEERS_FILE), b"{").unwrap();
+        assert!(c.check_header(Some("Bearer xxxxxxxxxxxxxxxxxxxx")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -2,6 +2,12 @@
 //!
 //! Ranking follows pycloud's rankers (free cores, free memory) and adds the measured round
 //! trip to the API, which on a phone's Wi-Fi matters as much as capacity: see [`score`].
+//!
+//! An instance may be handed off to another appliance while a client uses it; the source
+//! then shows it as `moved` with `moved_to`. [`Client::resolve`] follows that to where the
+//! instance runs now, and a [`Session`] does it by itself: when its connection to the guest
+//! breaks it asks the API again, follows a move, reconnects, and sends the request again (so
+//! a request may reach the guest twice when the break came after the guest took it).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +15,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::discovery::{browse, browse_until, Appliance};
+use crate::guest::GuestConn;
+use crate::handoff::{HandoffRequest, IncomingRequest};
 use crate::http::{InstanceView, ServiceView, SystemInfo};
+use crate::supervisor::{Receiving, State};
+
+/// Most moves [`Client::resolve`] follows (a loop of `moved_to` is an error).
+pub const MAX_HOPS: usize = 8;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +96,17 @@ impl Client {
             token: token.map(str::to_string),
             agent,
         }
+    }
+
+    /// The same client with `timeout` for a whole request (60 s by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        self
     }
 
     /// The base URL.
@@ -195,6 +218,53 @@ impl Client {
         )
     }
 
+    /// `POST /v1/instances/{id}/handoff`: hands the instance off to the agent at `to` and
+    /// returns it once moved (state `moved`, `moved_to` set). Takes as long as the handoff:
+    /// use [`Client::with_timeout`] for slow links.
+    pub fn handoff(
+        &self,
+        id: &str,
+        to: &str,
+        downtime_ms: Option<u32>,
+    ) -> Result<InstanceView, ClientError> {
+        self.send(
+            "POST",
+            &format!("/v1/instances/{id}/handoff"),
+            Some(&HandoffRequest {
+                to: to.into(),
+                downtime_ms,
+            }),
+        )
+    }
+
+    /// `POST /v1/handoff/incoming` (agent to agent, with the peer secret as the token).
+    pub fn handoff_incoming(&self, req: &IncomingRequest) -> Result<Receiving, ClientError> {
+        self.send("POST", "/v1/handoff/incoming", Some(req))
+    }
+
+    /// Where instance `id` runs now: follows `moved_to` from agent to agent (at most
+    /// [`MAX_HOPS`]) and returns a client of the agent that runs it (with this client's
+    /// token) and its view there.
+    pub fn resolve(&self, id: &str) -> Result<(Client, InstanceView), ClientError> {
+        let mut c = self.clone();
+        let mut id = id.to_string();
+        for _ in 0..=MAX_HOPS {
+            let v = c.instance(&id)?;
+            match (&v.state, &v.moved_to) {
+                (State::Moved, Some(m)) => {
+                    let mut next = Client::new(&m.agent, c.token.as_deref());
+                    next.agent = c.agent.clone();
+                    c = next;
+                    id = m.instance.clone();
+                }
+                _ => return Ok((c, v)),
+            }
+        }
+        Err(ClientError::NotFound(format!(
+            "instance {id} moved more than {MAX_HOPS} times in a row"
+        )))
+    }
+
     /// `POST /v1/instances/{id}/stop`.
     pub fn stop(&self, id: &str) -> Result<InstanceView, ClientError> {
         self.send("POST", &format!("/v1/instances/{id}/stop"), None::<&()>)
@@ -264,6 +334,96 @@ impl Client {
             best = best.min(t0.elapsed().as_secs_f64() * 1e3);
         }
         Ok(best)
+    }
+}
+
+/// A connection to an instance's service that follows the instance when it is handed off.
+pub struct Session {
+    api: Client,
+    id: String,
+    endpoint: String,
+    conn: Option<GuestConn>,
+    timeout: Duration,
+    /// How long a request keeps trying to reach the instance after a break.
+    pub patience: Duration,
+    /// Reconnections so far (each after a break).
+    pub reconnects: u32,
+}
+
+impl Session {
+    /// A session with instance `id` of the agent `api` (resolved at once).
+    pub fn open(api: &Client, id: &str, timeout: Duration) -> Result<Session, ClientError> {
+        let (api, v) = api.resolve(id)?;
+        Ok(Session {
+            api,
+            id: v.id,
+            endpoint: v.endpoint,
+            conn: None,
+            timeout,
+            patience: Duration::from_secs(30),
+            reconnects: 0,
+        })
+    }
+
+    /// The endpoint in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The agent that runs the instance, as last resolved.
+    pub fn agent(&self) -> &str {
+        self.api.base()
+    }
+
+    /// The instance's id on that agent.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sends `request` and returns the reply; on a broken or refused connection re-resolves
+    /// the instance (following a move), reconnects and sends again, for up to `patience`.
+    pub fn request(&mut self, request: &str) -> Result<String, ClientError> {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            let tried = match self.conn.as_mut() {
+                Some(c) => c.request(request),
+                None => {
+                    GuestConn::connect(self.endpoint.as_str(), self.timeout).and_then(|mut c| {
+                        let r = c.request(request);
+                        self.conn = Some(c);
+                        r
+                    })
+                }
+            };
+            match tried {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    self.conn = None;
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::NotFound(format!(
+                            "instance {} at {} did not answer within {:?}: {}",
+                            self.id,
+                            self.endpoint,
+                            self.patience,
+                            crate::store::error_chain(&e)
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    // Where is it now? (Still here while it is being handed off.)
+                    if let Ok((api, v)) = self.api.resolve(&self.id) {
+                        if v.endpoint != self.endpoint || api.base() != self.api.base() {
+                            tracing::info!(from = %self.endpoint, to = %v.endpoint, agent = api.base(), "instance moved; reconnecting");
+                        }
+                        self.api = api;
+                        self.id = v.id;
+                        if !v.endpoint.is_empty() {
+                            self.endpoint = v.endpoint;
+                        }
+                    }
+                    self.reconnects += 1;
+                }
+            }
+        }
     }
 }
 

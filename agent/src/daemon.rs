@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::auth::{Credentials, TokenStore};
+use crate::auth::{Credentials, PeerStore, TokenStore};
 use crate::board::Board;
 use crate::discovery::{Announcer, REFRESH};
 use crate::http::{router, shown_ip, system_info, AppState};
@@ -102,14 +102,17 @@ pub async fn run(opts: Options) -> Result<()> {
         );
     }
     sup.recover().await;
-    let creds =
-        Credentials::default().with(Arc::new(TokenStore::new(board.token.clone(), "operator")));
+    let peers = PeerStore::in_dir(store.root());
+    let creds = Credentials::default()
+        .with(Arc::new(TokenStore::new(board.token.clone(), "operator")))
+        .with(Arc::new(peers.clone()));
     let state = Arc::new(AppState {
         board: board.clone(),
         store: store.clone(),
         sup: sup.clone(),
         metrics,
         creds,
+        peers,
         started: Instant::now(),
     });
 

@@ -2,9 +2,16 @@
 //!
 //! Every route is in [`ROUTES`] and described in `/v1/openapi.json` (a test keeps the two in
 //! step). Mutating requests (anything but GET/HEAD) need `Authorization: Bearer <token>`
-//! (401 otherwise). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
+//! (401 otherwise): the operator's (or a paired device's) token, except on the handoff routes
+//! between appliances (`/v1/handoff/...`), which take only a trusted peer's secret (see
+//! [`crate::auth`]). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
 //! saying what kind: 400 malformed request, 401 unauthenticated, 404 unknown name, 409 wrong
-//! state, 413 upload too large, 422 overlay refused, 503 no capacity (with `Retry-After`).
+//! state, 413 upload too large, 422 overlay or handoff refused, 502 the handoff's target or
+//! vmm failed, 503 no capacity (with `Retry-After`).
+//!
+//! A moved instance (handed off to another appliance) stays listed here as `moved`; `GET
+//! /v1/instances/{id}` answers 200 with `moved_to` (the target agent, the instance's id and
+//! URL there, its endpoint) and a `Location` header holding that URL.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, PeerStore, Principal, Role};
 use crate::board::Board;
+use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::store::{error_chain, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, Supervisor, SupervisorError};
@@ -52,6 +60,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances/{id}"),
     ("DELETE", "/v1/instances/{id}"),
     ("POST", "/v1/instances/{id}/stop"),
+    ("POST", "/v1/instances/{id}/handoff"),
+    ("GET", "/v1/appliances"),
+    ("POST", "/v1/handoff/incoming"),
+    ("DELETE", "/v1/handoff/incoming/{id}"),
     ("GET", "/v1/apps"),
     ("GET", "/v1/apps/{name}"),
     ("GET", "/v1/apps/{name}/download"),
@@ -69,6 +81,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Who may mutate.
     pub creds: Credentials,
+    /// The appliances trusted for handoff.
+    pub peers: PeerStore,
     /// When the agent started.
     pub started: Instant,
 }
@@ -172,10 +186,55 @@ impl From<SupervisorError> for ApiError {
                 msg,
                 "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
             ),
+            SupervisorError::ReceiveFailed(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                msg,
+                "this appliance's vmm could not receive the handoff; see its agent's log",
+            ),
             SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 msg,
                 "see the agent's log",
+            ),
+        }
+    }
+}
+
+impl From<HandoffError> for ApiError {
+    fn from(e: HandoffError) -> Self {
+        let msg = error_chain(&e);
+        let still = " The instance still runs here.";
+        match e {
+            HandoffError::Supervisor(s) => s.into(),
+            HandoffError::BadTarget(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                msg,
+                "send {\"to\": \"http://HOST:PORT\"}, the target agent's base URL",
+            ),
+            HandoffError::SelfTarget(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                msg,
+                "name another appliance's agent",
+            ),
+            HandoffError::NotPeer(..) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                msg,
+                "trust each other first: `agent add-peer ID --secret S` on both appliances (each with the other's id, the same secret)",
+            ),
+            ref r if r.target_status() == Some(503) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                msg,
+                format!("the target has no room; try another appliance.{still}"),
+            ),
+            HandoffError::Refused(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                msg,
+                format!("the target's error says why (401: it does not trust this appliance; 422: it does not hold the base).{still}"),
+            ),
+            _ => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                msg,
+                format!("see both agents' logs.{still}"),
             ),
         }
     }
@@ -225,6 +284,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/instances", get(instances).post(start_instance))
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
         .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/instances/{id}/handoff", post(handoff_instance))
+        .route("/v1/appliances", get(appliances))
+        .route("/v1/handoff/incoming", post(incoming_handoff))
+        .route(
+            "/v1/handoff/incoming/{id}",
+            axum::routing::delete(abort_incoming),
+        )
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{name}", get(app))
         .route("/v1/apps/{name}/download", get(download_app))
@@ -259,8 +325,10 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Requires a valid bearer credential on every mutating request.
-async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// Requires a valid bearer credential on every mutating request: a peer's secret on the
+/// handoff routes between appliances, the operator's (or a device's) token elsewhere. The
+/// principal goes into the request's extensions.
+async fn authenticate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD) {
         return next.run(req).await;
     }
@@ -268,9 +336,22 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match st.creds.check_header(h) {
+    let peer_route = req.uri().path().starts_with("/v1/handoff/");
+    let (roles, hint): (&[Role], &str) = if peer_route {
+        (
+            &[Role::Peer],
+            "this route is for appliances that trust each other: send `Authorization: Bearer <secret>` with the secret in both appliances' DATA/peers.json (`agent add-peer`)",
+        )
+    } else {
+        (
+            &[Role::Operator, Role::Device],
+            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
+        )
+    };
+    match st.creds.check_role(h, roles) {
         Ok(p) => {
             tracing::debug!(principal = %p.name, "authenticated");
+            req.extensions_mut().insert(p);
             next.run(req).await
         }
         Err(why) => ApiError::new(
@@ -280,7 +361,7 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
                 req.method(),
                 req.uri().path()
             ),
-            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
+            hint,
         )
         .into_response(),
     }
@@ -516,9 +597,139 @@ async fn instance(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<InstanceView>> {
+) -> ApiResult<Response> {
     let r = st.sup.get(&id).ok_or(SupervisorError::NoInstance(id))?;
-    Ok(Json(view(&r, host_of(&headers))))
+    let mut resp = Json(view(&r, host_of(&headers))).into_response();
+    if let Some(m) = &r.info.moved_to {
+        if let Ok(v) = HeaderValue::from_str(&m.url) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `POST /v1/instances/{id}/handoff`: runs on its own task, so a client that goes away
+/// does not cut a handoff short.
+async fn handoff_instance(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<InstanceView>> {
+    let req: HandoffRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            "send {\"to\": \"http://HOST:PORT\"} (and optionally \"downtime_ms\")",
+        )
+    })?;
+    let src = Source {
+        sup: st.sup.clone(),
+        store: st.store.clone(),
+        peers: st.peers.clone(),
+    };
+    let rec = tokio::spawn(async move { src.hand_off(&id, &req).await })
+        .await
+        .map_err(|e| ApiError::from(HandoffError::Task(e.to_string())))??;
+    Ok(Json(view(&rec, host_of(&headers))))
+}
+
+/// `GET /v1/appliances` query.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BrowseQuery {
+    /// How long to browse, ms (100 ..= 5000, default 1500).
+    pub window_ms: Option<u64>,
+}
+
+/// Another appliance seen over mDNS.
+#[derive(Serialize, Debug)]
+pub struct Found {
+    /// Its API's base URL.
+    pub url: Option<String>,
+    /// What it announced.
+    #[serde(flatten)]
+    pub appliance: crate::discovery::Appliance,
+}
+
+/// `GET /v1/appliances`: the other appliances announcing `_cloudlet._tcp` (handoff
+/// targets for the web manager).
+async fn appliances(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<BrowseQuery>,
+) -> ApiResult<Json<Vec<Found>>> {
+    let window = std::time::Duration::from_millis(q.window_ms.unwrap_or(1500).clamp(100, 5000));
+    let me = st.store.id().to_string();
+    let found = tokio::task::spawn_blocking(move || crate::discovery::browse(window))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error_chain(&e),
+                "mDNS browsing is not possible here; enter the target's URL instead",
+            )
+        })?;
+    Ok(Json(
+        found
+            .into_iter()
+            .filter(|a| a.txt.get("id") != Some(&me))
+            .map(|a| Found {
+                url: a.url(),
+                appliance: a,
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/handoff/incoming` (from a trusted peer): checks the base and the room, starts
+/// `vmm receive`, answers where it listens and the session token.
+async fn incoming_handoff(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::supervisor::Receiving>)> {
+    let req: IncomingRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            "send {from, instance, service, base_id, mem_mib}",
+        )
+    })?;
+    if who.name != format!("peer:{}", req.from) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the credential is {}'s, but the request says it comes from appliance {}",
+                who.name, req.from
+            ),
+            "send the secret shared with this appliance",
+        ));
+    }
+    let Some(base) = st.store.bases().into_iter().find(|b| b.id == req.base_id) else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "base {} is not staged here, so instance {} of '{}' cannot be received",
+                req.base_id, req.instance, req.service
+            ),
+            "stage the same base on this appliance first (`agent stage-base`); GET /v1/bases lists what it holds",
+        ));
+    };
+    tracing::info!(from = %req.from, instance = %req.instance, service = %req.service, base = %base.name, "incoming handoff");
+    let r = st.sup.receive(&req.service, &base.name, &req.from).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+/// `DELETE /v1/handoff/incoming/{id}`: the source gave up.
+async fn abort_incoming(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(who): axum::Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let from = who.name.strip_prefix("peer:").unwrap_or(&who.name);
+    st.sup.abort_receive(&id, Some(from)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn stop_instance(
@@ -725,6 +936,246 @@ mod tests {
             documented,
             ROUTES.len(),
             "openapi.json documents routes that do not exist"
+        );
+    }
+
+    use crate::auth::TokenStore;
+    use crate::client::{Client, RawResponse};
+    use crate::supervisor::tests::{fake_base, running, scratch_supervisor};
+
+    const OPERATOR: &str = "operator-token";
+
+    /// An agent in this process on 127.0.0.1:0 over a scratch data directory (base `micro`
+    /// staged, its content id all `base_digit`s; no vmm). Returns its URL and state.
+    async fn serve(name: &str, max_vms: u32, base_digit: char) -> (String, Arc<AppState>) {
+        let (sup, store, d) = scratch_supervisor(name, max_vms, 1024);
+        if base_digit != 'a' {
+            fake_base(&d.join("base2"), 1, base_digit);
+            store.stage_base("micro", &d.join("base2")).unwrap();
+        }
+        let peers = PeerStore::in_dir(store.root());
+        let st = Arc::new(AppState {
+            board: Board::shipped("dev").unwrap(),
+            store,
+            metrics: sup.metrics(),
+            sup,
+            creds: Credentials::default()
+                .with(Arc::new(TokenStore::new(OPERATOR, "operator")))
+                .with(Arc::new(peers.clone())),
+            peers,
+            started: Instant::now(),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let app = router(st.clone());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (url, st)
+    }
+
+    async fn call(
+        url: &str,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> RawResponse {
+        let (c, m, p, b) = (
+            Client::new(url, token),
+            method.to_string(),
+            path.to_string(),
+            body.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            c.raw(&m, &p, (!b.is_empty()).then_some(b.as_bytes()), true)
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
+    fn says(r: &RawResponse, status: u16, needle: &str) {
+        assert_eq!(r.status, status, "{r:?}");
+        assert!(r.body.contains(needle), "{needle:?} not in {r:?}");
+    }
+
+    fn incoming(from: &str, base_digit: char) -> String {
+        serde_json::to_string(&IncomingRequest {
+            from: from.into(),
+            instance: "i-00000001".into(),
+            service: "model".into(),
+            base_id: base_digit.to_string().repeat(64),
+            mem_mib: 1,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_incoming_handoff_takes_a_peer_secret_a_held_base_and_room() {
+        let (url, st) = serve("incoming", 1, 'a').await;
+        let secret = "s".repeat(32);
+        st.peers.add("0123456789ab", "source", &secret).unwrap();
+        let path = "/v1/handoff/incoming";
+        let good = incoming("0123456789ab", 'a');
+        says(
+            &call(&url, None, "POST", path, &good).await,
+            401,
+            "peers.json",
+        );
+        says(
+            &call(&url, Some(OPERATOR), "POST", path, &good).await,
+            401,
+            "peer",
+        );
+        says(
+            &call(&url, Some("s-wrong-secret-xxxxxxxx"), "POST", path, &good).await,
+            401,
+            "not valid",
+        );
+        // The secret is another appliance's than the one the request names.
+        let other = incoming("ba9876543210", 'a');
+        says(
+            &call(&url, Some(&secret), "POST", path, &other).await,
+            401,
+            "ba9876543210",
+        );
+        // A peer's secret opens nothing else.
+        says(
+            &call(
+                &url,
+                Some(&secret),
+                "POST",
+                "/v1/instances",
+                r#"{"service":"model"}"#,
+            )
+            .await,
+            401,
+            "only the handoff routes",
+        );
+        says(
+            &call(&url, Some(&secret), "POST", path, "{").await,
+            400,
+            "malformed",
+        );
+        // A base not held here.
+        let r = call(
+            &url,
+            Some(&secret),
+            "POST",
+            path,
+            &incoming("0123456789ab", 'c'),
+        )
+        .await;
+        says(&r, 422, "is not staged here");
+        assert!(r.json()["hint"].as_str().unwrap().contains("stage-base"));
+        // Held, with room, but the receiver does not come up (no vmm here): nothing is left.
+        let r = call(&url, Some(&secret), "POST", path, &good).await;
+        says(&r, 500, "cannot receive a handoff");
+        assert!(st.sup.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(st.store.instances_dir()).unwrap().count(),
+            0
+        );
+        // No room.
+        running(&st.sup);
+        let r = call(&url, Some(&secret), "POST", path, &good).await;
+        says(&r, 503, "max_vms");
+        says(
+            &call(
+                &url,
+                Some(&secret),
+                "DELETE",
+                "/v1/handoff/incoming/i-nope",
+                "",
+            )
+            .await,
+            404,
+            "no instance",
+        );
+        let m = call(&url, None, "GET", "/metrics", "").await.body;
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"failed\"} 1"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_handoff_leaves_the_instance_running_here() {
+        let (a, sa) = serve("source", 4, 'a').await;
+        let (b, sb) = serve("target", 1, 'a').await;
+        let (c, sc) = serve("other-base", 4, 'c').await;
+        let id = running(&sa.sup);
+        let ho = format!("/v1/instances/{id}/handoff");
+        let to = |u: &str| format!(r#"{{"to":"{u}"}}"#);
+        let state = || sa.sup.get(&id).unwrap().info;
+
+        says(&call(&a, None, "POST", &ho, &to(&b)).await, 401, "Bearer");
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, "{").await,
+            400,
+            "malformed",
+        );
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, &to("b:1")).await,
+            400,
+            "not an agent URL",
+        );
+        says(
+            &call(
+                &a,
+                Some(OPERATOR),
+                "POST",
+                "/v1/instances/i-nope/handoff",
+                &to(&b),
+            )
+            .await,
+            404,
+            "no instance",
+        );
+        says(
+            &call(&a, Some(OPERATOR), "POST", &ho, &to(&a)).await,
+            422,
+            "this appliance",
+        );
+        // B is not a peer of A.
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 422, "not a trusted peer");
+        assert!(r.json()["hint"].as_str().unwrap().contains("add-peer"));
+        let v = state();
+        assert_eq!(v.state, crate::supervisor::State::Running);
+        assert!(v
+            .handoff
+            .unwrap()
+            .error
+            .unwrap()
+            .contains("not a trusted peer"));
+        // A trusts B, B does not trust A: B answers 401, A 502, and A's VM stays.
+        let secret = "t".repeat(40);
+        sa.peers.add(sb.store.id(), "b", &secret).unwrap();
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 502, "401");
+        assert!(r.json()["hint"]
+            .as_str()
+            .unwrap()
+            .contains("still runs here"));
+        assert_eq!(state().state, crate::supervisor::State::Running);
+        // Both trust each other, B is full: 503 from A too.
+        sb.peers.add(sa.store.id(), "a", &secret).unwrap();
+        running(&sb.sup);
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&b)).await;
+        says(&r, 503, "max_vms");
+        assert_eq!(state().state, crate::supervisor::State::Running);
+        // C does not hold the base: 502 naming C's 422.
+        sa.peers.add(sc.store.id(), "c", &secret).unwrap();
+        sc.peers.add(sa.store.id(), "a", &secret).unwrap();
+        let r = call(&a, Some(OPERATOR), "POST", &ho, &to(&c)).await;
+        says(&r, 502, "is not staged here");
+        let v = state();
+        assert_eq!(v.state, crate::supervisor::State::Running);
+        assert_eq!(v.handoff.unwrap().phase, "failed");
+        let m = call(&a, None, "GET", "/metrics", "").await.body;
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 5"),
+            "{m}"
         );
     }
 }

@@ -9,6 +9,8 @@
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
 //! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
 //!   [`guest`]: the service VM's framed TCP protocol.
+//! - [`handoff`]: moving a running instance to another appliance (source and target
+//!   orchestration; the vmms stream the VM).
 //! - [`daemon`]: the `agent` process wiring it all together.
 
 pub mod auth;
@@ -17,6 +19,7 @@ pub mod client;
 pub mod daemon;
 pub mod discovery;
 pub mod guest;
+pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod store;

@@ -1,8 +1,11 @@
 //! `/metrics` in the Prometheus text format (version 0.0.4), kept by hand: API requests by
-//! route and status, a histogram of synthesis → first reply latency, and (filled in at
-//! render time) instances by state.
+//! route and status, a histogram of synthesis → first reply latency, handoffs (by role and
+//! outcome, bytes, rounds, a downtime histogram), and (filled in at render time) instances
+//! by state.
 //!
 //! ```text
+//! cloudlet_handoffs_total{role="source",outcome="moved"} 1
+//! cloudlet_handoff_downtime_ms_bucket{le="20"} 1
 //! cloudlet_api_requests_total{route="/v1/instances",method="POST",status="201"} 3
 //! cloudlet_start_latency_ms_bucket{le="10"} 1
 //! cloudlet_start_latency_ms_sum 42.5
@@ -19,6 +22,50 @@ pub const BUCKETS_MS: [f64; 12] = [
     5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 
+/// Bucket bounds of the handoff downtime histogram, ms.
+pub const DOWNTIME_BUCKETS_MS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 30000.0,
+];
+
+/// A cumulative histogram.
+struct Histogram<const N: usize> {
+    buckets: [u64; N],
+    sum: f64,
+    count: u64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: [0; N],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&mut self, bounds: &[f64; N], v: f64) {
+        for (i, b) in bounds.iter().enumerate() {
+            if v <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str, bounds: &[f64; N]) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in bounds.iter().enumerate() {
+            let _ = writeln!(s, "{name}_bucket{{le=\"{b}\"}} {}", self.buckets[i]);
+        }
+        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(s, "{name}_sum {}", self.sum);
+        let _ = writeln!(s, "{name}_count {}", self.count);
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     requests: BTreeMap<(String, String, u16), u64>,
@@ -26,6 +73,10 @@ struct Inner {
     sum_ms: f64,
     count: u64,
     failures: u64,
+    handoffs: BTreeMap<(&'static str, &'static str), u64>,
+    handoff_bytes: u64,
+    handoff_rounds: u64,
+    downtime: Histogram<{ DOWNTIME_BUCKETS_MS.len() }>,
 }
 
 /// The agent's counters.
@@ -58,6 +109,28 @@ impl Metrics {
     /// Counts a start that failed.
     pub fn start_failed(&self) {
         self.inner.lock().expect("metrics lock").failures += 1;
+    }
+
+    /// Counts a handoff's end: `role` "source" or "target", `outcome` "moved", "received"
+    /// or "failed".
+    pub fn handoff(&self, role: &'static str, outcome: &'static str) {
+        *self
+            .inner
+            .lock()
+            .expect("metrics lock")
+            .handoffs
+            .entry((role, outcome))
+            .or_default() += 1;
+    }
+
+    /// Records a handoff that moved a VM away from here: its bytes on the wire, rounds and
+    /// downtime.
+    pub fn handoff_moved(&self, bytes: u64, rounds: u32, downtime_ms: f64) {
+        self.handoff("source", "moved");
+        let mut g = self.inner.lock().expect("metrics lock");
+        g.handoff_bytes += bytes;
+        g.handoff_rounds += u64::from(rounds);
+        g.downtime.observe(&DOWNTIME_BUCKETS_MS, downtime_ms);
     }
 
     /// The text exposition; `instances` are (state, count) pairs, `extra` more gauges.
@@ -94,6 +167,26 @@ impl Metrics {
         s.push_str("# HELP cloudlet_start_failures_total Instance starts that failed.\n");
         s.push_str("# TYPE cloudlet_start_failures_total counter\n");
         let _ = writeln!(s, "cloudlet_start_failures_total {}", g.failures);
+        s.push_str("# HELP cloudlet_handoffs_total Handoffs ended, by role (source, target) and outcome (moved, received, failed).\n");
+        s.push_str("# TYPE cloudlet_handoffs_total counter\n");
+        for ((role, outcome), n) in &g.handoffs {
+            let _ = writeln!(
+                s,
+                "cloudlet_handoffs_total{{role=\"{role}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        s.push_str("# HELP cloudlet_handoff_bytes_total Bytes on the wire of the handoffs that moved a VM away.\n");
+        s.push_str("# TYPE cloudlet_handoff_bytes_total counter\n");
+        let _ = writeln!(s, "cloudlet_handoff_bytes_total {}", g.handoff_bytes);
+        s.push_str("# HELP cloudlet_handoff_rounds_total Rounds of pages sent by the handoffs that moved a VM away.\n");
+        s.push_str("# TYPE cloudlet_handoff_rounds_total counter\n");
+        let _ = writeln!(s, "cloudlet_handoff_rounds_total {}", g.handoff_rounds);
+        g.downtime.render(
+            &mut s,
+            "cloudlet_handoff_downtime_ms",
+            "Handoff downtime: the source's pause to the target's resume, ms.",
+            &DOWNTIME_BUCKETS_MS,
+        );
         s.push_str("# HELP cloudlet_instances Service-VM instances by state.\n");
         s.push_str("# TYPE cloudlet_instances gauge\n");
         for (state, n) in instances {
@@ -133,5 +226,29 @@ mod tests {
         assert!(t.contains("cloudlet_start_latency_ms_count 2"));
         assert!(t.contains("cloudlet_instances{state=\"running\"} 2"));
         assert!(t.contains("cloudlet_x 1.5"));
+    }
+
+    #[test]
+    fn renders_handoffs_by_outcome_bytes_rounds_and_downtime() {
+        let m = Metrics::default();
+        m.handoff_moved(1 << 20, 3, 12.5);
+        m.handoff_moved(1000, 2, 3.0);
+        m.handoff("source", "failed");
+        m.handoff("target", "received");
+        let t = m.render(&[], &[]);
+        assert!(
+            t.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 2"),
+            "{t}"
+        );
+        assert!(t.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 1"));
+        assert!(t.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"received\"} 1"));
+        assert!(t.contains("cloudlet_handoff_bytes_total 1049576"));
+        assert!(t.contains("cloudlet_handoff_rounds_total 5"));
+        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"2\"} 0"));
+        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"5\"} 1"));
+        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"20\"} 2"));
+        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"+Inf\"} 2"));
+        assert!(t.contains("cloudlet_handoff_downtime_ms_sum 15.5"));
+        assert!(t.contains("# TYPE cloudlet_handoff_downtime_ms histogram"));
     }
 }

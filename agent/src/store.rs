@@ -4,6 +4,7 @@
 //! DATA/
 //!   agent.id                     this appliance's id (12 hex digits, made on first start)
 //!   api.addr                     "IP:PORT" of the running agent's API (written at start)
+//!   peers.json                   appliances trusted for handoff (crate::auth::PeerStore)
 //!   bases/NAME/                  base images, as `image-builder base` writes them
 //!   services/NAME/service.json   ServiceRecord: name, base, description, overlay size + SHA-256
 //!   services/NAME/app.overlay    the service's application overlay (for bases/BASE)

@@ -12,6 +12,11 @@
 //!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
 //!      └──Failed / exit / timeout──▶ Failed ◀──vmm exits on its own (crash, kill)
+//!
+//!   handoff, source:  Running ──begin──▶ HandingOff ──HandedOff──▶ Moved (moved_to)
+//!                                          └──error──▶ Running (vmm alive) / Failed (vmm gone)
+//!   handoff, target:  `vmm receive` ──Listening──▶ Receiving ──Ready + ok health──▶ Running
+//!                                          └──Failed / end / timeout / abort──▶ removed, no files
 //! ```
 //!
 //! Every step is an event the agent awaits (the report, the guest's reply, the `Exited`
@@ -33,7 +38,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use format::control::{self as wire, ApiRequest, ApiResponse, Failed, Report};
+use format::control::{
+    self as wire, ApiRequest, ApiResponse, Failed, HandoffPhase, HandoffProgress, HandoffStats,
+    Report,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -46,12 +54,16 @@ use crate::store::{error_chain, new_id, unix_now, Store, StoreError};
 pub const GUEST_SERVICE: &str = "10.0.2.15:80";
 /// How long a start may take before the instance is failed.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a handoff's target waits for the VM to arrive before it gives up.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The environment variable that hands `vmm receive` its session token (64 hex digits).
+pub const HANDOFF_TOKEN_ENV: &str = "VMM_HANDOFF_TOKEN";
 /// How long a stopped vmm gets to exit before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Life-cycle state of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     /// The vmm is synthesising; no verified reply yet.
     Starting,
@@ -63,21 +75,38 @@ pub enum State {
     Stopped,
     /// The vmm exited on its own, or the start failed.
     Failed,
+    /// Target of a handoff: `vmm receive` listens or receives; no VM runs here yet.
+    Receiving,
+    /// Source of a handoff: the VM still runs (and serves) here while it is sent.
+    HandingOff,
+    /// Handed off: the VM runs on another appliance (`moved_to` says where); nothing runs
+    /// here.
+    Moved,
 }
 
 impl State {
     /// Every state, for metrics.
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 8] = [
         State::Starting,
         State::Running,
         State::Stopping,
         State::Stopped,
         State::Failed,
+        State::Receiving,
+        State::HandingOff,
+        State::Moved,
     ];
 
     /// Holds a slot (counts against the limits).
     pub fn active(self) -> bool {
-        matches!(self, State::Starting | State::Running | State::Stopping)
+        matches!(
+            self,
+            State::Starting
+                | State::Running
+                | State::Stopping
+                | State::Receiving
+                | State::HandingOff
+        )
     }
 
     /// Lower-case name (as in JSON).
@@ -88,6 +117,9 @@ impl State {
             State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Failed => "failed",
+            State::Receiving => "receiving",
+            State::HandingOff => "handing_off",
+            State::Moved => "moved",
         }
     }
 }
@@ -134,6 +166,83 @@ pub struct Instance {
     /// True when a restarted agent took it over.
     #[serde(default)]
     pub adopted: bool,
+    /// The last handoff of it from here (source side): progress, then the result.
+    #[serde(default)]
+    pub handoff: Option<HandoffInfo>,
+    /// Where it went, once `moved`.
+    #[serde(default)]
+    pub moved_to: Option<MovedTo>,
+    /// The appliance it was handed off from (its id), when it arrived by handoff.
+    #[serde(default)]
+    pub received_from: Option<String>,
+}
+
+/// A handoff as the source shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HandoffInfo {
+    /// The target agent's base URL.
+    pub to: String,
+    /// `connecting`, `delta`, `rounds`, `paused`, `done` or `failed`.
+    pub phase: String,
+    /// Rounds of pages sent (0: the δ against the base).
+    pub round: u32,
+    /// Bytes on the wire so far.
+    pub bytes: u64,
+    /// Pages dirtied during the last round.
+    pub dirty_pages: u64,
+    /// Measured link bandwidth, bytes per second (0 until known).
+    pub bandwidth_bps: u64,
+    /// The pause (source's pause → target's resume), ms, once done.
+    pub downtime_ms: Option<f64>,
+    /// Request → target running, ms, once done.
+    pub total_ms: Option<f64>,
+    /// Why it failed (the VM then still runs here).
+    pub error: Option<String>,
+    /// When it started (Unix seconds).
+    pub started_unix: u64,
+}
+
+impl HandoffInfo {
+    /// A handoff to `to` that is just starting.
+    pub fn new(to: &str) -> HandoffInfo {
+        HandoffInfo {
+            to: to.into(),
+            phase: "connecting".into(),
+            round: 0,
+            bytes: 0,
+            dirty_pages: 0,
+            bandwidth_bps: 0,
+            downtime_ms: None,
+            total_ms: None,
+            error: None,
+            started_unix: unix_now(),
+        }
+    }
+}
+
+/// The phase's name as [`HandoffInfo::phase`] shows it.
+pub fn phase_name(p: HandoffPhase) -> &'static str {
+    match p {
+        HandoffPhase::Connecting => "connecting",
+        HandoffPhase::Delta => "delta",
+        HandoffPhase::Rounds => "rounds",
+        HandoffPhase::Paused => "paused",
+        HandoffPhase::Done => "done",
+        HandoffPhase::Failed => "failed",
+    }
+}
+
+/// Where a moved instance runs now.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MovedTo {
+    /// The target agent's base URL.
+    pub agent: String,
+    /// The instance's id there.
+    pub instance: String,
+    /// Its URL there (`AGENT/v1/instances/ID`).
+    pub url: String,
+    /// Its service endpoint there ("IP:PORT"), when known.
+    pub endpoint: Option<String>,
 }
 
 /// `instances/ID.json`: what the API shows, and the instance's files on this host.
@@ -180,6 +289,9 @@ pub enum SupervisorError {
     /// The instance's directory could not be created.
     #[error("cannot create {0}")]
     InstanceDir(PathBuf, #[source] std::io::Error),
+    /// `vmm receive` did not come to listen (the target of a handoff).
+    #[error("cannot receive a handoff")]
+    ReceiveFailed(#[source] StartError),
 }
 
 /// Why a vmm did not come up.
@@ -223,6 +335,20 @@ pub enum StartError {
     /// Nothing within the start timeout.
     #[error("no reply to `health` within {0:?}; vmm log:\n{1}")]
     Timeout(Duration, String),
+    /// No handoff session token could be made.
+    #[error("cannot make a handoff token")]
+    Token(#[source] crate::auth::AuthError),
+}
+
+/// A handoff being received: what the source needs to send it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Receiving {
+    /// The new instance's id here.
+    pub instance_id: String,
+    /// Where `vmm receive` listens.
+    pub listen: SocketAddr,
+    /// The one-time session token (64 hex digits) the source's vmm must present.
+    pub token: String,
 }
 
 /// Settings of the supervisor.
@@ -330,6 +456,22 @@ async fn read_message<T: for<'de> Deserialize<'de>>(
         .map_err(wire::ApiError::Version)
 }
 
+/// Sends `health` to the guest at `addr` until it answers `ok health` (again only when a
+/// try fails); returns the time since `t0`.
+async fn first_health(addr: SocketAddr, t0: Instant) -> Duration {
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            crate::guest::request_async(addr, "health"),
+        )
+        .await
+        {
+            Ok(Ok(r)) if r == "ok health" => return t0.elapsed(),
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
 /// Sends one request on a vmm's control socket and returns its answer.
 pub async fn control_request(sock: &Path, req: &ApiRequest) -> Result<ApiResponse, wire::ApiError> {
     let mut s = tokio::net::UnixStream::connect(sock).await?;
@@ -349,6 +491,11 @@ impl Supervisor {
             table: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
         })
+    }
+
+    /// The counters it keeps.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Bumped whenever an instance changes state.
@@ -452,6 +599,28 @@ impl Supervisor {
                 }
             };
             let mut rec = rec;
+            if rec.info.state == State::Receiving {
+                // A handoff that had not arrived when the agent went: nobody will finish
+                // it, so it leaves nothing behind.
+                if let Some(pid) = rec.info.pid {
+                    if pid_alive(pid) && is_our_vmm(pid, &rec.api_sock) {
+                        signal(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                let _ = std::fs::remove_file(&p);
+                let _ = std::fs::remove_dir_all(dir.join(&rec.info.id));
+                tracing::warn!(instance = %rec.info.id, "dropped a handoff that was being received when the agent stopped");
+                continue;
+            }
+            if rec.info.state == State::HandingOff {
+                // The agent lost the handoff's answer: the vmm keeps the VM unless it went
+                // (checked below); a moved VM's vmm has exited.
+                if let Some(h) = rec.info.handoff.as_mut() {
+                    h.phase = "failed".into();
+                    h.error = Some("the agent restarted during the handoff".into());
+                }
+                rec.info.state = State::Running;
+            }
             if rec.info.state.active() {
                 let alive = rec
                     .info
@@ -530,7 +699,10 @@ impl Supervisor {
     fn finished(&self, id: &str, how: String) {
         let rec = self.update(id, |e| {
             e.rec.info.pid = None;
-            if e.stop_requested || e.rec.info.state == State::Stopping {
+            if matches!(e.rec.info.state, State::HandingOff | State::Moved) {
+                // A handed-off vmm exits 0 once the target runs the VM; the handoff's own
+                // answer says how it went (see handoff_succeeded / handoff_failed).
+            } else if e.stop_requested || e.rec.info.state == State::Stopping {
                 e.rec.info.state = State::Stopped;
             } else if e.rec.info.state != State::Failed {
                 e.rec.info.state = State::Failed;
@@ -551,59 +723,10 @@ impl Supervisor {
     pub async fn start(self: &Arc<Self>, service: &str) -> Result<InstanceRecord, SupervisorError> {
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
-        let id = format!("i-{}", new_id(4));
+        let rec = self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?;
+        let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
-        let sock = dir.join("vm.sock");
-        if sock.as_os_str().len() >= 100 {
-            return Err(SupervisorError::SocketPath(sock));
-        }
-        let rec = InstanceRecord {
-            info: Instance {
-                id: id.clone(),
-                service: svc.name.clone(),
-                base: svc.base.clone(),
-                state: State::Starting,
-                endpoint: String::new(),
-                synthesis_ms: None,
-                first_reply_ms: None,
-                mem_mib: base.mem_mib,
-                created_unix: unix_now(),
-                pid: None,
-                exit: None,
-                error: None,
-                adopted: false,
-            },
-            api_sock: sock.clone(),
-            serial_log: dir.join("serial.log"),
-            vmm_log: dir.join("vmm.log"),
-        };
-        // Reserve the slot under the lock, so concurrent starts cannot overshoot the limits.
-        {
-            let mut t = self.table.lock().expect("instance table");
-            let (n, mem) = t
-                .values()
-                .filter(|e| e.rec.info.state.active())
-                .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.info.mem_mib));
-            if n >= self.cfg.max_vms {
-                return Err(SupervisorError::Full(format!(
-                    "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
-                    self.cfg.max_vms
-                )));
-            }
-            if mem + base.mem_mib > self.cfg.memory_mib {
-                return Err(SupervisorError::Full(format!(
-                    "{} MiB of the board's {} MiB for service VMs are in use and '{}' needs {} MiB more",
-                    mem, self.cfg.memory_mib, svc.name, base.mem_mib
-                )));
-            }
-            t.insert(
-                id.clone(),
-                Entry {
-                    rec: rec.clone(),
-                    stop_requested: false,
-                },
-            );
-        }
+        self.reserve(&rec, &svc.name)?;
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.table.lock().expect("instance table").remove(&id);
             return Err(SupervisorError::InstanceDir(dir, e));
@@ -626,26 +749,391 @@ impl Supervisor {
         }
     }
 
-    /// Spawns the vmm with a report channel, awaits its Ready report and the guest's first
-    /// `ok health`.
-    async fn launch(
-        self: &Arc<Self>,
-        id: &str,
+    /// Takes a slot for `rec` under the lock (so concurrent starts cannot overshoot the
+    /// limits), or says which limit is reached.
+    fn reserve(&self, rec: &InstanceRecord, what: &str) -> Result<(), SupervisorError> {
+        let mut t = self.table.lock().expect("instance table");
+        let (n, mem) = t
+            .values()
+            .filter(|e| e.rec.info.state.active())
+            .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.info.mem_mib));
+        if n >= self.cfg.max_vms {
+            return Err(SupervisorError::Full(format!(
+                "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
+                self.cfg.max_vms
+            )));
+        }
+        if mem + rec.info.mem_mib > self.cfg.memory_mib {
+            return Err(SupervisorError::Full(format!(
+                "{} MiB of the board's {} MiB for service VMs are in use and '{}' needs {} MiB more",
+                mem, self.cfg.memory_mib, what, rec.info.mem_mib
+            )));
+        }
+        t.insert(
+            rec.info.id.clone(),
+            Entry {
+                rec: rec.clone(),
+                stop_requested: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// A fresh record of a new instance in `state` (not yet in the table).
+    fn new_record(
+        &self,
         service: &str,
         base: &str,
-    ) -> Result<InstanceRecord, StartError> {
-        let rec = self.get(id).ok_or(StartError::Vanished)?;
-        let overlay = self.store.overlay_path(service);
-        let base_dir = self.store.base_dir(base);
-        let _ = std::fs::remove_file(&rec.api_sock);
-        let net_args: Vec<String> = match &self.cfg.network {
-            // Port 0: the vmm binds a free port and reports it.
+        mem_mib: u64,
+        state: State,
+    ) -> Result<InstanceRecord, SupervisorError> {
+        let id = format!("i-{}", new_id(4));
+        let dir = self.store.instances_dir().join(&id);
+        let sock = dir.join("vm.sock");
+        if sock.as_os_str().len() >= 100 {
+            return Err(SupervisorError::SocketPath(sock));
+        }
+        Ok(InstanceRecord {
+            info: Instance {
+                id,
+                service: service.into(),
+                base: base.into(),
+                state,
+                endpoint: String::new(),
+                synthesis_ms: None,
+                first_reply_ms: None,
+                mem_mib,
+                created_unix: unix_now(),
+                pid: None,
+                exit: None,
+                error: None,
+                adopted: false,
+                handoff: None,
+                moved_to: None,
+                received_from: None,
+            },
+            api_sock: sock,
+            serial_log: dir.join("serial.log"),
+            vmm_log: dir.join("vmm.log"),
+        })
+    }
+
+    /// Forgets an instance and removes its record and files (a handoff that did not arrive
+    /// leaves nothing behind).
+    fn discard(&self, id: &str) {
+        self.table.lock().expect("instance table").remove(id);
+        let _ = std::fs::remove_file(self.record_path(id));
+        let _ = std::fs::remove_dir_all(self.store.instances_dir().join(id));
+        self.notify();
+    }
+
+    /// The target side of a handoff: registers an instance of `service` on base `base` (a
+    /// base staged here) in state `receiving`, spawns `vmm receive` for it with a fresh
+    /// one-time session token, and returns once the vmm listens. The instance turns
+    /// `running` when the vmm reports `Ready` and the guest answers here; when the vmm
+    /// fails, ends, or nothing arrives within [`RECEIVE_TIMEOUT`], it is killed and the
+    /// instance and its files are removed.
+    pub async fn receive(
+        self: &Arc<Self>,
+        service: &str,
+        base: &str,
+        from: &str,
+    ) -> Result<Receiving, SupervisorError> {
+        let b = self.store.base(base)?;
+        let mut rec = self.new_record(service, base, b.mem_mib, State::Receiving)?;
+        rec.info.received_from = Some(from.into());
+        let id = rec.info.id.clone();
+        self.reserve(&rec, service)?;
+        let dir = self.store.instances_dir().join(&id);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.discard(&id);
+            return Err(SupervisorError::InstanceDir(dir, e));
+        }
+        self.save(&rec);
+        self.notify();
+        match self.listen(&rec).await {
+            Ok((listen, token, child, report)) => {
+                let me = Arc::clone(self);
+                let wid = id.clone();
+                tokio::spawn(async move { me.await_arrival(wid, child, report).await });
+                tracing::info!(instance = %id, service, %listen, "receiving a handoff");
+                Ok(Receiving {
+                    instance_id: id,
+                    listen,
+                    token,
+                })
+            }
+            Err(why) => {
+                self.metrics.handoff("target", "failed");
+                tracing::warn!(instance = %id, "cannot receive a handoff: {}", error_chain(&why));
+                self.discard(&id);
+                Err(SupervisorError::ReceiveFailed(why))
+            }
+        }
+    }
+
+    /// Spawns `vmm receive` and awaits its `Listening` report.
+    async fn listen(
+        &self,
+        rec: &InstanceRecord,
+    ) -> Result<
+        (
+            SocketAddr,
+            String,
+            tokio::process::Child,
+            tokio::net::UnixStream,
+        ),
+        StartError,
+    > {
+        let token = crate::auth::random_secret().map_err(StartError::Token)?;
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "receive".into(),
+            "--base".into(),
+            self.store.base_dir(&rec.info.base).into(),
+            "--listen".into(),
+            SocketAddr::new(self.cfg.host_ip, 0).to_string().into(),
+        ];
+        args.extend(self.net_args().into_iter().map(Into::into));
+        let (mut child, mut report, _) =
+            self.spawn_vmm(rec, &args, &[], Some((HANDOFF_TOKEN_ENV, &token)))?;
+        let first =
+            tokio::time::timeout(self.cfg.start_timeout, read_message::<Report>(&mut report)).await;
+        let why = match first {
+            Ok(Ok(Some(Report::Listening { addr }))) => return Ok((addr, token, child, report)),
+            Err(_) => StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)),
+            Ok(Ok(Some(Report::Failed(failed)))) => StartError::Refused { failed },
+            Ok(Ok(Some(r))) => StartError::Unexpected(Box::new(r)),
+            Ok(Ok(None)) => StartError::Ended {
+                exit: "before listening".into(),
+                tail: log_tail(&rec.vmm_log, 8),
+            },
+            Ok(Err(e)) => StartError::Report(e),
+        };
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        Err(why)
+    }
+
+    /// Follows a `vmm receive` until the VM runs here (then supervises it like any other)
+    /// or the handoff is over without it (then removes every trace).
+    async fn await_arrival(
+        self: Arc<Self>,
+        id: String,
+        mut child: tokio::process::Child,
+        mut report: tokio::net::UnixStream,
+    ) {
+        let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+        // Reports other than the outcome (e.g. progress) are skipped.
+        let arrival = async {
+            loop {
+                match read_message::<Report>(&mut report).await {
+                    Ok(Some(Report::Handoff(_) | Report::Listening { .. })) => {}
+                    other => return other,
+                }
+            }
+        };
+        let outcome: Result<(SocketAddr, Instant), String> = tokio::select! {
+            r = arrival => match r {
+                Ok(Some(Report::Ready(ready))) => match (&self.cfg.network, ready.forwards.first()) {
+                    (NetworkMode::User, Some(f)) => Ok((f.host, Instant::now())),
+                    (NetworkMode::User, None) => Err("the vmm reported no port forward".into()),
+                    (NetworkMode::Tap(_), _) => {
+                        Ok((GUEST_SERVICE.parse().expect("a socket address"), Instant::now()))
+                    }
+                },
+                Ok(Some(Report::Failed(f))) => Err(format!("the handoff did not arrive: {f}")),
+                Ok(Some(r)) => Err(format!("the vmm reported {r:?} before Ready")),
+                Ok(None) => Err("the vmm ended before the VM ran here".into()),
+                Err(e) => Err(format!("bad report from the vmm: {}", error_chain(&e))),
+            },
+            _ = self.stop_requested(&id) => Err("aborted".into()),
+            _ = tokio::time::sleep_until(deadline) => Err(format!("nothing arrived within {RECEIVE_TIMEOUT:?}")),
+        };
+        let checked = match outcome {
+            Ok((addr, t0)) => tokio::select! {
+                took = first_health(addr, t0) => Ok((addr, took)),
+                st = child.wait() => Err(format!(
+                    "the vmm ended before the guest answered ({})",
+                    st.map_or_else(|e| format!("wait failed: {e}"), describe_exit)
+                )),
+                _ = tokio::time::sleep(self.cfg.start_timeout) => {
+                    Err(format!("no reply to `health` within {:?}", self.cfg.start_timeout))
+                }
+                _ = self.stop_requested(&id) => Err("aborted".into()),
+            },
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok((addr, took)) => {
+                self.metrics.handoff("target", "received");
+                let ms = took.as_secs_f64() * 1e3;
+                self.update(&id, |e| {
+                    if e.rec.info.state == State::Receiving {
+                        e.rec.info.state = State::Running;
+                    }
+                    e.rec.info.endpoint = addr.to_string();
+                    e.rec.info.first_reply_ms = Some(ms);
+                });
+                tracing::info!(instance = %id, endpoint = %addr, "a handed-off instance runs here");
+                self.watch(id, child, report).await;
+            }
+            Err(why) => {
+                self.metrics.handoff("target", "failed");
+                tracing::warn!(instance = %id, "handoff not received: {why}; vmm log:\n{}",
+                    self.get(&id).map(|r| log_tail(&r.vmm_log, 8)).unwrap_or_default());
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.discard(&id);
+            }
+        }
+    }
+
+    /// Aborts a handoff being received (the source gave up): kills its `vmm receive` and
+    /// removes the instance. Refused once the VM runs here. With `by`, only the appliance
+    /// it comes from may abort it (another's instance is not found).
+    pub async fn abort_receive(&self, id: &str, by: Option<&str>) -> Result<(), SupervisorError> {
+        {
+            let mut t = self.table.lock().expect("instance table");
+            let e = t
+                .get_mut(id)
+                .filter(|e| by.is_none() || e.rec.info.received_from.as_deref() == by)
+                .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
+            if e.rec.info.state != State::Receiving {
+                return Err(SupervisorError::Conflict(
+                    id.into(),
+                    e.rec.info.state.as_str(),
+                    "only a handoff still being received can be aborted",
+                ));
+            }
+            e.stop_requested = true;
+        }
+        self.notify();
+        // The receiver's task discards it; wait (briefly) until it has.
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while self.get(id).is_some() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Source side: marks a running instance `handing_off` to `to`. Refused (409) unless it
+    /// runs.
+    pub fn begin_handoff(&self, id: &str, to: &str) -> Result<InstanceRecord, SupervisorError> {
+        let rec = {
+            let mut t = self.table.lock().expect("instance table");
+            let e = t
+                .get_mut(id)
+                .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
+            if e.rec.info.state != State::Running || e.stop_requested {
+                return Err(SupervisorError::Conflict(
+                    id.into(),
+                    e.rec.info.state.as_str(),
+                    "only a running instance can be handed off",
+                ));
+            }
+            e.rec.info.state = State::HandingOff;
+            e.rec.info.handoff = Some(HandoffInfo::new(to));
+            e.rec.clone()
+        };
+        self.save(&rec);
+        self.notify();
+        Ok(rec)
+    }
+
+    /// Source side: a progress report of the vmm.
+    pub fn handoff_progress(&self, id: &str, p: &HandoffProgress) {
+        self.update(id, |e| {
+            if e.rec.info.state != State::HandingOff {
+                return;
+            }
+            if let Some(h) = e.rec.info.handoff.as_mut() {
+                h.phase = phase_name(p.phase).into();
+                h.round = p.round;
+                h.bytes = p.bytes;
+                h.dirty_pages = p.dirty_pages;
+                h.bandwidth_bps = p.bandwidth_bps;
+            }
+        });
+    }
+
+    /// Source side: the VM runs on the target; the instance here becomes `moved`.
+    pub fn handoff_succeeded(
+        &self,
+        id: &str,
+        stats: &HandoffStats,
+        moved: MovedTo,
+    ) -> Option<InstanceRecord> {
+        let downtime_ms = stats.downtime_us as f64 / 1e3;
+        self.metrics
+            .handoff_moved(stats.bytes, stats.rounds, downtime_ms);
+        let rec = self.update(id, |e| {
+            e.rec.info.state = State::Moved;
+            e.rec.info.pid = None;
+            if let Some(h) = e.rec.info.handoff.as_mut() {
+                h.phase = "done".into();
+                h.round = stats.rounds;
+                h.bytes = stats.bytes;
+                h.downtime_ms = Some(downtime_ms);
+                h.total_ms = Some(stats.total_us as f64 / 1e3);
+                h.error = None;
+            }
+            e.rec.info.moved_to = Some(moved);
+        });
+        tracing::info!(instance = %id, downtime_ms, bytes = stats.bytes, rounds = stats.rounds, "handed off");
+        rec
+    }
+
+    /// Source side: the handoff failed. The instance is `running` again when its vmm still
+    /// runs (it keeps the VM on any failure), `failed` when the vmm ended meanwhile.
+    pub fn handoff_failed(&self, id: &str, why: &str) -> Option<InstanceRecord> {
+        self.metrics.handoff("source", "failed");
+        tracing::warn!(instance = %id, "handoff failed: {why}");
+        self.update(id, |e| {
+            if e.rec.info.state != State::HandingOff {
+                return;
+            }
+            let alive = e.rec.info.pid.is_some_and(pid_alive);
+            e.rec.info.state = if alive { State::Running } else { State::Failed };
+            if !alive {
+                e.rec.info.pid = None;
+                e.rec.info.error = Some(format!("the vmm ended during a handoff: {why}"));
+            }
+            if let Some(h) = e.rec.info.handoff.as_mut() {
+                h.phase = "failed".into();
+                h.error = Some(why.into());
+            }
+        })
+    }
+
+    /// The guest network arguments of a vmm (port 0: the vmm binds a free port and reports
+    /// it).
+    fn net_args(&self) -> Vec<String> {
+        match &self.cfg.network {
             NetworkMode::User => vec![
                 "--forward".into(),
                 format!("{}={GUEST_SERVICE}", SocketAddr::new(self.cfg.host_ip, 0)),
             ],
             NetworkMode::Tap(dev) => vec!["--tap".into(), dev.clone()],
-        };
+        }
+    }
+
+    /// Spawns `vmm ARGS --api-sock S --serial F --report-fd N TAIL` (with `env`) for the
+    /// instance `rec`, in its own process group with stdio to its log; records its pid.
+    /// Returns the child, our end of the report channel, and the spawn time.
+    fn spawn_vmm(
+        &self,
+        rec: &InstanceRecord,
+        args: &[std::ffi::OsString],
+        tail: &[&str],
+        env: Option<(&str, &str)>,
+    ) -> Result<(tokio::process::Child, tokio::net::UnixStream, Instant), StartError> {
+        let _ = std::fs::remove_file(&rec.api_sock);
         let log_err = |e| StartError::Log(rec.vmm_log.clone(), e);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -659,14 +1147,9 @@ impl Supervisor {
         // fork, which copies this multi-threaded process's page tables.
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Channel)?;
         ours.set_nonblocking(true).map_err(StartError::Channel)?;
-        let mut report = tokio::net::UnixStream::from_std(ours).map_err(StartError::Channel)?;
+        let report = tokio::net::UnixStream::from_std(ours).map_err(StartError::Channel)?;
         let mut cmd = tokio::process::Command::new(&self.cfg.vmm);
-        cmd.arg("synthesize")
-            .arg("--base")
-            .arg(&base_dir)
-            .arg("--overlay")
-            .arg(&overlay)
-            .args(&net_args)
+        cmd.args(args)
             .arg("--api-sock")
             .arg(&rec.api_sock)
             .arg("--serial")
@@ -674,17 +1157,43 @@ impl Supervisor {
             .arg("--report-fd")
             .arg("0")
             .arg("--no-stdin")
-            .arg("-v")
+            .args(tail)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
         let t0 = Instant::now();
         let spawned = cmd.spawn();
-        let mut child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
+        let child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
         let pid = child.id();
-        self.update(id, |e| e.rec.info.pid = pid);
+        self.update(&rec.info.id, |e| e.rec.info.pid = pid);
+        Ok((child, report, t0))
+    }
+
+    /// Spawns the vmm with a report channel, awaits its Ready report and the guest's first
+    /// `ok health`.
+    async fn launch(
+        self: &Arc<Self>,
+        id: &str,
+        service: &str,
+        base: &str,
+    ) -> Result<InstanceRecord, StartError> {
+        let rec = self.get(id).ok_or(StartError::Vanished)?;
+        let overlay = self.store.overlay_path(service);
+        let base_dir = self.store.base_dir(base);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "synthesize".into(),
+            "--base".into(),
+            base_dir.into(),
+            "--overlay".into(),
+            overlay.into(),
+        ];
+        args.extend(self.net_args().into_iter().map(Into::into));
+        let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
         let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
 
         // The report, unless a stop comes first.
@@ -734,19 +1243,7 @@ impl Supervisor {
             // Recorded with the first reply (a record written here would delay it).
             endpoint = Some((addr, ready.synthesis.map(|t| t.total_ms())));
             // The guest runs: one verified request, again only if that fails.
-            let answered = async {
-                loop {
-                    match tokio::time::timeout(
-                        Duration::from_millis(500),
-                        crate::guest::request_async(addr, "health"),
-                    )
-                    .await
-                    {
-                        Ok(Ok(r)) if r == "ok health" => return t0.elapsed(),
-                        _ => tokio::time::sleep(Duration::from_millis(2)).await,
-                    }
-                }
-            };
+            let answered = first_health(addr, t0);
             tokio::select! {
                 took = answered => first_reply = Some(took),
                 _ = self.stop_requested(id) => {}
@@ -816,6 +1313,7 @@ impl Supervisor {
                     self.finished(&id, describe_code(code));
                     break;
                 }
+                Ok(Some(Report::Handoff(p))) => self.handoff_progress(&id, &p),
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
@@ -831,6 +1329,13 @@ impl Supervisor {
     /// once the vmm has reported its guest stopped (or, for one adopted after an agent
     /// restart, once its process is gone).
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<InstanceRecord, SupervisorError> {
+        if let Some(mut r) = self.get(id).filter(|r| r.info.state == State::Receiving) {
+            // Nothing runs here yet: stopping a reception aborts it (and removes it).
+            self.abort_receive(id, None).await?;
+            r.info.state = State::Stopped;
+            r.info.pid = None;
+            return Ok(r);
+        }
         let (pid, sock, adopted) = {
             let mut t = self.table.lock().expect("instance table");
             let e = t
@@ -838,6 +1343,13 @@ impl Supervisor {
                 .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
             if !e.rec.info.state.active() {
                 return Ok(e.rec.clone());
+            }
+            if e.rec.info.state == State::HandingOff {
+                return Err(SupervisorError::Conflict(
+                    id.into(),
+                    e.rec.info.state.as_str(),
+                    "it is being handed off; stop it once it has moved or the handoff failed",
+                ));
             }
             e.stop_requested = true;
             if e.rec.info.state == State::Running {
@@ -924,5 +1436,269 @@ impl Supervisor {
                 tracing::warn!(instance = %id, "stop at shutdown failed: {}", error_chain(&e));
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A base directory `mem_mib` MiB large that loads (sizes only; no VM can run on it).
+    pub(crate) fn fake_base(dir: &Path, mem_mib: u64, id_digit: char) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("kernel"), b"k").unwrap();
+        std::fs::write(dir.join("state"), b"s").unwrap();
+        let m = std::fs::File::create(dir.join("memory")).unwrap();
+        m.set_len(mem_mib << 20).unwrap();
+        let manifest = format::base::Manifest {
+            version: format::base::MANIFEST_VERSION,
+            id: id_digit.to_string().repeat(64),
+            mem_mib,
+            kernel_bytes: 1,
+            state_bytes: 1,
+            memory_bytes: mem_mib << 20,
+            memory_disk_bytes: 0,
+            cmdline: String::new(),
+            disk_bytes: None,
+        };
+        std::fs::write(dir.join(format::base::MANIFEST), manifest.to_json()).unwrap();
+    }
+
+    /// A supervisor over a fresh data directory with base `micro` (1 MiB) staged, whose vmm
+    /// does not exist.
+    pub(crate) fn scratch_supervisor(
+        name: &str,
+        max_vms: u32,
+        memory_mib: u64,
+    ) -> (Arc<Supervisor>, Store, PathBuf) {
+        let d = std::env::temp_dir().join(format!("agent-sup-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let store = Store::open(&d.join("data")).unwrap();
+        fake_base(&d.join("base"), 1, 'a');
+        store.stage_base("micro", &d.join("base")).unwrap();
+        let sup = Supervisor::new(
+            SupervisorConfig {
+                vmm: d.join("no-such-vmm"),
+                host_ip: "127.0.0.1".parse().unwrap(),
+                network: NetworkMode::User,
+                max_vms,
+                memory_mib,
+                start_timeout: Duration::from_secs(2),
+            },
+            store.clone(),
+            Arc::new(Metrics::default()),
+        );
+        (sup, store, d)
+    }
+
+    /// Puts a running instance whose "vmm" is this test process into the table.
+    pub(crate) fn running(sup: &Supervisor) -> String {
+        let mut rec = sup.new_record("model", "micro", 1, State::Running).unwrap();
+        rec.info.pid = Some(std::process::id());
+        rec.info.endpoint = "127.0.0.1:1".into();
+        sup.reserve(&rec, "model").unwrap();
+        sup.save(&rec);
+        rec.info.id
+    }
+
+    fn state(sup: &Supervisor, id: &str) -> State {
+        sup.get(id).unwrap().info.state
+    }
+
+    #[tokio::test]
+    async fn a_handoff_moves_the_instance_or_leaves_it_running() {
+        let (sup, _store, d) = scratch_supervisor("handoff", 4, 1024);
+        let id = running(&sup);
+        assert!(matches!(
+            sup.begin_handoff("i-nope", "http://x:1"),
+            Err(SupervisorError::NoInstance(_))
+        ));
+        let r = sup.begin_handoff(&id, "http://10.0.0.2:9999").unwrap();
+        assert_eq!(r.info.state, State::HandingOff);
+        assert_eq!(r.info.handoff.as_ref().unwrap().phase, "connecting");
+        // One handoff at a time, and no stop in the middle of one; it holds its slot.
+        assert!(matches!(
+            sup.begin_handoff(&id, "http://10.0.0.3:9999"),
+            Err(SupervisorError::Conflict(_, "handing_off", _))
+        ));
+        assert!(matches!(
+            sup.stop(&id).await,
+            Err(SupervisorError::Conflict(..))
+        ));
+        assert_eq!(sup.usage(), (1, 1));
+        sup.handoff_progress(
+            &id,
+            &HandoffProgress {
+                phase: HandoffPhase::Rounds,
+                round: 2,
+                bytes: 5000,
+                dirty_pages: 7,
+                bandwidth_bps: 1_000_000,
+            },
+        );
+        let h = sup.get(&id).unwrap().info.handoff.unwrap();
+        assert_eq!(
+            (
+                h.phase.as_str(),
+                h.round,
+                h.bytes,
+                h.dirty_pages,
+                h.bandwidth_bps
+            ),
+            ("rounds", 2, 5000, 7, 1_000_000)
+        );
+        // A failure while the vmm lives: running again, the error shown.
+        let r = sup.handoff_failed(&id, "link cut").unwrap();
+        assert_eq!(r.info.state, State::Running);
+        let h = r.info.handoff.unwrap();
+        assert_eq!(
+            (h.phase.as_str(), h.error.as_deref()),
+            ("failed", Some("link cut"))
+        );
+        assert!(r.info.error.is_none());
+        // Progress after the end changes nothing.
+        sup.handoff_progress(
+            &id,
+            &HandoffProgress {
+                phase: HandoffPhase::Delta,
+                round: 0,
+                bytes: 1,
+                dirty_pages: 0,
+                bandwidth_bps: 0,
+            },
+        );
+        assert_eq!(sup.get(&id).unwrap().info.handoff.unwrap().phase, "failed");
+
+        // Success, with the source vmm's exit seen first: moved, not failed; slot freed.
+        sup.begin_handoff(&id, "http://10.0.0.2:9999").unwrap();
+        sup.finished(&id, "exit status 0".into());
+        assert_eq!(state(&sup, &id), State::HandingOff);
+        let stats = HandoffStats {
+            rounds: 3,
+            bytes: 1 << 20,
+            downtime_us: 4200,
+            total_us: 900_000,
+            ..Default::default()
+        };
+        let moved = MovedTo {
+            agent: "http://10.0.0.2:9999".into(),
+            instance: "i-0000beef".into(),
+            url: "http://10.0.0.2:9999/v1/instances/i-0000beef".into(),
+            endpoint: Some("10.0.0.2:40000".into()),
+        };
+        let r = sup.handoff_succeeded(&id, &stats, moved.clone()).unwrap();
+        assert_eq!(r.info.state, State::Moved);
+        assert_eq!(r.info.moved_to, Some(moved));
+        assert_eq!(r.info.pid, None);
+        let h = r.info.handoff.unwrap();
+        assert_eq!(
+            (h.phase.as_str(), h.round, h.downtime_ms),
+            ("done", 3, Some(4.2))
+        );
+        assert_eq!(sup.usage(), (0, 0));
+        sup.finished(&id, "exit status 0".into());
+        assert_eq!(
+            state(&sup, &id),
+            State::Moved,
+            "the vmm's exit does not fail it"
+        );
+        // The record on disk says the same (a restarted agent shows it moved).
+        let disk: InstanceRecord =
+            serde_json::from_str(&std::fs::read_to_string(sup.record_path(&id)).unwrap()).unwrap();
+        assert_eq!(disk.info.state, State::Moved);
+        assert!(!State::Moved.active() && State::Receiving.active());
+
+        // A failure after the vmm died: failed.
+        let id2 = running(&sup);
+        sup.begin_handoff(&id2, "http://10.0.0.2:9999").unwrap();
+        sup.finished(&id2, "killed by signal 9".into());
+        let r = sup
+            .handoff_failed(&id2, "the vmm's control socket failed")
+            .unwrap();
+        assert_eq!(r.info.state, State::Failed);
+        assert!(r.info.error.unwrap().contains("during a handoff"));
+        let m = sup.metrics.render(&[], &[]);
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 1"),
+            "{m}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_does_not_come_up_leaves_nothing() {
+        let (sup, store, d) = scratch_supervisor("receive", 1, 1024);
+        let e = sup
+            .receive("model", "micro", "0123456789ab")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, SupervisorError::ReceiveFailed(StartError::Spawn(..))),
+            "{e:?}"
+        );
+        assert!(sup.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(store.instances_dir()).unwrap().count(),
+            0,
+            "no record, no directory"
+        );
+        assert!(matches!(
+            sup.receive("model", "nope", "0123456789ab").await,
+            Err(SupervisorError::Store(StoreError::NoBase(_)))
+        ));
+        // Full: the one slot is taken.
+        let r = running(&sup);
+        // Only a reception can be aborted, and only by the appliance it comes from.
+        assert!(matches!(
+            sup.abort_receive(&r, None).await,
+            Err(SupervisorError::Conflict(_, "running", _))
+        ));
+        sup.update(&r, |e| {
+            e.rec.info.received_from = Some("0123456789ab".into())
+        });
+        assert!(matches!(
+            sup.abort_receive(&r, Some("ba9876543210")).await,
+            Err(SupervisorError::NoInstance(_))
+        ));
+        assert!(matches!(
+            sup.receive("model", "micro", "0123456789ab").await,
+            Err(SupervisorError::Full(_))
+        ));
+        assert_eq!(std::fs::read_dir(store.instances_dir()).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restart_drops_unfinished_receptions_and_readopts_a_source() {
+        let (sup, store, d) = scratch_supervisor("recover", 4, 1024);
+        let mut rec = sup
+            .new_record("model", "micro", 1, State::Receiving)
+            .unwrap();
+        std::fs::create_dir_all(store.instances_dir().join(&rec.info.id)).unwrap();
+        std::fs::write(
+            store.instances_dir().join(&rec.info.id).join("vmm.log"),
+            b"x",
+        )
+        .unwrap();
+        sup.save(&rec);
+        // A source whose vmm is gone: failed, with the handoff marked failed.
+        rec = sup
+            .new_record("model", "micro", 1, State::HandingOff)
+            .unwrap();
+        rec.info.handoff = Some(HandoffInfo::new("http://10.0.0.2:1"));
+        sup.save(&rec);
+        let again = Supervisor::new(sup.cfg.clone(), store.clone(), Arc::new(Metrics::default()));
+        again.recover().await;
+        let v = again.list();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].info.id, rec.info.id);
+        assert_eq!(v[0].info.state, State::Failed);
+        assert_eq!(v[0].info.handoff.as_ref().unwrap().phase, "failed");
+        assert_eq!(std::fs::read_dir(store.instances_dir()).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

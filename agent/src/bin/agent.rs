@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use agent::auth::{random_secret, PeerStore};
 use agent::board::Board;
 use agent::daemon::{default_vmm, Options};
 use agent::store::Store;
@@ -18,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 ///   agent --board dev --data-dir /tmp/cl              # run with the embedded dev board
 ///   agent stage-base micro --from base/ --data-dir /tmp/cl
 ///   agent stage-service model --overlay app.overlay --data-dir /tmp/cl
+///   agent add-peer 0123456789ab --name hall-b --data-dir /tmp/cl   # prints a new secret
 #[derive(Parser, Debug)]
 #[command(name = "agent", version, verbatim_doc_comment)]
 struct Cli {
@@ -81,6 +83,19 @@ enum Cmd {
         /// A description for the catalogue.
         #[arg(long)]
         description: Option<String>,
+    },
+    /// Trust appliance ID (12 hex digits, its `GET /v1/system` id) for VM handoff, in both
+    /// directions, with a shared secret: run it on both appliances, each with the other's
+    /// id and the same secret. Without --secret a new one is made and printed.
+    AddPeer {
+        /// The other appliance's id.
+        id: String,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The shared secret (at least 16 characters); made when absent.
+        #[arg(long)]
+        secret: Option<String>,
     },
     /// Add a client app (a file phones may download) to the app store.
     StageApp {
@@ -196,6 +211,24 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "service {} staged: base {}, overlay {} bytes, sha256 {}",
                 s.name, s.base, s.overlay_bytes, s.overlay_sha256
+            );
+            Ok(())
+        }
+        Some(Cmd::AddPeer { id, name, secret }) => {
+            let s = store()?;
+            let secret = match secret {
+                Some(s) => s,
+                None => random_secret()?,
+            };
+            let p = PeerStore::in_dir(s.root()).add(&id, &name, &secret)?;
+            println!(
+                "appliance {} ({}) is trusted for handoff; this appliance is {}. On {}, run:\n  agent add-peer {} --secret {}",
+                p.id,
+                if p.name.is_empty() { "-" } else { &p.name },
+                s.id(),
+                p.id,
+                s.id(),
+                p.secret
             );
             Ok(())
         }

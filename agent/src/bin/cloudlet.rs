@@ -1,10 +1,11 @@
 //! `cloudlet`: the client CLI — discover appliances, start a service on the best one, call
-//! it, stop it.
+//! it, hand it off to another appliance, stop it.
 
 use std::time::Duration;
 
-use agent::client::{best, discover_ranked, discover_ranked_until, Client};
+use agent::client::{best, discover_ranked, discover_ranked_until, Client, Session};
 use agent::guest::GuestConn;
+use agent::handoff::HANDOFF_TIMEOUT;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,8 @@ use clap::{Parser, Subcommand};
 ///   cloudlet discover
 ///   cloudlet start model --token cloudlet-dev-token        # on the best appliance
 ///   cloudlet call 127.0.0.1:40123 "query 5" "get 7"
+///   cloudlet call i-0123abcd "query 5" --agent http://127.0.0.1:9999   # follows a handoff
+///   cloudlet handoff i-0123abcd --to http://10.0.0.2:9999 --agent http://127.0.0.1:9999 --token T
 ///   cloudlet stop i-0123abcd --agent http://127.0.0.1:9999 --token cloudlet-dev-token
 #[derive(Parser, Debug)]
 #[command(name = "cloudlet", version, verbatim_doc_comment)]
@@ -54,13 +57,27 @@ enum Cmd {
         /// Service name.
         service: String,
     },
-    /// Send requests to an instance's endpoint (IP:PORT) and print the replies.
+    /// Send requests to an instance's endpoint (IP:PORT) and print the replies; given an
+    /// instance id instead, find it through the agent (following a handoff) and reconnect
+    /// when it moves.
     Call {
-        /// The endpoint from `start`.
+        /// The endpoint from `start` (IP:PORT), or an instance id (i-…).
         endpoint: String,
         /// Requests (`health`, `query 5`, `get 7`, `primes 1000`, ...).
         #[arg(required = true)]
         requests: Vec<String>,
+    },
+    /// Hand an instance off to another appliance (a trusted peer holding the same base)
+    /// while it keeps serving; print the progress and where it runs now.
+    Handoff {
+        /// Instance id.
+        id: String,
+        /// The target agent (http://IP:PORT).
+        #[arg(long)]
+        to: String,
+        /// The pause to aim for, ms (the vmm's default when absent).
+        #[arg(long)]
+        downtime_ms: Option<u32>,
     },
     /// Stop and remove an instance.
     Stop {
@@ -171,6 +188,77 @@ fn run(cli: Cli) -> Result<()> {
                     i.first_reply_ms
                         .map(|v| v.to_string())
                         .unwrap_or("-".into())
+                );
+            }
+        }
+        Cmd::Call { endpoint, requests } if endpoint.starts_with("i-") => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let mut sess = Session::open(&c, endpoint, Duration::from_secs(10))?;
+            for r in requests {
+                let reply = sess
+                    .request(r)
+                    .with_context(|| format!("request '{r}' failed"))?;
+                println!("{reply}");
+            }
+            if sess.reconnects > 0 {
+                eprintln!(
+                    "(reconnected {} time(s); the instance is {} at {}, endpoint {})",
+                    sess.reconnects,
+                    sess.id(),
+                    sess.agent(),
+                    sess.endpoint()
+                );
+            }
+        }
+        Cmd::Handoff {
+            id,
+            to,
+            downtime_ms,
+        } => {
+            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let (id2, to2, dt) = (id.clone(), to.clone(), *downtime_ms);
+            let c2 = c.clone().with_timeout(HANDOFF_TIMEOUT);
+            let job = std::thread::spawn(move || c2.handoff(&id2, &to2, dt));
+            let mut last = String::new();
+            while !job.is_finished() {
+                if let Ok(Some(h)) = c.instance(id).map(|v| v.handoff) {
+                    let line = format!(
+                        "{:<10} round {:>3}  {:>12} bytes  dirty {:>6} pages  {:>8.1} Mbit/s",
+                        h.phase,
+                        h.round,
+                        h.bytes,
+                        h.dirty_pages,
+                        h.bandwidth_bps as f64 * 8.0 / 1e6
+                    );
+                    if line != last && !cli.json {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let v = job
+                .join()
+                .map_err(|_| anyhow::anyhow!("the handoff thread panicked"))??;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let h = v
+                    .handoff
+                    .clone()
+                    .unwrap_or_else(|| agent::supervisor::HandoffInfo::new(to));
+                let m = v.moved_to.as_ref();
+                println!(
+                    "{} {}: now {} at {} (endpoint {}); downtime {} ms, total {} ms, {} bytes in {} rounds",
+                    v.id,
+                    v.state,
+                    m.map_or("-", |m| m.instance.as_str()),
+                    m.map_or("-", |m| m.agent.as_str()),
+                    m.and_then(|m| m.endpoint.as_deref()).unwrap_or("-"),
+                    h.downtime_ms.map_or("-".into(), |d| format!("{d:.2}")),
+                    h.total_ms.map_or("-".into(), |d| format!("{d:.1}")),
+                    h.bytes,
+                    h.round
                 );
             }
         }

@@ -174,3 +174,105 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
     assert!(a.client().instances().unwrap().is_empty());
     assert!(a.live_vmms().is_empty());
 }
+
+/// Decodes standard base64 (a WebDriver screenshot).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= u32::from(val(*c)) << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+impl Driver {
+    /// Saves a screenshot of the page as `CARGO_TARGET_TMPDIR/NAME.png`.
+    fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        let v = self.cmd("GET", "/screenshot", json!({}));
+        let png = base64_decode(v.as_str().unwrap());
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.png"));
+        std::fs::write(&p, png).unwrap();
+        eprintln!("screenshot: {}", p.display());
+        p
+    }
+}
+
+/// The hand-off action: choose a discovered appliance, watch the instance move, see where
+/// it went. With the stand-in vmm (see handoff.rs), so it runs before the real vmm can hand
+/// off.
+#[test]
+fn the_web_manager_hands_an_instance_off() {
+    let (_d, vmm) = crate::handoff::stand_in();
+    let a = AgentProc::start_with_vmm("web-ho-a", &[], &vmm);
+    let b = AgentProc::start_with_vmm("web-ho-b", &[], &vmm);
+    let secret = "a-secret-both-appliances-share-web-0123";
+    a.trust(&b, secret);
+    b.trust(&a, secret);
+    let i = a.client().start("model").unwrap();
+
+    let d = Driver::start();
+    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
+    let token = d.wait("#token");
+    d.cmd(
+        "POST",
+        &format!("/element/{token}/value"),
+        json!({"text": TOKEN}),
+    );
+    let ho = d.wait(&format!("#inst-{} button.handoff", i.id));
+    d.click(&ho);
+    // The chooser lists the other appliance, found over mDNS.
+    let option = format!("#handoff-to option[value='{}']", b.url);
+    let t0 = Instant::now();
+    let opt = loop {
+        if let Some(o) = wait_for(Duration::from_secs(10), "the scan to end", || {
+            let searching = d
+                .js("return document.querySelector('#handoff-to').textContent")
+                .as_str()
+                .is_some_and(|t| t.contains("searching"));
+            (!searching).then(|| d.find(&option))
+        }) {
+            break o;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} was never discovered",
+            b.url
+        );
+        d.click(&d.wait("#handoff-rescan"));
+    };
+    d.click(&opt);
+    d.screenshot("web-manager-handoff-chooser");
+    d.click(&d.wait("#handoff-go"));
+    let moved = wait_for(Duration::from_secs(20), "the row to show moved", || {
+        d.find(&format!("#inst-{} td.state.moved", i.id))
+    });
+    assert_eq!(d.text(&moved), "moved");
+    let cell = d.text(&d.wait(&format!("#inst-{} td.ho", i.id)));
+    assert!(
+        cell.contains(&b.url) && cell.contains("downtime") && cell.contains("rounds"),
+        "{cell}"
+    );
+    let msg = d.text(&d.wait("#msg"));
+    assert!(msg.contains("handed") && msg.contains(&b.url), "{msg}");
+    d.screenshot("web-manager-handoff-moved");
+    // It runs there.
+    let there = b.client().instances().unwrap();
+    assert_eq!(there.len(), 1);
+    assert_eq!(there[0].state, "running");
+}

@@ -133,6 +133,8 @@ pub struct AgentProc {
     pub url: String,
     /// Whether to pass --stop-on-exit.
     stop_on_exit: bool,
+    /// The vmm to run (the built one when None).
+    vmm: Option<PathBuf>,
 }
 
 /// The dev board with `edits` applied (`(from, to)` text replacements).
@@ -165,6 +167,20 @@ impl AgentProc {
     /// As [`AgentProc::start`]; `stop_on_exit` false leaves instances running when the
     /// agent exits (for the re-adoption test).
     pub fn start_opts(name: &str, edits: &[(&str, &str)], stop_on_exit: bool) -> AgentProc {
+        AgentProc::start_full(name, edits, stop_on_exit, None)
+    }
+
+    /// As [`AgentProc::start`], running `vmm` instead of the built vmm.
+    pub fn start_with_vmm(name: &str, edits: &[(&str, &str)], vmm: &Path) -> AgentProc {
+        AgentProc::start_full(name, edits, true, Some(vmm.to_path_buf()))
+    }
+
+    fn start_full(
+        name: &str,
+        edits: &[(&str, &str)],
+        stop_on_exit: bool,
+        vmm: Option<PathBuf>,
+    ) -> AgentProc {
         let img = images();
         let dir = Scratch::new(name);
         let data = dir.path("data");
@@ -203,6 +219,7 @@ impl AgentProc {
             child: None,
             url: String::new(),
             stop_on_exit,
+            vmm,
         };
         a.spawn();
         a
@@ -229,6 +246,9 @@ impl AgentProc {
         if self.stop_on_exit {
             cmd.arg("--stop-on-exit");
         }
+        if let Some(v) = &self.vmm {
+            cmd.arg("--vmm").arg(v);
+        }
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -253,6 +273,33 @@ impl AgentProc {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("agent.log")).unwrap_or_default()
+    }
+
+    /// This appliance's id.
+    pub fn id(&self) -> String {
+        std::fs::read_to_string(self.data.join("agent.id"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Trusts `other` for handoff with `secret` (`agent add-peer`; the agent reads it at once).
+    pub fn trust(&self, other: &AgentProc, secret: &str) {
+        run_agent_cmd(&["add-peer", &other.id(), "--secret", secret], &self.data);
+    }
+
+    /// Instance records in the data directory, and whether anything else is under
+    /// `instances/` (a directory without a record).
+    pub fn instance_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data.join("instances"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// A client with the token.
