@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::arch::{layout, mptable};
 use crate::config::{DevicesConfig, SerialOutput, VmConfig};

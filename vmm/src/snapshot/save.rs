@@ -9,12 +9,10 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap};
 use format::base::STATE;
 use format::state::{self as persist, Kind};
-use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::state::{MachineState, SnapshotError, SnapshotInfo, DISK_DELTA_FILE};
 use crate::machine::Machine;

@@ -19,11 +19,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::mapped::Mapped;
 use format::overlay::{ChunkChecks, Overlay, OverlayError, Run};
 use format::sources::{PageSources, Source};
 use format::PAGE_SIZE;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::check::Checked;
 use super::uffd::{Fill, Uffd};

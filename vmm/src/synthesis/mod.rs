@@ -17,8 +17,8 @@ pub mod uffd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::overlay::OverlayError;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::DevicesConfig;
 use crate::snapshot::state::MachineState;
