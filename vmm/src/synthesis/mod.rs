@@ -147,6 +147,14 @@ impl Synthesis {
         &self.checked.state
     }
 
+    /// The base the VM runs on (a handoff sends the VM's δ against it).
+    pub fn handoff_base(&self) -> crate::handoff::send::HandoffBase {
+        crate::handoff::send::HandoffBase {
+            memory: self.base.join(format::base::MEMORY),
+            id: self.checked.manifest.id_bytes(),
+        }
+    }
+
     /// The VM and its memory slot exist: a lazy fill may fill chunks ahead (see
     /// [`lazy::Filler::warm_then_serve_faults`]).
     pub fn vm_created(&self) {
