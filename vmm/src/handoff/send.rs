@@ -103,9 +103,12 @@ pub enum SendError {
     /// Connecting failed.
     #[error("cannot connect to the handoff target {0}")]
     Connect(SocketAddr, #[source] std::io::Error),
+    /// The target closed the connection (it stopped, or the link was cut).
+    #[error("the target closed the connection")]
+    Closed(#[source] std::io::Error),
     /// The stream failed (link cut, timeout, bad frame).
     #[error("the handoff stream failed")]
-    Stream(#[from] HandoffError),
+    Stream(#[source] HandoffError),
     /// The target refused the handoff.
     #[error("the target refused the handoff ({kind:?}): {reason}")]
     Refused {
@@ -140,6 +143,23 @@ pub enum SendError {
     /// A thread of the handoff could not start.
     #[error("cannot start the handoff's threads")]
     Thread(#[source] std::io::Error),
+}
+
+impl From<HandoffError> for SendError {
+    fn from(e: HandoffError) -> Self {
+        use std::io::ErrorKind as K;
+        match e {
+            HandoffError::Io(io)
+                if matches!(
+                    io.kind(),
+                    K::UnexpectedEof | K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted
+                ) =>
+            {
+                SendError::Closed(io)
+            }
+            e => SendError::Stream(e),
+        }
+    }
 }
 
 /// What the handoff thread asks of the event loop.
@@ -917,6 +937,8 @@ struct Pipeline {
     encoder: Option<JoinHandle<Result<(), HandoffError>>>,
     sender: Option<JoinHandle<Result<FrameWriter<TcpStream>, HandoffError>>>,
     meter: Arc<Meter>,
+    /// Everything was written: the connection stays open for the target's answer.
+    finished: bool,
 }
 
 impl Pipeline {
@@ -987,6 +1009,7 @@ impl Pipeline {
             encoder: Some(encoder),
             sender: Some(sender),
             meter,
+            finished: false,
         })
     }
 
@@ -1036,6 +1059,7 @@ impl Pipeline {
     /// Writes the rest; returns the bytes written in all.
     fn finish(mut self) -> Result<u64, SendError> {
         self.jobs = None;
+        self.finished = true;
         let enc = self.encoder.take().map(|h| h.join());
         let snd = self.sender.take().map(|h| h.join());
         if let Some(Ok(Err(e))) = enc {
@@ -1064,7 +1088,10 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.jobs = None;
-        let _ = self.meter.conn.shutdown(std::net::Shutdown::Both);
+        if !self.finished {
+            // A sending thread blocked on a stalled peer returns at once.
+            let _ = self.meter.conn.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(h) = self.encoder.take() {
             let _ = h.join();
         }
