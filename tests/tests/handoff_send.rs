@@ -8,6 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use cloudlet_tests::{micro_guest, run_image_builder, vmm_bin, vmm_status, Finished, Scratch, Vmm};
 use format::base::{Manifest, MEMORY, STATE};
+use format::control::{HandoffPhase, Report};
 use format::handoff::{
     Codec, Fill, FrameReader, FrameWriter, Message, Pages, Refusal, RefuseKind, Resumed, Start,
 };
@@ -87,18 +91,22 @@ fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-/// A synthesised VM with a control socket and its service forwarded.
+/// A synthesised VM with a control socket, its service forwarded, and its report channel.
 struct Source {
     vmm: Vmm,
     sock: String,
     addr: SocketAddr,
+    reports: UnixStream,
 }
 
 fn synthesise(s: &Scratch) -> Source {
     let img = images();
     let port = free_port();
     let sock = s.path("vm.sock").display().to_string();
-    let vmm = Vmm::spawn([
+    let (reports, theirs) = UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
         "synthesize",
         "--base",
         arg(&img.base),
@@ -110,12 +118,37 @@ fn synthesise(s: &Scratch) -> Source {
         "null",
         "--forward",
         &format!("127.0.0.1:{port}={GUEST_SERVICE}"),
+        "--report-fd",
+        &fd.to_string(),
     ]);
+    // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy of
+    // `fd` only.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let vmm = Vmm::spawn_cmd(&mut cmd);
+    drop(theirs);
+    reports.set_read_timeout(Some(T)).unwrap();
     Source {
         vmm,
         sock,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        reports,
     }
+}
+
+/// Every report until end of file.
+fn all_reports(r: &mut UnixStream) -> Vec<Report> {
+    let mut out = Vec::new();
+    while let Ok(Ok(rep)) = format::control::read_frame::<Report>(r) {
+        out.push(rep);
+    }
+    out
 }
 
 /// `vmm handoff` of the VM behind `sock` to `to`.
@@ -457,6 +490,47 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
     eprintln!(
         "{}; rounds after the δ seen: {}",
         fin.stdout[0], got.rounds_seen
+    );
+
+    // The supervisor saw every handoff's progress, each failure, then the last one done and
+    // the exit with 0.
+    let reports = all_reports(&mut src.reports);
+    assert!(
+        matches!(reports.first(), Some(Report::Ready(_))),
+        "{reports:?}"
+    );
+    let phases: Vec<HandoffPhase> = reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Handoff(p) => Some(p.phase),
+            _ => None,
+        })
+        .collect();
+    let failed = phases
+        .iter()
+        .filter(|p| **p == HandoffPhase::Failed)
+        .count();
+    assert_eq!(failed, 6, "one Failed per failed handoff: {phases:?}");
+    let last: Vec<HandoffPhase> = phases
+        .iter()
+        .rev()
+        .take_while(|p| **p != HandoffPhase::Failed)
+        .copied()
+        .collect();
+    for want in [
+        HandoffPhase::Connecting,
+        HandoffPhase::Delta,
+        HandoffPhase::Rounds,
+        HandoffPhase::Paused,
+        HandoffPhase::Done,
+    ] {
+        assert!(last.contains(&want), "{want:?} missing in {last:?}");
+    }
+    assert_eq!(last.first(), Some(&HandoffPhase::Done), "{last:?}");
+    assert_eq!(
+        reports.last(),
+        Some(&Report::Exited { code: 0 }),
+        "{reports:?}"
     );
 
     // The rebuilt VM runs and has everything.
