@@ -181,6 +181,8 @@ enum Mode {
     CutBeforeAccept,
     /// Closes after the first `Pages` frame (round 0, the δ).
     CutInDelta,
+    /// Answers `Failed` at the first `Pages` frame, then discards the rest.
+    FailInDelta,
     /// Closes at the first `Pages` frame after a `Disk` frame (a dirty round).
     CutInRounds,
     /// Closes after `Complete`, without an answer.
@@ -251,6 +253,18 @@ fn serve(conn: TcpStream, mode: Mode, base: Vec<u8>, base_id: [u8; 32]) -> Optio
         };
         match msg {
             Message::Pages(p) => {
+                if mode == Mode::FailInDelta {
+                    w.write(
+                        &Message::Failed(Refusal {
+                            kind: RefuseKind::Other,
+                            reason: "the test runs out of memory".into(),
+                        }),
+                        Codec::Raw,
+                    )
+                    .unwrap();
+                    while r.read().is_ok() {}
+                    return None;
+                }
                 if mode == Mode::CutInDelta || (mode == Mode::CutInRounds && after_disk) {
                     return None;
                 }
@@ -416,6 +430,7 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
         Mode::Refuse,
         Mode::CutBeforeAccept,
         Mode::CutInDelta,
+        Mode::FailInDelta,
         Mode::CutInRounds,
         Mode::CutAfterComplete,
         Mode::FailAfterComplete,
@@ -447,6 +462,7 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
         let why = match mode {
             Mode::Refuse => "the target refused the handoff (Other): the test refuses",
             Mode::FailAfterComplete => "the target failed (Other): the test fails the restore",
+            Mode::FailInDelta => "the target failed (Other): the test runs out of memory",
             _ => "the target closed the connection",
         };
         assert!(fin.stderr.contains(why), "{mode:?}: {fin:?}");
@@ -510,7 +526,7 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
         .iter()
         .filter(|p| **p == HandoffPhase::Failed)
         .count();
-    assert_eq!(failed, 6, "one Failed per failed handoff: {phases:?}");
+    assert_eq!(failed, 7, "one Failed per failed handoff: {phases:?}");
     let last: Vec<HandoffPhase> = phases
         .iter()
         .rev()

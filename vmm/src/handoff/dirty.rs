@@ -315,7 +315,9 @@ pub fn delta_candidates(mem: &GuestMemoryMmap) -> Result<PageSet, DirtyError> {
         for (i, e) in raw.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
             let host = s.host + (i * PAGE) as u64;
-            let is_anon = anon.iter().any(|&(a, b)| a <= host && host < b);
+            // The last anonymous range starting at or below `host`, if it covers it.
+            let at = anon.partition_point(|&(a, _)| a <= host);
+            let is_anon = at > 0 && host < anon[at - 1].1;
             let written = e & PM_SWAPPED != 0 || (e & PM_PRESENT != 0 && e & PM_FILE == 0);
             if is_anon || written {
                 set.insert(s.first_page + i as u64);
@@ -325,7 +327,7 @@ pub fn delta_candidates(mem: &GuestMemoryMmap) -> Result<PageSet, DirtyError> {
     Ok(set)
 }
 
-/// Address ranges of this process's anonymous mappings (no file behind them).
+/// Address ranges of this process's anonymous mappings (no file behind them), ascending.
 fn anonymous_ranges() -> std::io::Result<Vec<(u64, u64)>> {
     let maps = BufReader::new(File::open("/proc/self/maps")?);
     let mut out = Vec::new();
@@ -346,6 +348,7 @@ fn anonymous_ranges() -> std::io::Result<Vec<(u64, u64)>> {
             }
         }
     }
+    out.sort_unstable();
     Ok(out)
 }
 

@@ -499,7 +499,34 @@ impl Session {
             m => return Err(SendError::Unexpected(m.kind(), "Accept or Refuse")),
         }
         self.pipe = Some(Pipeline::start(writer, conn).map_err(SendError::Thread)?);
+        let r = self.stream(src, req, &mut reader);
+        match r {
+            // A target that fails says why before it closes: a failed write or a cut
+            // answer may hide a `Failed` waiting to be read.
+            Err(SendError::Closed(_) | SendError::Stream(HandoffError::Io(_))) => {
+                let _ = reader
+                    .get_ref()
+                    .set_read_timeout(Some(Duration::from_secs(1)));
+                match reader.read() {
+                    Ok(Message::Failed(f) | Message::Refuse(f)) => Err(SendError::TargetFailed {
+                        kind: f.kind,
+                        reason: f.reason,
+                    }),
+                    _ => r,
+                }
+            }
+            r => r,
+        }
+    }
 
+    /// Everything after `Accept`: the δ, the rounds, the pause, the target's answer.
+    fn stream(
+        &mut self,
+        src: &Source,
+        req: &Request,
+        reader: &mut FrameReader<TcpStream>,
+    ) -> Result<HandoffStats, SendError> {
+        let ops = &src.ops;
         // From here every write is recorded: what round 0 reads, or what it missed.
         self.log = Some(DirtyLog::start(
             dirty::dup_fd(&src.vm).map_err(|e| SendError::Read("the VM", e))?,
