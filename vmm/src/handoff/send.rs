@@ -822,7 +822,8 @@ impl PageSender {
             }
             if let Some(h) = hash {
                 self.sent.insert(p, h);
-                self.by_hash.entry(h).or_insert(p);
+                // The latest holder: the one least likely to change before it is used.
+                self.by_hash.insert(h, p);
             }
         }
         self.pages += batch.len() as u64;
@@ -901,7 +902,8 @@ pub fn choose_codec(bandwidth: Option<f64>, zstd_bps: Option<f64>) -> Codec {
 struct Meter {
     written: AtomicU64,
     conn: TcpStream,
-    started: Instant,
+    /// When the first frame was written (the link idles before: connecting, the δ scan).
+    started: std::sync::OnceLock<Instant>,
     /// zstd-1 input bytes and the nanoseconds they took.
     zstd_in: AtomicU64,
     zstd_ns: AtomicU64,
@@ -935,7 +937,7 @@ impl Meter {
     /// Acknowledged bytes per second since the stream started (`None` under 64 KiB).
     fn bandwidth(&self) -> Option<f64> {
         let acked = self.acked();
-        let t = self.started.elapsed().as_secs_f64();
+        let t = self.started.get()?.elapsed().as_secs_f64();
         (acked >= 64 << 10 && t > 0.0).then(|| acked as f64 / t)
     }
 
@@ -973,7 +975,7 @@ impl Pipeline {
         let meter = Arc::new(Meter {
             written: AtomicU64::new(0),
             conn,
-            started: Instant::now(),
+            started: std::sync::OnceLock::new(),
             zstd_in: AtomicU64::new(0),
             zstd_ns: AtomicU64::new(0),
         });
@@ -1021,6 +1023,7 @@ impl Pipeline {
                 for e in enc_rx {
                     match e {
                         Encoded::Frame(f) => {
+                            m.started.get_or_init(Instant::now);
                             writer.write_encoded(&f)?;
                             m.written.fetch_add(f.len() as u64, Ordering::Relaxed);
                         }
@@ -1183,6 +1186,60 @@ mod tests {
         assert_eq!(choose_codec(Some(125e6), z), Codec::Zstd(1), "1 Gbit/s");
         assert_eq!(choose_codec(Some(3e6), z), Codec::Zstd(3), "25 Mbit/s");
         assert_eq!(choose_codec(Some(3e6), None), Codec::Zstd(1));
+    }
+
+    /// Pages sent through a real pipeline to a local reader: zero pages, data, a copy of an
+    /// earlier page, and no copy of a page whose content the target no longer holds.
+    #[test]
+    fn pages_dedup_only_against_what_the_target_holds() {
+        use vm_memory::{Bytes, GuestAddress};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let mut pipe = Pipeline::start(FrameWriter::new(conn.try_clone().unwrap()), conn).unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(4).unwrap();
+        let at = |p: u64| GuestAddress(p * PAGE as u64);
+        mem.write_slice(&[7u8; PAGE], at(1)).unwrap();
+        mem.write_slice(&[7u8; PAGE], at(2)).unwrap();
+        let dir = std::env::temp_dir().join(format!("vmm-send-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("base"), vec![0u8; 4 << 20]).unwrap();
+        let base = File::open(dir.join("base")).unwrap();
+        let mut ps = PageSender::new(dirty::mem_pages(&mem));
+        // Batch 1: pages 1 (data) and 3 (zero, while the base is zero too: Base).
+        ps.send_pages(&mem, &base, [1, 3].into_iter(), &mut pipe)
+            .unwrap();
+        // Batch 2: page 2 has page 1's content.
+        ps.send_pages(&mem, &base, [2].into_iter(), &mut pipe)
+            .unwrap();
+        // Page 1 changes and is sent again; page 5 gets its old content: page 2 is the
+        // source now (the target still holds it), never page 1.
+        mem.write_slice(&[8u8; PAGE], at(1)).unwrap();
+        mem.write_slice(&[7u8; PAGE], at(5)).unwrap();
+        ps.send_pages(&mem, &base, [1].into_iter(), &mut pipe)
+            .unwrap();
+        ps.send_pages(&mem, &base, [5].into_iter(), &mut pipe)
+            .unwrap();
+        pipe.finish().unwrap();
+        let mut r = FrameReader::new(peer);
+        let mut runs = Vec::new();
+        for _ in 0..4 {
+            let Message::Pages(p) = r.read().unwrap() else {
+                panic!("pages expected")
+            };
+            p.check(1024).unwrap();
+            runs.push(p.runs.iter().map(|r| (r.first, r.fill)).collect::<Vec<_>>());
+        }
+        assert_eq!(
+            runs,
+            [
+                vec![(1, Fill::Data), (3, Fill::Base)],
+                vec![(2, Fill::Copy(1))],
+                vec![(1, Fill::Data)],
+                vec![(5, Fill::Copy(2))],
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
