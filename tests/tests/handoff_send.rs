@@ -229,6 +229,8 @@ fn serve(conn: TcpStream, mode: Mode, base: Vec<u8>, base_id: [u8; 32]) -> Optio
     match mode {
         Mode::CutBeforeAccept => return None,
         Mode::Refuse => {
+            // Slowly: the test checks meanwhile that the source serves as usual.
+            std::thread::sleep(Duration::from_secs(1));
             w.write(
                 &Message::Refuse(Refusal {
                     kind: RefuseKind::Other,
@@ -457,7 +459,24 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
         });
         // With no downtime budget the source goes round after round while the writer runs.
         let budget = if mode == Mode::CutInRounds { 0 } else { 20 };
+        // While the slow refusal is pending: the control socket and the guest serve, and a
+        // second handoff is refused.
+        let meanwhile = (mode == Mode::Refuse).then(|| {
+            let (sock, addr) = (src.sock.clone(), src.addr);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                assert!(vmm_status(&sock, T).starts_with("running"));
+                let second = handoff(&sock, "127.0.0.1:9".parse().unwrap(), 20);
+                assert_eq!(second.code(), 1, "{second:?}");
+                assert!(second.stderr.contains("already in progress"), "{second:?}");
+                let mut c = Client::connect(addr, T).unwrap();
+                assert_eq!(ask(&mut c, "get 7"), get_reply(7, 42));
+            })
+        });
         let fin = handoff(&src.sock, to, budget);
+        if let Some(m) = meanwhile {
+            m.join().unwrap();
+        }
         assert_eq!(fin.code(), 1, "{mode:?}: the handoff fails: {fin:?}");
         let why = match mode {
             Mode::Refuse => "the target refused the handoff (Other): the test refuses",
