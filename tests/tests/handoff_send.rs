@@ -13,7 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -441,14 +442,20 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
     .enumerate()
     {
         let (to, rx) = receiver(mode);
-        // A writer during the handoff (its own connection): disk blocks and RAM change.
+        // A writer during the handoff (its own connection): disk blocks and RAM change
+        // until the handoff has ended.
         let addr = src.addr;
-        let base = 100 + 20 * k as u64;
+        let first = 100 + 200 * k as u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
         let writer = std::thread::spawn(move || {
             let mut w = Client::connect(addr, T).unwrap();
             let mut done = Vec::new();
-            for j in 0..15 {
-                let (i, v) = (base + j, 1000 * (k as u64 + 1) + j);
+            for j in 0..200 {
+                if stop2.load(Ordering::Relaxed) && j >= 5 {
+                    break;
+                }
+                let (i, v) = (first + j, 1000 * (k as u64 + 1) + j);
                 assert_eq!(
                     ask(&mut w, &format!("put {i} {v}")),
                     format!("ok put i={i} value={v}")
@@ -486,6 +493,7 @@ fn failures_keep_the_vm_here_and_a_completed_handoff_moves_all_of_it() {
         };
         assert!(fin.stderr.contains(why), "{mode:?}: {fin:?}");
         assert!(rx.join().unwrap().is_none());
+        stop.store(true, Ordering::Relaxed);
         puts.extend(writer.join().unwrap());
         served = still_serves(&mut c, &puts, served, &src.sock);
         eprintln!("{mode:?}: {}", fin.stderr.trim());
