@@ -13,8 +13,10 @@
 //!   `AtomicBitmap` (see [`crate::vstate::memory::GuestMemoryMmap`]): every write through
 //!   vm-memory's API marks its pages. Chosen over hooks in each device because it covers every
 //!   writer that goes through vm-memory, present and future, with no code in the devices; its
-//!   cost is one atomic OR per page a device writes (a virtio request already costs a vCPU
-//!   exit of microseconds). [`DirtyLog::take`] takes and clears these bits with KVM's.
+//!   cost is one atomic OR per page a device writes: measured here (release, vm-memory 0.18),
+//!   a 16-byte `write_slice` 9.9 → 12.7 ns, a 4 KiB one unchanged within noise (~230 ns),
+//!   against a virtio request's vCPU exit of microseconds. Synthesis writes through host
+//!   pointers and `UFFDIO_COPY`, so it pays nothing. [`DirtyLog::take`] takes and clears these bits with KVM's.
 //!   The lazy fill writes with `UFFDIO_COPY`, seen by neither: a handoff waits for the fill
 //!   to complete before it reads the δ, so those pages are in round 0.
 //!
