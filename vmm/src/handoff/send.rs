@@ -19,6 +19,12 @@
 //! asks it for the few things only it may do (pause and save, resume, release, progress
 //! reports) with [`MachineOp`]s on a channel and an eventfd.
 //!
+//! Failure: whatever fails before `Resumed` (no connection, `Refuse`, `Failed`, a cut, a
+//! bad frame, a timeout: [`PEER_TIMEOUT`] per read or write while the VM runs,
+//! [`PAUSE_TIMEOUT`] once it is paused) resumes the VM first, then sends `Abandon` when the
+//! connection still takes it, turns dirty logging off, and answers the request with the
+//! error: the VM goes on here with all its state (nothing was released).
+//!
 //! # Convergence (see [`decide`])
 //!
 //! After each round the source measures the link's bandwidth (bytes the peer acknowledged,
@@ -85,6 +91,9 @@ pub const BATCH_PAGES: usize = 256;
 pub const BATCH_BLOCKS: usize = 256;
 /// How long to wait for the target to connect, accept, and answer `Complete`.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// While the VM is paused: how long a write may stall, and how long the target may take to
+/// answer `Complete`, before the source gives up and resumes the VM.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lazy fill may take to complete before a handoff gives up.
 pub const FILL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -439,6 +448,13 @@ impl Session {
     }
 
     fn undo(&mut self, src: &Source) {
+        // The VM first: a sending thread stuck on a stalled link may take until its write
+        // timeout to give up.
+        if std::mem::take(&mut self.paused) {
+            if let Err(e) = src.ops.call("resumed", MachineOp::Resume) {
+                tracing::error!("after a failed handoff: {e}");
+            }
+        }
         if let Some(pipe) = self.pipe.take() {
             pipe.abandon("the source gave up");
         }
@@ -449,11 +465,6 @@ impl Session {
         }
         if std::mem::take(&mut self.tracking_disk) {
             for_disk(src, |d| d.track_writes(false));
-        }
-        if std::mem::take(&mut self.paused) {
-            if let Err(e) = src.ops.call("resumed", MachineOp::Resume) {
-                tracing::error!("after a failed handoff: {e}");
-            }
         }
         src.ops.progress(HandoffPhase::Failed, 0, 0, 0, 0.0);
     }
@@ -588,6 +599,11 @@ impl Session {
         let t_pause = Instant::now();
         ops.progress(HandoffPhase::Paused, round, self.bytes(), dirty.len(), 0.0);
         self.paused = true;
+        // While the VM is paused, a stalled link or a silent target is given up on sooner.
+        if let Some(p) = &self.pipe {
+            let _ = p.meter.conn.set_write_timeout(Some(PAUSE_TIMEOUT));
+            let _ = p.meter.conn.set_read_timeout(Some(PAUSE_TIMEOUT));
+        }
         let state = ops.call("paused", MachineOp::Pause)?;
         let mut last = dirty;
         let more = self.log.as_mut().expect("on").take()?;
