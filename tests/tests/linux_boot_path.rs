@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use cloudlet_tests::{bz, debian_bzimage, micro_guest, synthetic_bzimage, Scratch};
 use linux_loader::loader::bootparam::boot_params;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::layout::*;
 use vmm::arch::regs::EntryMode;
 use vmm::devices::Bus;
@@ -20,6 +20,7 @@ use vmm::exit::ExitNotifier;
 use vmm::loader::{load_kernel, BootProtocol, KernelConfig, KernelFormat, LoadedKernel};
 use vmm::vstate::kvm::KvmContext;
 use vmm::vstate::memory::create_guest_memory;
+use vmm::vstate::memory::GuestMemoryMmap;
 use vmm::vstate::vcpu::Vcpu;
 use vmm::vstate::vm::Vm;
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::arch::{layout, mptable};
 use crate::config::{DevicesConfig, SerialOutput, VmConfig};
@@ -233,7 +233,8 @@ pub fn build_from_overlay(
     // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
     let fill = synthesis.start_fill()?;
     let lazy = fill.map(|f| (f, cfg.prefetch_delay));
-    let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, lazy)?;
+    let mut machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, lazy)?;
+    machine.set_base(synthesis.handoff_base());
     Ok((machine, synthesis.timings(), t_restore.elapsed()))
 }
 

@@ -119,6 +119,21 @@ impl ControlSocket {
         let _ = self.wake.read();
         while let Ok(Pending { request, mut conn }) = self.requests.try_recv() {
             tracing::debug!(?request, "control request");
+            if let ApiRequest::Handoff {
+                to,
+                token,
+                downtime_ms,
+            } = request
+            {
+                let req = crate::handoff::send::Request {
+                    to,
+                    token,
+                    downtime: std::time::Duration::from_millis(u64::from(downtime_ms)),
+                };
+                // Answered by the handoff's thread when it ends.
+                crate::handoff::send::start(machine, req, conn);
+                continue;
+            }
             let response = answer(machine, request);
             if let Err(e) = wire::write_frame(&mut conn, &response) {
                 tracing::warn!("failed to answer a control request: {e}");
@@ -226,6 +241,15 @@ fn read_request(mut conn: UnixStream, tx: &mpsc::Sender<Pending>, wake: &EventFd
 /// Answers one control request.
 pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
     let err = |e: &(dyn std::error::Error + 'static)| ApiResponse::Error(chain(e).join(": "));
+    let busy = matches!(
+        request,
+        ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot { .. }
+    );
+    if busy && machine.handing_off() {
+        return ApiResponse::Error(
+            "a handoff of this VM is in progress: it pauses and resumes the VM itself".into(),
+        );
+    }
     match request {
         ApiRequest::Status => ApiResponse::Status {
             paused: machine.paused(),
@@ -260,9 +284,9 @@ pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
             machine.request_stop();
             ApiResponse::Ok
         }
-        ApiRequest::Handoff { .. } => {
-            ApiResponse::Error("this vmm cannot hand a VM off yet".into())
-        }
+        ApiRequest::Handoff { .. } => ApiResponse::Error(
+            "a handoff is started from the control socket, which answers when it ends".into(),
+        ),
     }
 }
 
@@ -349,6 +373,15 @@ impl Reporter {
             kind: failure_kind(e),
             chain: chain(e),
         }))
+    }
+
+    /// Reports a handoff's progress (after `ready`).
+    pub fn handoff(&mut self, progress: format::control::HandoffProgress) {
+        if self.ready {
+            if let Err(e) = self.write(&Report::Handoff(progress)) {
+                tracing::debug!("cannot report the handoff's progress: {e}");
+            }
+        }
     }
 
     /// Reports that the VM has stopped and the vmm will exit with `code` (after `ready`).

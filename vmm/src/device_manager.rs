@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout;

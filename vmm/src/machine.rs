@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,6 +26,7 @@ use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::handoff::send::{serve_ops, HandoffBase, HandoffLink, Held};
 use crate::serial_input::{deliver_input, SerialInput, TOKEN_STDIN};
 use crate::synthesis::lazy::{LazyError, LazyFill};
 use crate::vstate::coalesced::CoalescedRing;
@@ -42,6 +43,9 @@ pub enum MachineError {
     /// Filling guest memory from an overlay could not go on.
     #[error("guest memory is incomplete")]
     Lazy(#[from] LazyError),
+    /// The handoff channel could not be set up.
+    #[error("failed to set up the handoff channel")]
+    Handoff(#[source] std::io::Error),
 }
 
 /// How often the event loop replays coalesced guest writes no vCPU exit has drained and
@@ -53,6 +57,7 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_DRAINED: u64 = 2;
 const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_API: u64 = 4;
+const TOKEN_HANDOFF: u64 = 5;
 
 /// SIGINT, SIGTERM and SIGHUP, blocked and read through a signalfd.
 #[derive(Debug)]
@@ -141,7 +146,7 @@ pub struct Machine {
     pub(crate) vm: Vm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    input_drained: EventFd,
+    pub(crate) input_drained: EventFd,
     exit: Arc<ExitNotifier>,
     signals: StopSignals,
     /// Input from stdin for the guest's console or serial port (none with `--no-stdin`).
@@ -152,6 +157,10 @@ pub struct Machine {
     /// virtio devices, run by their own thread.
     pub(crate) virtio: Arc<Vec<Slot>>,
     pub(crate) devices: Option<DeviceWorker>,
+    /// A handoff's channel to the event loop, and the base it sends a δ against.
+    pub(crate) handoff: HandoffLink,
+    /// The event loop holds the devices still (a handoff's pause).
+    pub(crate) holding: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -197,6 +206,8 @@ impl Machine {
             coalesced,
             virtio,
             devices: Some(devices),
+            handoff: HandoffLink::new().map_err(MachineError::Handoff)?,
+            holding: std::sync::atomic::AtomicBool::new(false),
         };
         if !paused {
             machine.resume()?;
@@ -207,6 +218,16 @@ impl Machine {
             machine.lazy.insert(fill).start_prefetch(delay)?;
         }
         Ok(machine)
+    }
+
+    /// Records the base the machine was synthesised from: a handoff sends its δ against it.
+    pub fn set_base(&mut self, base: HandoffBase) {
+        self.handoff.base = Some(base);
+    }
+
+    /// Whether a handoff of this machine is running.
+    pub fn handing_off(&self) -> bool {
+        self.handoff.active()
     }
 
     /// The lazy fill of guest memory, while the machine has one.
@@ -292,6 +313,10 @@ impl Machine {
     /// the rest again later.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
         let console = self.console();
+        if console.is_some() && self.holding.load(Ordering::Acquire) {
+            // The devices are held by this thread (a handoff's pause): offered again later.
+            return 0;
+        }
         // Into a console: not while a snapshot saves the devices, nor while the device thread
         // runs them.
         let _still = console.and(self.devices.as_ref()).map(|d| d.hold());
@@ -325,6 +350,8 @@ impl Machine {
         if let Some(socket) = &control.socket {
             add(socket.event_fd(), TOKEN_API)?;
         }
+        add(self.handoff.event_fd(), TOKEN_HANDOFF)?;
+        let mut held = Held::default();
         let mut input = self.input.take();
         let deliver = |b: &[u8]| self.serial_input(b);
         if let Some(input) = &mut input {
@@ -373,6 +400,7 @@ impl Machine {
                             socket.serve(&self);
                         }
                     }
+                    TOKEN_HANDOFF => serve_ops(&self, &mut held, control.report.as_mut()),
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "stopping the VM on signal");
@@ -383,6 +411,8 @@ impl Machine {
                 }
             }
         };
+        // Devices held by a handoff's pause go on (or the device thread's join would wait).
+        drop(held);
         // The supervisor learns of the stop once the guest no longer runs and its ports are
         // closed: before the rest of the shutdown (the lazy fill's fault server may wait
         // up to 50 ms for its next poll) and the release of the VM and its memory (~15 ms in

@@ -82,6 +82,70 @@ enum Command {
     Status(ApiArgs),
     /// Stop a VM (its vmm exits with status 0).
     Stop(ApiArgs),
+    /// Hand a synthesised VM off to the `vmm receive` listening at --to (see
+    /// format::handoff): the VM keeps running while its δ and dirtied pages stream, pauses for
+    /// the last ones, and runs on the target afterwards; its vmm here then exits with status
+    /// 0. On any failure the VM goes on here with all its state and this command fails.
+    ///
+    /// The session token the target's agent issued comes from the environment variable
+    /// VMM_HANDOFF_TOKEN (64 hex digits), never the command line.
+    ///
+    /// Example: VMM_HANDOFF_TOKEN=… vmm handoff --api-sock vm.sock --to 10.0.0.2:7000
+    Handoff(HandoffArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct HandoffArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// The target vmm's listening address.
+    #[arg(long, value_name = "IP:PORT")]
+    to: String,
+    /// The pause to aim for, milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    downtime_ms: u32,
+}
+
+/// The environment variable that carries a handoff's session token.
+const TOKEN_ENV: &str = "VMM_HANDOFF_TOKEN";
+
+fn parse_token(hex: &str) -> anyhow::Result<[u8; 32]> {
+    let hex = hex.trim();
+    anyhow::ensure!(
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{TOKEN_ENV} must be 64 hex digits"
+    );
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(out)
+}
+
+fn handoff(a: HandoffArgs) -> anyhow::Result<ExitReason> {
+    let token = std::env::var(TOKEN_ENV)
+        .with_context(|| format!("set {TOKEN_ENV} to the target's session token"))?;
+    let req = ApiRequest::Handoff {
+        to: a.to,
+        token: parse_token(&token)?,
+        downtime_ms: a.downtime_ms,
+    };
+    // A handoff over a slow link takes longer than a control request's usual timeout: wait
+    // for its answer without one (the vmm answers when it has ended, either way).
+    let reach = || -> Result<ApiResponse, format::control::ApiError> {
+        let mut s = std::os::unix::net::UnixStream::connect(&a.api_sock)?;
+        s.set_write_timeout(Some(format::control::IO_TIMEOUT))?;
+        format::control::write_frame(&mut s, &req)?;
+        format::control::read_frame(&mut s)?.map_err(format::control::ApiError::Version)
+    };
+    let resp = reach().with_context(|| {
+        format!(
+            "cannot reach the vmm at '{}' (is it running with --api-sock?)",
+            a.api_sock.display()
+        )
+    })?;
+    print_response(&req, resp)
 }
 
 #[derive(clap::Args, Debug)]
@@ -651,8 +715,17 @@ fn control(sock: &std::path::Path, req: ApiRequest) -> anyhow::Result<ExitReason
             sock.display()
         )
     })?;
+    print_response(&req, resp)
+}
+
+/// Prints a control answer; fails on an error answer.
+fn print_response(req: &ApiRequest, resp: ApiResponse) -> anyhow::Result<ExitReason> {
+    let name = match req {
+        ApiRequest::Handoff { to, .. } => format!("the handoff to {to}"),
+        other => format!("{other:?}"),
+    };
     match resp {
-        ApiResponse::Error(msg) => anyhow::bail!("the vmm refused {req:?}: {msg}"),
+        ApiResponse::Error(msg) => anyhow::bail!("the vmm refused {name}: {msg}"),
         ApiResponse::Ok => println!("ok"),
         ApiResponse::Status { paused, vcpus, mem_mib } => println!(
             "{} vcpus={vcpus} mem_mib={mem_mib}",
@@ -687,6 +760,7 @@ fn main() -> ExitCode {
         Command::Resume(a) => control(&a.api_sock, ApiRequest::Resume),
         Command::Status(a) => control(&a.api_sock, ApiRequest::Status),
         Command::Stop(a) => control(&a.api_sock, ApiRequest::Stop),
+        Command::Handoff(a) => handoff(a),
     };
     match result {
         Ok(reason) => {

@@ -19,7 +19,8 @@
 //! ```
 //! Checksums make the byte sum of each structure 0 (mod 256).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::EBDA_START;
 

@@ -1,8 +1,9 @@
 //! Boot-time vCPU state: the boot GDT, identity page tables and the register values for the
 //! two entry protocols (Linux 64-bit boot protocol and PVH 32-bit entry).
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::*;
 

@@ -1,6 +1,6 @@
 //! The target of a handoff (`vmm receive`): one connection accepted on a listening socket,
 //! its stream ([`format::handoff`]) checked and applied into guest memory, and what a restore
-//! needs handed to [`crate::builder::build_from_handoff`].
+//! needs handed to `builder::build_from_handoff`.
 //!
 //! ```text
 //! Receiver::bind     base manifest read, port bound (the caller reports Listening)
@@ -42,6 +42,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::base::{self, Manifest};
 use format::handoff::{
     Codec, Fill, FrameReader, FrameWriter, HandoffError, Message, Pages, Refusal, RefuseKind,
@@ -49,7 +50,7 @@ use format::handoff::{
 };
 use format::mapped::Mapped;
 use format::state::{self, StateError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::layout::image_offset_to_gpa as locate;
 use crate::snapshot::state::MachineState;
@@ -139,7 +140,7 @@ pub struct Receiver {
     addr: SocketAddr,
 }
 
-/// What a handoff delivered, ready for [`crate::builder::build_from_handoff`].
+/// What a handoff delivered, ready for `builder::build_from_handoff`.
 pub struct Incoming {
     /// The KVM handle the VM was created with.
     pub kvm: KvmContext,

@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::base::STATE;
 use format::state::{self as persist, Kind};
-use vm_memory::GuestMemoryMmap;
 
 use super::state::{MachineState, SnapshotError, DISK_DELTA_FILE};
 use crate::config::{DevicesConfig, NetBackendConfig, SerialOutput};

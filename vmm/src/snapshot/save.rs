@@ -9,12 +9,10 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap};
 use format::base::STATE;
 use format::state::{self as persist, Kind};
-use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::state::{MachineState, SnapshotError, SnapshotInfo, DISK_DELTA_FILE};
 use crate::machine::Machine;
@@ -48,6 +46,36 @@ impl Machine {
         if let Some(lazy) = &self.lazy {
             lazy.wait(std::time::Duration::from_secs(60))?;
         }
+        let state = self.machine_state()?;
+        for (slot, saved) in self.virtio.iter().zip(&state.virtio) {
+            if saved.disk.is_none() {
+                continue;
+            }
+            if let Some(b) = slot.lock().block() {
+                let d = b.disk();
+                let blocks = d
+                    .delta()
+                    .delta_blocks()
+                    .map(|r| r.map(|(n, data)| (n, data.into_owned())))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| SnapshotError::Disk(dir.join(DISK_DELTA_FILE), e))?;
+                write_disk_delta(dir, d.size(), blocks)?;
+            }
+        }
+        let memory_bytes_written = write_memory(&self.mem, &dir.join(format::base::MEMORY))?;
+        let state_bytes = write_state(&state, dir)?;
+        Ok(SnapshotInfo {
+            state_bytes,
+            memory_bytes_written,
+            memory_bytes: state.mem_mib << 20,
+        })
+    }
+}
+
+impl Machine {
+    /// The state of the vCPUs, the VM, COM1 and the virtio devices (not memory, not the disk
+    /// δ): vCPUs paused and devices held by the caller (a snapshot, a handoff's pause).
+    pub(crate) fn machine_state(&self) -> Result<MachineState, SnapshotError> {
         let vcpus = self
             .vcpus
             .iter()
@@ -61,36 +89,17 @@ impl Machine {
             .unwrap_or_else(|p| p.into_inner())
             .save()
             .map_err(SnapshotError::from)?;
-        let mut virtio = Vec::with_capacity(self.virtio.len());
-        for slot in self.virtio.iter() {
-            let state = slot.save().map_err(SnapshotError::from)?;
-            if state.disk.is_some() {
-                if let Some(b) = slot.lock().block() {
-                    let d = b.disk();
-                    let blocks = d
-                        .delta()
-                        .delta_blocks()
-                        .map(|r| r.map(|(n, data)| (n, data.into_owned())))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| SnapshotError::Disk(dir.join(DISK_DELTA_FILE), e))?;
-                    write_disk_delta(dir, d.size(), blocks)?;
-                }
-            }
-            virtio.push(state);
-        }
-        let memory_bytes_written = write_memory(&self.mem, &dir.join(format::base::MEMORY))?;
-        let state = MachineState {
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|slot| slot.save().map_err(SnapshotError::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
             mem_mib: self.mem_mib(),
             vcpus,
             vm,
             serial,
             virtio,
-        };
-        let state_bytes = write_state(&state, dir)?;
-        Ok(SnapshotInfo {
-            state_bytes,
-            memory_bytes_written,
-            memory_bytes: state.mem_mib << 20,
         })
     }
 }

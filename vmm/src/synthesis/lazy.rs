@@ -19,11 +19,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::mapped::Mapped;
 use format::overlay::{ChunkChecks, Overlay, OverlayError, Run};
 use format::sources::{PageSources, Source};
 use format::PAGE_SIZE;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::check::Checked;
 use super::uffd::{Fill, Uffd};
@@ -766,23 +767,12 @@ impl LazyFill {
 
     /// Waits until every rewritten page is present (or the fill failed); returns the error.
     pub fn wait(&self, timeout: Duration) -> Result<(), LazyError> {
-        let (m, cv) = &self.shared.done;
-        let deadline = Instant::now() + timeout;
-        let mut done = m.lock().unwrap_or_else(|e| e.into_inner());
-        while !*done {
-            if let Some(f) = self.failure() {
-                return Err(LazyError::Fill(f));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(LazyError::Timeout(timeout));
-            }
-            done = cv
-                .wait_timeout(done, left.min(Duration::from_millis(50)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        self.waiter().wait(timeout)
+    }
+
+    /// A handle that waits for this fill from another thread (a handoff's).
+    pub fn waiter(&self) -> FillWaiter {
+        FillWaiter(self.shared.clone())
     }
 
     /// The fill error, if any.
@@ -802,6 +792,45 @@ impl LazyFill {
     /// Pages being filled lazily.
     pub fn pages(&self) -> usize {
         self.shared.sources.len()
+    }
+}
+
+/// Waits for a [`LazyFill`] from another thread (see [`LazyFill::waiter`]).
+pub struct FillWaiter(Arc<Shared>);
+
+impl std::fmt::Debug for FillWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillWaiter").finish_non_exhaustive()
+    }
+}
+
+impl FillWaiter {
+    /// Waits until every rewritten page is present (or the fill failed); returns the error.
+    pub fn wait(&self, timeout: Duration) -> Result<(), LazyError> {
+        let failure = || {
+            self.0
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        let (m, cv) = &self.0.done;
+        let deadline = Instant::now() + timeout;
+        let mut done = m.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            if let Some(f) = failure() {
+                return Err(LazyError::Fill(f));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LazyError::Timeout(timeout));
+            }
+            done = cv
+                .wait_timeout(done, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
     }
 }
 

@@ -17,8 +17,8 @@ pub mod uffd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use format::overlay::OverlayError;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::DevicesConfig;
 use crate::snapshot::state::MachineState;
@@ -145,6 +145,14 @@ impl Synthesis {
     /// The machine state of the customised VM.
     pub fn state(&self) -> &MachineState {
         &self.checked.state
+    }
+
+    /// The base the VM runs on (a handoff sends the VM's δ against it).
+    pub fn handoff_base(&self) -> crate::handoff::send::HandoffBase {
+        crate::handoff::send::HandoffBase {
+            memory: self.base.join(format::base::MEMORY),
+            id: self.checked.manifest.id_bytes(),
+        }
     }
 
     /// The VM and its memory slot exist: a lazy fill may fill chunks ahead (see

@@ -6,11 +6,17 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use format::overlay::Run;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, MmapRegion};
 
 use crate::arch::layout;
+
+/// Guest RAM with a dirty bit per page for every write the VMM makes through vm-memory
+/// (virtio devices, the used rings): KVM's dirty log does not see those, and a handoff must
+/// send them (see [`crate::handoff::dirty`]). Marking costs one atomic OR per page written.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Smallest guest we accept: the kernel is loaded at 1 MiB and needs room above it.
 pub const MIN_MEM_MIB: u64 = 2;

@@ -3,6 +3,7 @@
 use crate::persist::Persist;
 use std::os::fd::AsRawFd;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_clock_data, kvm_irq_level, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
     kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -10,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::kvm::KvmContext;
 

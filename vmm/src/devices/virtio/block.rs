@@ -8,6 +8,7 @@
 //! writable byte cannot carry a status and goes back with length 0. Data moves through a fixed
 //! 64 KiB buffer, so a request's size never decides how much the VMM allocates.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -15,7 +16,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes};
 
 use super::disk::{CowDisk, SECTOR_SIZE};
 use super::queue::{read_bufs, segments, write_bufs, Chain, Popped};

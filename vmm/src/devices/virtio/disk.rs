@@ -110,6 +110,8 @@ pub type DeltaBlock<'a> = (u64, Cow<'a, [u8]>);
 pub struct Delta {
     disk_size: u64,
     store: Store,
+    /// Blocks written since [`Delta::track_writes`] (a handoff's), while tracking.
+    written: Option<std::collections::BTreeSet<u64>>,
 }
 
 #[derive(Debug)]
@@ -148,6 +150,7 @@ impl Delta {
         Ok(Delta {
             disk_size,
             store: Store::Memory(BTreeMap::new()),
+            written: None,
         })
     }
 
@@ -194,6 +197,7 @@ impl Delta {
         Ok(Delta {
             disk_size,
             store: Store::File(f),
+            written: None,
         })
     }
 
@@ -304,6 +308,7 @@ impl Delta {
                 seq: header.seq,
                 record,
             }),
+            written: None,
         })
     }
 
@@ -389,6 +394,9 @@ impl Delta {
         if n >= blocks {
             return Err(DiskError::BlockRange { block: n, blocks });
         }
+        if let Some(w) = &mut self.written {
+            w.insert(n);
+        }
         match &mut self.store {
             Store::Memory(m) => {
                 match m.get_mut(&n) {
@@ -407,6 +415,20 @@ impl Delta {
                 Ok(())
             }
         }
+    }
+
+    /// Starts (`true`) or stops recording which blocks are written (a handoff sends the blocks
+    /// written while it runs); starting forgets earlier records.
+    pub fn track_writes(&mut self, on: bool) {
+        self.written = on.then(Default::default);
+    }
+
+    /// The blocks written since tracking started or since the last call, ascending.
+    pub fn take_written(&mut self) -> Vec<u64> {
+        self.written
+            .as_mut()
+            .map(|w| std::mem::take(w).into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// Makes every write so far durable (file-backed δ; a no-op in memory).

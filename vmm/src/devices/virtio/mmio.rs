@@ -32,6 +32,7 @@
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_config::{
@@ -40,7 +41,6 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceState, QueueIo, VirtioDevice, VirtioError, MAX_QUEUES, VIRTIO_F_VERSION_1};

@@ -7,9 +7,10 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use tracing::debug;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::MAX_QUEUES;
 

@@ -40,6 +40,10 @@ pub trait Transport: BusDevice {
     fn block(&self) -> Option<&Block> {
         None
     }
+    /// The block device behind this transport, if it is one, to change.
+    fn block_mut(&mut self) -> Option<&mut Block> {
+        None
+    }
     /// The network device behind this transport, if it is one.
     fn net(&self) -> Option<&Net> {
         None
@@ -77,6 +81,9 @@ impl<D: VirtioDevice + 'static> Transport for MmioTransport<D> {
     }
     fn block(&self) -> Option<&Block> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Block>()
+    }
+    fn block_mut(&mut self) -> Option<&mut Block> {
+        (self.device_mut() as &mut dyn std::any::Any).downcast_mut::<Block>()
     }
     fn net(&self) -> Option<&Net> {
         (self.device() as &dyn std::any::Any).downcast_ref::<Net>()
