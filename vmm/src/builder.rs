@@ -261,6 +261,7 @@ pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Mac
         state,
         disk_blocks,
         base_disk,
+        base,
         ..
     } = incoming;
     let t0 = Instant::now();
@@ -283,7 +284,9 @@ pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Mac
     )?;
     let t_restore = t0.elapsed();
     let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
-    let machine = start_restored(restored, mem, spawned, cfg.serial_input, false, None)?;
+    let mut machine = start_restored(restored, mem, spawned, cfg.serial_input, false, None)?;
+    // It can move on again: to the next appliance, or back.
+    machine.set_base(base);
     tracing::debug!(
         restore_us = t_restore.as_micros() as u64,
         start_us = (t0.elapsed() - t_restore).as_micros() as u64,

@@ -262,7 +262,6 @@ fn handoff_with_a_stand_in_vmm() {
 }
 
 #[test]
-#[ignore = "needs vmm receive/handoff (merging)"]
 fn handoff_of_a_running_vm() {
     let (a, b) = pair("ho-vm", None);
     let stranger = AgentProc::start("ho-vm-stranger", &[("enabled = true", "enabled = false")]);

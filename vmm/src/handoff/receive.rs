@@ -154,6 +154,8 @@ pub struct Incoming {
     pub disk_blocks: Vec<(u64, Vec<u8>)>,
     /// The base's disk, when it has one: the δ goes on top of it.
     pub base_disk: Option<PathBuf>,
+    /// The base the VM runs on: a handoff onwards sends its δ against it.
+    pub base: crate::handoff::send::HandoffBase,
     /// When `Complete` arrived (the restore time runs from here).
     pub completed: Instant,
 }
@@ -345,6 +347,10 @@ impl Session<'_> {
                     state: state.expect("transfer ends with a state"),
                     disk_blocks: disk.into_iter().collect(),
                     base_disk,
+                    base: crate::handoff::send::HandoffBase {
+                        memory: self.cfg.base.join(base::MEMORY),
+                        id: self.manifest.id_bytes(),
+                    },
                     completed,
                 };
                 Ok((incoming, stats))
