@@ -34,7 +34,7 @@ use format::control::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::machine::Machine;
+use crate::machine::{LoopHooks, Machine};
 
 /// Most connections read at once; more are closed at once.
 pub const MAX_CLIENTS: usize = 32;
@@ -290,12 +290,7 @@ pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
     }
 }
 
-/// An error and its causes, outermost first.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
-    std::iter::successors(Some(e), |e| e.source())
-        .map(|e| e.to_string())
-        .collect()
-}
+pub use crate::error::chain;
 
 /// What a supervisor can act on in an error: the kind of the first I/O error in its chain.
 pub fn failure_kind(e: &(dyn std::error::Error + 'static)) -> FailureKind {
@@ -401,6 +396,34 @@ pub struct Control {
     pub socket: Option<ControlSocket>,
     /// The report channel.
     pub report: Option<Reporter>,
+}
+
+impl LoopHooks for Control {
+    fn requests_fd(&self) -> Option<RawFd> {
+        self.socket.as_ref().map(ControlSocket::event_fd)
+    }
+
+    fn serve_requests(&mut self, machine: &Machine) {
+        if let Some(socket) = &self.socket {
+            socket.serve(machine);
+        }
+    }
+
+    fn handoff_progress(&mut self, progress: format::control::HandoffProgress) {
+        if let Some(r) = &mut self.report {
+            r.handoff(progress);
+        }
+    }
+
+    fn reports_exit(&self) -> bool {
+        self.report.is_some()
+    }
+
+    fn exited(&mut self, code: i32) {
+        if let Some(r) = &mut self.report {
+            r.exited(code);
+        }
+    }
 }
 
 #[cfg(test)]

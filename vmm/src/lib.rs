@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod devices;
+pub mod error;
 pub mod exit;
 pub mod handoff;
 pub mod loader;

@@ -7,7 +7,7 @@
 //!   console delivered input it had refused),
 //! - a signalfd for SIGINT/SIGTERM/SIGHUP (stop cleanly),
 //! - the control socket's eventfd (requests read by its threads, answered here; see
-//!   [`crate::control`]).
+//!   the `control` module).
 //!
 //! Call-order contract: the vCPU threads are stopped and joined before guest memory and the
 //! VM fd are released (field order of [`Machine`]).
@@ -20,13 +20,13 @@ use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::Control;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
+use crate::error::chain;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::handoff::send::{serve_ops, HandoffBase, HandoffLink, Held};
+use crate::handoff::link::{HandoffBase, HandoffLink, MachineOp};
 use crate::serial_input::{deliver_input, SerialInput, TOKEN_STDIN};
 use crate::synthesis::lazy::{LazyError, LazyFill};
 use crate::vstate::coalesced::CoalescedRing;
@@ -333,9 +333,10 @@ impl Machine {
         self.exit.reason()
     }
 
-    /// Runs the event loop until the VM stops, serving `control`'s socket, then stops the
-    /// vCPU threads, reports the exit on `control`'s report channel and returns why.
-    pub fn run(mut self, control: &mut Control) -> std::io::Result<ExitReason> {
+    /// Runs the event loop until the VM stops, serving `hooks` (a control socket and a
+    /// report channel: `control`), then stops the vCPU threads, reports the exit and
+    /// returns why.
+    pub fn run(mut self, hooks: &mut dyn LoopHooks) -> std::io::Result<ExitReason> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token| {
             epoll.ctl(
@@ -347,8 +348,8 @@ impl Machine {
         add(self.exit.eventfd().as_raw_fd(), TOKEN_EXIT)?;
         add(self.input_drained.as_raw_fd(), TOKEN_DRAINED)?;
         add(self.signals.fd.as_raw_fd(), TOKEN_SIGNAL)?;
-        if let Some(socket) = &control.socket {
-            add(socket.event_fd(), TOKEN_API)?;
+        if let Some(fd) = hooks.requests_fd() {
+            add(fd, TOKEN_API)?;
         }
         add(self.handoff.event_fd(), TOKEN_HANDOFF)?;
         let mut held = Held::default();
@@ -395,12 +396,8 @@ impl Machine {
                             input.feed(&epoll, &deliver)?;
                         }
                     }
-                    TOKEN_API => {
-                        if let Some(socket) = &control.socket {
-                            socket.serve(&self);
-                        }
-                    }
-                    TOKEN_HANDOFF => serve_ops(&self, &mut held, control.report.as_mut()),
+                    TOKEN_API => hooks.serve_requests(&self),
+                    TOKEN_HANDOFF => self.serve_handoff(&mut held, hooks),
                     TOKEN_SIGNAL => {
                         if let Some(sig) = self.signals.read() {
                             tracing::info!(signal = sig, "stopping the VM on signal");
@@ -417,12 +414,12 @@ impl Machine {
         // closed: before the rest of the shutdown (the lazy fill's fault server may wait
         // up to 50 ms for its next poll) and the release of the VM and its memory (~15 ms in
         // the kernel for a 256 MiB guest).
-        if let Some(report) = &mut control.report {
+        if hooks.reports_exit() {
             for v in &mut self.vcpus {
                 v.stop();
             }
             self.close_host_network();
-            report.exited(reason.exit_code());
+            hooks.exited(reason.exit_code());
         }
         self.shutdown();
         Ok(reason)
@@ -443,5 +440,72 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush_output();
+    }
+}
+
+/// What the event loop serves beside the VM: a control socket's requests and a supervisor's
+/// report channel (`control` implements it; the loop knows only this trait).
+pub trait LoopHooks {
+    /// Readable when control requests wait.
+    fn requests_fd(&self) -> Option<RawFd>;
+    /// Answers the waiting requests.
+    fn serve_requests(&mut self, machine: &Machine);
+    /// A handoff of this machine progressed.
+    fn handoff_progress(&mut self, progress: format::control::HandoffProgress);
+    /// A supervisor waits for [`LoopHooks::exited`]: the loop then stops the vCPUs and closes
+    /// the host ports before it reports, ahead of the rest of the shutdown.
+    fn reports_exit(&self) -> bool;
+    /// The VM has stopped; the process will exit with `code`.
+    fn exited(&mut self, code: i32);
+}
+
+/// The event loop's side of a running handoff.
+#[derive(Debug, Default)]
+struct Held<'a> {
+    devices: Option<std::sync::MutexGuard<'a, ()>>,
+    was_paused: bool,
+}
+
+impl Machine {
+    /// Carries out the queued operations (on the event loop's thread). `held` keeps the devices
+    /// still from `Pause` to `Resume` or the end of the loop.
+    fn serve_handoff<'a>(&'a self, held: &mut Held<'a>, hooks: &mut dyn LoopHooks) {
+        let machine = self;
+        let _ = machine.handoff.wake.read();
+        while let Ok(op) = machine.handoff.rx.try_recv() {
+            match op {
+                MachineOp::Pause(reply) => {
+                    if held.devices.is_none() {
+                        held.was_paused = machine.paused();
+                        held.devices = machine.devices.as_ref().map(|d| d.hold());
+                        machine.holding.store(true, Ordering::Release);
+                    }
+                    let r = machine
+                        .pause()
+                        .map_err(|e| chain(&e).join(": "))
+                        .and_then(|()| machine.machine_state().map_err(|e| chain(&e).join(": ")))
+                        .and_then(|s| {
+                            format::state::encode(format::state::Kind::Machine, &s)
+                                .map_err(|e| chain(&e).join(": "))
+                        });
+                    let _ = reply.send(r);
+                }
+                MachineOp::Resume(reply) => {
+                    let r = if held.was_paused {
+                        Ok(())
+                    } else {
+                        machine.resume().map_err(|e| chain(&e).join(": "))
+                    };
+                    held.devices = None;
+                    machine.holding.store(false, Ordering::Release);
+                    // Console input refused while the devices were held is offered again.
+                    let _ = machine.input_drained.write(1);
+                    let _ = reply.send(r);
+                }
+                MachineOp::Release => machine.request_stop(),
+                MachineOp::Progress(p) => hooks.handoff_progress(p),
+                MachineOp::Ended => machine.handoff.active.store(false, Ordering::Release),
+            }
+        }
     }
 }

@@ -15,5 +15,6 @@
 //!   without a VM and without leaving a file behind.
 
 pub mod dirty;
+pub mod link;
 pub mod receive;
 pub mod send;

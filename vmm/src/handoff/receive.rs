@@ -155,7 +155,7 @@ pub struct Incoming {
     /// The base's disk, when it has one: the δ goes on top of it.
     pub base_disk: Option<PathBuf>,
     /// The base the VM runs on: a handoff onwards sends its δ against it.
-    pub base: crate::handoff::send::HandoffBase,
+    pub base: crate::handoff::link::HandoffBase,
     /// When `Complete` arrived (the restore time runs from here).
     pub completed: Instant,
 }
@@ -311,7 +311,7 @@ fn short(id: &[u8; 32]) -> String {
 
 /// The error and its causes as one line.
 fn reason(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::control::chain(e).join(": ")
+    crate::error::chain(e).join(": ")
 }
 
 /// One handoff on one connection.
@@ -347,7 +347,7 @@ impl Session<'_> {
                     state: state.expect("transfer ends with a state"),
                     disk_blocks: disk.into_iter().collect(),
                     base_disk,
-                    base: crate::handoff::send::HandoffBase {
+                    base: crate::handoff::link::HandoffBase {
                         memory: self.cfg.base.join(base::MEMORY),
                         id: self.manifest.id_bytes(),
                     },

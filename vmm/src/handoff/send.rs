@@ -59,10 +59,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -71,12 +70,13 @@ use format::handoff::{
     self as stream, Codec, Complete, Fill, FrameReader, FrameWriter, HandoffError, Message,
     PageRun, Pages, Preamble, Start,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::dirty::{self, DirtyError, DirtyLog, PageClass, PAGE};
-use crate::control::{chain, Reporter};
+use super::link::{HandoffBase, MachineOp};
 use crate::devices::virtio::slot::Slot;
+use crate::error::chain;
 use crate::machine::Machine;
 use crate::synthesis::lazy::{FillWaiter, LazyError};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -167,118 +167,6 @@ impl From<HandoffError> for SendError {
                 SendError::Closed(io)
             }
             e => SendError::Stream(e),
-        }
-    }
-}
-
-/// What the handoff thread asks of the event loop.
-#[derive(Debug)]
-pub enum MachineOp {
-    /// Hold the devices, pause the vCPUs, save the machine state (a `format::state` file).
-    Pause(Sender<Result<Vec<u8>, String>>),
-    /// Resume what `Pause` stopped (after a failure).
-    Resume(Sender<Result<(), String>>),
-    /// The VM runs on the target: stop here.
-    Release,
-    /// Report progress to the supervisor.
-    Progress(HandoffProgress),
-    /// The handoff has ended (either way).
-    Ended,
-}
-
-/// The channel from handoff threads to the event loop; the machine owns one.
-#[derive(Debug)]
-pub struct HandoffLink {
-    tx: Sender<MachineOp>,
-    rx: Receiver<MachineOp>,
-    wake: Arc<EventFd>,
-    active: AtomicBool,
-    /// The base the VM was synthesised from, if it was.
-    pub(crate) base: Option<HandoffBase>,
-}
-
-/// The base a synthesised VM runs on.
-#[derive(Clone, Debug)]
-pub struct HandoffBase {
-    /// The base's memory file.
-    pub memory: PathBuf,
-    /// Its content id.
-    pub id: [u8; 32],
-}
-
-impl HandoffLink {
-    /// A new link.
-    pub fn new() -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel();
-        Ok(HandoffLink {
-            tx,
-            rx,
-            wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
-            active: AtomicBool::new(false),
-            base: None,
-        })
-    }
-
-    /// Readable when operations wait for [`serve_ops`].
-    pub fn event_fd(&self) -> std::os::fd::RawFd {
-        self.wake.as_raw_fd()
-    }
-
-    /// Whether a handoff runs.
-    pub fn active(&self) -> bool {
-        self.active.load(Ordering::Acquire)
-    }
-}
-
-/// The event loop's side of a running handoff.
-#[derive(Debug, Default)]
-pub struct Held<'a> {
-    devices: Option<MutexGuard<'a, ()>>,
-    was_paused: bool,
-}
-
-/// Carries out the queued operations (on the event loop's thread). `held` keeps the devices
-/// still from `Pause` to `Resume` or the end of the loop.
-pub fn serve_ops<'a>(machine: &'a Machine, held: &mut Held<'a>, report: Option<&mut Reporter>) {
-    let _ = machine.handoff.wake.read();
-    let mut report = report;
-    while let Ok(op) = machine.handoff.rx.try_recv() {
-        match op {
-            MachineOp::Pause(reply) => {
-                if held.devices.is_none() {
-                    held.was_paused = machine.paused();
-                    held.devices = machine.devices.as_ref().map(|d| d.hold());
-                    machine.holding.store(true, Ordering::Release);
-                }
-                let r = machine
-                    .pause()
-                    .map_err(|e| chain(&e).join(": "))
-                    .and_then(|()| machine.machine_state().map_err(|e| chain(&e).join(": ")))
-                    .and_then(|s| {
-                        format::state::encode(format::state::Kind::Machine, &s)
-                            .map_err(|e| chain(&e).join(": "))
-                    });
-                let _ = reply.send(r);
-            }
-            MachineOp::Resume(reply) => {
-                let r = if held.was_paused {
-                    Ok(())
-                } else {
-                    machine.resume().map_err(|e| chain(&e).join(": "))
-                };
-                held.devices = None;
-                machine.holding.store(false, Ordering::Release);
-                // Console input refused while the devices were held is offered again.
-                let _ = machine.input_drained.write(1);
-                let _ = reply.send(r);
-            }
-            MachineOp::Release => machine.request_stop(),
-            MachineOp::Progress(p) => {
-                if let Some(r) = report.as_deref_mut() {
-                    r.handoff(p);
-                }
-            }
-            MachineOp::Ended => machine.handoff.active.store(false, Ordering::Release),
         }
     }
 }

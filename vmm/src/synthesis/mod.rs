@@ -148,8 +148,8 @@ impl Synthesis {
     }
 
     /// The base the VM runs on (a handoff sends the VM's δ against it).
-    pub fn handoff_base(&self) -> crate::handoff::send::HandoffBase {
-        crate::handoff::send::HandoffBase {
+    pub fn handoff_base(&self) -> crate::handoff::link::HandoffBase {
+        crate::handoff::link::HandoffBase {
             memory: self.base.join(format::base::MEMORY),
             id: self.checked.manifest.id_bytes(),
         }

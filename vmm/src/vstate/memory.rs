@@ -13,7 +13,7 @@ use crate::arch::layout;
 
 /// Guest RAM with a dirty bit per page for every write the VMM makes through vm-memory
 /// (virtio devices, the used rings): KVM's dirty log does not see those, and a handoff must
-/// send them (see [`crate::handoff::dirty`]). Marking costs one atomic OR per page written.
+/// send them (see the handoff's `dirty` module). Marking costs one atomic OR per page written.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;

@@ -1,0 +1,8 @@
+//! Errors as people and supervisors read them: an error and its causes, one line each.
+
+/// An error and its causes, outermost first.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect()
+}
