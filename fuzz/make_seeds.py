@@ -412,21 +412,49 @@ def api_seeds():
         varint(0), varint(1), snapshot, varint(2), varint(4))))  # Status, Pause, Snapshot, Resume, Stop
 
 
+# The handoff stream (format/src/handoff.rs): a preamble, then frames (u32 wire length, kind,
+# codec, 2 reserved, u32 raw length, u32 sequence, body, XXH3-64). The checksums are zero here:
+# the fuzz build skips them (cfg(fuzzing)) so that mutations reach the decoders.
+
+def handoff_frame(seq, kind, body):
+    return (struct.pack("<IBBHII", len(body), kind, 0, 0, len(body), seq) + body
+            + b"\0" * 8)
+
+
+def handoff_seeds():
+    preamble = b"CLDHANDO" + struct.pack("<HH", 1, 0) + b"\xab" * 32 + b"\x5a" * 32 + b"\0" * 8
+    start = varint(64) + varint(1) + varint(0)                      # Start { 64 MiB, 1 vCPU, no disk }
+    runs = varint(3) + (varint(3) + varint(2) + varint(0)           # [3, +2) Data
+                        + varint(10) + varint(5) + varint(1)        # [10, +5) Zero
+                        + varint(30) + varint(2) + varint(4) + varint(3))  # [30, +2) Copy(3)
+    pages = struct.pack("<I", len(runs)) + runs + bytes(range(256)) * 32
+    disk = struct.pack("<Q", 7) + b"\x07" * 4096
+    complete = varint(1) + varint(1)
+    frames = [(1, start), (2, pages), (3, disk), (4, b"CLDSTATE"), (5, complete)]
+    write("handoff_stream", "stream.bin", preamble + b"".join(
+        handoff_frame(i, k, b) for i, (k, b) in enumerate(frames)))
+    refusal = varint(0) + varint(12) + b"no such base"
+    write("handoff_stream", "answers.bin", handoff_frame(0, 16, b"")
+          + handoff_frame(1, 18, varint(812)) + handoff_frame(2, 19, varint(3) + varint(2) + b"no"))
+    write("handoff_stream", "refusal.bin", handoff_frame(0, 17, refusal))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-tools", action="store_true",
-                    help="only the crafted seeds (virtio_queue, usernet_frames, api_frame)")
+                    help="only the crafted seeds (virtio_queue, usernet_frames, api_frame, handoff_stream)")
     args = ap.parse_args()
     if not args.no_tools:
         for t in ("overlay_open", "state_file"):
             shutil.rmtree(os.path.join(SEEDS, t), ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="fuzz-seeds-") as tmp:
             tool_seeds(tmp)
-    for t in ("virtio_queue", "usernet_frames", "api_frame"):
+    for t in ("virtio_queue", "usernet_frames", "api_frame", "handoff_stream"):
         shutil.rmtree(os.path.join(SEEDS, t), ignore_errors=True)
     virtio_seeds()
     usernet_seeds()
     api_seeds()
+    handoff_seeds()
 
 
 if __name__ == "__main__":
