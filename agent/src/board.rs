@@ -457,28 +457,29 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = err(&DEV_TOML.replace("max_vms = 4", "max_vms = 0"));
-        assert!(
-            e.contains("x.toml: key `vms.max_vms`: 0 is out of range"),
-            "{e}"
-        );
-        let e = err(&DEV_TOML.replace("max_vms = 4", "max_vms = \"four\""));
-        assert!(e.contains("key `vms.max_vms`"), "{e}");
-        let e = err(&DEV_TOML.replace("\"127.0.0.1\"", "\"localhost\""));
-        assert!(
-            e.contains("key `api.listen`: 'localhost' is not an IP"),
-            "{e}"
-        );
-        let e = err(&DEV_TOML.replace("\"user\"", "\"bridge\""));
-        assert!(e.contains("vms.network"), "{e}");
-        let e = err(&DEV_TOML.replace("\"user\"", "\"tap:tap0\""));
-        assert!(e.contains("max_vms = 1"), "{e}");
-        let e = err(&DEV_TOML.replace("cloudlet-dev-token", "short"));
-        assert!(e.contains("api.token"), "{e}");
-        let e = err(&DEV_TOML.replace("name = \"dev\"", "name = \"Dev Board\""));
-        assert!(e.contains("key `name`"), "{e}");
-        let e = err(&DEV_TOML.replace("port = 0", "port = 70000"));
-        assert!(e.contains("key `api.port`"), "{e}");
+        // (text replaced in the dev board, by what, what the error must say)
+        let cases = [
+            (
+                "max_vms = 4",
+                "max_vms = 0",
+                "x.toml: key `vms.max_vms`: 0 is out of range",
+            ),
+            ("max_vms = 4", "max_vms = \"four\"", "key `vms.max_vms`"),
+            (
+                "\"127.0.0.1\"",
+                "\"localhost\"",
+                "key `api.listen`: 'localhost' is not an IP",
+            ),
+            ("\"user\"", "\"bridge\"", "vms.network"),
+            ("\"user\"", "\"tap:tap0\"", "max_vms = 1"),
+            ("cloudlet-dev-token", "short", "api.token"),
+            ("name = \"dev\"", "name = \"Dev Board\"", "key `name`"),
+            ("port = 0", "port = 70000", "key `api.port`"),
+        ];
+        for (from, to, needle) in cases {
+            let e = err(&DEV_TOML.replace(from, to));
+            assert!(e.contains(needle), "{e}");
+        }
         let tap = DEV_TOML
             .replace("\"user\"", "\"tap:tap0\"")
             .replace("max_vms = 4", "max_vms = 1");

@@ -235,6 +235,13 @@ pub struct PageRun {
     pub fill: Fill,
 }
 
+impl PageRun {
+    /// `count` pages from `first` on, filled as `fill` says.
+    pub const fn new(first: u64, count: u32, fill: Fill) -> Self {
+        PageRun { first, count, fill }
+    }
+}
+
 /// A batch of guest pages, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pages {
@@ -734,36 +741,12 @@ mod tests {
             }),
             Message::Pages(Pages {
                 runs: vec![
-                    PageRun {
-                        first: 3,
-                        count: 2,
-                        fill: Fill::Data,
-                    },
-                    PageRun {
-                        first: 10,
-                        count: 5,
-                        fill: Fill::Zero,
-                    },
-                    PageRun {
-                        first: 20,
-                        count: 1,
-                        fill: Fill::Data,
-                    },
-                    PageRun {
-                        first: 30,
-                        count: 2,
-                        fill: Fill::Copy(3),
-                    },
-                    PageRun {
-                        first: 40,
-                        count: 1,
-                        fill: Fill::BaseAt(0),
-                    },
-                    PageRun {
-                        first: 41,
-                        count: 1,
-                        fill: Fill::Base,
-                    },
+                    PageRun::new(3, 2, Fill::Data),
+                    PageRun::new(10, 5, Fill::Zero),
+                    PageRun::new(20, 1, Fill::Data),
+                    PageRun::new(30, 2, Fill::Copy(3)),
+                    PageRun::new(40, 1, Fill::BaseAt(0)),
+                    PageRun::new(41, 1, Fill::Base),
                 ],
                 data,
             }),

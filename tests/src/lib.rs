@@ -67,6 +67,55 @@ where
     v.finish(timeout)
 }
 
+/// How long one `image-builder` run may take in the helpers below.
+const IMAGE_BUILDER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A scratch path as an argument.
+pub fn arg(p: &Path) -> &str {
+    p.to_str().expect("scratch paths are UTF-8")
+}
+
+/// Runs `image-builder` with `args`, which must succeed.
+pub fn image_builder(args: &[&str]) -> Finished {
+    let fin = run_image_builder(args, IMAGE_BUILDER_TIMEOUT);
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    fin
+}
+
+/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
+pub fn make_base(out: &Path, mem: &str, extra: &[&str]) -> PathBuf {
+    let kernel = micro_guest();
+    let mut args = vec![
+        "base",
+        "--kernel",
+        arg(&kernel),
+        "--out",
+        arg(out),
+        "--mem",
+        mem,
+    ];
+    args.extend_from_slice(extra);
+    let fin = image_builder(&args);
+    assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
+    out.to_owned()
+}
+
+/// `image-builder overlay` of `base` customised by `script` into `out`, with `extra`
+/// options.
+pub fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> Finished {
+    let mut args = vec![
+        "overlay",
+        "--base",
+        arg(base),
+        "--script",
+        script,
+        "--out",
+        arg(out),
+    ];
+    args.extend_from_slice(extra);
+    image_builder(&args)
+}
+
 /// FNV-1a digest of a file's bytes.
 pub fn file_digest(p: &Path) -> u64 {
     std::fs::read(p)

@@ -104,6 +104,16 @@ impl Guest {
         }
     }
 
+    /// [`Guest::boot`] with `extra` and a control socket in `s`; returns the guest, the
+    /// socket as an argument and the path its snapshot is to be written to.
+    fn boot_with_api(s: &Scratch, extra: &[&str]) -> (Guest, String, PathBuf) {
+        let k = path_arg(&s.path("vm.sock"));
+        let mut args = extra.to_vec();
+        args.extend(["--api-sock", &k]);
+        let g = Guest::boot(&args);
+        (g, k, s.path("snap"))
+    }
+
     /// A connection to the service, once it answers.
     fn conn(&self) -> Client {
         connect_when_up(self.addr)
@@ -474,10 +484,7 @@ fn disk_scan_reads_ranges_in_requests_of_any_allowed_size() {
 fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
     let s = Scratch::new("guest-io-snap");
     let base = TableDisk::new(&s);
-    let sock = s.path("vm.sock");
-    let snap = s.path("snap");
-    let k = path_arg(&sock);
-    let g = Guest::boot(&["--disk", &base.arg(), "--api-sock", &k]);
+    let (g, k, snap) = Guest::boot_with_api(&s, &["--disk", &base.arg()]);
     let mut c = g.conn();
     let puts = [(3u64, 777u64), (150_000, 123_456_789)];
     put_all(&mut c, &puts);
@@ -535,10 +542,7 @@ fn restored_vm_serves_on_a_new_port_with_its_disk_delta() {
 #[test]
 fn restored_vm_answers_the_first_connection_while_an_old_one_is_open() {
     let s = Scratch::new("guest-io-snap-open");
-    let sock = s.path("vm.sock");
-    let snap = s.path("snap");
-    let k = path_arg(&sock);
-    let g = Guest::boot(&["--api-sock", &k]);
+    let (g, k, snap) = Guest::boot_with_api(&s, &[]);
     let mut old = g.conn();
     assert_eq!(old.ask("echo open"), "ok echo open");
     vmm_snapshot(&k, &snap, true, T);
@@ -889,10 +893,7 @@ fn counter_and_dirtier_work_over_tcp() {
 fn counter_content_and_dirtier_survive_snapshot_and_restore() {
     use micro_service::oracle::{check_reply, count_reply, incr_reply, parse_dirty_reply};
     let s = Scratch::new("guest-io-ram-state");
-    let sock = s.path("vm.sock");
-    let snap = s.path("snap");
-    let k = path_arg(&sock);
-    let g = Guest::boot(&["--api-sock", &k]);
+    let (g, k, snap) = Guest::boot_with_api(&s, &[]);
     let mut c = g.conn();
     for n in 0..4 {
         assert_eq!(c.ask("incr"), incr_reply(n));
@@ -902,34 +903,10 @@ fn counter_content_and_dirtier_survive_snapshot_and_restore() {
     assert!(c.ask("dirty 1000").starts_with("ok dirty rate=1000 "));
     std::thread::sleep(Duration::from_millis(100));
     drop(c);
-    let out = run_vmm(
-        [
-            "snapshot",
-            "--api-sock",
-            &k,
-            "--out",
-            &path_arg(&snap),
-            "--stay-paused",
-        ],
-        T,
-    );
-    assert_eq!(out.code(), 0, "vmm snapshot: {out:?}");
-    assert_eq!(run_vmm(["stop", "--api-sock", &k], T).code(), 0);
-    let mut vmm = g.vmm;
-    assert_eq!(vmm.finish(T).code(), 0);
+    vmm_snapshot(&k, &snap, true, T);
+    g.stop(&k);
 
-    let port = free_port();
-    let restored = Guest::spawn(
-        vec![
-            "restore".into(),
-            "--snapshot".into(),
-            path_arg(&snap),
-            "--forward".into(),
-            format!("127.0.0.1:{port}={GUEST_SERVICE}"),
-        ],
-        port,
-        false,
-    );
+    let restored = Guest::restore(&snap);
     let mut c = restored.conn();
     assert_eq!(c.ask("count"), count_reply(4));
     assert_eq!(c.ask("check"), check_reply(8, 8));

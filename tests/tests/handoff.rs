@@ -18,12 +18,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cloudlet_tests::{
-    error_chain, micro_guest, run_image_builder, run_vmm, vmm_snapshot, Ask, Finished, Scratch, Vmm,
+    arg, error_chain, make_base, make_overlay, run_vmm, vmm_snapshot, Ask, Finished, Scratch, Vmm,
 };
 use format::base::{Manifest, MEMORY, STATE};
 use format::control::{read_frame, Report};
 use format::handoff::{
-    encode_frame, Codec, Complete, Fill, FrameReader, Message, PageRun, Pages, Preamble,
+    encode_frame, Codec, Complete, Fill, FrameReader, Message, PageRun, Pages, Preamble, Refusal,
     RefuseKind, Start, DISK_BLOCK, PREAMBLE_LEN,
 };
 use micro_service::client::Client;
@@ -45,37 +45,10 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("scratch paths are UTF-8")
-}
-
 /// A host TCP port that was free a moment ago.
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local address").port()
-}
-
-fn image_builder(args: &[&str]) -> Finished {
-    let fin = run_image_builder(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
-    fin
-}
-
-/// `image-builder base` of the micro guest (64 MiB) into `out` with `extra` options.
-fn make_base(out: &Path, extra: &[&str]) -> PathBuf {
-    let kernel = micro_guest();
-    let mut args = vec![
-        "base",
-        "--kernel",
-        arg(&kernel),
-        "--out",
-        arg(out),
-        "--mem",
-        "64",
-    ];
-    args.extend_from_slice(extra);
-    image_builder(&args);
-    out.to_owned()
 }
 
 /// What the test sender streams: the customised VM as the δ against its base.
@@ -101,10 +74,11 @@ fn images() -> &'static Images {
     IMAGES.get_or_init(|| {
         let dir = Scratch::new("handoff");
         let table = dir.write("table.img", &table_image(5000, 1 << 20));
-        let base = make_base(&dir.path("base"), &["--disk", arg(&table), "--net"]);
+        let base = make_base(&dir.path("base"), "64", &["--disk", arg(&table), "--net"]);
         // A second base: another command line gives another content id.
         let other_base = make_base(
             &dir.path("other-base"),
+            "64",
             &[
                 "--disk",
                 arg(&table),
@@ -114,15 +88,7 @@ fn images() -> &'static Images {
             ],
         );
         let overlay = dir.path("app.overlay");
-        image_builder(&[
-            "overlay",
-            "--base",
-            arg(&base),
-            "--script",
-            "put:7:42,load:2",
-            "--out",
-            arg(&overlay),
-        ]);
+        make_overlay(&base, "put:7:42,load:2", &overlay, &[]);
         let snap = customise(&dir, &base, &overlay);
         let base_id = Manifest::load(&base).unwrap().id_bytes();
         let stream = stream_of(&base, &snap);
@@ -189,11 +155,7 @@ fn stream_of(base: &Path, snap: &Path) -> Stream {
     let unchanged = (0..pages)
         .find(|&i| page(&base_mem, i) == page(&snap_mem, i) && base_mem[i as usize * PAGE] != 0)
         .expect("some non-zero page is unchanged");
-    cur.runs.push(PageRun {
-        first: unchanged,
-        count: 1,
-        fill: Fill::Data,
-    });
+    cur.runs.push(PageRun::new(unchanged, 1, Fill::Data));
     cur.data.extend(std::iter::repeat_n(0xee, PAGE));
     batches.push(std::mem::replace(
         &mut cur,
@@ -225,11 +187,7 @@ fn stream_of(base: &Path, snap: &Path) -> Stream {
             {
                 r.count += 1
             }
-            _ => cur.runs.push(PageRun {
-                first: i,
-                count: 1,
-                fill,
-            }),
+            _ => cur.runs.push(PageRun::new(i, 1, fill)),
         }
         in_batch += 1;
         if in_batch == BATCH_PAGES {
@@ -243,11 +201,7 @@ fn stream_of(base: &Path, snap: &Path) -> Stream {
             in_batch = 0;
         }
     }
-    cur.runs.push(PageRun {
-        first: unchanged,
-        count: 1,
-        fill: Fill::Base,
-    });
+    cur.runs.push(PageRun::new(unchanged, 1, Fill::Base));
     batches.push(cur);
     assert!(
         batches.len() > 4,
@@ -316,6 +270,22 @@ impl Sender {
     /// The receiver's next answer.
     fn answer(&mut self) -> Message {
         self.answers.read().expect("an answer from the receiver")
+    }
+
+    /// The receiver's next answer, which must be `Refuse`.
+    fn refusal(&mut self) -> Refusal {
+        match self.answer() {
+            Message::Refuse(f) => f,
+            other => panic!("expected Refuse, got {other:?}"),
+        }
+    }
+
+    /// The receiver's next answer, which must be `Failed`.
+    fn failure(&mut self) -> Refusal {
+        match self.answer() {
+            Message::Failed(f) => f,
+            other => panic!("expected Failed, got {other:?}"),
+        }
     }
 
     /// Preamble and Start of `images()`'s stream; the receiver must accept.
@@ -398,6 +368,30 @@ fn receiver(s: &Scratch, base: &Path, token: Option<[u8; 32]>, extra: &[&str]) -
     }
 }
 
+/// A `vmm receive` of `images()`'s base expecting [`TOKEN`], its files in a new scratch
+/// directory `name`, with `extra` options.
+fn receiving(name: &str, extra: &[&str]) -> (Scratch, Receiver) {
+    let s = Scratch::new(name);
+    let r = receiver(&s, &images().base, Some(TOKEN), extra);
+    (s, r)
+}
+
+/// [`receiving`], and a sender it accepted.
+fn accepted(name: &str, extra: &[&str]) -> (Scratch, Receiver, Sender) {
+    let (s, r) = receiving(name, extra);
+    let src = Sender::accepted(r.addr);
+    (s, r, src)
+}
+
+/// The preamble of `images()`'s base with [`TOKEN`].
+fn our_preamble() -> [u8; PREAMBLE_LEN] {
+    Preamble {
+        base_id: images().base_id,
+        token: TOKEN,
+    }
+    .emit()
+}
+
 impl Receiver {
     /// The receiver must fail: `Failed` on its report channel with `needle` in its chain,
     /// exit status 1 within [`QUICK`], `needle` on stderr, no file left, its port closed.
@@ -433,15 +427,8 @@ impl Receiver {
 
 #[test]
 fn a_streamed_vm_resumes_with_its_memory_and_disk_and_serves() {
-    let img = images();
-    let s = Scratch::new("handoff-ok");
-    let mut r = receiver(
-        &s,
-        &img.base,
-        Some(TOKEN),
-        &["--forward", &format!("127.0.0.1:0={GUEST_SERVICE}"), "-v"],
-    );
-    let mut src = Sender::accepted(r.addr);
+    let fwd = format!("127.0.0.1:0={GUEST_SERVICE}");
+    let (_s, mut r, mut src) = accepted("handoff-ok", &["--forward", &fwd, "-v"]);
     // One connection only: the listener closed once the source was accepted.
     assert!(
         TcpStream::connect(r.addr).is_err(),
@@ -540,74 +527,53 @@ fn a_foreign_base_is_refused() {
     let r = receiver(&s, &img.other_base, Some(TOKEN), &[]);
     let mut src = Sender::connect(r.addr);
     src.preamble(img.base_id, TOKEN);
-    match src.answer() {
-        Message::Refuse(f) => {
-            assert_eq!(f.kind, RefuseKind::ForeignBase, "{f:?}");
-            assert!(f.reason.contains(&hex(&img.base_id)[..12]), "{f:?}");
-        }
-        other => panic!("expected Refuse, got {other:?}"),
-    }
+    let f = src.refusal();
+    assert_eq!(f.kind, RefuseKind::ForeignBase, "{f:?}");
+    assert!(f.reason.contains(&hex(&img.base_id)[..12]), "{f:?}");
     r.fails_with("is not the base at");
 }
 
 #[test]
 fn a_wrong_token_is_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-token");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
+    let (_s, r) = receiving("handoff-token", &[]);
     let mut src = Sender::connect(r.addr);
     let mut wrong = TOKEN;
     wrong[31] ^= 1;
-    src.preamble(img.base_id, wrong);
-    match src.answer() {
-        Message::Refuse(f) => assert_eq!(f.kind, RefuseKind::Token, "{f:?}"),
-        other => panic!("expected Refuse, got {other:?}"),
-    }
+    src.preamble(images().base_id, wrong);
+    let f = src.refusal();
+    assert_eq!(f.kind, RefuseKind::Token, "{f:?}");
     r.fails_with("session token");
 }
 
 #[test]
 fn another_stream_version_is_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-version");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
+    let (_s, r) = receiving("handoff-version", &[]);
     let mut src = Sender::connect(r.addr);
-    let mut p = Preamble {
-        base_id: img.base_id,
-        token: TOKEN,
-    }
-    .emit();
+    let mut p = our_preamble();
     p[8] = 2;
     assert_eq!(p.len(), PREAMBLE_LEN);
     src.raw(&p).unwrap();
-    assert!(matches!(src.answer(), Message::Refuse(_)));
+    src.refusal();
     r.fails_with("version 2 is not supported");
 }
 
 #[test]
 fn a_vm_of_another_shape_is_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-shape");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
+    let (_s, r) = receiving("handoff-shape", &[]);
     let mut src = Sender::connect(r.addr);
-    src.preamble(img.base_id, TOKEN);
-    let mut start = img.stream.start.clone();
+    src.raw(&our_preamble()).unwrap();
+    let mut start = images().stream.start.clone();
     start.mem_mib *= 2;
     src.send(&Message::Start(start));
-    match src.answer() {
-        Message::Refuse(f) => assert_eq!(f.kind, RefuseKind::Shape, "{f:?}"),
-        other => panic!("expected Refuse, got {other:?}"),
-    }
+    let f = src.refusal();
+    assert_eq!(f.kind, RefuseKind::Shape, "{f:?}");
     r.fails_with("MiB of RAM");
 }
 
 /// The stream cut after `frames` frames (and, with `half`, half of the next): the receiver
 /// ends, no VM runs and nothing is left.
 fn cut_after(name: &str, frames: usize, half: bool) {
-    let img = images();
-    let s = Scratch::new(name);
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted(name, &[]);
     let rest = src.rest_of_stream();
     for m in &rest[..frames] {
         src.send(m);
@@ -624,16 +590,9 @@ fn cut_after(name: &str, frames: usize, half: bool) {
 fn a_truncated_stream_leaves_nothing() {
     // Before the first byte, and inside the preamble.
     for (name, bytes) in [("handoff-cut-0", 0), ("handoff-cut-pre", PREAMBLE_LEN / 2)] {
-        let img = images();
-        let s = Scratch::new(name);
-        let r = receiver(&s, &img.base, Some(TOKEN), &[]);
+        let (_s, r) = receiving(name, &[]);
         let mut src = Sender::connect(r.addr);
-        let p = Preamble {
-            base_id: img.base_id,
-            token: TOKEN,
-        }
-        .emit();
-        src.raw(&p[..bytes]).unwrap();
+        src.raw(&our_preamble()[..bytes]).unwrap();
         drop(src);
         r.fails_with("handoff connection I/O failed");
     }
@@ -654,59 +613,45 @@ impl Sender {
 
 #[test]
 fn a_corrupted_frame_is_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-flip");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-flip", &[]);
     let rest = src.rest_of_stream();
     src.send(&rest[0]);
     let mut f = src.frame(&rest[1]);
     let n = f.len();
     f[n / 2] ^= 0x04;
     src.raw(&f).unwrap();
-    match src.answer() {
-        Message::Failed(f) => assert!(f.reason.contains("checksum"), "{f:?}"),
-        other => panic!("expected Failed, got {other:?}"),
-    }
+    let f = src.failure();
+    assert!(f.reason.contains("checksum"), "{f:?}");
     r.fails_with("checksum mismatch");
 }
 
 #[test]
 fn a_replayed_frame_is_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-replay");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-replay", &[]);
     let rest = src.rest_of_stream();
     let f = src.frame(&rest[0]);
     src.raw(&f).unwrap();
     src.raw(&f).unwrap();
-    assert!(matches!(src.answer(), Message::Failed(_)));
+    src.failure();
     r.fails_with("arrived where frame 2 was due");
 }
 
 #[test]
 fn totals_that_disagree_are_refused() {
-    let img = images();
-    let s = Scratch::new("handoff-totals");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-totals", &[]);
     let mut rest = src.rest_of_stream();
     // One batch dropped on the way (its sequence number skipped cleanly).
     rest.remove(1);
     for m in &rest {
         src.send(m);
     }
-    assert!(matches!(src.answer(), Message::Failed(_)));
+    src.failure();
     r.fails_with("page batches");
 }
 
 #[test]
 fn an_abandoned_handoff_leaves_nothing() {
-    let img = images();
-    let s = Scratch::new("handoff-abandon");
-    let r = receiver(&s, &img.base, Some(TOKEN), &[]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-abandon", &[]);
     let rest = src.rest_of_stream();
     for m in &rest[..3] {
         src.send(m);
@@ -717,16 +662,12 @@ fn an_abandoned_handoff_leaves_nothing() {
 
 #[test]
 fn a_stalled_or_absent_source_times_out() {
-    let img = images();
-    let s = Scratch::new("handoff-stall");
-    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-stall", &["--timeout-ms", "1500"]);
     let first = src.rest_of_stream().remove(0);
     src.send(&first);
     r.fails_with("the source sent nothing for 1500 ms");
     drop(src);
-    let s = Scratch::new("handoff-absent");
-    let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
+    let (_s, r) = receiving("handoff-absent", &["--timeout-ms", "1500"]);
     r.fails_with("no source connected within 1500 ms");
 }
 
@@ -734,19 +675,14 @@ fn a_stalled_or_absent_source_times_out() {
 /// source is told, the disk δ file the restore had created is removed, no VM runs.
 #[test]
 fn a_failed_restore_tells_the_source_and_leaves_nothing() {
-    let img = images();
-    let s = Scratch::new("handoff-restore-fails");
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let fwd = format!("{}={GUEST_SERVICE}", taken.local_addr().unwrap());
-    let r = receiver(&s, &img.base, Some(TOKEN), &["--forward", &fwd]);
-    let mut src = Sender::accepted(r.addr);
+    let (_s, r, mut src) = accepted("handoff-restore-fails", &["--forward", &fwd]);
     for m in src.rest_of_stream() {
         src.send(&m);
     }
-    match src.answer() {
-        Message::Failed(f) => assert!(f.reason.contains("already in use"), "{f:?}"),
-        other => panic!("expected Failed, got {other:?}"),
-    }
+    let f = src.failure();
+    assert!(f.reason.contains("already in use"), "{f:?}");
     r.fails_with("failed to restore the handed-off VM");
 }
 
@@ -754,11 +690,8 @@ fn a_failed_restore_tells_the_source_and_leaves_nothing() {
 /// Abandon: `Resumed` came too late), or never closes: the VM stops here, nothing is left.
 #[test]
 fn a_vm_the_source_does_not_release_is_stopped_here() {
-    let img = images();
     for (name, abandon) in [("handoff-kept", true), ("handoff-held", false)] {
-        let s = Scratch::new(name);
-        let r = receiver(&s, &img.base, Some(TOKEN), &["--timeout-ms", "1500"]);
-        let mut src = Sender::accepted(r.addr);
+        let (_s, r, mut src) = accepted(name, &["--timeout-ms", "1500"]);
         for m in src.rest_of_stream() {
             src.send(&m);
         }

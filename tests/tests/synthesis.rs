@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cloudlet_tests::{
-    file_digest, micro_guest, run_image_builder, run_vmm, vmm_snapshot, Scratch, Vmm,
+    arg, file_digest, image_builder, make_base, make_overlay, micro_guest, run_vmm, vmm_snapshot,
+    Scratch, Vmm,
 };
 use format::base::{DISK, KERNEL, MANIFEST, MEMORY, STATE};
 use micro_service::oracle::{get_reply, model_entry, query_reply, table_image, table_value};
@@ -55,52 +56,6 @@ fn images() -> &'static Images {
             custom,
         }
     })
-}
-
-/// A scratch path as an argument.
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("scratch paths are UTF-8")
-}
-
-/// Runs `image-builder` with `args`, which must succeed.
-fn image_builder(args: &[&str]) -> cloudlet_tests::Finished {
-    let fin = run_image_builder(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
-    fin
-}
-
-/// `image-builder overlay` of `base` customised by `script` into `out`, with `extra`
-/// options.
-fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> cloudlet_tests::Finished {
-    let mut args = vec![
-        "overlay",
-        "--base",
-        arg(base),
-        "--script",
-        script,
-        "--out",
-        arg(out),
-    ];
-    args.extend_from_slice(extra);
-    image_builder(&args)
-}
-
-/// `image-builder base` of the micro guest with `mem` MiB and `extra` options into `out`.
-fn make_base(out: &Path, mem: &str, extra: &[&str]) -> PathBuf {
-    let kernel = micro_guest();
-    let mut args = vec![
-        "base",
-        "--kernel",
-        arg(&kernel),
-        "--out",
-        arg(out),
-        "--mem",
-        mem,
-    ];
-    args.extend_from_slice(extra);
-    let fin = image_builder(&args);
-    assert!(fin.stdout[0].starts_with("base "), "{fin:?}");
-    out.to_owned()
 }
 
 fn synth_args(base: &Path, overlay: &Path, extra: &[&str]) -> Vec<String> {

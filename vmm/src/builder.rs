@@ -23,6 +23,7 @@ use crate::loader::{self, LoaderError};
 use crate::machine::{Machine, MachineError, MachineParts, StopSignals};
 use crate::serial_input::{deliver_input, SerialInput};
 use crate::snapshot::restore;
+use crate::snapshot::state::MachineState;
 use crate::snapshot::SnapshotError;
 use crate::synthesis::lazy::LazyFill;
 use crate::synthesis::{self, SynthesisError, Timings};
@@ -273,18 +274,14 @@ pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Mac
         }
         devices.disk = Some(d);
     }
-    let mut restored = restore::restore_machine(
-        &kvm,
-        vm,
-        &mem,
-        &state,
-        &cfg.serial,
-        &devices,
-        DiskStart::Blocks(disk_blocks),
-    )?;
-    let t_restore = t0.elapsed();
-    let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
-    let mut machine = start_restored(restored, mem, spawned, cfg.serial_input, false, None)?;
+    let restoring = Restoring {
+        kvm: &kvm,
+        state: &state,
+        serial: &cfg.serial,
+        devices: &devices,
+        disk_blocks,
+    };
+    let (mut machine, t_restore) = restoring.run(vm, mem, cfg.serial_input, false, t0)?;
     // It can move on again: to the next appliance, or back.
     machine.set_base(base);
     tracing::debug!(
@@ -307,22 +304,56 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
     memory::prefault_image(&image, &mem, &[]);
     let disk_start = restore::read_disk_delta(&cfg.snapshot, &state)?;
     let vm = Vm::new(&kvm, &mem)?;
-    let mut restored = restore::restore_machine(
-        &kvm,
-        vm,
-        &mem,
-        &state,
-        &cfg.serial,
-        &cfg.devices,
-        DiskStart::Blocks(disk_start),
-    )?;
-    let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
-    let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, None)?;
+    let restoring = Restoring {
+        kvm: &kvm,
+        state: &state,
+        serial: &cfg.serial,
+        devices: &cfg.devices,
+        disk_blocks: disk_start,
+    };
+    let (machine, _) = restoring.run(vm, mem, cfg.serial_input, cfg.paused, t0)?;
     tracing::debug!(
         total_us = t0.elapsed().as_micros() as u64,
         "VM restored from snapshot"
     );
     Ok(machine)
+}
+
+/// A machine to rebuild from its state over a VM already created on its memory: the
+/// snapshot's and the handoff's path (synthesis starts a lazy fill in between).
+struct Restoring<'a> {
+    kvm: &'a KvmContext,
+    state: &'a MachineState,
+    serial: &'a SerialOutput,
+    devices: &'a DevicesConfig,
+    disk_blocks: Vec<(u64, Vec<u8>)>,
+}
+
+impl Restoring<'_> {
+    /// Restores devices and vCPUs into `vm`, spawns the vCPUs and starts the machine (paused
+    /// with `paused`); returns it with the time from `t0` to the end of the restore proper.
+    fn run(
+        self,
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        serial_input: bool,
+        paused: bool,
+        t0: Instant,
+    ) -> Result<(Machine, Duration), BuildError> {
+        let mut restored = restore::restore_machine(
+            self.kvm,
+            vm,
+            &mem,
+            self.state,
+            self.serial,
+            self.devices,
+            DiskStart::Blocks(self.disk_blocks),
+        )?;
+        let t_restore = t0.elapsed();
+        let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
+        let machine = start_restored(restored, mem, spawned, serial_input, paused, None)?;
+        Ok((machine, t_restore))
+    }
 }
 
 /// vCPU threads spawned paused, with what must exist before them.

@@ -343,12 +343,7 @@ mod tests {
             (b"load 5000", b' ', bad(b"5000")),
             (b"query 12345", b' ', Ok(Request::Query(12345))),
             (b"query", b' ', missing("query I")),
-        ]);
-    }
-
-    #[test]
-    fn parses_the_disk_and_network_requests() {
-        check(&[
+            // Disk and network.
             (b"health", b' ', Ok(Request::Health)),
             (b"disk", b' ', Ok(Request::Disk)),
             (b"net", b' ', Ok(Request::Net)),
@@ -366,6 +361,33 @@ mod tests {
             (b"put 3 4 5", b' ', bad(b"4 5")),
             (b"health now", b' ', extra(b"now")),
             (b"get", b' ', missing("get I")),
+            // The handoff scenario.
+            (b"incr", b' ', Ok(Request::Incr)),
+            (b"count", b' ', Ok(Request::Count)),
+            (b"check", b' ', Ok(Request::Check)),
+            (b"incr 2", b' ', extra(b"2")),
+            (b"count x", b' ', extra(b"x")),
+            (b"fill 64", b' ', Ok(Request::Fill(64))),
+            (b"fill:64", b':', Ok(Request::Fill(64))),
+            (b"fill", b' ', missing("fill MIB")),
+            (b"fill 0", b' ', bad(b"0")),
+            (b"fill 4097", b' ', bad(b"4097")),
+            (b"fill 64 1", b' ', extra(b"1")),
+            (b"dirty", b' ', Ok(Request::Dirty(None))),
+            (b"dirty 2000", b' ', Ok(Request::Dirty(Some(2000)))),
+            (b" dirty   0 ", b' ', Ok(Request::Dirty(Some(0)))),
+            (b"dirty:500", b':', Ok(Request::Dirty(Some(500)))),
+            (b"dirty 1000000", b' ', Ok(Request::Dirty(Some(1_000_000)))),
+            (b"dirty fast", b' ', bad(b"fast")),
+            (b"dirty 1 2", b' ', extra(b"2")),
+            (
+                b"dirty 1000001",
+                b' ',
+                Err(ParseError::OutOfRange(
+                    b"1000001",
+                    "RATE is pages per second, at most 1000000",
+                )),
+            ),
         ]);
     }
 
@@ -424,38 +446,6 @@ mod tests {
             ),
             "bad argument '6': REQ_KIB must be a multiple of 4 from 4 to 64"
         );
-    }
-
-    #[test]
-    fn parses_the_handoff_scenario_requests() {
-        check(&[
-            (b"incr", b' ', Ok(Request::Incr)),
-            (b"count", b' ', Ok(Request::Count)),
-            (b"check", b' ', Ok(Request::Check)),
-            (b"incr 2", b' ', extra(b"2")),
-            (b"count x", b' ', extra(b"x")),
-            (b"fill 64", b' ', Ok(Request::Fill(64))),
-            (b"fill:64", b':', Ok(Request::Fill(64))),
-            (b"fill", b' ', missing("fill MIB")),
-            (b"fill 0", b' ', bad(b"0")),
-            (b"fill 4097", b' ', bad(b"4097")),
-            (b"fill 64 1", b' ', extra(b"1")),
-            (b"dirty", b' ', Ok(Request::Dirty(None))),
-            (b"dirty 2000", b' ', Ok(Request::Dirty(Some(2000)))),
-            (b" dirty   0 ", b' ', Ok(Request::Dirty(Some(0)))),
-            (b"dirty:500", b':', Ok(Request::Dirty(Some(500)))),
-            (b"dirty 1000000", b' ', Ok(Request::Dirty(Some(1_000_000)))),
-            (b"dirty fast", b' ', bad(b"fast")),
-            (b"dirty 1 2", b' ', extra(b"2")),
-            (
-                b"dirty 1000001",
-                b' ',
-                Err(ParseError::OutOfRange(
-                    b"1000001",
-                    "RATE is pages per second, at most 1000000",
-                )),
-            ),
-        ]);
     }
 
     #[test]

@@ -49,12 +49,18 @@ pub trait NetBackend: Send {
     fn event_fd(&self) -> RawFd;
 
     /// Does pending host-side work (accepts, socket reads and writes, timers). Afterwards
-    /// [`NetBackend::recv`] may have frames for the guest.
-    fn poll(&mut self) -> io::Result<()>;
+    /// [`NetBackend::recv`] may have frames for the guest. By default there is none (a
+    /// backend whose work is all in `send` and `recv`).
+    fn poll(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// How long the caller may wait before calling [`NetBackend::poll`] again even if
-    /// [`NetBackend::event_fd`] stays quiet (protocol timers); `None` for no deadline.
-    fn next_timeout(&mut self) -> Option<Duration>;
+    /// [`NetBackend::event_fd`] stays quiet (protocol timers); `None` for no deadline, the
+    /// default (a backend without timers).
+    fn next_timeout(&mut self) -> Option<Duration> {
+        None
+    }
 
     /// The host → guest port forwards, with the host addresses actually bound; none for a
     /// backend without forwards.

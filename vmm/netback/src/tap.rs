@@ -8,7 +8,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 use crate::{sys, NetBackend};
 
@@ -143,13 +142,5 @@ impl NetBackend for Tap {
 
     fn event_fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    fn poll(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn next_timeout(&mut self) -> Option<Duration> {
-        None
     }
 }

@@ -50,10 +50,11 @@ use format::handoff::{
 };
 use format::mapped::Mapped;
 use format::state::{self, StateError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::image_offset_to_gpa as locate;
 use crate::snapshot::state::MachineState;
+use crate::synthesis::eager::{write_image, WriteFault};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory;
 use crate::vstate::vm::Vm;
@@ -663,20 +664,12 @@ impl Guest<'_> {
             .ok_or(ReceiveError::Write(first * PAGE))
     }
 
-    /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap.
+    /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap;
+    /// pieces of two pages or more are faulted in for writing in one call first.
     fn write_at(&self, off: u64, data: &[u8]) -> Result<(), ReceiveError> {
-        let mut done = 0usize;
-        while done < data.len() {
-            let o = off + done as u64;
-            let (gpa, in_range) = locate(self.mem_bytes, o).ok_or(ReceiveError::Write(o))?;
-            let n = (in_range as usize).min(data.len() - done);
-            self.populate(gpa, n);
-            self.mem
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|_| ReceiveError::Write(o))?;
-            done += n;
-        }
-        Ok(())
+        write_image(self.mem, self.mem_bytes, off, data, 2 * PAGE as usize).map_err(|f| match f {
+            WriteFault::Outside(o) | WriteFault::Access { off: o, .. } => ReceiveError::Write(o),
+        })
     }
 
     /// Reads one page at image offset `off` (pages never straddle the gap).
@@ -685,19 +678,6 @@ impl Guest<'_> {
         self.mem
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|_| ReceiveError::Write(off))
-    }
-
-    /// Faults in `len` bytes at `gpa` for writing in one call instead of a copy-on-write
-    /// fault per page. Best effort.
-    fn populate(&self, gpa: u64, len: usize) {
-        if len < 2 * PAGE as usize {
-            return;
-        }
-        if let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) {
-            // SAFETY: `host..host+len` lies in one live guest RAM mapping (the caller split the
-            // range at region ends) that no vCPU runs on yet; populating changes no contents.
-            unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
-        }
     }
 }
 
@@ -744,6 +724,7 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use format::handoff::PageRun;
 
     #[test]
     fn tokens_compare_whole() {
@@ -773,31 +754,11 @@ mod tests {
         data[PAGE as usize] = 2;
         let p = Pages {
             runs: vec![
-                format::handoff::PageRun {
-                    first: 10,
-                    count: 2,
-                    fill: Fill::Data,
-                },
-                format::handoff::PageRun {
-                    first: 20,
-                    count: 2,
-                    fill: Fill::Copy(10),
-                },
-                format::handoff::PageRun {
-                    first: 30,
-                    count: 1,
-                    fill: Fill::BaseAt(5),
-                },
-                format::handoff::PageRun {
-                    first: 3,
-                    count: 1,
-                    fill: Fill::Base,
-                },
-                format::handoff::PageRun {
-                    first: 11,
-                    count: 1,
-                    fill: Fill::Zero,
-                },
+                PageRun::new(10, 2, Fill::Data),
+                PageRun::new(20, 2, Fill::Copy(10)),
+                PageRun::new(30, 1, Fill::BaseAt(5)),
+                PageRun::new(3, 1, Fill::Base),
+                PageRun::new(11, 1, Fill::Zero),
             ],
             data,
         };

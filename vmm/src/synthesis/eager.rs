@@ -48,34 +48,66 @@ struct GuestSink<'a> {
     base: &'a [u8],
 }
 
+/// Where [`write_image`] failed: image offset `off` lies outside guest RAM, or writing the
+/// piece at `off` (guest address `gpa`) failed.
+pub(crate) enum WriteFault {
+    /// No guest RAM at this image offset.
+    Outside(u64),
+    /// The guest memory write failed.
+    Access {
+        /// Image offset of the piece.
+        off: u64,
+        /// Its guest address.
+        gpa: u64,
+        /// Why.
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Writes `data` at image offset `off` of guest memory `mem` (`mem_bytes` of RAM), split
+/// where the RAM layout jumps over the gap; each piece of at least `populate_from` bytes is
+/// first faulted in for writing in one call: one `MADV_POPULATE_WRITE` instead of a
+/// copy-on-write fault per page (best effort).
+pub(crate) fn write_image(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    off: u64,
+    data: &[u8],
+    populate_from: usize,
+) -> Result<(), WriteFault> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let o = off + done as u64;
+        let (gpa, in_range) = locate(mem_bytes, o).ok_or(WriteFault::Outside(o))?;
+        let n = (in_range as usize).min(data.len() - done);
+        if n >= populate_from {
+            if let Ok(host) = mem.get_host_address(GuestAddress(gpa)) {
+                // SAFETY: `host..host+n` lies in one live guest RAM mapping (the range was split
+                // at region ends); populating pages changes no contents.
+                unsafe { libc::madvise(host.cast(), n, libc::MADV_POPULATE_WRITE) };
+            }
+        }
+        mem.write_slice(&data[done..done + n], GuestAddress(gpa))
+            .map_err(|source| WriteFault::Access {
+                off: o,
+                gpa,
+                source,
+            })?;
+        done += n;
+    }
+    Ok(())
+}
+
 impl GuestSink<'_> {
     /// Writes `data` at image offset `off`, split where the RAM layout jumps over the gap.
     fn write_at(&self, off: u64, data: &[u8]) -> Result<(), SinkError> {
-        let mut done = 0usize;
-        while done < data.len() {
-            let o = off + done as u64;
-            let (gpa, in_range) = locate(self.mem_bytes, o).ok_or(SinkError::OutsideMemory(o))?;
-            let n = (in_range as usize).min(data.len() - done);
-            self.populate(gpa, n);
-            self.mem
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|e| SinkError::Access {
-                    gpa,
-                    source: e.into(),
-                })?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Faults in `len` bytes of guest memory at `gpa` for writing in one call: one
-    /// `MADV_POPULATE_WRITE` instead of a copy-on-write fault per page. Best effort.
-    fn populate(&self, gpa: u64, len: usize) {
-        if let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) {
-            // SAFETY: `host..host+len` lies in one live guest RAM mapping (the caller split the
-            // range at region ends); populating pages changes no contents.
-            unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) };
-        }
+        write_image(self.mem, self.mem_bytes, off, data, 0).map_err(|f| match f {
+            WriteFault::Outside(o) => SinkError::OutsideMemory(o),
+            WriteFault::Access { gpa, source, .. } => SinkError::Access {
+                gpa,
+                source: source.into(),
+            },
+        })
     }
 
     fn read_page(&self, page: u64) -> Result<Vec<u8>, SinkError> {

@@ -164,15 +164,8 @@ pub enum FillError {
 }
 
 /// `e` and its causes, one after the other (for the VM's exit reason, which is text).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::chain(e).join(": ")
 }
 
 impl Shared {

@@ -114,25 +114,26 @@ fn expect(request: &str, got: &str, want: &str) -> Result<()> {
     Ok(())
 }
 
+/// The oracle's sum of a content of so many MiB.
+type OracleSum = fn(u64) -> u64;
+
 /// Puts the scenario's state into a booted guest: base content, δ, counter, dirtier (each
 /// reply checked against the oracle), then lets the dirtier warm up.
 pub fn prepare_guest(console: &mut Proc, s: &Scenario) -> Result<()> {
-    let fill = format!("fill {}", s.base_mib);
-    let got = ask(console, &fill)?;
-    let want = format!(
-        "ok fill mib={} sum={} ",
-        s.base_mib,
-        oracle::fill_sum(s.base_mib)
-    );
-    expect(&fill, &got, &want)?;
-    let load = format!("load {}", s.delta_mib);
-    let got = ask(console, &load)?;
-    let want = format!(
-        "ok load mib={} sum={} ",
-        s.delta_mib,
-        oracle::model_sum(s.delta_mib)
-    );
-    expect(&load, &got, &want)?;
+    // The base content, then the δ: each reply names its size and the oracle's sum.
+    let contents: [(&str, u64, OracleSum); 2] = [
+        ("fill", s.base_mib, oracle::fill_sum),
+        ("load", s.delta_mib, oracle::model_sum),
+    ];
+    for (verb, mib, sum) in contents {
+        let request = format!("{verb} {mib}");
+        let got = ask(console, &request)?;
+        expect(
+            &request,
+            &got,
+            &format!("ok {verb} mib={mib} sum={} ", sum(mib)),
+        )?;
+    }
     for n in 0..s.increments {
         expect("incr", &ask(console, "incr")?, &oracle::incr_reply(n))?;
     }

@@ -140,14 +140,12 @@ impl TcpConn {
                     let e = io::Error::from(io::ErrorKind::WriteZero);
                     return self.host_failed(sock, &e);
                 }
-                Ok(Ok(n)) => {
-                    stats.tcp_bytes_from_guest += n as u64;
-                    progress = true;
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return self.host_failed(sock, &e),
-                Err(_) => break,
+                r => match relayed(r, &mut stats.tcp_bytes_from_guest, &mut self.writable) {
+                    Step::Moved => progress = true,
+                    Step::Again => {}
+                    Step::Stop => break,
+                    Step::Fail(e) => return self.host_failed(sock, &e),
+                },
             }
         }
         if !self.guest_eof && !sock.can_recv() && sock.recv(|_| (0, ())) == Err(RecvError::Finished)
@@ -172,14 +170,12 @@ impl TcpConn {
                     progress = true;
                     sock.close();
                 }
-                Ok(Ok(n)) => {
-                    stats.tcp_bytes_to_guest += n as u64;
-                    progress = true;
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return self.host_failed(sock, &e),
-                Err(_) => break,
+                r => match relayed(r, &mut stats.tcp_bytes_to_guest, &mut self.readable) {
+                    Step::Moved => progress = true,
+                    Step::Again => {}
+                    Step::Stop => break,
+                    Step::Fail(e) => return self.host_failed(sock, &e),
+                },
             }
         }
 
@@ -209,6 +205,36 @@ impl TcpConn {
             _ => None,
         };
         Some((v4(remote)?, v4(local)?))
+    }
+}
+
+/// What the relay loop does after one host read or write (see [`relayed`]).
+enum Step {
+    /// Data moved.
+    Moved,
+    /// Nothing moved: the host would block, or the call was interrupted.
+    Again,
+    /// The socket refused the call: leave the loop.
+    Stop,
+    /// The host side failed.
+    Fail(io::Error),
+}
+
+/// Accounts one relay step in either direction: `n` bytes moved add to `bytes`; a host that
+/// would block clears `ready` (its readiness flag for the direction).
+fn relayed<E>(res: Result<io::Result<usize>, E>, bytes: &mut u64, ready: &mut bool) -> Step {
+    match res {
+        Ok(Ok(n)) => {
+            *bytes += n as u64;
+            Step::Moved
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            *ready = false;
+            Step::Again
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => Step::Again,
+        Ok(Err(e)) => Step::Fail(e),
+        Err(_) => Step::Stop,
     }
 }
 

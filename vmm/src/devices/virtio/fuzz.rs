@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::vstate::memory::GuestMemoryMmap;
 use netback::NetBackend;
@@ -82,10 +81,6 @@ impl NetBackend for FakeBackend {
     fn poll(&mut self) -> io::Result<()> {
         *lock(&self.polls) += 1;
         Ok(())
-    }
-
-    fn next_timeout(&mut self) -> Option<Duration> {
-        None
     }
 }
 
