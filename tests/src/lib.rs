@@ -219,6 +219,34 @@ impl Vmm {
     }
 
     /// Starts a prepared command (stdio is set here).
+    /// Spawns `cmd` (a vmm command line) with a report channel: one end of a socket pair,
+    /// inherited by the child alone as `--report-fd N` (appended); returns the vmm and the
+    /// other end, reading with timeout `t`.
+    pub fn spawn_reporting(
+        cmd: &mut Command,
+        t: Duration,
+    ) -> (Self, std::os::unix::net::UnixStream) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        let fd = theirs.as_raw_fd();
+        cmd.args(["--report-fd", &fd.to_string()]);
+        // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy of
+        // `fd` only, so no other process spawned meanwhile inherits it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let vm = Vmm::spawn_cmd(cmd);
+        drop(theirs);
+        ours.set_read_timeout(Some(t)).expect("a read timeout");
+        (vm, ours)
+    }
+
     pub fn spawn_cmd(cmd: &mut Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::piped())

@@ -4,9 +4,7 @@
 //! a supervisor gives the vmm (`--report-fd`).
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -173,25 +171,9 @@ fn a_silent_client_blocks_no_other() {
 /// `vmm` with `run_args(sock)`, then `forward`, and `--report-fd` on one end of a socket
 /// pair; returns the other end.
 fn spawn_reporting(sock: &str, forward: &str) -> (Vmm, UnixStream) {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(cloudlet_tests::vmm_bin());
-    cmd.args(run_args(sock))
-        .args(["--forward", forward, "--report-fd", &fd.to_string()]);
-    // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy of
-    // `fd` only, so no other process spawned meanwhile inherits it.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let vm = Vmm::spawn_cmd(&mut cmd);
-    drop(theirs);
-    ours.set_read_timeout(Some(T)).unwrap();
-    (vm, ours)
+    cmd.args(run_args(sock)).args(["--forward", forward]);
+    Vmm::spawn_reporting(&mut cmd, T)
 }
 
 #[test]

@@ -8,9 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +16,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use cloudlet_tests::{micro_guest, run_image_builder, vmm_bin, vmm_status, Finished, Scratch, Vmm};
+use cloudlet_tests::{
+    arg, make_base, make_overlay, micro_guest, vmm_bin, vmm_status, Finished, Scratch, Vmm,
+};
 use format::base::{Manifest, MEMORY, STATE};
 use format::control::{HandoffPhase, Report};
 use format::handoff::{
@@ -45,46 +45,16 @@ fn images() -> &'static Images {
     IMAGES.get_or_init(|| {
         let dir = Scratch::new("handoff-send");
         let table = dir.write("table.img", &table_image(5000, 1 << 20));
-        let base = dir.path("base");
-        let kernel = micro_guest();
-        builder(&[
-            "base",
-            "--kernel",
-            arg(&kernel),
-            "--out",
-            arg(&base),
-            "--mem",
-            "64",
-            "--disk",
-            arg(&table),
-            "--net",
-        ]);
+        let base = make_base(&dir.path("base"), "64", &["--disk", arg(&table), "--net"]);
         let overlay = dir.path("app.overlay");
-        builder(&[
-            "overlay",
-            "--base",
-            arg(&base),
-            "--script",
-            "load:4,put:7:42",
-            "--out",
-            arg(&overlay),
-        ]);
+        let fin = make_overlay(&base, "load:4,put:7:42", &overlay, &[]);
+        assert_eq!(fin.code(), 0, "{fin:?}");
         Images {
             _dir: dir,
             base,
             overlay,
         }
     })
-}
-
-fn arg(p: &Path) -> &str {
-    p.to_str().expect("scratch paths are UTF-8")
-}
-
-fn builder(args: &[&str]) -> Finished {
-    let fin = run_image_builder(args, T);
-    assert_eq!(fin.code(), 0, "{fin:?}");
-    fin
 }
 
 fn free_port() -> u16 {
@@ -104,8 +74,6 @@ fn synthesise(s: &Scratch) -> Source {
     let img = images();
     let port = free_port();
     let sock = s.path("vm.sock").display().to_string();
-    let (reports, theirs) = UnixStream::pair().unwrap();
-    let fd = theirs.as_raw_fd();
     let mut cmd = Command::new(vmm_bin());
     cmd.args([
         "synthesize",
@@ -119,22 +87,8 @@ fn synthesise(s: &Scratch) -> Source {
         "null",
         "--forward",
         &format!("127.0.0.1:{port}={GUEST_SERVICE}"),
-        "--report-fd",
-        &fd.to_string(),
     ]);
-    // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy of
-    // `fd` only.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let vmm = Vmm::spawn_cmd(&mut cmd);
-    drop(theirs);
-    reports.set_read_timeout(Some(T)).unwrap();
+    let (vmm, reports) = Vmm::spawn_reporting(&mut cmd, T);
     Source {
         vmm,
         sock,
