@@ -18,6 +18,7 @@ use crate::device_manager::{self, virtio_cmdline, DeviceError, Devices, DiskStar
 use crate::devices::virtio::slot::SlotKind;
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::exit::ExitNotifier;
+use crate::handoff::link::HandoffBase;
 use crate::handoff::receive::Incoming;
 use crate::loader::{self, LoaderError};
 use crate::machine::{Machine, MachineError, MachineParts, StopSignals};
@@ -141,7 +142,10 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
         exit,
         cfg.serial_input,
         false,
-        None,
+        Origin {
+            lazy: None,
+            base: None,
+        },
     )?;
     tracing::debug!(
         vm_us = t_vm.as_micros() as u64,
@@ -234,8 +238,11 @@ pub fn build_from_overlay(
     // The chunk checks ran beside the VM's creation; they must pass before any vCPU runs.
     let fill = synthesis.start_fill()?;
     let lazy = fill.map(|f| (f, cfg.prefetch_delay));
-    let mut machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, lazy)?;
-    machine.set_base(synthesis.handoff_base());
+    let origin = Origin {
+        lazy,
+        base: Some(synthesis.handoff_base()),
+    };
+    let machine = start_restored(restored, mem, spawned, cfg.serial_input, cfg.paused, origin)?;
     Ok((machine, synthesis.timings(), t_restore.elapsed()))
 }
 
@@ -281,9 +288,8 @@ pub fn build_from_handoff(incoming: Incoming, cfg: &HandoffConfig) -> Result<Mac
         devices: &devices,
         disk_blocks,
     };
-    let (mut machine, t_restore) = restoring.run(vm, mem, cfg.serial_input, false, t0)?;
-    // It can move on again: to the next appliance, or back.
-    machine.set_base(base);
+    // It can move on again, to the next appliance or back: it keeps its base.
+    let (machine, t_restore) = restoring.run(vm, mem, cfg.serial_input, false, Some(base), t0)?;
     tracing::debug!(
         restore_us = t_restore.as_micros() as u64,
         start_us = (t0.elapsed() - t_restore).as_micros() as u64,
@@ -311,7 +317,7 @@ pub fn build_from_snapshot(cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         devices: &cfg.devices,
         disk_blocks: disk_start,
     };
-    let (machine, _) = restoring.run(vm, mem, cfg.serial_input, cfg.paused, t0)?;
+    let (machine, _) = restoring.run(vm, mem, cfg.serial_input, cfg.paused, None, t0)?;
     tracing::debug!(
         total_us = t0.elapsed().as_micros() as u64,
         "VM restored from snapshot"
@@ -338,6 +344,7 @@ impl Restoring<'_> {
         mem: GuestMemoryMmap,
         serial_input: bool,
         paused: bool,
+        base: Option<HandoffBase>,
         t0: Instant,
     ) -> Result<(Machine, Duration), BuildError> {
         let mut restored = restore::restore_machine(
@@ -351,7 +358,8 @@ impl Restoring<'_> {
         )?;
         let t_restore = t0.elapsed();
         let spawned = spawn_vcpus(&restored.vm, std::mem::take(&mut restored.vcpus))?;
-        let machine = start_restored(restored, mem, spawned, serial_input, paused, None)?;
+        let origin = Origin { lazy: None, base };
+        let machine = start_restored(restored, mem, spawned, serial_input, paused, origin)?;
         Ok((machine, t_restore))
     }
 }
@@ -391,12 +399,28 @@ fn start_restored(
     spawned: Spawned,
     serial_input: bool,
     paused: bool,
-    lazy: Option<(LazyFill, Duration)>,
+    origin: Origin,
 ) -> Result<Machine, BuildError> {
     let restore::Restored {
         vm, devices, exit, ..
     } = restored;
-    start(vm, mem, spawned, devices, exit, serial_input, paused, lazy)
+    start(
+        vm,
+        mem,
+        spawned,
+        devices,
+        exit,
+        serial_input,
+        paused,
+        origin,
+    )
+}
+
+/// What a restored machine came from, beside its state: a synthesis's lazy fill still
+/// running (with its prefetch delay), and the base a handoff sends its δ against.
+struct Origin {
+    lazy: Option<(LazyFill, Duration)>,
+    base: Option<HandoffBase>,
 }
 
 /// Assembles the machine around spawned vCPUs and lets them run unless `paused`; a lazy fill
@@ -410,7 +434,7 @@ fn start(
     exit: Arc<ExitNotifier>,
     serial_input: bool,
     paused: bool,
-    lazy: Option<(LazyFill, Duration)>,
+    origin: Origin,
 ) -> Result<Machine, BuildError> {
     let virtio = Arc::new(devices.virtio);
     let worker = DeviceWorker::start(virtio.clone())
@@ -434,7 +458,8 @@ fn start(
             .map(|ring| (ring, devices.io_bus, devices.mmio_bus)),
         virtio,
         devices: worker,
-        lazy,
+        lazy: origin.lazy,
+        base: origin.base,
     };
     Ok(Machine::start(parts, paused)?)
 }

@@ -135,6 +135,9 @@ pub struct MachineParts {
     /// The lazy fill of guest memory, if synthesis left one, and how long its background
     /// prefetch waits before it starts.
     pub lazy: Option<(LazyFill, std::time::Duration)>,
+    /// The base the VM runs on, if it has one (synthesised or received by handoff): a
+    /// handoff sends the VM's δ against it.
+    pub base: Option<HandoffBase>,
 }
 
 /// A running VM.
@@ -191,6 +194,7 @@ impl Machine {
             virtio,
             devices,
             lazy,
+            base,
         } = parts;
         let mut machine = Machine {
             vcpus,
@@ -206,7 +210,7 @@ impl Machine {
             coalesced,
             virtio,
             devices: Some(devices),
-            handoff: HandoffLink::new().map_err(MachineError::Handoff)?,
+            handoff: HandoffLink::new(base).map_err(MachineError::Handoff)?,
             holding: std::sync::atomic::AtomicBool::new(false),
         };
         if !paused {
@@ -218,11 +222,6 @@ impl Machine {
             machine.lazy.insert(fill).start_prefetch(delay)?;
         }
         Ok(machine)
-    }
-
-    /// Records the base the machine was synthesised from: a handoff sends its δ against it.
-    pub fn set_base(&mut self, base: HandoffBase) {
-        self.handoff.base = Some(base);
     }
 
     /// Whether a handoff of this machine is running.

@@ -48,15 +48,15 @@ pub struct HandoffBase {
 }
 
 impl HandoffLink {
-    /// A new link.
-    pub fn new() -> std::io::Result<Self> {
+    /// A new link for a VM that runs on `base` (if it has one).
+    pub fn new(base: Option<HandoffBase>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         Ok(HandoffLink {
             tx,
             rx,
             wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             active: AtomicBool::new(false),
-            base: None,
+            base,
         })
     }
 
