@@ -6,13 +6,19 @@
 //! discovers it over mDNS with the client library (`cloudlet discover`), starts the service
 //! over the HTTP API, sends requests through the forwarded port and checks every answer
 //! against the reference oracle (`micro_service::oracle`: `query I` against the model's
-//! formula, `get I` against the disk table written here), prints the timings and stops everything.
+//! formula, `get I` against the disk table written here); then starts a second appliance
+//! (a second agent) in a network namespace of its own, joined by a veth pair shaped to
+//! [`LINK_MBIT`], each agent trusting the other, discovers it over mDNS, hands the instance
+//! over to it while a client keeps calling the service (verified answers; the client asks
+//! the first agent where the instance went when its connection breaks and follows it),
+//! prints the downtime and bytes, and stops everything.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -79,8 +85,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Stages and starts.
+    /// Stages and starts with the dev board.
     pub fn start(p: &Prepared, data: &Path, log: &Path) -> Result<Agent> {
+        Agent::stage(p, data)?;
+        Agent::spawn(p, data, log, None, None)
+    }
+
+    /// A fresh data directory at `data` with the demo's base and service staged; returns
+    /// the appliance's id.
+    pub fn stage(p: &Prepared, data: &Path) -> Result<String> {
         let _ = std::fs::remove_dir_all(data);
         let agent = p.bin.join("agent");
         run(Command::new(&agent)
@@ -99,9 +112,37 @@ impl Agent {
             .arg("--data-dir")
             .arg(data)
             .stderr(Stdio::null()))?;
+        Ok(std::fs::read_to_string(data.join("agent.id"))?
+            .trim()
+            .to_string())
+    }
+
+    /// Starts the agent on a staged `data` with the board file `config` (None: the dev
+    /// board), inside network namespace `ns` when given.
+    pub fn spawn(
+        p: &Prepared,
+        data: &Path,
+        log: &Path,
+        config: Option<&Path>,
+        ns: Option<&str>,
+    ) -> Result<Agent> {
+        let agent = p.bin.join("agent");
+        let _ = std::fs::remove_file(data.join("api.addr"));
         let logf = std::fs::File::create(log)?;
-        let child = Command::new(&agent)
-            .args(["--board", "dev", "--stop-on-exit", "--data-dir"])
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&agent);
+                c
+            }
+            None => Command::new(&agent),
+        };
+        match config {
+            Some(f) => cmd.arg("--config").arg(f),
+            None => cmd.args(["--board", "dev"]),
+        };
+        let child = cmd
+            .args(["--stop-on-exit", "--data-dir"])
             .arg(data)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -303,6 +344,180 @@ pub fn discover(bin: &Path, id: &str, window_ms: u64) -> Result<Value> {
         .with_context(|| format!("appliance {id} not discovered within {window_ms} ms"))
 }
 
+/// A network namespace of its own for the second appliance, joined to this one by a veth
+/// pair (this side `.1`, the namespace's side `.2` of a /30), the link from here shaped to
+/// [`LINK_MBIT`] (a token bucket: this kernel has no netem for delay). Removed when dropped.
+pub struct Site {
+    /// The namespace's name.
+    pub ns: String,
+    /// The veth's name on this side.
+    dev: String,
+    /// The address on this side.
+    pub here: String,
+    /// The namespace's address.
+    pub there: String,
+}
+
+/// The rate of the link to the second appliance, Mbit/s.
+pub const LINK_MBIT: u64 = 100;
+
+impl Site {
+    /// Makes the namespace and the link (names and subnet from this process's id, so two
+    /// demos at once do not collide).
+    pub fn new() -> Result<Site> {
+        let pid = std::process::id();
+        let ns = format!("cl-demo-{pid}");
+        let dev = format!("cld{pid}a");
+        let peer = format!("cld{pid}b");
+        let net = format!("10.{}.{}", 200 + (pid >> 14) % 50, (pid >> 6) & 255);
+        let host = (pid & 63) * 4;
+        let site = Site {
+            ns: ns.clone(),
+            dev: dev.clone(),
+            here: format!("{net}.{}", host + 1),
+            there: format!("{net}.{}", host + 2),
+        };
+        let ip = |args: &[&str]| run(Command::new("ip").args(args).stderr(Stdio::null()));
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "link", "add", &dev, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ])?;
+        ip(&["addr", "add", &format!("{}/30", site.here), "dev", &dev])?;
+        ip(&["link", "set", &dev, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/30", site.there),
+            "dev",
+            &peer,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &peer, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        run(Command::new("tc")
+            .args(["qdisc", "add", "dev", &dev, "root", "tbf", "rate"])
+            .arg(format!("{LINK_MBIT}mbit"))
+            .args(["burst", "64kb", "latency", "50ms"]))?;
+        Ok(site)
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.dev])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// What the client that keeps calling saw.
+struct Calls {
+    /// Answers checked against the oracle.
+    checked: u64,
+    /// Reconnections after a broken connection (each found where the instance runs now).
+    reconnects: u32,
+    /// The longest time between two verified answers, ms.
+    max_gap_ms: f64,
+    /// Verified answers from the second appliance.
+    after: u64,
+    /// The endpoint it ended on.
+    endpoint: String,
+}
+
+/// Where instance `id` of the agent at `addr` runs now: its endpoint, following `moved_to`
+/// (the agent's record of a handoff) from agent to agent.
+fn locate(addr: &str, id: &str) -> Result<(String, String, String)> {
+    let (mut addr, mut id) = (addr.to_string(), id.to_string());
+    for _ in 0..4 {
+        let v = api(&addr, "GET", &format!("/v1/instances/{id}"), None)?;
+        match (v["state"].as_str(), v["moved_to"].as_object()) {
+            (Some("moved"), Some(m)) => {
+                addr = m["agent"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_start_matches("http://")
+                    .to_string();
+                id = m["instance"].as_str().unwrap_or_default().to_string();
+            }
+            _ => {
+                let ep = v["endpoint"].as_str().unwrap_or_default().to_string();
+                return Ok((addr, id, ep));
+            }
+        }
+    }
+    bail!("instance {id} moved too many times")
+}
+
+/// Calls instance `id` of the agent at `addr` until `stop` (verified `query` and `get`
+/// requests); when its connection breaks, asks the agent where the instance went and
+/// follows it there.
+fn keep_calling(addr: &str, id: &str, stop: &AtomicBool) -> Result<Calls> {
+    let (_, _, mut endpoint) = locate(addr, id)?;
+    let first = endpoint.clone();
+    let mut g = Guest::connect(&endpoint)?;
+    let mut c = Calls {
+        checked: 0,
+        reconnects: 0,
+        max_gap_ms: 0.0,
+        after: 0,
+        endpoint: String::new(),
+    };
+    let mut last = Instant::now();
+    let mut k = 0u64;
+    let deadline_after_break = Duration::from_secs(30);
+    while !stop.load(Ordering::Relaxed) {
+        let (req, want) = if k % 2 == 0 {
+            let i = (k * 7919) % (2 << 20);
+            (format!("query {i}"), oracle::query_reply(i))
+        } else {
+            let j = (k * 37) % TABLE_ENTRIES;
+            (
+                format!("get {j}"),
+                oracle::get_reply(j, oracle::table_value(j)),
+            )
+        };
+        match g.request(&req) {
+            Ok(got) if got == want => {
+                c.checked += 1;
+                if endpoint != first {
+                    c.after += 1;
+                }
+                c.max_gap_ms = c.max_gap_ms.max(last.elapsed().as_secs_f64() * 1e3);
+                last = Instant::now();
+                k += 1;
+            }
+            Ok(got) => bail!("`{req}` answered '{got}', expected '{want}'"),
+            Err(_) => {
+                // Broken: where is the instance now? Reconnect there (the same request is
+                // sent again: these requests change nothing).
+                let broke = Instant::now();
+                g = loop {
+                    if let Ok((_, _, ep)) = locate(addr, id) {
+                        if let Ok(g) = Guest::connect(&ep) {
+                            endpoint = ep;
+                            break g;
+                        }
+                    }
+                    if broke.elapsed() > deadline_after_break {
+                        bail!("instance {id} unreachable for {deadline_after_break:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                };
+                c.reconnects += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.endpoint = endpoint;
+    Ok(c)
+}
+
 /// Runs the demo.
 pub fn demo() -> Result<()> {
     let work = target_dir().join("demo");
@@ -380,16 +595,132 @@ pub fn demo() -> Result<()> {
     println!("{checked} answers checked (query against the model formula, get against the disk table, π(10^6) = {pi})");
     drop(g);
 
-    step("stopping the instance and the agent");
+    step(&format!(
+        "starting a second appliance in a network namespace of its own ({LINK_MBIT} Mbit/s link)"
+    ));
+    crate::util::ensure_programs(&[("ip", "iproute2"), ("tc", "iproute2")])?;
+    let site = Site::new().context("cannot make the second appliance's network namespace")?;
+    let data_b = work.join("data-b");
+    let id_b = Agent::stage(&p, &data_b)?;
+    let board_b = work.join("board-b.toml");
+    let dev = std::fs::read_to_string(crate::util::root().join("board-configs/dev.toml"))?;
+    let listen = "listen = [\"127.0.0.1\"]";
+    if !dev.contains(listen) {
+        bail!("board-configs/dev.toml has no `{listen}`");
+    }
+    std::fs::write(
+        &board_b,
+        dev.replace(listen, &format!("listen = [\"{}\"]", site.there)),
+    )?;
+    // Each trusts the other for handoffs (a shared secret per pair of appliances).
+    let secret = format!("demo-secret-{}-{}", agent.id, id_b);
+    for (data, other) in [(&work.join("data"), &id_b), (&data_b, &agent.id)] {
+        run(Command::new(p.bin.join("agent"))
+            .args(["add-peer", other, "--secret", &secret, "--data-dir"])
+            .arg(data)
+            .stdout(Stdio::null()))?;
+    }
+    let log_b = work.join("agent-b.log");
+    let mut agent_b = Agent::spawn(&p, &data_b, &log_b, Some(&board_b), Some(&site.ns))?;
+    println!(
+        "agent {} in namespace {} (log: {}); each trusts the other",
+        agent_b.id,
+        site.ns,
+        log_b.display()
+    );
+    // Found as a phone would find it (its mDNS announcement crosses the veth); its API
+    // address is the fallback should the browse miss it.
+    let url_b = match discover(&p.bin, &agent_b.id, 5000) {
+        Ok(found) => {
+            let url = found["url"].as_str().unwrap_or_default().to_string();
+            println!(
+                "discovered over mDNS across the link: {} at {url}",
+                found["appliance"]["instance"].as_str().unwrap_or("?"),
+            );
+            url
+        }
+        Err(e) => {
+            println!("not discovered over mDNS ({e:#}): using its API address");
+            format!("http://{}", agent_b.addr)
+        }
+    };
+
+    step("handing the instance off to it while a client keeps calling the service");
+    let stop = AtomicBool::new(false);
+    let (calls, moved, handoff_ms) = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| keep_calling(&addr, &id, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let body = serde_json::json!({ "to": url_b }).to_string();
+        let moved = api(
+            &addr,
+            "POST",
+            &format!("/v1/instances/{id}/handoff"),
+            Some(&body),
+        );
+        let handoff_ms = t.elapsed().as_secs_f64() * 1e3;
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let calls = caller.join().expect("the calling thread panicked");
+        (calls, moved, handoff_ms)
+    });
+    let (moved, calls) = (moved?, calls?);
+    let h = &moved["handoff"];
+    if moved["state"] != "moved" || h["phase"] != "done" {
+        bail!("the instance was not handed off: {moved}");
+    }
+    let (at_b, id_there, endpoint_b) = locate(&addr, &id)?;
+    if at_b != agent_b.addr || calls.endpoint != endpoint_b || calls.after == 0 {
+        bail!(
+            "the client did not follow the instance to {endpoint_b} on {at_b}: it ended on {} \
+             with {} answers from there",
+            calls.endpoint,
+            calls.after
+        );
+    }
+    let f = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "moved to {at_b} as {id_there}: {} rounds, {:.2} MiB, downtime {:.2} ms, total {:.1} ms",
+        h["round"],
+        f("bytes") / (1 << 20) as f64,
+        f("downtime_ms"),
+        f("total_ms")
+    );
+    println!(
+        "client: {} answers checked ({} from the second appliance), {} reconnect(s), longest \
+         gap between answers {:.1} ms, now at {}",
+        calls.checked, calls.after, calls.reconnects, calls.max_gap_ms, calls.endpoint
+    );
+    let mut g = Guest::connect(&endpoint_b)?;
+    for j in [0, 1, TABLE_ENTRIES - 1] {
+        g.expect(
+            &format!("get {j}"),
+            &oracle::get_reply(j, oracle::table_value(j)),
+        )?;
+    }
+    drop(g);
+    if TcpStream::connect(&endpoint).is_ok() {
+        bail!("the first appliance's port still answers after the handoff");
+    }
+    checked += calls.checked + 3;
+
+    step("stopping the instance and both agents");
     let t = Instant::now();
-    let stopped = api(&addr, "DELETE", &format!("/v1/instances/{id}"), None)?;
+    let stopped = api(
+        &agent_b.addr,
+        "DELETE",
+        &format!("/v1/instances/{id_there}"),
+        None,
+    )?;
     let stop_ms = t.elapsed().as_secs_f64() * 1e3;
     if stopped["state"] != "stopped" {
         bail!("instance not stopped: {stopped}");
     }
-    if TcpStream::connect(&endpoint).is_ok() {
+    if TcpStream::connect(&endpoint_b).is_ok() {
         bail!("the instance's port still answers after the stop");
     }
+    agent_b.stop()?;
+    drop(site);
     agent.stop()?;
 
     let row = |k: &str, v: f64| println!("{k:<46} {v:>10.2}");
@@ -408,7 +739,15 @@ pub fn demo() -> Result<()> {
     );
     row("connect + first verified `query`", first_ms);
     row("verified request round trip (mean)", per_req_us / 1e3);
+    row("handoff: POST …/handoff → moved (over HTTP)", handoff_ms);
+    row("  vmm handoff (request → target running)", f("total_ms"));
+    row(
+        "  downtime (source pause → target resumed)",
+        f("downtime_ms"),
+    );
+    row("  client: longest gap between answers", calls.max_gap_ms);
     row("DELETE /v1/instances/{id} (stop)", stop_ms);
+    println!("{checked} answers checked against the oracle in all");
     step("demo done: everything stopped");
     Ok(())
 }

@@ -481,6 +481,16 @@ impl Session {
             pages.send_pages(&src.mem, &base, dirty.iter(), pipe)?;
             disk_blocks += send_blocks(src, &disk_dirty, pipe)?;
             pipe.flush()?;
+            // The socket's queue drains to half the budget before the next round: else the
+            // rounds spin on a tiny dirty set, the stall rule fires and the pause pays for
+            // the whole queue.
+            let t = Instant::now();
+            while bw.is_some_and(|bw| {
+                pipe.meter.backlog() as f64 / bw > req.downtime.as_secs_f64() / 2.0
+            }) && t.elapsed() < PAUSE_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         };
 
         // The pause: devices still, vCPUs paused, state saved; then the rest.
