@@ -15,6 +15,8 @@
 //! the target killed          SIGKILL to `vmm receive` at the Delta report  25 Mbit/s
 //! during the final pause     relay: cut after the source's State          100 Mbit/s
 //! after Resumed, before ack  relay: the target's Resumed is not passed    100 Mbit/s
+//! Resumed later than the     relay: the target's Resumed held back, the   100 Mbit/s
+//!   source's patience          source's direction (Abandon, close) passed
 //! ```
 //!
 //! The relay (in the test, in namespace A, between the source and the target) passes frames
@@ -22,8 +24,10 @@
 //! more (no FIN: a cut link does not close), as a dead link would. Once the target has given
 //! up (its `--timeout-ms`), the link "comes back": veth up, or for the relay a reset to the
 //! source, as the target's kernel answers a segment for a connection it no longer has. The
-//! one case left to the source's own timeout is the cut after `Resumed`: the source waits for
-//! it, gives up and resumes, while the target, which never sees the source let go, discards.
+//! cases left to the source's own timeout are those after `Resumed`: the source waits for it,
+//! gives up and resumes, while the target, which never sees the source let go, discards —
+//! also when the source's `Abandon` and close do reach a target still waiting (a close alone
+//! would be the release).
 //!
 //! After each: the source VM serves with all its state (every acknowledged put, the counter
 //! exactly as last acknowledged), `vmm status` says running, the target has ended with no
@@ -260,9 +264,10 @@ struct Target {
     reports: Reports,
     addr: SocketAddr,
     files: [PathBuf; 3],
+    timeout: Duration,
 }
 
-fn receiver(lab: &Pair, s: &Scratch, name: &str) -> Target {
+fn receiver(lab: &Pair, s: &Scratch, name: &str, timeout_ms: u64) -> Target {
     let img = images();
     let (reports, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
@@ -274,7 +279,7 @@ fn receiver(lab: &Pair, s: &Scratch, name: &str) -> Target {
     let mut cmd = lab.b().command(vmm_bin());
     cmd.args(["receive", "--base", arg(&img.base)])
         .args(["--listen", &format!("{}:0", lab.b().addr())])
-        .args(["--timeout-ms", &TARGET_TIMEOUT_MS.to_string()])
+        .args(["--timeout-ms", &timeout_ms.to_string()])
         .args(["--forward", &format!("127.0.0.1:0={GUEST_SERVICE}")])
         .args(["--api-sock", arg(&files[0]), "--disk-delta", arg(&files[1])])
         .args(["--serial", arg(&files[2])])
@@ -296,14 +301,15 @@ fn receiver(lab: &Pair, s: &Scratch, name: &str) -> Target {
         reports,
         addr,
         files,
+        timeout: Duration::from_millis(timeout_ms),
     }
 }
 
 impl Target {
-    /// The target gave up: within `QUICK` it has reported Failed (unless `killed`) and never
+    /// The target gave up: within its timeout and `QUICK` it has reported Failed (unless `killed`) and never
     /// Ready, exited 1 (or by the signal), left no file, and no process runs in B.
     fn discarded(mut self, lab: &Pair, killed: bool, needle: &str) -> Finished {
-        let fin = self.vmm.finish(QUICK);
+        let fin = self.vmm.finish(self.timeout + QUICK);
         let mut reports = Vec::new();
         while let Some(r) = self.reports.next() {
             reports.push(r);
@@ -355,6 +361,9 @@ struct Acked {
     puts: BTreeMap<u64, u64>,
     /// The counter as last acknowledged.
     count: Option<u64>,
+    /// A put sent whose answer never came (the source stopped): it may or may not have
+    /// been applied.
+    unsure: Option<(u64, u64)>,
     /// It stopped when told (no request left unanswered), not on an error.
     clean: bool,
 }
@@ -373,7 +382,10 @@ fn writer(mut c: Client, first: u64, stop: Arc<AtomicBool>) -> JoinHandle<Acked>
             let (i, v) = (first + j % 50, first * 1000 + j);
             match c.request(&format!("put {i} {v}")) {
                 Ok(r) => assert_eq!(r, format!("ok put i={i} value={v}")),
-                Err(_) => break,
+                Err(_) => {
+                    a.unsure = Some((i, v));
+                    break;
+                }
             }
             a.puts.insert(i, v);
             match c.request("incr") {
@@ -391,16 +403,34 @@ fn writer(mut c: Client, first: u64, stop: Arc<AtomicBool>) -> JoinHandle<Acked>
     })
 }
 
-/// The VM behind `c` has every change in `puts` and the base's and overlay's content; its
-/// counter is `count` (exactly when `exact`, else at least).
-fn has_everything(c: &mut Client, puts: &BTreeMap<u64, u64>, count: u64, exact: bool) {
+/// The VM behind `c` has every change in `puts` (or the `unsure` one instead) and the
+/// base's and overlay's content; its counter is `count` (exactly when `exact`, else at
+/// least).
+fn has_everything(
+    c: &mut Client,
+    puts: &BTreeMap<u64, u64>,
+    unsure: Option<(u64, u64)>,
+    count: u64,
+    exact: bool,
+) {
     for i in [0u64, 5, 524_287] {
         assert_eq!(ask(c, &format!("query {i}")), query_reply(i));
     }
     assert_eq!(ask(c, "get 7"), get_reply(7, 42));
     assert_eq!(ask(c, "get 4999"), get_reply(4999, table_value(4999)));
     for (&i, &v) in puts {
-        assert_eq!(ask(c, &format!("get {i}")), get_reply(i, v), "entry {i}");
+        let got = ask(c, &format!("get {i}"));
+        match unsure {
+            Some((u, w)) if u == i && got == get_reply(i, w) => {}
+            _ => assert_eq!(got, get_reply(i, v), "entry {i}"),
+        }
+    }
+    if let Some((u, w)) = unsure.filter(|(u, _)| !puts.contains_key(u)) {
+        let got = ask(c, &format!("get {u}"));
+        assert!(
+            got == get_reply(u, w) || got == get_reply(u, table_value(u)),
+            "entry {u}: {got}"
+        );
     }
     let r = ask(c, "count");
     if exact {
@@ -420,6 +450,9 @@ enum Cut {
     AfterState,
     /// At the target's `Resumed` (not passed).
     AtResumed,
+    /// The target's `Resumed` held back (not passed) while the source's direction still
+    /// works, its close included: a `Resumed` later than the source's patience.
+    HoldResumed,
 }
 
 /// A frame-aware TCP relay in namespace A between the source and the target.
@@ -554,6 +587,8 @@ fn pump(
     stop: &AtomicBool,
 ) {
     let source = preamble;
+    // Only the target's direction is cut: the source's goes on, its end passed on.
+    let goes_on = source && at == Cut::HoldResumed;
     let mut need_preamble = preamble;
     let mut after_disk = false;
     let mut buf = Vec::new();
@@ -567,12 +602,17 @@ fn pump(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        if cut.load(Ordering::Relaxed) {
+        if cut.load(Ordering::Relaxed) && !goes_on {
             // A dead link: nothing is read (the sender's buffers fill), nothing passes.
             return idle(stop);
         }
         match from.read(&mut chunk) {
-            Ok(0) => return idle(stop),
+            Ok(0) => {
+                if goes_on {
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                }
+                return idle(stop);
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
@@ -593,14 +633,16 @@ fn pump(
             } else {
                 break;
             };
-            if buf.len() < need || cut.load(Ordering::Relaxed) {
+            if buf.len() < need || (cut.load(Ordering::Relaxed) && !goes_on) {
                 break;
             }
             let frame: Vec<u8> = buf.drain(..need).collect();
             let kind = (!need_preamble).then(|| frame[4]);
             need_preamble = false;
             let (pass, cut_here) = match (at, source, kind) {
-                (Cut::AtResumed, false, Some(k)) if k == Kind::Resumed as u8 => (false, true),
+                (Cut::AtResumed | Cut::HoldResumed, false, Some(k)) if k == Kind::Resumed as u8 => {
+                    (false, true)
+                }
                 (Cut::AfterState, true, Some(k)) if k == Kind::State as u8 => (true, true),
                 (Cut::InRounds, true, Some(k)) if k == Kind::Disk as u8 => {
                     after_disk = true;
@@ -630,6 +672,7 @@ enum Case {
     TargetKilled,
     DuringPause,
     AfterResumed,
+    ResumedLate,
 }
 
 /// One failed handoff of `src`; the client writes meanwhile. Returns what it acknowledged.
@@ -637,11 +680,19 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
     let t0 = Instant::now();
     let slow = matches!(case, Case::InDelta | Case::InRounds | Case::TargetKilled);
     lab.shape(Shape::mbit(if slow { 25 } else { 100 })).unwrap();
-    let target = receiver(lab, s, &format!("target{k}"));
+    // A target that waits longer for the source's release than the source waits for
+    // `Resumed` (as the defaults do: 30 s and 10 s).
+    let timeout_ms = if case == Case::ResumedLate {
+        15_000
+    } else {
+        TARGET_TIMEOUT_MS
+    };
+    let target = receiver(lab, s, &format!("target{k}"), timeout_ms);
     let relay = match case {
         Case::InRounds => Some(Relay::start(lab, target.addr, Cut::InRounds)),
         Case::DuringPause => Some(Relay::start(lab, target.addr, Cut::AfterState)),
         Case::AfterResumed => Some(Relay::start(lab, target.addr, Cut::AtResumed)),
+        Case::ResumedLate => Some(Relay::start(lab, target.addr, Cut::HoldResumed)),
         _ => None,
     };
     let to = relay.as_ref().map_or(target.addr, |r| r.addr);
@@ -662,10 +713,17 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
     let mut relay = relay;
     let mut target = Some(target);
     let target_fin;
-    let needle;
+    // Why the source says it failed (any of these).
+    let needle: &[&str];
+    // When the link comes back, the source may first meet the target's `Failed` (written
+    // before it gave up) or a reset.
+    const GONE: &[&str] = &[
+        "the target closed the connection",
+        "the target failed (Other): the source sent nothing for",
+    ];
     match case {
         Case::BeforeFirstByte => {
-            needle = "cannot connect to the handoff target";
+            needle = &["cannot connect to the handoff target"];
             target_fin = target
                 .take()
                 .unwrap()
@@ -676,7 +734,7 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
             let (_, before) = src.reports.wait(|p| p.phase == HandoffPhase::Delta);
             lab.link_down().unwrap();
             eprintln!("{case:?}: cut after {before:?} Delta");
-            needle = "the target closed the connection";
+            needle = GONE;
             target_fin =
                 target
                     .take()
@@ -689,20 +747,26 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
             let t = target.as_ref().unwrap();
             // SAFETY: kill(2) has no memory effects; the pid is our child's, still running.
             unsafe { libc::kill(t.vmm.pid() as i32, libc::SIGKILL) };
-            needle = "the target closed the connection";
+            needle = &GONE[..1];
             target_fin = target.take().unwrap().discarded(lab, true, "");
         }
-        Case::InRounds | Case::DuringPause | Case::AfterResumed => {
+        Case::InRounds | Case::DuringPause | Case::AfterResumed | Case::ResumedLate => {
             let r = relay.as_mut().unwrap();
             r.wait_cut();
             let t = target.take().unwrap();
             if case == Case::AfterResumed {
                 // The source never reads Resumed: its own timeout (the VM paused meanwhile)
                 // ends its wait, it resumes; the target sees no release and discards.
-                needle = "the handoff stream failed";
+                needle = &["the handoff stream failed"];
                 target_fin = t.discarded(lab, false, "did not release the VM");
+            } else if case == Case::ResumedLate {
+                // The source gives up on `Resumed` after its timeout and says so before it
+                // closes: the target, whose `Resumed` is held back, must not take the close
+                // for a release.
+                needle = &["the handoff stream failed"];
+                target_fin = t.discarded(lab, false, "the source abandoned the handoff");
             } else {
-                needle = "the target closed the connection";
+                needle = &GONE[..1];
                 target_fin = t.discarded(lab, false, "the source sent nothing for");
                 r.reset_source();
             }
@@ -712,7 +776,7 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
     drop(relay);
     assert_eq!(fin.code(), 1, "{case:?}: the handoff fails: {fin:?}");
     assert!(
-        fin.stderr.contains(needle),
+        needle.iter().any(|n| fin.stderr.contains(n)),
         "{case:?}: {needle:?} in {fin:?}"
     );
     let phases = src.reports.until_ended();
@@ -722,7 +786,9 @@ fn failed_handoff(lab: &Pair, s: &Scratch, src: &Source, case: Case, k: u64) -> 
         Case::BeforeFirstByte => {
             assert_eq!(phases, [HandoffPhase::Connecting, HandoffPhase::Failed])
         }
-        Case::DuringPause | Case::AfterResumed => assert!(paused, "{phases:?}"),
+        Case::DuringPause | Case::AfterResumed | Case::ResumedLate => {
+            assert!(paused, "{phases:?}")
+        }
         _ => {}
     }
     stop.store(true, Ordering::Relaxed);
@@ -769,6 +835,7 @@ fn a_vm_moves_between_namespaces_and_a_cut_at_any_phase_keeps_it_on_the_source()
         Case::TargetKilled,
         Case::DuringPause,
         Case::AfterResumed,
+        Case::ResumedLate,
     ]
     .into_iter()
     .enumerate()
@@ -776,13 +843,13 @@ fn a_vm_moves_between_namespaces_and_a_cut_at_any_phase_keeps_it_on_the_source()
         let acked = failed_handoff(&lab, &s, &src, case, k as u64);
         puts.extend(acked.puts);
         count = acked.count.unwrap_or(count);
-        has_everything(&mut c, &puts, count, true);
+        has_everything(&mut c, &puts, None, count, true);
     }
     drop(c);
 
     // The handoff that completes at 100 Mbit/s, the client writing until the source stops.
     lab.shape(Shape::mbit(100)).unwrap();
-    let mut target = receiver(&lab, &s, "target");
+    let mut target = receiver(&lab, &s, "target", TARGET_TIMEOUT_MS);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(
         client(lab.a(), SOURCE_SERVICE.parse().unwrap()),
@@ -797,7 +864,7 @@ fn a_vm_moves_between_namespaces_and_a_cut_at_any_phase_keeps_it_on_the_source()
     let took = t1.elapsed();
     let acked = w.join().unwrap();
     assert!(!acked.clean, "the client wrote until the source stopped");
-    puts.extend(acked.puts);
+    puts.extend(acked.puts.clone());
     let last = acked.count.unwrap_or(count);
     let phases = src.reports.until_ended();
     assert_eq!(phases.last(), Some(&HandoffPhase::Done), "{phases:?}");
@@ -810,7 +877,7 @@ fn a_vm_moves_between_namespaces_and_a_cut_at_any_phase_keeps_it_on_the_source()
         other => panic!("expected Ready, got {other:?}"),
     };
     let mut t = client(lab.b(), ready.forwards[0].host);
-    has_everything(&mut t, &puts, last, false);
+    has_everything(&mut t, &puts, acked.unsure, last, false);
     assert_eq!(ask(&mut t, "put 9 99"), "ok put i=9 value=99");
     drop(t);
     let stop_fin = Command::new(vmm_bin())
