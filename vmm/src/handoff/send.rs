@@ -320,6 +320,10 @@ struct Session {
     tracking_disk: bool,
     paused: bool,
     pipe: Option<Pipeline>,
+    /// The connection's writing end once everything was sent: a failure while waiting for
+    /// `Resumed` sends `Abandon` on it before the connection closes (the target takes a bare
+    /// close after its `Resumed` for the release of the VM).
+    tail: Option<FrameWriter<TcpStream>>,
     reader_bytes: u64,
 }
 
@@ -331,6 +335,7 @@ impl Session {
             tracking_disk: false,
             paused: false,
             pipe: None,
+            tail: None,
             reader_bytes: 0,
         }
     }
@@ -345,6 +350,10 @@ impl Session {
         }
         if let Some(pipe) = self.pipe.take() {
             pipe.abandon("the source gave up");
+        }
+        if let Some(mut w) = self.tail.take() {
+            let _ = w.write(&Message::Abandon("the source gave up".into()), Codec::Raw);
+            let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
         }
         if let Some(log) = self.log.take() {
             if let Err(e) = log.stop() {
@@ -524,7 +533,9 @@ impl Session {
             Some(Codec::Raw),
         )?;
         let pipe = self.pipe.take().expect("started above");
-        let wire_bytes = pipe.finish()?;
+        let tail = pipe.finish()?;
+        let wire_bytes = tail.bytes;
+        self.tail = Some(tail);
         let answer = reader.read();
         self.reader_bytes = reader.bytes;
         let resumed = match answer? {
@@ -1000,8 +1011,8 @@ impl Pipeline {
         )))
     }
 
-    /// Writes the rest; returns the bytes written in all.
-    fn finish(mut self) -> Result<u64, SendError> {
+    /// Writes the rest; returns the writer (its `bytes`: written in all).
+    fn finish(mut self) -> Result<FrameWriter<TcpStream>, SendError> {
         self.jobs = None;
         self.finished = true;
         let enc = self.encoder.take().map(|h| h.join());
@@ -1010,7 +1021,7 @@ impl Pipeline {
             return Err(e.into());
         }
         match snd {
-            Some(Ok(Ok(w))) => Ok(w.bytes),
+            Some(Ok(Ok(w))) => Ok(w),
             Some(Ok(Err(e))) => Err(e.into()),
             _ => Err(SendError::Stream(HandoffError::Io(std::io::Error::other(
                 "the handoff's sending thread panicked",
