@@ -215,17 +215,20 @@ mod tests {
             &[("running", 2), ("failed", 0)],
             &[("cloudlet_x", "x.", 1.5)],
         );
-        assert!(t.contains(
-            "cloudlet_api_requests_total{route=\"/v1/instances\",method=\"POST\",status=\"201\"} 2"
-        ));
-        assert!(t.contains("status=\"404\"} 1"));
-        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"5\"} 0"));
-        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"10\"} 1"));
-        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"50\"} 2"));
-        assert!(t.contains("cloudlet_start_latency_ms_bucket{le=\"+Inf\"} 2"));
-        assert!(t.contains("cloudlet_start_latency_ms_count 2"));
-        assert!(t.contains("cloudlet_instances{state=\"running\"} 2"));
-        assert!(t.contains("cloudlet_x 1.5"));
+        assert_lines(
+            &t,
+            &[
+                "cloudlet_api_requests_total{route=\"/v1/instances\",method=\"POST\",status=\"201\"} 2",
+                "status=\"404\"} 1",
+                "cloudlet_start_latency_ms_bucket{le=\"5\"} 0",
+                "cloudlet_start_latency_ms_bucket{le=\"10\"} 1",
+                "cloudlet_start_latency_ms_bucket{le=\"50\"} 2",
+                "cloudlet_start_latency_ms_bucket{le=\"+Inf\"} 2",
+                "cloudlet_start_latency_ms_count 2",
+                "cloudlet_instances{state=\"running\"} 2",
+                "cloudlet_x 1.5",
+            ],
+        );
     }
 
     #[test]
@@ -236,19 +239,28 @@ mod tests {
         m.handoff("source", "failed");
         m.handoff("target", "received");
         let t = m.render(&[], &[]);
-        assert!(
-            t.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 2"),
-            "{t}"
+        assert_lines(
+            &t,
+            &[
+                "cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 2",
+                "cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 1",
+                "cloudlet_handoffs_total{role=\"target\",outcome=\"received\"} 1",
+                "cloudlet_handoff_bytes_total 1049576",
+                "cloudlet_handoff_rounds_total 5",
+                "cloudlet_handoff_downtime_ms_bucket{le=\"2\"} 0",
+                "cloudlet_handoff_downtime_ms_bucket{le=\"5\"} 1",
+                "cloudlet_handoff_downtime_ms_bucket{le=\"20\"} 2",
+                "cloudlet_handoff_downtime_ms_bucket{le=\"+Inf\"} 2",
+                "cloudlet_handoff_downtime_ms_sum 15.5",
+                "# TYPE cloudlet_handoff_downtime_ms histogram",
+            ],
         );
-        assert!(t.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 1"));
-        assert!(t.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"received\"} 1"));
-        assert!(t.contains("cloudlet_handoff_bytes_total 1049576"));
-        assert!(t.contains("cloudlet_handoff_rounds_total 5"));
-        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"2\"} 0"));
-        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"5\"} 1"));
-        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"20\"} 2"));
-        assert!(t.contains("cloudlet_handoff_downtime_ms_bucket{le=\"+Inf\"} 2"));
-        assert!(t.contains("cloudlet_handoff_downtime_ms_sum 15.5"));
-        assert!(t.contains("# TYPE cloudlet_handoff_downtime_ms histogram"));
+    }
+
+    /// Every one of `want` is in the rendered text `t`.
+    fn assert_lines(t: &str, want: &[&str]) {
+        for w in want {
+            assert!(t.contains(w), "{w:?} is not in:\n{t}");
+        }
     }
 }

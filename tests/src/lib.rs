@@ -116,6 +116,54 @@ pub fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> Fi
     image_builder(&args)
 }
 
+/// A service base (64 MiB, the 5000-entry disk table, a NIC) and an overlay that loads a
+/// 4 MiB model and writes entry 7 (`put:7:42`): the handoff tests' VM, made once per test
+/// binary.
+pub struct ServiceImages {
+    _dir: Scratch,
+    /// The base directory.
+    pub base: PathBuf,
+    /// The overlay file.
+    pub overlay: PathBuf,
+}
+
+impl ServiceImages {
+    /// `vmm synthesize` of these images with control socket `sock`, no serial output, and
+    /// the guest's service forwarded from host address `forward`.
+    pub fn synthesize_args(&self, sock: &str, forward: &str) -> Vec<String> {
+        let mut a: Vec<String> = ["synthesize", "--base", arg(&self.base), "--overlay"]
+            .map(String::from)
+            .to_vec();
+        a.push(arg(&self.overlay).into());
+        for x in ["--api-sock", sock, "--serial", "null", "--forward"] {
+            a.push(x.into());
+        }
+        a.push(format!("{forward}=10.0.2.15:80"));
+        a
+    }
+}
+
+/// The [`ServiceImages`] of this test binary (made on first use).
+pub fn service_images() -> &'static ServiceImages {
+    static IMAGES: std::sync::OnceLock<ServiceImages> = std::sync::OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = Scratch::new("service-images");
+        let table = dir.write(
+            "table.img",
+            &micro_service::oracle::table_image(5000, 1 << 20),
+        );
+        let base = make_base(&dir.path("base"), "64", &["--disk", arg(&table), "--net"]);
+        let overlay = dir.path("app.overlay");
+        let fin = make_overlay(&base, "load:4,put:7:42", &overlay, &[]);
+        assert_eq!(fin.code(), 0, "{fin:?}");
+        ServiceImages {
+            _dir: dir,
+            base,
+            overlay,
+        }
+    })
+}
+
 /// FNV-1a digest of a file's bytes.
 pub fn file_digest(p: &Path) -> u64 {
     std::fs::read(p)

@@ -46,18 +46,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cloudlet_tests::netns::{Pair, Shape};
 use cloudlet_tests::{
-    error_chain, micro_guest, run_image_builder, vmm_bin, vmm_status, Finished, Scratch, Vmm,
+    error_chain, service_images, vmm_bin, vmm_status, Finished, Scratch, ServiceImages, Vmm,
 };
 use format::control::{read_frame, HandoffPhase, HandoffProgress, Report};
 use format::handoff::{Kind, FRAME_HEADER_LEN, FRAME_TRAILER_LEN, PREAMBLE_LEN};
 use micro_service::client::{field, Client};
-use micro_service::oracle::{count_reply, get_reply, query_reply, table_image, table_value};
+use micro_service::oracle::{count_reply, get_reply, query_reply, table_value};
 
 /// Timeout for anything a VM or a build does on a loaded 2-core host.
 const T: Duration = Duration::from_secs(60);
@@ -74,53 +74,8 @@ fn arg(p: &Path) -> &str {
     p.to_str().expect("scratch paths are UTF-8")
 }
 
-/// A base with the table disk and a NIC (64 MiB), and an overlay that loads a 4 MiB model
-/// and writes entry 7.
-struct Images {
-    _dir: Scratch,
-    base: PathBuf,
-    overlay: PathBuf,
-}
-
-fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = Scratch::new("handoff-netns");
-        let table = dir.write("table.img", &table_image(5000, 1 << 20));
-        let base = dir.path("base");
-        let kernel = micro_guest();
-        let built = |args: &[&str]| {
-            let fin = run_image_builder(args, T);
-            assert_eq!(fin.code(), 0, "{fin:?}");
-        };
-        built(&[
-            "base",
-            "--kernel",
-            arg(&kernel),
-            "--out",
-            arg(&base),
-            "--mem",
-            "64",
-            "--disk",
-            arg(&table),
-            "--net",
-        ]);
-        let overlay = dir.path("app.overlay");
-        built(&[
-            "overlay",
-            "--base",
-            arg(&base),
-            "--script",
-            "load:4,put:7:42",
-            "--out",
-            arg(&overlay),
-        ]);
-        Images {
-            _dir: dir,
-            base,
-            overlay,
-        }
-    })
+fn images() -> &'static ServiceImages {
+    service_images()
 }
 
 /// Lets the child keep `fd` across exec (`ip netns exec` passes it on to the vmm).
@@ -219,21 +174,8 @@ fn synthesise(lab: &Pair, s: &Scratch) -> Source {
     let (reports, theirs) = UnixStream::pair().unwrap();
     let fd = theirs.as_raw_fd();
     let mut cmd = lab.a().command(vmm_bin());
-    cmd.args([
-        "synthesize",
-        "--base",
-        arg(&img.base),
-        "--overlay",
-        arg(&img.overlay),
-        "--api-sock",
-        &sock,
-        "--serial",
-        "null",
-        "--forward",
-        &format!("{SOURCE_SERVICE}={GUEST_SERVICE}"),
-        "--report-fd",
-        &fd.to_string(),
-    ]);
+    cmd.args(img.synthesize_args(&sock, SOURCE_SERVICE));
+    cmd.args(["--report-fd", &fd.to_string()]);
     keep_fd(&mut cmd, fd);
     let vmm = Vmm::spawn_cmd(&mut cmd);
     drop(theirs);

@@ -9,15 +9,15 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cloudlet_tests::{
-    arg, make_base, make_overlay, micro_guest, vmm_bin, vmm_status, Finished, Scratch, Vmm,
+    arg, micro_guest, service_images, vmm_bin, vmm_status, Finished, Scratch, ServiceImages, Vmm,
 };
 use format::base::{Manifest, MEMORY, STATE};
 use format::control::{HandoffPhase, Report};
@@ -26,35 +26,14 @@ use format::handoff::{
 };
 use format::PAGE_SIZE as PAGE;
 use micro_service::client::{field, Client};
-use micro_service::oracle::{get_reply, query_reply, table_image, table_value};
+use micro_service::oracle::{get_reply, query_reply, table_value};
 
 const T: Duration = Duration::from_secs(60);
 const GUEST_SERVICE: &str = "10.0.2.15:80";
 const TOKEN: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
-/// A base with the table disk and a NIC, and an overlay that loads a 4 MiB model and writes
-/// entry 7: shared by the tests of this file.
-struct Images {
-    _dir: Scratch,
-    base: PathBuf,
-    overlay: PathBuf,
-}
-
-fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = Scratch::new("handoff-send");
-        let table = dir.write("table.img", &table_image(5000, 1 << 20));
-        let base = make_base(&dir.path("base"), "64", &["--disk", arg(&table), "--net"]);
-        let overlay = dir.path("app.overlay");
-        let fin = make_overlay(&base, "load:4,put:7:42", &overlay, &[]);
-        assert_eq!(fin.code(), 0, "{fin:?}");
-        Images {
-            _dir: dir,
-            base,
-            overlay,
-        }
-    })
+fn images() -> &'static ServiceImages {
+    service_images()
 }
 
 fn free_port() -> u16 {
@@ -75,19 +54,7 @@ fn synthesise(s: &Scratch) -> Source {
     let port = free_port();
     let sock = s.path("vm.sock").display().to_string();
     let mut cmd = Command::new(vmm_bin());
-    cmd.args([
-        "synthesize",
-        "--base",
-        arg(&img.base),
-        "--overlay",
-        arg(&img.overlay),
-        "--api-sock",
-        &sock,
-        "--serial",
-        "null",
-        "--forward",
-        &format!("127.0.0.1:{port}={GUEST_SERVICE}"),
-    ]);
+    cmd.args(img.synthesize_args(&sock, &format!("127.0.0.1:{port}")));
     let (vmm, reports) = Vmm::spawn_reporting(&mut cmd, T);
     Source {
         vmm,

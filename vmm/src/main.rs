@@ -413,6 +413,16 @@ fn launch(
     launch_with(common, report, build)
 }
 
+/// Reports `e` on the report channel, if there is one; returns it.
+fn report_failure(report: &mut Option<Reporter>, e: anyhow::Error) -> anyhow::Error {
+    if let Some(r) = report {
+        if let Err(re) = r.failed(e.as_ref()) {
+            tracing::warn!("{re}");
+        }
+    }
+    e
+}
+
 /// The report channel named by `--report-fd`, if any.
 fn open_report(common: &CommonArgs) -> anyhow::Result<Option<Reporter>> {
     if common.report_fd == Some(0) && !common.no_stdin {
@@ -436,14 +446,7 @@ fn launch_with(
         .and_then(|socket| Ok((build()?, socket)));
     let ((machine, synthesis), socket) = match started {
         Ok(s) => s,
-        Err(e) => {
-            if let Some(r) = &mut report {
-                if let Err(re) = r.failed(e.as_ref()) {
-                    tracing::warn!("{re}");
-                }
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(report_failure(&mut report, e)),
     };
     if let Some(r) = &mut report {
         if let Err(e) = r.ready(synthesis, &machine.forwards()) {
@@ -644,14 +647,7 @@ fn receive(args: ReceiveArgs, verbose: bool) -> anyhow::Result<ExitReason> {
         stats,
     } = match received {
         Ok(r) => r,
-        Err(e) => {
-            if let Some(r) = &mut report {
-                if let Err(re) = r.failed(e.as_ref()) {
-                    tracing::warn!("{re}");
-                }
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(report_failure(&mut report, e)),
     };
     let mut leftovers = leftovers.expect("set before receiving");
     let completed = incoming.completed;

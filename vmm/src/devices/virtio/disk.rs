@@ -676,6 +676,33 @@ impl CowDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A δ file of a 64-block disk in `dir`: each batch of `(block, byte)` written, then
+    /// flushed (the last batch only with `flush_last`).
+    fn delta_file(dir: &TempDir, batches: &[&[(u64, u8)]], flush_last: bool) -> PathBuf {
+        let path = dir.0.join("disk.delta");
+        let mut d = Delta::create(&path, 64 * BS).unwrap();
+        for (i, b) in batches.iter().enumerate() {
+            fill(&mut d, b);
+            if flush_last || i + 1 < batches.len() {
+                d.flush().unwrap();
+            }
+        }
+        path
+    }
+
+    /// Overwrites `bytes` at `offset` of the file at `path`.
+    fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    /// Writes block `n` full of byte `v` for each `(n, v)`.
+    fn fill(d: &mut Delta, blocks: &[(u64, u8)]) {
+        for &(n, v) in blocks {
+            d.write_block(n, &[v; BLOCK_SIZE]).unwrap();
+        }
+    }
     use std::io::Write;
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -779,14 +806,7 @@ mod tests {
     #[test]
     fn file_delta_survives_reopen_and_rejects_other_disks() {
         let dir = TempDir::new();
-        let path = dir.0.join("disk.delta");
-        {
-            let mut d = Delta::create(&path, 64 * BS).unwrap();
-            d.write_block(7, &[7u8; BLOCK_SIZE]).unwrap();
-            d.write_block(2, &[2u8; BLOCK_SIZE]).unwrap();
-            d.write_block(7, &[8u8; BLOCK_SIZE]).unwrap();
-            d.flush().unwrap();
-        }
+        let path = delta_file(&dir, &[&[(7, 7), (2, 2), (7, 8)]], true);
         let d = Delta::open(&path, 64 * BS).unwrap();
         assert_eq!(d.block_numbers().collect::<Vec<_>>(), [2, 7]);
         let mut b = vec![0u8; BLOCK_SIZE];
@@ -808,14 +828,7 @@ mod tests {
     #[test]
     fn unflushed_torn_tail_is_dropped_but_flushed_corruption_is_an_error() {
         let dir = TempDir::new();
-        let path = dir.0.join("disk.delta");
-        {
-            let mut d = Delta::create(&path, 64 * BS).unwrap();
-            d.write_block(1, &[1u8; BLOCK_SIZE]).unwrap();
-            d.flush().unwrap();
-            d.write_block(2, &[2u8; BLOCK_SIZE]).unwrap();
-            d.write_block(3, &[3u8; BLOCK_SIZE]).unwrap();
-        }
+        let path = delta_file(&dir, &[&[(1, 1)], &[(2, 2), (3, 3)]], false);
         // Tear the last (unflushed) record in half and damage the one before it.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(RECORDS_START + 2 * RECORD_LEN + 100).unwrap();
@@ -838,9 +851,7 @@ mod tests {
         );
         drop(d);
         // Now damage the flushed record: refused, not silently dropped.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff], RECORDS_START + 30).unwrap();
-        drop(f);
+        poke(&path, RECORDS_START + 30, &[0xff]);
         assert!(matches!(
             Delta::open(&path, 64 * BS),
             Err(DiskError::Corrupt(0))
@@ -858,17 +869,9 @@ mod tests {
     #[test]
     fn torn_header_write_falls_back_to_the_other_copy() {
         let dir = TempDir::new();
-        let path = dir.0.join("disk.delta");
-        {
-            let mut d = Delta::create(&path, 64 * BS).unwrap();
-            d.write_block(1, &[1u8; BLOCK_SIZE]).unwrap();
-            d.flush().unwrap(); // sequence 2, copy A
-            d.write_block(2, &[2u8; BLOCK_SIZE]).unwrap();
-            d.flush().unwrap(); // sequence 3, copy B
-        }
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0u8; 8], HEADER_SLOT + 20).unwrap();
-        drop(f);
+        // Two flushes: sequence 2 in header copy A, sequence 3 in copy B.
+        let path = delta_file(&dir, &[&[(1, 1)], &[(2, 2)]], true);
+        poke(&path, HEADER_SLOT + 20, &[0u8; 8]);
         // Copy A commits one record; the second is a valid uncommitted one and is kept.
         let d = Delta::open(&path, 64 * BS).unwrap();
         assert_eq!(d.block_numbers().collect::<Vec<_>>(), [1, 2]);
