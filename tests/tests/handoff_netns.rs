@@ -477,22 +477,7 @@ impl Relay {
         let mut conns = self.conns.lock().unwrap();
         if !conns.is_empty() {
             let src = conns.remove(0);
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: sets SO_LINGER on a socket we own from a valid `linger`: closing it then
-            // sends a reset.
-            let r = unsafe {
-                libc::setsockopt(
-                    src.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+            netback::set_linger_zero(&src).expect("SO_LINGER");
             drop(src);
         }
     }

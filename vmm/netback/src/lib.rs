@@ -27,6 +27,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+pub use sys::set_linger_zero;
 pub use tap::{Tap, TapError};
 pub use usernet::{
     ConfigError, Forward, ForwardParseError, UserNet, UserNetConfig, UserNetError, UserNetStats,

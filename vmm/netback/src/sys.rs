@@ -121,7 +121,7 @@ pub(crate) fn connect_nonblocking(addr: SocketAddrV4) -> io::Result<TcpStream> {
 }
 
 /// Makes closing `stream` send a RST instead of a FIN (SO_LINGER with a zero timeout).
-pub(crate) fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
+pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
