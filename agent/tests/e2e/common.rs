@@ -135,6 +135,8 @@ pub struct AgentProc {
     stop_on_exit: bool,
     /// The vmm to run (the built one when None).
     vmm: Option<PathBuf>,
+    /// The network namespace it runs in (None: the test's own).
+    ns: Option<String>,
 }
 
 /// The dev board with `edits` applied (`(from, to)` text replacements).
@@ -175,11 +177,26 @@ impl AgentProc {
         AgentProc::start_full(name, edits, true, Some(vmm.to_path_buf()))
     }
 
+    /// As [`AgentProc::start`], run inside network namespace `ns` (`ip netns exec`).
+    pub fn start_in(name: &str, edits: &[(&str, &str)], ns: &str) -> AgentProc {
+        AgentProc::start_ns(name, edits, true, None, Some(ns.to_string()))
+    }
+
     fn start_full(
         name: &str,
         edits: &[(&str, &str)],
         stop_on_exit: bool,
         vmm: Option<PathBuf>,
+    ) -> AgentProc {
+        AgentProc::start_ns(name, edits, stop_on_exit, vmm, None)
+    }
+
+    fn start_ns(
+        name: &str,
+        edits: &[(&str, &str)],
+        stop_on_exit: bool,
+        vmm: Option<PathBuf>,
+        ns: Option<String>,
     ) -> AgentProc {
         let img = images();
         let dir = Scratch::new(name);
@@ -220,6 +237,7 @@ impl AgentProc {
             url: String::new(),
             stop_on_exit,
             vmm,
+            ns,
         };
         a.spawn();
         a
@@ -234,7 +252,15 @@ impl AgentProc {
             .append(true)
             .open(self.dir.path("agent.log"))
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(env!("CARGO_BIN_EXE_agent"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_agent")),
+        };
         cmd.arg("--config")
             .arg(&self.board)
             .arg("--data-dir")

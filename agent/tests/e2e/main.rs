@@ -6,3 +6,4 @@ mod browser;
 mod common;
 mod discovery;
 mod handoff;
+mod handoff_netns;
