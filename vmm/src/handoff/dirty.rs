@@ -30,6 +30,7 @@
 //!
 //! Page numbers are image pages: guest RAM regions back to back, as in the base's memory file.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -40,6 +41,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddres
 
 use crate::vstate::memory::GuestMemoryMmap;
 use vm_memory::bitmap::AtomicBitmap;
+use xxhash_rust::xxh3::xxh3_128;
 
 /// Bytes of a page.
 pub const PAGE: usize = format::PAGE_SIZE;
@@ -385,6 +387,103 @@ pub fn base_delta(mem: &GuestMemoryMmap, base: &File) -> Result<Vec<(u64, PageCl
         }
     }
     Ok(out)
+}
+
+/// The base's non-zero pages by content, for dedup against the base's other pages
+/// (`Fill::BaseAt`): built once per handoff from the base's memory file, holes skipped.
+pub struct BaseIndex {
+    map: Option<format::mapped::Mapped>,
+    /// Content hash → the first base page with that content.
+    by_hash: HashMap<u128, u64>,
+}
+
+impl BaseIndex {
+    /// Indexes the non-zero pages of the base memory file `base` below page `mem_pages`
+    /// (the data extents only: the file is sparse).
+    pub fn build(base: &File, mem_pages: u64) -> std::io::Result<Self> {
+        let len = base.metadata()?.len().min(mem_pages * PAGE as u64) / PAGE as u64 * PAGE as u64;
+        let mut by_hash = HashMap::new();
+        if len == 0 {
+            return Ok(BaseIndex { map: None, by_hash });
+        }
+        let map = format::mapped::Mapped::from_file(base, len as usize)?;
+        let bytes = map.bytes();
+        for (start, end) in data_extents(base, len) {
+            for p in start / PAGE as u64..end.div_ceil(PAGE as u64) {
+                let s = p as usize * PAGE;
+                let page = &bytes[s..s + PAGE];
+                if page.iter().any(|&b| b != 0) {
+                    by_hash.entry(xxh3_128(page)).or_insert(p);
+                }
+            }
+        }
+        Ok(BaseIndex {
+            map: Some(map),
+            by_hash,
+        })
+    }
+
+    /// The base page holding exactly `page` (whose 128-bit xxh3 is `hash`), if any: a hash
+    /// hit is confirmed byte by byte, so a collision never names a wrong page.
+    pub fn find(&self, hash: u128, page: &[u8]) -> Option<u64> {
+        let p = *self.by_hash.get(&hash)?;
+        let s = p as usize * PAGE;
+        let theirs = self.map.as_ref()?.bytes().get(s..s + PAGE)?;
+        (theirs == page).then_some(p)
+    }
+
+    /// Distinct non-zero contents indexed.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// True when the base has no non-zero page.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// An index whose entry for `hash` names base page `p` (a collision stand-in for tests).
+    #[cfg(test)]
+    pub fn with_entry(mut self, hash: u128, p: u64) -> Self {
+        self.by_hash.insert(hash, p);
+        self
+    }
+}
+
+impl std::fmt::Debug for BaseIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BaseIndex({} pages)", self.by_hash.len())
+    }
+}
+
+/// The data extents of `f`'s first `len` bytes (`SEEK_DATA`/`SEEK_HOLE`); all of it when
+/// the file system cannot say.
+fn data_extents(f: &File, len: u64) -> Vec<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < len {
+        // SAFETY: lseek on a file we own; results are checked.
+        let data = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // a hole up to the end
+            }
+            return vec![(0, len)];
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole <= data {
+            return vec![(0, len)];
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(len));
+        if data >= len {
+            break;
+        }
+        out.push((data, hole));
+        off = hole;
+    }
+    out
 }
 
 /// A duplicate of `fd` (the VM's), for the handoff thread.

@@ -48,9 +48,12 @@
 //!
 //! Round 0 sends the δ against the base ([`super::dirty::base_delta`]): zero pages as
 //! `Fill::Zero`, pages equal to a page sent earlier as `Fill::Copy` (128-bit content hash,
-//! forgotten when that page is sent again), the rest as data; pages equal to the base are not
-//! sent. Later rounds send dirtied pages the same way, a page back at its base content as
-//! `Fill::Base`. A lazily synthesised VM's fill is waited for first (its `UFFDIO_COPY`
+//! forgotten when that page is sent again), pages equal to a non-zero page of the base
+//! elsewhere as `Fill::BaseAt` (a [`super::dirty::BaseIndex`] by the same hash, built from
+//! the base's memory file before round 0 while the VM runs; a hit is compared byte by byte),
+//! the rest as data; pages equal to the base are not sent. The checks go cheapest first:
+//! zero, the base at the same place, a copy, the base elsewhere, data. Later rounds send
+//! dirtied pages the same way, a page back at its base content as `Fill::Base`. A lazily synthesised VM's fill is waited for first (its `UFFDIO_COPY`
 //! writes are in neither dirty record); pages are never named by overlay chunk (not done).
 
 use std::collections::HashMap;
@@ -435,6 +438,16 @@ impl Session {
         reader: &mut FrameReader<TcpStream>,
     ) -> Result<HandoffStats, SendError> {
         let ops = &src.ops;
+        // The base's pages by content, while the VM runs at full speed (before logging).
+        let base = File::open(&src.base.memory).map_err(|e| SendError::Read("the base", e))?;
+        let t = Instant::now();
+        let base_index = dirty::BaseIndex::build(&base, dirty::mem_pages(&src.mem))
+            .map_err(|e| SendError::Read("the base", e))?;
+        tracing::info!(
+            pages = base_index.len(),
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "indexed the base's pages"
+        );
         // From here every write is recorded: what round 0 reads, or what it missed.
         self.log = Some(DirtyLog::start(
             dirty::dup_fd(&src.vm).map_err(|e| SendError::Read("the VM", e))?,
@@ -448,9 +461,8 @@ impl Session {
 
         // Round 0: the δ against the base, and the disk δ.
         ops.progress(HandoffPhase::Delta, 0, self.bytes(), 0, 0.0);
-        let base = File::open(&src.base.memory).map_err(|e| SendError::Read("the base", e))?;
         let delta = dirty::base_delta(&src.mem, &base)?;
-        let mut pages = PageSender::new(dirty::mem_pages(&src.mem));
+        let mut pages = PageSender::new(dirty::mem_pages(&src.mem), base_index);
         let pipe = self.pipe.as_mut().expect("started above");
         pages.send_classified(&src.mem, delta, pipe)?;
         let blocks = for_disk(src, |d| d.block_numbers().collect::<Vec<_>>()).unwrap_or_default();
@@ -606,12 +618,15 @@ fn send_blocks(src: &Source, blocks: &[u64], pipe: &mut Pipeline) -> Result<u64,
     Ok(blocks.len() as u64)
 }
 
-/// Builds page batches: zero pages, dedup within the stream, data.
+/// Builds page batches: zero pages, base pages, dedup within the stream and against the
+/// base's other pages, data.
 struct PageSender {
     /// Content hash → a page the target holds with that content.
     by_hash: HashMap<u128, u64>,
     /// Page → the hash it was sent with.
     sent: HashMap<u64, u128>,
+    /// The base's non-zero pages by content.
+    base: dirty::BaseIndex,
     mem_pages: u64,
     batches: u64,
     pages: u64,
@@ -622,14 +637,16 @@ enum Item {
     Zero,
     Base,
     Copy(u64),
+    BaseAt(u64),
     Data(Vec<u8>),
 }
 
 impl PageSender {
-    fn new(mem_pages: u64) -> Self {
+    fn new(mem_pages: u64, base: dirty::BaseIndex) -> Self {
         PageSender {
             by_hash: HashMap::new(),
             sent: HashMap::new(),
+            base,
             mem_pages,
             batches: 0,
             pages: 0,
@@ -664,7 +681,8 @@ impl PageSender {
         self.flush_batch(&mut batch, pipe)
     }
 
-    /// Sends the current content of `pages` (dirtied ones): zero, base, copy or data.
+    /// Sends the current content of `pages` (dirtied ones): zero, base, copy, base
+    /// elsewhere or data.
     fn send_pages(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -697,9 +715,15 @@ impl PageSender {
         self.flush_batch(&mut batch, pipe)
     }
 
+    /// A non-zero page unlike the base's at its place: a copy of a page the target holds,
+    /// else the base's page elsewhere (bytes compared), else data.
     fn item_for(&self, buf: Vec<u8>) -> Item {
-        match self.by_hash.get(&xxh3_128(&buf)) {
-            Some(&s) => Item::Copy(s),
+        let hash = xxh3_128(&buf);
+        if let Some(&s) = self.by_hash.get(&hash) {
+            return Item::Copy(s);
+        }
+        match self.base.find(hash, &buf) {
+            Some(s) => Item::BaseAt(s),
             None => Item::Data(buf),
         }
     }
@@ -722,6 +746,8 @@ impl PageSender {
                 Item::Zero => (Fill::Zero, None),
                 Item::Base => (Fill::Base, None),
                 Item::Copy(s) => (Fill::Copy(*s), self.sent.get(s).copied()),
+                // The base index names this content for good: no need to remember it.
+                Item::BaseAt(s) => (Fill::BaseAt(*s), None),
                 Item::Data(b) => {
                     data.extend_from_slice(b);
                     (Fill::Data, Some(xxh3_128(b)))
@@ -762,7 +788,9 @@ impl PageSender {
 fn extends(r: &PageRun, fill: Fill) -> bool {
     match (r.fill, fill) {
         (Fill::Data, Fill::Data) | (Fill::Zero, Fill::Zero) | (Fill::Base, Fill::Base) => true,
-        (Fill::Copy(a), Fill::Copy(b)) => a + u64::from(r.count) == b,
+        (Fill::Copy(a), Fill::Copy(b)) | (Fill::BaseAt(a), Fill::BaseAt(b)) => {
+            a + u64::from(r.count) == b
+        }
         _ => false,
     }
 }
@@ -1130,7 +1158,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("base"), vec![0u8; 4 << 20]).unwrap();
         let base = File::open(dir.join("base")).unwrap();
-        let mut ps = PageSender::new(dirty::mem_pages(&mem));
+        let index = dirty::BaseIndex::build(&base, 1024).unwrap();
+        let mut ps = PageSender::new(dirty::mem_pages(&mem), index);
         // Batch 1: pages 1 (data) and 3 (zero, while the base is zero too: Base).
         ps.send_pages(&mem, &base, [1, 3].into_iter(), &mut pipe)
             .unwrap();
@@ -1164,6 +1193,91 @@ mod tests {
                 vec![(5, Fill::Copy(2))],
             ]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Pages equal to the base's pages elsewhere go out as `BaseAt` (a run of them as one)
+    /// and rebuild the right bytes; a hash hit on different bytes (a collision stand-in) is
+    /// sent as data; a page already sent is a `Copy` before it is a `BaseAt`.
+    #[test]
+    fn pages_dedup_against_the_base_elsewhere() {
+        use vm_memory::{Bytes, GuestAddress};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let mut pipe = Pipeline::start(FrameWriter::new(conn.try_clone().unwrap()), conn).unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(4).unwrap();
+        let at = |p: u64| GuestAddress(p * PAGE as u64);
+        let page = |b: u8| vec![b; PAGE];
+        // The base: pages 10 and 11 hold 9s and 10s, page 12 holds 5s; the rest is a hole.
+        let dir = std::env::temp_dir().join(format!("vmm-send-base-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base_file = File::create(dir.join("base")).unwrap();
+        base_file.set_len(4 << 20).unwrap();
+        for (p, b) in [(10u64, 9u8), (11, 10), (12, 5)] {
+            base_file.write_all_at(&page(b), p * PAGE as u64).unwrap();
+        }
+        let base = File::open(dir.join("base")).unwrap();
+        let index = dirty::BaseIndex::build(&base, 1024).unwrap();
+        assert_eq!(index.len(), 3, "the hole and zero pages are not indexed");
+        // A collision stand-in: 6s hash to the base's page 12 (which holds 5s).
+        let index = index.with_entry(xxh3_128(&page(6)), 12);
+        let mut ps = PageSender::new(dirty::mem_pages(&mem), index);
+        mem.write_slice(&page(9), at(1)).unwrap();
+        mem.write_slice(&page(10), at(2)).unwrap();
+        mem.write_slice(&page(6), at(3)).unwrap();
+        ps.send_pages(&mem, &base, [1, 2, 3].into_iter(), &mut pipe)
+            .unwrap();
+        // Page 4 gets page 3's content: a copy of what the target holds.
+        mem.write_slice(&page(6), at(4)).unwrap();
+        ps.send_pages(&mem, &base, [4].into_iter(), &mut pipe)
+            .unwrap();
+        pipe.finish().unwrap();
+
+        let base_bytes = std::fs::read(dir.join("base")).unwrap();
+        let mut image = base_bytes.clone();
+        let mut r = FrameReader::new(peer);
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let Message::Pages(p) = r.read().unwrap() else {
+                panic!("pages expected")
+            };
+            p.check(1024).unwrap();
+            let mut data = p.data.chunks_exact(PAGE);
+            for run in &p.runs {
+                for i in 0..u64::from(run.count) {
+                    let to = ((run.first + i) as usize) * PAGE;
+                    let from = |s: u64| ((s + i) as usize) * PAGE;
+                    let bytes = match run.fill {
+                        Fill::Data => data.next().unwrap().to_vec(),
+                        Fill::Zero => page(0),
+                        Fill::Base => base_bytes[to..to + PAGE].to_vec(),
+                        Fill::BaseAt(s) => base_bytes[from(s)..from(s) + PAGE].to_vec(),
+                        Fill::Copy(s) => image[from(s)..from(s) + PAGE].to_vec(),
+                    };
+                    image[to..to + PAGE].copy_from_slice(&bytes);
+                }
+            }
+            runs.push(
+                p.runs
+                    .iter()
+                    .map(|r| (r.first, r.count, r.fill))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(
+            runs,
+            [
+                vec![(1, 2, Fill::BaseAt(10)), (3, 1, Fill::Data)],
+                vec![(4, 1, Fill::Copy(3))],
+            ]
+        );
+        for p in 1..=4u64 {
+            let mut want = page(0);
+            dirty::read_page(&mem, p, &mut want);
+            let s = p as usize * PAGE;
+            assert!(image[s..s + PAGE] == want[..], "page {p} rebuilt wrong");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
