@@ -28,6 +28,13 @@
 //! by construction and is never read. A candidate is then read: zero, equal to the base page
 //! at that place (not sent), or data.
 //!
+//! The base's other pages ([`BaseIndex`]): the non-zero pages of the base's memory file
+//! (its data extents, found with `SEEK_DATA`/`SEEK_HOLE`: the file is sparse), by 128-bit
+//! xxh3, so a page equal to one the base holds elsewhere is named, not sent. Built once per
+//! handoff before round 0, while the VM runs: measured here on the bench's 256 MiB base with
+//! 64 MiB of content (16 441 distinct pages, debug build), 23–26 ms with the file cached,
+//! 62–79 ms with its pages dropped from the page cache.
+//!
 //! Page numbers are image pages: guest RAM regions back to back, as in the base's memory file.
 
 use std::collections::HashMap;
@@ -389,6 +396,8 @@ pub fn base_delta(mem: &GuestMemoryMmap, base: &File) -> Result<Vec<(u64, PageCl
     Ok(out)
 }
 
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
 /// The base's non-zero pages by content, for dedup against the base's other pages
 /// (`Fill::BaseAt`): built once per handoff from the base's memory file, holes skipped.
 pub struct BaseIndex {
@@ -412,7 +421,8 @@ impl BaseIndex {
             for p in start / PAGE as u64..end.div_ceil(PAGE as u64) {
                 let s = p as usize * PAGE;
                 let page = &bytes[s..s + PAGE];
-                if page.iter().any(|&b| b != 0) {
+                // memcmp: fast even unoptimised.
+                if page != &ZERO_PAGE[..] {
                     by_hash.entry(xxh3_128(page)).or_insert(p);
                 }
             }
@@ -511,6 +521,19 @@ mod tests {
         assert!(s.contains(63) && !s.contains(62));
         s.or_at(100, &[0b101]);
         assert!(s.contains(100) && s.contains(102) && !s.contains(101));
+    }
+
+    /// Times the index of a real base (`VMM_BASE_INDEX_TIMING=path/to/memory`).
+    #[test]
+    #[ignore]
+    fn base_index_timing() {
+        let path = std::env::var("VMM_BASE_INDEX_TIMING").unwrap();
+        let f = File::open(path).unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let i = BaseIndex::build(&f, 65536).unwrap();
+            eprintln!("{} pages in {:?}", i.len(), t.elapsed());
+        }
     }
 
     #[test]
