@@ -116,11 +116,39 @@ pub fn make_overlay(base: &Path, script: &str, out: &Path, extra: &[&str]) -> Fi
     image_builder(&args)
 }
 
+/// Images a test binary makes once and shares between its tests, in a scratch directory
+/// kept as long as the process runs.
+pub struct Shared<T> {
+    name: &'static str,
+    cell: std::sync::OnceLock<(Scratch, T)>,
+}
+
+impl<T> Shared<T> {
+    /// Images to be made in a scratch directory named after `name`.
+    pub const fn new(name: &'static str) -> Self {
+        Shared {
+            name,
+            cell: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The images, made by `make` on first use.
+    pub fn get(&self, make: impl FnOnce(&Scratch) -> T) -> &T {
+        &self
+            .cell
+            .get_or_init(|| {
+                let dir = Scratch::new(self.name);
+                let images = make(&dir);
+                (dir, images)
+            })
+            .1
+    }
+}
+
 /// A service base (64 MiB, the 5000-entry disk table, a NIC) and an overlay that loads a
 /// 4 MiB model and writes entry 7 (`put:7:42`): the handoff tests' VM, made once per test
 /// binary.
 pub struct ServiceImages {
-    _dir: Scratch,
     /// The base directory.
     pub base: PathBuf,
     /// The overlay file.
@@ -145,9 +173,8 @@ impl ServiceImages {
 
 /// The [`ServiceImages`] of this test binary (made on first use).
 pub fn service_images() -> &'static ServiceImages {
-    static IMAGES: std::sync::OnceLock<ServiceImages> = std::sync::OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = Scratch::new("service-images");
+    static IMAGES: Shared<ServiceImages> = Shared::new("service-images");
+    IMAGES.get(|dir| {
         let table = dir.write(
             "table.img",
             &micro_service::oracle::table_image(5000, 1 << 20),
@@ -156,11 +183,7 @@ pub fn service_images() -> &'static ServiceImages {
         let overlay = dir.path("app.overlay");
         let fin = make_overlay(&base, "load:4,put:7:42", &overlay, &[]);
         assert_eq!(fin.code(), 0, "{fin:?}");
-        ServiceImages {
-            _dir: dir,
-            base,
-            overlay,
-        }
+        ServiceImages { base, overlay }
     })
 }
 

@@ -6,6 +6,7 @@
 //! cut short, a flipped bit, a replayed frame, the source abandoning, a stalled or absent
 //! source — ends the receiver with a clear error, no process and no file left.
 
+use cloudlet_tests::Shared;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +15,6 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cloudlet_tests::{
@@ -62,7 +62,6 @@ struct Stream {
 /// The shared images: a service base (disk table + NIC), a second base, and the stream of a
 /// VM customised from the first.
 struct Images {
-    _dir: Scratch,
     base: PathBuf,
     base_id: [u8; 32],
     other_base: PathBuf,
@@ -70,9 +69,8 @@ struct Images {
 }
 
 fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = Scratch::new("handoff");
+    static IMAGES: Shared<Images> = Shared::new("handoff");
+    IMAGES.get(|dir| {
         let table = dir.write("table.img", &table_image(5000, 1 << 20));
         let base = make_base(&dir.path("base"), "64", &["--disk", arg(&table), "--net"]);
         // A second base: another command line gives another content id.
@@ -89,11 +87,10 @@ fn images() -> &'static Images {
         );
         let overlay = dir.path("app.overlay");
         make_overlay(&base, "put:7:42,load:2", &overlay, &[]);
-        let snap = customise(&dir, &base, &overlay);
+        let snap = customise(dir, &base, &overlay);
         let base_id = Manifest::load(&base).unwrap().id_bytes();
         let stream = stream_of(&base, &snap);
         Images {
-            _dir: dir,
             base,
             base_id,
             other_base,

@@ -4,8 +4,8 @@
 //! and not each other's writes, and bad overlays are refused before any vCPU runs with the
 //! base left untouched.
 
+use cloudlet_tests::Shared;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use cloudlet_tests::{
@@ -30,16 +30,14 @@ fn check_queries(vm: &mut Vmm, indices: &[u64]) {
 /// One base, one 16 MiB-model overlay (with the customised snapshot kept), shared by the
 /// tests of this file.
 struct Images {
-    _dir: Scratch,
     base: PathBuf,
     overlay: PathBuf,
     custom: PathBuf,
 }
 
 fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let dir = Scratch::new("synth");
+    static IMAGES: Shared<Images> = Shared::new("synth");
+    IMAGES.get(|dir| {
         let base = make_base(&dir.path("base"), "128", &[]);
         let overlay = dir.path("model.overlay");
         let custom = dir.path("custom");
@@ -50,7 +48,6 @@ fn images() -> &'static Images {
             &["--keep-snapshot", arg(&custom)],
         );
         Images {
-            _dir: dir,
             base,
             overlay,
             custom,

@@ -1141,15 +1141,35 @@ mod tests {
         assert_eq!(choose_codec(Some(3e6), None), Codec::Zstd(1));
     }
 
+    /// The next `n` frames from `peer`, each a page batch within a 4 MiB guest.
+    fn read_batches(peer: TcpStream, n: usize) -> Vec<Pages> {
+        let mut r = FrameReader::new(peer);
+        (0..n)
+            .map(|_| {
+                let Message::Pages(p) = r.read().unwrap() else {
+                    panic!("pages expected")
+                };
+                p.check(1024).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    /// A pipeline writing to a local TCP connection, and the connection's other end.
+    fn local_pipeline() -> (Pipeline, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let pipe = Pipeline::start(FrameWriter::new(conn.try_clone().unwrap()), conn).unwrap();
+        (pipe, peer)
+    }
+
     /// Pages sent through a real pipeline to a local reader: zero pages, data, a copy of an
     /// earlier page, and no copy of a page whose content the target no longer holds.
     #[test]
     fn pages_dedup_only_against_what_the_target_holds() {
         use vm_memory::{Bytes, GuestAddress};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (peer, _) = l.accept().unwrap();
-        let mut pipe = Pipeline::start(FrameWriter::new(conn.try_clone().unwrap()), conn).unwrap();
+        let (mut pipe, peer) = local_pipeline();
         let mem = crate::vstate::memory::create_guest_memory(4).unwrap();
         let at = |p: u64| GuestAddress(p * PAGE as u64);
         mem.write_slice(&[7u8; PAGE], at(1)).unwrap();
@@ -1175,15 +1195,10 @@ mod tests {
         ps.send_pages(&mem, &base, [5].into_iter(), &mut pipe)
             .unwrap();
         pipe.finish().unwrap();
-        let mut r = FrameReader::new(peer);
-        let mut runs = Vec::new();
-        for _ in 0..4 {
-            let Message::Pages(p) = r.read().unwrap() else {
-                panic!("pages expected")
-            };
-            p.check(1024).unwrap();
-            runs.push(p.runs.iter().map(|r| (r.first, r.fill)).collect::<Vec<_>>());
-        }
+        let runs: Vec<Vec<_>> = read_batches(peer, 4)
+            .iter()
+            .map(|p| p.runs.iter().map(|r| (r.first, r.fill)).collect())
+            .collect();
         assert_eq!(
             runs,
             [
@@ -1202,10 +1217,7 @@ mod tests {
     #[test]
     fn pages_dedup_against_the_base_elsewhere() {
         use vm_memory::{Bytes, GuestAddress};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (peer, _) = l.accept().unwrap();
-        let mut pipe = Pipeline::start(FrameWriter::new(conn.try_clone().unwrap()), conn).unwrap();
+        let (mut pipe, peer) = local_pipeline();
         let mem = crate::vstate::memory::create_guest_memory(4).unwrap();
         let at = |p: u64| GuestAddress(p * PAGE as u64);
         let page = |b: u8| vec![b; PAGE];
@@ -1236,13 +1248,8 @@ mod tests {
 
         let base_bytes = std::fs::read(dir.join("base")).unwrap();
         let mut image = base_bytes.clone();
-        let mut r = FrameReader::new(peer);
         let mut runs = Vec::new();
-        for _ in 0..2 {
-            let Message::Pages(p) = r.read().unwrap() else {
-                panic!("pages expected")
-            };
-            p.check(1024).unwrap();
+        for p in read_batches(peer, 2) {
             let mut data = p.data.chunks_exact(PAGE);
             for run in &p.runs {
                 for i in 0..u64::from(run.count) {
