@@ -48,7 +48,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::PAGE_SIZE;
+use crate::{le_u32, le_u64, PAGE_SIZE};
 
 /// Preamble magic.
 pub const MAGIC: &[u8; 8] = b"CLDHANDO";
@@ -143,7 +143,7 @@ impl Preamble {
                 "reserved preamble bytes are not zero",
             ));
         }
-        let sum = u64::from_le_bytes(b[76..84].try_into().expect("8 bytes"));
+        let sum = le_u64(b, 76..84);
         if sum != xxh3_64(&b[..76]) && !cfg!(fuzzing) {
             return Err(HandoffError::Checksum("preamble"));
         }
@@ -291,7 +291,7 @@ impl Pages {
     fn parse(body: Vec<u8>) -> Result<Self, HandoffError> {
         let short = HandoffError::Pages("the run list is truncated");
         let len = body.get(..4).ok_or(short)?;
-        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let len = le_u32(len, 0..4) as usize;
         let runs_bytes = body
             .get(4..4usize.saturating_add(len))
             .ok_or(HandoffError::Pages("the run list is truncated"))?;
@@ -429,7 +429,7 @@ impl Message {
                 Message::Disk(
                     body.chunks_exact(DISK_RECORD)
                         .map(|r| {
-                            let n = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+                            let n = le_u64(r, 0..8);
                             (n, r[8..].to_vec())
                         })
                         .collect(),
@@ -474,7 +474,7 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Checks the header's bytes: lengths, kind, codec, reserved bytes.
     pub fn parse(h: &[u8; FRAME_HEADER_LEN]) -> Result<Self, HandoffError> {
-        let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+        let u32_at = |o: usize| le_u32(h, o..o + 4);
         let (wire_len, raw_len) = (u32_at(0), u32_at(8));
         if wire_len > MAX_BODY {
             return Err(HandoffError::TooLarge(wire_len.into()));
@@ -546,7 +546,7 @@ pub fn decode_frame(frame: &[u8], seq: u32) -> Result<Message, HandoffError> {
             "a frame's length disagrees with its header",
         ));
     }
-    let sum = u64::from_le_bytes(frame[end..].try_into().expect("8 bytes"));
+    let sum = le_u64(frame, end..end + 8);
     if sum != xxh3_64(&frame[..end]) && !cfg!(fuzzing) {
         return Err(HandoffError::Checksum("frame"));
     }
