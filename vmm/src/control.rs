@@ -240,7 +240,7 @@ fn read_request(mut conn: UnixStream, tx: &mpsc::Sender<Pending>, wake: &EventFd
 
 /// Answers one control request.
 pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
-    let err = |e: &(dyn std::error::Error + 'static)| ApiResponse::Error(chain(e).join(": "));
+    let err = |e: &(dyn std::error::Error + 'static)| ApiResponse::Error(crate::error::message(e));
     let busy = matches!(
         request,
         ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot { .. }

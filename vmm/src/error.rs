@@ -6,3 +6,8 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
         .map(|e| e.to_string())
         .collect()
 }
+
+/// An error and its causes as one line, `": "` between them.
+pub fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    chain(e).join(": ")
+}

@@ -24,7 +24,6 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::slot::{Slot, SlotKind};
 use crate::devices::virtio::worker::DeviceWorker;
 use crate::devices::Bus;
-use crate::error::chain;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::handoff::link::{HandoffBase, HandoffLink, MachineOp};
 use crate::serial_input::{deliver_input, SerialInput, TOKEN_STDIN};
@@ -481,11 +480,15 @@ impl Machine {
                     }
                     let r = machine
                         .pause()
-                        .map_err(|e| chain(&e).join(": "))
-                        .and_then(|()| machine.machine_state().map_err(|e| chain(&e).join(": ")))
+                        .map_err(|e| crate::error::message(&e))
+                        .and_then(|()| {
+                            machine
+                                .machine_state()
+                                .map_err(|e| crate::error::message(&e))
+                        })
                         .and_then(|s| {
                             format::state::encode(format::state::Kind::Machine, &s)
-                                .map_err(|e| chain(&e).join(": "))
+                                .map_err(|e| crate::error::message(&e))
                         });
                     let _ = reply.send(r);
                 }
@@ -493,7 +496,7 @@ impl Machine {
                     let r = if held.was_paused {
                         Ok(())
                     } else {
-                        machine.resume().map_err(|e| chain(&e).join(": "))
+                        machine.resume().map_err(|e| crate::error::message(&e))
                     };
                     held.devices = None;
                     machine.holding.store(false, Ordering::Release);

@@ -310,11 +310,6 @@ fn short(id: &[u8; 32]) -> String {
     s
 }
 
-/// The error and its causes as one line.
-fn reason(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::error::chain(e).join(": ")
-}
-
 /// One handoff on one connection.
 struct Session<'a> {
     cfg: &'a ReceiveConfig,
@@ -360,7 +355,7 @@ impl Session<'_> {
                 if !matches!(e, ReceiveError::Abandoned(_)) {
                     self.answer(&Message::Failed(Refusal {
                         kind: RefuseKind::Other,
-                        reason: reason(&e),
+                        reason: crate::error::message(&e),
                     }));
                 }
                 Err(e)
@@ -403,7 +398,7 @@ impl Session<'_> {
         let preamble = match self.input.read_preamble() {
             Ok(p) => p,
             Err(e @ HandoffError::Io(_)) => return Err(self.stream_error(e)),
-            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+            Err(e) => return Err(self.refuse(RefuseKind::Other, crate::error::message(&e))),
         };
         // The token first: a peer without it learns nothing about this appliance's bases.
         if !same_token(&preamble.token, &self.cfg.token) {
@@ -429,7 +424,7 @@ impl Session<'_> {
                 return Err(self.refuse(RefuseKind::Other, why));
             }
             Err(e @ HandoffError::Io(_)) => return Err(self.stream_error(e)),
-            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+            Err(e) => return Err(self.refuse(RefuseKind::Other, crate::error::message(&e))),
         };
         let m = self.manifest;
         let base_disk = m.disk_bytes.unwrap_or(0);
@@ -457,7 +452,7 @@ impl Session<'_> {
         }
         let kvm = match KvmContext::open(&self.cfg.kvm_path) {
             Ok(k) => k,
-            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+            Err(e) => return Err(self.refuse(RefuseKind::Other, crate::error::message(&e))),
         };
         if start.vcpus as usize > kvm.max_vcpus {
             let why = format!(
@@ -469,12 +464,12 @@ impl Session<'_> {
         let image = self.cfg.base.join(base::MEMORY);
         let memory = match memory::map_image(&image, m.mem_mib) {
             Ok(mem) => mem,
-            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+            Err(e) => return Err(self.refuse(RefuseKind::Other, crate::error::message(&e))),
         };
         // Its memory slots are the mapping the pages are written into: the guest sees them.
         let vm = match Vm::new(&kvm, &memory) {
             Ok(vm) => vm,
-            Err(e) => return Err(self.refuse(RefuseKind::Other, reason(&e))),
+            Err(e) => return Err(self.refuse(RefuseKind::Other, crate::error::message(&e))),
         };
         self.out
             .write(&Message::Accept, Codec::Raw)
@@ -713,7 +708,7 @@ impl Link {
         let _ = self.out.get_ref().set_write_timeout(Some(ANSWER_TIMEOUT));
         let msg = Message::Failed(Refusal {
             kind: RefuseKind::Other,
-            reason: reason(e),
+            reason: crate::error::message(e),
         });
         if let Err(e) = self.out.write(&msg, Codec::Raw) {
             tracing::debug!("cannot tell the source the handoff failed: {e}");

@@ -79,7 +79,6 @@ use xxhash_rust::xxh3::xxh3_128;
 use super::dirty::{self, DirtyError, DirtyLog, PageClass, PAGE};
 use super::link::{HandoffBase, MachineOp};
 use crate::devices::virtio::slot::Slot;
-use crate::error::chain;
 use crate::machine::Machine;
 use crate::synthesis::lazy::{FillWaiter, LazyError};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -243,7 +242,7 @@ pub fn start(machine: &Machine, req: Request, mut conn: UnixStream) {
         }
     };
     let refuse = |conn: &mut UnixStream, e: SendError| {
-        answer(conn, ApiResponse::Error(chain(&e).join(": ")))
+        answer(conn, ApiResponse::Error(crate::error::message(&e)))
     };
     let Some(base) = machine.handoff.base.clone() else {
         return refuse(&mut conn, SendError::NoBase);
@@ -287,8 +286,12 @@ pub fn start(machine: &Machine, req: Request, mut conn: UnixStream) {
             let response = match result {
                 Ok(stats) => ApiResponse::HandedOff(stats),
                 Err(e) => {
-                    tracing::warn!("handoff to {} failed: {}", req.to, chain(&e).join(": "));
-                    ApiResponse::Error(chain(&e).join(": "))
+                    tracing::warn!(
+                        "handoff to {} failed: {}",
+                        req.to,
+                        crate::error::message(&e)
+                    );
+                    ApiResponse::Error(crate::error::message(&e))
                 }
             };
             let done = matches!(response, ApiResponse::HandedOff(_));

@@ -163,11 +163,6 @@ pub enum FillError {
     Events(#[source] std::io::Error),
 }
 
-/// `e` and its causes, one after the other (for the VM's exit reason, which is text).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::error::chain(e).join(": ")
-}
-
 impl Shared {
     fn host_of(&self, page: u64) -> Option<usize> {
         self.regions
@@ -297,7 +292,7 @@ impl Shared {
     }
 
     fn fail(&self, why: FillError) {
-        let text = chain(&why);
+        let text = crate::error::message(&why);
         tracing::error!("lazy synthesis failed: {text}");
         let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
@@ -753,7 +748,7 @@ impl LazyFill {
         if let Some(why) = self.failure() {
             exit.notify(ExitReason::Error(format!(
                 "the overlay could not be applied: {}",
-                chain(&*why)
+                crate::error::message(&*why)
             )));
         }
     }
