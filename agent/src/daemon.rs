@@ -31,6 +31,8 @@ pub struct Options {
     pub vmm: PathBuf,
     /// Stop every instance when the agent exits (otherwise they are re-adopted later).
     pub stop_on_exit: bool,
+    /// Keep a warm standby per started service (`crate::warm`).
+    pub warm: bool,
 }
 
 /// The default vmm: next to this executable.
@@ -91,6 +93,7 @@ pub async fn run(opts: Options) -> Result<()> {
             max_vms: board.max_vms,
             memory_mib: board.memory_mib,
             start_timeout: START_TIMEOUT,
+            warm: opts.warm,
         },
         store.clone(),
         metrics.clone(),
@@ -203,6 +206,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }
+    sup.close_standbys().await;
     if opts.stop_on_exit {
         tracing::info!("stopping every instance (--stop-on-exit)");
         sup.stop_all().await;

@@ -556,6 +556,7 @@ async fn delete_service(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     st.store.remove_service(&name)?;
+    st.sup.drop_standbys(Some(&name)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -3,7 +3,8 @@
 //! - [`board`]: board configurations (`board-configs/*.toml`), validated.
 //! - [`store`]: the data directory (bases, services, app store, instance records).
 //! - [`supervisor`]: one `vmm synthesize` process per service-VM instance; limits; re-adoption
-//!   after an agent restart.
+//!   after an agent restart; [`warm`]: a paused standby per started service, so the next
+//!   start is a resume.
 //! - [`http`]: the client API (`/v1/...`, OpenAPI at `/v1/openapi.json`), the web manager at
 //!   `/`, `/metrics`; [`auth`] checks bearer credentials on mutating requests.
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
@@ -25,3 +26,4 @@ pub mod metrics;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
+pub mod warm;

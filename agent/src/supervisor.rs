@@ -8,6 +8,9 @@
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
+//!        ──▶ in the background, the service's next instance as a warm standby (`crate::warm`):
+//!            the same spawn with `--paused`, Ready, Resume, `ok health`, Pause; the next
+//!            start of the service resumes it (Resume ──▶ `ok health` ──▶ Running)
 //!
 //!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
@@ -175,6 +178,10 @@ pub struct Instance {
     /// The appliance it was handed off from (its id), when it arrived by handoff.
     #[serde(default)]
     pub received_from: Option<String>,
+    /// True when it started from a warm standby (synthesised ahead, paused, then resumed);
+    /// `first_reply_ms` then counts from the resume.
+    #[serde(default)]
+    pub warm_start: bool,
 }
 
 /// A handoff as the source shows it.
@@ -318,6 +325,9 @@ pub enum StartError {
     /// The report channel broke or carried something else than a report.
     #[error("bad report from the vmm")]
     Report(#[source] wire::ApiError),
+    /// A warm standby did not resume.
+    #[error("the warm standby did not resume ({0}); it was killed ({1})")]
+    Resume(String, String),
     /// The vmm reported a state other than Ready or Failed first.
     #[error("the vmm reported {0:?} before Ready")]
     Unexpected(Box<Report>),
@@ -366,6 +376,8 @@ pub struct SupervisorConfig {
     pub memory_mib: u64,
     /// Timeout of a start.
     pub start_timeout: Duration,
+    /// Keep a warm standby per started service (see [`Supervisor::start`]).
+    pub warm: bool,
 }
 
 struct Entry {
@@ -380,6 +392,18 @@ pub struct Supervisor {
     metrics: Arc<Metrics>,
     table: Mutex<BTreeMap<String, Entry>>,
     changed: watch::Sender<u64>,
+    /// The warm standbys, by service, and the services whose standby is being made.
+    warm: Mutex<crate::warm::Pool>,
+    /// Signalled when the making of a standby ends.
+    warm_made: tokio::sync::Notify,
+}
+
+/// Active instances of `table` and their guest memory, MiB.
+fn active_usage(table: &BTreeMap<String, Entry>) -> (u32, u64) {
+    table
+        .values()
+        .filter(|e| e.rec.info.state.active())
+        .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.info.mem_mib))
 }
 
 /// Whether process `pid` exists and is not a zombie.
@@ -490,6 +514,8 @@ impl Supervisor {
             metrics,
             table: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
+            warm: Mutex::new(crate::warm::Pool::default()),
+            warm_made: tokio::sync::Notify::new(),
         })
     }
 
@@ -565,10 +591,7 @@ impl Supervisor {
 
     /// Active instances and the memory they hold, MiB.
     pub fn usage(&self) -> (u32, u64) {
-        let t = self.table.lock().expect("instance table");
-        t.values()
-            .filter(|e| e.rec.info.state.active())
-            .fold((0, 0), |(n, m), e| (n + 1, m + e.rec.info.mem_mib))
+        active_usage(&self.table.lock().expect("instance table"))
     }
 
     /// The limits (max VMs, memory MiB).
@@ -580,6 +603,11 @@ impl Supervisor {
     /// their control socket, kills live ones that do not, and marks the dead ones failed.
     pub async fn recover(self: &Arc<Self>) {
         let dir = self.store.instances_dir();
+        crate::warm::remove_orphans(&dir, |pid, sock| {
+            if pid_alive(pid) && is_our_vmm(pid, sock) {
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
@@ -719,22 +747,47 @@ impl Supervisor {
         }
     }
 
-    /// Synthesises an instance of `service` and waits for its first verified reply.
+    /// Synthesises an instance of `service` and waits for its first verified reply. With
+    /// warm standbys on, an instance of a service started before is its standby resumed
+    /// (see [`crate::warm`]), and a new standby is made in the background.
     pub async fn start(self: &Arc<Self>, service: &str) -> Result<InstanceRecord, SupervisorError> {
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
-        let rec = self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?;
+        let standby = self.take_standby(&svc.name, &svc.overlay_sha256).await;
+        let rec = match &standby {
+            Some(w) => {
+                let mut rec = w.rec.clone();
+                rec.info.created_unix = unix_now();
+                rec.info.warm_start = true;
+                rec.info.pid = w.child.id();
+                rec
+            }
+            None => self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?,
+        };
         let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
-        self.reserve(&rec, &svc.name)?;
+        if let Err(e) = self.reserve(&rec, &svc.name) {
+            if let Some(w) = standby {
+                crate::warm::discard(w).await;
+            }
+            return Err(e);
+        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.table.lock().expect("instance table").remove(&id);
             return Err(SupervisorError::InstanceDir(dir, e));
         }
+        let _ = std::fs::remove_file(dir.join(crate::warm::PID_FILE));
         self.save(&rec);
         self.notify();
-        match self.launch(&id, &svc.name, &svc.base).await {
-            Ok(rec) => Ok(rec),
+        let started = match standby {
+            Some(w) => self.resume_standby(w).await,
+            None => self.launch(&id, &svc.name, &svc.base).await,
+        };
+        match started {
+            Ok(rec) => {
+                self.refill(&svc.name, &svc.overlay_sha256, &svc.base, base.mem_mib);
+                Ok(rec)
+            }
             Err(why) => {
                 self.metrics.start_failed();
                 let msg = error_chain(&why);
@@ -749,14 +802,223 @@ impl Supervisor {
         }
     }
 
+    /// The standby of `service` when it was made from the overlay `sha256` (a stale one is
+    /// discarded in the background); one being made is awaited (it is ahead of a new spawn).
+    async fn take_standby(&self, service: &str, sha256: &str) -> Option<crate::warm::Standby> {
+        let w = loop {
+            let made = self.warm_made.notified();
+            tokio::pin!(made);
+            made.as_mut().enable();
+            {
+                let mut pool = self.warm.lock().expect("warm pool");
+                if let Some(w) = pool.take(service) {
+                    break w;
+                }
+                if !pool.wanted(service) {
+                    return None;
+                }
+            }
+            if tokio::time::timeout(self.cfg.start_timeout, made)
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        };
+        if w.overlay_sha256 == sha256 {
+            return Some(w);
+        }
+        tracing::info!(service, "discarding a standby of a replaced overlay");
+        tokio::spawn(crate::warm::discard(w));
+        None
+    }
+
+    /// Resumes the standby `w` (already reserved and recorded as its instance) and awaits
+    /// its first verified reply, counted from the resume.
+    async fn resume_standby(
+        self: &Arc<Self>,
+        w: crate::warm::Standby,
+    ) -> Result<InstanceRecord, StartError> {
+        let crate::warm::Standby {
+            rec,
+            mut child,
+            report,
+            ready,
+            ..
+        } = w;
+        let t0 = Instant::now();
+        let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
+        match control_request(&rec.api_sock, &ApiRequest::Resume).await {
+            Ok(ApiResponse::Ok) => {}
+            other => {
+                let _ = child.start_kill();
+                let exit = child
+                    .wait()
+                    .await
+                    .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                return Err(StartError::Resume(format!("{other:?}"), exit));
+            }
+        }
+        self.until_healthy(&rec.info.id, child, report, Some(ready), t0, deadline)
+            .await
+    }
+
+    /// In the background, makes a standby of `service` (overlay `sha256`, on `base`, `mem_mib`
+    /// of guest RAM) when standbys are on, it has none, and the board has room for it beside
+    /// the instances.
+    fn refill(self: &Arc<Self>, service: &str, sha256: &str, base: &str, mem_mib: u64) {
+        if !self.cfg.warm || !matches!(self.cfg.network, NetworkMode::User) {
+            return;
+        }
+        {
+            let t = self.table.lock().expect("instance table");
+            let (n, mem) = active_usage(&t);
+            let mut pool = self.warm.lock().expect("warm pool");
+            let (wn, wmem) = pool.usage();
+            if n + wn + 1 > self.cfg.max_vms || mem + wmem + mem_mib > self.cfg.memory_mib {
+                return;
+            }
+            if !pool.begin(service, mem_mib) {
+                return;
+            }
+        }
+        let me = Arc::clone(self);
+        let (service, sha256, base) = (service.to_string(), sha256.to_string(), base.to_string());
+        tokio::spawn(async move {
+            let made = match me.make_standby(&service, &sha256, &base, mem_mib).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(service, "no warm standby: {e}");
+                    None
+                }
+            };
+            let unwanted = me.warm.lock().expect("warm pool").end(&service, made);
+            if let Some(w) = unwanted {
+                crate::warm::discard(w).await;
+            }
+            me.warm_made.notify_waiters();
+        });
+    }
+
+    /// Spawns `vmm synthesize --paused` for a future instance of `service` and awaits Ready.
+    async fn make_standby(
+        &self,
+        service: &str,
+        sha256: &str,
+        base: &str,
+        mem_mib: u64,
+    ) -> Result<crate::warm::Standby, String> {
+        let rec = self
+            .new_record(service, base, mem_mib, State::Starting)
+            .map_err(|e| error_chain(&e))?;
+        let dir = self.store.instances_dir().join(&rec.info.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let args = self.synthesize_args(service, base);
+        let made = async {
+            let (mut child, mut report, t0) =
+                self.spawn_vmm(&rec, &args, &["-v", "--paused"], None)?;
+            if let Some(pid) = child.id() {
+                let _ = std::fs::write(dir.join(crate::warm::PID_FILE), pid.to_string());
+            }
+            let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
+            let ready = self
+                .await_ready(None, &rec, &mut child, &mut report, deadline)
+                .await?
+                .expect("a standby has no stop request");
+            // One verified request before it waits: a standby is handed out only when its
+            // guest answers, and the guest's first run (its first touches of memory, which
+            // cost the host most under shadow paging) is behind it.
+            let sock = &rec.api_sock;
+            let control = |req| async move {
+                match control_request(sock, &req).await {
+                    Ok(ApiResponse::Ok) => Ok(()),
+                    other => Err(StartError::Resume(
+                        format!("{req:?}: {other:?}"),
+                        "killed".into(),
+                    )),
+                }
+            };
+            let checked = async {
+                control(ApiRequest::Resume).await?;
+                tokio::time::timeout_at(deadline, first_health(ready.0, t0))
+                    .await
+                    .map_err(|_| {
+                        StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8))
+                    })?;
+                control(ApiRequest::Pause).await
+            };
+            if let Err(e) = checked.await {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+            Ok::<_, StartError>(crate::warm::Standby {
+                rec: rec.clone(),
+                overlay_sha256: sha256.to_string(),
+                child,
+                report,
+                ready,
+            })
+        };
+        match made.await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error_chain(&e))
+            }
+        }
+    }
+
+    /// Ends the standbys of `service` (of every service: `None`), e.g. when the service is
+    /// replaced or removed, or the agent exits.
+    pub async fn drop_standbys(&self, service: Option<&str>) {
+        let gone = self.warm.lock().expect("warm pool").drain(service);
+        for w in gone {
+            crate::warm::discard(w).await;
+        }
+    }
+
+    /// Ends every standby and makes no more (the agent is exiting); returns once those
+    /// being made are gone too.
+    pub async fn close_standbys(&self) {
+        self.warm.lock().expect("warm pool").close();
+        self.drop_standbys(None).await;
+        let deadline = tokio::time::Instant::now() + self.cfg.start_timeout;
+        loop {
+            let made = self.warm_made.notified();
+            tokio::pin!(made);
+            made.as_mut().enable();
+            if self.warm.lock().expect("warm pool").in_making() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, made).await.is_err() {
+                tracing::warn!("a warm standby was still being made at exit");
+                return;
+            }
+        }
+    }
+
+    /// The services with a warm standby ready.
+    pub fn standbys(&self) -> std::collections::BTreeSet<String> {
+        self.warm.lock().expect("warm pool").services()
+    }
+
     /// Takes a slot for `rec` under the lock (so concurrent starts cannot overshoot the
     /// limits), or says which limit is reached.
     fn reserve(&self, rec: &InstanceRecord, what: &str) -> Result<(), SupervisorError> {
         let mut t = self.table.lock().expect("instance table");
-        let (n, mem) = t
-            .values()
-            .filter(|e| e.rec.info.state.active())
-            .fold((0u32, 0u64), |(n, m), e| (n + 1, m + e.rec.info.mem_mib));
+        let (n, mem) = active_usage(&t);
+        {
+            // Standbys give their slots up to instances.
+            let mut pool = self.warm.lock().expect("warm pool");
+            let (wn, wmem) = pool.usage();
+            if n + wn >= self.cfg.max_vms || mem + wmem + rec.info.mem_mib > self.cfg.memory_mib {
+                for w in pool.drain(None) {
+                    tokio::spawn(crate::warm::discard(w));
+                }
+            }
+        }
         if n >= self.cfg.max_vms {
             return Err(SupervisorError::Full(format!(
                 "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
@@ -811,6 +1073,7 @@ impl Supervisor {
                 handoff: None,
                 moved_to: None,
                 received_from: None,
+                warm_start: false,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -1174,6 +1437,19 @@ impl Supervisor {
         Ok((child, report, t0))
     }
 
+    /// The arguments of `vmm synthesize` for an instance of `service` on `base`.
+    fn synthesize_args(&self, service: &str, base: &str) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "synthesize".into(),
+            "--base".into(),
+            self.store.base_dir(base).into(),
+            "--overlay".into(),
+            self.store.overlay_path(service).into(),
+        ];
+        args.extend(self.net_args().into_iter().map(Into::into));
+        args
+    }
+
     /// Spawns the vmm with a report channel, awaits its Ready report and the guest's first
     /// `ok health`.
     async fn launch(
@@ -1183,79 +1459,106 @@ impl Supervisor {
         base: &str,
     ) -> Result<InstanceRecord, StartError> {
         let rec = self.get(id).ok_or(StartError::Vanished)?;
-        let overlay = self.store.overlay_path(service);
-        let base_dir = self.store.base_dir(base);
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "synthesize".into(),
-            "--base".into(),
-            base_dir.into(),
-            "--overlay".into(),
-            overlay.into(),
-        ];
-        args.extend(self.net_args().into_iter().map(Into::into));
+        let args = self.synthesize_args(service, base);
         let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
         let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
+        let ready = self
+            .await_ready(Some(id), &rec, &mut child, &mut report, deadline)
+            .await?;
+        self.until_healthy(id, child, report, ready, t0, deadline)
+            .await
+    }
 
-        // The report, unless a stop comes first.
+    /// Awaits the Ready report of a vmm just spawned for `rec` (an instance `id` in the table,
+    /// or a standby when `None`): its service address and synthesis time, or `None` when a
+    /// stop came first. Reaps the vmm when it failed.
+    async fn await_ready(
+        &self,
+        id: Option<&str>,
+        rec: &InstanceRecord,
+        child: &mut tokio::process::Child,
+        report: &mut tokio::net::UnixStream,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<(SocketAddr, Option<f64>)>, StartError> {
+        let stop = async {
+            match id {
+                Some(id) => self.stop_requested(id).await,
+                None => std::future::pending().await,
+            }
+        };
         let first = tokio::select! {
-            r = read_message::<Report>(&mut report) => Some(r),
-            _ = self.stop_requested(id) => None,
+            r = read_message::<Report>(report) => r,
+            _ = stop => return Ok(None),
             _ = tokio::time::sleep_until(deadline) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
             }
         };
-        let (mut first_reply, mut endpoint) = (None, None);
-        if let Some(first) = first {
-            let ready = match first {
-                Ok(Some(Report::Ready(ready))) => ready,
-                other => {
-                    // After Failed or at end of file the vmm exits on its own.
-                    if matches!(other, Ok(Some(Report::Exited { .. })) | Err(_)) {
-                        let _ = child.start_kill();
-                    }
-                    let exit = child
-                        .wait()
-                        .await
-                        .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
-                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
-                    return Err(match other {
-                        Ok(Some(Report::Failed(failed))) => StartError::Refused { failed },
-                        Ok(Some(r)) => StartError::Unexpected(Box::new(r)),
-                        Ok(None) => StartError::Ended {
-                            exit,
-                            tail: log_tail(&rec.vmm_log, 8),
-                        },
-                        Err(e) => StartError::Report(e),
-                    });
-                }
-            };
-            let addr = match (&self.cfg.network, ready.forwards.first()) {
-                (NetworkMode::User, Some(f)) => f.host,
-                (NetworkMode::User, None) => {
+        let ready = match first {
+            Ok(Some(Report::Ready(ready))) => ready,
+            other => {
+                // After Failed or at end of file the vmm exits on its own.
+                if matches!(other, Ok(Some(Report::Exited { .. })) | Err(_)) {
                     let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    return Err(StartError::NoForward);
                 }
-                (NetworkMode::Tap(_), _) => GUEST_SERVICE.parse().expect("a socket address"),
-            };
-            // Recorded with the first reply (a record written here would delay it).
-            endpoint = Some((addr, ready.synthesis.map(|t| t.total_ms())));
-            // The guest runs: one verified request, again only if that fails.
-            let answered = first_health(addr, t0);
+                let exit = child
+                    .wait()
+                    .await
+                    .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                if let Some(id) = id {
+                    self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
+                }
+                return Err(match other {
+                    Ok(Some(Report::Failed(failed))) => StartError::Refused { failed },
+                    Ok(Some(r)) => StartError::Unexpected(Box::new(r)),
+                    Ok(None) => StartError::Ended {
+                        exit,
+                        tail: log_tail(&rec.vmm_log, 8),
+                    },
+                    Err(e) => StartError::Report(e),
+                });
+            }
+        };
+        let addr = match (&self.cfg.network, ready.forwards.first()) {
+            (NetworkMode::User, Some(f)) => f.host,
+            (NetworkMode::User, None) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(StartError::NoForward);
+            }
+            (NetworkMode::Tap(_), _) => GUEST_SERVICE.parse().expect("a socket address"),
+        };
+        Ok(Some((addr, ready.synthesis.map(|t| t.total_ms()))))
+    }
+
+    /// The guest of instance `id` runs (`ready`: its address and synthesis time, `None` when
+    /// a stop came first): one verified request (again only if that fails), then the instance
+    /// is Running, with its first reply counted from `t0`, and its vmm is followed.
+    async fn until_healthy(
+        self: &Arc<Self>,
+        id: &str,
+        mut child: tokio::process::Child,
+        report: tokio::net::UnixStream,
+        ready: Option<(SocketAddr, Option<f64>)>,
+        t0: Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<InstanceRecord, StartError> {
+        let mut first_reply = None;
+        if let Some((addr, _)) = ready {
+            let tail = || log_tail(&self.get(id).map(|r| r.vmm_log).unwrap_or_default(), 8);
             tokio::select! {
-                took = answered => first_reply = Some(took),
+                took = first_health(addr, t0) => first_reply = Some(took),
                 _ = self.stop_requested(id) => {}
                 st = child.wait() => {
                     let exit = st.map_or_else(|e| format!("wait failed: {e}"), describe_exit);
                     self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
-                    return Err(StartError::Ended { exit, tail: log_tail(&rec.vmm_log, 8) });
+                    return Err(StartError::Ended { exit, tail: tail() });
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
-                    return Err(StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8)));
+                    return Err(StartError::Timeout(self.cfg.start_timeout, tail()));
                 }
             }
         }
@@ -1265,7 +1568,8 @@ impl Supervisor {
                 if e.rec.info.state == State::Starting {
                     e.rec.info.state = State::Running;
                 }
-                if let Some((addr, synthesis_ms)) = endpoint {
+                // Recorded with the first reply (a record written earlier would delay it).
+                if let Some((addr, synthesis_ms)) = ready {
                     e.rec.info.endpoint = addr.to_string();
                     e.rec.info.synthesis_ms = synthesis_ms;
                 }
@@ -1274,7 +1578,7 @@ impl Supervisor {
             .ok_or(StartError::Vanished)?;
         if let Some(ms) = first_ms {
             self.metrics.start_latency(ms);
-            tracing::info!(instance = %id, service, endpoint = %rec.info.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.info.synthesis_ms, "instance running");
+            tracing::info!(instance = %id, service = %rec.info.service, endpoint = %rec.info.endpoint, first_reply_ms = ms, synthesis_ms = ?rec.info.synthesis_ms, warm = rec.info.warm_start, "instance running");
         }
         let me = Arc::clone(self);
         let wid = id.to_string();
@@ -1484,6 +1788,7 @@ pub(crate) mod tests {
                 max_vms,
                 memory_mib,
                 start_timeout: Duration::from_secs(2),
+                warm: false,
             },
             store.clone(),
             Arc::new(Metrics::default()),

@@ -126,6 +126,18 @@ impl Agent {
         config: Option<&Path>,
         ns: Option<&str>,
     ) -> Result<Agent> {
+        Agent::spawn_with(p, data, log, config, ns, &[])
+    }
+
+    /// As [`Agent::spawn`], with `extra` arguments for the agent.
+    pub fn spawn_with(
+        p: &Prepared,
+        data: &Path,
+        log: &Path,
+        config: Option<&Path>,
+        ns: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let agent = p.bin.join("agent");
         let _ = std::fs::remove_file(data.join("api.addr"));
         let logf = std::fs::File::create(log)?;
@@ -142,6 +154,7 @@ impl Agent {
             None => cmd.args(["--board", "dev"]),
         };
         let child = cmd
+            .args(extra)
             .args(["--stop-on-exit", "--data-dir"])
             .arg(data)
             .stdin(Stdio::null())

@@ -32,6 +32,12 @@ struct Cli {
     /// agent re-adopts them).
     #[arg(long)]
     stop_on_exit: bool,
+    /// Keep no warm standbys. By default, after each start of a service the agent synthesises
+    /// the next instance of it ahead of need and keeps it paused (it never runs a guest
+    /// instruction before it is taken), so the next start is a resume; a standby holds a slot
+    /// of the board's limits and gives it up to any start that needs it.
+    #[arg(long)]
+    no_warm_standby: bool,
     /// Log filter level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -179,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
                 board,
                 vmm: cli.vmm.unwrap_or_else(default_vmm),
                 stop_on_exit: cli.stop_on_exit,
+                warm: !cli.no_warm_standby,
             }))
         }
         Some(Cmd::CheckConfig) => {

@@ -15,7 +15,7 @@ pub const TOKEN: &str = "cloudlet-dev-token";
 
 /// What `cargo xtask test` builds before the tests run: the micro guest (`micro-guest`) or a
 /// binary of this test build beside `agent`. Panics, saying how to build it, when missing.
-fn built(name: &str) -> PathBuf {
+pub fn built(name: &str) -> PathBuf {
     let p = match name {
         "micro-guest" => Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -382,11 +382,35 @@ impl AgentProc {
     }
 }
 
+impl AgentProc {
+    /// The warm standbys in the data directory: (instance id, pid) of each whose vmm is alive
+    /// (see `agent::warm`).
+    pub fn standbys(&self) -> Vec<(String, u32)> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.data.join("instances")) {
+            for e in rd.flatten() {
+                let pid_file = e.path().join(agent::warm::PID_FILE);
+                let Ok(t) = std::fs::read_to_string(pid_file) else {
+                    continue;
+                };
+                if let Ok(pid) = t.trim().parse::<u32>() {
+                    if agent::supervisor::pid_alive(pid) {
+                        v.push((e.file_name().to_string_lossy().into_owned(), pid));
+                    }
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.terminate();
         // Never leak a vmm, whatever the test did.
-        for pid in self.live_vmms() {
+        let standbys = self.standbys().into_iter().map(|(_, pid)| pid);
+        for pid in self.live_vmms().into_iter().chain(standbys) {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();

@@ -2,10 +2,16 @@
 //!
 //! - `api_start_to_reply_p50_ms` / `_p99_ms`: `POST /v1/instances` sent → 201 received →
 //!   connect to the returned endpoint → first verified `query 5` reply (the 16 MiB-model
-//!   sample service of `cargo xtask demo`); the instance is then deleted (not timed). Beside
-//!   it the agent's own figures for the same starts: `synthesis_p50_ms` (vmm: checks → vCPUs
-//!   running) and `spawn_to_health_p50_ms` (vmm spawn → `ok health`), and `stop_p50_ms`
-//!   (`DELETE` round trip).
+//!   sample service of `cargo xtask demo`), on the default agent, which keeps a warm standby
+//!   per started service (the start resumes it); the instance is then deleted (not timed).
+//!   `warm_resume_to_health_p50_ms` is the agent's own resume → `ok health` for those starts.
+//! - `api_start_cold_p50_ms` / `_p99_ms`: the same on an agent run with `--no-warm-standby`
+//!   (every start spawns a vmm and synthesises), with the agent's own figures for those starts:
+//!   `synthesis_p50_ms` (vmm: checks → vCPUs running) and `spawn_to_health_p50_ms` (vmm spawn
+//!   → `ok health`).
+//! - `stop_p50_ms`: the `DELETE` round trip.
+//! - Starts are [`SETTLE`] apart, so that each is timed on an appliance at rest, not one still
+//!   deleting the previous instance or making the next standby (2 cores).
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -29,34 +35,33 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     }
     let work = target_dir().join("bench/agent-work");
     let p = prepare(&work)?;
-    let mut agent = Agent::start(&p, &work.join("data"), &work.join("agent.log"))?;
-    let addr = agent.addr.clone();
-    let want = format!("ok query i=5 value={}", model_entry(5));
+    let data = work.join("data");
 
+    // Cold: every start spawns a vmm and synthesises.
+    Agent::stage(&p, &data)?;
+    let mut cold_agent = Agent::spawn_with(
+        &p,
+        &data,
+        &work.join("agent-cold.log"),
+        None,
+        None,
+        &["--no-warm-standby"],
+    )?;
     step(&format!(
-        "{runs} starts: POST /v1/instances → first verified reply"
+        "{runs} cold starts (--no-warm-standby): POST /v1/instances → first verified reply"
     ));
-    let (mut total, mut synth, mut health, mut stop) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        let inst = api(
-            &addr,
-            "POST",
-            "/v1/instances",
-            Some(r#"{"service":"model"}"#),
-        )?;
-        let endpoint = inst["endpoint"].as_str().context("no endpoint")?;
-        let mut g = Guest::connect(endpoint)?;
-        g.expect("query 5", &want)?;
-        total.push(t0.elapsed().as_secs_f64() * 1e3);
-        drop(g);
-        synth.push(inst["synthesis_ms"].as_f64().unwrap_or(f64::NAN));
-        health.push(inst["first_reply_ms"].as_f64().unwrap_or(f64::NAN));
-        let id = inst["id"].as_str().context("no id")?;
-        let t = Instant::now();
-        api(&addr, "DELETE", &format!("/v1/instances/{id}"), None)?;
-        stop.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let cold = starts(&cold_agent.addr, runs)?;
+    cold_agent.stop()?;
+
+    // Warm (the default): a start resumes the standby the previous start left.
+    let mut agent = Agent::start(&p, &data, &work.join("agent.log"))?;
+    let addr = agent.addr.clone();
+    step(&format!(
+        "{runs} warm starts (the default): POST /v1/instances → first verified reply"
+    ));
+    // The first start of a service is cold; it leaves the standby the next one takes.
+    starts(&addr, 1)?;
+    let warm = starts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
     let mut resolve = vec![];
@@ -82,17 +87,65 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     agent.stop()?;
 
     let m = |v: &[f64]| median(v).unwrap_or(f64::NAN);
+    let p99 = |v: &[f64]| percentile(v, 99.0).unwrap_or(f64::NAN);
     Ok(vec![
-        ("api_start_to_reply_p50_ms".into(), m(&total)),
-        (
-            "api_start_to_reply_p99_ms".into(),
-            percentile(&total, 99.0).unwrap_or(f64::NAN),
-        ),
-        ("synthesis_p50_ms".into(), m(&synth)),
-        ("spawn_to_health_p50_ms".into(), m(&health)),
-        ("stop_p50_ms".into(), m(&stop)),
+        ("api_start_to_reply_p50_ms".into(), m(&warm.total)),
+        ("api_start_to_reply_p99_ms".into(), p99(&warm.total)),
+        ("warm_resume_to_health_p50_ms".into(), m(&warm.health)),
+        ("api_start_cold_p50_ms".into(), m(&cold.total)),
+        ("api_start_cold_p99_ms".into(), p99(&cold.total)),
+        ("synthesis_p50_ms".into(), m(&cold.synth)),
+        ("spawn_to_health_p50_ms".into(), m(&cold.health)),
+        ("stop_p50_ms".into(), m(&warm.stop)),
         ("agent_idle_rss_mib".into(), rss_kib / 1024.0),
         ("discovery_resolve_ms".into(), m(&resolve)),
         ("discovery_runs".into(), resolve.len() as f64),
     ])
+}
+
+/// The figures of a series of starts.
+#[derive(Default)]
+struct Starts {
+    /// `POST /v1/instances` sent → first verified reply, ms.
+    total: Vec<f64>,
+    /// The agent's `synthesis_ms`.
+    synth: Vec<f64>,
+    /// The agent's `first_reply_ms` (spawn → `ok health`, or resume → `ok health`).
+    health: Vec<f64>,
+    /// `DELETE` round trips, ms.
+    stop: Vec<f64>,
+}
+
+/// How long the appliance rests between starts: a start is timed on an appliance that is
+/// not still busy with the previous one (deleting it, making the next standby).
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// `runs` starts of the demo's service on the agent at `addr`, each checked and deleted.
+fn starts(addr: &str, runs: usize) -> Result<Starts> {
+    let want = format!("ok query i=5 value={}", model_entry(5));
+    let mut s = Starts::default();
+    for _ in 0..runs {
+        std::thread::sleep(SETTLE);
+        let t0 = Instant::now();
+        let inst = api(
+            addr,
+            "POST",
+            "/v1/instances",
+            Some(r#"{"service":"model"}"#),
+        )?;
+        let endpoint = inst["endpoint"].as_str().context("no endpoint")?;
+        let mut g = Guest::connect(endpoint)?;
+        g.expect("query 5", &want)?;
+        s.total.push(t0.elapsed().as_secs_f64() * 1e3);
+        drop(g);
+        s.synth
+            .push(inst["synthesis_ms"].as_f64().unwrap_or(f64::NAN));
+        s.health
+            .push(inst["first_reply_ms"].as_f64().unwrap_or(f64::NAN));
+        let id = inst["id"].as_str().context("no id")?;
+        let t = Instant::now();
+        api(addr, "DELETE", &format!("/v1/instances/{id}"), None)?;
+        s.stop.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(s)
 }
