@@ -10,8 +10,11 @@
 //!
 //! A standby is a `vmm synthesize --paused` whose instance id, directory, control socket and
 //! port forward are already chosen; it is not an instance (not listed, no record) until a start
-//! takes it, but it holds a slot of the board's limits like one. It never ran a guest
-//! instruction, so every instance still starts from the service's own snapshot. Its directory
+//! takes it, but it holds a slot of the board's limits like one. Before it waits it is resumed
+//! for one `health` request and paused again: it is handed out only once its guest answered,
+//! and the guest's first run (its first touches of memory, which cost most under shadow
+//! paging) is off the start's path. Nothing else runs in it, so every instance still starts
+//! from the service's own snapshot but for that one stateless request. Its directory
 //! holds [`PID_FILE`], so that an agent restarted after a crash kills it and removes the
 //! directory: standbys are never re-adopted (one is cheap to make again).
 
