@@ -833,8 +833,10 @@ impl Supervisor {
         None
     }
 
-    /// Resumes the standby `w` (already reserved and recorded as its instance) and awaits
-    /// its first verified reply, counted from the resume.
+    /// Resumes the standby `w` (already reserved and recorded as its instance): Running once
+    /// the vmm says its vCPUs run again, since its guest answered `health` before it was
+    /// paused. The first reply after the resume is still checked, in the background: a guest
+    /// that does not answer within the start timeout is killed and its instance failed.
     async fn resume_standby(
         self: &Arc<Self>,
         w: crate::warm::Standby,
@@ -843,11 +845,10 @@ impl Supervisor {
             rec,
             mut child,
             report,
-            ready,
+            ready: (addr, synthesis_ms),
             ..
         } = w;
         let t0 = Instant::now();
-        let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
         match control_request(&rec.api_sock, &ApiRequest::Resume).await {
             Ok(ApiResponse::Ok) => {}
             other => {
@@ -859,8 +860,47 @@ impl Supervisor {
                 return Err(StartError::Resume(format!("{other:?}"), exit));
             }
         }
-        self.until_healthy(&rec.info.id, child, report, Some(ready), t0, deadline)
-            .await
+        let id = rec.info.id.clone();
+        let rec = self
+            .update(&id, |e| {
+                if e.rec.info.state == State::Starting {
+                    e.rec.info.state = State::Running;
+                }
+                e.rec.info.endpoint = addr.to_string();
+                e.rec.info.synthesis_ms = synthesis_ms;
+            })
+            .ok_or(StartError::Vanished)?;
+        let me = Arc::clone(self);
+        let timeout = self.cfg.start_timeout;
+        let pid = child.id();
+        tokio::spawn(async move {
+            tokio::select! {
+                took = tokio::time::timeout(timeout, first_health(addr, t0)) => match took {
+                    Ok(took) => {
+                        let ms = took.as_secs_f64() * 1e3;
+                        me.update(&id, |e| e.rec.info.first_reply_ms = Some(ms));
+                        me.metrics.start_latency(ms);
+                        tracing::info!(instance = %id, endpoint = %addr, first_reply_ms = ms, synthesis_ms = ?synthesis_ms, warm = true, "instance running");
+                    }
+                    Err(_) => {
+                        let why = format!("its guest did not answer `health` within {timeout:?} after the resume of its warm standby");
+                        tracing::warn!(instance = %id, "{why}; killing it");
+                        me.update(&id, |e| {
+                            e.rec.info.state = State::Failed;
+                            e.rec.info.error = Some(why.clone());
+                        });
+                        if let Some(pid) = pid {
+                            signal(pid, nix::sys::signal::Signal::SIGKILL);
+                        }
+                    }
+                },
+                _ = me.stop_requested(&id) => {}
+            }
+        });
+        let me = Arc::clone(self);
+        let wid = rec.info.id.clone();
+        tokio::spawn(async move { me.watch(wid, child, report).await });
+        Ok(rec)
     }
 
     /// In the background, makes a standby of `service` (overlay `sha256`, on `base`, `mem_mib`
