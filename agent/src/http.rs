@@ -404,6 +404,11 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
                 mem_max as f64,
             ),
             (
+                "cloudlet_warm_standbys",
+                "Services with a warm standby ready (the next start resumes it).",
+                st.sup.standbys().len() as f64,
+            ),
+            (
                 "cloudlet_agent_rss_mib",
                 "Resident memory of the agent, MiB.",
                 rss,

@@ -28,6 +28,10 @@ fn a_second_start_resumes_the_standby_the_first_left() {
     assert!(!first.warm_start, "nothing was warm yet: {first:?}");
     let (standby, pid) = next_standby(&a, &[]);
     assert_ne!(standby, first.id);
+    wait_for(Duration::from_secs(10), "the standby in /metrics", || {
+        let m = c.raw("GET", "/metrics", None, true).unwrap().body;
+        m.contains("cloudlet_warm_standbys 1").then_some(())
+    });
     assert_eq!(
         c.instances().unwrap().len(),
         1,
