@@ -925,6 +925,12 @@ impl Supervisor {
         let me = Arc::clone(self);
         let (service, sha256, base) = (service.to_string(), sha256.to_string(), base.to_string());
         tokio::spawn(async move {
+            if let Err(e) = me.ensure_ram_image(&service, &base).await {
+                tracing::warn!(
+                    service,
+                    "no shared RAM image (instances then apply the overlay each): {e}"
+                );
+            }
             let made = match me.make_standby(&service, &sha256, &base, mem_mib).await {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -938,6 +944,28 @@ impl Supervisor {
             }
             me.warm_made.notify_waiters();
         });
+    }
+
+    /// Runs `vmm ram-image` for `service` on `base`: writes the service's shared RAM image
+    /// (`format::ram_image`) unless the one there is up to date. Instances synthesised
+    /// afterwards map it copy-on-write and share its pages.
+    async fn ensure_ram_image(&self, service: &str, base: &str) -> Result<(), String> {
+        let out = tokio::process::Command::new(&self.cfg.vmm)
+            .arg("ram-image")
+            .arg("--base")
+            .arg(self.store.base_dir(base))
+            .arg("--overlay")
+            .arg(self.store.overlay_path(service))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.cfg.vmm.display()))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        tracing::debug!(service, "{}", String::from_utf8_lossy(&out.stdout).trim());
+        Ok(())
     }
 
     /// Spawns `vmm synthesize --paused` for a future instance of `service` and awaits Ready.

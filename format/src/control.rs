@@ -205,6 +205,8 @@ pub struct SynthesisTimes {
     pub apply_us: u64,
     /// The overlay is filled on first touch.
     pub lazy: bool,
+    /// The service's shared RAM image was mapped (`format::ram_image`): nothing was applied.
+    pub shared: bool,
     /// Overlay chunks.
     pub chunks: u64,
     /// Overlay data, bytes.
@@ -443,6 +445,7 @@ mod tests {
                 map_us: 200,
                 apply_us: 300,
                 lazy: true,
+                shared: false,
                 chunks: 4,
                 data_bytes: 65536,
                 restore_us: 900,
@@ -455,13 +458,13 @@ mod tests {
         let frame = encode(&ready).unwrap();
         #[rustfmt::skip]
         let golden = [
-            30, 0, 0, 0, 1, 0,            // length 30, version 1
+            31, 0, 0, 0, 1, 0,            // length 31, version 1
             0,                            // Report::Ready
             1,                            // Some(SynthesisTimes)
             0xc4, 0x13,                   // total_us 2500 (varint)
             100, 0, 1,                    // check_us, verify_us, verified_before
             0xc8, 0x01,                   // map_us 200
-            0xac, 0x02, 1,                // apply_us 300, lazy
+            0xac, 0x02, 1, 0,             // apply_us 300, lazy, shared
             4, 0x80, 0x80, 0x04,          // chunks, data_bytes 65536
             0x84, 0x07,                   // restore_us 900
             1,                            // one forward

@@ -11,6 +11,8 @@
 //!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
+//! - [`ram_image`]: a service's RAM image (base + overlay, made once, shared copy-on-write by
+//!   its instances) and the id saying what it was made from;
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -24,6 +26,7 @@ pub mod disk_delta;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;
+pub mod ram_image;
 pub mod sources;
 pub mod state;
 
@@ -39,6 +42,13 @@ pub(crate) fn le_u64(b: &[u8], at: std::ops::Range<usize>) -> u64 {
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[at]);
     u64::from_le_bytes(v)
+}
+
+/// The little-endian `u16` at `at` (2 bytes) of `b`; callers check lengths first.
+pub(crate) fn le_u16(b: &[u8], at: std::ops::Range<usize>) -> u16 {
+    let mut v = [0u8; 2];
+    v.copy_from_slice(&b[at]);
+    u16::from_le_bytes(v)
 }
 
 /// The little-endian `u32` at `at` (4 bytes) of `b`; callers check lengths first.

@@ -402,3 +402,168 @@ fn powers_off_on_the_virtio_console(mut vm: Vmm) {
         "{fin:?}"
     );
 }
+
+/// A copy of the shared overlay in `s` (its RAM image files then stay in `s` too).
+fn overlay_copy(s: &Scratch, name: &str) -> PathBuf {
+    let p = s.path(name);
+    std::fs::copy(&images().overlay, &p).unwrap();
+    p
+}
+
+/// `vmm ram-image` for `overlay`; returns its stdout.
+fn ram_image(overlay: &Path) -> String {
+    let fin = run_vmm(
+        [
+            "ram-image",
+            "--base",
+            arg(&images().base),
+            "--overlay",
+            arg(overlay),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    fin.stdout.join("\n")
+}
+
+/// Whether a `synthesize -v` of `overlay` mapped its shared RAM image, and the guest answers.
+fn synthesised_shared(overlay: &Path) -> bool {
+    let mut vm = Vmm::spawn(synth_args(&images().base, overlay, &["-v"]));
+    check_queries(&mut vm, &[5, 2_097_151]);
+    vm.send("poweroff\n");
+    let fin = vm.finish(T);
+    assert_eq!(fin.code(), 0, "{}", fin.stderr);
+    assert!(fin.stderr.contains("synthesised in"), "{}", fin.stderr);
+    fin.stderr.contains("map shared RAM image")
+}
+
+/// `vmm ram-image` writes the service's RAM image once; every synthesis of that base and
+/// overlay then maps it: the synthesised RAM is byte-identical to the customised VM's, the
+/// instances share the image's pages (the δ included) and not each other's writes, and the
+/// image is never written.
+#[test]
+fn instances_of_a_service_share_its_ram_image() {
+    let img = images();
+    let s = Scratch::new("synth-ram-image");
+    let overlay = overlay_copy(&s, "model.overlay");
+    let out = ram_image(&overlay);
+    assert!(out.contains("MiB of data, written in"), "{out}");
+    let image = format::ram_image::image_path(&overlay);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 128 << 20);
+    assert!(ram_image(&overlay).contains("is up to date"));
+    let image_digest = file_digest(&image);
+
+    // Paused: its memory is the customised VM's, page for page.
+    let sock = s.path("vm.sock");
+    let sock_arg = sock.display().to_string();
+    let mut vm = Vmm::spawn(synth_args(
+        &img.base,
+        &overlay,
+        &["-v", "--paused", "--api-sock", &sock_arg],
+    ));
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let snap = s.path("snap");
+    vmm_snapshot(&sock_arg, &snap, false, T);
+    assert_eq!(
+        file_digest(&snap.join(MEMORY)),
+        file_digest(&img.custom.join(MEMORY)),
+        "synthesised RAM equals the customised VM's RAM"
+    );
+    vm.send("poweroff\n");
+    let fin = vm.finish(T);
+    assert!(
+        fin.stderr.contains("map shared RAM image"),
+        "{}",
+        fin.stderr
+    );
+
+    let mut a = Vmm::spawn(synth_args(&img.base, &overlay, &[]));
+    let mut b = Vmm::spawn(synth_args(&img.base, &overlay, &[]));
+    check_queries(&mut a, &[5, 1_048_576, 2_097_151]);
+    check_queries(&mut b, &[5, 1_048_576, 2_097_151]);
+    a.send("load 1\nquery 200000\n");
+    assert!(a
+        .expect_line(T, |l| l.starts_with("err") || l.starts_with("ok query"))
+        .starts_with("err"));
+    check_queries(&mut b, &[200_000]);
+    // The 16 MiB model the queries read is δ: both read it from the image's page cache.
+    let (sa, _) = mapping_of(a.pid(), &image);
+    let (sb, _) = mapping_of(b.pid(), &image);
+    assert!(
+        sa > 8 << 10 && sb > 8 << 10,
+        "δ pages shared: a {sa} KiB, b {sb} KiB"
+    );
+    a.send("poweroff\n");
+    b.send("poweroff\n");
+    assert_eq!(a.finish(T).code(), 0);
+    assert_eq!(b.finish(T).code(), 0);
+    assert_eq!(
+        file_digest(&image),
+        image_digest,
+        "the image is never written"
+    );
+}
+
+/// An image that does not match the overlay file as it is now (rewritten), or whose id is
+/// damaged, or which is cut short, is never mapped: synthesis applies the overlay as usual.
+/// A damaged overlay writes no image.
+#[test]
+fn a_stale_or_damaged_ram_image_is_never_used() {
+    let s = Scratch::new("synth-ram-stale");
+    let overlay = overlay_copy(&s, "model.overlay");
+    ram_image(&overlay);
+    assert!(synthesised_shared(&overlay));
+
+    // The same bytes in a new file: another identity.
+    let bytes = std::fs::read(&overlay).unwrap();
+    let tmp = s.write("rewritten", &bytes);
+    std::fs::rename(&tmp, &overlay).unwrap();
+    assert!(
+        !synthesised_shared(&overlay),
+        "a rewritten overlay voids its image"
+    );
+    assert!(ram_image(&overlay).contains("written in"));
+    assert!(synthesised_shared(&overlay));
+
+    let id = format::ram_image::id_path(&overlay);
+    let good = std::fs::read(&id).unwrap();
+    let mut bad = good.clone();
+    bad[40] ^= 1;
+    std::fs::write(&id, &bad).unwrap();
+    assert!(!synthesised_shared(&overlay), "a damaged id is ignored");
+    std::fs::write(&id, &good).unwrap();
+
+    let image = format::ram_image::image_path(&overlay);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    assert!(!synthesised_shared(&overlay), "a short image is ignored");
+
+    let mut chunk = bytes.clone();
+    chunk[200] ^= 1;
+    let damaged = s.write("damaged.overlay", &chunk);
+    let fin = run_vmm(
+        [
+            "ram-image",
+            "--base",
+            arg(&images().base),
+            "--overlay",
+            arg(&damaged),
+        ],
+        T,
+    );
+    assert_eq!(fin.code(), 1, "{fin:?}");
+    assert!(
+        fin.stderr.contains("failed to write the RAM image")
+            && fin.stderr.contains("checksum mismatch"),
+        "{}",
+        fin.stderr
+    );
+    assert!(!format::ram_image::image_path(&damaged).exists());
+    assert!(!format::ram_image::id_path(&damaged).exists());
+}

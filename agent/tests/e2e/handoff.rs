@@ -274,6 +274,10 @@ fn handoff_of_a_running_vm() {
 
     let (calls, moved) = hand_off_under_load(&a, &b);
     const { assert!(KEYS + 4 < TABLE_ENTRIES) };
+    // The refused handoff's start left a warm standby, on the service's shared RAM image:
+    // that is what moved (its δ against the base includes pages it never wrote).
+    assert!(moved.warm_start, "{moved:?}");
+    assert!(a.data.join("services/model/app.overlay.ram.id").exists());
     let h = moved.handoff.unwrap();
     assert!(h.round >= 1, "{h:?}");
     // The guest's own state came along: the model and the table outside what was written.

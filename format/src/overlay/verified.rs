@@ -54,8 +54,9 @@ impl Overlay {
         PathBuf::from(p)
     }
 
-    /// What identifies this file's current content (see the module doc).
-    fn identity(&self) -> Option<[u8; RECORD_LEN]> {
+    /// What identifies this file's current content (see the module doc); `None` for an
+    /// overlay read from memory.
+    pub fn identity(&self) -> Option<[u8; RECORD_LEN]> {
         let Body::File { file, map } = &self.body else {
             return None;
         };

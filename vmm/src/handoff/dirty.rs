@@ -376,9 +376,25 @@ pub fn read_page(mem: &GuestMemoryMmap, p: u64, buf: &mut [u8]) -> bool {
 }
 
 /// The VM's pages that differ from the base whose memory file is `base`: each with its class
-/// (never [`PageClass::Base`]), ascending.
-pub fn base_delta(mem: &GuestMemoryMmap, base: &File) -> Result<Vec<(u64, PageClass)>, DirtyError> {
-    let candidates = delta_candidates(mem)?;
+/// (never [`PageClass::Base`]), ascending. When guest RAM maps another file privately
+/// (`image`: a shared RAM image, base and overlay in one), its unwritten pages are candidates
+/// too wherever that file or the base holds data.
+pub fn base_delta(
+    mem: &GuestMemoryMmap,
+    base: &File,
+    image: Option<&File>,
+) -> Result<Vec<(u64, PageClass)>, DirtyError> {
+    let mut candidates = delta_candidates(mem)?;
+    if let Some(image) = image {
+        let len = mem_pages(mem) * PAGE as u64;
+        for f in [image, base] {
+            for (start, end) in data_extents(f, len) {
+                for p in start / PAGE as u64..end.div_ceil(PAGE as u64) {
+                    candidates.insert(p);
+                }
+            }
+        }
+    }
     let (mut page, mut theirs) = (vec![0u8; PAGE], vec![0u8; PAGE]);
     let mut out = Vec::new();
     for p in candidates.iter() {
@@ -624,8 +640,40 @@ mod tests {
         mem.write_slice(&[7u8; 5], GuestAddress(5 * PAGE as u64))
             .unwrap(); // same as base
         let base = File::open(&image).unwrap();
-        let d = base_delta(&mem, &base).unwrap();
+        let d = base_delta(&mem, &base, None).unwrap();
         assert_eq!(d, [(2, PageClass::Data), (9, PageClass::Zero)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Guest RAM mapped from a RAM image (base and overlay in one): pages the guest never
+    /// wrote still differ from the base where the image does, a page the image zeroed
+    /// included.
+    #[test]
+    fn base_delta_of_a_ram_image_includes_its_unwritten_differences() {
+        let dir = std::env::temp_dir().join(format!("vmm-dirty-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base_p, image_p) = (dir.join("memory"), dir.join("app.overlay.ram"));
+        let mut base = vec![0u8; 4 << 20];
+        base[5 * PAGE..6 * PAGE].fill(7);
+        base[9 * PAGE..10 * PAGE].fill(3);
+        let mut image = base.clone();
+        image[12 * PAGE..13 * PAGE].fill(4); // overlay data
+        image[9 * PAGE..10 * PAGE].fill(0); // the overlay zeroed a base page
+        std::fs::write(&base_p, &base).unwrap();
+        std::fs::write(&image_p, &image).unwrap();
+        let mem = memory::map_image(&image_p, 4).unwrap();
+        mem.write_slice(&[1, 2, 3], GuestAddress(2 * PAGE as u64))
+            .unwrap();
+        let (b, i) = (File::open(&base_p).unwrap(), File::open(&image_p).unwrap());
+        let d = base_delta(&mem, &b, Some(&i)).unwrap();
+        assert_eq!(
+            d,
+            [
+                (2, PageClass::Data),
+                (9, PageClass::Zero),
+                (12, PageClass::Data)
+            ]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -45,6 +45,9 @@ pub struct HandoffBase {
     pub memory: PathBuf,
     /// Its content id.
     pub id: [u8; 32],
+    /// The file guest RAM maps privately when it is not the base's memory (a service's shared
+    /// RAM image, `format::ram_image`): its unwritten pages may differ from the base.
+    pub image: Option<PathBuf>,
 }
 
 impl HandoffLink {

@@ -346,6 +346,7 @@ impl Session<'_> {
                     base: crate::handoff::link::HandoffBase {
                         memory: self.cfg.base.join(base::MEMORY),
                         id: self.manifest.id_bytes(),
+                        image: None,
                     },
                     completed,
                 };

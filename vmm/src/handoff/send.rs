@@ -464,7 +464,11 @@ impl Session {
 
         // Round 0: the δ against the base, and the disk δ.
         ops.progress(HandoffPhase::Delta, 0, self.bytes(), 0, 0.0);
-        let delta = dirty::base_delta(&src.mem, &base)?;
+        let image = match &src.base.image {
+            Some(p) => Some(File::open(p).map_err(|e| SendError::Read("the RAM image", e))?),
+            None => None,
+        };
+        let delta = dirty::base_delta(&src.mem, &base, image.as_ref())?;
         let mut pages = PageSender::new(dirty::mem_pages(&src.mem), base_index);
         let pipe = self.pipe.as_mut().expect("started above");
         pages.send_classified(&src.mem, delta, pipe)?;

@@ -6,12 +6,15 @@
 //! applied straight into guest memory, up front ([`eager`]: chunks decompressed on all cores,
 //! each checked by its CRC first) or on first touch ([`lazy`], through [`uffd`]). The builder
 //! then makes the VM, restores vCPUs and devices from the overlay's machine state, lets a lazy
-//! fill start ([`Synthesis::start_fill`]: every chunk checked) and starts the vCPUs. Any failure
+//! fill start ([`Synthesis::start_fill`]: every chunk checked) and starts the vCPUs. When the
+//! service's RAM image was written before ([`shared`]), it is mapped instead of the base and
+//! nothing is applied: instances of one service share its pages. Any failure
 //! happens before a vCPU runs, and the base files are never written (private mapping).
 
 pub mod check;
 pub mod eager;
 pub mod lazy;
+pub mod shared;
 pub mod uffd;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +65,8 @@ pub struct Timings {
     pub verify: Duration,
     /// The overlay is applied lazily.
     pub lazy: bool,
+    /// The service's shared RAM image was mapped ([`shared`]): nothing was applied.
+    pub shared: bool,
     /// A full checksum pass over this unchanged overlay file was recorded before, so none
     /// was made up front.
     pub verified_before: bool,
@@ -88,6 +93,8 @@ pub struct Synthesis {
     checked: Checked,
     lazy: Option<LazyPlan>,
     timings: Timings,
+    /// The shared RAM image guest memory maps, when it does.
+    image: Option<PathBuf>,
 }
 
 /// Checks `base` and `overlay`, opens KVM at `kvm_path`, maps the base's RAM and applies the
@@ -106,6 +113,26 @@ pub fn prepare(
     let checked = check::check(base, overlay)?;
     timings.check = t0.elapsed();
     let kvm = KvmContext::open(kvm_path)?;
+    if let Some(image) = shared::find(overlay, &checked) {
+        let t = Instant::now();
+        let memory = crate::vstate::memory::map_image(&image, checked.manifest.mem_mib)
+            .map_err(EagerError::from)?;
+        crate::vstate::memory::prefault_image(&image, &memory, &[]);
+        timings.map = t.elapsed();
+        timings.shared = true;
+        timings.verified_before = true;
+        return Ok(Prepared {
+            kvm,
+            memory,
+            synthesis: Synthesis {
+                base: base.to_owned(),
+                checked,
+                lazy: None,
+                timings,
+                image: Some(image),
+            },
+        });
+    }
     let planned = if lazy {
         LazyPlan::new(base, &checked)?
     } else {
@@ -137,6 +164,7 @@ pub fn prepare(
             checked,
             lazy,
             timings,
+            image: None,
         },
     })
 }
@@ -152,6 +180,7 @@ impl Synthesis {
         crate::handoff::link::HandoffBase {
             memory: self.base.join(format::base::MEMORY),
             id: self.checked.manifest.id_bytes(),
+            image: self.image.clone(),
         }
     }
 
