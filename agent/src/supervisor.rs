@@ -175,6 +175,10 @@ pub struct Instance {
     /// The appliance it was handed off from (its id), when it arrived by handoff.
     #[serde(default)]
     pub received_from: Option<String>,
+    /// Who started it ("operator", "device:<id>"); a device sees and manages only its own.
+    /// None for instances received by handoff (the operator's).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// A handoff as the source shows it.
@@ -719,11 +723,17 @@ impl Supervisor {
         }
     }
 
-    /// Synthesises an instance of `service` and waits for its first verified reply.
-    pub async fn start(self: &Arc<Self>, service: &str) -> Result<InstanceRecord, SupervisorError> {
+    /// Synthesises an instance of `service` for principal `owner` and waits for its first
+    /// verified reply.
+    pub async fn start(
+        self: &Arc<Self>,
+        service: &str,
+        owner: &str,
+    ) -> Result<InstanceRecord, SupervisorError> {
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
-        let rec = self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?;
+        let mut rec = self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?;
+        rec.info.owner = Some(owner.into());
         let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
         self.reserve(&rec, &svc.name)?;
@@ -811,6 +821,7 @@ impl Supervisor {
                 handoff: None,
                 moved_to: None,
                 received_from: None,
+                owner: None,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -1493,7 +1504,13 @@ pub(crate) mod tests {
 
     /// Puts a running instance whose "vmm" is this test process into the table.
     pub(crate) fn running(sup: &Supervisor) -> String {
+        running_for(sup, "operator")
+    }
+
+    /// As [`running`], started by principal `owner`.
+    pub(crate) fn running_for(sup: &Supervisor, owner: &str) -> String {
         let mut rec = sup.new_record("model", "micro", 1, State::Running).unwrap();
+        rec.info.owner = Some(owner.into());
         rec.info.pid = Some(std::process::id());
         rec.info.endpoint = "127.0.0.1:1".into();
         sup.reserve(&rec, "model").unwrap();
