@@ -28,8 +28,19 @@ use serde_json::Value;
 
 use crate::util::{cargo, run, step, target_dir};
 
-/// The dev board's token.
-pub const TOKEN: &str = "cloudlet-dev-token";
+/// The operator token the demo's agents are given (in their environment, never on a
+/// command line): random per run, the same for every agent, so a client following a moved
+/// instance is accepted by the target too.
+pub fn token() -> &'static str {
+    static T: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .expect("random bytes from /dev/urandom");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    })
+}
 /// Entries in the demo's disk table.
 pub const TABLE_ENTRIES: u64 = 5000;
 
@@ -142,6 +153,7 @@ impl Agent {
             None => cmd.args(["--board", "dev"]),
         };
         let child = cmd
+            .env("CLOUDLET_TOKEN", token())
             .args(["--stop-on-exit", "--data-dir"])
             .arg(data)
             .stdin(Stdio::null())
@@ -218,11 +230,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_nodelay(true)?;
     let body = body.unwrap_or("");
-    let auth = if method == "GET" {
-        String::new()
-    } else {
-        format!("Authorization: Bearer {TOKEN}\r\n")
-    };
+    let auth = format!("Authorization: Bearer {}\r\n", token());
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
