@@ -383,7 +383,7 @@ impl From<HandoffError> for ApiError {
             HandoffError::NotPeer(..) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
-                "trust each other first: `agent add-peer ID --secret S` on both appliances (each with the other's id, the same secret)",
+                "trust each other first: `agent add-peer ID --secret-file FILE` on both appliances (each with the other's id, the same secret)",
             ),
             ref r if r.target_status() == Some(503) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -621,10 +621,23 @@ pub fn demo() -> Result<()> {
         dev.replace(listen, &format!("listen = [\"{}\"]", site.there)),
     )?;
     // Each trusts the other for handoffs (a shared secret per pair of appliances).
-    let secret = format!("demo-secret-{}-{}", agent.id, id_b);
+    // The secret goes in a file only its owner may read, never on a command line.
+    let secret_file = work.join("peer.secret");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&secret_file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_file)?;
+        writeln!(f, "demo-secret-{}-{}", agent.id, id_b)?;
+    }
     for (data, other) in [(&work.join("data"), &id_b), (&data_b, &agent.id)] {
         run(Command::new(p.bin.join("agent"))
-            .args(["add-peer", other, "--secret", &secret, "--data-dir"])
+            .args(["add-peer", other, "--secret-file"])
+            .arg(&secret_file)
+            .arg("--data-dir")
             .arg(data)
             .stdout(Stdio::null()))?;
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use agent::auth::{random_secret, PeerStore, TOKEN_ENV};
+use agent::auth::{random_secret, read_secret_file, PeerStore, TOKEN_ENV};
 use agent::board::Board;
 use agent::daemon::{default_vmm, Options};
 use agent::devices::DeviceStore;
@@ -94,16 +94,17 @@ enum Cmd {
     },
     /// Trust appliance ID (12 hex digits, its `GET /v1/system` id) for VM handoff, in both
     /// directions, with a shared secret: run it on both appliances, each with the other's
-    /// id and the same secret. Without --secret a new one is made and printed.
+    /// id and the same secret. Without --secret-file a new one is made and printed.
     AddPeer {
         /// The other appliance's id.
         id: String,
         /// A name for people.
         #[arg(long, default_value = "")]
         name: String,
-        /// The shared secret (at least 16 characters); made when absent.
+        /// A file (mode 0600) holding the shared secret (at least 16 characters); a secret
+        /// is made when absent. Never on the command line itself.
         #[arg(long)]
-        secret: Option<String>,
+        secret_file: Option<PathBuf>,
     },
     /// List the paired devices (from DATA/devices.json).
     Devices,
@@ -240,22 +241,32 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Some(Cmd::AddPeer { id, name, secret }) => {
+        Some(Cmd::AddPeer {
+            id,
+            name,
+            secret_file,
+        }) => {
             let s = store()?;
-            let secret = match secret {
-                Some(s) => s,
+            let made = secret_file.is_none();
+            let secret = match &secret_file {
+                Some(f) => read_secret_file(f)?,
                 None => random_secret()?,
             };
             let p = PeerStore::in_dir(s.root()).add(&id, &name, &secret)?;
             println!(
-                "appliance {} ({}) is trusted for handoff; this appliance is {}. On {}, run:\n  agent add-peer {} --secret {}",
+                "appliance {} ({}) is trusted for handoff; this appliance is {}.",
                 p.id,
                 if p.name.is_empty() { "-" } else { &p.name },
                 s.id(),
-                p.id,
-                s.id(),
-                p.secret
             );
+            if made {
+                println!(
+                    "The shared secret: {}\nOn {}, put it in a file only its owner may read (chmod 600 FILE) and run:\n  agent add-peer {} --secret-file FILE",
+                    p.secret,
+                    p.id,
+                    s.id()
+                );
+            }
             Ok(())
         }
         Some(Cmd::Devices) => {

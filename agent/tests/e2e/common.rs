@@ -323,9 +323,20 @@ impl AgentProc {
             .to_string()
     }
 
-    /// Trusts `other` for handoff with `secret` (`agent add-peer`; the agent reads it at once).
+    /// Trusts `other` for handoff with `secret` (`agent add-peer`, the secret in a private
+    /// file; the agent reads the store at once).
     pub fn trust(&self, other: &AgentProc, secret: &str) {
-        run_agent_cmd(&["add-peer", &other.id(), "--secret", secret], &self.data);
+        let f = self.dir.path("peer.secret");
+        agent::auth::write_private(&f, secret.as_bytes()).unwrap();
+        run_agent_cmd(
+            &[
+                "add-peer",
+                &other.id(),
+                "--secret-file",
+                f.to_str().unwrap(),
+            ],
+            &self.data,
+        );
     }
 
     /// Instance records in the data directory, and whether anything else is under
