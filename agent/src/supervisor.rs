@@ -1173,7 +1173,9 @@ impl Supervisor {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
-            .kill_on_drop(false);
+            .kill_on_drop(false)
+            // The operator token stays with the agent.
+            .env_remove(crate::auth::TOKEN_ENV);
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
