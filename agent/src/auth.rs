@@ -1,18 +1,22 @@
-//! Authentication of mutating API requests.
+//! Authentication of API requests.
 //!
-//! A request presents `Authorization: Bearer <secret>`; a [`CredentialStore`] says which
-//! principal (if any) the secret belongs to, and with which [`Role`]. The stores today:
+//! A request presents `Authorization: Bearer <secret>` (the scheme in any case); a
+//! [`CredentialStore`] says which principal (if any) the secret belongs to, and with which
+//! [`Role`]. The stores today:
 //!
-//! - [`TokenStore`]: the one token of the board config (role [`Role::Operator`]);
+//! - [`TokenStore`]: the operator's token (role [`Role::Operator`]), which comes from the
+//!   environment ([`TOKEN_ENV`]) or a file only the owner may read, never from the command
+//!   line or the board file: see [`operator_token`];
+//! - [`crate::devices::DeviceStore`]: one credential per paired device (`DATA/devices.json`,
+//!   salted hashes only, with expiry and revocation; role [`Role::Device`]);
 //! - [`PeerStore`]: the appliances this one trusts for VM handoff (`DATA/peers.json`, role
 //!   [`Role::Peer`]): one shared secret per trusted appliance, the same on both sides. The
 //!   source presents it to the target's `POST /v1/handoff/incoming`; the target accepts an
 //!   incoming handoff only with it. A peer secret opens the handoff routes and nothing else,
 //!   and the operator token does not open them.
 //!
-//! USB pairing will add a store of per-device credentials (issued to a phone, revocable one
-//! by one, role [`Role::Device`]) behind the same trait, and write peers the same way;
-//! [`Credentials`] chains several stores.
+//! [`Credentials`] chains several stores. What each role may do on which route is the
+//! router's business (`crate::http`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,9 +26,9 @@ use serde::{Deserialize, Serialize};
 /// What a principal may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// The appliance's operator (the board token): every client route.
+    /// The appliance's operator: every route but the handoff routes between appliances.
     Operator,
-    /// A paired device: every client route.
+    /// A paired device: the catalogue, its own instances and the app store.
     Device,
     /// A trusted appliance: the handoff routes only.
     Peer,
@@ -53,7 +57,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A single token (the board config's operator token).
+/// A single token (the operator's).
 pub struct TokenStore {
     token: String,
     principal: String,
@@ -85,9 +89,15 @@ impl CredentialStore for TokenStore {
     }
 }
 
-/// Errors of the peer store.
+/// Errors of the peer store and of reading secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// A secret file others than its owner may read.
+    #[error("{0} may be read by group or others (mode {1:o}): a secret file must be the owner's alone; run `chmod 600 {0}`")]
+    OpenFile(PathBuf, u32),
+    /// A secret too short, or with whitespace inside.
+    #[error("the operator token from {0} is not usable: it needs at least {MIN_OPERATOR_TOKEN} characters and no whitespace")]
+    WeakToken(String),
     /// `peers.json` cannot be read or written.
     #[error("cannot {0} {1}")]
     Io(&'static str, PathBuf, #[source] std::io::Error),
@@ -139,14 +149,127 @@ fn check_id(id: &str) -> Result<(), AuthError> {
     }
 }
 
-/// A fresh random secret: 32 bytes from the kernel, hex (64 characters).
+/// A fresh random secret: 32 bytes (256 bits) from the kernel, hex (64 characters).
 pub fn random_secret() -> Result<String, AuthError> {
+    random_hex(32)
+}
+
+/// `n` random bytes from the kernel, hex.
+pub fn random_hex(n: usize) -> Result<String, AuthError> {
     use std::io::Read;
-    let mut b = [0u8; 32];
+    let mut b = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(AuthError::Random)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The environment variable holding the operator's token: for the agent, the operator token
+/// it accepts; for the `cloudlet` client, the credential it presents.
+pub const TOKEN_ENV: &str = "CLOUDLET_TOKEN";
+/// File name of the operator token the agent makes in its data directory on first start.
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+/// Shortest operator token accepted.
+pub const MIN_OPERATOR_TOKEN: usize = 16;
+
+/// Where the operator token came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The environment variable [`TOKEN_ENV`].
+    Env,
+    /// A file that existed.
+    File(PathBuf),
+    /// A file made now (mode 0600) in the data directory.
+    Created(PathBuf),
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Env => write!(f, "the environment variable {TOKEN_ENV}"),
+            TokenSource::File(p) => write!(f, "{}", p.display()),
+            TokenSource::Created(p) => write!(f, "{} (made now, mode 0600)", p.display()),
+        }
+    }
+}
+
+fn check_token(t: &str, from: &dyn std::fmt::Display) -> Result<(), AuthError> {
+    if t.len() < MIN_OPERATOR_TOKEN || t.chars().any(char::is_whitespace) {
+        return Err(AuthError::WeakToken(from.to_string()));
+    }
+    Ok(())
+}
+
+/// Reads a secret from `path`: refuses a file group or others may read, trims the
+/// surrounding whitespace (a trailing newline), and needs [`MIN_OPERATOR_TOKEN`] characters.
+pub fn read_secret_file(path: &Path) -> Result<String, AuthError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| AuthError::Io("read", path.into(), e))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(AuthError::OpenFile(path.into(), mode));
+    }
+    let t = std::fs::read_to_string(path).map_err(|e| AuthError::Io("read", path.into(), e))?;
+    let t = t.trim().to_string();
+    check_token(&t, &path.display())?;
+    Ok(t)
+}
+
+/// Writes `contents` to `path` through a temporary file made with mode 0600, then renames
+/// it into place (readers see the old file or the new one, never a part).
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// The agent's operator token: `env` (the value of [`TOKEN_ENV`]) when set, else the file
+/// `file` (`--token-file`), else `DATA/operator.token`, made with a fresh random token (mode
+/// 0600) when missing. Files group or others may read are refused.
+pub fn operator_token(
+    env: Option<String>,
+    file: Option<&Path>,
+    data: &Path,
+) -> Result<(String, TokenSource), AuthError> {
+    if let Some(t) = env.filter(|t| !t.is_empty()) {
+        let t = t.trim().to_string();
+        check_token(&t, &format_args!("{TOKEN_ENV}"))?;
+        return Ok((t, TokenSource::Env));
+    }
+    if let Some(f) = file {
+        return Ok((read_secret_file(f)?, TokenSource::File(f.into())));
+    }
+    let path = data.join(OPERATOR_TOKEN_FILE);
+    if path.exists() {
+        return Ok((read_secret_file(&path)?, TokenSource::File(path)));
+    }
+    let t = random_secret()?;
+    write_private(&path, format!("{t}\n").as_bytes())
+        .map_err(|e| AuthError::Io("write", path.clone(), e))?;
+    Ok((t, TokenSource::Created(path)))
+}
+
+/// A client's credential: `env` (the value of [`TOKEN_ENV`]) when set, else the file
+/// `file`; `None` when neither is given.
+pub fn client_token(env: Option<String>, file: Option<&Path>) -> Result<Option<String>, AuthError> {
+    if let Some(t) = env.filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(t.trim().to_string()));
+    }
+    file.map(read_secret_file).transpose()
 }
 
 impl PeerStore {
@@ -185,10 +308,8 @@ impl PeerStore {
             secret: secret.into(),
         };
         v.push(p.clone());
-        let tmp = self.path.with_extension("json.tmp");
         let json = serde_json::to_string_pretty(&v).expect("peers serialise") + "\n";
-        std::fs::write(&tmp, json)
-            .and_then(|_| std::fs::rename(&tmp, &self.path))
+        write_private(&self.path, json.as_bytes())
             .map_err(|e| AuthError::Io("write", self.path.clone(), e))?;
         Ok(p)
     }
@@ -230,13 +351,14 @@ impl Credentials {
         self
     }
 
-    /// Checks an `Authorization` header value (`Bearer <secret>`).
+    /// Checks an `Authorization` header value (`Bearer <secret>`, the scheme in any case).
     pub fn check_header(&self, header: Option<&str>) -> Result<Principal, &'static str> {
-        let h = header.ok_or("missing Authorization header")?;
-        let secret = h
-            .strip_prefix("Bearer ")
-            .ok_or("Authorization is not a Bearer credential")?
-            .trim();
+        let h = header.ok_or("missing Authorization header")?.trim_start();
+        let (scheme, rest) = h.split_once([' ', '\t']).unwrap_or((h, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err("Authorization is not a Bearer credential");
+        }
+        let secret = rest.trim();
         if secret.is_empty() {
             return Err("the bearer token is not valid here");
         }
@@ -340,6 +462,92 @@ mod tests {
         // A damaged file trusts nobody.
         std::fs::write(d.join(PEERS_FILE), b"{").unwrap();
         assert!(c.check_header(Some("Bearer xxxxxxxxxxxxxxxxxxxx")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let c = Credentials::default().with(Arc::new(TokenStore::new("secret-1", "operator")));
+        for h in [
+            "bearer secret-1",
+            "BEARER secret-1",
+            "Bearer  secret-1",
+            "bEaReR\tsecret-1",
+        ] {
+            assert_eq!(c.check_header(Some(h)).unwrap().name, "operator", "{h}");
+        }
+        for h in [
+            "Bearersecret-1",
+            "bearer",
+            "Bearer secret-2",
+            "Token secret-1",
+        ] {
+            assert!(c.check_header(Some(h)).is_err(), "{h}");
+        }
+    }
+
+    #[test]
+    fn the_operator_token_comes_from_the_environment_or_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("agent-optoken-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+        // First start: made in the data directory, random, the owner's alone; then reused.
+        let (t, from) = operator_token(None, None, &d).unwrap();
+        let made = d.join(OPERATOR_TOKEN_FILE);
+        assert_eq!(from, TokenSource::Created(made.clone()));
+        assert_eq!(t.len(), 64);
+        assert_eq!(mode(&made), 0o600);
+        let (again, from) = operator_token(None, None, &d).unwrap();
+        assert_eq!(
+            (again.as_str(), from),
+            (t.as_str(), TokenSource::File(made.clone()))
+        );
+
+        // The environment wins; a named file comes next.
+        let env = "e".repeat(20);
+        assert_eq!(
+            operator_token(Some(env.clone()), Some(&made), &d).unwrap(),
+            (env.clone(), TokenSource::Env)
+        );
+        let f = d.join("my.token");
+        std::fs::write(&f, "f-token-0123456789\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            operator_token(None, Some(&f), &d).unwrap().0,
+            "f-token-0123456789"
+        );
+        assert_eq!(
+            client_token(None, Some(&f)).unwrap().as_deref(),
+            Some("f-token-0123456789")
+        );
+        assert_eq!(
+            client_token(Some(env.clone()), Some(&f)).unwrap(),
+            Some(env)
+        );
+        assert_eq!(client_token(None, None).unwrap(), None);
+
+        // A file group or others may read is refused, saying what to do; so is a weak token.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = operator_token(None, Some(&f), &d).unwrap_err().to_string();
+        assert!(
+            e.contains("group or others") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(matches!(
+            operator_token(None, None, &d),
+            Err(AuthError::OpenFile(..))
+        ));
+        assert!(matches!(
+            operator_token(Some("short".into()), None, &d),
+            Err(AuthError::WeakToken(_))
+        ));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&f, "has space inside-0123\n").unwrap();
+        assert!(matches!(read_secret_file(&f), Err(AuthError::WeakToken(_))));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -15,13 +15,16 @@
 //! [api]
 //! listen = ["127.0.0.1"]            # IP addresses (API and instance ports)
 //! port = 0                          # 0 = any free port
-//! token = "…"                       # bearer token for mutating requests (≥ 8 characters)
 //! max_upload_mib = 256              # largest overlay upload (1..=65536)
 //! [discovery]
 //! enabled = true
 //! [storage]
 //! data_dir = "target/agent-dev"     # relative: to the file's directory (cwd when embedded)
 //! ```
+//!
+//! The file holds no secret: the operator token is `DATA/operator.token` or the environment
+//! (see [`crate::auth::operator_token`]); a file that still has `api.token` is refused with
+//! an error saying so.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -86,8 +89,10 @@ pub struct RawApi {
     pub listen: Vec<String>,
     /// Port (0 = pick).
     pub port: u16,
-    /// Bearer token.
-    pub token: String,
+    /// No longer accepted (the board file holds no secret): present only to say where the
+    /// token goes now.
+    #[serde(default)]
+    pub token: Option<toml::Value>,
     /// Largest upload, MiB.
     #[serde(default = "default_upload")]
     pub max_upload_mib: u64,
@@ -147,8 +152,6 @@ pub struct Board {
     pub listen: Vec<IpAddr>,
     /// API port (0 = pick a free one).
     pub port: u16,
-    /// Bearer token for mutating requests.
-    pub token: String,
     /// Largest overlay upload, bytes.
     pub max_upload_bytes: u64,
     /// Announce over mDNS.
@@ -293,10 +296,14 @@ impl Board {
             })?;
             listen.push(ip);
         }
-        if raw.api.token.trim().len() < 8 || raw.api.token.chars().any(char::is_whitespace) {
+        if raw.api.token.is_some() {
             return Err(invalid(
                 "api.token",
-                "a token needs at least 8 characters and no whitespace".into(),
+                format!(
+                    "the board file holds no secret any more: remove this line. The operator token is DATA_DIR/{} (made on first start, mode 0600), or the environment variable {}, or a file named by `agent --token-file FILE` (mode 0600)",
+                    crate::auth::OPERATOR_TOKEN_FILE,
+                    crate::auth::TOKEN_ENV
+                ),
             ));
         }
         range(raw.api.max_upload_mib, 1, 65536)
@@ -320,7 +327,6 @@ impl Board {
             network,
             listen,
             port: raw.api.port,
-            token: raw.api.token,
             max_upload_bytes: raw.api.max_upload_mib << 20,
             discovery: raw.discovery.enabled,
             data_dir,
@@ -472,7 +478,11 @@ mod tests {
             ),
             ("\"user\"", "\"bridge\"", "vms.network"),
             ("\"user\"", "\"tap:tap0\"", "max_vms = 1"),
-            ("cloudlet-dev-token", "short", "api.token"),
+            (
+                "port = 0",
+                "port = 0\ntoken = \"cloudlet-dev-token\"",
+                "key `api.token`: the board file holds no secret any more: remove this line. The operator token is DATA_DIR/operator.token",
+            ),
             ("name = \"dev\"", "name = \"Dev Board\"", "key `name`"),
             ("port = 0", "port = 70000", "key `api.port`"),
         ];

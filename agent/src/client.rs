@@ -174,7 +174,7 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self.raw("GET", path, None, false)?;
+        let r = self.raw("GET", path, None, true)?;
         self.check(path, r)
     }
 
@@ -242,6 +242,12 @@ impl Client {
         self.send("POST", "/v1/handoff/incoming", Some(req))
     }
 
+    /// `GET /v1/handoff/incoming/{id}` (agent to agent, with the peer secret): an instance
+    /// this appliance handed to the one asked, as it runs there.
+    pub fn received_instance(&self, id: &str) -> Result<InstanceView, ClientError> {
+        self.get(&format!("/v1/handoff/incoming/{id}"))
+    }
+
     /// Where instance `id` runs now: follows `moved_to` from agent to agent (at most
     /// [`MAX_HOPS`]) and returns a client of the agent that runs it (with this client's
     /// token) and its view there.
@@ -263,6 +269,16 @@ impl Client {
         Err(ClientError::NotFound(format!(
             "instance {id} moved more than {MAX_HOPS} times in a row"
         )))
+    }
+
+    /// `GET /v1/devices` (operator): the paired devices.
+    pub fn devices(&self) -> Result<Vec<crate::devices::DeviceView>, ClientError> {
+        self.get("/v1/devices")
+    }
+
+    /// `DELETE /v1/devices/{id}` (operator): revokes a device's credential.
+    pub fn revoke_device(&self, id: &str) -> Result<crate::devices::DeviceView, ClientError> {
+        self.send("DELETE", &format!("/v1/devices/{id}"), None::<&()>)
     }
 
     /// `POST /v1/instances/{id}/stop`.
@@ -305,11 +321,11 @@ impl Client {
     pub fn download_overlay(&self, name: &str, out: &std::path::Path) -> Result<u64, ClientError> {
         let path = format!("/v1/services/{name}/overlay");
         let url = self.url(&path);
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| self.http_err(&url, e))?;
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let resp = req.call().map_err(|e| self.http_err(&url, e))?;
         if resp.status().as_u16() != 200 {
             let status = resp.status().as_u16();
             let body = resp.into_body().read_to_string().unwrap_or_default();

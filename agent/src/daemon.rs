@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::auth::{Credentials, PeerStore, TokenStore};
+use crate::auth::{operator_token, Credentials, PeerStore, TokenSource, TokenStore, TOKEN_ENV};
 use crate::board::Board;
+use crate::devices::DeviceStore;
 use crate::discovery::{Announcer, REFRESH};
 use crate::http::{router, shown_ip, system_info, AppState};
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ pub struct Options {
     pub stop_on_exit: bool,
     /// Keep a warm standby per started service (`crate::warm`).
     pub warm: bool,
+    /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
+    pub token_file: Option<PathBuf>,
 }
 
 /// The default vmm: next to this executable.
@@ -105,9 +108,24 @@ pub async fn run(opts: Options) -> Result<()> {
         );
     }
     sup.recover().await;
+    let (token, from) = operator_token(
+        std::env::var(TOKEN_ENV).ok(),
+        opts.token_file.as_deref(),
+        store.root(),
+    )
+    .context("no operator token")?;
+    match &from {
+        TokenSource::Created(p) => println!(
+            "made the operator token: {} (mode 0600; clients read it with --token-file or {TOKEN_ENV})",
+            p.display()
+        ),
+        _ => tracing::info!("operator token from {from}"),
+    }
     let peers = PeerStore::in_dir(store.root());
+    let devices = DeviceStore::in_dir(store.root());
     let creds = Credentials::default()
-        .with(Arc::new(TokenStore::new(board.token.clone(), "operator")))
+        .with(Arc::new(TokenStore::new(token, "operator")))
+        .with(Arc::new(devices.clone()))
         .with(Arc::new(peers.clone()));
     let state = Arc::new(AppState {
         board: board.clone(),
@@ -116,6 +134,7 @@ pub async fn run(opts: Options) -> Result<()> {
         metrics,
         creds,
         peers,
+        devices,
         started: Instant::now(),
     });
 

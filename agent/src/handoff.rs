@@ -14,6 +14,7 @@
 //!         its vmm ── the VM ──▶ target vmm; progress on the report channel → `handoff`
 //!     HandedOff(stats): source ID → moved (moved_to: target URL, instance, endpoint)
 //!                       target instance → running on the vmm's Ready + a verified `health`
+//!     source ── GET URL/v1/handoff/incoming/TID (Bearer: peer secret) ──▶ its endpoint
 //!     Error / failure:  source ID → running again (the VM never left), error shown;
 //!                       source ── DELETE URL/v1/handoff/incoming/TID ──▶ target: its
 //!                       `vmm receive` is killed, the instance and its files removed
@@ -280,8 +281,8 @@ impl Source {
         };
         // The VM runs there now: nothing below may fail the handoff.
         *receiving = None;
-        let (target, tid) = (to.to_string(), r.instance_id.clone());
-        let endpoint = blocking(move || settled_endpoint(&target, &tid))
+        let (target, tid, key) = (to.to_string(), r.instance_id.clone(), peer.secret.clone());
+        let endpoint = blocking(move || settled_endpoint(&target, &tid, &key))
             .await
             .ok()
             .flatten();
@@ -298,12 +299,12 @@ impl Source {
 }
 
 /// The target instance's endpoint once it runs there (None if it does not within
-/// [`SETTLE_TIMEOUT`]).
-fn settled_endpoint(agent: &str, id: &str) -> Option<String> {
-    let c = Client::new(agent, None);
+/// [`SETTLE_TIMEOUT`]); asked with the peer secret.
+fn settled_endpoint(agent: &str, id: &str, secret: &str) -> Option<String> {
+    let c = Client::new(agent, Some(secret));
     let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
     while std::time::Instant::now() < deadline {
-        match c.instance(id) {
+        match c.received_instance(id) {
             Ok(v) if v.state == "running" => return Some(v.endpoint),
             Ok(v) if !v.state.active() => return None,
             Err(ClientError::Api { status: 404, .. }) => return None,

@@ -1,13 +1,22 @@
 //! The client API (HTTP/JSON, versioned under `/v1`), the web manager at `/` and `/metrics`.
 //!
-//! Every route is in [`ROUTES`] and described in `/v1/openapi.json` (a test keeps the two in
-//! step). Mutating requests (anything but GET/HEAD) need `Authorization: Bearer <token>`
-//! (401 otherwise): the operator's (or a paired device's) token, except on the handoff routes
-//! between appliances (`/v1/handoff/...`), which take only a trusted peer's secret (see
-//! [`crate::auth`]). Errors are JSON `{"error": "...", "hint": "..."}` with the status code
-//! saying what kind: 400 malformed request, 401 unauthenticated, 404 unknown name, 409 wrong
-//! state, 413 upload too large, 422 overlay or handoff refused, 502 the handoff's target or
-//! vmm failed, 503 no capacity (with `Retry-After`).
+//! Every route is registered once, with who may call it ([`Access`]), through one table that
+//! the router and the access check both come from ([`route_table`]); `/v1/openapi.json`
+//! describes each (a test checks the document against the router both ways).
+//!
+//! Who may call what: only discovery-level facts (`GET /v1/system`, which carries the
+//! catalogue's names), the OpenAPI document and the manager page (`/`, whose API calls then
+//! carry a token) are open. Everything else needs `Authorization: Bearer <secret>` (the
+//! scheme in any case; 401 without a valid one): the catalogue, instances and the app store
+//! take the operator's token or a paired device's credential, and a device sees and manages
+//! only the instances it started (403 on another's); service uploads and deletion, overlay
+//! export, devices, handoff, appliance browsing and `/metrics` are the operator's (403 for a
+//! device); the handoff routes between appliances (`/v1/handoff/...`) take only a trusted
+//! peer's secret (see [`crate::auth`]). Errors are JSON `{"error": "...", "hint": "..."}` with
+//! the status code saying what kind: 400 malformed request, 401 unauthenticated, 403 not this
+//! principal's, 404 unknown name, 409 wrong state, 413 upload too large, 422 overlay or
+//! handoff refused, 502 the handoff's target or vmm failed, 503 no capacity (with
+//! `Retry-After`). Error texts name no server path.
 //!
 //! A moved instance (handed off to another appliance) stays listed here as `moved`; `GET
 //! /v1/instances/{id}` answers 200 with `moved_to` (the target agent, the instance's id and
@@ -18,11 +27,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, Request, State};
+use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -31,10 +41,11 @@ use tokio::io::AsyncWriteExt;
 
 use crate::auth::{Credentials, PeerStore, Principal, Role};
 use crate::board::Board;
+use crate::devices::{DeviceError, DeviceStore, DeviceView};
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::store::{error_chain, BaseInfo, Store, StoreError};
-use crate::supervisor::{InstanceRecord, Supervisor, SupervisorError};
+use crate::supervisor::{InstanceRecord, StartError, Supervisor, SupervisorError};
 
 /// The API version in paths.
 pub const API_VERSION: &str = "v1";
@@ -43,31 +54,141 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// The web manager page.
 pub const INDEX_HTML: &str = include_str!("web/index.html");
 
-/// Every (method, path) the router serves, as in the OpenAPI document.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/"),
-    ("GET", "/metrics"),
-    ("GET", "/v1/openapi.json"),
-    ("GET", "/v1/system"),
-    ("GET", "/v1/bases"),
-    ("GET", "/v1/services"),
-    ("GET", "/v1/services/{name}"),
-    ("DELETE", "/v1/services/{name}"),
-    ("GET", "/v1/services/{name}/overlay"),
-    ("PUT", "/v1/services/{name}/overlay"),
-    ("GET", "/v1/instances"),
-    ("POST", "/v1/instances"),
-    ("GET", "/v1/instances/{id}"),
-    ("DELETE", "/v1/instances/{id}"),
-    ("POST", "/v1/instances/{id}/stop"),
-    ("POST", "/v1/instances/{id}/handoff"),
-    ("GET", "/v1/appliances"),
-    ("POST", "/v1/handoff/incoming"),
-    ("DELETE", "/v1/handoff/incoming/{id}"),
-    ("GET", "/v1/apps"),
-    ("GET", "/v1/apps/{name}"),
-    ("GET", "/v1/apps/{name}/download"),
-];
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: discovery-level facts, the OpenAPI document, the manager page.
+    Open,
+    /// The operator or a paired device (a device: only its own instances).
+    Client,
+    /// The operator only.
+    Operator,
+    /// A trusted peer appliance only (handoff between appliances).
+    Peer,
+}
+
+impl Access {
+    /// The name the OpenAPI document gives it (`x-access`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Open => "open",
+            Access::Client => "client",
+            Access::Operator => "operator",
+            Access::Peer => "peer",
+        }
+    }
+
+    fn admits(self, role: Role) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Client => matches!(role, Role::Operator | Role::Device),
+            Access::Operator => role == Role::Operator,
+            Access::Peer => role == Role::Peer,
+        }
+    }
+}
+
+/// One route the router serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `GET`, `PUT`, `POST` or `DELETE` (a GET route answers HEAD too).
+    pub method: &'static str,
+    /// The path as the router and the OpenAPI document write it (`/v1/services/{name}`).
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+/// The router under construction and the table of what it serves: each route is added to
+/// both at once, so neither can lack one the other has.
+pub struct Routes {
+    router: Router<Arc<AppState>>,
+    table: Vec<Route>,
+}
+
+impl Routes {
+    /// Adds `method path` served by `handler`, open to `access`.
+    pub fn add<H, T>(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        access: Access,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, Arc<AppState>>,
+        T: 'static,
+    {
+        let filter = match method {
+            "GET" => MethodFilter::GET,
+            "PUT" => MethodFilter::PUT,
+            "POST" => MethodFilter::POST,
+            "DELETE" => MethodFilter::DELETE,
+            m => panic!("route {m} {path}: only GET, PUT, POST and DELETE are served"),
+        };
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push(Route {
+            method,
+            path,
+            access,
+        });
+        self
+    }
+}
+
+/// Every route of the API, each with its access.
+fn routes() -> Routes {
+    use Access::{Client, Open, Operator, Peer};
+    Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    }
+    .add("GET", "/", Open, index)
+    .add("GET", "/metrics", Operator, metrics)
+    .add("GET", "/v1/openapi.json", Open, openapi)
+    .add("GET", "/v1/system", Open, system)
+    .add("GET", "/v1/bases", Client, bases)
+    .add("GET", "/v1/services", Client, services)
+    .add("GET", "/v1/services/{name}", Client, service)
+    .add("DELETE", "/v1/services/{name}", Operator, delete_service)
+    .add(
+        "GET",
+        "/v1/services/{name}/overlay",
+        Operator,
+        download_overlay,
+    )
+    .add(
+        "PUT",
+        "/v1/services/{name}/overlay",
+        Operator,
+        upload_overlay,
+    )
+    .add("GET", "/v1/instances", Client, instances)
+    .add("POST", "/v1/instances", Client, start_instance)
+    .add("GET", "/v1/instances/{id}", Client, instance)
+    .add("DELETE", "/v1/instances/{id}", Client, delete_instance)
+    .add("POST", "/v1/instances/{id}/stop", Client, stop_instance)
+    .add(
+        "POST",
+        "/v1/instances/{id}/handoff",
+        Operator,
+        handoff_instance,
+    )
+    .add("GET", "/v1/appliances", Operator, appliances)
+    .add("POST", "/v1/handoff/incoming", Peer, incoming_handoff)
+    .add("GET", "/v1/handoff/incoming/{id}", Peer, incoming_instance)
+    .add("DELETE", "/v1/handoff/incoming/{id}", Peer, abort_incoming)
+    .add("GET", "/v1/apps", Client, apps)
+    .add("GET", "/v1/apps/{name}", Client, app)
+    .add("GET", "/v1/apps/{name}/download", Client, download_app)
+    .add("GET", "/v1/devices", Operator, devices)
+    .add("DELETE", "/v1/devices/{id}", Operator, revoke_device)
+}
+
+/// Every (method, path, access) the router serves: the table the router is built from.
+pub fn route_table() -> Vec<Route> {
+    routes().table
+}
 
 /// Shared state of the handlers.
 pub struct AppState {
@@ -79,10 +200,12 @@ pub struct AppState {
     pub sup: Arc<Supervisor>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// Who may mutate.
+    /// Who may call what.
     pub creds: Credentials,
     /// The appliances trusted for handoff.
     pub peers: PeerStore,
+    /// The paired devices.
+    pub devices: DeviceStore,
     /// When the agent started.
     pub started: Instant,
 }
@@ -127,6 +250,41 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What went wrong with an uploaded overlay, without the server's paths.
+fn overlay_reason(e: &format::overlay::OverlayError) -> String {
+    use format::overlay::OverlayError as O;
+    match e {
+        O::Io(what, _, io) => format!("cannot {what} it: {io}"),
+        O::Invalid(_, m) => error_chain(m),
+        O::WrongBase { wanted, have, .. } => {
+            format!("it applies to base {wanted}, not to base {have}")
+        }
+        O::Chunk { chunk, source, .. } => {
+            format!("chunk {chunk} is damaged: {}", error_chain(source))
+        }
+        other => error_chain(other),
+    }
+}
+
+/// A 500 whose text names no server path (the whole chain goes to the log).
+fn internal(e: &dyn std::error::Error, public: String) -> ApiError {
+    tracing::warn!("internal error: {}", error_chain(e));
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        public,
+        "see the agent's log",
+    )
+}
+
+/// Why a vmm did not come up, without the server's paths.
+fn start_reason(e: &StartError) -> String {
+    match e {
+        StartError::Log(..) => "cannot open the vmm's log".into(),
+        StartError::Spawn(..) => "cannot run the vmm (see the agent's log)".into(),
+        other => error_chain(other),
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let msg = error_chain(&e);
@@ -149,16 +307,24 @@ impl From<StoreError> for ApiError {
                 msg,
                 "names are lower-case letters, digits, '.', '_' and '-'",
             ),
-            StoreError::BadOverlay(_) | StoreError::OverlayBase(_) => ApiError::new(
+            StoreError::BadOverlay(ref o) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the uploaded overlay is not usable: {}", overlay_reason(o)),
+                "upload an overlay made by `image-builder overlay` for a base staged here (GET /v1/bases); nothing was installed",
+            ),
+            StoreError::OverlayBase(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "upload an overlay made by `image-builder overlay` for a base staged here (GET /v1/bases); nothing was installed",
             ),
-            _ => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                msg,
-                "see the agent's log",
+            StoreError::Io(what, _, ref io) => internal(
+                &e,
+                format!("failed to {what} a file of the data directory: {io}"),
             ),
+            StoreError::Damaged(..) => {
+                internal(&e, "a record in the data directory is damaged".into())
+            }
+            StoreError::BadBase(_) => internal(&e, "a staged base does not load".into()),
         }
     }
 }
@@ -181,21 +347,19 @@ impl From<SupervisorError> for ApiError {
             SupervisorError::Conflict(..) => {
                 ApiError::new(StatusCode::CONFLICT, msg, "retry when the instance has settled")
             }
-            SupervisorError::StartFailed { .. } => ApiError::new(
+            SupervisorError::StartFailed { ref id, ref why } => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                msg,
+                format!("instance {id} failed to start: {}", start_reason(why)),
                 "the instance is kept as `failed`: GET /v1/instances/{id} shows it; DELETE removes it",
             ),
-            SupervisorError::ReceiveFailed(_) => ApiError::new(
+            SupervisorError::ReceiveFailed(ref why) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                msg,
+                format!("cannot receive a handoff: {}", start_reason(why)),
                 "this appliance's vmm could not receive the handoff; see its agent's log",
             ),
-            SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                msg,
-                "see the agent's log",
-            ),
+            SupervisorError::SocketPath(_) | SupervisorError::InstanceDir(..) => {
+                internal(&e, "cannot make the instance's directory".into())
+            }
         }
     }
 }
@@ -219,7 +383,7 @@ impl From<HandoffError> for ApiError {
             HandoffError::NotPeer(..) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
-                "trust each other first: `agent add-peer ID --secret S` on both appliances (each with the other's id, the same secret)",
+                "trust each other first: `agent add-peer ID --secret-file FILE` on both appliances (each with the other's id, the same secret)",
             ),
             ref r if r.target_status() == Some(503) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -269,33 +433,14 @@ fn host_of(h: &HeaderMap) -> Option<&str> {
 
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/system", get(system))
-        .route("/v1/bases", get(bases))
-        .route("/v1/services", get(services))
-        .route("/v1/services/{name}", get(service).delete(delete_service))
-        .route(
-            "/v1/services/{name}/overlay",
-            put(upload_overlay).get(download_overlay),
-        )
-        .route("/v1/instances", get(instances).post(start_instance))
-        .route("/v1/instances/{id}", get(instance).delete(delete_instance))
-        .route("/v1/instances/{id}/stop", post(stop_instance))
-        .route("/v1/instances/{id}/handoff", post(handoff_instance))
-        .route("/v1/appliances", get(appliances))
-        .route("/v1/handoff/incoming", post(incoming_handoff))
-        .route(
-            "/v1/handoff/incoming/{id}",
-            axum::routing::delete(abort_incoming),
-        )
-        .route("/v1/apps", get(apps))
-        .route("/v1/apps/{name}", get(app))
-        .route("/v1/apps/{name}/download", get(download_app))
+    let Routes { router, table } = routes();
+    let table: Arc<[Route]> = table.into();
+    router
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            (state.clone(), table),
+            authenticate,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
@@ -325,46 +470,99 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Requires a valid bearer credential on every mutating request: a peer's secret on the
-/// handoff routes between appliances, the operator's (or a device's) token elsewhere. The
-/// principal goes into the request's extensions.
-async fn authenticate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD) {
-        return next.run(req).await;
-    }
+/// Checks the request's credential against its route's [`Access`]: 401 without a valid
+/// credential, 403 with one the route does not take. The principal goes into the request's
+/// extensions. Unknown routes and methods pass on to the 404 and 405 answers.
+async fn authenticate(
+    State((st, table)): State<(Arc<AppState>, Arc<[Route]>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let method = match *req.method() {
+        Method::HEAD => "GET",
+        ref m => m.as_str(),
+    };
+    let access = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|p| {
+            table
+                .iter()
+                .find(|r| r.path == p.as_str() && r.method == method)
+        })
+        .map(|r| r.access);
+    let access = match access {
+        None | Some(Access::Open) => return next.run(req).await,
+        Some(a) => a,
+    };
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let peer_route = req.uri().path().starts_with("/v1/handoff/");
-    let (roles, hint): (&[Role], &str) = if peer_route {
-        (
-            &[Role::Peer],
-            "this route is for appliances that trust each other: send `Authorization: Bearer <secret>` with the secret in both appliances' DATA/peers.json (`agent add-peer`)",
-        )
-    } else {
-        (
-            &[Role::Operator, Role::Device],
-            "send `Authorization: Bearer <token>` with the token from the board config (api.token)",
-        )
-    };
-    match st.creds.check_role(h, roles) {
-        Ok(p) => {
-            tracing::debug!(principal = %p.name, "authenticated");
-            req.extensions_mut().insert(p);
-            next.run(req).await
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let p = match st.creds.check_header(h) {
+        Ok(p) => p,
+        Err(why) => {
+            let hint = if access == Access::Peer {
+                "this route is for appliances that trust each other: send `Authorization: Bearer <secret>` with the secret in both appliances' DATA/peers.json (`agent add-peer`)"
+            } else {
+                "send `Authorization: Bearer <token>`: the operator's token (the appliance's DATA_DIR/operator.token or its CLOUDLET_TOKEN) or a paired device's credential"
+            };
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("{what} needs authentication: {why}"),
+                hint,
+            )
+            .into_response();
         }
-        Err(why) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!(
-                "{} {} needs authentication: {why}",
-                req.method(),
-                req.uri().path()
+    };
+    if !access.admits(p.role) {
+        let (why, hint) = match (access, p.role) {
+            (Access::Peer, _) => (
+                "it takes only a peer appliance's credential (DATA/peers.json)",
+                "the operator and devices use the other routes",
             ),
+            (_, Role::Peer) => (
+                "a peer credential opens only the handoff routes",
+                "use the operator's token",
+            ),
+            _ => (
+                "it is the operator's",
+                "a paired device may list services, start, use and stop its own instances and download apps",
+            ),
+        };
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{what} is not open to {}: {why}", p.name),
             hint,
         )
-        .into_response(),
+        .into_response();
     }
+    tracing::debug!(principal = %p.name, "authenticated");
+    req.extensions_mut().insert(p);
+    next.run(req).await
+}
+
+/// Instance `id` when `who` may see it: the operator sees every instance, a device those it
+/// started (403 for another's).
+fn owned(st: &AppState, who: &Principal, id: &str) -> ApiResult<InstanceRecord> {
+    let r = st
+        .sup
+        .get(id)
+        .ok_or_else(|| SupervisorError::NoInstance(id.into()))?;
+    if may_see(who, &r) {
+        Ok(r)
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("instance {id} is not {}'s", who.name),
+            "a device sees and manages only the instances it started (GET /v1/instances lists them)",
+        ))
+    }
+}
+
+fn may_see(who: &Principal, r: &InstanceRecord) -> bool {
+    who.role == Role::Operator || r.info.owner.as_deref() == Some(who.name.as_str())
 }
 
 async fn index() -> Html<&'static str> {
@@ -575,6 +773,7 @@ pub struct StartRequest {
 
 async fn start_instance(
     State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<InstanceView>)> {
@@ -585,15 +784,21 @@ async fn start_instance(
             "send {\"service\": \"NAME\"}",
         )
     })?;
-    let rec = st.sup.start(&req.service).await?;
+    let rec = st.sup.start(&req.service, &who.name).await?;
     Ok((StatusCode::CREATED, Json(view(&rec, host_of(&headers)))))
 }
 
-async fn instances(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Json<Vec<InstanceView>> {
+/// `GET /v1/instances`: every instance for the operator, its own for a device.
+async fn instances(
+    State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+) -> Json<Vec<InstanceView>> {
     Json(
         st.sup
             .list()
             .iter()
+            .filter(|r| may_see(&who, r))
             .map(|r| view(r, host_of(&headers)))
             .collect(),
     )
@@ -601,10 +806,11 @@ async fn instances(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Json<
 
 async fn instance(
     State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let r = st.sup.get(&id).ok_or(SupervisorError::NoInstance(id))?;
+    let r = owned(&st, &who, &id)?;
     let mut resp = Json(view(&r, host_of(&headers))).into_response();
     if let Some(m) = &r.info.moved_to {
         if let Ok(v) = HeaderValue::from_str(&m.url) {
@@ -692,7 +898,7 @@ async fn appliances(
 /// `vmm receive`, answers where it listens and the session token.
 async fn incoming_handoff(
     State(st): State<Arc<AppState>>,
-    axum::Extension(who): axum::Extension<Principal>,
+    Extension(who): Extension<Principal>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<crate::supervisor::Receiving>)> {
     let req: IncomingRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -727,10 +933,27 @@ async fn incoming_handoff(
     Ok((StatusCode::CREATED, Json(r)))
 }
 
+/// `GET /v1/handoff/incoming/{id}`: an instance received from the asking peer (how its
+/// source learns where it runs now); 404 for any other.
+async fn incoming_instance(
+    State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<InstanceView>> {
+    let from = who.name.strip_prefix("peer:").unwrap_or(&who.name);
+    match st.sup.get(&id) {
+        Some(r) if r.info.received_from.as_deref() == Some(from) => {
+            Ok(Json(view(&r, host_of(&headers))))
+        }
+        _ => Err(SupervisorError::NoInstance(id).into()),
+    }
+}
+
 /// `DELETE /v1/handoff/incoming/{id}`: the source gave up.
 async fn abort_incoming(
     State(st): State<Arc<AppState>>,
-    axum::Extension(who): axum::Extension<Principal>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let from = who.name.strip_prefix("peer:").unwrap_or(&who.name);
@@ -740,27 +963,32 @@ async fn abort_incoming(
 
 async fn stop_instance(
     State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<InstanceView>> {
+    owned(&st, &who, &id)?;
     let r = st.sup.stop(&id).await?;
     Ok(Json(view(&r, host_of(&headers))))
 }
 
 async fn delete_instance(
     State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<InstanceView>> {
+    owned(&st, &who, &id)?;
     let r = st.sup.delete(&id).await?;
     Ok(Json(view(&r, host_of(&headers))))
 }
 
 async fn stream_file(path: std::path::PathBuf, sha256: &str, name: &str) -> ApiResult<Response> {
     let f = tokio::fs::File::open(&path).await.map_err(|e| {
+        tracing::warn!("cannot open {}: {e}", path.display());
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot open {}: {e}", path.display()),
+            format!("cannot open the file of {name}: {e}"),
             "see the agent's log",
         )
     })?;
@@ -899,6 +1127,52 @@ async fn download_app(
     stream_file(st.store.app_file(&a), &a.sha256, &a.file).await
 }
 
+impl From<DeviceError> for ApiError {
+    fn from(e: DeviceError) -> Self {
+        match e {
+            DeviceError::NoDevice(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                error_chain(&e),
+                "GET /v1/devices lists the paired devices",
+            ),
+            DeviceError::BadId(_) | DeviceError::BadText(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                error_chain(&e),
+                "device ids are 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+            ),
+            DeviceError::Io(what, _, ref io) => {
+                internal(&e, format!("cannot {what} the device store: {io}"))
+            }
+            DeviceError::Damaged(..) => internal(&e, "the device store is damaged".into()),
+            DeviceError::Random(_) => internal(&e, "cannot make a secret".into()),
+        }
+    }
+}
+
+/// `GET /v1/devices`: the paired devices (active, expired and revoked).
+async fn devices(State(st): State<Arc<AppState>>) -> ApiResult<Json<Vec<DeviceView>>> {
+    let d = st.devices.clone();
+    let v = tokio::task::spawn_blocking(move || d.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))??;
+    Ok(Json(v))
+}
+
+/// `DELETE /v1/devices/{id}`: revokes the device's credential (401 from its next request).
+async fn revoke_device(
+    State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeviceView>> {
+    crate::devices::check_device_id(&id)?;
+    let d = st.devices.clone();
+    let v = tokio::task::spawn_blocking(move || d.revoke(&id, &who.name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))??;
+    tracing::info!(device = %v.id, "device revoked");
+    Ok(Json(v))
+}
+
 /// True for loopback or unspecified listen addresses (for logging the URL).
 pub fn shown_ip(ip: IpAddr) -> IpAddr {
     if ip.is_unspecified() {
@@ -912,42 +1186,9 @@ pub fn shown_ip(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_openapi_document_covers_every_route() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
-        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-        let paths = doc["paths"].as_object().unwrap();
-        for (method, path) in ROUTES {
-            let op = &paths
-                .get(*path)
-                .unwrap_or_else(|| panic!("{path} missing from openapi.json"))
-                [method.to_ascii_lowercase()];
-            assert!(op.is_object(), "{method} {path} missing from openapi.json");
-            assert!(
-                op["responses"].is_object(),
-                "{method} {path} has no responses"
-            );
-        }
-        let documented: usize = paths
-            .values()
-            .map(|p| {
-                p.as_object()
-                    .unwrap()
-                    .keys()
-                    .filter(|k| ["get", "put", "post", "delete"].contains(&k.as_str()))
-                    .count()
-            })
-            .sum();
-        assert_eq!(
-            documented,
-            ROUTES.len(),
-            "openapi.json documents routes that do not exist"
-        );
-    }
-
     use crate::auth::TokenStore;
     use crate::client::{Client, RawResponse};
-    use crate::supervisor::tests::{fake_base, running, scratch_supervisor};
+    use crate::supervisor::tests::{fake_base, running, running_for, scratch_supervisor};
 
     const OPERATOR: &str = "operator-token";
 
@@ -960,6 +1201,7 @@ mod tests {
             store.stage_base("micro", &d.join("base2")).unwrap();
         }
         let peers = PeerStore::in_dir(store.root());
+        let devices = DeviceStore::in_dir(store.root());
         let st = Arc::new(AppState {
             board: Board::shipped("dev").unwrap(),
             store,
@@ -967,8 +1209,10 @@ mod tests {
             sup,
             creds: Credentials::default()
                 .with(Arc::new(TokenStore::new(OPERATOR, "operator")))
+                .with(Arc::new(devices.clone()))
                 .with(Arc::new(peers.clone())),
             peers,
+            devices,
             started: Instant::now(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1029,7 +1273,7 @@ mod tests {
         );
         says(
             &call(&url, Some(OPERATOR), "POST", path, &good).await,
-            401,
+            403,
             "peer",
         );
         says(
@@ -1054,7 +1298,7 @@ mod tests {
                 r#"{"service":"model"}"#,
             )
             .await,
-            401,
+            403,
             "only the handoff routes",
         );
         says(
@@ -1097,7 +1341,7 @@ mod tests {
             404,
             "no instance",
         );
-        let m = call(&url, None, "GET", "/metrics", "").await.body;
+        let m = call(&url, Some(OPERATOR), "GET", "/metrics", "").await.body;
         assert!(
             m.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"failed\"} 1"),
             "{m}"
@@ -1178,10 +1422,416 @@ mod tests {
         let v = state();
         assert_eq!(v.state, crate::supervisor::State::Running);
         assert_eq!(v.handoff.unwrap().phase, "failed");
-        let m = call(&a, None, "GET", "/metrics", "").await.body;
+        let m = call(&a, Some(OPERATOR), "GET", "/metrics", "").await.body;
         assert!(
             m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"failed\"} 5"),
             "{m}"
         );
+    }
+
+    /// A request with an `Authorization` header written as given (the client library
+    /// always writes `Bearer`); returns the status.
+    fn raw_status(url: &str, path: &str, authorization: &str) -> u16 {
+        use std::io::{Read, Write};
+        let addr = url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn devices_see_and_touch_only_their_own_instances_and_lose_access_when_revoked() {
+        let (url, st) = serve("scopes", 4, 'a').await;
+        let (a, _) = st
+            .devices
+            .issue("phone-a", "A", "Pixel", crate::devices::DEFAULT_TTL)
+            .unwrap();
+        let (b, _) = st
+            .devices
+            .issue("phone-b", "B", "Fairphone", crate::devices::DEFAULT_TTL)
+            .unwrap();
+        let mine = running_for(&st.sup, "device:phone-a");
+        let ops = running(&st.sup);
+        let ids = |r: RawResponse| -> Vec<String> {
+            assert_eq!(r.status, 200, "{r:?}");
+            let mut v: Vec<String> = r
+                .json()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        // Each sees its own; the operator sees all.
+        assert_eq!(
+            ids(call(&url, Some(&a), "GET", "/v1/instances", "").await),
+            std::slice::from_ref(&mine)
+        );
+        assert!(ids(call(&url, Some(&b), "GET", "/v1/instances", "").await).is_empty());
+        let mut both = vec![mine.clone(), ops.clone()];
+        both.sort();
+        assert_eq!(
+            ids(call(&url, Some(OPERATOR), "GET", "/v1/instances", "").await),
+            both
+        );
+        let r = call(&url, Some(&a), "GET", &format!("/v1/instances/{mine}"), "").await;
+        says(&r, 200, &mine);
+        assert_eq!(r.json()["owner"], "device:phone-a");
+        // Another's instance: 403, and it keeps running.
+        for (m, p) in [
+            ("GET", format!("/v1/instances/{mine}")),
+            ("POST", format!("/v1/instances/{mine}/stop")),
+            ("DELETE", format!("/v1/instances/{mine}")),
+        ] {
+            says(
+                &call(&url, Some(&b), m, &p, "").await,
+                403,
+                "device:phone-b",
+            );
+        }
+        says(
+            &call(&url, Some(&a), "GET", &format!("/v1/instances/{ops}"), "").await,
+            403,
+            "not device:phone-a's",
+        );
+        assert_eq!(
+            st.sup.get(&mine).unwrap().info.state,
+            crate::supervisor::State::Running
+        );
+        // What a device may do besides; the operator's routes are closed to it.
+        says(
+            &call(&url, Some(&a), "GET", "/v1/services", "").await,
+            200,
+            "[",
+        );
+        says(&call(&url, Some(&a), "GET", "/v1/apps", "").await, 200, "[");
+        says(
+            &call(
+                &url,
+                Some(&a),
+                "POST",
+                "/v1/instances",
+                r#"{"service":"nope"}"#,
+            )
+            .await,
+            404,
+            "nope",
+        );
+        for (m, p, body) in [
+            ("GET", "/metrics", ""),
+            ("GET", "/v1/devices", ""),
+            ("DELETE", "/v1/devices/phone-b", ""),
+            ("DELETE", "/v1/services/model", ""),
+            ("GET", "/v1/services/model/overlay", ""),
+            ("PUT", "/v1/services/model/overlay", "x"),
+            ("GET", "/v1/appliances", ""),
+            (
+                "POST",
+                "/v1/instances/i-00000000/handoff",
+                r#"{"to":"http://10.0.0.1:1"}"#,
+            ),
+        ] {
+            says(&call(&url, Some(&a), m, p, body).await, 403, "operator's");
+        }
+        // Without a credential only discovery-level facts are open.
+        for p in [
+            "/v1/instances".to_string(),
+            format!("/v1/instances/{mine}"),
+            "/v1/services".into(),
+            "/v1/services/model".into(),
+            "/v1/services/model/overlay".into(),
+            "/v1/apps".into(),
+            "/v1/apps/model-client/download".into(),
+            "/v1/bases".into(),
+            "/metrics".into(),
+        ] {
+            let r = call(&url, None, "GET", &p, "").await;
+            says(&r, 401, "needs authentication");
+        }
+        for p in ["/", "/v1/system", "/v1/openapi.json"] {
+            assert_eq!(call(&url, None, "GET", p, "").await.status, 200, "{p}");
+        }
+        // The scheme in any case.
+        for scheme in ["bearer", "BEARER", "Bearer", "bEaReR"] {
+            assert_eq!(
+                raw_status(&url, "/v1/instances", &format!("{scheme} {a}")),
+                200,
+                "{scheme}"
+            );
+            assert_eq!(
+                raw_status(&url, "/metrics", &format!("{scheme} {OPERATOR}")),
+                200,
+                "{scheme}"
+            );
+        }
+        assert_eq!(
+            raw_status(&url, "/v1/instances", &format!("Basic {a}")),
+            401
+        );
+        assert_eq!(
+            raw_status(&url, "/v1/instances", &format!("bearer{a}")),
+            401
+        );
+
+        // The operator lists devices (never their secrets) and revokes one: 401 on its very
+        // next request, the other device unaffected.
+        let r = call(&url, Some(OPERATOR), "GET", "/v1/devices", "").await;
+        says(&r, 200, "phone-b");
+        for leak in [a.as_str(), b.as_str(), "salt", "hash"] {
+            assert!(!r.body.contains(leak), "{leak} in {r:?}");
+        }
+        let r = call(&url, Some(OPERATOR), "DELETE", "/v1/devices/phone-a", "").await;
+        says(&r, 200, "revoked");
+        says(
+            &call(&url, Some(&a), "GET", "/v1/instances", "").await,
+            401,
+            "not valid",
+        );
+        says(
+            &call(&url, Some(&b), "GET", "/v1/instances", "").await,
+            200,
+            "[",
+        );
+        says(
+            &call(&url, Some(OPERATOR), "DELETE", "/v1/devices/phone-z", "").await,
+            404,
+            "phone-z",
+        );
+        says(
+            &call(&url, Some(OPERATOR), "DELETE", "/v1/devices/a%20b", "").await,
+            400,
+            "not a device id",
+        );
+        let events: Vec<String> = crate::audit::Audit::in_dir(st.store.root())
+            .events()
+            .iter()
+            .map(|e| format!("{} {} {}", e["event"], e["device"], e["by"]))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                r#""device.paired" "phone-a" null"#,
+                r#""device.paired" "phone-b" null"#,
+                r#""device.revoked" "phone-a" "operator""#
+            ]
+        );
+
+        // Expiry: accepted until the second it expires, 401 from then on.
+        let (c, exp) = st
+            .devices
+            .issue("phone-c", "C", "", std::time::Duration::from_secs(2))
+            .unwrap();
+        says(
+            &call(&url, Some(&c), "GET", "/v1/instances", "").await,
+            200,
+            "[",
+        );
+        while crate::store::unix_now() < exp {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        says(
+            &call(&url, Some(&c), "GET", "/v1/instances", "").await,
+            401,
+            "not valid",
+        );
+        let r = call(&url, Some(OPERATOR), "GET", "/v1/devices", "").await;
+        let statuses: Vec<String> = r
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    d["id"].as_str().unwrap(),
+                    d["status"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            ["phone-a revoked", "phone-b active", "phone-c expired"]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn error_texts_name_no_server_path() {
+        let (url, st) = serve("paths", 4, 'a').await;
+        let root = st.store.root().to_str().unwrap().to_string();
+        let r = call(
+            &url,
+            Some(OPERATOR),
+            "PUT",
+            "/v1/services/junk/overlay",
+            "not an overlay",
+        )
+        .await;
+        says(&r, 422, "the uploaded overlay is not usable: ");
+        let r2 = call(
+            &url,
+            Some(OPERATOR),
+            "PUT",
+            "/v1/services/Bad%20Name/overlay",
+            "x",
+        )
+        .await;
+        says(&r2, 400, "not a valid name");
+        for r in [r, r2] {
+            assert!(!r.body.contains(&root) && !r.body.contains("/tmp"), "{r:?}");
+        }
+        assert!(st.store.service("junk").is_err(), "nothing installed");
+    }
+
+    /// The OpenAPI document against the router, both ways: the router's own route table
+    /// (which it is built from) against the documented operations, with the same access;
+    /// then the running router probed with every documented operation (each reaches a
+    /// handler and answers a documented status) and with every undocumented method on
+    /// each documented path (405).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_openapi_document_and_the_router_agree() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (m, op) in item.as_object().unwrap() {
+                let access = op["x-access"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{m} {path}: no x-access"));
+                documented.push((m.to_ascii_uppercase(), path.clone(), access.to_string()));
+            }
+        }
+        let served: Vec<(String, String, String)> = route_table()
+            .iter()
+            .map(|r| {
+                (
+                    r.method.to_string(),
+                    r.path.to_string(),
+                    r.access.name().to_string(),
+                )
+            })
+            .collect();
+        for s in &served {
+            assert!(
+                documented.contains(s),
+                "served but not documented (or with another access): {s:?}"
+            );
+        }
+        for d in &documented {
+            assert!(
+                served.contains(d),
+                "documented but not served (or with another access): {d:?}"
+            );
+        }
+
+        // What each operation must document.
+        let resolve = |v: &serde_json::Value| -> serde_json::Value {
+            match v["$ref"].as_str() {
+                Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap().clone(),
+                None => v.clone(),
+            }
+        };
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (m, op) in item.as_object().unwrap() {
+                let codes = op["responses"].as_object().unwrap();
+                let has = |c: &str| codes.contains_key(c);
+                let what = format!("{m} {path}");
+                if op["x-access"] != "open" {
+                    assert!(has("401") && has("403"), "{what}: 401 and 403");
+                    assert!(
+                        !op["security"].as_array().unwrap().is_empty(),
+                        "{what}: security"
+                    );
+                } else {
+                    assert_eq!(op["security"], json!([]), "{what}: open");
+                }
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    if p["in"] == "path" {
+                        assert!(has("400"), "{what}: 400 for a bad {}", p["name"]);
+                    }
+                    if p["name"] == "name" {
+                        let sch = resolve(&p["schema"]);
+                        assert_eq!(sch["maxLength"], 64, "{what}");
+                        assert!(sch["pattern"].is_string(), "{what}");
+                    }
+                }
+                if op.get("requestBody").is_some() {
+                    assert!(has("400"), "{what}: 400 for a malformed body");
+                }
+            }
+        }
+        let start = &doc["paths"]["/v1/instances"]["post"];
+        let service = resolve(
+            &start["requestBody"]["content"]["application/json"]["schema"]["properties"]["service"],
+        );
+        assert_eq!(service["maxLength"], 64);
+        assert!(service["pattern"].is_string());
+
+        // Probing: every documented operation reaches its handler and answers a documented
+        // status, with and without a credential.
+        let (url, st) = serve("openapi", 4, 'a').await;
+        let peer = "p".repeat(32);
+        st.peers.add("0123456789ab", "x", &peer).unwrap();
+        let id = running(&st.sup);
+        for (m, path, access) in &documented {
+            let p = path.replace("{name}", "model").replace(
+                "{id}",
+                if path.contains("devices") {
+                    "phone"
+                } else {
+                    &id
+                },
+            );
+            let p = if p == "/v1/appliances" {
+                "/v1/appliances?window_ms=100".into()
+            } else {
+                p
+            };
+            if *m == "DELETE" && p.starts_with("/v1/instances/") || p.ends_with("/stop") {
+                continue; // would signal this test process (the instance's "vmm")
+            }
+            let token = if access == "peer" {
+                peer.as_str()
+            } else {
+                OPERATOR
+            };
+            let op = &doc["paths"][path][m.to_ascii_lowercase()];
+            for cred in [Some(token), None] {
+                let r = call(&url, cred, m, &p, "").await;
+                assert!(
+                    r.status != 405 && !r.body.contains("no route"),
+                    "{m} {p} is documented but not served: {r:?}"
+                );
+                assert!(
+                    op["responses"].get(r.status.to_string()).is_some(),
+                    "{m} {p} answered {} which is not documented: {r:?}",
+                    r.status
+                );
+                if cred.is_none() {
+                    let want = if access == "open" { 200 } else { 401 };
+                    assert_eq!(r.status, want, "{m} {p} without a credential");
+                }
+            }
+            // Every other method on the path is not served.
+            let item = doc["paths"][path].as_object().unwrap();
+            for other in ["GET", "PUT", "POST", "DELETE", "PATCH"] {
+                if !item.contains_key(&other.to_ascii_lowercase()) {
+                    let r = call(&url, Some(OPERATOR), other, &p, "").await;
+                    assert_eq!(
+                        r.status, 405,
+                        "{other} {p} is served but not documented: {r:?}"
+                    );
+                }
+            }
+        }
+        let r = call(&url, Some(OPERATOR), "GET", "/v1/undocumented", "").await;
+        says(&r, 404, "no route");
     }
 }

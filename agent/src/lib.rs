@@ -6,7 +6,9 @@
 //!   after an agent restart; [`warm`]: a paused standby per started service, so the next
 //!   start is a resume.
 //! - [`http`]: the client API (`/v1/...`, OpenAPI at `/v1/openapi.json`), the web manager at
-//!   `/`, `/metrics`; [`auth`] checks bearer credentials on mutating requests.
+//!   `/`, `/metrics`; [`auth`] checks bearer credentials and says who made a request.
+//! - [`devices`]: the paired devices' credentials (salted hashes, expiry, revocation);
+//!   [`audit`]: the audit trail of pairings and revocations.
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
 //! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
 //!   [`guest`]: the service VM's framed TCP protocol.
@@ -14,10 +16,12 @@
 //!   orchestration; the vmms stream the VM).
 //! - [`daemon`]: the `agent` process wiring it all together.
 
+pub mod audit;
 pub mod auth;
 pub mod board;
 pub mod client;
 pub mod daemon;
+pub mod devices;
 pub mod discovery;
 pub mod guest;
 pub mod handoff;

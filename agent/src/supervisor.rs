@@ -182,6 +182,10 @@ pub struct Instance {
     /// `first_reply_ms` then counts from the resume.
     #[serde(default)]
     pub warm_start: bool,
+    /// Who started it ("operator", "device:<id>"); a device sees and manages only its own.
+    /// None for instances received by handoff (the operator's).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// A handoff as the source shows it.
@@ -747,14 +751,18 @@ impl Supervisor {
         }
     }
 
-    /// Synthesises an instance of `service` and waits for its first verified reply. With
-    /// warm standbys on, an instance of a service started before is its standby resumed
-    /// (see [`crate::warm`]), and a new standby is made in the background.
-    pub async fn start(self: &Arc<Self>, service: &str) -> Result<InstanceRecord, SupervisorError> {
+    /// Synthesises an instance of `service` for principal `owner` and waits for its first
+    /// verified reply. With warm standbys on, an instance of a service started before is its
+    /// standby resumed (see [`crate::warm`]), and a new standby is made in the background.
+    pub async fn start(
+        self: &Arc<Self>,
+        service: &str,
+        owner: &str,
+    ) -> Result<InstanceRecord, SupervisorError> {
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
         let standby = self.take_standby(&svc.name, &svc.overlay_sha256).await;
-        let rec = match &standby {
+        let mut rec = match &standby {
             Some(w) => {
                 let mut rec = w.rec.clone();
                 rec.info.created_unix = unix_now();
@@ -764,6 +772,7 @@ impl Supervisor {
             }
             None => self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?,
         };
+        rec.info.owner = Some(owner.into());
         let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
         if let Err(e) = self.reserve(&rec, &svc.name) {
@@ -1142,6 +1151,7 @@ impl Supervisor {
                 moved_to: None,
                 received_from: None,
                 warm_start: false,
+                owner: None,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -1493,7 +1503,9 @@ impl Supervisor {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .process_group(0)
-            .kill_on_drop(false);
+            .kill_on_drop(false)
+            // The operator token stays with the agent.
+            .env_remove(crate::auth::TOKEN_ENV);
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
@@ -1866,7 +1878,13 @@ pub(crate) mod tests {
 
     /// Puts a running instance whose "vmm" is this test process into the table.
     pub(crate) fn running(sup: &Supervisor) -> String {
+        running_for(sup, "operator")
+    }
+
+    /// As [`running`], started by principal `owner`.
+    pub(crate) fn running_for(sup: &Supervisor, owner: &str) -> String {
         let mut rec = sup.new_record("model", "micro", 1, State::Running).unwrap();
+        rec.info.owner = Some(owner.into());
         rec.info.pid = Some(std::process::id());
         rec.info.endpoint = "127.0.0.1:1".into();
         sup.reserve(&rec, "model").unwrap();

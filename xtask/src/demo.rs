@@ -28,8 +28,19 @@ use serde_json::Value;
 
 use crate::util::{cargo, run, step, target_dir};
 
-/// The dev board's token.
-pub const TOKEN: &str = "cloudlet-dev-token";
+/// The operator token the demo's agents are given (in their environment, never on a
+/// command line): random per run, the same for every agent, so a client following a moved
+/// instance is accepted by the target too.
+pub fn token() -> &'static str {
+    static T: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .expect("random bytes from /dev/urandom");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    })
+}
 /// Entries in the demo's disk table.
 pub const TABLE_ENTRIES: u64 = 5000;
 
@@ -155,6 +166,7 @@ impl Agent {
         };
         let child = cmd
             .args(extra)
+            .env("CLOUDLET_TOKEN", token())
             .args(["--stop-on-exit", "--data-dir"])
             .arg(data)
             .stdin(Stdio::null())
@@ -231,11 +243,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_nodelay(true)?;
     let body = body.unwrap_or("");
-    let auth = if method == "GET" {
-        String::new()
-    } else {
-        format!("Authorization: Bearer {TOKEN}\r\n")
-    };
+    let auth = format!("Authorization: Bearer {}\r\n", token());
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -626,10 +634,23 @@ pub fn demo() -> Result<()> {
         dev.replace(listen, &format!("listen = [\"{}\"]", site.there)),
     )?;
     // Each trusts the other for handoffs (a shared secret per pair of appliances).
-    let secret = format!("demo-secret-{}-{}", agent.id, id_b);
+    // The secret goes in a file only its owner may read, never on a command line.
+    let secret_file = work.join("peer.secret");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&secret_file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_file)?;
+        writeln!(f, "demo-secret-{}-{}", agent.id, id_b)?;
+    }
     for (data, other) in [(&work.join("data"), &id_b), (&data_b, &agent.id)] {
         run(Command::new(p.bin.join("agent"))
-            .args(["add-peer", other, "--secret", &secret, "--data-dir"])
+            .args(["add-peer", other, "--secret-file"])
+            .arg(&secret_file)
+            .arg("--data-dir")
             .arg(data)
             .stdout(Stdio::null()))?;
     }

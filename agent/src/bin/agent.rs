@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use agent::auth::{random_secret, PeerStore};
+use agent::auth::{random_secret, read_secret_file, PeerStore, TOKEN_ENV};
 use agent::board::Board;
 use agent::daemon::{default_vmm, Options};
+use agent::devices::DeviceStore;
 use agent::store::Store;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -15,11 +16,17 @@ use clap::{Args, Parser, Subcommand};
 /// described at /v1/openapi.json) and the web manager (/), and synthesises service VMs with
 /// `vmm synthesize` on request. Without a subcommand it runs the daemon.
 ///
+/// The operator token is never given on the command line: it is the environment variable
+/// CLOUDLET_TOKEN, or the file --token-file names (mode 0600), or DATA_DIR/operator.token,
+/// which the agent makes (mode 0600, random) on first start.
+///
 /// Examples:
 ///   agent --board dev --data-dir /tmp/cl              # run with the embedded dev board
 ///   agent stage-base micro --from base/ --data-dir /tmp/cl
 ///   agent stage-service model --overlay app.overlay --data-dir /tmp/cl
 ///   agent add-peer 0123456789ab --name hall-b --data-dir /tmp/cl   # prints a new secret
+///   agent devices --data-dir /tmp/cl                  # the paired devices
+///   agent revoke phone-1 --data-dir /tmp/cl           # revoke one (401 from its next request)
 #[derive(Parser, Debug)]
 #[command(name = "agent", version, verbatim_doc_comment)]
 struct Cli {
@@ -59,9 +66,10 @@ struct ConfigArgs {
     /// Override the board's API port (0 = pick a free one).
     #[arg(long, global = true)]
     port: Option<u16>,
-    /// Override the board's API token.
+    /// A file holding the operator token (mode 0600; default DATA_DIR/operator.token, made
+    /// on first start). The environment variable CLOUDLET_TOKEN takes precedence.
     #[arg(long, global = true)]
-    token: Option<String>,
+    token_file: Option<PathBuf>,
     /// Turn mDNS discovery off whatever the board says.
     #[arg(long, global = true)]
     no_discovery: bool,
@@ -92,16 +100,25 @@ enum Cmd {
     },
     /// Trust appliance ID (12 hex digits, its `GET /v1/system` id) for VM handoff, in both
     /// directions, with a shared secret: run it on both appliances, each with the other's
-    /// id and the same secret. Without --secret a new one is made and printed.
+    /// id and the same secret. Without --secret-file a new one is made and printed.
     AddPeer {
         /// The other appliance's id.
         id: String,
         /// A name for people.
         #[arg(long, default_value = "")]
         name: String,
-        /// The shared secret (at least 16 characters); made when absent.
+        /// A file (mode 0600) holding the shared secret (at least 16 characters); a secret
+        /// is made when absent. Never on the command line itself.
         #[arg(long)]
-        secret: Option<String>,
+        secret_file: Option<PathBuf>,
+    },
+    /// List the paired devices (from DATA/devices.json).
+    Devices,
+    /// Revoke a paired device's credential: it gets 401 from its next request on, also
+    /// while the agent runs.
+    Revoke {
+        /// The device id (as `agent devices` shows it).
+        id: String,
     },
     /// Add a client app (a file phones may download) to the app store.
     StageApp {
@@ -133,9 +150,6 @@ fn load_board(c: &ConfigArgs) -> Result<Board> {
     }
     if let Some(p) = c.port {
         b.port = p;
-    }
-    if let Some(t) = &c.token {
-        b.token = t.clone();
     }
     if c.no_discovery {
         b.discovery = false;
@@ -186,6 +200,7 @@ fn run(cli: Cli) -> Result<()> {
                 vmm: cli.vmm.unwrap_or_else(default_vmm),
                 stop_on_exit: cli.stop_on_exit,
                 warm: !cli.no_warm_standby,
+                token_file: cli.cfg.token_file.clone(),
             }))
         }
         Some(Cmd::CheckConfig) => {
@@ -202,6 +217,18 @@ fn run(cli: Cli) -> Result<()> {
                 if board.discovery { "on" } else { "off" }
             );
             println!("  data: {}", board.data_dir.display());
+            println!(
+                "  operator token: {}",
+                match &cli.cfg.token_file {
+                    _ if std::env::var_os(TOKEN_ENV).is_some() => format!("${TOKEN_ENV}"),
+                    Some(f) => f.display().to_string(),
+                    None => board
+                        .data_dir
+                        .join(agent::auth::OPERATOR_TOKEN_FILE)
+                        .display()
+                        .to_string(),
+                }
+            );
             Ok(())
         }
         Some(Cmd::StageBase { name, from }) => {
@@ -221,22 +248,48 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Some(Cmd::AddPeer { id, name, secret }) => {
+        Some(Cmd::AddPeer {
+            id,
+            name,
+            secret_file,
+        }) => {
             let s = store()?;
-            let secret = match secret {
-                Some(s) => s,
+            let made = secret_file.is_none();
+            let secret = match &secret_file {
+                Some(f) => read_secret_file(f)?,
                 None => random_secret()?,
             };
             let p = PeerStore::in_dir(s.root()).add(&id, &name, &secret)?;
             println!(
-                "appliance {} ({}) is trusted for handoff; this appliance is {}. On {}, run:\n  agent add-peer {} --secret {}",
+                "appliance {} ({}) is trusted for handoff; this appliance is {}.",
                 p.id,
                 if p.name.is_empty() { "-" } else { &p.name },
                 s.id(),
-                p.id,
-                s.id(),
-                p.secret
             );
+            if made {
+                println!(
+                    "The shared secret: {}\nOn {}, put it in a file only its owner may read (chmod 600 FILE) and run:\n  agent add-peer {} --secret-file FILE",
+                    p.secret,
+                    p.id,
+                    s.id()
+                );
+            }
+            Ok(())
+        }
+        Some(Cmd::Devices) => {
+            let s = store()?;
+            for d in DeviceStore::in_dir(s.root()).list()? {
+                println!(
+                    "{:<24} {:<8} {:<20} {:<20} issued {} expires {}",
+                    d.id, d.status, d.name, d.model, d.issued_unix, d.expires_unix
+                );
+            }
+            Ok(())
+        }
+        Some(Cmd::Revoke { id }) => {
+            let s = store()?;
+            let d = DeviceStore::in_dir(s.root()).revoke(&id, "operator (agent revoke)")?;
+            println!("device {} ({}) is revoked", d.id, d.name);
             Ok(())
         }
         Some(Cmd::StageApp {

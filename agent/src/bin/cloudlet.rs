@@ -15,22 +15,29 @@ use clap::{Parser, Subcommand};
 /// the measured round trip to their API, starts service VMs on the best one and talks to
 /// them over the guest's framed TCP protocol.
 ///
+/// The credential (the operator's token or a paired device's) is never given on the command
+/// line: it is the environment variable CLOUDLET_TOKEN, or the file --token-file names (mode
+/// 0600; the operator's is the appliance's DATA_DIR/operator.token).
+///
 /// Examples:
 ///   cloudlet discover
-///   cloudlet start model --token cloudlet-dev-token        # on the best appliance
+///   cloudlet start model --token-file ~/.cloudlet-token   # on the best appliance
 ///   cloudlet call 127.0.0.1:40123 "query 5" "get 7"
 ///   cloudlet call i-0123abcd "query 5" --agent http://127.0.0.1:9999   # follows a handoff
-///   cloudlet handoff i-0123abcd --to http://10.0.0.2:9999 --agent http://127.0.0.1:9999 --token T
-///   cloudlet stop i-0123abcd --agent http://127.0.0.1:9999 --token cloudlet-dev-token
+///   cloudlet handoff i-0123abcd --to http://10.0.0.2:9999 --agent http://127.0.0.1:9999
+///   cloudlet stop i-0123abcd --agent http://127.0.0.1:9999
+///   cloudlet devices --agent http://127.0.0.1:9999       # paired devices (operator)
+///   cloudlet revoke phone-1 --agent http://127.0.0.1:9999
 #[derive(Parser, Debug)]
 #[command(name = "cloudlet", version, verbatim_doc_comment)]
 struct Cli {
     /// Use this agent (http://IP:PORT) instead of discovering one.
     #[arg(long, global = true)]
     agent: Option<String>,
-    /// Bearer token for mutating requests (the board's api.token).
+    /// A file holding the credential to present (mode 0600). CLOUDLET_TOKEN takes
+    /// precedence.
     #[arg(long, global = true)]
-    token: Option<String>,
+    token_file: Option<std::path::PathBuf>,
     /// How long to browse mDNS, ms.
     #[arg(long, global = true, default_value_t = 1500)]
     browse_ms: u64,
@@ -86,6 +93,14 @@ enum Cmd {
     },
     /// List an appliance's instances.
     List,
+    /// List the devices paired with an appliance (the operator's).
+    Devices,
+    /// Revoke a paired device's credential (the operator's): it gets 401 from its next
+    /// request on.
+    Revoke {
+        /// The device id (as `cloudlet devices` shows it).
+        id: String,
+    },
 }
 
 fn agent_url(cli: &Cli) -> Result<String> {
@@ -114,6 +129,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let token = agent::auth::client_token(
+        std::env::var(agent::auth::TOKEN_ENV).ok(),
+        cli.token_file.as_deref(),
+    )?;
+    let client = |url: &str| Client::new(url, token.as_deref());
     match &cli.cmd {
         Cmd::Discover { wait_for } => {
             let window = Duration::from_millis(cli.browse_ms);
@@ -149,7 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Info => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let s = c.system()?;
             let svcs = c.services()?;
             if cli.json {
@@ -174,7 +194,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Start { service } => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let i = c.start(service)?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
@@ -192,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Call { endpoint, requests } if endpoint.starts_with("i-") => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let mut sess = Session::open(&c, endpoint, Duration::from_secs(10))?;
             for r in requests {
                 let reply = sess
@@ -215,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             to,
             downtime_ms,
         } => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let (id2, to2, dt) = (id.clone(), to.clone(), *downtime_ms);
             let c2 = c.clone().with_timeout(HANDOFF_TIMEOUT);
             let job = std::thread::spawn(move || c2.handoff(&id2, &to2, dt));
@@ -273,12 +293,29 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Stop { id } => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let i = c.delete(id)?;
             println!("{} {} ({})", i.id, i.state, i.exit.unwrap_or_default());
         }
+        Cmd::Devices => {
+            let v = client(&agent_url(&cli)?).devices()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for d in v {
+                    println!(
+                        "{:<24} {:<8} {:<20} {:<20} expires {}",
+                        d.id, d.status, d.name, d.model, d.expires_unix
+                    );
+                }
+            }
+        }
+        Cmd::Revoke { id } => {
+            let d = client(&agent_url(&cli)?).revoke_device(id)?;
+            println!("device {} ({}) is {}", d.id, d.name, d.status);
+        }
         Cmd::List => {
-            let c = Client::new(&agent_url(&cli)?, cli.token.as_deref());
+            let c = client(&agent_url(&cli)?);
             let v = c.instances()?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use agent::client::Client;
 use agent::store::sha256_file;
 
-use crate::common::{images, verify_guest, wait_for, AgentProc, TOKEN};
+use crate::common::{board_text, images, verify_guest, wait_for, AgentProc, Scratch};
 
 /// Start → verified replies through the forwarded port → stop → delete; and the read-only
 /// routes (system, services, apps with checksums, overlay export, OpenAPI, metrics, page).
@@ -54,7 +54,7 @@ fn start_call_stop_and_the_read_routes() {
     assert_eq!(c.services().unwrap()[0].overlay_sha256, sha);
 
     // App store: metadata with a checksum, and the file.
-    let apps = c.raw("GET", "/v1/apps", None, false).unwrap().json();
+    let apps = c.raw("GET", "/v1/apps", None, true).unwrap().json();
     let app = &apps[0];
     assert_eq!(app["name"], "model-client");
     assert_eq!(app["service"], "model");
@@ -62,10 +62,10 @@ fn start_call_stop_and_the_read_routes() {
         app["sha256"],
         sha256_file(&images().app).unwrap().0.as_str()
     );
-    let one = c.raw("GET", "/v1/apps/model-client", None, false).unwrap();
+    let one = c.raw("GET", "/v1/apps/model-client", None, true).unwrap();
     assert_eq!(one.status, 200);
     let file = c
-        .raw("GET", "/v1/apps/model-client/download", None, false)
+        .raw("GET", "/v1/apps/model-client/download", None, true)
         .unwrap();
     assert_eq!(file.body.as_bytes(), std::fs::read(&images().app).unwrap());
 
@@ -76,7 +76,7 @@ fn start_call_stop_and_the_read_routes() {
     assert!(doc["paths"]["/v1/instances"]["post"].is_object());
     let page = c.raw("GET", "/", None, false).unwrap();
     assert!(page.body.contains("Cloudlet manager"));
-    let m = c.raw("GET", "/metrics", None, false).unwrap().body;
+    let m = c.raw("GET", "/metrics", None, true).unwrap().body;
     assert!(m.contains("cloudlet_start_latency_ms_count 1"), "{m}");
     assert!(
         m.contains(
@@ -90,7 +90,7 @@ fn start_call_stop_and_the_read_routes() {
 /// The start request of the sample service.
 const START_MODEL: &[u8] = br#"{"service":"model"}"#;
 
-/// Sends `method path` (with `body` as JSON, and `c`'s token unless it is a GET), checks the
+/// Sends `method path` (with `body` as JSON, and `c`'s token), checks the
 /// answer is `status`, and that each `(key, needle)` names a JSON string field holding
 /// `needle`.
 fn refused(
@@ -101,7 +101,7 @@ fn refused(
     status: u16,
     json: &[(&str, &str)],
 ) {
-    let r = c.raw(method, path, body, method != "GET").unwrap();
+    let r = c.raw(method, path, body, true).unwrap();
     assert_eq!(r.status, status, "{method} {path}: {r:?}");
     for (key, needle) in json {
         assert!(
@@ -216,7 +216,7 @@ fn overlay_uploads_are_verified_before_install() {
     let a = AgentProc::start("upload", &[("max_upload_mib = 256", "max_upload_mib = 2")]);
     let c = a.client();
     let addr = a.addr();
-    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let auth = format!("Authorization: Bearer {}\r\n", a.token());
 
     let big = vec![0x5au8; 3 << 20];
     let head = format!(
@@ -236,7 +236,15 @@ fn overlay_uploads_are_verified_before_install() {
     let badp = a.dir.path("bad.overlay");
     std::fs::write(&badp, &bad).unwrap();
     let e = c.upload_overlay("bad", &badp).unwrap_err().to_string();
-    assert!(e.contains("422") && e.contains("overlay refused"), "{e}");
+    assert!(
+        e.contains("422") && e.contains("the uploaded overlay is not usable: chunk"),
+        "{e}"
+    );
+    // The error names no path of the server's.
+    assert!(
+        !e.contains(a.data.to_str().unwrap()) && !e.contains("/tmp"),
+        "{e}"
+    );
     let junk = a.dir.path("junk.overlay");
     std::fs::write(&junk, b"not an overlay").unwrap();
     let e = c.upload_overlay("junk", &junk).unwrap_err().to_string();
@@ -289,7 +297,7 @@ fn a_killed_vmm_is_reported_failed() {
     assert_eq!(c.system().unwrap().instances, 0);
     let j = c.start("model").unwrap();
     verify_guest(&j.endpoint);
-    let m = c.raw("GET", "/metrics", None, false).unwrap().body;
+    let m = c.raw("GET", "/metrics", None, true).unwrap().body;
     assert!(m.contains("cloudlet_instances{state=\"failed\"} 1"), "{m}");
 }
 
@@ -317,6 +325,7 @@ fn a_restarted_agent_readopts_running_instances() {
     let c = a.client();
     let v = c.instance(&live.id).unwrap();
     assert_eq!((v.state.as_str(), v.adopted), ("running", true), "{v:?}");
+    assert_eq!(v.owner.as_deref(), Some("operator"), "the owner is kept");
     assert_eq!(v.endpoint, live.endpoint);
     verify_guest(&v.endpoint);
     let d = c.instance(&doomed.id).unwrap();
@@ -326,4 +335,194 @@ fn a_restarted_agent_readopts_running_instances() {
     assert_eq!(s.state, "stopped");
     assert!(!agent::supervisor::pid_alive(live.pid.unwrap()));
     assert!(a.live_vmms().is_empty());
+}
+
+/// Scopes end to end, with real service VMs: a paired device starts an instance (its own),
+/// a second device neither sees nor touches it, the device downloads apps but reaches no
+/// operator route, nothing about instances or apps is served without a credential; the
+/// operator lists and revokes devices with the CLI (no secret on its command line), and the
+/// revoked device gets 401 on its very next request, as does an expired one.
+#[test]
+fn devices_own_their_instances_and_lose_access_when_revoked() {
+    use agent::devices::DEFAULT_TTL;
+    let a = AgentProc::start("devices", &[]);
+    let op = a.client();
+    let phone = a.device("phone-a", DEFAULT_TTL);
+    let other = a.device("phone-b", DEFAULT_TTL);
+    let i = phone.start("model").unwrap();
+    assert_eq!(i.owner.as_deref(), Some("device:phone-a"), "{i:?}");
+    verify_guest(&i.endpoint);
+    assert_eq!(phone.instances().unwrap().len(), 1);
+    assert!(other.instances().unwrap().is_empty(), "not another's");
+    let mine = format!("/v1/instances/{}", i.id);
+    for (m, p) in [
+        ("GET", mine.clone()),
+        ("POST", format!("{mine}/stop")),
+        ("DELETE", mine.clone()),
+    ] {
+        refused(
+            &other,
+            m,
+            &p,
+            None,
+            403,
+            &[("error", "not device:phone-b's")],
+        );
+    }
+    assert_eq!(op.instance(&i.id).unwrap().state, "running");
+    verify_guest(&i.endpoint);
+    for (m, p) in [
+        ("GET", "/v1/devices"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/services/model/overlay"),
+        ("DELETE", "/v1/services/model"),
+    ] {
+        refused(&phone, m, p, None, 403, &[("error", "operator's")]);
+    }
+    let app = phone
+        .raw("GET", "/v1/apps/model-client/download", None, true)
+        .unwrap();
+    assert_eq!(app.body.as_bytes(), std::fs::read(&images().app).unwrap());
+    for p in [
+        mine.as_str(),
+        "/v1/instances",
+        "/v1/services/model/overlay",
+        "/v1/apps/model-client/download",
+        "/metrics",
+    ] {
+        refused(
+            &a.anon(),
+            "GET",
+            p,
+            None,
+            401,
+            &[("hint", "operator.token")],
+        );
+    }
+
+    let cloudlet = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+            .env_remove(agent::auth::TOKEN_ENV)
+            .args(["--agent", &a.url, "--token-file"])
+            .arg(a.token_file())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cloudlet {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let list = cloudlet(&["devices"]);
+    assert!(
+        list.contains("phone-a") && list.contains("phone-b") && list.contains("active"),
+        "{list}"
+    );
+    let out = cloudlet(&["revoke", "phone-a"]);
+    assert!(out.contains("phone-a") && out.contains("revoked"), "{out}");
+    refused(
+        &phone,
+        "GET",
+        "/v1/instances",
+        None,
+        401,
+        &[("error", "not valid")],
+    );
+    refused(&phone, "DELETE", &mine, None, 401, &[]);
+    assert!(
+        other.instances().unwrap().is_empty(),
+        "phone-b is unaffected"
+    );
+    // The operator still manages the revoked device's instance.
+    assert_eq!(op.delete(&i.id).unwrap().state, "stopped");
+    assert!(a.live_vmms().is_empty());
+
+    // Expiry.
+    let brief = a.device("phone-c", Duration::from_secs(2));
+    assert!(brief.instances().unwrap().is_empty());
+    let exp = agent::devices::DeviceStore::in_dir(&a.data)
+        .get("phone-c")
+        .unwrap()
+        .expires_unix;
+    while agent::store::unix_now() < exp {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    refused(&brief, "GET", "/v1/instances", None, 401, &[]);
+    let audit = std::fs::read_to_string(a.data.join(agent::audit::AUDIT_FILE)).unwrap();
+    assert_eq!(audit.matches("device.paired").count(), 3, "{audit}");
+    assert_eq!(audit.matches("device.revoked").count(), 1, "{audit}");
+}
+
+/// The operator token: made by the agent on first start (mode 0600, announced), never in the
+/// board file (a file that still has one is refused saying where it goes now), and a token
+/// file group or others may read is refused.
+#[test]
+fn the_operator_token_is_made_on_first_start_and_never_in_the_board_file() {
+    let s = Scratch::new("optoken");
+    let agent_cmd = |board: &str, data: &str, extra: &[&str]| {
+        let b = s.path("board.toml");
+        std::fs::write(&b, board).unwrap();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_agent"));
+        c.env_remove(agent::auth::TOKEN_ENV)
+            .arg("--config")
+            .arg(&b)
+            .arg("--data-dir")
+            .arg(s.path(data))
+            .args(["--no-discovery", "--port", "0"])
+            .args(extra);
+        c
+    };
+    // A board file with a token.
+    let old = board_text(&[("port = 0", "port = 0\ntoken = \"cloudlet-dev-token\"")]);
+    let out = agent_cmd(&old, "d0", &["check-config"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("api.token")
+            && err.contains("operator.token")
+            && err.contains("CLOUDLET_TOKEN"),
+        "{err}"
+    );
+    // A token file others may read.
+    let f = s.path("open.token");
+    std::fs::write(&f, "an-operator-token-0123456789\n").unwrap();
+    let out = agent_cmd(
+        &board_text(&[]),
+        "d1",
+        &["--token-file", f.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("chmod 600") && err.contains("open.token"),
+        "{err}"
+    );
+    // First start: made, private, announced; it opens the operator's routes.
+    let child = agent_cmd(&board_text(&[]), "d2", &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = wait_for(Duration::from_secs(20), "the agent to listen", || {
+        std::fs::read_to_string(s.path("d2/api.addr")).ok()
+    });
+    let tf = s.path("d2").join(agent::auth::OPERATOR_TOKEN_FILE);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&tf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = agent::auth::read_secret_file(&tf).unwrap();
+    let c = Client::new(&format!("http://{}", addr.trim()), Some(&token));
+    assert!(c.instances().unwrap().is_empty());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("made the operator token") && said.contains(tf.to_str().unwrap()),
+        "{said}"
+    );
+    assert!(!said.contains(&token), "the token itself is never printed");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use agent::client::Client;
 use serde_json::{json, Value};
 
-use crate::common::{verify_guest, wait_for, AgentProc, TOKEN};
+use crate::common::{verify_guest, wait_for, AgentProc};
 
 /// The W3C element reference key.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -129,18 +129,28 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
     let d = Driver::start();
     d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
     assert_eq!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
-    // The catalogue is rendered from the API.
-    let start = d.wait("button.start[data-service='model']");
+    // Without the token the page shows the open system line and asks for it.
     let sys = d.wait("#system");
     wait_for(Duration::from_secs(10), "system line", || {
         d.text(&sys).contains("dev").then_some(())
     });
+    wait_for(Duration::from_secs(10), "the request for a token", || {
+        d.text(&d.wait("#msg"))
+            .contains("enter the operator token")
+            .then_some(())
+    });
+    assert!(
+        d.find("button.start").is_none(),
+        "no catalogue without a token"
+    );
     let token = d.wait("#token");
     d.cmd(
         "POST",
         &format!("/element/{token}/value"),
-        json!({"text": TOKEN}),
+        json!({"text": a.token()}),
     );
+    // The catalogue is rendered from the API, with the token.
+    let start = d.wait("button.start[data-service='model']");
     let t0 = Instant::now();
     d.click(&start);
     let row = wait_for(Duration::from_secs(20), "a running instance row", || {
@@ -173,6 +183,19 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
     });
     assert!(a.client().instances().unwrap().is_empty());
     assert!(a.live_vmms().is_empty());
+
+    // Paired devices are listed; Revoke (confirmed) revokes at once.
+    let phone = a.device("phone-w", Duration::from_secs(3600));
+    assert!(phone.instances().unwrap().is_empty());
+    let revoke = d.wait("#dev-phone-w button.revoke");
+    assert!(d.text(&d.wait("#dev-phone-w")).contains("active"));
+    d.click(&revoke);
+    d.cmd("POST", "/alert/accept", json!({}));
+    wait_for(Duration::from_secs(20), "the row to show revoked", || {
+        d.find("#dev-phone-w td.dev-status.revoked")
+    });
+    let e = phone.instances().unwrap_err().to_string();
+    assert!(e.contains("401"), "{e}");
 }
 
 /// Decodes standard base64 (a WebDriver screenshot).
@@ -232,7 +255,7 @@ fn the_web_manager_hands_an_instance_off() {
     d.cmd(
         "POST",
         &format!("/element/{token}/value"),
-        json!({"text": TOKEN}),
+        json!({"text": a.token()}),
     );
     let ho = d.wait(&format!("#inst-{} button.handoff", i.id));
     d.click(&ho);

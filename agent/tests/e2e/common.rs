@@ -10,9 +10,6 @@ use std::time::{Duration, Instant};
 
 use agent::client::Client;
 
-/// The dev board's token.
-pub const TOKEN: &str = "cloudlet-dev-token";
-
 /// What `cargo xtask test` builds before the tests run: the micro guest (`micro-guest`) or a
 /// binary of this test build beside `agent`. Panics, saying how to build it, when missing.
 pub fn built(name: &str) -> PathBuf {
@@ -117,6 +114,12 @@ pub fn images() -> &'static Images {
             app,
         }
     })
+}
+
+/// The operator token of every agent this test run starts (random per run).
+pub fn operator_token() -> &'static str {
+    static T: OnceLock<String> = OnceLock::new();
+    T.get_or_init(|| agent::auth::random_secret().unwrap())
 }
 
 /// A running agent.
@@ -229,6 +232,14 @@ impl AgentProc {
             ],
             &data,
         );
+        // Every agent of the run has the same operator token, as an operator of several
+        // appliances would set them up (a handoff's source and target, a client following
+        // a moved instance); the agent making its own is tested on its own.
+        agent::auth::write_private(
+            &data.join(agent::auth::OPERATOR_TOKEN_FILE),
+            format!("{}\n", operator_token()).as_bytes(),
+        )
+        .unwrap();
         let mut a = AgentProc {
             dir,
             data,
@@ -261,7 +272,10 @@ impl AgentProc {
             }
             None => Command::new(env!("CARGO_BIN_EXE_agent")),
         };
-        cmd.arg("--config")
+        // The operator token is the one in its data directory (see `token`), whatever the
+        // environment of the test run holds.
+        cmd.env_remove(agent::auth::TOKEN_ENV)
+            .arg("--config")
             .arg(&self.board)
             .arg("--data-dir")
             .arg(&self.data)
@@ -309,9 +323,20 @@ impl AgentProc {
             .to_string()
     }
 
-    /// Trusts `other` for handoff with `secret` (`agent add-peer`; the agent reads it at once).
+    /// Trusts `other` for handoff with `secret` (`agent add-peer`, the secret in a private
+    /// file; the agent reads the store at once).
     pub fn trust(&self, other: &AgentProc, secret: &str) {
-        run_agent_cmd(&["add-peer", &other.id(), "--secret", secret], &self.data);
+        let f = self.dir.path("peer.secret");
+        agent::auth::write_private(&f, secret.as_bytes()).unwrap();
+        run_agent_cmd(
+            &[
+                "add-peer",
+                &other.id(),
+                "--secret-file",
+                f.to_str().unwrap(),
+            ],
+            &self.data,
+        );
     }
 
     /// Instance records in the data directory, and whether anything else is under
@@ -328,9 +353,28 @@ impl AgentProc {
         v
     }
 
-    /// A client with the token.
+    /// The file holding the operator token (mode 0600).
+    pub fn token_file(&self) -> PathBuf {
+        self.data.join(agent::auth::OPERATOR_TOKEN_FILE)
+    }
+
+    /// The operator token.
+    pub fn token(&self) -> String {
+        agent::auth::read_secret_file(&self.token_file()).unwrap()
+    }
+
+    /// A client with the operator token.
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(TOKEN))
+        Client::new(&self.url, Some(&self.token()))
+    }
+
+    /// Pairs device `id` directly in the data directory (as pairing does; the agent reads
+    /// the store at every request) and returns a client with its credential.
+    pub fn device(&self, id: &str, ttl: Duration) -> Client {
+        let (secret, _) = agent::devices::DeviceStore::in_dir(&self.data)
+            .issue(id, id, "test phone", ttl)
+            .unwrap();
+        Client::new(&self.url, Some(&secret))
     }
 
     /// A client without a token.

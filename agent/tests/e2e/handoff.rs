@@ -122,7 +122,7 @@ fn hand_off_under_load(a: &AgentProc, b: &AgentProc) -> (Calls, agent::http::Ins
     );
     // The source tells where it went; the client followed it there.
     let raw = c
-        .raw("GET", &format!("/v1/instances/{}", i.id), None, false)
+        .raw("GET", &format!("/v1/instances/{}", i.id), None, true)
         .unwrap();
     assert_eq!(raw.status, 200);
     assert_eq!(raw.json()["state"], "moved");
@@ -151,13 +151,13 @@ fn hand_off_under_load(a: &AgentProc, b: &AgentProc) -> (Calls, agent::http::Ins
     assert!(a.live_vmms().is_empty(), "the source vmm is gone");
     assert_eq!(c.system().unwrap().instances, 0);
     assert_eq!(b.client().system().unwrap().instances, 1);
-    let m = c.raw("GET", "/metrics", None, false).unwrap().body;
+    let m = c.raw("GET", "/metrics", None, true).unwrap().body;
     assert!(
         m.contains("cloudlet_handoffs_total{role=\"source\",outcome=\"moved\"} 1"),
         "{m}"
     );
     assert!(m.contains("cloudlet_handoff_downtime_ms_count 1"), "{m}");
-    let m = b.client().raw("GET", "/metrics", None, false).unwrap().body;
+    let m = b.client().raw("GET", "/metrics", None, true).unwrap().body;
     assert!(
         m.contains("cloudlet_handoffs_total{role=\"target\",outcome=\"received\"} 1"),
         "{m}"
@@ -240,7 +240,8 @@ fn handoff_with_a_stand_in_vmm() {
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlet"))
             .args(args)
-            .args(["--agent", &a.url, "--token", crate::common::TOKEN])
+            .args(["--agent", &a.url, "--token-file"])
+            .arg(a.token_file())
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
