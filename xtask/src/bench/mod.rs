@@ -5,6 +5,7 @@
 mod agent;
 mod boot;
 mod child;
+mod density;
 mod handoff;
 mod net;
 mod qemu;
@@ -20,7 +21,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot`, `synthesis`, `net`, `agent` or `handoff`.
+    /// Which benchmark: `boot`, `synthesis`, `net`, `agent`, `handoff` or `density`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -41,8 +42,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         "net" => net::run_bench(args.runs)?,
         "agent" => agent::run_bench(args.runs)?,
         "handoff" => handoff::run_bench(args.runs)?,
+        "density" => density::run_bench(args.runs)?,
         other => {
-            bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent, handoff")
+            bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent, handoff, density")
         }
     };
     write_report(&args.name, args.runs, figures)
