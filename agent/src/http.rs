@@ -85,6 +85,8 @@ pub struct AppState {
     pub peers: PeerStore,
     /// When the agent started.
     pub started: Instant,
+    /// SHA-256 of the appliance's TLS certificate (see [`crate::tls`]).
+    pub fingerprint: String,
 }
 
 /// An error response.
@@ -457,6 +459,9 @@ pub struct SystemInfo {
     pub services_digest: String,
     /// Seconds since the agent started.
     pub uptime_s: u64,
+    /// SHA-256 of the appliance's TLS certificate, hex (what clients pin).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// The system snapshot (also used for the mDNS TXT record).
@@ -481,6 +486,7 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         services: st.store.services().into_iter().map(|s| s.name).collect(),
         services_digest: st.store.catalogue_digest(),
         uptime_s: st.started.elapsed().as_secs(),
+        fingerprint: st.fingerprint.clone(),
     }
 }
 
@@ -964,6 +970,7 @@ mod tests {
                 .with(Arc::new(peers.clone())),
             peers,
             started: Instant::now(),
+            fingerprint: "ab".repeat(32),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());

@@ -11,6 +11,7 @@
 //!   [`guest`]: the service VM's framed TCP protocol.
 //! - [`handoff`]: moving a running instance to another appliance (source and target
 //!   orchestration; the vmms stream the VM).
+//! - [`tls`]: the appliance certificate (HTTPS off loopback) and fingerprint pinning.
 //! - [`daemon`]: the `agent` process wiring it all together.
 
 pub mod auth;
@@ -25,3 +26,4 @@ pub mod metrics;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
+pub mod tls;

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 ///   agent --board dev --data-dir /tmp/cl              # run with the embedded dev board
 ///   agent stage-base micro --from base/ --data-dir /tmp/cl
 ///   agent stage-service model --overlay app.overlay --data-dir /tmp/cl
-///   agent add-peer 0123456789ab --name hall-b --data-dir /tmp/cl   # prints a new secret
+///   agent add-peer 0123456789ab --name hall-b --fingerprint 3f2a… --data-dir /tmp/cl   # prints a new secret
 #[derive(Parser, Debug)]
 #[command(name = "agent", version, verbatim_doc_comment)]
 struct Cli {
@@ -96,6 +96,11 @@ enum Cmd {
         /// The shared secret (at least 16 characters); made when absent.
         #[arg(long)]
         secret: Option<String>,
+        /// The other appliance's certificate fingerprint (its `GET /v1/system` →
+        /// `fingerprint`, or its start-up line): needed to hand off to it over HTTPS, which
+        /// is pinned to it.
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// Add a client app (a file phones may download) to the app store.
     StageApp {
@@ -214,21 +219,38 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Some(Cmd::AddPeer { id, name, secret }) => {
+        Some(Cmd::AddPeer {
+            id,
+            name,
+            secret,
+            fingerprint,
+        }) => {
             let s = store()?;
             let secret = match secret {
                 Some(s) => s,
                 None => random_secret()?,
             };
-            let p = PeerStore::in_dir(s.root()).add(&id, &name, &secret)?;
+            let p = PeerStore::in_dir(s.root()).add_pinned(
+                &id,
+                &name,
+                &secret,
+                fingerprint.as_deref(),
+            )?;
+            let mine = agent::tls::ApplianceCert::load_or_create(s.root(), s.id())?;
             println!(
-                "appliance {} ({}) is trusted for handoff; this appliance is {}. On {}, run:\n  agent add-peer {} --secret {}",
+                "appliance {} ({}) is trusted for handoff{}; this appliance is {}. On {}, run:\n  agent add-peer {} --secret {} --fingerprint {}",
                 p.id,
                 if p.name.is_empty() { "-" } else { &p.name },
+                if p.fingerprint.is_some() {
+                    " (its certificate pinned)"
+                } else {
+                    " over plain HTTP only (no --fingerprint)"
+                },
                 s.id(),
                 p.id,
                 s.id(),
-                p.secret
+                p.secret,
+                mine.fingerprint()
             );
             Ok(())
         }
