@@ -129,7 +129,7 @@ pub struct AgentProc {
     pub board: PathBuf,
     /// The process.
     pub child: Option<Child>,
-    /// `http://IP:PORT`.
+    /// `http://IP:PORT` (loopback) or `https://IP:PORT`: the first line of `DATA/api.url`.
     pub url: String,
     /// Whether to pass --stop-on-exit.
     stop_on_exit: bool,
@@ -245,7 +245,7 @@ impl AgentProc {
 
     /// (Re)starts the agent process on the same data directory.
     pub fn spawn(&mut self) {
-        let addr_file = self.data.join("api.addr");
+        let addr_file = self.data.join("api.url");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -279,8 +279,8 @@ impl AgentProc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(s) = std::fs::read_to_string(&addr_file) {
-                if !s.trim().is_empty() {
-                    self.url = format!("http://{}", s.trim());
+                if let Some(first) = s.lines().next().filter(|l| !l.trim().is_empty()) {
+                    self.url = first.trim().to_string();
                     break;
                 }
             }
@@ -309,9 +309,34 @@ impl AgentProc {
             .to_string()
     }
 
-    /// Trusts `other` for handoff with `secret` (`agent add-peer`; the agent reads it at once).
+    /// SHA-256 of this appliance's TLS certificate (from its data directory).
+    pub fn fingerprint(&self) -> String {
+        let der = std::fs::read(self.data.join("tls/cert.der")).unwrap();
+        agent::tls::fingerprint(&der)
+    }
+
+    /// Chromium's `--ignore-certificate-errors-spki-list` value trusting exactly this
+    /// appliance's key.
+    pub fn spki(&self) -> String {
+        agent::tls::ApplianceCert::load_or_create(&self.data, &self.id())
+            .unwrap()
+            .spki_sha256_base64()
+    }
+
+    /// Trusts `other` for handoff with `secret`, its certificate pinned (`agent add-peer`;
+    /// the agent reads it at once).
     pub fn trust(&self, other: &AgentProc, secret: &str) {
-        run_agent_cmd(&["add-peer", &other.id(), "--secret", secret], &self.data);
+        run_agent_cmd(
+            &[
+                "add-peer",
+                &other.id(),
+                "--secret",
+                secret,
+                "--fingerprint",
+                &other.fingerprint(),
+            ],
+            &self.data,
+        );
     }
 
     /// Instance records in the data directory, and whether anything else is under
@@ -328,19 +353,31 @@ impl AgentProc {
         v
     }
 
-    /// A client with the token.
+    /// A client with the token (its certificate pinned over HTTPS).
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(TOKEN))
+        self.client_with(Some(TOKEN))
     }
 
-    /// A client without a token.
+    /// A client without a token (its certificate pinned over HTTPS).
     pub fn anon(&self) -> Client {
-        Client::new(&self.url, None)
+        self.client_with(None)
+    }
+
+    /// A client with `token` (its certificate pinned over HTTPS).
+    pub fn client_with(&self, token: Option<&str>) -> Client {
+        if self.url.starts_with("https://") {
+            Client::pinned(&self.url, token, &self.fingerprint())
+        } else {
+            Client::new(&self.url, token)
+        }
     }
 
     /// The API address ("IP:PORT").
     pub fn addr(&self) -> String {
-        self.url.trim_start_matches("http://").to_string()
+        self.url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string()
     }
 
     /// Sends SIGTERM and waits for the exit (kills after 10 s).
