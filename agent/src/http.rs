@@ -218,7 +218,7 @@ impl From<HandoffError> for ApiError {
                 msg,
                 "name another appliance's agent",
             ),
-            HandoffError::NotPeer(..) => ApiError::new(
+            HandoffError::NotPeer(..) | HandoffError::NotPinned { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "trust each other first: `agent add-peer ID --secret S` on both appliances (each with the other's id, the same secret)",

@@ -149,7 +149,8 @@ pub fn board_text(edits: &[(&str, &str)]) -> String {
     t
 }
 
-fn run_agent_cmd(args: &[&str], data: &Path) {
+/// Runs an `agent` subcommand on the data directory `data`; panics when it fails.
+pub fn run_agent_cmd(args: &[&str], data: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(args)
         .arg("--data-dir")

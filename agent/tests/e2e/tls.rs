@@ -14,7 +14,7 @@ use agent::client::{
 use agent::discovery::{browse_until, SERVICE_TYPE};
 use netlab::Pair;
 
-use crate::common::{AgentProc, Scratch, TOKEN};
+use crate::common::{run_agent_cmd, AgentProc, Scratch, TOKEN};
 
 fn cloudlet() -> &'static str {
     env!("CARGO_BIN_EXE_cloudlet")
@@ -296,4 +296,46 @@ fn a_silent_advertiser_stalls_nothing_and_is_never_chosen() {
     assert!(ok, "{out}{err}");
     assert!(err.contains(&me) && err.contains("Pinned"), "{err}");
     drop(rogue);
+}
+
+#[test]
+fn a_handoff_over_https_needs_the_target_pinned() {
+    let (_d, vmm) = crate::handoff::stand_in();
+    let everywhere = [
+        ("listen = [\"127.0.0.1\"]", "listen = [\"0.0.0.0\"]"),
+        ("enabled = true", "enabled = false"),
+    ];
+    let a = AgentProc::start_with_vmm("tls-ho-a", &everywhere, &vmm);
+    let b = AgentProc::start_with_vmm("tls-ho-b", &everywhere, &vmm);
+    assert!(b.url.starts_with("https://"), "{}", b.url);
+    let secret = "a-secret-both-https-appliances-share-0123";
+    b.trust(&a, secret);
+    let c = a.client();
+    let i = c.start("model").unwrap();
+    // Trusted without a fingerprint, then with another one: refused, nothing moves.
+    let wrong = "0f".repeat(32);
+    let bid = b.id();
+    for fp in [None, Some(wrong.as_str())] {
+        let mut args = vec!["add-peer", &bid, "--secret", secret];
+        if let Some(f) = fp {
+            args.extend(["--fingerprint", f]);
+        }
+        run_agent_cmd(&args, &a.data);
+        let e = c.handoff(&i.id, &b.url, None).unwrap_err().to_string();
+        assert!(
+            e.contains("422") && e.contains("does not pin") && e.contains(&b.fingerprint()),
+            "{e}"
+        );
+        let v = c.instance(&i.id).unwrap();
+        assert_eq!(v.state, "running", "{v:?}");
+        assert!(b.client().instances().unwrap().is_empty());
+    }
+    // Pinned: it moves, over HTTPS.
+    a.trust(&b, secret);
+    let moved = c.handoff(&i.id, &b.url, None).unwrap();
+    assert_eq!(moved.state, "moved", "{moved:?}");
+    let to = moved.moved_to.unwrap();
+    assert_eq!(to.agent, b.url);
+    let there = b.client().instance(&to.instance).unwrap();
+    assert_eq!(there.state, "running", "{there:?}");
 }
