@@ -6,6 +6,12 @@
 //!   it the agent's own figures for the same starts: `synthesis_p50_ms` (vmm: checks → vCPUs
 //!   running) and `spawn_to_health_p50_ms` (vmm spawn → `ok health`), and `stop_p50_ms`
 //!   (`DELETE` round trip).
+//! - `api_start_to_reply_https_p50_ms` / `_p99_ms`: the same starts with the agent serving
+//!   HTTPS (listen 0.0.0.0, reached at 127.0.0.1), the client pinning its certificate; each
+//!   request on a fresh connection, so every one pays the TLS handshake.
+//! - `system_http_p50_ms` / `system_https_p50_ms`: `GET /v1/system` on a fresh connection,
+//!   plain and over pinned HTTPS: the handshake and request cost alone (target: HTTPS adds
+//!   at most 1 ms).
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::stats::{median, percentile};
-use crate::demo::{api, discover, model_entry, prepare, Agent, Guest};
+use crate::demo::{api, api_client, discover, model_entry, prepare, Agent, Guest};
 use crate::util::{require_kvm, step, target_dir};
 
 /// Runs the benchmark; returns the named figures.
@@ -31,32 +37,12 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let p = prepare(&work)?;
     let mut agent = Agent::start(&p, &work.join("data"), &work.join("agent.log"))?;
     let addr = agent.addr.clone();
-    let want = format!("ok query i=5 value={}", model_entry(5));
 
     step(&format!(
         "{runs} starts: POST /v1/instances → first verified reply"
     ));
-    let (mut total, mut synth, mut health, mut stop) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        let inst = api(
-            &addr,
-            "POST",
-            "/v1/instances",
-            Some(r#"{"service":"model"}"#),
-        )?;
-        let endpoint = inst["endpoint"].as_str().context("no endpoint")?;
-        let mut g = Guest::connect(endpoint)?;
-        g.expect("query 5", &want)?;
-        total.push(t0.elapsed().as_secs_f64() * 1e3);
-        drop(g);
-        synth.push(inst["synthesis_ms"].as_f64().unwrap_or(f64::NAN));
-        health.push(inst["first_reply_ms"].as_f64().unwrap_or(f64::NAN));
-        let id = inst["id"].as_str().context("no id")?;
-        let t = Instant::now();
-        api(&addr, "DELETE", &format!("/v1/instances/{id}"), None)?;
-        stop.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let s = starts(&addr, runs)?;
+    let system_http = system_rtts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
     let mut resolve = vec![];
@@ -81,18 +67,100 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         .context("no VmRSS")?;
     agent.stop()?;
 
+    step(&format!(
+        "{runs} starts over HTTPS (listen 0.0.0.0, the certificate pinned)"
+    ));
+    let board = work.join("board-https.toml");
+    let dev = std::fs::read_to_string(crate::util::root().join("board-configs/dev.toml"))?;
+    let listen = "listen = [\"127.0.0.1\"]";
+    if !dev.contains(listen) {
+        bail!("board-configs/dev.toml has no `{listen}`");
+    }
+    std::fs::write(&board, dev.replace(listen, "listen = [\"0.0.0.0\"]"))?;
+    let data = work.join("data");
+    let mut tls_agent = Agent::spawn(&p, &data, &work.join("agent-https.log"), Some(&board), None)?;
+    let tls = starts(&tls_agent.addr, runs)?;
+    let system_https = system_rtts(&tls_agent.addr, runs)?;
+    tls_agent.stop()?;
+
     let m = |v: &[f64]| median(v).unwrap_or(f64::NAN);
     Ok(vec![
-        ("api_start_to_reply_p50_ms".into(), m(&total)),
+        ("api_start_to_reply_p50_ms".into(), m(&s.total)),
         (
             "api_start_to_reply_p99_ms".into(),
-            percentile(&total, 99.0).unwrap_or(f64::NAN),
+            percentile(&s.total, 99.0).unwrap_or(f64::NAN),
         ),
-        ("synthesis_p50_ms".into(), m(&synth)),
-        ("spawn_to_health_p50_ms".into(), m(&health)),
-        ("stop_p50_ms".into(), m(&stop)),
+        ("api_start_to_reply_https_p50_ms".into(), m(&tls.total)),
+        (
+            "api_start_to_reply_https_p99_ms".into(),
+            percentile(&tls.total, 99.0).unwrap_or(f64::NAN),
+        ),
+        ("system_http_p50_ms".into(), m(&system_http)),
+        ("system_https_p50_ms".into(), m(&system_https)),
+        ("synthesis_p50_ms".into(), m(&s.synth)),
+        ("spawn_to_health_p50_ms".into(), m(&s.health)),
+        ("stop_p50_ms".into(), m(&s.stop)),
         ("agent_idle_rss_mib".into(), rss_kib / 1024.0),
         ("discovery_resolve_ms".into(), m(&resolve)),
         ("discovery_runs".into(), resolve.len() as f64),
     ])
+}
+
+/// Times of [`starts`], ms.
+struct Starts {
+    total: Vec<f64>,
+    synth: Vec<f64>,
+    health: Vec<f64>,
+    stop: Vec<f64>,
+}
+
+/// `runs` starts of the model service on the agent at `addr` (each: POST → first verified
+/// reply; then DELETE).
+fn starts(addr: &str, runs: usize) -> Result<Starts> {
+    let want = format!("ok query i=5 value={}", model_entry(5));
+    let mut s = Starts {
+        total: vec![],
+        synth: vec![],
+        health: vec![],
+        stop: vec![],
+    };
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let inst = api(
+            addr,
+            "POST",
+            "/v1/instances",
+            Some(r#"{"service":"model"}"#),
+        )?;
+        let endpoint = inst["endpoint"].as_str().context("no endpoint")?;
+        let mut g = Guest::connect(endpoint)?;
+        g.expect("query 5", &want)?;
+        s.total.push(t0.elapsed().as_secs_f64() * 1e3);
+        drop(g);
+        s.synth
+            .push(inst["synthesis_ms"].as_f64().unwrap_or(f64::NAN));
+        s.health
+            .push(inst["first_reply_ms"].as_f64().unwrap_or(f64::NAN));
+        let id = inst["id"].as_str().context("no id")?;
+        let t = Instant::now();
+        api(addr, "DELETE", &format!("/v1/instances/{id}"), None)?;
+        s.stop.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(s)
+}
+
+/// `runs` × `GET /v1/system`, each with a fresh client (a fresh connection: over HTTPS a
+/// full handshake), ms each.
+fn system_rtts(addr: &str, runs: usize) -> Result<Vec<f64>> {
+    let mut v = vec![];
+    for _ in 0..runs {
+        let c = api_client(addr, None);
+        let t = Instant::now();
+        let r = c.raw("GET", "/v1/system", None, false)?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+        if r.status != 200 {
+            bail!("GET /v1/system → {}: {}", r.status, r.body);
+        }
+    }
+    Ok(v)
 }
