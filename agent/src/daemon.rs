@@ -216,17 +216,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let creds = Credentials::default()
         .with(Arc::new(TokenStore::new(board.token.clone(), "operator")))
         .with(Arc::new(peers.clone()));
-    let state = Arc::new(AppState {
-        board: board.clone(),
-        store: store.clone(),
-        sup: sup.clone(),
-        metrics,
-        creds,
-        peers,
-        started: Instant::now(),
-        fingerprint: cert.fingerprint().to_string(),
-    });
-
     // Bind every listen address on one port (the first bind picks it when port is 0).
     let mut listeners = Vec::new();
     let mut port = board.port;
@@ -247,6 +236,17 @@ pub async fn run(opts: Options) -> Result<()> {
         .iter()
         .map(|ip| api_url(SocketAddr::new(*ip, port)))
         .collect();
+    let state = Arc::new(AppState {
+        board: board.clone(),
+        store: store.clone(),
+        sup: sup.clone(),
+        metrics,
+        creds,
+        peers,
+        started: Instant::now(),
+        fingerprint: cert.fingerprint().to_string(),
+        api_urls: urls.clone(),
+    });
     std::fs::write(&url_file, urls.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", url_file.display()))?;
     std::fs::write(&addr_file, format!("{shown}\n"))

@@ -87,6 +87,8 @@ pub struct AppState {
     pub started: Instant,
     /// SHA-256 of the appliance's TLS certificate (see [`crate::tls`]).
     pub fingerprint: String,
+    /// The API's URL on each listen address (`DATA/api.url`; a wildcard shown as 127.0.0.1).
+    pub api_urls: Vec<String>,
 }
 
 /// An error response.
@@ -211,7 +213,7 @@ impl From<HandoffError> for ApiError {
             HandoffError::BadTarget(_) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 msg,
-                "send {\"to\": \"http://HOST:PORT\"}, the target agent's base URL",
+                "send {\"to\": \"https://HOST:PORT\"}, the target agent's base URL",
             ),
             HandoffError::SelfTarget(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -626,7 +628,7 @@ async fn handoff_instance(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("malformed JSON: {e}"),
-            "send {\"to\": \"http://HOST:PORT\"} (and optionally \"downtime_ms\")",
+            "send {\"to\": \"https://HOST:PORT\"} (and optionally \"downtime_ms\")",
         )
     })?;
     let src = Source {
@@ -971,6 +973,7 @@ mod tests {
             peers,
             started: Instant::now(),
             fingerprint: "ab".repeat(32),
+            api_urls: vec![],
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
