@@ -113,6 +113,9 @@ pub enum AuthError {
     /// No random bytes.
     #[error("cannot read random bytes")]
     Random(#[source] std::io::Error),
+    /// A certificate fingerprint that is not 64 hex digits.
+    #[error("'{0}' is not a certificate fingerprint (64 hex digits, as GET /v1/system shows in `fingerprint`)")]
+    BadFingerprint(String),
 }
 
 /// Shortest peer secret accepted.
@@ -131,6 +134,9 @@ pub struct Peer {
     pub name: String,
     /// The secret shared with it (the same entry, with this appliance's id, is on its side).
     pub secret: String,
+    /// SHA-256 of its TLS certificate: handoffs to it over HTTPS pin it (see crate::tls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// The appliances this one trusts for handoff, in `DATA/peers.json`. The file is read at
@@ -296,7 +302,23 @@ impl PeerStore {
 
     /// Adds (or replaces) the entry of appliance `id`; returns it.
     pub fn add(&self, id: &str, name: &str, secret: &str) -> Result<Peer, AuthError> {
+        self.add_pinned(id, name, secret, None)
+    }
+
+    /// As [`PeerStore::add`], with the fingerprint of the peer's TLS certificate.
+    pub fn add_pinned(
+        &self,
+        id: &str,
+        name: &str,
+        secret: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<Peer, AuthError> {
         check_id(id)?;
+        let fingerprint = fingerprint
+            .map(|f| {
+                crate::tls::parse_fingerprint(f).map_err(|_| AuthError::BadFingerprint(f.into()))
+            })
+            .transpose()?;
         if secret.len() < MIN_PEER_SECRET || secret.chars().any(char::is_whitespace) {
             return Err(AuthError::WeakSecret);
         }
@@ -306,6 +328,7 @@ impl PeerStore {
             id: id.into(),
             name: name.into(),
             secret: secret.into(),
+            fingerprint,
         };
         v.push(p.clone());
         let json = serde_json::to_string_pretty(&v).expect("peers serialise") + "\n";

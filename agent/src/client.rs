@@ -8,7 +8,22 @@
 //! instance runs now, and a [`Session`] does it by itself: when its connection to the guest
 //! breaks it asks the API again, follows a move, reconnects, and sends the request again (so
 //! a request may reach the guest twice when the break came after the guest took it).
+//!
+//! Transport: `http://` bases are plain HTTP (an agent's loopback addresses); `https://`
+//! bases need a pinned certificate fingerprint ([`Client::with_pin`], see [`crate::tls`]):
+//! a server presenting another certificate is refused ([`ClientError::Pin`], naming both
+//! fingerprints), and an https base without a pin is refused ([`ClientError::Unpinned`])
+//! unless the caller asked for trust on first use ([`Pin::FirstUse`]).
+//!
+//! Discovery: every appliance found is probed in parallel, each probe given
+//! [`PROBE_TIMEOUT`], so one that announces itself and never answers delays nothing beyond
+//! that. An appliance is [`Trust::Pinned`] when it proved the certificate pinned for its id
+//! in the client's [`PinStore`], [`Trust::Local`] when it is plain HTTP on this machine, and
+//! [`Trust::Unverified`] otherwise; once the store holds any pin, [`best`] chooses among
+//! pinned (and local) appliances only.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -19,6 +34,8 @@ use crate::guest::GuestConn;
 use crate::handoff::{HandoffRequest, IncomingRequest};
 use crate::http::{InstanceView, ServiceView, SystemInfo};
 use crate::supervisor::{Receiving, State};
+pub use crate::tls::Pin;
+use crate::tls::{find_mismatch, PinMismatch, PinVerifier};
 
 /// Most moves [`Client::resolve`] follows (a loop of `moved_to` is an error).
 pub const MAX_HOPS: usize = 8;
@@ -56,6 +73,158 @@ pub enum ClientError {
     /// Nothing usable was found.
     #[error("{0}")]
     NotFound(String),
+    /// The server's certificate is not the pinned one.
+    #[error("refusing {url}: {mismatch}")]
+    Pin {
+        /// URL.
+        url: String,
+        /// The fingerprints.
+        mismatch: PinMismatch,
+    },
+    /// An https URL without a pinned fingerprint.
+    #[error("{url} is HTTPS and no certificate fingerprint is pinned for it: pass the appliance's fingerprint (--fingerprint; its operator sees it in GET /v1/system or the agent's start-up line), pair with it, or accept what it presents once with --trust-first-use")]
+    Unpinned {
+        /// URL.
+        url: String,
+    },
+    /// The client's pin store cannot be read or written.
+    #[error("the pin store {0} cannot be used: {1}")]
+    Pins(PathBuf, String),
+}
+
+/// The connector's refusal of an https URL without a pin (mapped to
+/// [`ClientError::Unpinned`]).
+#[derive(Debug, thiserror::Error)]
+#[error("no certificate fingerprint is pinned for this https URL")]
+struct NoPin;
+
+/// A TLS layer for ureq's connector chain that pins the server certificate
+/// ([`PinVerifier`]); plain `http://` connections pass through untouched.
+#[derive(Debug)]
+struct PinnedTls {
+    config: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS connection over ureq's transport.
+struct TlsTransport {
+    buffers: ureq::unversioned::transport::LazyBuffers,
+    stream: rustls::StreamOwned<
+        rustls::ClientConnection,
+        ureq::unversioned::transport::TransportAdapter,
+    >,
+}
+
+impl std::fmt::Debug for TlsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTransport").finish_non_exhaustive()
+    }
+}
+
+impl ureq::unversioned::transport::Transport for TlsTransport {
+    fn buffers(&mut self) -> &mut dyn ureq::unversioned::transport::Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(
+        &mut self,
+        amount: usize,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<(), ureq::Error> {
+        use std::io::Write;
+        use ureq::unversioned::transport::Buffers;
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream.write_all(output)?;
+        Ok(())
+    }
+
+    fn await_input(
+        &mut self,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<bool, ureq::Error> {
+        use std::io::Read;
+        use ureq::unversioned::transport::Buffers;
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let n = self.stream.read(input)?;
+        self.buffers.input_appended(n);
+        Ok(n > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
+}
+
+impl<In: ureq::unversioned::transport::Transport> ureq::unversioned::transport::Connector<In>
+    for PinnedTls
+{
+    type Out = ureq::unversioned::transport::Either<In, TlsTransport>;
+
+    fn connect(
+        &self,
+        details: &ureq::unversioned::transport::ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        use ureq::unversioned::transport::{Either, LazyBuffers, TransportAdapter};
+        let Some(transport) = chained else {
+            return Ok(None);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let Some(config) = &self.config else {
+            return Err(ureq::Error::Io(std::io::Error::other(NoPin)));
+        };
+        let host = details
+            .uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| ureq::Error::BadUri(format!("'{host}' is not a host name")))?;
+        let mut conn = rustls::ClientConnection::new(config.clone(), name)
+            .map_err(|e| ureq::Error::Io(std::io::Error::other(e)))?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        if let Err(e) = conn.complete_io(&mut sock) {
+            // A pin mismatch comes out as itself, so the caller can say which is which.
+            if let Some(m) = find_mismatch(&e) {
+                return Err(ureq::Error::Io(std::io::Error::other(m.clone())));
+            }
+            return Err(e.into());
+        }
+        let stream = rustls::StreamOwned { conn, sock };
+        let buffers = LazyBuffers::new(
+            details.config.input_buffer_size(),
+            details.config.output_buffer_size(),
+        );
+        Ok(Some(Either::B(TlsTransport { buffers, stream })))
+    }
+}
+
+/// A ureq agent for `timeout`, with TLS pinned by `verifier` (None: https refused).
+fn make_agent(timeout: Duration, verifier: Option<Arc<PinVerifier>>) -> ureq::Agent {
+    use ureq::unversioned::transport::{Connector, TcpConnector};
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(Duration::from_secs(5).min(timeout)))
+        .build();
+    let tls = PinnedTls {
+        config: verifier.as_ref().map(|v| Arc::new(v.client_config())),
+    };
+    let connector = ().chain(TcpConnector::default()).chain(tls);
+    ureq::Agent::with_parts(
+        config,
+        connector,
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    )
 }
 
 /// A client of one agent's API.
@@ -64,6 +233,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    timeout: Duration,
+    verifier: Option<Arc<PinVerifier>>,
 }
 
 /// A raw response: status and body text.
@@ -84,28 +255,42 @@ impl RawResponse {
 
 impl Client {
     /// A client of the agent at `base` ("http://127.0.0.1:9999"), with an optional token.
+    /// No certificate is pinned: `https://` bases are refused until [`Client::with_pin`].
     pub fn new(base: &str, token: Option<&str>) -> Client {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .build()
-            .into();
+        let timeout = Duration::from_secs(60);
         Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.map(str::to_string),
-            agent,
+            agent: make_agent(timeout, None),
+            timeout,
+            verifier: None,
         }
+    }
+
+    /// A client of the agent at `base` whose certificate must have `fingerprint` (see
+    /// [`crate::tls::fingerprint`]).
+    pub fn pinned(base: &str, token: Option<&str>, fingerprint: &str) -> Client {
+        Client::new(base, token).with_pin(Pin::Fingerprints(vec![fingerprint.to_string()]))
+    }
+
+    /// The same client accepting, on `https://`, the certificates `pin` allows.
+    pub fn with_pin(mut self, pin: Pin) -> Client {
+        let v = Arc::new(PinVerifier::new(pin));
+        self.agent = make_agent(self.timeout, Some(v.clone()));
+        self.verifier = Some(v);
+        self
+    }
+
+    /// The fingerprint of the certificate the server presented last (https only), also when
+    /// it was refused.
+    pub fn seen_fingerprint(&self) -> Option<String> {
+        self.verifier.as_ref().and_then(|v| v.seen())
     }
 
     /// The same client with `timeout` for a whole request (60 s by default).
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
-        self.agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .build()
-            .into();
+        self.timeout = timeout;
+        self.agent = make_agent(timeout, self.verifier.clone());
         self
     }
 
@@ -119,6 +304,17 @@ impl Client {
     }
 
     fn http_err(&self, url: &str, e: ureq::Error) -> ClientError {
+        if let ureq::Error::Io(io) = &e {
+            if let Some(m) = find_mismatch(io) {
+                return ClientError::Pin {
+                    url: url.into(),
+                    mismatch: m.clone(),
+                };
+            }
+            if io.get_ref().is_some_and(|i| i.is::<NoPin>()) {
+                return ClientError::Unpinned { url: url.into() };
+            }
+        }
         ClientError::Http {
             url: url.into(),
             source: Box::new(e),
@@ -258,9 +454,7 @@ impl Client {
             let v = c.instance(&id)?;
             match (&v.state, &v.moved_to) {
                 (State::Moved, Some(m)) => {
-                    let mut next = Client::new(&m.agent, c.token.as_deref());
-                    next.agent = c.agent.clone();
-                    c = next;
+                    c.base = m.agent.trim_end_matches('/').to_string();
                     id = m.instance.clone();
                 }
                 _ => return Ok((c, v)),
@@ -443,6 +637,112 @@ impl Session {
     }
 }
 
+/// How long one appliance's probe may take (connection, handshake and the round trips).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The environment variable naming the client's pin store file (see [`PinStore`]).
+pub const PINS_ENV: &str = "CLOUDLET_PINS";
+
+/// One appliance the client trusts: its id and certificate fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PinEntry {
+    /// The appliance id (TXT `id`, `GET /v1/system` → `id`).
+    pub id: String,
+    /// SHA-256 of its certificate (TXT `fp`, `GET /v1/system` → `fingerprint`).
+    pub fingerprint: String,
+    /// A name for people.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The appliances this client has paired with (or pinned by hand): a JSON array of
+/// [`PinEntry`] in `$CLOUDLET_PINS`, else `$XDG_CONFIG_HOME/cloudlet/pins.json`, else
+/// `~/.config/cloudlet/pins.json`. A missing file is an empty store.
+#[derive(Clone, Debug)]
+pub struct PinStore {
+    path: PathBuf,
+}
+
+impl PinStore {
+    /// The store at `path`.
+    pub fn at(path: impl Into<PathBuf>) -> PinStore {
+        PinStore { path: path.into() }
+    }
+
+    /// The user's store (see the type's doc).
+    pub fn user() -> PinStore {
+        if let Some(p) = std::env::var_os(PINS_ENV).filter(|p| !p.is_empty()) {
+            return PinStore::at(p);
+        }
+        let config = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        PinStore::at(config.join("cloudlet").join("pins.json"))
+    }
+
+    /// Its file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> Result<Vec<PinEntry>, ClientError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| ClientError::Pins(self.path.clone(), format!("damaged: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(ClientError::Pins(self.path.clone(), e.to_string())),
+        }
+    }
+
+    /// The fingerprint pinned for appliance `id`.
+    pub fn get(&self, id: &str) -> Option<String> {
+        self.entries()
+            .ok()?
+            .into_iter()
+            .find(|p| p.id == id)
+            .map(|p| p.fingerprint)
+    }
+
+    /// Pins `fingerprint` for appliance `id` (replacing what was pinned for it).
+    pub fn add(&self, id: &str, fingerprint: &str, name: &str) -> Result<PinEntry, ClientError> {
+        let fingerprint = crate::tls::parse_fingerprint(fingerprint)
+            .map_err(|e| ClientError::Pins(self.path.clone(), e.to_string()))?;
+        let mut v = self.entries()?;
+        v.retain(|p| p.id != id);
+        let e = PinEntry {
+            id: id.into(),
+            fingerprint,
+            name: name.into(),
+        };
+        v.push(e.clone());
+        let io = |e: std::io::Error| ClientError::Pins(self.path.clone(), e.to_string());
+        if let Some(d) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).map_err(io)?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let json = serde_json::to_string_pretty(&v).expect("pins serialise") + "\n";
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(io)?;
+        Ok(e)
+    }
+}
+
+/// How far a discovered appliance is trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trust {
+    /// It answered over HTTPS with the certificate pinned for its id.
+    Pinned,
+    /// Plain HTTP on a loopback address (an agent on this machine).
+    Local,
+    /// Anything else: no pin for it, a certificate other than the pinned one, plain HTTP on
+    /// the network, or no answer.
+    Unverified,
+}
+
 /// A discovered appliance with its measured round trip and score.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ranked {
@@ -454,6 +754,25 @@ pub struct Ranked {
     pub rtt_ms: Option<f64>,
     /// Higher is better; unreachable appliances score 0.
     pub score: f64,
+    /// Whether it proved to be a paired appliance.
+    pub trust: Trust,
+    /// The fingerprint of the certificate it presented (https only).
+    pub fingerprint: Option<String>,
+    /// Why the probe failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Ranked {
+    /// A client of this appliance's API, pinned to the certificate it presented when that
+    /// is the pinned one.
+    pub fn client(&self, token: Option<&str>) -> Client {
+        let c = Client::new(&self.url, token);
+        match (&self.fingerprint, self.trust) {
+            (Some(fp), Trust::Pinned) => c.with_pin(Pin::Fingerprints(vec![fp.clone()])),
+            _ => c,
+        }
+    }
 }
 
 /// The score of an appliance: free cores (reserved cores − load, at least 0.1) × free memory
@@ -474,51 +793,151 @@ pub fn score(a: &Appliance, rtt_ms: f64) -> f64 {
     free_cores * mem * slots / (1.0 + rtt_ms / 5.0)
 }
 
-/// Measures each appliance's RTT and sorts them best first.
-pub fn rank(found: Vec<Appliance>) -> Vec<Ranked> {
-    let mut v: Vec<Ranked> = found
-        .into_iter()
-        .filter_map(|a| {
-            let url = a.url()?;
-            let rtt = Client::new(&url, None).rtt_ms(3).ok();
-            let s = rtt.map(|r| score(&a, r)).unwrap_or(0.0);
-            Some(Ranked {
-                appliance: a,
-                url,
-                rtt_ms: rtt,
-                score: s,
+/// Probes one appliance: up to 3 round trips of `GET /v1/system` within `timeout`, over
+/// https pinned to what `pins` holds for its id (any certificate when nothing is pinned
+/// for it, which leaves it unverified).
+fn probe(a: Appliance, url: String, pins: &[PinEntry], timeout: Duration) -> Ranked {
+    let id = a.txt.get("id").cloned().unwrap_or_default();
+    let pinned = pins
+        .iter()
+        .find(|p| p.id == id)
+        .map(|p| p.fingerprint.clone());
+    let https = url.starts_with("https://");
+    let pin = match &pinned {
+        Some(fp) => Pin::Fingerprints(vec![fp.clone()]),
+        None => Pin::FirstUse,
+    };
+    let c = Client::new(&url, None).with_timeout(timeout).with_pin(pin);
+    let t0 = Instant::now();
+    let mut best: Option<f64> = None;
+    let mut error = None;
+    let mut answered_id = None;
+    for _ in 0..3 {
+        let left = timeout.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let t = Instant::now();
+        match c.raw("GET", "/v1/system", None, false) {
+            Ok(r) if r.status == 200 => {
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                best = Some(best.map_or(ms, |b: f64| b.min(ms)));
+                answered_id = r.json()["id"].as_str().map(str::to_string);
+            }
+            Ok(r) => {
+                error = Some(format!("GET /v1/system answered {}", r.status));
+                break;
+            }
+            Err(e) => {
+                error = Some(crate::store::error_chain(&e));
+                break;
+            }
+        }
+    }
+    if best.is_some() {
+        error = None;
+    }
+    let ip_loopback = url
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback());
+    let seen = c.seen_fingerprint();
+    let trust = if best.is_none() {
+        Trust::Unverified
+    } else if https {
+        // The handshake passed the pin, and the appliance says it is the one pinned.
+        if pinned.is_some() && seen == pinned && answered_id.as_deref() == Some(id.as_str()) {
+            Trust::Pinned
+        } else {
+            Trust::Unverified
+        }
+    } else if ip_loopback {
+        Trust::Local
+    } else {
+        Trust::Unverified
+    };
+    let s = best.map(|r| score(&a, r)).unwrap_or(0.0);
+    Ranked {
+        appliance: a,
+        url,
+        rtt_ms: best,
+        score: s,
+        trust,
+        fingerprint: seen,
+        error,
+    }
+}
+
+/// Probes each appliance in parallel (each within [`PROBE_TIMEOUT`]), checks it against
+/// `pins` and sorts them best first.
+pub fn rank(found: Vec<Appliance>, pins: &[PinEntry]) -> Vec<Ranked> {
+    rank_within(found, pins, PROBE_TIMEOUT)
+}
+
+/// As [`rank`], each probe within `timeout`.
+pub fn rank_within(found: Vec<Appliance>, pins: &[PinEntry], timeout: Duration) -> Vec<Ranked> {
+    let mut v: Vec<Ranked> = std::thread::scope(|s| {
+        let probes: Vec<_> = found
+            .into_iter()
+            .filter_map(|a| {
+                let url = a.url()?;
+                Some(s.spawn(move || probe(a, url, pins, timeout)))
             })
-        })
-        .collect();
+            .collect();
+        probes.into_iter().filter_map(|p| p.join().ok()).collect()
+    });
     v.sort_by(|a, b| b.score.total_cmp(&a.score));
     v
 }
 
 /// Browses for `window` and returns the ranked appliances.
-pub fn discover_ranked(window: Duration) -> Result<Vec<Ranked>, ClientError> {
-    Ok(rank(browse(window)?))
+pub fn discover_ranked(window: Duration, pins: &[PinEntry]) -> Result<Vec<Ranked>, ClientError> {
+    Ok(rank(browse(window)?, pins))
 }
 
 /// Browses until an appliance whose id (TXT `id`) or instance name is `who` has been
 /// resolved (or `window` passes), and returns the ranked appliances.
-pub fn discover_ranked_until(window: Duration, who: &str) -> Result<Vec<Ranked>, ClientError> {
+pub fn discover_ranked_until(
+    window: Duration,
+    who: &str,
+    pins: &[PinEntry],
+) -> Result<Vec<Ranked>, ClientError> {
     let found = browse_until(window, |f| {
         f.iter()
             .any(|a| a.instance == who || a.txt.get("id").is_some_and(|i| i == who))
     })?;
-    Ok(rank(found))
+    Ok(rank(found, pins))
 }
 
-/// The best appliance found within `window`.
-pub fn best(window: Duration) -> Result<Ranked, ClientError> {
-    discover_ranked(window)?
+/// The best of `ranked` to use without asking: reachable, with room, and, once `pins` holds
+/// any appliance, pinned (or local) only.
+pub fn choose(ranked: Vec<Ranked>, pins: &[PinEntry]) -> Option<Ranked> {
+    ranked
         .into_iter()
+        .filter(|r| pins.is_empty() || r.trust != Trust::Unverified)
         .find(|r| r.score > 0.0)
-        .ok_or_else(|| {
+}
+
+/// The best appliance found within `window` (see [`choose`]).
+pub fn best(window: Duration, pins: &[PinEntry]) -> Result<Ranked, ClientError> {
+    let ranked = discover_ranked(window, pins)?;
+    let n = ranked.len();
+    let unverified = ranked
+        .iter()
+        .filter(|r| r.trust == Trust::Unverified && r.score > 0.0)
+        .count();
+    choose(ranked, pins).ok_or_else(|| {
+        if !pins.is_empty() && unverified > 0 {
+            ClientError::NotFound(format!(
+                "{unverified} of {n} appliance(s) found answered, but none proved to be a paired one (its certificate pinned): not choosing an unverified one (pass --agent URL with --fingerprint to use one anyway)"
+            ))
+        } else {
             ClientError::NotFound(format!(
                 "no reachable cloudlet with free capacity answered mDNS within {window:?} (is an agent running with discovery on? pass --agent URL to skip discovery)"
             ))
-        })
+        }
+    })
 }
 
 #[cfg(test)]
@@ -555,5 +974,93 @@ mod tests {
         // A far idle one still beats a near overloaded one by less than a near idle one.
         assert!(score(&idle, 20.0) > score(&busy, 1.0));
         assert_eq!(idle.url().unwrap(), "http://127.0.0.1:1");
+        // With a certificate announced: HTTPS off loopback, and on it for a wildcard listen.
+        let mut tls = idle.clone();
+        tls.txt.insert("fp".into(), "ab".repeat(32));
+        tls.txt.insert("tls".into(), "lan".into());
+        assert_eq!(tls.url().unwrap(), "http://127.0.0.1:1");
+        tls.addrs.push("10.0.0.2".parse().unwrap());
+        assert_eq!(tls.url().unwrap(), "https://10.0.0.2:1");
+        tls.addrs.remove(1);
+        tls.txt.insert("tls".into(), "all".into());
+        assert_eq!(tls.url().unwrap(), "https://127.0.0.1:1");
+    }
+
+    /// An HTTPS server in this process (on 127.0.0.1, TLS forced as on a LAN address) with
+    /// a fresh certificate; returns its URL and fingerprint.
+    fn tls_server(rt: &tokio::runtime::Runtime, name: &str) -> (String, String) {
+        let d = std::env::temp_dir().join(format!("agent-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let cert = crate::tls::ApplianceCert::load_or_create(&d, "0123456789ab").unwrap();
+        let fp = cert.fingerprint().to_string();
+        let config = cert.server_config().unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        let url = rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("https://{}", l.local_addr().unwrap());
+            let l = crate::daemon::TlsListener::new(l, config);
+            let app = axum::Router::new().route(
+                "/v1/system",
+                axum::routing::get(|| async {
+                    axum::Json(serde_json::json!({"id": "0123456789ab"}))
+                }),
+            );
+            tokio::spawn(async move { axum::serve(l, app).await });
+            url
+        });
+        (url, fp)
+    }
+
+    #[test]
+    fn https_is_pinned_and_a_stalled_handshake_stalls_nobody() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (url, fp) = tls_server(&rt, "pin");
+        // A client that connects and never says anything does not hold up the others.
+        let addr = url.trim_start_matches("https://").to_string();
+        let _silent: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        let ok = Client::pinned(&url, None, &fp)
+            .with_timeout(Duration::from_secs(5))
+            .raw("GET", "/v1/system", None, false)
+            .unwrap();
+        assert_eq!(
+            (ok.status, ok.json()["id"].as_str()),
+            (200, Some("0123456789ab"))
+        );
+
+        // Another certificate: refused, naming both fingerprints.
+        let wrong = "cd".repeat(32);
+        let e = Client::pinned(&url, None, &wrong)
+            .raw("GET", "/v1/system", None, false)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ClientError::Pin { .. }), "{e:?}");
+        assert!(msg.contains(&fp) && msg.contains(&wrong), "{msg}");
+
+        // No pin: refused before anything is sent; trust on first use shows what it saw.
+        let e = Client::new(&url, None)
+            .raw("GET", "/v1/system", None, false)
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Unpinned { .. }), "{e:?}");
+        assert!(e.to_string().contains("--trust-first-use"), "{e}");
+        let c = Client::new(&url, None).with_pin(Pin::FirstUse);
+        assert_eq!(c.raw("GET", "/v1/system", None, false).unwrap().status, 200);
+        assert_eq!(c.seen_fingerprint(), Some(fp.clone()));
+    }
+
+    #[test]
+    fn pins_are_kept_per_appliance() {
+        let d = std::env::temp_dir().join(format!("agent-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let s = PinStore::at(d.join("sub/pins.json"));
+        assert!(s.entries().unwrap().is_empty());
+        s.add("0123456789ab", &"AB".repeat(32), "hall").unwrap();
+        s.add("ba9876543210", &"cd".repeat(32), "").unwrap();
+        s.add("0123456789ab", &"ef".repeat(32), "hall").unwrap();
+        assert_eq!(s.get("0123456789ab"), Some("ef".repeat(32)));
+        assert_eq!(s.entries().unwrap().len(), 2);
+        assert!(s.add("x", "not-hex", "").is_err());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

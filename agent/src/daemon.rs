@@ -1,9 +1,18 @@
 //! The agent daemon: wires the board, the data directory, the supervisor, the HTTP API and
 //! discovery together, and shuts them down in order on SIGINT/SIGTERM.
 //!
-//! Start-up: open the data directory → re-adopt or clean up instances left from a previous
-//! run → bind the API (port 0 picks one; the address goes to `DATA/api.addr` and stdout) →
-//! announce over mDNS. Shutdown: mDNS goodbye → stop serving → (with `stop_on_exit`) stop
+//! Start-up: open the data directory → load (or, the first time, make) the appliance
+//! certificate (see [`crate::tls`]) → re-adopt or clean up instances left from a previous
+//! run → bind the API → announce over mDNS.
+//!
+//! Every listen address gets HTTPS with the appliance certificate, except loopback ones,
+//! which serve plain HTTP (for development on the appliance itself); a wildcard address
+//! (`0.0.0.0`, `::`) reaches the LAN, so it is HTTPS too, loopback connections included. TLS
+//! handshakes run each in a task of their own ([`TlsListener`]), so a client that connects
+//! and stalls holds up nobody. The port (port 0 picks one) is the same for every address;
+//! `DATA/api.addr` holds "IP:PORT" of the first address (a wildcard shown as 127.0.0.1),
+//! `DATA/api.url` one URL per listen address (`http://…` or `https://…`, first line the
+//! first address), and stdout says the same with the certificate's fingerprint. Shutdown: mDNS goodbye → stop serving → (with `stop_on_exit`) stop
 //! every instance; otherwise instances keep running and the next agent re-adopts them.
 
 use std::collections::BTreeMap;
@@ -22,6 +31,96 @@ use crate::http::{router, shown_ip, system_info, AppState};
 use crate::metrics::Metrics;
 use crate::store::{error_chain, Store};
 use crate::supervisor::{Supervisor, SupervisorConfig, START_TIMEOUT};
+use crate::tls::ApplianceCert;
+
+/// Longest a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes finished but not yet taken by the server.
+const HANDSHAKE_BACKLOG: usize = 64;
+
+/// Whether the API on `ip` is plain HTTP (loopback) rather than HTTPS (everything else,
+/// wildcards included).
+pub fn plain_http(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+/// The URL the API on `addr` is reached at (a wildcard shown as 127.0.0.1).
+pub fn api_url(addr: SocketAddr) -> String {
+    let scheme = if plain_http(addr.ip()) {
+        "http"
+    } else {
+        "https"
+    };
+    format!(
+        "{scheme}://{}",
+        SocketAddr::new(shown_ip(addr.ip()), addr.port())
+    )
+}
+
+/// A TCP listener whose connections are handed to the server once their TLS handshake is
+/// done. Accepting and handshaking run on a task of their own, each handshake in its own
+/// task with a [`HANDSHAKE_TIMEOUT`], so a slow or silent client stalls nobody.
+pub struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Serves TLS with `config` on the connections of `l`.
+    pub fn new(l: tokio::net::TcpListener, config: Arc<rustls::ServerConfig>) -> TlsListener {
+        let local = l.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, rx) = tokio::sync::mpsc::channel(HANDSHAKE_BACKLOG);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = l.accept() => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of descriptors and the like: wait instead of spinning.
+                            tracing::warn!("accept failed on {local}: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = tx.closed() => break,
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { rx, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accepting task ends only when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -63,6 +162,12 @@ pub fn txt_record(st: &AppState, port: u16) -> BTreeMap<String, String> {
     t.insert("memfree".into(), (memfree / 16 * 16).to_string());
     t.insert("vms".into(), format!("{}/{}", s.instances, s.max_vms));
     t.insert("svcs".into(), s.services_digest);
+    if !st.board.listen.iter().all(|ip| plain_http(*ip)) {
+        t.insert("fp".into(), st.fingerprint.clone());
+        // Whether loopback addresses are HTTPS too (a wildcard listen) or plain HTTP.
+        let all = st.board.listen.iter().any(|ip| ip.is_unspecified());
+        t.insert("tls".into(), if all { "all" } else { "lan" }.into());
+    }
     t
 }
 
@@ -86,7 +191,12 @@ pub async fn run(opts: Options) -> Result<()> {
         )
     })?;
     let addr_file = store.root().join("api.addr");
+    let url_file = store.root().join("api.url");
     let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(&url_file);
+    let cert = ApplianceCert::load_or_create(store.root(), store.id())
+        .context("cannot set up the appliance certificate")?;
+    let tls_config = cert.server_config()?;
     let metrics = Arc::new(Metrics::default());
     let sup = Supervisor::new(
         SupervisorConfig {
@@ -127,17 +237,6 @@ pub async fn run(opts: Options) -> Result<()> {
         .with(Arc::new(TokenStore::new(token, "operator")))
         .with(Arc::new(devices.clone()))
         .with(Arc::new(peers.clone()));
-    let state = Arc::new(AppState {
-        board: board.clone(),
-        store: store.clone(),
-        sup: sup.clone(),
-        metrics,
-        creds,
-        peers,
-        devices,
-        started: Instant::now(),
-    });
-
     // Bind every listen address on one port (the first bind picks it when port is 0).
     let mut listeners = Vec::new();
     let mut port = board.port;
@@ -153,13 +252,34 @@ pub async fn run(opts: Options) -> Result<()> {
         listeners.push(l);
     }
     let shown = SocketAddr::new(shown_ip(board.listen[0]), port);
+    let urls: Vec<String> = board
+        .listen
+        .iter()
+        .map(|ip| api_url(SocketAddr::new(*ip, port)))
+        .collect();
+    let state = Arc::new(AppState {
+        board: board.clone(),
+        store: store.clone(),
+        sup: sup.clone(),
+        metrics,
+        creds,
+        peers,
+        devices,
+        started: Instant::now(),
+        fingerprint: cert.fingerprint().to_string(),
+        api_urls: urls.clone(),
+    });
+    std::fs::write(&url_file, urls.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", url_file.display()))?;
     std::fs::write(&addr_file, format!("{shown}\n"))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    tracing::info!(board = %board.name, id = %store.id(), data = %store.root().display(), "agent listening on http://{shown}");
+    tracing::info!(board = %board.name, id = %store.id(), data = %store.root().display(), fingerprint = %cert.fingerprint(), "agent listening on {}", urls.join(", "));
     println!(
-        "cloudlet agent {} (board {}) listening on http://{shown}",
+        "cloudlet agent {} (board {}) listening on {}; certificate SHA-256 {}",
         store.id(),
-        board.name
+        board.name,
+        urls.join(", "),
+        cert.fingerprint()
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -168,13 +288,16 @@ pub async fn run(opts: Options) -> Result<()> {
     for l in listeners {
         let app = app.clone();
         let mut rx = stop_rx.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let plain = l.local_addr().map(|a| plain_http(a.ip())).unwrap_or(false);
+        servers.push(if plain {
+            tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop).await })
+        } else {
+            let l = TlsListener::new(l, tls_config.clone());
+            tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(stop).await })
+        });
     }
 
     // Discovery runs on its own task: re-announce when the TXT values change.
@@ -236,6 +359,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(&url_file);
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -16,6 +16,13 @@
 //! | `memfree` | memory free for service VMs, MiB (board reserve − instances, capped by the host's free memory) |
 //! | `vms` | active instances / max (`1/4`) |
 //! | `svcs` | 8 hex digits of SHA-256 over the service catalogue (changes with it) |
+//! | `fp` | SHA-256 of the appliance's TLS certificate (64 hex digits), when it serves HTTPS |
+//! | `tls` | `lan`: HTTPS on every address but loopback ones (plain HTTP); `all`: HTTPS on loopback too (a wildcard listen address) |
+//!
+//! Addresses: a wildcard listen address announces the host's addresses of its family only
+//! (`0.0.0.0`: IPv4; `::`: IPv4 and IPv6, as Linux serves both on it), so nothing is
+//! announced that the API does not listen on. A client must not take `fp` on trust: it is
+//! what the appliance claims; pinning happens in the TLS handshake (see [`crate::client`]).
 //!
 //! The record is re-announced when a value changes (checked every [`REFRESH`], and at once
 //! when an instance changes state; `load`/`memfree`-only changes at most every
@@ -56,6 +63,7 @@ pub struct Announcer {
     host: String,
     addrs: Vec<IpAddr>,
     auto_addrs: bool,
+    v6: bool,
     port: u16,
     last: BTreeMap<String, String>,
     last_at: Instant,
@@ -72,6 +80,7 @@ impl Announcer {
     ) -> Result<Announcer, DiscoveryError> {
         let daemon = ServiceDaemon::new()?;
         let auto_addrs = listen.iter().any(|a| a.is_unspecified());
+        let v6 = listen.iter().any(|a| a.is_unspecified() && a.is_ipv6());
         let addrs: Vec<IpAddr> = listen
             .iter()
             .copied()
@@ -85,6 +94,7 @@ impl Announcer {
             host,
             addrs,
             auto_addrs,
+            v6,
             port,
             last: BTreeMap::new(),
             last_at: Instant::now(),
@@ -105,6 +115,10 @@ impl Announcer {
         )?;
         if self.auto_addrs {
             info = info.enable_addr_auto();
+            if !self.v6 {
+                // 0.0.0.0 serves IPv4 only: announce no IPv6 (link-local) address.
+                info.set_interfaces(vec![mdns_sd::IfKind::IPv4]);
+            }
         }
         self.fullname = info.get_fullname().to_string();
         self.daemon.register(info)?;
@@ -178,7 +192,8 @@ pub struct Appliance {
 
 impl Appliance {
     /// The API's base URL, preferring a non-loopback IPv4 address unless only loopback ones
-    /// are offered.
+    /// are offered; `https://` unless the appliance serves that address over plain HTTP
+    /// (loopback, or an agent without TLS: no TXT `fp`).
     pub fn url(&self) -> Option<String> {
         let pick = self
             .addrs
@@ -186,9 +201,12 @@ impl Appliance {
             .find(|a| a.is_ipv4() && !a.is_loopback())
             .or_else(|| self.addrs.iter().find(|a| a.is_ipv4()))
             .or_else(|| self.addrs.first())?;
+        let https = self.txt.contains_key("fp")
+            && (!pick.is_loopback() || self.txt.get("tls").is_some_and(|t| t == "all"));
+        let scheme = if https { "https" } else { "http" };
         Some(match pick {
-            IpAddr::V4(v4) => format!("http://{v4}:{}", self.port),
-            IpAddr::V6(v6) => format!("http://[{v6}]:{}", self.port),
+            IpAddr::V4(v4) => format!("{scheme}://{v4}:{}", self.port),
+            IpAddr::V6(v6) => format!("{scheme}://[{v6}]:{}", self.port),
         })
     }
 

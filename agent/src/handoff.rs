@@ -23,6 +23,13 @@
 //! Trust: the target accepts the incoming request only with the secret it shares with the
 //! source (`DATA/peers.json`, see [`crate::auth::PeerStore`]); the vmm-to-vmm stream then
 //! carries the one-time 32-byte token the target made for this handoff.
+//!
+//! Over HTTPS (a target on a network address) the source pins the target's certificate: the
+//! peer entry holds its fingerprint (`agent add-peer ID --secret S --fingerprint FP`, the
+//! fingerprint as the target's `GET /v1/system` or start-up line shows it; it is set by the
+//! operator, not learnt from the network). The first `GET /v1/system` accepts only the
+//! certificates of trusted peers, and every later call only that peer's. A peer entry without
+//! a fingerprint can be reached over plain HTTP only (loopback, for development).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -75,8 +82,18 @@ pub struct IncomingRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
     /// `to` is not an agent URL.
-    #[error("'{0}' is not an agent URL (http://HOST:PORT)")]
+    #[error("'{0}' is not an agent URL (https://HOST:PORT, or http:// on loopback)")]
     BadTarget(String),
+    /// The target's certificate is not pinned for it.
+    #[error("appliance {id} at {url} presents certificate {seen}, which DATA/peers.json does not pin for it: add it with `agent add-peer {id} --secret … --fingerprint FP`, FP checked with the target's operator")]
+    NotPinned {
+        /// The target's id (or "?" when it did not answer).
+        id: String,
+        /// Its URL.
+        url: String,
+        /// The fingerprint it presented.
+        seen: String,
+    },
     /// From the instance table (no such instance, not running …).
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -121,20 +138,33 @@ impl HandoffError {
     }
 }
 
-/// `http://HOST:PORT` without a trailing slash, or why not.
+/// `http(s)://HOST:PORT` without a trailing slash, or why not.
 fn agent_url(to: &str) -> Result<String, HandoffError> {
     let t = to.trim().trim_end_matches('/');
     let rest = t
         .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
         .filter(|r| !r.is_empty() && !r.contains('/') && !r.contains(char::is_whitespace))
         .ok_or_else(|| HandoffError::BadTarget(to.into()))?;
     let _ = rest;
     Ok(t.to_string())
 }
 
+/// A client of the target agent `to`: pinned to `fingerprints` over HTTPS.
+fn target_client(to: &str, token: Option<&str>, fingerprints: Vec<String>) -> Client {
+    let c = Client::new(to, token);
+    if to.starts_with("https://") {
+        c.with_pin(crate::tls::Pin::Fingerprints(fingerprints))
+    } else {
+        c
+    }
+}
+
 /// The host part of an agent URL (`http://10.0.0.2:9999` → `10.0.0.2`, IPv6 in brackets).
 fn url_host(url: &str) -> &str {
-    let rest = url.trim_start_matches("http://");
+    let rest = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
     match rest.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => rest,
@@ -208,13 +238,10 @@ impl Source {
         match r {
             Ok(moved) => Ok(moved),
             Err(e) => {
-                if let Some((target, secret, tid)) = receiving {
+                if let Some((c, tid)) = receiving {
                     // Best effort: the target also gives up on its own after a timeout.
                     let path = format!("/v1/handoff/incoming/{tid}");
-                    let _ = blocking(move || {
-                        Client::new(&target, Some(&secret)).raw("DELETE", &path, None, true)
-                    })
-                    .await;
+                    let _ = blocking(move || c.raw("DELETE", &path, None, true)).await;
                 }
                 self.sup.handoff_failed(id, &error_chain(&e));
                 Err(e)
@@ -227,13 +254,32 @@ impl Source {
         rec: &InstanceRecord,
         to: &str,
         req: &HandoffRequest,
-        receiving: &mut Option<(String, String, String)>,
+        receiving: &mut Option<(Client, String)>,
     ) -> Result<InstanceRecord, HandoffError> {
         let id = rec.info.id.clone();
-        let target = to.to_string();
-        let sys = blocking(move || Client::new(&target, None).system())
-            .await?
-            .map_err(HandoffError::Unreachable)?;
+        // Over HTTPS, only a trusted peer's certificate is accepted even for this first call.
+        let pinned: Vec<String> = self
+            .peers
+            .peers()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| p.fingerprint)
+            .collect();
+        let probe = target_client(to, None, pinned);
+        let (c, url) = (probe.clone(), to.to_string());
+        let sys = blocking(move || c.system()).await?.map_err(|e| match e {
+            ClientError::Pin { mismatch, .. } => HandoffError::NotPinned {
+                id: "?".into(),
+                url: url.clone(),
+                seen: mismatch.got,
+            },
+            ClientError::Unpinned { .. } => HandoffError::NotPinned {
+                id: "?".into(),
+                url: url.clone(),
+                seen: "(none pinned for any peer)".into(),
+            },
+            e => HandoffError::Unreachable(e),
+        })?;
         if sys.id == self.store.id() {
             return Err(HandoffError::SelfTarget(sys.id));
         }
@@ -241,6 +287,21 @@ impl Source {
             .peers
             .peer(&sys.id)
             .ok_or_else(|| HandoffError::NotPeer(sys.id.clone(), to.into()))?;
+        if to.starts_with("https://") {
+            let seen = probe.seen_fingerprint().unwrap_or_default();
+            if peer.fingerprint.as_deref() != Some(seen.as_str()) {
+                return Err(HandoffError::NotPinned {
+                    id: sys.id,
+                    url: to.into(),
+                    seen,
+                });
+            }
+        }
+        let target = target_client(
+            to,
+            Some(&peer.secret),
+            peer.fingerprint.iter().cloned().collect(),
+        );
         let base = self
             .store
             .base(&rec.info.base)
@@ -252,15 +313,14 @@ impl Source {
             base_id: base.id,
             mem_mib: rec.info.mem_mib,
         };
-        let (target, secret) = (to.to_string(), peer.secret.clone());
-        let r: Receiving =
-            blocking(move || Client::new(&target, Some(&secret)).handoff_incoming(&incoming))
-                .await?
-                .map_err(|e| match e {
-                    e @ ClientError::Http { .. } => HandoffError::Unreachable(e),
-                    e => HandoffError::Refused(e),
-                })?;
-        *receiving = Some((to.into(), peer.secret.clone(), r.instance_id.clone()));
+        let c = target.clone();
+        let r: Receiving = blocking(move || c.handoff_incoming(&incoming))
+            .await?
+            .map_err(|e| match e {
+                e @ ClientError::Http { .. } => HandoffError::Unreachable(e),
+                e => HandoffError::Refused(e),
+            })?;
+        *receiving = Some((target.clone(), r.instance_id.clone()));
         let token = parse_token(&r.token)
             .ok_or_else(|| HandoffError::BadAnswer("the token is not 64 hex digits".into()))?;
         let addr = stream_address(r.listen, to);
@@ -281,8 +341,8 @@ impl Source {
         };
         // The VM runs there now: nothing below may fail the handoff.
         *receiving = None;
-        let (target, tid, key) = (to.to_string(), r.instance_id.clone(), peer.secret.clone());
-        let endpoint = blocking(move || settled_endpoint(&target, &tid, &key))
+        let tid = r.instance_id.clone();
+        let endpoint = blocking(move || settled_endpoint(&target, &tid))
             .await
             .ok()
             .flatten();
@@ -299,9 +359,8 @@ impl Source {
 }
 
 /// The target instance's endpoint once it runs there (None if it does not within
-/// [`SETTLE_TIMEOUT`]); asked with the peer secret.
-fn settled_endpoint(agent: &str, id: &str, secret: &str) -> Option<String> {
-    let c = Client::new(agent, Some(secret));
+/// [`SETTLE_TIMEOUT`]); asked with the peer secret `c` carries.
+fn settled_endpoint(c: &Client, id: &str) -> Option<String> {
     let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
     while std::time::Instant::now() < deadline {
         match c.received_instance(id) {
@@ -324,10 +383,16 @@ mod tests {
             agent_url("http://10.0.0.2:9999/").unwrap(),
             "http://10.0.0.2:9999"
         );
+        assert_eq!(
+            agent_url("https://10.0.0.2:9999").unwrap(),
+            "https://10.0.0.2:9999"
+        );
+        assert_eq!(url_host("https://10.0.0.2:9999"), "10.0.0.2");
         for bad in [
             "",
             "10.0.0.2:9999",
-            "https://x",
+            "ftp://x",
+            "https://",
             "http://",
             "http://a/b",
             "http://a b",

@@ -208,6 +208,10 @@ pub struct AppState {
     pub devices: DeviceStore,
     /// When the agent started.
     pub started: Instant,
+    /// SHA-256 of the appliance's TLS certificate (see [`crate::tls`]).
+    pub fingerprint: String,
+    /// The API's URL on each listen address (`DATA/api.url`; a wildcard shown as 127.0.0.1).
+    pub api_urls: Vec<String>,
 }
 
 /// An error response.
@@ -373,14 +377,14 @@ impl From<HandoffError> for ApiError {
             HandoffError::BadTarget(_) => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 msg,
-                "send {\"to\": \"http://HOST:PORT\"}, the target agent's base URL",
+                "send {\"to\": \"https://HOST:PORT\"}, the target agent's base URL",
             ),
             HandoffError::SelfTarget(_) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "name another appliance's agent",
             ),
-            HandoffError::NotPeer(..) => ApiError::new(
+            HandoffError::NotPeer(..) | HandoffError::NotPinned { .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 msg,
                 "trust each other first: `agent add-peer ID --secret-file FILE` on both appliances (each with the other's id, the same secret)",
@@ -660,6 +664,9 @@ pub struct SystemInfo {
     pub services_digest: String,
     /// Seconds since the agent started.
     pub uptime_s: u64,
+    /// SHA-256 of the appliance's TLS certificate, hex (what clients pin).
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// The system snapshot (also used for the mDNS TXT record).
@@ -684,6 +691,7 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         services: st.store.services().into_iter().map(|s| s.name).collect(),
         services_digest: st.store.catalogue_digest(),
         uptime_s: st.started.elapsed().as_secs(),
+        fingerprint: st.fingerprint.clone(),
     }
 }
 
@@ -832,7 +840,7 @@ async fn handoff_instance(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("malformed JSON: {e}"),
-            "send {\"to\": \"http://HOST:PORT\"} (and optionally \"downtime_ms\")",
+            "send {\"to\": \"https://HOST:PORT\"} (and optionally \"downtime_ms\")",
         )
     })?;
     let src = Source {
@@ -1214,6 +1222,8 @@ mod tests {
             peers,
             devices,
             started: Instant::now(),
+            fingerprint: "ab".repeat(32),
+            api_urls: vec![],
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());

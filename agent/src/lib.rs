@@ -14,6 +14,7 @@
 //!   [`guest`]: the service VM's framed TCP protocol.
 //! - [`handoff`]: moving a running instance to another appliance (source and target
 //!   orchestration; the vmms stream the VM).
+//! - [`tls`]: the appliance certificate (HTTPS off loopback) and fingerprint pinning.
 //! - [`daemon`]: the `agent` process wiring it all together.
 
 pub mod audit;
@@ -30,4 +31,5 @@ pub mod metrics;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
+pub mod tls;
 pub mod warm;

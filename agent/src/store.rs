@@ -4,6 +4,8 @@
 //! DATA/
 //!   agent.id                     this appliance's id (12 hex digits, made on first start)
 //!   api.addr                     "IP:PORT" of the running agent's API (written at start)
+//!   api.url                      one URL per listen address, http:// (loopback) or https://
+//!   tls/cert.der, tls/key.der    the appliance certificate and its key (0600; crate::tls)
 //!   peers.json                   appliances trusted for handoff (crate::auth::PeerStore)
 //!   bases/NAME/                  base images, as `image-builder base` writes them
 //!   services/NAME/service.json   ServiceRecord: name, base, description, overlay size + SHA-256

@@ -19,6 +19,7 @@ use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -86,6 +87,34 @@ pub fn prepare(work: &Path) -> Result<Prepared> {
     Ok(Prepared { bin, base, overlay })
 }
 
+/// The API addresses served over HTTPS, with the certificate fingerprint each must present
+/// ([`http`] pins it).
+static HTTPS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The fingerprint pinned for the HTTPS API at `addr`, if it is one.
+fn https_pin(addr: &str) -> Option<String> {
+    let v = HTTPS.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter().find(|(a, _)| a == addr).map(|(_, f)| f.clone())
+}
+
+/// A client of the agent API at `addr` ("IP:PORT"): pinned HTTPS where the agent serves it,
+/// plain HTTP otherwise.
+pub fn api_client(addr: &str, token: Option<&str>) -> agent::client::Client {
+    match https_pin(addr) {
+        Some(fp) => agent::client::Client::pinned(&format!("https://{addr}"), token, &fp),
+        None => agent::client::Client::new(&format!("http://{addr}"), token),
+    }
+}
+
+/// The fingerprint of the appliance certificate of data directory `data` (made there, as
+/// the agent would at its first start, when there is none yet).
+pub fn fingerprint(data: &Path) -> Result<String> {
+    let id = std::fs::read_to_string(data.join("agent.id"))?;
+    Ok(agent::tls::ApplianceCert::load_or_create(data, id.trim())?
+        .fingerprint()
+        .to_string())
+}
+
 /// An agent process on a fresh data directory with the demo's base and service staged.
 pub struct Agent {
     child: Option<Child>,
@@ -151,6 +180,7 @@ impl Agent {
     ) -> Result<Agent> {
         let agent = p.bin.join("agent");
         let _ = std::fs::remove_file(data.join("api.addr"));
+        let _ = std::fs::remove_file(data.join("api.url"));
         let logf = std::fs::File::create(log)?;
         let mut cmd = match ns {
             Some(ns) => {
@@ -183,9 +213,18 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(s) = std::fs::read_to_string(data.join("api.addr")) {
+            if let (Ok(s), Ok(url)) = (
+                std::fs::read_to_string(data.join("api.addr")),
+                std::fs::read_to_string(data.join("api.url")),
+            ) {
                 if !s.trim().is_empty() {
                     a.addr = s.trim().to_string();
+                    if url.starts_with("https://") {
+                        let fp = fingerprint(data)?;
+                        let mut v = HTTPS.lock().unwrap_or_else(|e| e.into_inner());
+                        v.retain(|(x, _)| *x != a.addr);
+                        v.push((a.addr.clone(), fp));
+                    }
                     return Ok(a);
                 }
             }
@@ -237,8 +276,15 @@ impl Drop for Agent {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection; returns (status, body).
+/// One HTTP/1.1 request over a fresh connection (HTTPS, pinned, to an agent that serves
+/// it); returns (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    if https_pin(addr).is_some() {
+        let r = api_client(addr, Some(token()))
+            .raw(method, path, body.map(str::as_bytes), true)
+            .with_context(|| format!("{method} https://{addr}{path}"))?;
+        return Ok((r.status, r.body));
+    }
     let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.set_nodelay(true)?;
@@ -463,6 +509,7 @@ fn locate(addr: &str, id: &str) -> Result<(String, String, String)> {
                     .as_str()
                     .unwrap_or_default()
                     .trim_start_matches("http://")
+                    .trim_start_matches("https://")
                     .to_string();
                 id = m["instance"].as_str().unwrap_or_default().to_string();
             }
@@ -633,8 +680,9 @@ pub fn demo() -> Result<()> {
         &board_b,
         dev.replace(listen, &format!("listen = [\"{}\"]", site.there)),
     )?;
-    // Each trusts the other for handoffs (a shared secret per pair of appliances).
-    // The secret goes in a file only its owner may read, never on a command line.
+    // Each trusts the other for handoffs (a shared secret per pair of appliances, in a file
+    // only its owner may read, never on a command line), and pins the other's certificate
+    // (B serves HTTPS on its network address).
     let secret_file = work.join("peer.secret");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -646,10 +694,13 @@ pub fn demo() -> Result<()> {
             .open(&secret_file)?;
         writeln!(f, "demo-secret-{}-{}", agent.id, id_b)?;
     }
-    for (data, other) in [(&work.join("data"), &id_b), (&data_b, &agent.id)] {
+    let data_a = work.join("data");
+    for (data, other, other_data) in [(&data_a, &id_b, &data_b), (&data_b, &agent.id, &data_a)] {
         run(Command::new(p.bin.join("agent"))
             .args(["add-peer", other, "--secret-file"])
             .arg(&secret_file)
+            .arg("--fingerprint")
+            .arg(fingerprint(other_data)?)
             .arg("--data-dir")
             .arg(data)
             .stdout(Stdio::null()))?;
@@ -675,7 +726,7 @@ pub fn demo() -> Result<()> {
         }
         Err(e) => {
             println!("not discovered over mDNS ({e:#}): using its API address");
-            format!("http://{}", agent_b.addr)
+            format!("https://{}", agent_b.addr)
         }
     };
 

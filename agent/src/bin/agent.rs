@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 ///   agent --board dev --data-dir /tmp/cl              # run with the embedded dev board
 ///   agent stage-base micro --from base/ --data-dir /tmp/cl
 ///   agent stage-service model --overlay app.overlay --data-dir /tmp/cl
-///   agent add-peer 0123456789ab --name hall-b --data-dir /tmp/cl   # prints a new secret
+///   agent add-peer 0123456789ab --name hall-b --fingerprint 3f2a… --data-dir /tmp/cl   # prints a new secret
 ///   agent devices --data-dir /tmp/cl                  # the paired devices
 ///   agent revoke phone-1 --data-dir /tmp/cl           # revoke one (401 from its next request)
 #[derive(Parser, Debug)]
@@ -111,6 +111,11 @@ enum Cmd {
         /// is made when absent. Never on the command line itself.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// The other appliance's certificate fingerprint (its `GET /v1/system` →
+        /// `fingerprint`, or its start-up line): needed to hand off to it over HTTPS, which
+        /// is pinned to it.
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// List the paired devices (from DATA/devices.json).
     Devices,
@@ -252,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             id,
             name,
             secret_file,
+            fingerprint,
         }) => {
             let s = store()?;
             let made = secret_file.is_none();
@@ -259,19 +265,32 @@ fn run(cli: Cli) -> Result<()> {
                 Some(f) => read_secret_file(f)?,
                 None => random_secret()?,
             };
-            let p = PeerStore::in_dir(s.root()).add(&id, &name, &secret)?;
+            let p = PeerStore::in_dir(s.root()).add_pinned(
+                &id,
+                &name,
+                &secret,
+                fingerprint.as_deref(),
+            )?;
+            let mine = agent::tls::ApplianceCert::load_or_create(s.root(), s.id())?;
             println!(
-                "appliance {} ({}) is trusted for handoff; this appliance is {}.",
+                "appliance {} ({}) is trusted for handoff{}; this appliance is {}, its certificate {}.",
                 p.id,
                 if p.name.is_empty() { "-" } else { &p.name },
+                if p.fingerprint.is_some() {
+                    " (its certificate pinned)"
+                } else {
+                    " over plain HTTP only (no --fingerprint)"
+                },
                 s.id(),
+                mine.fingerprint()
             );
             if made {
                 println!(
-                    "The shared secret: {}\nOn {}, put it in a file only its owner may read (chmod 600 FILE) and run:\n  agent add-peer {} --secret-file FILE",
+                    "The shared secret: {}\nOn {}, put it in a file only its owner may read (chmod 600 FILE) and run:\n  agent add-peer {} --secret-file FILE --fingerprint {}",
                     p.secret,
                     p.id,
-                    s.id()
+                    s.id(),
+                    mine.fingerprint()
                 );
             }
             Ok(())

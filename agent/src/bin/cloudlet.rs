@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use agent::client::{best, discover_ranked, discover_ranked_until, Client, Session};
+use agent::client::{
+    best, discover_ranked, discover_ranked_until, Client, Pin, PinStore, Session, Trust,
+};
 use agent::guest::GuestConn;
 use agent::handoff::HANDOFF_TIMEOUT;
 use anyhow::{bail, Context, Result};
@@ -28,6 +30,13 @@ use clap::{Parser, Subcommand};
 ///   cloudlet stop i-0123abcd --agent http://127.0.0.1:9999
 ///   cloudlet devices --agent http://127.0.0.1:9999       # paired devices (operator)
 ///   cloudlet revoke phone-1 --agent http://127.0.0.1:9999
+///   cloudlet info --agent https://10.0.0.2:9999 --fingerprint 3f2a…   # pinned HTTPS
+///
+/// HTTPS: appliances serve HTTPS on the network with their own certificate, which the client
+/// pins by its SHA-256 fingerprint. Pins live in $CLOUDLET_PINS, else
+/// $XDG_CONFIG_HOME/cloudlet/pins.json, else ~/.config/cloudlet/pins.json (pairing writes
+/// them; --trust-first-use adds one). Once any appliance is pinned, discovery chooses only
+/// pinned ones and shows the others as unverified.
 #[derive(Parser, Debug)]
 #[command(name = "cloudlet", version, verbatim_doc_comment)]
 struct Cli {
@@ -38,6 +47,13 @@ struct Cli {
     /// precedence.
     #[arg(long, global = true)]
     token_file: Option<std::path::PathBuf>,
+    /// The certificate fingerprint (SHA-256, hex) the --agent URL must present (https).
+    #[arg(long, global = true)]
+    fingerprint: Option<String>,
+    /// Accept the certificate the appliance presents without a pin, print its fingerprint and
+    /// pin it in the pin store (only where you can check it, e.g. with its operator).
+    #[arg(long, global = true)]
+    trust_first_use: bool,
     /// How long to browse mDNS, ms.
     #[arg(long, global = true, default_value_t = 1500)]
     browse_ms: u64,
@@ -103,19 +119,68 @@ enum Cmd {
     },
 }
 
-fn agent_url(cli: &Cli) -> Result<String> {
-    if let Some(a) = &cli.agent {
-        return Ok(a.clone());
-    }
-    let b = best(Duration::from_millis(cli.browse_ms))?;
+/// Pins what `c` (a [`Pin::FirstUse`] client) presents, in the pin store, and returns a
+/// client pinned to it.
+fn trust_first_use(c: Client) -> Result<Client> {
+    let sys = c.system()?;
+    let fp = c
+        .seen_fingerprint()
+        .context("the appliance presented no certificate")?;
+    let store = PinStore::user();
+    store.add(&sys.id, &fp, "")?;
     eprintln!(
-        "using {} at {} (score {:.3}, rtt {:.2} ms)",
+        "trusting {} on first use: appliance {}, certificate SHA-256 {fp} (pinned in {})",
+        c.base(),
+        sys.id,
+        store.path().display()
+    );
+    Ok(c.with_pin(Pin::Fingerprints(vec![fp])))
+}
+
+/// A client of the agent to use: --agent (pinned by --fingerprint, the pin store or trust on
+/// first use), or the best appliance discovered.
+fn connect(cli: &Cli, token: Option<&str>) -> Result<Client> {
+    let pins = PinStore::user().entries()?;
+    if let Some(url) = &cli.agent {
+        let c = Client::new(url, token);
+        if !url.starts_with("https://") {
+            return Ok(c);
+        }
+        if let Some(fp) = &cli.fingerprint {
+            let fp = agent::tls::parse_fingerprint(fp)?;
+            return Ok(c.with_pin(Pin::Fingerprints(vec![fp])));
+        }
+        if cli.trust_first_use {
+            return trust_first_use(c.with_pin(Pin::FirstUse));
+        }
+        if pins.is_empty() {
+            return Ok(c);
+        }
+        return Ok(c.with_pin(Pin::Fingerprints(
+            pins.into_iter().map(|p| p.fingerprint).collect(),
+        )));
+    }
+    let b = best(Duration::from_millis(cli.browse_ms), &pins)?;
+    eprintln!(
+        "using {} at {} (score {:.3}, rtt {:.2} ms, {:?})",
         b.appliance.instance,
         b.url,
         b.score,
-        b.rtt_ms.unwrap_or(f64::NAN)
+        b.rtt_ms.unwrap_or(f64::NAN),
+        b.trust
     );
-    Ok(b.url)
+    if b.url.starts_with("https://") && b.trust != Trust::Pinned {
+        if cli.trust_first_use {
+            return trust_first_use(Client::new(&b.url, token).with_pin(Pin::FirstUse));
+        }
+        bail!(
+            "{} ({}) is not paired with this client (certificate {} not pinned): pair with it, pass --fingerprint with --agent, or --trust-first-use",
+            b.appliance.instance,
+            b.url,
+            b.fingerprint.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(b.client(token))
 }
 
 fn main() -> std::process::ExitCode {
@@ -133,13 +198,13 @@ fn run(cli: Cli) -> Result<()> {
         std::env::var(agent::auth::TOKEN_ENV).ok(),
         cli.token_file.as_deref(),
     )?;
-    let client = |url: &str| Client::new(url, token.as_deref());
     match &cli.cmd {
         Cmd::Discover { wait_for } => {
             let window = Duration::from_millis(cli.browse_ms);
+            let pins = PinStore::user().entries()?;
             let ranked = match wait_for {
-                Some(who) => discover_ranked_until(window, who)?,
-                None => discover_ranked(window)?,
+                Some(who) => discover_ranked_until(window, who, &pins)?,
+                None => discover_ranked(window, &pins)?,
             };
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&ranked)?);
@@ -159,9 +224,10 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect();
                 println!(
-                    "{:<34} {:<24} score {:>8.3}  rtt {:>7} ms  {}",
+                    "{:<34} {:<28} {:<10} score {:>8.3}  rtt {:>7} ms  {}",
                     r.appliance.instance,
                     r.url,
+                    format!("{:?}", r.trust).to_lowercase(),
                     r.score,
                     r.rtt_ms.map(|v| format!("{v:.2}")).unwrap_or("-".into()),
                     txt.join(" ")
@@ -169,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Info => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let s = c.system()?;
             let svcs = c.services()?;
             if cli.json {
@@ -194,7 +260,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Start { service } => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let i = c.start(service)?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
@@ -212,7 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Call { endpoint, requests } if endpoint.starts_with("i-") => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let mut sess = Session::open(&c, endpoint, Duration::from_secs(10))?;
             for r in requests {
                 let reply = sess
@@ -235,7 +301,7 @@ fn run(cli: Cli) -> Result<()> {
             to,
             downtime_ms,
         } => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let (id2, to2, dt) = (id.clone(), to.clone(), *downtime_ms);
             let c2 = c.clone().with_timeout(HANDOFF_TIMEOUT);
             let job = std::thread::spawn(move || c2.handoff(&id2, &to2, dt));
@@ -293,12 +359,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Stop { id } => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let i = c.delete(id)?;
             println!("{} {} ({})", i.id, i.state, i.exit.unwrap_or_default());
         }
         Cmd::Devices => {
-            let v = client(&agent_url(&cli)?).devices()?;
+            let v = connect(&cli, token.as_deref())?.devices()?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -311,11 +377,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Revoke { id } => {
-            let d = client(&agent_url(&cli)?).revoke_device(id)?;
+            let d = connect(&cli, token.as_deref())?.revoke_device(id)?;
             println!("device {} ({}) is {}", d.id, d.name, d.status);
         }
         Cmd::List => {
-            let c = client(&agent_url(&cli)?);
+            let c = connect(&cli, token.as_deref())?;
             let v = c.instances()?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -148,7 +148,7 @@ fn errors_and_authentication() {
         400,
         &[("error", "unknown field")],
     );
-    for who in [a.anon(), Client::new(&a.url, Some("wrong-token"))] {
+    for who in [a.anon(), a.client_with(Some("wrong-token"))] {
         start_refused(&who, 401, &[("hint", "Bearer")]);
         refused(&who, "DELETE", "/v1/services/model", None, 401, &[]);
     }

@@ -1,6 +1,10 @@
 //! The web manager in real headless Chromium, driven over the W3C WebDriver protocol
 //! (plain HTTP/JSON to Debian's chromedriver): open the page, enter the token, start an
 //! instance, see it listed as running, stop it, see it stopped, delete it.
+//!
+//! The agents listen on 0.0.0.0, so the manager is served over HTTPS (loopback included);
+//! Chromium trusts exactly the appliance's key, pinned with
+//! `--ignore-certificate-errors-spki-list` (any other certificate is still an error).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -21,7 +25,8 @@ struct Driver {
 }
 
 impl Driver {
-    fn start() -> Driver {
+    /// Chromium trusting the certificates whose keys have these SPKI hashes (base64).
+    fn start(spki: &[String]) -> Driver {
         for p in ["/usr/bin/chromedriver", "/usr/bin/chromium"] {
             assert!(
                 std::path::Path::new(p).exists(),
@@ -45,12 +50,24 @@ impl Driver {
                 .ok()
                 .filter(|r| r.json()["value"]["ready"] == true)
         });
+        let mut args = vec![
+            "--headless=new".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--window-size=1200,900".into(),
+        ];
+        if !spki.is_empty() {
+            args.push(format!(
+                "--ignore-certificate-errors-spki-list={}",
+                spki.join(",")
+            ));
+        }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1200,900"]
+                "args": args
             }
         }}});
         let r = http
@@ -123,12 +140,22 @@ impl Drop for Driver {
     }
 }
 
+/// The board edit that makes an agent serve HTTPS on every address.
+const EVERYWHERE: (&str, &str) = ("listen = [\"127.0.0.1\"]", "listen = [\"0.0.0.0\"]");
+
 #[test]
 fn the_web_manager_starts_lists_and_stops_an_instance() {
-    let a = AgentProc::start("web", &[]);
-    let d = Driver::start();
+    let a = AgentProc::start("web", &[EVERYWHERE]);
+    assert!(a.url.starts_with("https://"), "{}", a.url);
+    // Without the pin, Chromium shows its certificate error instead of the manager.
+    let d = Driver::start(&[]);
+    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
+    assert_ne!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
+    drop(d);
+    let d = Driver::start(&[a.spki()]);
     d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
     assert_eq!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
+    assert_eq!(d.js("return location.protocol"), "https:");
     // Without the token the page shows the open system line and asks for it.
     let sys = d.wait("#system");
     wait_for(Duration::from_secs(10), "system line", || {
@@ -242,14 +269,14 @@ impl Driver {
 #[test]
 fn the_web_manager_hands_an_instance_off() {
     let (_d, vmm) = crate::handoff::stand_in();
-    let a = AgentProc::start_with_vmm("web-ho-a", &[], &vmm);
-    let b = AgentProc::start_with_vmm("web-ho-b", &[], &vmm);
+    let a = AgentProc::start_with_vmm("web-ho-a", &[EVERYWHERE], &vmm);
+    let b = AgentProc::start_with_vmm("web-ho-b", &[EVERYWHERE], &vmm);
     let secret = "a-secret-both-appliances-share-web-0123";
     a.trust(&b, secret);
     b.trust(&a, secret);
     let i = a.client().start("model").unwrap();
 
-    let d = Driver::start();
+    let d = Driver::start(&[a.spki()]);
     d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
     let token = d.wait("#token");
     d.cmd(
@@ -259,8 +286,10 @@ fn the_web_manager_hands_an_instance_off() {
     );
     let ho = d.wait(&format!("#inst-{} button.handoff", i.id));
     d.click(&ho);
-    // The chooser lists the other appliance, found over mDNS.
-    let option = format!("#handoff-to option[value='{}']", b.url);
+    // The chooser lists the other appliance, found over mDNS at a network address of this
+    // host: HTTPS, on its port.
+    let port = b.addr().rsplit_once(':').unwrap().1.to_string();
+    let option = format!("#handoff-to option[value^='https://'][value$=':{port}']");
     let t0 = Instant::now();
     let opt = loop {
         if let Some(o) = wait_for(Duration::from_secs(10), "the scan to end", || {
@@ -279,6 +308,13 @@ fn the_web_manager_hands_an_instance_off() {
         );
         d.click(&d.wait("#handoff-rescan"));
     };
+    let b_url = d
+        .js(&format!(
+            "return document.querySelector(\"{option}\").value"
+        ))
+        .as_str()
+        .unwrap()
+        .to_string();
     d.click(&opt);
     d.screenshot("web-manager-handoff-chooser");
     d.click(&d.wait("#handoff-go"));
@@ -288,11 +324,11 @@ fn the_web_manager_hands_an_instance_off() {
     assert_eq!(d.text(&moved), "moved");
     let cell = d.text(&d.wait(&format!("#inst-{} td.ho", i.id)));
     assert!(
-        cell.contains(&b.url) && cell.contains("downtime") && cell.contains("rounds"),
+        cell.contains(&b_url) && cell.contains("downtime") && cell.contains("rounds"),
         "{cell}"
     );
     let msg = d.text(&d.wait("#msg"));
-    assert!(msg.contains("handed") && msg.contains(&b.url), "{msg}");
+    assert!(msg.contains("handed") && msg.contains(&b_url), "{msg}");
     d.screenshot("web-manager-handoff-moved");
     // It runs there.
     let there = b.client().instances().unwrap();

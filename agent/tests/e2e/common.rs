@@ -132,7 +132,7 @@ pub struct AgentProc {
     pub board: PathBuf,
     /// The process.
     pub child: Option<Child>,
-    /// `http://IP:PORT`.
+    /// `http://IP:PORT` (loopback) or `https://IP:PORT`: the first line of `DATA/api.url`.
     pub url: String,
     /// Whether to pass --stop-on-exit.
     stop_on_exit: bool,
@@ -152,7 +152,8 @@ pub fn board_text(edits: &[(&str, &str)]) -> String {
     t
 }
 
-fn run_agent_cmd(args: &[&str], data: &Path) {
+/// Runs an `agent` subcommand on the data directory `data`; panics when it fails.
+pub fn run_agent_cmd(args: &[&str], data: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_agent"))
         .args(args)
         .arg("--data-dir")
@@ -256,7 +257,7 @@ impl AgentProc {
 
     /// (Re)starts the agent process on the same data directory.
     pub fn spawn(&mut self) {
-        let addr_file = self.data.join("api.addr");
+        let addr_file = self.data.join("api.url");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -293,8 +294,8 @@ impl AgentProc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(s) = std::fs::read_to_string(&addr_file) {
-                if !s.trim().is_empty() {
-                    self.url = format!("http://{}", s.trim());
+                if let Some(first) = s.lines().next().filter(|l| !l.trim().is_empty()) {
+                    self.url = first.trim().to_string();
                     break;
                 }
             }
@@ -323,8 +324,22 @@ impl AgentProc {
             .to_string()
     }
 
-    /// Trusts `other` for handoff with `secret` (`agent add-peer`, the secret in a private
-    /// file; the agent reads the store at once).
+    /// SHA-256 of this appliance's TLS certificate (from its data directory).
+    pub fn fingerprint(&self) -> String {
+        let der = std::fs::read(self.data.join("tls/cert.der")).unwrap();
+        agent::tls::fingerprint(&der)
+    }
+
+    /// Chromium's `--ignore-certificate-errors-spki-list` value trusting exactly this
+    /// appliance's key.
+    pub fn spki(&self) -> String {
+        agent::tls::ApplianceCert::load_or_create(&self.data, &self.id())
+            .unwrap()
+            .spki_sha256_base64()
+    }
+
+    /// Trusts `other` for handoff with `secret` (in a private file), its certificate pinned
+    /// (`agent add-peer`; the agent reads the store at once).
     pub fn trust(&self, other: &AgentProc, secret: &str) {
         let f = self.dir.path("peer.secret");
         agent::auth::write_private(&f, secret.as_bytes()).unwrap();
@@ -334,6 +349,8 @@ impl AgentProc {
                 &other.id(),
                 "--secret-file",
                 f.to_str().unwrap(),
+                "--fingerprint",
+                &other.fingerprint(),
             ],
             &self.data,
         );
@@ -363,9 +380,9 @@ impl AgentProc {
         agent::auth::read_secret_file(&self.token_file()).unwrap()
     }
 
-    /// A client with the operator token.
+    /// A client with the operator token (the certificate pinned over HTTPS).
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(&self.token()))
+        self.client_with(Some(&self.token()))
     }
 
     /// Pairs device `id` directly in the data directory (as pairing does; the agent reads
@@ -374,17 +391,29 @@ impl AgentProc {
         let (secret, _) = agent::devices::DeviceStore::in_dir(&self.data)
             .issue(id, id, "test phone", ttl)
             .unwrap();
-        Client::new(&self.url, Some(&secret))
+        self.client_with(Some(&secret))
     }
 
-    /// A client without a token.
+    /// A client without a token (its certificate pinned over HTTPS).
     pub fn anon(&self) -> Client {
-        Client::new(&self.url, None)
+        self.client_with(None)
+    }
+
+    /// A client with `token` (its certificate pinned over HTTPS).
+    pub fn client_with(&self, token: Option<&str>) -> Client {
+        if self.url.starts_with("https://") {
+            Client::pinned(&self.url, token, &self.fingerprint())
+        } else {
+            Client::new(&self.url, token)
+        }
     }
 
     /// The API address ("IP:PORT").
     pub fn addr(&self) -> String {
-        self.url.trim_start_matches("http://").to_string()
+        self.url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string()
     }
 
     /// Sends SIGTERM and waits for the exit (kills after 10 s).

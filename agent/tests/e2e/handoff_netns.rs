@@ -1,6 +1,7 @@
 //! Handoff between two agents in two network namespaces joined by a veth pair shaped to
 //! 100 Mbit/s (made and removed by the test): agent A in namespace A, agent B in namespace
-//! B, each listening on its end's address and trusting the other. A client inside A keeps
+//! B, each listening on its end's address (so over HTTPS, each pinning the other's
+//! certificate) and trusting the other. A client inside A keeps
 //! changing the VM's state (`put` into the disk table, `incr` of a counter in RAM) while the
 //! instance is handed off A → B over the agents' API; afterwards, from inside B, the target
 //! answers every acknowledged change, and A's record is `moved` to B with its vmm gone.
@@ -102,6 +103,7 @@ fn handoff_between_namespaces_under_load() {
     let (a, b) = (agent_in("ho-ns-a", lab.a()), agent_in("ho-ns-b", lab.b()));
     a.trust(&b, SECRET);
     b.trust(&a, SECRET);
+    assert_eq!(a.url, format!("https://{}", a.addr()));
     assert!(a.url.contains(&lab.a().addr().to_string()), "{}", a.url);
     assert!(b.url.contains(&lab.b().addr().to_string()), "{}", b.url);
 
@@ -208,7 +210,7 @@ fn handoff_between_namespaces_under_load() {
         b.live_vmms().is_empty().then_some(())
     });
     eprintln!(
-        "netns handoff at {LINK_MBIT} Mbit/s: {took:?} over HTTP, downtime {:?} ms, {} bytes, {} rounds; \
+        "netns handoff at {LINK_MBIT} Mbit/s: {took:?} over HTTPS, downtime {:?} ms, {} bytes, {} rounds; \
          client: {} puts, counter {last} (unsure put {:?}, unsure incr {}), stopped on: {}; whole test {:.1} s",
         h.downtime_ms,
         h.bytes,

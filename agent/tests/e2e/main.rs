@@ -7,4 +7,5 @@ mod common;
 mod discovery;
 mod handoff;
 mod handoff_netns;
+mod tls;
 mod warm;

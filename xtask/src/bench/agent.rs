@@ -13,6 +13,12 @@
 //! - `stop_p50_ms`: the `DELETE` round trip.
 //! - Starts are [`SETTLE`] apart, so that each is timed on an appliance at rest, not one still
 //!   deleting the previous instance or making the next standby (2 cores).
+//! - `api_start_to_reply_https_p50_ms` / `_p99_ms`: the same starts with the agent serving
+//!   HTTPS (listen 0.0.0.0, reached at 127.0.0.1), the client pinning its certificate; each
+//!   request on a fresh connection, so every one pays the TLS handshake.
+//! - `system_http_p50_ms` / `system_https_p50_ms`: `GET /v1/system` on a fresh connection,
+//!   plain and over pinned HTTPS: the handshake and request cost alone (target: HTTPS adds
+//!   at most 1 ms).
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::stats::{median, percentile};
-use crate::demo::{api, discover, model_entry, prepare, Agent, Guest};
+use crate::demo::{api, api_client, discover, model_entry, prepare, Agent, Guest};
 use crate::util::{require_kvm, step, target_dir};
 
 /// Runs the benchmark; returns the named figures.
@@ -62,7 +68,8 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     ));
     // The first start of a service is cold; it leaves the standby the next one takes.
     starts(&addr, 1)?;
-    let warm = starts(&addr, runs)?;
+    let s = starts(&addr, runs)?;
+    let system_http = system_rtts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
     let mut resolve = vec![];
@@ -87,33 +94,52 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         .context("no VmRSS")?;
     agent.stop()?;
 
+    step(&format!(
+        "{runs} starts over HTTPS (listen 0.0.0.0, the certificate pinned)"
+    ));
+    let board = work.join("board-https.toml");
+    let dev = std::fs::read_to_string(crate::util::root().join("board-configs/dev.toml"))?;
+    let listen = "listen = [\"127.0.0.1\"]";
+    if !dev.contains(listen) {
+        bail!("board-configs/dev.toml has no `{listen}`");
+    }
+    std::fs::write(&board, dev.replace(listen, "listen = [\"0.0.0.0\"]"))?;
+    let mut tls_agent = Agent::spawn(&p, &data, &work.join("agent-https.log"), Some(&board), None)?;
+    starts(&tls_agent.addr, 1)?;
+    let tls = starts(&tls_agent.addr, runs)?;
+    let system_https = system_rtts(&tls_agent.addr, runs)?;
+    tls_agent.stop()?;
+
     let m = |v: &[f64]| median(v).unwrap_or(f64::NAN);
     let p99 = |v: &[f64]| percentile(v, 99.0).unwrap_or(f64::NAN);
     Ok(vec![
-        ("api_start_to_reply_p50_ms".into(), m(&warm.total)),
-        ("api_start_to_reply_p99_ms".into(), p99(&warm.total)),
-        ("warm_resume_to_health_p50_ms".into(), m(&warm.health)),
+        ("api_start_to_reply_p50_ms".into(), m(&s.total)),
+        ("api_start_to_reply_p99_ms".into(), p99(&s.total)),
+        ("api_start_to_reply_https_p50_ms".into(), m(&tls.total)),
+        ("api_start_to_reply_https_p99_ms".into(), p99(&tls.total)),
+        ("system_http_p50_ms".into(), m(&system_http)),
+        ("system_https_p50_ms".into(), m(&system_https)),
+        ("warm_resume_to_health_p50_ms".into(), m(&s.health)),
         ("api_start_cold_p50_ms".into(), m(&cold.total)),
         ("api_start_cold_p99_ms".into(), p99(&cold.total)),
         ("synthesis_p50_ms".into(), m(&cold.synth)),
         ("spawn_to_health_p50_ms".into(), m(&cold.health)),
-        ("stop_p50_ms".into(), m(&warm.stop)),
+        ("stop_p50_ms".into(), m(&s.stop)),
         ("agent_idle_rss_mib".into(), rss_kib / 1024.0),
         ("discovery_resolve_ms".into(), m(&resolve)),
         ("discovery_runs".into(), resolve.len() as f64),
     ])
 }
 
-/// The figures of a series of starts.
-#[derive(Default)]
+/// Times of [`starts`], ms.
 struct Starts {
-    /// `POST /v1/instances` sent → first verified reply, ms.
+    /// `POST /v1/instances` sent → first verified reply.
     total: Vec<f64>,
     /// The agent's `synthesis_ms`.
     synth: Vec<f64>,
     /// The agent's `first_reply_ms` (spawn → `ok health`, or resume → `ok health`).
     health: Vec<f64>,
-    /// `DELETE` round trips, ms.
+    /// `DELETE` round trips.
     stop: Vec<f64>,
 }
 
@@ -121,10 +147,16 @@ struct Starts {
 /// not still busy with the previous one (deleting it, making the next standby).
 const SETTLE: Duration = Duration::from_millis(150);
 
-/// `runs` starts of the demo's service on the agent at `addr`, each checked and deleted.
+/// `runs` starts of the model service on the agent at `addr` (each: POST → first verified
+/// reply; then DELETE).
 fn starts(addr: &str, runs: usize) -> Result<Starts> {
     let want = format!("ok query i=5 value={}", model_entry(5));
-    let mut s = Starts::default();
+    let mut s = Starts {
+        total: vec![],
+        synth: vec![],
+        health: vec![],
+        stop: vec![],
+    };
     for _ in 0..runs {
         std::thread::sleep(SETTLE);
         let t0 = Instant::now();
@@ -150,4 +182,20 @@ fn starts(addr: &str, runs: usize) -> Result<Starts> {
         s.stop.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(s)
+}
+
+/// `runs` × `GET /v1/system`, each with a fresh client (a fresh connection: over HTTPS a
+/// full handshake), ms each.
+fn system_rtts(addr: &str, runs: usize) -> Result<Vec<f64>> {
+    let mut v = vec![];
+    for _ in 0..runs {
+        let c = api_client(addr, None);
+        let t = Instant::now();
+        let r = c.raw("GET", "/v1/system", None, false)?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+        if r.status != 200 {
+            bail!("GET /v1/system → {}: {}", r.status, r.body);
+        }
+    }
+    Ok(v)
 }
