@@ -875,17 +875,38 @@ pub fn rank(found: Vec<Appliance>, pins: &[PinEntry]) -> Vec<Ranked> {
     rank_within(found, pins, PROBE_TIMEOUT)
 }
 
+/// Most appliances probed at once; beyond them (a flood of advertisements) the rest are
+/// listed unprobed and unverified, so the whole stays within one probe deadline.
+pub const MAX_PROBES: usize = 64;
+
 /// As [`rank`], each probe within `timeout`.
-pub fn rank_within(found: Vec<Appliance>, pins: &[PinEntry], timeout: Duration) -> Vec<Ranked> {
+pub fn rank_within(mut found: Vec<Appliance>, pins: &[PinEntry], timeout: Duration) -> Vec<Ranked> {
+    // Paired appliances are probed first, whatever else announces itself.
+    found.sort_by_key(|a| !pins.iter().any(|p| a.txt.get("id") == Some(&p.id)));
     let mut v: Vec<Ranked> = std::thread::scope(|s| {
-        let probes: Vec<_> = found
-            .into_iter()
-            .filter_map(|a| {
-                let url = a.url()?;
-                Some(s.spawn(move || probe(a, url, pins, timeout)))
-            })
-            .collect();
-        probes.into_iter().filter_map(|p| p.join().ok()).collect()
+        let mut probes = Vec::new();
+        let mut rest = Vec::new();
+        for a in found {
+            let Some(url) = a.url() else { continue };
+            if probes.len() < MAX_PROBES {
+                probes.push(s.spawn(move || probe(a, url, pins, timeout)));
+            } else {
+                rest.push(Ranked {
+                    appliance: a,
+                    url,
+                    rtt_ms: None,
+                    score: 0.0,
+                    trust: Trust::Unverified,
+                    fingerprint: None,
+                    error: Some(format!(
+                        "not probed: more than {MAX_PROBES} appliances announced"
+                    )),
+                });
+            }
+        }
+        let mut v: Vec<Ranked> = probes.into_iter().filter_map(|p| p.join().ok()).collect();
+        v.extend(rest);
+        v
     });
     v.sort_by(|a, b| b.score.total_cmp(&a.score));
     v
@@ -1047,6 +1068,54 @@ mod tests {
         let c = Client::new(&url, None).with_pin(Pin::FirstUse);
         assert_eq!(c.raw("GET", "/v1/system", None, false).unwrap().status, 200);
         assert_eq!(c.seen_fingerprint(), Some(fp.clone()));
+    }
+
+    #[test]
+    fn a_flood_of_silent_appliances_costs_one_probe_deadline() {
+        // A listener that accepts and never answers, announced 70 times.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let held: Vec<_> = l.incoming().flatten().collect();
+            drop(held);
+        });
+        let found: Vec<Appliance> = (0..70)
+            .map(|i| {
+                let mut a = app("4", "0.0", "8192", "0/8");
+                a.instance = format!("silent-{i}");
+                a.port = port;
+                a.txt.insert("id".into(), format!("{i:012x}"));
+                a
+            })
+            .collect();
+        let pins = vec![PinEntry {
+            id: format!("{:012x}", 69),
+            fingerprint: "ab".repeat(32),
+            name: String::new(),
+        }];
+        let t0 = Instant::now();
+        let r = rank_within(found, &pins, Duration::from_millis(300));
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(r.len(), 70);
+        assert!(r
+            .iter()
+            .all(|r| r.rtt_ms.is_none() && r.trust == Trust::Unverified));
+        let unprobed: Vec<_> = r
+            .iter()
+            .filter(|r| r.error.as_deref().is_some_and(|e| e.contains("not probed")))
+            .collect();
+        assert_eq!(unprobed.len(), 70 - MAX_PROBES);
+        // The paired one (last announced) was probed all the same.
+        let paired = r
+            .iter()
+            .find(|r| r.appliance.instance == "silent-69")
+            .unwrap();
+        assert!(
+            !paired.error.as_deref().unwrap_or("").contains("not probed"),
+            "{paired:?}"
+        );
+        assert!(choose(r, &pins).is_none());
     }
 
     #[test]

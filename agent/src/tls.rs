@@ -116,7 +116,9 @@ impl ApplianceCert {
     pub fn load_or_create(data: &Path, id: &str) -> Result<ApplianceCert, TlsError> {
         let dir = data.join(TLS_DIR);
         let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-        if cert_path.exists() || key_path.exists() {
+        // The key is written first: a key without a certificate is an interrupted first
+        // start (no fingerprint was ever shown), so it is made again.
+        if cert_path.exists() {
             let cert = std::fs::read(&cert_path)
                 .map_err(|e| TlsError::Io("read", cert_path.clone(), e))?;
             let key =
@@ -378,6 +380,11 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint(), "reloaded, not remade");
         assert_eq!(a.spki_sha256_base64(), b.spki_sha256_base64());
         assert_eq!(a.spki_sha256_base64().len(), 44);
+        // A key without its certificate (an interrupted first start) is made anew.
+        let cert = d.join(TLS_DIR).join(CERT_FILE);
+        std::fs::remove_file(&cert).unwrap();
+        let c = ApplianceCert::load_or_create(&d, "0123456789ab").unwrap();
+        assert_ne!(c.fingerprint(), a.fingerprint());
         // A damaged key is refused with a clear error, and nothing is overwritten.
         std::fs::write(&key, b"not a key").unwrap();
         let e = ApplianceCert::load_or_create(&d, "0123456789ab").unwrap_err();

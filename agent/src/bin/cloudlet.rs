@@ -180,6 +180,13 @@ fn connect(cli: &Cli, token: Option<&str>) -> Result<Client> {
             b.fingerprint.as_deref().unwrap_or("-")
         );
     }
+    if b.trust == Trust::Pinned {
+        // Every pinned appliance, so that following an instance handed off to another
+        // paired appliance works too.
+        return Ok(Client::new(&b.url, token).with_pin(Pin::Fingerprints(
+            pins.into_iter().map(|p| p.fingerprint).collect(),
+        )));
+    }
     Ok(b.client(token))
 }
 
