@@ -11,6 +11,7 @@
 //!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
+//! - [`pairing`]: the messages a phone and the appliance exchange to pair (USB or claim code);
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -24,6 +25,7 @@ pub mod disk_delta;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;
+pub mod pairing;
 pub mod sources;
 pub mod state;
 
