@@ -161,7 +161,7 @@ pub fn frame_len(prefix: &[u8]) -> Result<Option<usize>, PairingError> {
     if &h[field::MAGIC] != MAGIC {
         return Err(PairingError::BadMagic);
     }
-    let version = u16::from_le_bytes([h[4], h[5]]);
+    let version = u16::from_le_bytes([h[field::VERSION.start], h[field::VERSION.start + 1]]);
     if version != VERSION {
         return Err(PairingError::Version(version));
     }
@@ -341,7 +341,13 @@ const MAX_TEXT: usize = 256;
 struct Writer(Vec<u8>);
 
 impl Writer {
-    fn bytes(&mut self, name: &'static str, v: &[u8], min: usize, max: usize) -> Result<(), PairingError> {
+    fn bytes(
+        &mut self,
+        name: &'static str,
+        v: &[u8],
+        min: usize,
+        max: usize,
+    ) -> Result<(), PairingError> {
         if v.len() < min || v.len() > max {
             return Err(PairingError::Field(name, "length"));
         }
@@ -350,7 +356,13 @@ impl Writer {
         Ok(())
     }
 
-    fn str(&mut self, name: &'static str, v: &str, min: usize, max: usize) -> Result<(), PairingError> {
+    fn str(
+        &mut self,
+        name: &'static str,
+        v: &str,
+        min: usize,
+        max: usize,
+    ) -> Result<(), PairingError> {
         if v.len() < min || v.len() > max {
             return Err(PairingError::Field(name, "length"));
         }
@@ -387,7 +399,12 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(v))
     }
 
-    fn bytes(&mut self, name: &'static str, min: usize, max: usize) -> Result<Vec<u8>, PairingError> {
+    fn bytes(
+        &mut self,
+        name: &'static str,
+        min: usize,
+        max: usize,
+    ) -> Result<Vec<u8>, PairingError> {
         let n = usize::from(self.u8(name)?);
         if n < min || n > max {
             return Err(PairingError::Field(name, "length"));
@@ -578,7 +595,10 @@ mod tests {
     fn welcome() -> Welcome {
         Welcome {
             appliance_id: "0123456789ab".into(),
-            api: vec!["https://10.0.0.1:9999".into(), "https://[fe80::1]:9999".into()],
+            api: vec![
+                "https://10.0.0.1:9999".into(),
+                "https://[fe80::1]:9999".into(),
+            ],
             fingerprint: [7; 32],
             secret: "s".repeat(64),
             expires_unix: 1_800_000_000,
@@ -619,8 +639,8 @@ mod tests {
         assert_eq!(
             b,
             [
-                b'C', b'L', b'P', b'R', 1, 0, 4, 0, 6, 0, 0, 0, 1, 0, 2, 0, b'n', b'o', 0xad,
-                0x79, 0x39, 0xc5
+                b'C', b'L', b'P', b'R', 1, 0, 4, 0, 6, 0, 0, 0, 1, 0, 2, 0, b'n', b'o', 0xad, 0x79,
+                0x39, 0xc5
             ]
         );
         assert_eq!(Message::parse(&b).unwrap(), m);
