@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,12 @@ use crate::board::Board;
 use crate::discovery::{Announcer, REFRESH};
 use crate::http::{router, shown_ip, system_info, AppState};
 use crate::metrics::Metrics;
+use crate::pairing::{ApplianceFacts, MemoryIssuer, Pairing};
 use crate::store::{error_chain, Store};
 use crate::supervisor::{Supervisor, SupervisorConfig, START_TIMEOUT};
+
+/// How long a paired device's credential lasts.
+pub const DEVICE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -103,9 +108,19 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     sup.recover().await;
     let peers = PeerStore::in_dir(store.root());
+    // Paired devices' credentials, in memory until a credential store on disk issues them.
+    let issuer = Arc::new(MemoryIssuer::new(DEVICE_CREDENTIAL_LIFETIME));
+    let pairing = Arc::new(Pairing::new(
+        ApplianceFacts {
+            appliance_id: store.id().into(),
+            ..Default::default()
+        },
+        issuer.clone(),
+    ));
     let creds = Credentials::default()
         .with(Arc::new(TokenStore::new(board.token.clone(), "operator")))
-        .with(Arc::new(peers.clone()));
+        .with(Arc::new(peers.clone()))
+        .with(issuer);
     let state = Arc::new(AppState {
         board: board.clone(),
         store: store.clone(),
@@ -113,6 +128,7 @@ pub async fn run(opts: Options) -> Result<()> {
         metrics,
         creds,
         peers,
+        pairing: pairing.clone(),
         started: Instant::now(),
     });
 
@@ -131,6 +147,7 @@ pub async fn run(opts: Options) -> Result<()> {
         listeners.push(l);
     }
     let shown = SocketAddr::new(shown_ip(board.listen[0]), port);
+    pairing.set_api(vec![format!("http://{shown}")]);
     std::fs::write(&addr_file, format!("{shown}\n"))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     tracing::info!(board = %board.name, id = %store.id(), data = %store.root().display(), "agent listening on http://{shown}");
@@ -195,8 +212,13 @@ pub async fn run(opts: Options) -> Result<()> {
         None
     };
 
+    // Phones arriving on USB pair through it (without USB: one line in the log).
+    let usb_stop = Arc::new(AtomicBool::new(false));
+    let usb = crate::pairing::usb::start_watcher(pairing.clone(), usb_stop.clone());
+
     shutdown_signal().await;
     let _ = stop_tx.send(true);
+    usb_stop.store(true, Ordering::Release);
     if let Some(d) = discovery {
         let _ = tokio::time::timeout(Duration::from_secs(4), d).await;
     }
@@ -211,6 +233,9 @@ pub async fn run(opts: Options) -> Result<()> {
         if n > 0 {
             tracing::info!("{n} instance(s) keep running; the next agent re-adopts them");
         }
+    }
+    if let Some(u) = usb {
+        let _ = tokio::task::spawn_blocking(move || u.join()).await;
     }
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("agent stopped");

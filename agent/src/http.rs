@@ -33,6 +33,7 @@ use crate::auth::{Credentials, PeerStore, Principal, Role};
 use crate::board::Board;
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
+use crate::pairing::api as pairing;
 use crate::store::{error_chain, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, Supervisor, SupervisorError};
 
@@ -67,6 +68,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/apps"),
     ("GET", "/v1/apps/{name}"),
     ("GET", "/v1/apps/{name}/download"),
+    ("GET", "/v1/pairing/window"),
+    ("POST", "/v1/pairing/window"),
+    ("DELETE", "/v1/pairing/window"),
+    ("POST", "/v1/pairing/claim"),
 ];
 
 /// Shared state of the handlers.
@@ -83,6 +88,8 @@ pub struct AppState {
     pub creds: Credentials,
     /// The appliances trusted for handoff.
     pub peers: PeerStore,
+    /// The pairing window and exchange.
+    pub pairing: Arc<crate::pairing::Pairing>,
     /// When the agent started.
     pub started: Instant,
 }
@@ -294,6 +301,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/apps", get(apps))
         .route("/v1/apps/{name}", get(app))
         .route("/v1/apps/{name}/download", get(download_app))
+        .route(
+            "/v1/pairing/window",
+            get(pairing::window)
+                .post(pairing::open_window)
+                .delete(pairing::close_window),
+        )
+        .route(crate::pairing::CLAIM_PATH, post(pairing::claim))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), count))
@@ -330,6 +344,11 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 /// principal goes into the request's extensions.
 async fn authenticate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    // The one exception: a device without a credential yet claims one with the pairing
+    // window's one-time claim code, which the claim handler checks.
+    if *req.method() == Method::POST && req.uri().path() == crate::pairing::CLAIM_PATH {
         return next.run(req).await;
     }
     let h = req
@@ -963,6 +982,12 @@ mod tests {
                 .with(Arc::new(TokenStore::new(OPERATOR, "operator")))
                 .with(Arc::new(peers.clone())),
             peers,
+            pairing: Arc::new(crate::pairing::Pairing::new(
+                Default::default(),
+                Arc::new(crate::pairing::MemoryIssuer::new(
+                    std::time::Duration::from_secs(60),
+                )),
+            )),
             started: Instant::now(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,6 +11,8 @@
 //!   [`guest`]: the service VM's framed TCP protocol.
 //! - [`handoff`]: moving a running instance to another appliance (source and target
 //!   orchestration; the vmms stream the VM).
+//! - [`pairing`]: phones get their own credential, over USB (Android Open Accessory) or with
+//!   the manager's QR claim code, while the operator holds a pairing window open.
 //! - [`daemon`]: the `agent` process wiring it all together.
 
 pub mod auth;
@@ -22,6 +24,7 @@ pub mod guest;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
+pub mod pairing;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
