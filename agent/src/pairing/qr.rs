@@ -120,6 +120,17 @@ impl QrPayload {
             .min_dimensions(240, 240)
             .build())
     }
+
+    /// The QR code as text for a terminal (two modules per character row).
+    pub fn text(&self) -> Result<String, PairingError> {
+        use qrcode::render::unicode::Dense1x2;
+        let code = qrcode::QrCode::new(self.to_uri().as_bytes()).map_err(PairingError::Qr)?;
+        Ok(code
+            .render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .build())
+    }
 }
 
 #[cfg(test)]
@@ -144,6 +155,7 @@ mod tests {
         assert_eq!(QrPayload::parse(&uri).unwrap(), p);
         let svg = p.svg().unwrap();
         assert!(svg.contains("<svg") && svg.contains("</svg>"), "{svg}");
+        assert!(p.text().unwrap().lines().count() > 10);
         assert!(QrPayload::parse("https://x").is_err());
         assert!(QrPayload::parse(&uri.replace("v=1", "v=2")).is_err());
         assert!(QrPayload::parse(&uri.replace("fp=ab", "fp=zz")).is_err());
