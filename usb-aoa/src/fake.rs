@@ -57,6 +57,7 @@ struct State {
     protocol: u16,
     misbehave: Misbehave,
     identity: Vec<(u16, String)>,
+    requests: Vec<u8>,
     claimed: Option<u8>,
     from_host: Vec<u8>,
     frames_from_host: Vec<Vec<u8>>,
@@ -116,6 +117,7 @@ impl FakePhone {
                 protocol: 2,
                 misbehave: Misbehave::Nothing,
                 identity: Vec::new(),
+                requests: Vec::new(),
                 claimed: None,
                 from_host: Vec::new(),
                 frames_from_host: Vec::new(),
@@ -150,6 +152,11 @@ impl FakePhone {
     /// The identity strings received (index, string without its NUL), in order.
     pub fn identity(&self) -> Vec<(u16, String)> {
         self.lock().identity.clone()
+    }
+
+    /// Every vendor control request received (51, 52, 53), in order.
+    pub fn requests(&self) -> Vec<u8> {
+        self.lock().requests.clone()
     }
 
     /// Whether it is in accessory mode.
@@ -231,7 +238,8 @@ impl UsbDevice for FakeHandle {
         buf: &mut [u8],
         _timeout: Duration,
     ) -> Result<usize, UsbError> {
-        let s = self.live("asking the AOA protocol")?;
+        let mut s = self.live("asking the AOA protocol")?;
+        s.requests.push(request);
         if request_type != REQ_IN || request != GET_PROTOCOL || buf.len() < 2 {
             return Err(UsbError::Stall("a control IN transfer"));
         }
@@ -254,6 +262,7 @@ impl UsbDevice for FakeHandle {
         _timeout: Duration,
     ) -> Result<usize, UsbError> {
         let mut s = self.live("sending the accessory identity")?;
+        s.requests.push(request);
         if request_type != REQ_OUT || s.accessory {
             return Err(UsbError::Stall("a control OUT transfer"));
         }
