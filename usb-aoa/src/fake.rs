@@ -137,6 +137,13 @@ impl FakePhone {
         self
     }
 
+    /// The same phone, back on the bus in accessory mode `d` after START (20 ms by
+    /// default).
+    pub fn reappearing_after(self, d: Duration) -> FakePhone {
+        self.lock().reappear_after = d;
+        self
+    }
+
     /// The same phone, starting unplugged: it arrives at [`FakePhone::plug`].
     pub fn unplugged(self) -> FakePhone {
         self.lock().present = false;
