@@ -113,6 +113,10 @@ pub async fn run(opts: Options) -> Result<()> {
     let pairing = Arc::new(Pairing::new(
         ApplianceFacts {
             appliance_id: store.id().into(),
+            wifi: crate::pairing::load_wifi(store.root()).unwrap_or_else(|e| {
+                tracing::warn!("pairing hands out no Wi-Fi profile: {}", error_chain(&e));
+                None
+            }),
             ..Default::default()
         },
         issuer.clone(),

@@ -86,6 +86,39 @@ pub enum PairingError {
     /// A message that cannot be written (a field out of bounds).
     #[error("cannot write the pairing answer")]
     Emit(#[source] FrameError),
+    /// The Wi-Fi profile file cannot be used.
+    #[error("{0} is not a usable Wi-Fi profile ({1}): write {{\"ssid\": 1-32 bytes, \"passphrase\": 8-63 characters}}")]
+    Wifi(std::path::PathBuf, String),
+}
+
+/// File name, in the data directory, of the Wi-Fi profile a Welcome carries (JSON
+/// `{"ssid": …, "passphrase": …}`; kept out of the board file, which holds no secret).
+pub const WIFI_FILE: &str = "wifi.json";
+
+/// The Wi-Fi profile of the data directory `data`: `None` without the file.
+pub fn load_wifi(data: &std::path::Path) -> Result<Option<WifiProfile>, PairingError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        ssid: String,
+        passphrase: String,
+    }
+    let path = data.join(WIFI_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PairingError::Wifi(path, e.to_string())),
+    };
+    let r: Raw =
+        serde_json::from_str(&text).map_err(|e| PairingError::Wifi(path.clone(), e.to_string()))?;
+    let n = r.passphrase.chars().count();
+    if r.ssid.is_empty() || r.ssid.len() > 32 || !(8..=63).contains(&n) {
+        return Err(PairingError::Wifi(path, "a field is out of bounds".into()));
+    }
+    Ok(Some(WifiProfile {
+        ssid: r.ssid,
+        passphrase: r.passphrase,
+    }))
 }
 
 impl PairingError {

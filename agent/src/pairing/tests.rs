@@ -270,3 +270,35 @@ fn expired_memory_credentials_do_not_authenticate() {
     assert!(issuer.authenticate(&c.secret).is_none());
     assert!(issuer.authenticate("nothing").is_none());
 }
+
+#[test]
+fn the_wifi_profile_comes_from_the_data_directory() {
+    let d = std::env::temp_dir().join(format!("agent-wifi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    assert_eq!(load_wifi(&d).unwrap(), None, "no file: no profile");
+    std::fs::write(
+        d.join(WIFI_FILE),
+        r#"{"ssid": "hall-b", "passphrase": "correct horse"}"#,
+    )
+    .unwrap();
+    let w = load_wifi(&d).unwrap().unwrap();
+    assert_eq!(
+        (w.ssid.as_str(), w.passphrase.as_str()),
+        ("hall-b", "correct horse")
+    );
+    std::fs::write(
+        d.join(WIFI_FILE),
+        r#"{"ssid": "hall-b", "passphrase": "short"}"#,
+    )
+    .unwrap();
+    let e = load_wifi(&d).unwrap_err();
+    assert!(e.to_string().contains("8-63 characters"), "{e}");
+    std::fs::write(
+        d.join(WIFI_FILE),
+        r#"{"ssid": "x", "pass": "correct horse"}"#,
+    )
+    .unwrap();
+    assert!(load_wifi(&d).is_err());
+    std::fs::remove_dir_all(&d).unwrap();
+}
