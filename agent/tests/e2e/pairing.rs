@@ -179,12 +179,13 @@ fn usb_pairing_outside_the_window_or_with_bad_frames_issues_nothing() {
 }
 
 /// The phone side of a claim: scan, Hello, POST.
-struct PhoneSim {
+pub struct PhoneSim {
     http: ureq::Agent,
 }
 
 impl PhoneSim {
-    fn new() -> PhoneSim {
+    /// A phone with an HTTP client.
+    pub fn new() -> PhoneSim {
         PhoneSim {
             http: ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -204,7 +205,7 @@ impl PhoneSim {
     }
 
     /// Claims with the QR payload; the answer's status and message.
-    fn claim(&self, base: &str, qr: &QrPayload, id: &str) -> (u16, Message) {
+    pub fn claim(&self, base: &str, qr: &QrPayload, id: &str) -> (u16, Message) {
         let (s, b) = self.post(base, &qr.code, &hello(&claim_nonce(&qr.code), id));
         (s, Message::parse(&b).expect("a pairing frame"))
     }
