@@ -346,6 +346,25 @@ mod tests {
     }
 
     #[test]
+    fn a_hub_refuses_aoa_and_is_left_alone() {
+        let p = echo_phone();
+        let e = connect(&p, &crate::fake::HUB, &id(), &fast())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                e,
+                UsbError::NotAccessory {
+                    vendor_id: 0x1D6B,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(p.requests().is_empty(), "the phone saw nothing");
+    }
+
+    #[test]
     fn arrivals_report_each_device_once_until_it_leaves() {
         let p = echo_phone().unplugged();
         let mut a = Arrivals::new(&p, Duration::from_millis(1));

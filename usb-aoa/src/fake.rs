@@ -26,6 +26,14 @@ pub const EP_IN: u8 = 0x81;
 /// The accessory's bulk OUT endpoint.
 pub const EP_OUT: u8 = 0x01;
 
+/// The root hub on the fake bus.
+pub const HUB: DeviceInfo = DeviceInfo {
+    bus: BUS,
+    address: 1,
+    vendor_id: 0x1D6B,
+    product_id: 0x0002,
+};
+
 /// How the fake phone goes wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Misbehave {
@@ -190,13 +198,8 @@ impl UsbTransport for FakePhone {
     fn devices(&self) -> Result<Vec<DeviceInfo>, UsbError> {
         let mut s = self.lock();
         s.tick();
-        // A hub that is always there and that the handshake must leave alone.
-        let mut v = vec![DeviceInfo {
-            bus: BUS,
-            address: 1,
-            vendor_id: 0x1D6B,
-            product_id: 0x0002,
-        }];
+        // A hub that is always there: it refuses AOA, as hubs do.
+        let mut v = vec![HUB];
         if s.present {
             v.push(s.info());
         }
@@ -204,6 +207,12 @@ impl UsbTransport for FakePhone {
     }
 
     fn open(&self, info: &DeviceInfo) -> Result<FakeHandle, UsbError> {
+        if *info == HUB {
+            return Ok(FakeHandle {
+                state: self.state.clone(),
+                opened_as: HUB,
+            });
+        }
         let mut s = self.lock();
         s.tick();
         if !(s.present && s.info() == *info) {
@@ -225,6 +234,10 @@ impl UsbTransport for FakePhone {
 
 impl FakeHandle {
     fn live(&self, what: &'static str) -> Result<MutexGuard<'_, State>, UsbError> {
+        if self.opened_as == HUB {
+            // The hub stalls every request the phone side would answer.
+            return Err(UsbError::Stall(what));
+        }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.tick();
         if s.present && s.info() == self.opened_as {
