@@ -16,12 +16,13 @@
 //! session expects. Anything else gets a Refusal and changes nothing.
 
 pub mod api;
+pub mod issuer;
 pub mod qr;
 pub mod usb;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use format::pairing::{
     Challenge, Hello, Message, PairingError as FrameError, Reason, Refusal, Welcome, WifiProfile,
@@ -29,9 +30,9 @@ use format::pairing::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::auth::{constant_time_eq, CredentialStore, Principal, Role};
 use window::{CodeCheck, DeviceSeen, PairingWindow};
 
+pub use issuer::{unix_now, CredentialIssuer, IssuedCredential, MemoryIssuer};
 pub use qr::QrPayload;
 
 /// Path of the claim route (open without a bearer token: the claim code authenticates it).
@@ -151,99 +152,7 @@ impl PairingError {
     }
 }
 
-/// A credential issued to a device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IssuedCredential {
-    /// The bearer secret.
-    pub secret: String,
-    /// When it expires, unix seconds.
-    pub expires_unix: u64,
-}
-
-/// What issues (and keeps) device credentials: the credentials store plugs in here.
-pub trait CredentialIssuer: Send + Sync {
-    /// A fresh credential for the device `device_id` (`name`, `model` from its Hello).
-    fn issue(
-        &self,
-        device_id: &str,
-        name: &str,
-        model: &str,
-    ) -> Result<IssuedCredential, Box<dyn std::error::Error + Send + Sync>>;
-}
-
-/// Seconds since the epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A device credential kept in memory (lost at restart): for tests, and for the agent
-/// until an on-disk store issues them. It authenticates the secrets it issued as
-/// `device:<id>` ([`Role::Device`]) until they expire.
-pub struct MemoryIssuer {
-    lifetime: Duration,
-    issued: Mutex<Vec<(String, IssuedCredential)>>,
-}
-
-impl MemoryIssuer {
-    /// Issues credentials valid for `lifetime`.
-    pub fn new(lifetime: Duration) -> MemoryIssuer {
-        MemoryIssuer {
-            lifetime,
-            issued: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Every credential issued: (device id, credential).
-    pub fn issued(&self) -> Vec<(String, IssuedCredential)> {
-        self.issued
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl CredentialIssuer for MemoryIssuer {
-    fn issue(
-        &self,
-        device_id: &str,
-        _name: &str,
-        _model: &str,
-    ) -> Result<IssuedCredential, Box<dyn std::error::Error + Send + Sync>> {
-        let c = IssuedCredential {
-            secret: hex_random(32)?,
-            expires_unix: unix_now() + self.lifetime.as_secs(),
-        };
-        let mut v = self.issued.lock().unwrap_or_else(|e| e.into_inner());
-        v.retain(|(d, _)| d != device_id);
-        v.push((device_id.to_string(), c.clone()));
-        Ok(c)
-    }
-}
-
-impl CredentialStore for MemoryIssuer {
-    fn authenticate(&self, secret: &str) -> Option<Principal> {
-        let now = unix_now();
-        let v = self.issued.lock().unwrap_or_else(|e| e.into_inner());
-        let mut found = None;
-        for (d, c) in v.iter() {
-            if constant_time_eq(secret.as_bytes(), c.secret.as_bytes())
-                && c.expires_unix > now
-                && found.is_none()
-            {
-                found = Some(Principal {
-                    name: format!("device:{d}"),
-                    role: Role::Device,
-                });
-            }
-        }
-        found
-    }
-}
-
-fn random_bytes(n: usize) -> Result<Vec<u8>, PairingError> {
+pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>, PairingError> {
     use std::io::Read;
     let mut b = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
@@ -252,7 +161,7 @@ fn random_bytes(n: usize) -> Result<Vec<u8>, PairingError> {
     Ok(b)
 }
 
-fn hex_random(n: usize) -> Result<String, PairingError> {
+pub(crate) fn hex_random(n: usize) -> Result<String, PairingError> {
     Ok(qr::hex(&random_bytes(n)?))
 }
 

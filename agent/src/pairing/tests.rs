@@ -4,6 +4,8 @@ use std::collections::VecDeque;
 
 use format::pairing::{Kind, Message, Reason};
 
+use crate::auth::{CredentialStore, Role};
+
 use super::*;
 
 fn facts() -> ApplianceFacts {
