@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -439,22 +440,49 @@ def handoff_seeds():
     write("handoff_stream", "refusal.bin", handoff_frame(0, 17, refusal))
 
 
+# Pairing frames (format/src/pairing.rs): "CLPR", u16 version 1, kind, reserved 0, u32 body
+# length, body, CRC-32 (zlib's; real values here, though the fuzz build skips the check).
+
+def pairing_frame(kind, body):
+    head = b"CLPR" + struct.pack("<HBBI", 1, kind, 0, len(body))
+    return head + body + struct.pack("<I", zlib.crc32(head + body))
+
+
+def pstr(s):
+    return struct.pack("<H", len(s)) + s
+
+
+def pairing_seeds():
+    nonce = bytes([16]) + bytes(range(16))
+    challenge = pairing_frame(1, nonce + pstr(b"482913"))
+    hello = pairing_frame(2, nonce + pstr(b"phone-1") + pstr(b"Ana's phone") + pstr(b"Pixel 8"))
+    welcome = pairing_frame(3, pstr(b"0123456789ab") + bytes([2]) + pstr(b"https://10.0.0.1:9999")
+                            + pstr(b"https://[fe80::1]:9999") + b"\x07" * 32 + pstr(b"s" * 64)
+                            + struct.pack("<Q", 1800000000) + b"\x01" + pstr(b"cloudlet")
+                            + pstr(b"correct horse"))
+    refusal = pairing_frame(4, struct.pack("<H", 1) + pstr(b"no pairing window is open"))
+    write("pairing_frames", "usb-session.bin", challenge + hello + welcome)
+    write("pairing_frames", "hello.bin", hello)
+    write("pairing_frames", "refusal.bin", refusal)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-tools", action="store_true",
-                    help="only the crafted seeds (virtio_queue, usernet_frames, api_frame, handoff_stream)")
+                    help="only the crafted seeds (virtio_queue, usernet_frames, api_frame, handoff_stream, pairing_frames)")
     args = ap.parse_args()
     if not args.no_tools:
         for t in ("overlay_open", "state_file"):
             shutil.rmtree(os.path.join(SEEDS, t), ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="fuzz-seeds-") as tmp:
             tool_seeds(tmp)
-    for t in ("virtio_queue", "usernet_frames", "api_frame", "handoff_stream"):
+    for t in ("virtio_queue", "usernet_frames", "api_frame", "handoff_stream", "pairing_frames"):
         shutil.rmtree(os.path.join(SEEDS, t), ignore_errors=True)
     virtio_seeds()
     usernet_seeds()
     api_seeds()
     handoff_seeds()
+    pairing_seeds()
 
 
 if __name__ == "__main__":

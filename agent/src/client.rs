@@ -351,6 +351,27 @@ impl Client {
         Ok(RawResponse { status, body })
     }
 
+    /// A phone's claim of its credential (`POST /v1/pairing/claim?code=CODE`, no bearer
+    /// token: the claim code authenticates it): the Hello frame out, the answer's status and
+    /// frame (a Welcome or a Refusal, `format::pairing`) back. Over HTTPS the client is
+    /// pinned to the fingerprint of the QR code.
+    pub fn pairing_claim(&self, code: &str, hello: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
+        let url = self.url(&format!("{}?code={code}", crate::pairing::CLAIM_PATH));
+        let req = ureq::http::Request::builder()
+            .method("POST")
+            .uri(&url)
+            .header("Content-Type", crate::pairing::api::FRAME_TYPE)
+            .body(hello.to_vec())
+            .map_err(|e| ClientError::NotFound(format!("bad request POST {url}: {e}")))?;
+        let mut resp = self.agent.run(req).map_err(|e| self.http_err(&url, e))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_to_vec()
+            .map_err(|e| self.http_err(&url, e))?;
+        Ok((status, body))
+    }
+
     fn check<T: DeserializeOwned>(&self, path: &str, r: RawResponse) -> Result<T, ClientError> {
         if !(200..300).contains(&r.status) {
             let v = r.json();

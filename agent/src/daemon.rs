@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use crate::devices::DeviceStore;
 use crate::discovery::{Announcer, REFRESH};
 use crate::http::{router, shown_ip, system_info, AppState};
 use crate::metrics::Metrics;
+use crate::pairing::{ApplianceFacts, Pairing};
 use crate::store::{error_chain, Store};
 use crate::supervisor::{Supervisor, SupervisorConfig, START_TIMEOUT};
 use crate::tls::ApplianceCert;
@@ -122,6 +124,9 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// How long a paired device's credential lasts.
+pub const DEVICE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -135,6 +140,46 @@ pub struct Options {
     pub warm: bool,
     /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
     pub token_file: Option<PathBuf>,
+}
+
+/// The API URLs a phone is told when it pairs: each listen address's URL, a wildcard one
+/// standing for every IPv4 address of this host's interfaces (HTTPS); loopback only when
+/// nothing else is served.
+pub fn pairing_urls(listen: &[std::net::IpAddr], port: u16) -> Vec<String> {
+    let mut ips = Vec::new();
+    for ip in listen {
+        if ip.is_unspecified() {
+            if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+                for a in addrs {
+                    if let Some(v4) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                        ips.push(std::net::IpAddr::V4(v4.ip()));
+                    }
+                }
+            }
+        } else {
+            ips.push(*ip);
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    let outside: Vec<_> = ips.iter().filter(|ip| !ip.is_loopback()).copied().collect();
+    let chosen = if outside.is_empty() { ips } else { outside };
+    chosen
+        .into_iter()
+        .map(|ip| api_url(SocketAddr::new(ip, port)))
+        .collect()
+}
+
+/// The 32 bytes of a hex SHA-256 fingerprint (zeros if it is not one).
+fn fingerprint_bytes(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
 }
 
 /// The default vmm: next to this executable.
@@ -233,6 +278,18 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let peers = PeerStore::in_dir(store.root());
     let devices = DeviceStore::in_dir(store.root());
+    // Pairing issues each phone its credential from the device store.
+    let pairing = Arc::new(Pairing::new(
+        ApplianceFacts {
+            appliance_id: store.id().into(),
+            wifi: crate::pairing::load_wifi(store.root()).unwrap_or_else(|e| {
+                tracing::warn!("pairing hands out no Wi-Fi profile: {}", error_chain(&e));
+                None
+            }),
+            ..Default::default()
+        },
+        Arc::new(devices.clone()),
+    ));
     let creds = Credentials::default()
         .with(Arc::new(TokenStore::new(token, "operator")))
         .with(Arc::new(devices.clone()))
@@ -265,12 +322,15 @@ pub async fn run(opts: Options) -> Result<()> {
         creds,
         peers,
         devices,
+        pairing: pairing.clone(),
         started: Instant::now(),
         fingerprint: cert.fingerprint().to_string(),
         api_urls: urls.clone(),
     });
     std::fs::write(&url_file, urls.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", url_file.display()))?;
+    pairing.set_api(pairing_urls(&board.listen, port));
+    pairing.set_fingerprint(fingerprint_bytes(cert.fingerprint()));
     std::fs::write(&addr_file, format!("{shown}\n"))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     tracing::info!(board = %board.name, id = %store.id(), data = %store.root().display(), fingerprint = %cert.fingerprint(), "agent listening on {}", urls.join(", "));
@@ -340,8 +400,13 @@ pub async fn run(opts: Options) -> Result<()> {
         None
     };
 
+    // Phones arriving on USB pair through it (without USB: one line in the log).
+    let usb_stop = Arc::new(AtomicBool::new(false));
+    let usb = crate::pairing::usb::start_watcher(pairing.clone(), usb_stop.clone());
+
     shutdown_signal().await;
     let _ = stop_tx.send(true);
+    usb_stop.store(true, Ordering::Release);
     if let Some(d) = discovery {
         let _ = tokio::time::timeout(Duration::from_secs(4), d).await;
     }
@@ -357,6 +422,9 @@ pub async fn run(opts: Options) -> Result<()> {
         if n > 0 {
             tracing::info!("{n} instance(s) keep running; the next agent re-adopts them");
         }
+    }
+    if let Some(u) = usb {
+        let _ = tokio::task::spawn_blocking(move || u.join()).await;
     }
     let _ = std::fs::remove_file(&addr_file);
     let _ = std::fs::remove_file(&url_file);

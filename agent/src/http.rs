@@ -44,6 +44,7 @@ use crate::board::Board;
 use crate::devices::{DeviceError, DeviceStore, DeviceView};
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
+use crate::pairing::api as pairing;
 use crate::store::{error_chain, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, StartError, Supervisor, SupervisorError};
 
@@ -183,6 +184,17 @@ fn routes() -> Routes {
     .add("GET", "/v1/apps/{name}/download", Client, download_app)
     .add("GET", "/v1/devices", Operator, devices)
     .add("DELETE", "/v1/devices/{id}", Operator, revoke_device)
+    .add("GET", "/v1/pairing/window", Operator, pairing::window)
+    .add("POST", "/v1/pairing/window", Operator, pairing::open_window)
+    .add(
+        "DELETE",
+        "/v1/pairing/window",
+        Operator,
+        pairing::close_window,
+    )
+    // A device without a credential yet claims one with the window's one-time claim code,
+    // which the claim handler checks.
+    .add("POST", crate::pairing::CLAIM_PATH, Open, pairing::claim)
 }
 
 /// Every (method, path, access) the router serves: the table the router is built from.
@@ -206,6 +218,8 @@ pub struct AppState {
     pub peers: PeerStore,
     /// The paired devices.
     pub devices: DeviceStore,
+    /// The pairing window and exchange.
+    pub pairing: Arc<crate::pairing::Pairing>,
     /// When the agent started.
     pub started: Instant,
     /// SHA-256 of the appliance's TLS certificate (see [`crate::tls`]).
@@ -1221,6 +1235,12 @@ mod tests {
                 .with(Arc::new(peers.clone())),
             peers,
             devices,
+            pairing: Arc::new(crate::pairing::Pairing::new(
+                Default::default(),
+                Arc::new(crate::pairing::MemoryIssuer::new(
+                    std::time::Duration::from_secs(60),
+                )),
+            )),
             started: Instant::now(),
             fingerprint: "ab".repeat(32),
             api_urls: vec![],
@@ -1806,6 +1826,9 @@ mod tests {
             };
             if *m == "DELETE" && p.starts_with("/v1/instances/") || p.ends_with("/stop") {
                 continue; // would signal this test process (the instance's "vmm")
+            }
+            if p == crate::pairing::CLAIM_PATH {
+                continue; // answers binary pairing frames: probed in the e2e pairing tests
             }
             let token = if access == "peer" {
                 peer.as_str()

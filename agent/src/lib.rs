@@ -15,6 +15,8 @@
 //! - [`handoff`]: moving a running instance to another appliance (source and target
 //!   orchestration; the vmms stream the VM).
 //! - [`tls`]: the appliance certificate (HTTPS off loopback) and fingerprint pinning.
+//! - [`pairing`]: phones get their own credential, over USB (Android Open Accessory) or with
+//!   the manager's QR claim code, while the operator holds a pairing window open.
 //! - [`daemon`]: the `agent` process wiring it all together.
 
 pub mod audit;
@@ -28,6 +30,7 @@ pub mod guest;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
+pub mod pairing;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;

@@ -13,6 +13,7 @@
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
 //! - [`ram_image`]: a service's RAM image (base + overlay, made once, shared copy-on-write by
 //!   its instances) and the id saying what it was made from;
+//! - [`pairing`]: the messages a phone and the appliance exchange to pair (USB or claim code);
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -26,6 +27,7 @@ pub mod disk_delta;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;
+pub mod pairing;
 pub mod ram_image;
 pub mod sources;
 pub mod state;

@@ -22,8 +22,12 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     crate::guest::build()?;
     crate::linux::fetch()?;
     // The agent's tests: an independent mDNS client and a real browser; the handoff tests'
-    // two appliances: network namespaces, veth and shaping (netlab).
+    // two appliances: network namespaces, veth and shaping (netlab); the USB pairing code
+    // links the system libusb (found through pkg-config; without it libusb1-sys compiles its
+    // own copy).
     ensure_programs(&[
+        ("pkg-config", "pkg-config"),
+        ("/usr/include/libusb-1.0/libusb.h", "libusb-1.0-0-dev"),
         ("ip", "iproute2"),
         ("tc", "iproute2"),
         (

@@ -27,6 +27,7 @@ use clap::{Args, Parser, Subcommand};
 ///   agent add-peer 0123456789ab --name hall-b --fingerprint 3f2a… --data-dir /tmp/cl   # prints a new secret
 ///   agent devices --data-dir /tmp/cl                  # the paired devices
 ///   agent revoke phone-1 --data-dir /tmp/cl           # revoke one (401 from its next request)
+///   agent pair --window 5m --data-dir /tmp/cl          # let phones pair for 5 minutes
 #[derive(Parser, Debug)]
 #[command(name = "agent", version, verbatim_doc_comment)]
 struct Cli {
@@ -125,6 +126,17 @@ enum Cmd {
         /// The device id (as `agent devices` shows it).
         id: String,
     },
+    /// Open the running agent's pairing window (through its API, with the operator token):
+    /// for its duration phones pair over USB, and one device may claim a credential with the
+    /// QR code printed here. Prints the confirmation code a pairing phone shows too.
+    Pair {
+        /// How long: "300", "90s", "5m", "1h" (at most 1 h).
+        #[arg(long, default_value = "5m", conflicts_with = "close")]
+        window: String,
+        /// Close the window instead.
+        #[arg(long)]
+        close: bool,
+    },
     /// Add a client app (a file phones may download) to the app store.
     StageApp {
         /// App name.
@@ -142,6 +154,86 @@ enum Cmd {
         #[arg(long)]
         service: Option<String>,
     },
+}
+
+/// "300", "90s", "5m", "1h" as seconds.
+fn parse_duration(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a duration (e.g. 300, 90s, 5m, 1h)"))?;
+    Ok(n.saturating_mul(mult))
+}
+
+/// `agent pair`: talks to the agent running on this data directory, with the operator
+/// token (`token_file`, CLOUDLET_TOKEN or DATA/operator.token), its certificate pinned when
+/// it serves HTTPS.
+fn pair(
+    board: &Board,
+    token_file: Option<&std::path::Path>,
+    window: &str,
+    close: bool,
+) -> Result<()> {
+    let url_file = board.data_dir.join("api.url");
+    let urls = std::fs::read_to_string(&url_file).with_context(|| {
+        format!(
+            "no agent is running on {} (no {}): start it first",
+            board.data_dir.display(),
+            url_file.display()
+        )
+    })?;
+    let url = urls.lines().next().unwrap_or_default().trim().to_string();
+    let (token, _) =
+        agent::auth::operator_token(std::env::var(TOKEN_ENV).ok(), token_file, &board.data_dir)?;
+    let client = if url.starts_with("https://") {
+        let cert = agent::tls::ApplianceCert::load_or_create(
+            &board.data_dir,
+            &std::fs::read_to_string(board.data_dir.join("agent.id"))?,
+        )?;
+        agent::client::Client::pinned(&url, Some(&token), cert.fingerprint())
+    } else {
+        agent::client::Client::new(&url, Some(&token))
+    };
+    let r = if close {
+        client.raw("DELETE", "/v1/pairing/window", None, true)?
+    } else {
+        let body = serde_json::json!({ "duration_s": parse_duration(window)? }).to_string();
+        client.raw("POST", "/v1/pairing/window", Some(body.as_bytes()), true)?
+    };
+    let v = r.json();
+    if r.status != 200 {
+        anyhow::bail!(
+            "the agent refused ({}): {} ({})",
+            r.status,
+            v["error"].as_str().unwrap_or(&r.body),
+            v["hint"].as_str().unwrap_or("")
+        );
+    }
+    let w: agent::pairing::WindowView =
+        serde_json::from_value(v).context("unexpected answer from the agent")?;
+    if !w.open {
+        println!("pairing window closed");
+        return Ok(());
+    }
+    let payload = w.qr_payload.unwrap_or_default();
+    if let Ok(qr) = agent::pairing::QrPayload::parse(&payload) {
+        if let Ok(t) = qr.text() {
+            println!("{t}");
+        }
+    }
+    println!(
+        "pairing window open for {} s\n  confirmation code: {}\n  claim code:        {}\n  QR payload:        {payload}\nPlug a phone in (USB), or scan the QR code; the phone shows the same confirmation code.",
+        w.expires_in_s,
+        w.confirmation_code.unwrap_or_default(),
+        w.claim_code.unwrap_or_default(),
+    );
+    Ok(())
 }
 
 fn load_board(c: &ConfigArgs) -> Result<Board> {
@@ -311,6 +403,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("device {} ({}) is revoked", d.id, d.name);
             Ok(())
         }
+        Some(Cmd::Pair { window, close }) => {
+            pair(&board, cli.cfg.token_file.as_deref(), &window, close)
+        }
         Some(Cmd::StageApp {
             name,
             file,
@@ -325,5 +420,20 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn pairing_window_durations() {
+        assert_eq!(parse_duration("300").unwrap(), 300);
+        assert_eq!(parse_duration("90s").unwrap(), 90);
+        assert_eq!(parse_duration("5m").unwrap(), 300);
+        assert_eq!(parse_duration("1h").unwrap(), 3600);
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("m").is_err());
     }
 }

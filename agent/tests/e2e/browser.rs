@@ -335,3 +335,54 @@ fn the_web_manager_hands_an_instance_off() {
     assert_eq!(there.len(), 1);
     assert_eq!(there[0].state, "running");
 }
+
+#[test]
+fn the_web_manager_pairs_a_device_with_its_qr_code() {
+    let a = AgentProc::start("web-pair", &[EVERYWHERE]);
+    let d = Driver::start(&[a.spki()]);
+    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
+    let token = d.wait("#token");
+    d.cmd(
+        "POST",
+        &format!("/element/{token}/value"),
+        json!({"text": a.token()}),
+    );
+    d.click(&d.wait("#pair-start"));
+    wait_for(Duration::from_secs(20), "the QR code", || {
+        d.find("#pair-qr svg")
+    });
+    // What the page shows is the agent's window: its confirmation code and QR payload.
+    let w = a
+        .client()
+        .raw("GET", "/v1/pairing/window", None, true)
+        .unwrap()
+        .json();
+    assert_eq!(w["open"], true, "{w}");
+    assert_eq!(
+        d.text(&d.wait("#pair-confirm")),
+        w["confirmation_code"].as_str().unwrap()
+    );
+    assert_eq!(
+        d.js("return document.querySelector('#pair-qr').title"),
+        w["qr_payload"]
+    );
+    // A phone scans it and claims; the panel names the device.
+    let payload = agent::pairing::QrPayload::parse(w["qr_payload"].as_str().unwrap()).unwrap();
+    let (status, _) = crate::pairing::PhoneSim::new().claim(&a.url, &payload, "ana");
+    assert_eq!(status, 200);
+    let paired = d.wait("#pair-paired");
+    wait_for(
+        Duration::from_secs(10),
+        "the paired device in the panel",
+        || d.text(&paired).contains("ana's name").then_some(()),
+    );
+    d.click(&d.wait("#pair-stop"));
+    wait_for(Duration::from_secs(10), "the window to close", || {
+        (a.client()
+            .raw("GET", "/v1/pairing/window", None, true)
+            .unwrap()
+            .json()["open"]
+            == false)
+            .then_some(())
+    });
+}

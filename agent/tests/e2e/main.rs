@@ -7,5 +7,6 @@ mod common;
 mod discovery;
 mod handoff;
 mod handoff_netns;
+mod pairing;
 mod tls;
 mod warm;

@@ -25,6 +25,11 @@
 //!   from the start of browsing to the appliance's resolved record (PTR → SRV/TXT/A). The
 //!   runs are 1.5 s apart: a responder multicasts a record at most once a second (RFC 6762
 //!   §6), so back-to-back browsers would measure that rate limit, not discovery.
+//! - `pairing_ms` (median) / `pairing_p99_ms`: a USB pairing against the fake phone of
+//!   `usb-aoa` — AOA handshake at control level, re-enumeration, bulk claim, Challenge →
+//!   Hello → Welcome with a credential issued — from the phone's arrival to the Welcome in
+//!   its hands (`agent/examples/pairing_bench.rs`, release build; the fake re-enumerates at
+//!   once, so this is the appliance's own cost).
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +37,7 @@ use anyhow::{bail, Context, Result};
 
 use super::stats::{median, percentile};
 use crate::demo::{api, api_client, discover, model_entry, prepare, Agent, Guest};
-use crate::util::{require_kvm, step, target_dir};
+use crate::util::{cargo, require_kvm, step, target_dir};
 
 /// Runs the benchmark; returns the named figures.
 pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
@@ -110,6 +115,30 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let system_https = system_rtts(&tls_agent.addr, runs)?;
     tls_agent.stop()?;
 
+    step("USB pairings against the fake phone (agent/examples/pairing_bench.rs)");
+    let out = cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "agent",
+            "--example",
+            "pairing_bench",
+            "--",
+        ])
+        .arg((runs * 10).to_string())
+        .output()
+        .context("cannot run the pairing bench")?;
+    if !out.status.success() {
+        bail!(
+            "the pairing bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pairing: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("the pairing bench printed no JSON figures")?;
+
     let m = |v: &[f64]| median(v).unwrap_or(f64::NAN);
     let p99 = |v: &[f64]| percentile(v, 99.0).unwrap_or(f64::NAN);
     Ok(vec![
@@ -128,6 +157,14 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         ("agent_idle_rss_mib".into(), rss_kib / 1024.0),
         ("discovery_resolve_ms".into(), m(&resolve)),
         ("discovery_runs".into(), resolve.len() as f64),
+        (
+            "pairing_ms".into(),
+            pairing["pairing_ms"].as_f64().unwrap_or(f64::NAN),
+        ),
+        (
+            "pairing_p99_ms".into(),
+            pairing["pairing_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        ),
     ])
 }
 
