@@ -17,6 +17,7 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod device_manager;
 pub mod devices;
@@ -26,6 +27,7 @@ pub mod handoff;
 pub mod loader;
 pub mod machine;
 pub mod persist;
+pub mod seccomp;
 pub mod serial_input;
 pub mod snapshot;
 pub mod synthesis;
