@@ -420,6 +420,9 @@ fn is_our_vmm(pid: u32, sock: &Path) -> bool {
 pub fn describe_exit(st: std::process::ExitStatus) -> String {
     match (st.code(), st.signal()) {
         (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) if s == nix::sys::signal::Signal::SIGSYS as i32 => {
+            "killed by its seccomp filter (SIGSYS): the vmm made a forbidden system call".into()
+        }
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "ended".into(),
     }
@@ -1123,7 +1126,7 @@ impl Supervisor {
         }
     }
 
-    /// Spawns `vmm ARGS --api-sock S --serial F --report-fd N TAIL` (with `env`) for the
+    /// Spawns `vmm ARGS --api-sock S --serial F --report-fd N --confine DIR TAIL` (with `env`) for the
     /// instance `rec`, in its own process group with stdio to its log; records its pid.
     /// Returns the child, our end of the report channel, and the spawn time.
     fn spawn_vmm(
@@ -1157,6 +1160,9 @@ impl Supervisor {
             .arg("--report-fd")
             .arg("0")
             .arg("--no-stdin")
+            // What it writes (socket, serial log, snapshots) stays in the instance's directory.
+            .arg("--confine")
+            .arg(rec.api_sock.parent().unwrap_or(Path::new(".")))
             .args(tail)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(log))

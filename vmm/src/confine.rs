@@ -114,7 +114,10 @@ mod tests {
         let root = c.root().to_owned();
         // Inside, existing or not, and the directory itself.
         assert_eq!(c.check(&d.join("inst/snaps")).unwrap(), root.join("snaps"));
-        assert_eq!(c.check(&d.join("inst/new/deeper")).unwrap(), root.join("new/deeper"));
+        assert_eq!(
+            c.check(&d.join("inst/new/deeper")).unwrap(),
+            root.join("new/deeper")
+        );
         assert_eq!(c.check(&d.join("inst")).unwrap(), root);
         assert_eq!(c.check(&d.join("other/../inst/x")).unwrap(), root.join("x"));
         // Out: plainly, by `..` (existing or not), by a symbolic link, by a sibling prefix.

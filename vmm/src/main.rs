@@ -434,9 +434,13 @@ fn lock_down(common: &CommonArgs) -> anyhow::Result<()> {
             SerialOutput::File(p) => Some(p),
             _ => None,
         };
-        for p in [common.api_sock.as_ref(), serial.as_ref(), common.disk_delta.as_ref()]
-            .into_iter()
-            .flatten()
+        for p in [
+            common.api_sock.as_ref(),
+            serial.as_ref(),
+            common.disk_delta.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             c.check(p)?;
         }
@@ -480,6 +484,10 @@ fn launch_with(
     mut report: Option<Reporter>,
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
+    let confine = match confinement(common) {
+        Ok(c) => c,
+        Err(e) => return Err(report_failure(&mut report, e)),
+    };
     let started = common
         .api_sock
         .as_deref()
@@ -491,7 +499,7 @@ fn launch_with(
         Ok(s) => s,
         Err(e) => return Err(report_failure(&mut report, e)),
     };
-    if let (Some(s), Ok(Some(c))) = (&mut socket, confinement(common)) {
+    if let (Some(s), Some(c)) = (&mut socket, confine) {
         s.confine_to(c);
     }
     if let Some(r) = &mut report {

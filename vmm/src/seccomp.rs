@@ -99,7 +99,9 @@ pub enum SeccompError {
     #[error("cannot install the seccomp filter of the {0} threads (does this kernel support seccomp? --no-seccomp runs without)")]
     Install(&'static str, #[source] seccompiler::Error),
     /// The test hook names no thread kind.
-    #[error("{SELFTEST_ENV}='{0}' is not a thread kind (main, vcpu, device, lazy, control, handoff)")]
+    #[error(
+        "{SELFTEST_ENV}='{0}' is not a thread kind (main, vcpu, device, lazy, control, handoff)"
+    )]
     SelfTest(String),
 }
 
@@ -133,8 +135,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
-    seccompiler::apply_filter(program(kind)?)
-        .map_err(|e| SeccompError::Install(kind.name(), e))?;
+    seccompiler::apply_filter(program(kind)?).map_err(|e| SeccompError::Install(kind.name(), e))?;
     if SELFTEST.load(Ordering::Relaxed) == kind as u8 {
         tracing::warn!(
             "{SELFTEST_ENV}: the {} thread makes a forbidden system call",
@@ -255,10 +256,7 @@ fn common(r: &mut Rules) {
     r.insert(SYS_mprotect, no_exec(2));
     // Signals (a vCPU kick, an abort) only to this process's threads.
     let pid = std::process::id() as u64;
-    r.insert(
-        SYS_tgkill,
-        vec![rule(vec![cond(0, SeccompCmpOp::Eq, pid)])],
-    );
+    r.insert(SYS_tgkill, vec![rule(vec![cond(0, SeccompCmpOp::Eq, pid)])]);
 }
 
 /// What a thread that starts threads needs (the child runs these under its parent's filter
@@ -360,7 +358,10 @@ fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Lazy => {
             file_io(&mut r);
-            allow(&mut r, &[SYS_poll, SYS_ppoll, SYS_openat, SYS_sched_setscheduler]);
+            allow(
+                &mut r,
+                &[SYS_poll, SYS_ppoll, SYS_openat, SYS_sched_setscheduler],
+            );
             ioctls(&mut r, &[UFFDIO], &[]);
         }
         ThreadKind::Control => {
@@ -392,6 +393,12 @@ fn rules(kind: ThreadKind) -> Rules {
                     SYS_unlink,
                     SYS_unlinkat,
                     SYS_mincore,
+                    // Resolving a snapshot's directory against --confine.
+                    SYS_readlink,
+                    SYS_readlinkat,
+                    SYS_access,
+                    SYS_faccessat,
+                    SYS_faccessat2,
                     // The event loop.
                     SYS_epoll_create1,
                     SYS_eventfd2,
@@ -410,15 +417,9 @@ fn rules(kind: ThreadKind) -> Rules {
                 &mut r,
                 &[KVMIO, UFFDIO],
                 &[
-                    FIONBIO,
-                    FIOCLEX,
-                    TIOCOUTQ,
+                    FIONBIO, FIOCLEX, TIOCOUTQ,
                     // The terminal of standard input (restored at exit).
-                    TCGETS,
-                    TCSETS,
-                    TCSETSW,
-                    TCSETSF,
-                    TIOCGWINSZ,
+                    TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ,
                 ],
             );
         }
@@ -437,7 +438,12 @@ mod tests {
             assert_eq!(ThreadKind::from_name(kind.name()), Some(kind));
         }
         let vcpu = allowed(ThreadKind::Vcpu);
-        for call in [libc::SYS_openat, libc::SYS_socket, libc::SYS_execve, libc::SYS_clone3] {
+        for call in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_execve,
+            libc::SYS_clone3,
+        ] {
             assert!(!vcpu.contains(&call), "{call}");
         }
         for kind in ThreadKind::ALL {
