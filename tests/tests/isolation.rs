@@ -148,6 +148,7 @@ fn every_thread_of_a_running_vmm_is_filtered_and_its_socket_is_private() {
     }
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    assert_limits(vm.pid());
     vm.send("echo filtered\n");
     vm.expect_line(T, |l| l == "ok echo filtered");
     vm.stats_and_poweroff(0, T);
@@ -167,13 +168,39 @@ fn every_thread_of_a_running_vmm_is_filtered_and_its_socket_is_private() {
     assert_eq!(stop.code(), 0, "{stop:?}");
     assert_eq!(vm.finish(T).code(), 0);
 
-    // --no-seccomp: no filter anywhere.
+    // --no-seccomp: no filter anywhere; the process's own limits stay.
     let sock = s.path("off.sock");
     let mut vm = Vmm::spawn(run_args(&sock, &["--no-seccomp"]));
     vm.expect_line(T, |l| l.starts_with("micro-guest"));
     let threads = thread_states(vm.pid());
-    assert!(threads.iter().all(|t| t.1 == "0"), "{threads:?}");
+    assert!(
+        threads
+            .iter()
+            .all(|t| (t.1.as_str(), t.2.as_str()) == ("0", "1")),
+        "{threads:?}"
+    );
+    assert_limits(vm.pid());
     vm.stats_and_poweroff(0, T);
+}
+
+/// No core dumps (they would hold guest memory) and a bounded descriptor table.
+fn assert_limits(pid: u32) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(row("Max core file size"), ["0", "0"], "{limits}");
+    let files = row("Max open files");
+    let n: u64 = files[0].parse().unwrap();
+    assert!(
+        n <= vmm::limits::MAX_OPEN_FILES && files[0] == files[1],
+        "{limits}"
+    );
 }
 
 #[test]

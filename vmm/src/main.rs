@@ -426,9 +426,11 @@ fn launch(
     launch_with(common, report, build)
 }
 
-/// Checks the outputs against --confine, and turns the seccomp filters on (unless
-/// --no-seccomp): each thread installs its own before the guest runs.
+/// Sets the process's restrictions (no_new_privs, no core dumps, a descriptor limit: see
+/// vmm::limits), checks the outputs against --confine, and turns the seccomp filters on
+/// (unless --no-seccomp): each thread installs its own before the guest runs.
 fn lock_down(common: &CommonArgs) -> anyhow::Result<()> {
+    vmm::limits::restrict_process()?;
     if let Some(c) = confinement(common)? {
         let serial = match common.serial() {
             SerialOutput::File(p) => Some(p),

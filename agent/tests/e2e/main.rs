@@ -7,3 +7,4 @@ mod common;
 mod discovery;
 mod handoff;
 mod handoff_netns;
+mod isolation;
