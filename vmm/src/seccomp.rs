@@ -98,6 +98,9 @@ pub enum SeccompError {
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter of the {0} threads (does this kernel support seccomp? --no-seccomp runs without)")]
     Install(&'static str, #[source] seccompiler::Error),
+    /// The kernel has no seccomp filters.
+    #[error("this kernel does not support seccomp filters (--no-seccomp runs without)")]
+    Unsupported(#[source] std::io::Error),
     /// The test hook names no thread kind.
     #[error(
         "{SELFTEST_ENV}='{0}' is not a thread kind (main, vcpu, device, lazy, control, handoff)"
@@ -111,15 +114,18 @@ static SELFTEST: AtomicU8 = AtomicU8::new(0);
 static PROGRAMS: [OnceLock<BpfProgram>; 6] = [const { OnceLock::new() }; 6];
 
 /// Turns the filters on for every thread that starts (or reaches its install point) from
-/// now on; builds them all now, so that a bad list fails here and not in a thread. Reads the
-/// test hook's variable.
+/// now on, once the kernel is known to support them. Reads the test hook's variable.
 pub fn enable() -> Result<(), SeccompError> {
     if let Ok(name) = std::env::var(SELFTEST_ENV) {
         let kind = ThreadKind::from_name(&name).ok_or(SeccompError::SelfTest(name))?;
         SELFTEST.store(kind as u8, Ordering::Relaxed);
     }
-    for kind in ThreadKind::ALL {
-        program(kind)?;
+    // Each filter is built by the first thread of its kind, off the main thread's path to
+    // the guest's start (the unit tests build every one); only kernel support is checked
+    // here, so that a thread's install does not fail later.
+    // SAFETY: PR_GET_SECCOMP takes no pointer; it fails with EINVAL without seccomp.
+    if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
+        return Err(SeccompError::Unsupported(std::io::Error::last_os_error()));
     }
     ENABLED.store(true, Ordering::Release);
     Ok(())
@@ -149,7 +155,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 }
 
 /// [`install`] for a thread that must not go on unfiltered: a failure ends the process
-/// (the filters were checked at [`enable`], so this means the kernel changed its mind).
+/// (the lists are checked by the unit tests and kernel support at [`enable`]).
 pub fn install_or_abort(kind: ThreadKind) {
     if let Err(e) = install(kind) {
         eprintln!("vmm: {}", crate::error::message(&e));
