@@ -4,7 +4,8 @@
 //!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
 //!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
 //!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
-//!                   --report-fd 0 --no-stdin` (its standard input: the vmm's end of the pair)
+//!                   --report-fd 0 --no-stdin --confine instances/ID`
+//!                   (its standard input: the vmm's end of the pair)
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
@@ -448,6 +449,9 @@ fn is_our_vmm(pid: u32, sock: &Path) -> bool {
 pub fn describe_exit(st: std::process::ExitStatus) -> String {
     match (st.code(), st.signal()) {
         (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) if s == nix::sys::signal::Signal::SIGSYS as i32 => {
+            "killed by its seccomp filter (SIGSYS): the vmm made a forbidden system call".into()
+        }
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "ended".into(),
     }
@@ -1464,7 +1468,7 @@ impl Supervisor {
         }
     }
 
-    /// Spawns `vmm ARGS --api-sock S --serial F --report-fd N TAIL` (with `env`) for the
+    /// Spawns `vmm ARGS --api-sock S --serial F --report-fd N --confine DIR TAIL` (with `env`) for the
     /// instance `rec`, in its own process group with stdio to its log; records its pid.
     /// Returns the child, our end of the report channel, and the spawn time.
     fn spawn_vmm(
@@ -1498,6 +1502,9 @@ impl Supervisor {
             .arg("--report-fd")
             .arg("0")
             .arg("--no-stdin")
+            // What it writes (socket, serial log, snapshots) stays in the instance's directory.
+            .arg("--confine")
+            .arg(rec.api_sock.parent().unwrap_or(Path::new(".")))
             .args(tail)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(log))

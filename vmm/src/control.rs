@@ -69,6 +69,8 @@ pub struct ControlSocket {
     /// Raised to end the acceptor.
     stop: Arc<EventFd>,
     acceptor: Option<JoinHandle<()>>,
+    /// Where requests may have files written (snapshots); anywhere when None.
+    confine: Option<crate::confine::Confine>,
 }
 
 impl std::fmt::Debug for ControlSocket {
@@ -81,6 +83,9 @@ impl std::fmt::Debug for ControlSocket {
 
 impl ControlSocket {
     /// Listens on a new Unix socket at `path` (which must not exist) and starts accepting.
+    /// The socket is created readable and writable by its owner alone (mode 0600: the
+    /// process's umask is narrowed while it is made, so no one else can connect, even
+    /// briefly).
     pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
         let err = |e| ControlError::Socket(path.to_owned(), e);
         if path.exists() {
@@ -89,7 +94,7 @@ impl ControlSocket {
                 "the path exists: another vmm may be using it; remove it or choose another",
             )));
         }
-        let listener = UnixListener::bind(path).map_err(err)?;
+        let listener = owner_only(|| UnixListener::bind(path)).map_err(err)?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(err)?);
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(err)?);
         let (tx, requests) = mpsc::channel();
@@ -106,7 +111,13 @@ impl ControlSocket {
             wake,
             stop,
             acceptor: Some(acceptor),
+            confine: None,
         })
+    }
+
+    /// Refuses requests that would write outside `confine` (a snapshot elsewhere).
+    pub fn confine_to(&mut self, confine: crate::confine::Confine) {
+        self.confine = Some(confine);
     }
 
     /// Readable when requests wait for [`ControlSocket::serve`].
@@ -134,7 +145,7 @@ impl ControlSocket {
                 crate::handoff::send::start(machine, req, conn);
                 continue;
             }
-            let response = answer(machine, request);
+            let response = answer(machine, request, self.confine.as_ref());
             if let Err(e) = wire::write_frame(&mut conn, &response) {
                 tracing::warn!("failed to answer a control request: {e}");
             }
@@ -159,6 +170,8 @@ fn accept_loop(
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
 ) {
+    // Its connection threads inherit this filter.
+    crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Control);
     let readers = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
@@ -239,7 +252,22 @@ fn read_request(mut conn: UnixStream, tx: &mpsc::Sender<Pending>, wake: &EventFd
 }
 
 /// Answers one control request.
-pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
+/// Runs `f` with the process's umask at 0177 (files it creates get mode 0600 at most).
+fn owner_only<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask only swaps the process's file-creation mask; restored below.
+    let old = unsafe { libc::umask(0o177) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    out
+}
+
+/// The answer to `request`; a snapshot outside `confine` (when given) is refused.
+pub fn answer(
+    machine: &Machine,
+    request: ApiRequest,
+    confine: Option<&crate::confine::Confine>,
+) -> ApiResponse {
     let err = |e: &(dyn std::error::Error + 'static)| ApiResponse::Error(crate::error::message(e));
     let busy = matches!(
         request,
@@ -263,8 +291,13 @@ pub fn answer(machine: &Machine, request: ApiRequest) -> ApiResponse {
             .resume()
             .map_or_else(|e| err(&e), |_| ApiResponse::Ok),
         ApiRequest::Snapshot { dir, resume } => {
+            let dir = match confine.map(|c| c.check(Path::new(&dir))) {
+                None => PathBuf::from(dir),
+                Some(Ok(resolved)) => resolved,
+                Some(Err(e)) => return err(&e),
+            };
             let t0 = std::time::Instant::now();
-            let info = match machine.snapshot(Path::new(&dir)) {
+            let info = match machine.snapshot(&dir) {
                 Ok(info) => info,
                 Err(e) => return err(&e),
             };

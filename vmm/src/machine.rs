@@ -212,6 +212,8 @@ impl Machine {
             handoff: HandoffLink::new(base).map_err(MachineError::Handoff)?,
             holding: std::sync::atomic::AtomicBool::new(false),
         };
+        // The event loop's filter, before the guest's first instruction.
+        crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Main);
         if !paused {
             machine.resume()?;
         }

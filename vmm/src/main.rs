@@ -276,6 +276,16 @@ struct CommonArgs {
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Run without the per-thread seccomp filters (for debugging: by default each vmm
+    /// thread may make only the system calls it needs, and any other kills the vmm with
+    /// SIGSYS).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Confine what this vmm writes to DIR (the agent passes the instance's directory):
+    /// --api-sock, --serial FILE and --disk-delta must lie inside it, and a control request
+    /// for a snapshot outside it is refused. Paths are resolved first (`..`, symbolic links).
+    #[arg(long, value_name = "DIR")]
+    confine: Option<PathBuf>,
     /// A virtio disk on this raw image. The image is opened read-only and never written: the
     /// guest's writes go to a copy-on-write δ (in memory, or --disk-delta).
     #[arg(long, value_name = "FILE", help_heading = "Devices")]
@@ -437,8 +447,47 @@ fn launch(
     common: &CommonArgs,
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
-    let report = open_report(common)?;
+    let mut report = open_report(common)?;
+    if let Err(e) = lock_down(common) {
+        return Err(report_failure(&mut report, e));
+    }
     launch_with(common, report, build)
+}
+
+/// Sets the process's restrictions (no_new_privs, no core dumps, a descriptor limit: see
+/// vmm::limits), checks the outputs against --confine, and turns the seccomp filters on
+/// (unless --no-seccomp): each thread installs its own before the guest runs.
+fn lock_down(common: &CommonArgs) -> anyhow::Result<()> {
+    vmm::limits::restrict_process()?;
+    if let Some(c) = confinement(common)? {
+        let serial = match common.serial() {
+            SerialOutput::File(p) => Some(p),
+            _ => None,
+        };
+        for p in [
+            common.api_sock.as_ref(),
+            serial.as_ref(),
+            common.disk_delta.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            c.check(p)?;
+        }
+    }
+    if !common.no_seccomp {
+        vmm::seccomp::enable().context("cannot set up the seccomp filters")?;
+    }
+    Ok(())
+}
+
+/// The directory of --confine, if any.
+fn confinement(common: &CommonArgs) -> anyhow::Result<Option<vmm::confine::Confine>> {
+    Ok(common
+        .confine
+        .as_deref()
+        .map(vmm::confine::Confine::new)
+        .transpose()?)
 }
 
 /// Reports `e` on the report channel, if there is one; returns it.
@@ -465,6 +514,10 @@ fn launch_with(
     mut report: Option<Reporter>,
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
+    let confine = match confinement(common) {
+        Ok(c) => c,
+        Err(e) => return Err(report_failure(&mut report, e)),
+    };
     let started = common
         .api_sock
         .as_deref()
@@ -472,10 +525,13 @@ fn launch_with(
         .transpose()
         .map_err(anyhow::Error::from)
         .and_then(|socket| Ok((build()?, socket)));
-    let ((machine, synthesis), socket) = match started {
+    let ((machine, synthesis), mut socket) = match started {
         Ok(s) => s,
         Err(e) => return Err(report_failure(&mut report, e)),
     };
+    if let (Some(s), Some(c)) = (&mut socket, confine) {
+        s.confine_to(c);
+    }
     if let Some(r) = &mut report {
         if let Err(e) = r.ready(synthesis, &machine.forwards()) {
             tracing::warn!("{e}");
@@ -652,6 +708,7 @@ fn receive(args: ReceiveArgs, verbose: bool) -> anyhow::Result<ExitReason> {
     let mut report = open_report(&args.common)?;
     let mut leftovers = None;
     let received = (|| -> anyhow::Result<Received> {
+        lock_down(&args.common)?;
         let token = handoff_token()?;
         leftovers = Some(receive_outputs(&args.common)?);
         let receiver = Receiver::bind(ReceiveConfig {

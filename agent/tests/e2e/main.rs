@@ -7,6 +7,7 @@ mod common;
 mod discovery;
 mod handoff;
 mod handoff_netns;
+mod isolation;
 mod pairing;
 mod tls;
 mod warm;

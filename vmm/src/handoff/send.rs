@@ -282,6 +282,8 @@ pub fn start(machine: &Machine, req: Request, mut conn: UnixStream) {
     let spawned = std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
+            // Its encoder and sender threads inherit this filter.
+            crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Handoff);
             let result = run(source, &req);
             let response = match result {
                 Ok(stats) => ApiResponse::HandedOff(stats),

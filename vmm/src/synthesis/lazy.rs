@@ -516,6 +516,7 @@ impl LazyPlan {
         let helper = std::thread::Builder::new()
             .name("overlay-check".into())
             .spawn(move || {
+                crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Lazy);
                 let t = Instant::now();
                 // The base's own pages, off the main thread (the rewritten ones are the
                 // fault server's: this thread's, later).
@@ -732,10 +733,13 @@ impl LazyFill {
         let s = self.shared.clone();
         let t = std::thread::Builder::new()
             .name("uffd-prefetch".into())
-            .spawn(move || match prefetch(&s, delay) {
-                Ok(()) if s.stop.load(Ordering::Relaxed) => {}
-                Ok(()) => s.finish(),
-                Err(e) => s.fail(e),
+            .spawn(move || {
+                crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Lazy);
+                match prefetch(&s, delay) {
+                    Ok(()) if s.stop.load(Ordering::Relaxed) => {}
+                    Ok(()) => s.finish(),
+                    Err(e) => s.fail(e),
+                }
             })
             .map_err(|e| LazyError::Thread("prefetcher", e))?;
         self.threads.push(t);

@@ -5,15 +5,23 @@
 //! and the kernel ABI used here is six fixed ioctls and three structs (linux/userfaultfd.h).
 //! Faults raised inside the kernel on the VMM's behalf (KVM touching guest memory) are only
 //! delivered without `UFFD_USER_MODE_ONLY`, which needs root (or CAP_SYS_PTRACE) while
-//! `vm.unprivileged_userfaultfd` is 0; callers fall back to eager application otherwise.
+//! `vm.unprivileged_userfaultfd` is 0, or access to the device node `/dev/userfaultfd`
+//! (Linux 6.1+; its file mode is the gate): a vmm launched without root is given that node
+//! (a group that may open it, or the node in its mount namespace) and lazy synthesis keeps
+//! working. Callers fall back to eager application when neither is allowed.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
 /// `UFFD_API`.
 const API: u64 = 0xaa;
+/// The device node that hands out userfaultfds to whoever may open it.
+pub const DEVICE: &str = "/dev/userfaultfd";
+/// `_IO(0xaa, 0x00)` on the device node: a new userfaultfd.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
 /// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 /// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
@@ -97,16 +105,43 @@ impl AsRawFd for Uffd {
 }
 
 impl Uffd {
-    /// Opens a userfaultfd that also sees faults the kernel takes on our behalf (KVM).
+    /// Opens a userfaultfd that also sees faults the kernel takes on our behalf (KVM): by
+    /// the system call, or, where that is not allowed (no root), through [`DEVICE`].
     pub fn new() -> io::Result<Self> {
         // SAFETY: a plain syscall with flag arguments; the result is checked.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
+            let denied = io::Error::last_os_error();
+            return match denied.raw_os_error() {
+                Some(libc::EPERM) => Uffd::from_device(std::path::Path::new(DEVICE))
+                    .map_err(|e| io::Error::new(e.kind(), format!("{denied}; {DEVICE}: {e}"))),
+                _ => Err(denied),
+            };
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        Uffd::handshake(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    /// A userfaultfd from the device node at `node` (`/dev/userfaultfd`).
+    pub fn from_device(node: &std::path::Path) -> io::Result<Self> {
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(node)?;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_ulong;
+        // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new descriptor.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+        if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Uffd::handshake(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Agrees on the API with a new userfaultfd.
+    fn handshake(fd: OwnedFd) -> io::Result<Self> {
         let uffd = Uffd { fd };
         let mut api = ApiArg {
             api: API,
@@ -300,6 +335,18 @@ mod tests {
             }
             Err(e) => panic!("userfaultfd: {e}"),
         };
+        fills_once(uffd);
+    }
+
+    /// The same through the device node (how a vmm without root gets one).
+    #[test]
+    fn the_device_node_gives_the_same_userfaultfd() {
+        let uffd = Uffd::from_device(std::path::Path::new(DEVICE))
+            .unwrap_or_else(|e| panic!("{DEVICE} (Linux 6.1+, opened as root here): {e}"));
+        fills_once(uffd);
+    }
+
+    fn fills_once(uffd: Uffd) {
         let base = anon(4);
         uffd.register(base, 4 * 4096).unwrap();
         let reader = std::thread::spawn(move || {

@@ -318,6 +318,8 @@ impl Vcpu {
         responses: Sender<VcpuResponse>,
         paused: bool,
     ) {
+        // Before the first KVM_RUN.
+        crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Vcpu);
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         THREAD_KVM_RUN.with(|p| p.set(run_ptr));
         let mut state = if paused {

@@ -89,6 +89,7 @@ impl Drop for DeviceWorker {
 }
 
 fn run(epoll: Epoll, slots: &[Slot], busy: &Mutex<()>) {
+    crate::seccomp::install_or_abort(crate::seccomp::ThreadKind::Device);
     let mut watching = vec![false; slots.len()];
     let mut events = vec![EpollEvent::default(); 32];
     loop {
