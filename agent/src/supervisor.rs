@@ -62,6 +62,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The environment variable that hands `vmm receive` its session token (64 hex digits).
 pub const HANDOFF_TOKEN_ENV: &str = "VMM_HANDOFF_TOKEN";
+/// How long after resuming a warm standby the agent checks its guest's first reply (its
+/// client's first request, sent on the 201, then has the guest to itself).
+pub const HEALTH_AFTER_RESUME: Duration = Duration::from_millis(50);
 /// How long a stopped vmm gets to exit before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -785,12 +788,14 @@ impl Supervisor {
             }
             return Err(e);
         }
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            self.table.lock().expect("instance table").remove(&id);
-            return Err(SupervisorError::InstanceDir(dir, e));
+        if standby.is_none() {
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                self.table.lock().expect("instance table").remove(&id);
+                return Err(SupervisorError::InstanceDir(dir, e));
+            }
+            self.save(&rec);
         }
-        let _ = std::fs::remove_file(dir.join(crate::warm::PID_FILE));
-        self.save(&rec);
+        // A taken standby's record is written after its resume (see resume_standby).
         self.notify();
         let started = match standby {
             Some(w) => self.resume_standby(w).await,
@@ -848,8 +853,9 @@ impl Supervisor {
 
     /// Resumes the standby `w` (already reserved and recorded as its instance): Running once
     /// the vmm says its vCPUs run again, since its guest answered `health` before it was
-    /// paused. The first reply after the resume is still checked, in the background: a guest
-    /// that does not answer within the start timeout is killed and its instance failed.
+    /// paused. The first reply after the resume is still checked, in the background
+    /// ([`HEALTH_AFTER_RESUME`] later): a guest that does not answer within the start timeout
+    /// is killed and its instance failed. `first_reply_ms` counts from the resume.
     async fn resume_standby(
         self: &Arc<Self>,
         w: crate::warm::Standby,
@@ -874,19 +880,36 @@ impl Supervisor {
             }
         }
         let id = rec.info.id.clone();
-        let rec = self
-            .update(&id, |e| {
-                if e.rec.info.state == State::Starting {
-                    e.rec.info.state = State::Running;
-                }
-                e.rec.info.endpoint = addr.to_string();
-                e.rec.info.synthesis_ms = synthesis_ms;
-            })
-            .ok_or(StartError::Vanished)?;
+        let rec = {
+            let mut t = self.table.lock().expect("instance table");
+            let e = t.get_mut(&id).ok_or(StartError::Vanished)?;
+            if e.rec.info.state == State::Starting {
+                e.rec.info.state = State::Running;
+            }
+            e.rec.info.endpoint = addr.to_string();
+            e.rec.info.synthesis_ms = synthesis_ms;
+            e.rec.clone()
+        };
+        self.notify();
+        // Its record, then no more standby.pid, off the start's path: an agent that dies in
+        // between leaves a standby without a record, which the next agent kills.
+        let me = Arc::clone(self);
+        let (sid, pid_file) = (
+            id.clone(),
+            rec.api_sock.with_file_name(crate::warm::PID_FILE),
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Some(now) = me.get(&sid) {
+                me.save(&now);
+            }
+            let _ = std::fs::remove_file(pid_file);
+        });
         let me = Arc::clone(self);
         let timeout = self.cfg.start_timeout;
         let pid = child.id();
         tokio::spawn(async move {
+            // The client's own first request comes first: the guest serves one at a time.
+            tokio::time::sleep(HEALTH_AFTER_RESUME).await;
             tokio::select! {
                 took = tokio::time::timeout(timeout, first_health(addr, t0)) => match took {
                     Ok(took) => {

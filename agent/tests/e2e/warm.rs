@@ -54,10 +54,12 @@ fn a_second_start_resumes_the_standby_the_first_left() {
     assert_ne!(second.endpoint, first.endpoint);
     verify_guest(&second.endpoint);
     verify_guest(&first.endpoint);
-    assert!(
-        a.data.join(format!("instances/{standby}.json")).exists(),
-        "the taken standby has its record"
-    );
+    wait_for(Duration::from_secs(5), "the taken standby's record", || {
+        let dir = a.data.join("instances");
+        (dir.join(format!("{standby}.json")).exists()
+            && !dir.join(&standby).join(agent::warm::PID_FILE).exists())
+        .then_some(())
+    });
 
     let (next, next_pid) = next_standby(&a, &[&standby]);
     assert_eq!(c.instances().unwrap().len(), 2);
