@@ -10,8 +10,8 @@
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
 //!        ──▶ in the background, the service's next instance as a warm standby (`crate::warm`):
-//!            the same spawn with `--paused`, Ready, Resume, `ok health`, Pause; the next
-//!            start of the service resumes it (Resume ──▶ `ok health` ──▶ Running)
+//!            the same spawn, Ready, `ok health`, then it idles; the next start of the service
+//!            hands it out (Running at once)
 //!
 //!   Starting ──ok health──▶ Running ──stop──▶ Stopping ──Exited──▶ Stopped
 //!      │                      │
@@ -62,9 +62,6 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The environment variable that hands `vmm receive` its session token (64 hex digits).
 pub const HANDOFF_TOKEN_ENV: &str = "VMM_HANDOFF_TOKEN";
-/// How long after resuming a warm standby the agent checks its guest's first reply (its
-/// client's first request, sent on the 201, then has the guest to itself).
-pub const HEALTH_AFTER_RESUME: Duration = Duration::from_millis(50);
 /// How long a stopped vmm gets to exit before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -182,8 +179,8 @@ pub struct Instance {
     /// The appliance it was handed off from (its id), when it arrived by handoff.
     #[serde(default)]
     pub received_from: Option<String>,
-    /// True when it started from a warm standby (synthesised ahead, paused, then resumed);
-    /// `first_reply_ms` then counts from the resume.
+    /// True when it started from a warm standby (synthesised and checked ahead, handed out on
+    /// the start); `first_reply_ms` is then the standby's own spawn → `ok health`.
     #[serde(default)]
     pub warm_start: bool,
     /// Who started it ("operator", "device:<id>"); a device sees and manages only its own.
@@ -333,9 +330,6 @@ pub enum StartError {
     /// The report channel broke or carried something else than a report.
     #[error("bad report from the vmm")]
     Report(#[source] wire::ApiError),
-    /// A warm standby did not resume.
-    #[error("the warm standby did not resume ({0}); it was killed ({1})")]
-    Resume(String, String),
     /// The vmm reported a state other than Ready or Failed first.
     #[error("the vmm reported {0:?} before Ready")]
     Unexpected(Box<Report>),
@@ -766,6 +760,7 @@ impl Supervisor {
         service: &str,
         owner: &str,
     ) -> Result<InstanceRecord, SupervisorError> {
+        let tt = Instant::now();
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
         let standby = self.take_standby(&svc.name, &svc.overlay_sha256).await;
@@ -798,7 +793,7 @@ impl Supervisor {
         // A taken standby's record is written after its resume (see resume_standby).
         self.notify();
         let started = match standby {
-            Some(w) => self.resume_standby(w).await,
+            Some(w) => self.hand_out_standby(w, tt),
             None => self.launch(&id, &svc.name, &svc.base).await,
         };
         match started {
@@ -843,6 +838,16 @@ impl Supervisor {
                 return None;
             }
         };
+        let mut w = w;
+        if let Ok(Some(st)) = w.child.try_wait() {
+            tracing::warn!(
+                service,
+                "the warm standby's vmm had ended ({}): starting cold",
+                describe_exit(st)
+            );
+            tokio::spawn(crate::warm::discard(w));
+            return None;
+        }
         if w.overlay_sha256 == sha256 {
             return Some(w);
         }
@@ -851,34 +856,22 @@ impl Supervisor {
         None
     }
 
-    /// Resumes the standby `w` (already reserved and recorded as its instance): Running once
-    /// the vmm says its vCPUs run again, since its guest answered `health` before it was
-    /// paused. The first reply after the resume is still checked, in the background
-    /// ([`HEALTH_AFTER_RESUME`] later): a guest that does not answer within the start timeout
-    /// is killed and its instance failed. `first_reply_ms` counts from the resume.
-    async fn resume_standby(
+    /// Hands the standby `w` out (already reserved as its instance): Running at once, since
+    /// its guest runs and answered `health` before it waited. Its record is written after,
+    /// off the request's path. `first_reply_ms` is the standby's own spawn → `ok health`.
+    fn hand_out_standby(
         self: &Arc<Self>,
         w: crate::warm::Standby,
+        t0: Instant,
     ) -> Result<InstanceRecord, StartError> {
         let crate::warm::Standby {
             rec,
-            mut child,
+            child,
             report,
             ready: (addr, synthesis_ms),
+            answered_ms,
             ..
         } = w;
-        let t0 = Instant::now();
-        match control_request(&rec.api_sock, &ApiRequest::Resume).await {
-            Ok(ApiResponse::Ok) => {}
-            other => {
-                let _ = child.start_kill();
-                let exit = child
-                    .wait()
-                    .await
-                    .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
-                return Err(StartError::Resume(format!("{other:?}"), exit));
-            }
-        }
         let id = rec.info.id.clone();
         let rec = {
             let mut t = self.table.lock().expect("instance table");
@@ -888,6 +881,7 @@ impl Supervisor {
             }
             e.rec.info.endpoint = addr.to_string();
             e.rec.info.synthesis_ms = synthesis_ms;
+            e.rec.info.first_reply_ms = Some(answered_ms);
             e.rec.clone()
         };
         self.notify();
@@ -904,38 +898,11 @@ impl Supervisor {
             }
             let _ = std::fs::remove_file(pid_file);
         });
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.metrics.start_latency(ms);
+        tracing::info!(instance = %id, endpoint = %addr, start_ms = ms, warm = true, "instance running");
         let me = Arc::clone(self);
-        let timeout = self.cfg.start_timeout;
-        let pid = child.id();
-        tokio::spawn(async move {
-            // The client's own first request comes first: the guest serves one at a time.
-            tokio::time::sleep(HEALTH_AFTER_RESUME).await;
-            tokio::select! {
-                took = tokio::time::timeout(timeout, first_health(addr, t0)) => match took {
-                    Ok(took) => {
-                        let ms = took.as_secs_f64() * 1e3;
-                        me.update(&id, |e| e.rec.info.first_reply_ms = Some(ms));
-                        me.metrics.start_latency(ms);
-                        tracing::info!(instance = %id, endpoint = %addr, first_reply_ms = ms, synthesis_ms = ?synthesis_ms, warm = true, "instance running");
-                    }
-                    Err(_) => {
-                        let why = format!("its guest did not answer `health` within {timeout:?} after the resume of its warm standby");
-                        tracing::warn!(instance = %id, "{why}; killing it");
-                        me.update(&id, |e| {
-                            e.rec.info.state = State::Failed;
-                            e.rec.info.error = Some(why.clone());
-                        });
-                        if let Some(pid) = pid {
-                            signal(pid, nix::sys::signal::Signal::SIGKILL);
-                        }
-                    }
-                },
-                _ = me.stop_requested(&id) => {}
-            }
-        });
-        let me = Arc::clone(self);
-        let wid = rec.info.id.clone();
-        tokio::spawn(async move { me.watch(wid, child, report).await });
+        tokio::spawn(async move { me.watch(id, child, report).await });
         Ok(rec)
     }
 
@@ -1004,7 +971,8 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Spawns `vmm synthesize --paused` for a future instance of `service` and awaits Ready.
+    /// Spawns `vmm synthesize` for a future instance of `service`, awaits Ready and one
+    /// verified `health`; the guest then idles until a start takes it.
     async fn make_standby(
         &self,
         service: &str,
@@ -1020,8 +988,7 @@ impl Supervisor {
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let args = self.synthesize_args(service, base);
         let made = async {
-            let (mut child, mut report, t0) =
-                self.spawn_vmm(&rec, &args, &["-v", "--paused"], None)?;
+            let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
             if let Some(pid) = child.id() {
                 let _ = std::fs::write(dir.join(crate::warm::PID_FILE), pid.to_string());
             }
@@ -1033,36 +1000,22 @@ impl Supervisor {
             // One verified request before it waits: a standby is handed out only when its
             // guest answers, and the guest's first run (its first touches of memory, which
             // cost the host most under shadow paging) is behind it.
-            let sock = &rec.api_sock;
-            let control = |req| async move {
-                match control_request(sock, &req).await {
-                    Ok(ApiResponse::Ok) => Ok(()),
-                    other => Err(StartError::Resume(
-                        format!("{req:?}: {other:?}"),
-                        "killed".into(),
-                    )),
-                }
-            };
-            let checked = async {
-                control(ApiRequest::Resume).await?;
-                tokio::time::timeout_at(deadline, first_health(ready.0, t0))
-                    .await
-                    .map_err(|_| {
-                        StartError::Timeout(self.cfg.start_timeout, log_tail(&rec.vmm_log, 8))
-                    })?;
-                control(ApiRequest::Pause).await
-            };
-            if let Err(e) = checked.await {
+            let answered = tokio::time::timeout_at(deadline, first_health(ready.0, t0)).await;
+            let Ok(answered) = answered else {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(e);
-            }
+                return Err(StartError::Timeout(
+                    self.cfg.start_timeout,
+                    log_tail(&rec.vmm_log, 8),
+                ));
+            };
             Ok::<_, StartError>(crate::warm::Standby {
                 rec: rec.clone(),
                 overlay_sha256: sha256.to_string(),
                 child,
                 report,
                 ready,
+                answered_ms: answered.as_secs_f64() * 1e3,
             })
         };
         match made.await {

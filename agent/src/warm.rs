@@ -1,22 +1,23 @@
-//! Warm standbys: for each service started here, one VM synthesised ahead of need and left
-//! paused, so that the next start of that service is a resume rather than a spawn and a
-//! synthesis (see `Supervisor::start`).
+//! Warm standbys: for each service started here, one VM synthesised ahead of need, checked
+//! with one verified request and left idle, so that the next start of that service is only
+//! a hand-out rather than a spawn and a synthesis (see `Supervisor::start`).
 //!
 //! ```text
-//!   start of S ──▶ a standby of S made from S's current overlay? ──yes──▶ Resume ──▶ health
-//!        │                                                  no (none, or stale) ──▶ spawn + synthesise
-//!        └──▶ afterwards, in the background: `vmm synthesize --paused` for S ──Ready──▶ standby
+//!   start of S ──▶ a live standby of S made from S's current overlay? ──yes──▶ Running (no VM work)
+//!        │                                            no (none, stale, or dead) ──▶ spawn + synthesise
+//!        └──▶ afterwards, in the background: `vmm ram-image` (S's shared RAM image, once), then
+//!             `vmm synthesize` for S ──Ready──▶ one `health` ──▶ standby (idle, waiting)
 //! ```
 //!
-//! A standby is a `vmm synthesize --paused` whose instance id, directory, control socket and
-//! port forward are already chosen; it is not an instance (not listed, no record) until a start
-//! takes it, but it holds a slot of the board's limits like one. Before it waits it is resumed
-//! for one `health` request and paused again: it is handed out only once its guest answered,
-//! and the guest's first run (its first touches of memory, which cost most under shadow
-//! paging) is off the start's path. Nothing else runs in it, so every instance still starts
-//! from the service's own snapshot but for that one stateless request. Its directory
-//! holds [`PID_FILE`], so that an agent restarted after a crash kills it and removes the
-//! directory: standbys are never re-adopted (one is cheap to make again).
+//! A standby is a `vmm synthesize` whose instance id, directory, control socket and port
+//! forward are already chosen; it is not an instance (not listed, no record) until a start
+//! takes it, but it holds a slot of the board's limits like one. It is handed out only once
+//! its guest answered `health`, so the guest's first run (its first touches of memory, which
+//! cost most under shadow paging) is off the start's path; nothing else reaches it before its
+//! client, so every instance still starts from the service's own snapshot but for that one
+//! stateless request. Its directory holds [`PID_FILE`], so that an agent restarted after a
+//! crash kills it and removes the directory: standbys are never re-adopted (one is cheap to
+//! make again).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct Standby {
     pub report: tokio::net::UnixStream,
     /// Where its guest's service will answer, and the synthesis time, ms.
     pub ready: (SocketAddr, Option<f64>),
+    /// Its spawn → first verified reply (`ok health`), ms.
+    pub answered_ms: f64,
 }
 
 /// The standbys of one supervisor, by service, and the services whose standby is being made.

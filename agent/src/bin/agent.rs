@@ -41,9 +41,9 @@ struct Cli {
     #[arg(long)]
     stop_on_exit: bool,
     /// Keep no warm standbys. By default, after each start of a service the agent synthesises
-    /// the next instance of it ahead of need and keeps it paused (it never runs a guest
-    /// instruction before it is taken), so the next start is a resume; a standby holds a slot
-    /// of the board's limits and gives it up to any start that needs it.
+    /// the next instance of it ahead of need (on the service's shared RAM image), checks it
+    /// with one `health` request and keeps it idle, so the next start only hands it out; a
+    /// standby holds a slot of the board's limits and gives it up to any start that needs it.
     #[arg(long)]
     no_warm_standby: bool,
     /// Log filter level: error, warn, info, debug, trace.
