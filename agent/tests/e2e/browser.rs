@@ -85,6 +85,17 @@ impl Driver {
         }
     }
 
+    /// Opens `a`'s web manager and types the operator token into it.
+    fn open_manager(&self, a: &AgentProc) {
+        self.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
+        let token = self.wait("#token");
+        self.cmd(
+            "POST",
+            &format!("/element/{token}/value"),
+            json!({"text": a.token()}),
+        );
+    }
+
     fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
         let p = format!("/session/{}{path}", self.session);
         let b = body.to_string();
@@ -277,13 +288,7 @@ fn the_web_manager_hands_an_instance_off() {
     let i = a.client().start("model").unwrap();
 
     let d = Driver::start(&[a.spki()]);
-    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
-    let token = d.wait("#token");
-    d.cmd(
-        "POST",
-        &format!("/element/{token}/value"),
-        json!({"text": a.token()}),
-    );
+    d.open_manager(&a);
     let ho = d.wait(&format!("#inst-{} button.handoff", i.id));
     d.click(&ho);
     // The chooser lists the other appliance, found over mDNS at a network address of this
@@ -340,13 +345,7 @@ fn the_web_manager_hands_an_instance_off() {
 fn the_web_manager_pairs_a_device_with_its_qr_code() {
     let a = AgentProc::start("web-pair", &[EVERYWHERE]);
     let d = Driver::start(&[a.spki()]);
-    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
-    let token = d.wait("#token");
-    d.cmd(
-        "POST",
-        &format!("/element/{token}/value"),
-        json!({"text": a.token()}),
-    );
+    d.open_manager(&a);
     d.click(&d.wait("#pair-start"));
     wait_for(Duration::from_secs(20), "the QR code", || {
         d.find("#pair-qr svg")
