@@ -375,6 +375,7 @@ fn the_web_manager_pairs_a_device_with_its_qr_code() {
         "the paired device in the panel",
         || d.text(&paired).contains("ana's name").then_some(()),
     );
+    d.screenshot("web-manager-pairing");
     d.click(&d.wait("#pair-stop"));
     wait_for(Duration::from_secs(10), "the window to close", || {
         (a.client()
