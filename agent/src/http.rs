@@ -280,7 +280,7 @@ fn overlay_reason(e: &format::overlay::OverlayError) -> String {
         O::Chunk { chunk, source, .. } => {
             format!("chunk {chunk} is damaged: {}", error_chain(source))
         }
-        other => error_chain(other),
+        other => crate::store::hide_paths(&error_chain(other)),
     }
 }
 
@@ -299,7 +299,7 @@ fn start_reason(e: &StartError) -> String {
     match e {
         StartError::Log(..) => "cannot open the vmm's log".into(),
         StartError::Spawn(..) => "cannot run the vmm (see the agent's log)".into(),
-        other => error_chain(other),
+        other => crate::store::hide_paths(&error_chain(other)),
     }
 }
 

@@ -554,8 +554,54 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// `s` with every absolute path on this host cut to its file name (`'/var/lib/cloudlet/bases/micro'`
+/// → `'micro'`): what the API answers to clients names no server path; the agent's log keeps
+/// the whole text.
+pub fn hide_paths(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('/') {
+        // A path starts at a '/' that begins a word ("at /x", "'/x'", "(/x").
+        let before = rest[..i].chars().next_back().or(out.chars().next_back());
+        let starts =
+            before.is_none_or(|c| c.is_whitespace() || matches!(c, '\'' | '"' | '(' | '=' | '`'));
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | ')' | ',' | '`' | ';'))
+            .map_or(rest.len(), |e| i + e);
+        let word = rest[i..end].trim_end_matches([':', '.']);
+        out.push_str(&rest[..i]);
+        if starts && word.len() > 1 && word[1..].contains('/') {
+            out.push_str(word.rsplit('/').next().unwrap_or(""));
+            rest = &rest[i + word.len()..];
+        } else {
+            out.push('/');
+            rest = &rest[i + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn server_paths_are_cut_to_file_names() {
+        use super::hide_paths;
+        assert_eq!(
+            hide_paths("failed to synthesise a VM from base '/var/lib/cl/bases/micro' and overlay '/var/lib/cl/services/m/app.overlay': bad"),
+            "failed to synthesise a VM from base 'micro' and overlay 'app.overlay': bad"
+        );
+        assert_eq!(
+            hide_paths("cannot run /usr/local/bin/vmm: gone. see /tmp/x/vmm.log."),
+            "cannot run vmm: gone. see vmm.log."
+        );
+        assert_eq!(
+            hide_paths("a/b and 1/2 MiB, http://h:1/v1/x"),
+            "a/b and 1/2 MiB, http://h:1/v1/x"
+        );
+        assert_eq!(hide_paths("/"), "/");
+    }
+
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {

@@ -804,9 +804,11 @@ impl Supervisor {
             Err(why) => {
                 self.metrics.start_failed();
                 let msg = error_chain(&why);
+                // The record (shown by the API) names no server path; the log keeps them.
+                let shown = crate::store::hide_paths(&msg);
                 self.update(&id, |e| {
                     e.rec.info.state = State::Failed;
-                    e.rec.info.error = Some(msg.clone());
+                    e.rec.info.error = Some(shown);
                     e.rec.info.pid = None;
                 });
                 tracing::warn!(instance = %id, "start failed: {msg}");
@@ -1423,11 +1425,13 @@ impl Supervisor {
             e.rec.info.state = if alive { State::Running } else { State::Failed };
             if !alive {
                 e.rec.info.pid = None;
-                e.rec.info.error = Some(format!("the vmm ended during a handoff: {why}"));
+                e.rec.info.error = Some(crate::store::hide_paths(&format!(
+                    "the vmm ended during a handoff: {why}"
+                )));
             }
             if let Some(h) = e.rec.info.handoff.as_mut() {
                 h.phase = "failed".into();
-                h.error = Some(why.into());
+                h.error = Some(crate::store::hide_paths(why));
             }
         })
     }

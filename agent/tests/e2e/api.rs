@@ -526,3 +526,32 @@ fn the_operator_token_is_made_on_first_start_and_never_in_the_board_file() {
     );
     assert!(!said.contains(&token), "the token itself is never printed");
 }
+
+/// A start the vmm refuses (a damaged overlay) says why, naming the file but no server path,
+/// in the answer and in the failed instance's record alike; the agent's log keeps the paths.
+#[test]
+fn a_refused_start_names_no_server_path() {
+    let a = AgentProc::start("no-paths", &[]);
+    let overlay = a.data.join("services/model/app.overlay");
+    let mut bytes = std::fs::read(&overlay).unwrap();
+    bytes[200] ^= 1;
+    std::fs::write(&overlay, &bytes).unwrap();
+    let c = a.client();
+    let err = c.start("model").unwrap_err().to_string();
+    let data = a.data.display().to_string();
+    let no_path = |text: &str| {
+        assert!(
+            text.contains("app.overlay") && !text.contains(&data) && !text.contains("/services/"),
+            "{text}"
+        );
+    };
+    no_path(&err);
+    let failed = wait_for(Duration::from_secs(10), "the failed instance", || {
+        c.instances()
+            .unwrap()
+            .into_iter()
+            .find(|i| i.state == "failed")
+    });
+    no_path(failed.error.as_deref().unwrap());
+    assert!(a.log().contains(&data), "the log keeps the paths");
+}
