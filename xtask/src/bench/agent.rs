@@ -15,6 +15,8 @@
 //! - `api_start_to_reply_https_p50_ms` / `_p99_ms`: the same starts with the agent serving
 //!   HTTPS (listen 0.0.0.0, reached at 127.0.0.1), the client pinning its certificate; each
 //!   request on a fresh connection, so every one pays the TLS handshake.
+//! - `system_http_kept_alive_p50_ms` / `system_https_kept_alive_p50_ms`: the same request
+//!   on one kept-alive connection (as a client library holds it): what HTTPS adds per request.
 //! - `system_http_p50_ms` / `system_https_p50_ms`: `GET /v1/system` on a fresh connection,
 //!   plain and over pinned HTTPS: the handshake and request cost alone (target: HTTPS adds
 //!   at most 1 ms).
@@ -76,6 +78,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     standby_ready(&addr)?;
     let s = starts(&addr, runs)?;
     let system_http = system_rtts(&addr, runs)?;
+    let kept_http = kept_alive_rtts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
     let mut resolve = vec![];
@@ -115,6 +118,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     standby_ready(&tls_agent.addr)?;
     let tls = starts(&tls_agent.addr, runs)?;
     let system_https = system_rtts(&tls_agent.addr, runs)?;
+    let kept_https = kept_alive_rtts(&tls_agent.addr, runs)?;
     tls_agent.stop()?;
 
     step("USB pairings against the fake phone (agent/examples/pairing_bench.rs)");
@@ -150,6 +154,8 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         ("api_start_to_reply_https_p99_ms".into(), p99(&tls.total)),
         ("system_http_p50_ms".into(), m(&system_http)),
         ("system_https_p50_ms".into(), m(&system_https)),
+        ("system_http_kept_alive_p50_ms".into(), m(&kept_http)),
+        ("system_https_kept_alive_p50_ms".into(), m(&kept_https)),
         ("api_start_cold_p50_ms".into(), m(&cold.total)),
         ("api_start_cold_p99_ms".into(), p99(&cold.total)),
         ("synthesis_p50_ms".into(), m(&cold.synth)),
@@ -246,6 +252,24 @@ fn system_rtts(addr: &str, runs: usize) -> Result<Vec<f64>> {
         let t = Instant::now();
         let r = c.raw("GET", "/v1/system", None, false)?;
         v.push(t.elapsed().as_secs_f64() * 1e3);
+        if r.status != 200 {
+            bail!("GET /v1/system → {}: {}", r.status, r.body);
+        }
+    }
+    Ok(v)
+}
+
+/// `runs` × `GET /v1/system` on one client kept alive (its first request, which opens the
+/// connection, not counted), ms each: what a phone's client library pays per request.
+fn kept_alive_rtts(addr: &str, runs: usize) -> Result<Vec<f64>> {
+    let c = api_client(addr, None);
+    let mut v = vec![];
+    for i in 0..=runs {
+        let t = Instant::now();
+        let r = c.raw("GET", "/v1/system", None, false)?;
+        if i > 0 {
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
         if r.status != 200 {
             bail!("GET /v1/system → {}: {}", r.status, r.body);
         }
