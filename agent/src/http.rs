@@ -881,6 +881,10 @@ pub struct BrowseQuery {
 pub struct Found {
     /// Its API's base URL.
     pub url: Option<String>,
+    /// It is a peer of DATA/peers.json and announces the certificate pinned for it (or serves
+    /// plain HTTP and none is pinned). A label only: mDNS is not authenticated, and a handoff
+    /// checks the certificate itself.
+    pub trusted: bool,
     /// What it announced.
     #[serde(flatten)]
     pub appliance: crate::discovery::Appliance,
@@ -894,6 +898,7 @@ async fn appliances(
 ) -> ApiResult<Json<Vec<Found>>> {
     let window = std::time::Duration::from_millis(q.window_ms.unwrap_or(1500).clamp(100, 5000));
     let me = st.store.id().to_string();
+    let peers = st.peers.peers().unwrap_or_default();
     let found = tokio::task::spawn_blocking(move || crate::discovery::browse(window))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?
@@ -904,16 +909,26 @@ async fn appliances(
                 "mDNS browsing is not possible here; enter the target's URL instead",
             )
         })?;
-    Ok(Json(
-        found
-            .into_iter()
-            .filter(|a| a.txt.get("id") != Some(&me))
-            .map(|a| Found {
+    let mut out: Vec<Found> = found
+        .into_iter()
+        .filter(|a| a.txt.get("id") != Some(&me))
+        .map(|a| {
+            let fp = a.txt.get("fp");
+            let trusted = a.txt.get("id").is_some_and(|id| {
+                peers
+                    .iter()
+                    .any(|p| &p.id == id && p.fingerprint.as_ref() == fp)
+            });
+            Found {
                 url: a.url(),
+                trusted,
                 appliance: a,
-            })
-            .collect(),
-    ))
+            }
+        })
+        .collect();
+    // Trusted peers first.
+    out.sort_by_key(|f| !f.trusted);
+    Ok(Json(out))
 }
 
 /// `POST /v1/handoff/incoming` (from a trusted peer): checks the base and the room, starts

@@ -284,6 +284,22 @@ fn the_web_manager_hands_an_instance_off() {
     let b = AgentProc::start_with_vmm("web-ho-b", &[EVERYWHERE], &vmm);
     let secret = "a-secret-both-appliances-share-web-0123";
     a.trust(&b, secret);
+    // Before b trusts a, b's chooser lists a as unverified.
+    let a_id = a.id();
+    wait_for(Duration::from_secs(30), "a listed by b", || {
+        let r = b
+            .client()
+            .raw("GET", "/v1/appliances?window_ms=1500", None, true)
+            .ok()?;
+        let found = r.json();
+        let f = found
+            .as_array()?
+            .iter()
+            .find(|f| f["txt"]["id"] == a_id.as_str())?
+            .clone();
+        assert_eq!(f["trusted"], false, "{f}");
+        Some(())
+    });
     b.trust(&a, secret);
     let i = a.client().start("model").unwrap();
 
@@ -294,7 +310,8 @@ fn the_web_manager_hands_an_instance_off() {
     // The chooser lists the other appliance, found over mDNS at a network address of this
     // host: HTTPS, on its port.
     let port = b.addr().rsplit_once(':').unwrap().1.to_string();
-    let option = format!("#handoff-to option[value^='https://'][value$=':{port}']");
+    // Each trusts the other with its certificate pinned: it is listed as a trusted peer.
+    let option = format!("#handoff-to option.trusted[value^='https://'][value$=':{port}']");
     let t0 = Instant::now();
     let opt = loop {
         if let Some(o) = wait_for(Duration::from_secs(10), "the scan to end", || {
