@@ -6,16 +6,13 @@
 //! overlay file as they are now is ignored (the overlay is then applied as usual).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use format::ram_image::{self, RamImageId};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::check::{self, CheckError, Checked};
 use super::eager::{self, EagerError};
-use crate::arch::layout;
 
 /// Errors while writing a RAM image.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +26,9 @@ pub enum SharedError {
     /// The overlay was read from memory, not a file: it has no identity to record.
     #[error("the overlay has no file identity")]
     NoIdentity,
+    /// Writing the image failed.
+    #[error("cannot write the RAM image")]
+    Image(#[source] crate::snapshot::SnapshotError),
     /// Writing the image or its id failed.
     #[error("cannot write the RAM image '{0}'")]
     Write(PathBuf, #[source] std::io::Error),
@@ -96,21 +96,16 @@ pub fn write(
         move |e| SharedError::Write(p, e)
     };
     let tmp = with_suffix(&image, &format!(".{}.tmp", std::process::id()));
-    let written = (|| {
-        let f = File::create(&tmp)?;
-        f.set_len(id.ram_bytes)?;
-        let data = copy_nonzero(&m.memory, id.ram_bytes, &f)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &image)?;
-        Ok(data)
-    })();
-    let data_bytes = match written {
-        Ok(d) => d,
-        Err(e) => {
+    // The image has the layout of a snapshot's memory file: regions back to back, sparse.
+    let data_bytes = crate::snapshot::save::write_memory(&m.memory, &tmp)
+        .map_err(SharedError::Image)
+        .and_then(|d| {
+            std::fs::rename(&tmp, &image).map_err(werr(&image))?;
+            Ok(d)
+        })
+        .inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-            return Err(werr(&image)(e));
-        }
-    };
+        })?;
     let id_path = ram_image::id_path(overlay);
     let id_tmp = with_suffix(&id_path, &format!(".{}.tmp", std::process::id()));
     std::fs::write(&id_tmp, id.to_bytes())
@@ -133,45 +128,4 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
-}
-
-/// Writes every non-zero page of guest memory `mem` (`ram_bytes`, image order) to `f` at its
-/// image offset, a run of pages per write; returns the bytes written.
-fn copy_nonzero(
-    mem: &crate::vstate::memory::GuestMemoryMmap,
-    ram_bytes: u64,
-    f: &File,
-) -> std::io::Result<u64> {
-    const PAGE: usize = format::PAGE_SIZE;
-    let mut written = 0u64;
-    let mut image_off = 0u64;
-    for (start, size) in layout::ram_ranges(ram_bytes) {
-        let host = mem
-            .get_host_address(GuestAddress(start))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // SAFETY: each RAM range is one region of `mem`, which this process mapped and keeps
-        // alive for the borrow; no VM exists yet, so nothing writes it while we read.
-        let bytes = unsafe { std::slice::from_raw_parts(host, size as usize) };
-        let mut run: Option<usize> = None;
-        for (i, page) in bytes.chunks(PAGE).enumerate() {
-            let zero = page.iter().all(|&b| b == 0);
-            match (zero, run) {
-                (false, None) => run = Some(i),
-                (true, Some(r)) => {
-                    let data = &bytes[r * PAGE..i * PAGE];
-                    f.write_all_at(data, image_off + (r * PAGE) as u64)?;
-                    written += data.len() as u64;
-                    run = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(r) = run {
-            let data = &bytes[r * PAGE..];
-            f.write_all_at(data, image_off + (r * PAGE) as u64)?;
-            written += data.len() as u64;
-        }
-        image_off += size;
-    }
-    Ok(written)
 }
