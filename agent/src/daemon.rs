@@ -170,18 +170,6 @@ pub fn pairing_urls(listen: &[std::net::IpAddr], port: u16) -> Vec<String> {
         .collect()
 }
 
-/// The 32 bytes of a hex SHA-256 fingerprint (zeros if it is not one).
-fn fingerprint_bytes(hex: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = hex
-            .get(2 * i..2 * i + 2)
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .unwrap_or(0);
-    }
-    out
-}
-
 /// The default vmm: next to this executable.
 pub fn default_vmm() -> PathBuf {
     std::env::current_exe()
@@ -330,7 +318,9 @@ pub async fn run(opts: Options) -> Result<()> {
     std::fs::write(&url_file, urls.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", url_file.display()))?;
     pairing.set_api(pairing_urls(&board.listen, port));
-    pairing.set_fingerprint(fingerprint_bytes(cert.fingerprint()));
+    pairing.set_fingerprint(
+        crate::pairing::qr::unhex32(cert.fingerprint()).expect("a certificate's SHA-256 in hex"),
+    );
     std::fs::write(&addr_file, format!("{shown}\n"))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     tracing::info!(board = %board.name, id = %store.id(), data = %store.root().display(), fingerprint = %cert.fingerprint(), "agent listening on {}", urls.join(", "));

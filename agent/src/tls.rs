@@ -52,11 +52,7 @@ pub enum TlsError {
 
 /// The SHA-256 of `der` (a DER certificate), 64 lower-case hex digits.
 pub fn fingerprint(der: &[u8]) -> String {
-    hex(&Sha256::digest(der))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::store::hex(&Sha256::digest(der))
 }
 
 /// A fingerprint as people write it (upper or lower case, with or without colons) in the

@@ -162,7 +162,7 @@ pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>, PairingError> {
 }
 
 pub(crate) fn hex_random(n: usize) -> Result<String, PairingError> {
-    Ok(qr::hex(&random_bytes(n)?))
+    Ok(crate::store::hex(&random_bytes(n)?))
 }
 
 /// The Hello nonce of a claim over HTTPS (no Challenge there): the first 32 bytes of

@@ -54,12 +54,8 @@ fn decode(v: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
+/// The 32 bytes 64 hex digits spell (a SHA-256 fingerprint), if they do.
+pub fn unhex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 || !s.is_ascii() {
         return None;
     }
@@ -77,7 +73,7 @@ impl QrPayload {
             "{PREFIX}v=1&id={}&api={}&fp={}&code={}",
             encode(&self.appliance_id),
             encode(&self.api),
-            hex(&self.fingerprint),
+            crate::store::hex(&self.fingerprint),
             encode(&self.code)
         )
     }

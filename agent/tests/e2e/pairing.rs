@@ -189,8 +189,7 @@ impl PhoneSim {
 
     fn post(&self, base: &str, code: &str, fp: &[u8; 32], frame: &[u8]) -> (u16, Vec<u8>) {
         let c = if base.starts_with("https://") {
-            let hex: String = fp.iter().map(|b| format!("{b:02x}")).collect();
-            agent::client::Client::pinned(base, None, &hex)
+            agent::client::Client::pinned(base, None, &agent::store::hex(fp))
         } else {
             agent::client::Client::new(base, None)
         };
@@ -312,12 +311,7 @@ fn a_phone_claims_its_credential_with_the_qr_code_once_and_only_in_the_window() 
     assert_eq!(cred.api, std::slice::from_ref(&a.url));
     assert_eq!(cred.secret.len(), 64);
     // The appliance's certificate, to pin; the credential kept (hashed) in the device store.
-    let fp: String = cred
-        .fingerprint
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(fp, a.fingerprint());
+    assert_eq!(agent::store::hex(&cred.fingerprint), a.fingerprint());
     let stored = agent::devices::DeviceStore::in_dir(&a.data)
         .get("phone-1")
         .expect("phone-1 in the device store");
