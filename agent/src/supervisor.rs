@@ -820,7 +820,7 @@ impl Supervisor {
     /// The standby of `service` when it was made from the overlay `sha256` (a stale one is
     /// discarded in the background); one being made is awaited (it is ahead of a new spawn).
     async fn take_standby(&self, service: &str, sha256: &str) -> Option<crate::warm::Standby> {
-        let w = loop {
+        let mut w = loop {
             let made = self.warm_made.notified();
             tokio::pin!(made);
             made.as_mut().enable();
@@ -840,7 +840,6 @@ impl Supervisor {
                 return None;
             }
         };
-        let mut w = w;
         if let Ok(Some(st)) = w.child.try_wait() {
             tracing::warn!(
                 service,
@@ -930,7 +929,7 @@ impl Supervisor {
         let me = Arc::clone(self);
         let (service, sha256, base) = (service.to_string(), sha256.to_string(), base.to_string());
         tokio::spawn(async move {
-            if let Err(e) = me.ensure_ram_image(&service, &base).await {
+            if let Err(e) = me.ensure_ram_image(&service, &sha256, &base).await {
                 tracing::warn!(
                     service,
                     "no shared RAM image (instances then apply the overlay each): {e}"
@@ -951,16 +950,32 @@ impl Supervisor {
         });
     }
 
-    /// Runs `vmm ram-image` for `service` on `base`: writes the service's shared RAM image
-    /// (`format::ram_image`) unless the one there is up to date. Instances synthesised
-    /// afterwards map it copy-on-write and share its pages.
-    async fn ensure_ram_image(&self, service: &str, base: &str) -> Result<(), String> {
+    /// Runs `vmm ram-image` for `service` (overlay `sha256`) on `base`: writes the service's
+    /// shared RAM image (`format::ram_image`) unless the one there is up to date. Instances
+    /// synthesised afterwards map it copy-on-write and share its pages. Once done for an
+    /// overlay file (its checksum, inode and change time: a file rewritten even with the same
+    /// bytes voids its image), later standbys of it skip the run.
+    async fn ensure_ram_image(
+        &self,
+        service: &str,
+        sha256: &str,
+        base: &str,
+    ) -> Result<(), String> {
+        let overlay = self.store.overlay_path(service);
+        let key = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&overlay).map_err(|e| format!("no overlay: {e}"))?;
+            format!("{sha256}:{}:{}:{}", m.ino(), m.ctime(), m.ctime_nsec())
+        };
+        if self.warm.lock().expect("warm pool").imaged(service) == Some(key.as_str()) {
+            return Ok(());
+        }
         let out = tokio::process::Command::new(&self.cfg.vmm)
             .arg("ram-image")
             .arg("--base")
             .arg(self.store.base_dir(base))
             .arg("--overlay")
-            .arg(self.store.overlay_path(service))
+            .arg(&overlay)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
@@ -970,6 +985,10 @@ impl Supervisor {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         tracing::debug!(service, "{}", String::from_utf8_lossy(&out.stdout).trim());
+        self.warm
+            .lock()
+            .expect("warm pool")
+            .set_imaged(service, &key);
         Ok(())
     }
 

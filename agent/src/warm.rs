@@ -52,6 +52,9 @@ pub struct Pool {
     making: BTreeMap<String, (u64, bool)>,
     /// No standby is made any more (the agent is exiting).
     closed: bool,
+    /// Service → the overlay file (SHA-256, inode, change time) whose shared RAM image was
+    /// last written or found up to date.
+    imaged: BTreeMap<String, String>,
 }
 
 impl Pool {
@@ -120,6 +123,18 @@ impl Pool {
         ready
             .chain(making)
             .fold((0, 0), |(n, m), mib| (n + 1, m + mib))
+    }
+
+    /// The overlay file (see [`Pool::set_imaged`]) whose shared RAM image `service` last had
+    /// ensured.
+    pub fn imaged(&self, service: &str) -> Option<&str> {
+        self.imaged.get(service).map(String::as_str)
+    }
+
+    /// `service`'s shared RAM image is up to date for the overlay file `key` (its SHA-256,
+    /// inode and change time).
+    pub fn set_imaged(&mut self, service: &str, key: &str) {
+        self.imaged.insert(service.into(), key.into());
     }
 
     /// The services with a standby made.
