@@ -5,6 +5,7 @@ mod check;
 mod demo;
 mod guest;
 mod linux;
+mod linux_base;
 mod run;
 mod test;
 mod util;
@@ -34,6 +35,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Download Debian's cloud kernel into target/linux/vmlinuz (for the boot-path tests).
     FetchLinux,
+    /// Build the Linux service-VM base's kernel (cached by recipe outside the clone) and root
+    /// filesystem into target/linux-base/.
+    LinuxBase,
     /// Everything that must pass before pushing: fmt, clippy (workspace and guest), tests.
     Check,
 }
@@ -47,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Test(a) => test::run_tests(&a).map(|_| 0),
         Cmd::Bench(a) => bench::bench(&a).map(|_| 0),
         Cmd::FetchLinux => linux::fetch().map(|_| 0),
+        Cmd::LinuxBase => linux_base::build().map(|_| 0),
         Cmd::Check => check::check().map(|_| 0),
     };
     match result {

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: builds what the tests need (the micro guest, the vmm binary, Debian's
-//! kernel for the Linux boot-path tests), then runs every test of the workspace.
+//! kernel for the Linux boot-path tests, the Linux service-VM base — its kernel cached by
+//! recipe outside the clone), then runs every test of the workspace.
 
 use anyhow::Result;
 
@@ -21,6 +22,18 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
     require_kvm()?;
     crate::guest::build()?;
     crate::linux::fetch()?;
+    // The Linux base boots under QEMU TCG in the tests; `image-builder import` uses qemu-img.
+    ensure_programs(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+    ])?;
+    let t = std::time::Instant::now();
+    let base = crate::linux_base::build()?;
+    step(&format!(
+        "Linux base ready in {:.1} s ({:.2} MiB)",
+        t.elapsed().as_secs_f64(),
+        base.mib
+    ));
     // The agent's tests: an independent mDNS client and a real browser; the handoff tests'
     // two appliances: network namespaces, veth and shaping (netlab); the USB pairing code
     // links the system libusb (found through pkg-config; without it libusb1-sys compiles its

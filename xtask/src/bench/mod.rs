@@ -7,6 +7,7 @@ mod boot;
 mod child;
 mod density;
 mod handoff;
+mod linux;
 mod net;
 mod qemu;
 mod qmp;
@@ -21,7 +22,7 @@ use crate::util::{step, target_dir};
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `boot`, `synthesis`, `net`, `agent`, `handoff` or `density`.
+    /// Which benchmark: `boot`, `synthesis`, `net`, `agent`, `handoff`, `density` or `linux`.
     pub name: String,
     /// Runs per measured configuration.
     #[arg(long, default_value_t = 30)]
@@ -43,8 +44,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         "agent" => agent::run_bench(args.runs)?,
         "handoff" => handoff::run_bench(args.runs)?,
         "density" => density::run_bench(args.runs)?,
+        "linux" => linux::run_bench(args.runs)?,
         other => {
-            bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent, handoff, density")
+            bail!("unknown benchmark '{other}': available: boot, synthesis, net, agent, handoff, density, linux")
         }
     };
     write_report(&args.name, args.runs, figures)
