@@ -40,6 +40,61 @@ pub struct BaseSpec {
     pub console: bool,
 }
 
+/// The line the Linux base's init (`cloudlet-init`) prints when its service listens.
+pub const LINUX_READY: &str = "cloudlet-linux ready";
+
+/// The Linux service-VM base's parts, as `cargo xtask linux-base` leaves them in a directory.
+#[derive(Clone, Debug)]
+pub struct LinuxParts {
+    /// `vmlinux`: the kernel.
+    pub kernel: PathBuf,
+    /// `rootfs.ext4`: the root filesystem (the base's disk).
+    pub rootfs: PathBuf,
+    /// `cmdline`: the kernel command line.
+    pub cmdline: String,
+}
+
+impl LinuxParts {
+    /// Finds the parts in `dir`.
+    pub fn open(dir: &Path) -> Result<LinuxParts> {
+        let need = |name: &str| {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(anyhow::anyhow!(
+                    "'{}' has no {name}: build the Linux base with `cargo xtask linux-base` (it writes target/linux-base/)",
+                    dir.display()
+                ))
+            }
+        };
+        let cmdline = std::fs::read_to_string(need("cmdline")?)?
+            .trim()
+            .to_string();
+        Ok(LinuxParts {
+            kernel: need("vmlinux")?,
+            rootfs: need("rootfs.ext4")?,
+            cmdline,
+        })
+    }
+
+    /// The base spec for these parts: a NIC, 256 MiB, the ready line of `cloudlet-init`.
+    pub fn spec(&self, out: PathBuf) -> BaseSpec {
+        BaseSpec {
+            kernel: self.kernel.clone(),
+            out,
+            mem_mib: 256,
+            cmdline: self.cmdline.clone(),
+            ready: LINUX_READY.into(),
+            timeout: Duration::from_secs(30),
+            force: false,
+            disk: Some(self.rootfs.clone()),
+            net: true,
+            console: false,
+        }
+    }
+}
+
 /// SHA-256 over `kernel`, `state`, `memory` of a base directory, each prefixed by its length.
 pub fn content_id(dir: &Path) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
@@ -72,6 +127,38 @@ pub fn disk_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The VM [`build`] boots for `spec`: its kernel (Linux 64-bit entry), command line, RAM and
+/// devices, the serial console going to `serial`, the root disk read from `disk` (the base's
+/// own copy). The loader-level tests load it with `vmm::builder::load_for_boot`.
+pub fn vm_config(spec: &BaseSpec, disk: &Path, serial: SerialOutput) -> Result<VmConfig> {
+    let mut cfg = VmConfig::new(
+        KernelConfig {
+            kernel: spec.kernel.clone(),
+            initrd: None,
+            cmdline: spec.cmdline.clone(),
+            protocol: BootProtocol::Linux,
+        },
+        spec.mem_mib,
+        1,
+        serial,
+        false,
+    )?;
+    cfg.devices = DevicesConfig {
+        disk: spec.disk.as_ref().map(|_| DiskConfig {
+            base: Some(disk.to_owned()),
+            ..Default::default()
+        }),
+        net: spec.net.then_some(NetConfig {
+            backend: NetBackendConfig::User {
+                forwards: Vec::new(),
+            },
+            mac: DEFAULT_MAC,
+        }),
+        console: spec.console,
+    };
+    Ok(cfg)
+}
+
 /// Boots `spec.kernel`, waits for the ready line, snapshots it into `spec.out` and writes the
 /// manifest.
 pub fn build(spec: &BaseSpec) -> Result<Manifest> {
@@ -99,31 +186,7 @@ pub fn build(spec: &BaseSpec) -> Result<Manifest> {
         f.set_len(len.div_ceil(4096) * 4096)?;
     }
     let log = spec.out.join(".boot.log");
-    let mut cfg = VmConfig::new(
-        KernelConfig {
-            kernel: spec.kernel.clone(),
-            initrd: None,
-            cmdline: spec.cmdline.clone(),
-            protocol: BootProtocol::Linux,
-        },
-        spec.mem_mib,
-        1,
-        SerialOutput::File(log.clone()),
-        false,
-    )?;
-    cfg.devices = DevicesConfig {
-        disk: spec.disk.as_ref().map(|_| DiskConfig {
-            base: Some(disk_path.clone()),
-            ..Default::default()
-        }),
-        net: spec.net.then_some(NetConfig {
-            backend: NetBackendConfig::User {
-                forwards: Vec::new(),
-            },
-            mac: DEFAULT_MAC,
-        }),
-        console: spec.console,
-    };
+    let cfg = vm_config(spec, &disk_path, SerialOutput::File(log.clone()))?;
     let machine = vmm::builder::build_for_boot(&cfg).context("failed to boot the guest")?;
     let mut console = Console::new(&log);
     let ready = console.wait_line(&machine, &[&spec.ready], spec.timeout)?;

@@ -213,6 +213,28 @@ pub fn debian_bzimage() -> PathBuf {
     )
 }
 
+/// The Linux service-VM base's parts made by `cargo xtask linux-base`: the kernel (ELF
+/// vmlinux), the root filesystem image and the command line it boots with.
+pub fn linux_base() -> (PathBuf, PathBuf, String) {
+    let dir = workspace_root().join("target/linux-base");
+    let what = "the Linux base (cargo xtask linux-base)";
+    let cmdline = std::fs::read_to_string(require(dir.join("cmdline"), what)).expect("cmdline");
+    (
+        require(dir.join("vmlinux"), what),
+        require(dir.join("rootfs.ext4"), what),
+        cmdline,
+    )
+}
+
+/// The Linux base's init and sample service (`cloudlet-init`) of this build profile, for
+/// running on the host.
+pub fn cloudlet_init_bin() -> PathBuf {
+    require(
+        profile_dir().join("cloudlet-init"),
+        "the cloudlet-init binary",
+    )
+}
+
 /// A fresh scratch directory under the target directory, removed when dropped.
 pub struct Scratch(PathBuf);
 

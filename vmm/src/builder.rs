@@ -20,7 +20,7 @@ use crate::devices::virtio::worker::DeviceWorker;
 use crate::exit::ExitNotifier;
 use crate::handoff::link::HandoffBase;
 use crate::handoff::receive::Incoming;
-use crate::loader::{self, LoaderError};
+use crate::loader::{self, LoadedKernel, LoaderError};
 use crate::machine::{Machine, MachineError, MachineParts, StopSignals};
 use crate::serial_input::{deliver_input, SerialInput};
 use crate::snapshot::restore;
@@ -80,6 +80,18 @@ pub enum BuildError {
     Start(#[from] MachineError),
 }
 
+/// What a boot writes into guest memory before any vCPU exists: the kernel (with the
+/// command line and its `virtio_mmio.device=` entries for `cfg`'s devices, boot_params or the
+/// PVH start info, e820, initrd) and the MP table. [`build_for_boot`] starts with it; the
+/// loader-level tests check a kernel's boot through it where KVM cannot run the kernel.
+pub fn load_for_boot(cfg: &VmConfig, mem: &GuestMemoryMmap) -> Result<LoadedKernel, BuildError> {
+    let mut kernel_cfg = cfg.kernel.clone();
+    kernel_cfg.cmdline.push_str(&virtio_cmdline(&cfg.devices));
+    let kernel = loader::load_kernel(mem, &kernel_cfg)?;
+    mptable::write(mem, cfg.vcpus)?;
+    Ok(kernel)
+}
+
 /// Builds a VM that boots `cfg.kernel` and starts its vCPUs.
 pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
     let t0 = Instant::now();
@@ -94,10 +106,7 @@ pub fn build_for_boot(cfg: &VmConfig) -> Result<Machine, BuildError> {
     let vm = Vm::new(&kvm, &mem)?;
     let t_vm = t0.elapsed();
 
-    let mut kernel_cfg = cfg.kernel.clone();
-    kernel_cfg.cmdline.push_str(&virtio_cmdline(&cfg.devices));
-    let kernel = loader::load_kernel(&mem, &kernel_cfg)?;
-    mptable::write(&mem, cfg.vcpus)?;
+    let kernel = load_for_boot(cfg, &mem)?;
     let t_load = t0.elapsed();
 
     let exit =
