@@ -65,7 +65,7 @@ pub fn build() -> Result<LinuxBase> {
     let stripped = std::fs::read(&k.vmlinux)?;
     let packed = elf::pack(&stripped).context("cannot pack vmlinux")?;
     step(&format!(
-        "vmlinux packed: {:.2} MiB (stripped ELF: {:.2} MiB; the same memory image)",
+        "vmlinux packed: {:.2} MiB (stripped ELF: {:.2} MiB; 2 MiB link padding left to p_memsz)",
         mib(packed.len() as u64),
         mib(stripped.len() as u64)
     ));
