@@ -45,7 +45,7 @@ use crate::devices::{DeviceError, DeviceStore, DeviceView};
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::pairing::api as pairing;
-use crate::store::{error_chain, BaseInfo, Store, StoreError};
+use crate::store::{error_chain, hide_paths, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, StartError, Supervisor, SupervisorError};
 
 /// The API version in paths.
@@ -149,9 +149,31 @@ fn routes() -> Routes {
     .add("GET", "/v1/openapi.json", Open, openapi)
     .add("GET", "/v1/system", Open, system)
     .add("GET", "/v1/bases", Client, bases)
+    .add("GET", "/v1/bases/{name}", Client, base)
+    .add("PUT", "/v1/bases/{name}", Operator, upload_base)
+    .add("DELETE", "/v1/bases/{name}", Operator, delete_base)
     .add("GET", "/v1/services", Client, services)
     .add("GET", "/v1/services/{name}", Client, service)
+    .add("PUT", "/v1/services/{name}", Operator, edit_service)
     .add("DELETE", "/v1/services/{name}", Operator, delete_service)
+    .add(
+        "GET",
+        "/v1/services/{name}/versions",
+        Operator,
+        service_versions,
+    )
+    .add(
+        "DELETE",
+        "/v1/services/{name}/versions/{version}",
+        Operator,
+        delete_version,
+    )
+    .add(
+        "GET",
+        "/v1/services/{name}/versions/{version}/overlay",
+        Operator,
+        download_version,
+    )
     .add(
         "GET",
         "/v1/services/{name}/overlay",
@@ -181,7 +203,21 @@ fn routes() -> Routes {
     .add("DELETE", "/v1/handoff/incoming/{id}", Peer, abort_incoming)
     .add("GET", "/v1/apps", Client, apps)
     .add("GET", "/v1/apps/{name}", Client, app)
+    .add("DELETE", "/v1/apps/{name}", Operator, delete_app)
     .add("GET", "/v1/apps/{name}/download", Client, download_app)
+    .add("GET", "/v1/apps/{name}/versions", Client, app_versions)
+    .add(
+        "PUT",
+        "/v1/apps/{name}/versions/{version}",
+        Operator,
+        upload_app,
+    )
+    .add(
+        "DELETE",
+        "/v1/apps/{name}/versions/{version}",
+        Operator,
+        delete_app_version,
+    )
     .add("GET", "/v1/devices", Operator, devices)
     .add("DELETE", "/v1/devices/{id}", Operator, revoke_device)
     .add("GET", "/v1/pairing/window", Operator, pairing::window)
@@ -343,6 +379,36 @@ impl From<StoreError> for ApiError {
                 internal(&e, "a record in the data directory is damaged".into())
             }
             StoreError::BadBase(_) => internal(&e, "a staged base does not load".into()),
+            StoreError::NoVersion(ref n, _) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                format!("GET /v1/services/{n}/versions lists its versions"),
+            ),
+            StoreError::NoAppVersion(ref n, _) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                format!("GET /v1/apps/{n}/versions lists its versions"),
+            ),
+            StoreError::CurrentVersion(ref n, _) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                format!("make another version current first (PUT /v1/services/{n} {{\"version\": N}}), or delete the whole service"),
+            ),
+            StoreError::BaseInUse(..) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                "delete those services (or their versions on this base) first; nothing was removed",
+            ),
+            StoreError::Exists(..) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                "choose another name, or DELETE the existing one first",
+            ),
+            StoreError::BadArchive(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                hide_paths(&msg),
+                "upload a tar (or tar.zst) of a base directory made by `image-builder base` (`cloudlet upload-base` makes one); nothing was installed",
+            ),
         }
     }
 }
@@ -738,6 +804,9 @@ pub struct ServiceView {
     pub mem_mib: Option<u64>,
     /// Instances of it holding a slot.
     pub instances: usize,
+    /// The current version (what a start synthesises).
+    #[serde(default)]
+    pub version: u32,
 }
 
 fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
@@ -755,6 +824,7 @@ fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
         overlay_bytes: r.overlay_bytes,
         overlay_sha256: r.overlay_sha256,
         instances: n,
+        version: r.version,
     }
 }
 
@@ -776,12 +846,238 @@ async fn service(
     Ok(Json(service_view(&st, r)))
 }
 
+/// The active instances (holding a slot) of `service` (of its version `version` only, when
+/// given).
+fn active_of(st: &AppState, service: &str, version: Option<u32>) -> Vec<String> {
+    st.sup
+        .list()
+        .iter()
+        .filter(|i| i.info.service == service && i.info.state.active())
+        .filter(|i| version.is_none() || i.info.version == version)
+        .map(|i| i.info.id.clone())
+        .collect()
+}
+
+fn still_running(what: String, ids: &[String]) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "{what} cannot be deleted while {} instance(s) of it run: {}",
+            ids.len(),
+            ids.join(", ")
+        ),
+        "stop them first (POST /v1/instances/{id}/stop); nothing was removed",
+    )
+}
+
+/// `DELETE /v1/services/{name}`: refused (409) while instances of it run.
 async fn delete_service(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    st.store.service(&name)?;
+    let ids = active_of(&st, &name, None);
+    if !ids.is_empty() {
+        return Err(still_running(format!("service '{name}'"), &ids));
+    }
     st.store.remove_service(&name)?;
     st.sup.drop_standbys(Some(&name)).await;
+    crate::audit::Audit::in_dir(st.store.root())
+        .record("service.deleted", json!({ "service": name }));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /v1/services/{name}` body: what to change.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EditService {
+    /// A new description.
+    pub description: Option<String>,
+    /// The version to make current (one of `GET /v1/services/{name}/versions`).
+    pub version: Option<u32>,
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], hint: &str) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            hint.to_string(),
+        )
+    })
+}
+
+/// `PUT /v1/services/{name}`: sets the description and/or the current version (a rollback
+/// or a switch to a version made earlier); the warm standby of the replaced version is
+/// discarded.
+async fn edit_service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ServiceView>> {
+    let req: EditService = json_body(
+        &body,
+        "send {\"description\": \"TEXT\"} and/or {\"version\": N}",
+    )?;
+    let mut rec = st.store.service(&name)?;
+    if let Some(d) = &req.description {
+        if d.len() > 1024 || d.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was changed",
+            ));
+        }
+    }
+    if let Some(v) = req.version {
+        st.store.version(&name, v)?;
+    }
+    if let Some(d) = &req.description {
+        rec = st.store.set_description(&name, d)?;
+    }
+    if let Some(v) = req.version.filter(|v| *v != rec.version) {
+        rec = st.store.set_current(&name, v)?;
+        st.sup.drop_standbys(Some(&name)).await;
+        crate::audit::Audit::in_dir(st.store.root()).record(
+            "service.version",
+            json!({ "service": name, "version": v }),
+        );
+    }
+    Ok(Json(service_view(&st, rec)))
+}
+
+/// A version of a service as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VersionView {
+    /// The version's record.
+    #[serde(flatten)]
+    pub record: crate::store::VersionRecord,
+    /// Whether starts synthesise it.
+    pub current: bool,
+    /// Instances of it holding a slot.
+    pub instances: usize,
+}
+
+/// `GET /v1/services/{name}/versions`: oldest first.
+async fn service_versions(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<VersionView>>> {
+    let cur = st.store.service(&name)?.version;
+    let v = st
+        .store
+        .versions(&name)?
+        .into_iter()
+        .map(|r| VersionView {
+            current: r.version == cur,
+            instances: active_of(&st, &name, Some(r.version)).len(),
+            record: r,
+        })
+        .collect();
+    Ok(Json(v))
+}
+
+fn parse_version(v: &str) -> ApiResult<u32> {
+    v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{v}' is not a version number"),
+            "versions are 1, 2, …: GET /v1/services/{name}/versions lists them",
+        )
+    })
+}
+
+/// `DELETE /v1/services/{name}/versions/{version}`: refused for the current version and
+/// while instances of it run.
+async fn delete_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let v = parse_version(&version)?;
+    st.store.version(&name, v)?;
+    let ids = active_of(&st, &name, Some(v));
+    if !ids.is_empty() {
+        return Err(still_running(format!("version {v} of '{name}'"), &ids));
+    }
+    st.store.remove_version(&name, v)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn download_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let v = parse_version(&version)?;
+    let r = st.store.version(&name, v)?;
+    stream_file(
+        st.store.overlay_path(&name, v),
+        &r.overlay_sha256,
+        &format!("{name}-v{v}.overlay"),
+    )
+    .await
+}
+
+async fn base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<BaseInfo>> {
+    Ok(Json(st.store.base(&name)?))
+}
+
+/// `PUT /v1/bases/{name}`: a tar (or tar.zst) of a base directory, unpacked under `tmp/`,
+/// its content id recomputed and checked against its manifest, then installed.
+async fn upload_base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<BaseInfo>)> {
+    crate::store::check_name(&name)?;
+    if st.store.base_dir(&name).exists() {
+        return Err(StoreError::Exists("base", name).into());
+    }
+    let (tmp, n) = receive_upload(&st, &headers, body, "base archive").await?;
+    let store = st.store.clone();
+    let (name2, tmp2) = (name.clone(), tmp.clone());
+    let unpacked = (st.board.memory_mib << 20).saturating_add(4 << 30);
+    let r = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&tmp2)
+            .map_err(|e| StoreError::Io("open", tmp2.clone(), e))?;
+        store.install_base_archive(&name2, f, unpacked)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let b = r?;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "base.imported",
+        json!({ "base": name, "id": b.id, "bytes": n }),
+    );
+    Ok((StatusCode::CREATED, Json(b)))
+}
+
+/// `DELETE /v1/bases/{name}`: refused while a service's version applies to it.
+async fn delete_base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.store.base(&name)?;
+    let ids: Vec<String> = st
+        .sup
+        .list()
+        .iter()
+        .filter(|i| i.info.base == name && i.info.state.active())
+        .map(|i| i.info.id.clone())
+        .collect();
+    if !ids.is_empty() {
+        return Err(still_running(format!("base '{name}'"), &ids));
+    }
+    let store = st.store.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || store.remove_base(&n))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))??;
+    crate::audit::Audit::in_dir(st.store.root()).record("base.deleted", json!({ "base": name }));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1056,28 +1352,27 @@ async fn download_overlay(
 ) -> ApiResult<Response> {
     let r = st.store.service(&name)?;
     stream_file(
-        st.store.overlay_path(&name),
+        st.store.overlay_path(&name, r.version),
         &r.overlay_sha256,
         &format!("{name}.overlay"),
     )
     .await
 }
 
-/// Streams the upload into `tmp/`, refusing more than the board's limit, then verifies and
-/// installs it (rename); nothing is installed on any failure.
-async fn upload_overlay(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
+/// Streams an upload into a fresh file under `tmp/`, refusing more than the board's limit
+/// (413); returns the file and its length. Nothing is left behind on any failure.
+async fn receive_upload(
+    st: &AppState,
+    headers: &HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<ServiceView>)> {
-    crate::store::check_name(&name)?;
+    what: &str,
+) -> ApiResult<(std::path::PathBuf, u64)> {
     let limit = st.board.max_upload_bytes;
     let too_big = |n: u64| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the overlay is {n} bytes or more; this board accepts at most {limit} bytes"),
-            "raise api.max_upload_mib in the board config, or make a smaller overlay; nothing was installed",
+            format!("the {what} is {n} bytes or more; this board accepts at most {limit} bytes"),
+            "raise api.max_upload_mib in the board config, or upload something smaller; nothing was installed",
         )
     };
     if let Some(n) = headers
@@ -1119,13 +1414,34 @@ async fn upload_overlay(
         Ok(n)
     }
     .await;
-    let n = match result {
-        Ok(n) => n,
+    match result {
+        Ok(0) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the {what} is empty"),
+                "send the file as the request body; nothing was installed",
+            ))
+        }
+        Ok(n) => Ok((tmp, n)),
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+            Err(e)
         }
-    };
+    }
+}
+
+/// Streams the upload into `tmp/`, refusing more than the board's limit, then verifies and
+/// installs it (rename) as the service's next version, made current; nothing is installed
+/// on any failure.
+async fn upload_overlay(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ServiceView>)> {
+    crate::store::check_name(&name)?;
+    let (tmp, n) = receive_upload(&st, &headers, body, "overlay").await?;
     let existed = st.store.service(&name).is_ok();
     let store = st.store.clone();
     let tmp2 = tmp.clone();
@@ -1136,7 +1452,14 @@ async fn upload_overlay(
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
     let _ = tokio::fs::remove_file(&tmp).await;
     let rec = installed?;
-    tracing::info!(service = %name, bytes = n, "overlay uploaded and installed");
+    tracing::info!(service = %name, version = rec.version, bytes = n, "overlay uploaded and installed");
+    // The standby of the version it replaces is never served (see Supervisor::take_standby);
+    // dropping it frees its slot now.
+    st.sup.drop_standbys(Some(&name)).await;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "service.imported",
+        json!({ "service": name, "version": rec.version, "bytes": n, "sha256": rec.overlay_sha256 }),
+    );
     let code = if existed {
         StatusCode::OK
     } else {
@@ -1156,12 +1479,140 @@ async fn app(
     Ok(Json(st.store.app(&name)?))
 }
 
+/// `GET /v1/apps/{name}/download` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadQuery {
+    /// The version to download (the newest when absent).
+    pub version: Option<String>,
+}
+
+fn query<T: for<'de> Deserialize<'de>>(raw: Option<String>, hint: &str) -> ApiResult<T> {
+    let raw = raw.unwrap_or_default();
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{raw}")
+            .parse()
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed query", hint.to_string()))?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed query: {}", e.body_text()),
+            hint.to_string(),
+        )
+    })
+}
+
+/// `GET /v1/apps/{name}/download[?version=V]`: the file, with its SHA-256 in `ETag` and
+/// `X-Content-Sha256`.
 async fn download_app(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Response> {
-    let a = st.store.app(&name)?;
+    let q: DownloadQuery = query(q, "?version=V (GET /v1/apps/{name}/versions lists them)")?;
+    let a = match q.version {
+        Some(v) => st.store.app_version(&name, &v)?,
+        None => st.store.app(&name)?,
+    };
     stream_file(st.store.app_file(&a), &a.sha256, &a.file).await
+}
+
+/// `GET /v1/apps/{name}/versions`: newest first.
+async fn app_versions(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<crate::store::AppRecord>>> {
+    Ok(Json(st.store.app_versions(&name)?))
+}
+
+/// `PUT /v1/apps/{name}/versions/{version}` query: what the file is.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AppUploadQuery {
+    /// The file's name as phones download it (`client.apk`).
+    pub file: String,
+    /// The platform it runs on (`android`, `ios`, `linux`, …; `any` when absent).
+    pub platform: Option<String>,
+    /// The service it offloads to (must be in the catalogue).
+    pub service: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// `PUT /v1/apps/{name}/versions/{version}?file=F[&platform=P&service=S&description=D]`:
+/// the body is the app's file; installs (or replaces) that version.
+async fn upload_app(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::store::AppRecord>)> {
+    let hint = "?file=NAME.apk&platform=android&service=SERVICE&description=TEXT";
+    let q: AppUploadQuery = query(q, hint)?;
+    crate::store::check_name(&name)?;
+    crate::store::check_name(&version)?;
+    let platform = q.platform.as_deref().unwrap_or("any");
+    crate::store::check_name(platform)?;
+    if let Some(s) = &q.service {
+        st.store.service(s)?;
+    }
+    let description = q.description.as_deref().unwrap_or("");
+    if description.len() > 1024 || description.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the description must be at most 1024 characters without control characters",
+            "shorten it; nothing was installed",
+        ));
+    }
+    crate::store::check_name(&q.file.to_ascii_lowercase())
+        .map_err(|_| StoreError::BadName(q.file.clone()))?;
+    let (tmp, n) = receive_upload(&st, &headers, body, "app").await?;
+    let store = st.store.clone();
+    let (tmp2, name2, version2, platform2) =
+        (tmp.clone(), name.clone(), version.clone(), platform.to_string());
+    let (file, service, description) = (q.file.clone(), q.service.clone(), description.to_string());
+    let r = tokio::task::spawn_blocking(move || {
+        store.install_app(
+            crate::store::AppUpload {
+                name: &name2,
+                version: &version2,
+                file_name: &file,
+                description: &description,
+                service: service.as_deref(),
+                platform: &platform2,
+            },
+            &tmp2,
+            false,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let a = r?;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "app.imported",
+        json!({ "app": name, "version": version, "bytes": n, "sha256": a.sha256 }),
+    );
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+async fn delete_app_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.store.remove_app_version(&name, &version)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_app(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.store.remove_app(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 impl From<DeviceError> for ApiError {
@@ -1826,7 +2277,7 @@ mod tests {
         st.peers.add("0123456789ab", "x", &peer).unwrap();
         let id = running(&st.sup);
         for (m, path, access) in &documented {
-            let p = path.replace("{name}", "model").replace(
+            let p = path.replace("{name}", "model").replace("{version}", "1").replace(
                 "{id}",
                 if path.contains("devices") {
                     "phone"

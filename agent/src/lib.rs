@@ -11,7 +11,8 @@
 //!   [`audit`]: the audit trail of pairings and revocations.
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
 //! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
-//!   [`guest`]: the service VM's framed TCP protocol.
+//!   [`guest`]: the service VM's framed TCP protocol; [`manage`]: the CLI's catalogue
+//!   commands (versions, uploads with progress, checked app downloads).
 //! - [`handoff`]: moving a running instance to another appliance (source and target
 //!   orchestration; the vmms stream the VM).
 //! - [`tls`]: the appliance certificate (HTTPS off loopback) and fingerprint pinning.
@@ -29,6 +30,7 @@ pub mod discovery;
 pub mod guest;
 pub mod handoff;
 pub mod http;
+pub mod manage;
 pub mod metrics;
 pub mod pairing;
 pub mod store;

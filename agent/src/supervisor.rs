@@ -187,6 +187,9 @@ pub struct Instance {
     /// None for instances received by handoff (the operator's).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The version of its service it was synthesised from (None: received by handoff).
+    #[serde(default)]
+    pub version: Option<u32>,
 }
 
 /// A handoff as the source shows it.
@@ -763,7 +766,9 @@ impl Supervisor {
         let tt = Instant::now();
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
-        let standby = self.take_standby(&svc.name, &svc.overlay_sha256).await;
+        let standby = self
+            .take_standby(&svc.name, svc.version, &svc.overlay_sha256)
+            .await;
         let mut rec = match &standby {
             Some(w) => {
                 let mut rec = w.rec.clone();
@@ -774,6 +779,7 @@ impl Supervisor {
             }
             None => self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?,
         };
+        rec.info.version = Some(svc.version);
         rec.info.owner = Some(owner.into());
         let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
@@ -794,11 +800,11 @@ impl Supervisor {
         self.notify();
         let started = match standby {
             Some(w) => self.hand_out_standby(w, tt),
-            None => self.launch(&id, &svc.name, &svc.base).await,
+            None => self.launch(&id, &svc.name, svc.version, &svc.base).await,
         };
         match started {
             Ok(rec) => {
-                self.refill(&svc.name, &svc.overlay_sha256, &svc.base, base.mem_mib);
+                self.refill(&svc, base.mem_mib);
                 Ok(rec)
             }
             Err(why) => {
@@ -817,9 +823,15 @@ impl Supervisor {
         }
     }
 
-    /// The standby of `service` when it was made from the overlay `sha256` (a stale one is
-    /// discarded in the background); one being made is awaited (it is ahead of a new spawn).
-    async fn take_standby(&self, service: &str, sha256: &str) -> Option<crate::warm::Standby> {
+    /// The standby of `service` when it was made from its version `version`, overlay `sha256`
+    /// (a stale one is discarded in the background); one being made is awaited (it is ahead
+    /// of a new spawn).
+    async fn take_standby(
+        &self,
+        service: &str,
+        version: u32,
+        sha256: &str,
+    ) -> Option<crate::warm::Standby> {
         let mut w = loop {
             let made = self.warm_made.notified();
             tokio::pin!(made);
@@ -849,7 +861,7 @@ impl Supervisor {
             tokio::spawn(crate::warm::discard(w));
             return None;
         }
-        if w.overlay_sha256 == sha256 {
+        if w.overlay_sha256 == sha256 && w.rec.info.version == Some(version) {
             return Some(w);
         }
         tracing::info!(service, "discarding a standby of a replaced overlay");
@@ -907,10 +919,11 @@ impl Supervisor {
         Ok(rec)
     }
 
-    /// In the background, makes a standby of `service` (overlay `sha256`, on `base`, `mem_mib`
-    /// of guest RAM) when standbys are on, it has none, and the board has room for it beside
+    /// In the background, makes a standby of service `svc` (its current version, `mem_mib` of
+    /// guest RAM) when standbys are on, it has none, and the board has room for it beside
     /// the instances.
-    fn refill(self: &Arc<Self>, service: &str, sha256: &str, base: &str, mem_mib: u64) {
+    fn refill(self: &Arc<Self>, svc: &crate::store::ServiceRecord, mem_mib: u64) {
+        let service = svc.name.as_str();
         if !self.cfg.warm || !matches!(self.cfg.network, NetworkMode::User) {
             return;
         }
@@ -927,22 +940,23 @@ impl Supervisor {
             }
         }
         let me = Arc::clone(self);
-        let (service, sha256, base) = (service.to_string(), sha256.to_string(), base.to_string());
+        let svc = svc.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.ensure_ram_image(&service, &sha256, &base).await {
+            let service = svc.name.as_str();
+            if let Err(e) = me.ensure_ram_image(&svc).await {
                 tracing::warn!(
                     service,
                     "no shared RAM image (instances then apply the overlay each): {e}"
                 );
             }
-            let made = match me.make_standby(&service, &sha256, &base, mem_mib).await {
+            let made = match me.make_standby(&svc, mem_mib).await {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(service, "no warm standby: {e}");
                     None
                 }
             };
-            let unwanted = me.warm.lock().expect("warm pool").end(&service, made);
+            let unwanted = me.warm.lock().expect("warm pool").end(service, made);
             if let Some(w) = unwanted {
                 crate::warm::discard(w).await;
             }
@@ -950,18 +964,14 @@ impl Supervisor {
         });
     }
 
-    /// Runs `vmm ram-image` for `service` (overlay `sha256`) on `base`: writes the service's
-    /// shared RAM image (`format::ram_image`) unless the one there is up to date. Instances
-    /// synthesised afterwards map it copy-on-write and share its pages. Once done for an
-    /// overlay file (its checksum, inode and change time: a file rewritten even with the same
-    /// bytes voids its image), later standbys of it skip the run.
-    async fn ensure_ram_image(
-        &self,
-        service: &str,
-        sha256: &str,
-        base: &str,
-    ) -> Result<(), String> {
-        let overlay = self.store.overlay_path(service);
+    /// Runs `vmm ram-image` for the current version of service `svc`: writes its shared RAM
+    /// image (`format::ram_image`, beside the version's overlay) unless the one there is up
+    /// to date. Instances synthesised afterwards map it copy-on-write and share its pages.
+    /// Once done for an overlay file (its checksum, inode and change time: a file rewritten
+    /// even with the same bytes voids its image), later standbys of it skip the run.
+    async fn ensure_ram_image(&self, svc: &crate::store::ServiceRecord) -> Result<(), String> {
+        let (service, sha256, base) = (svc.name.as_str(), &svc.overlay_sha256, &svc.base);
+        let overlay = self.store.overlay_path(service, svc.version);
         let key = {
             use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(&overlay).map_err(|e| format!("no overlay: {e}"))?;
@@ -996,18 +1006,18 @@ impl Supervisor {
     /// verified `health`; the guest then idles until a start takes it.
     async fn make_standby(
         &self,
-        service: &str,
-        sha256: &str,
-        base: &str,
+        svc: &crate::store::ServiceRecord,
         mem_mib: u64,
     ) -> Result<crate::warm::Standby, String> {
-        let rec = self
+        let (service, sha256, base) = (svc.name.as_str(), &svc.overlay_sha256, &svc.base);
+        let mut rec = self
             .new_record(service, base, mem_mib, State::Starting)
             .map_err(|e| error_chain(&e))?;
+        rec.info.version = Some(svc.version);
         let dir = self.store.instances_dir().join(&rec.info.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let args = self.synthesize_args(service, base);
+        let args = self.synthesize_args(service, svc.version, base);
         let made = async {
             let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
             if let Some(pid) = child.id() {
@@ -1153,6 +1163,7 @@ impl Supervisor {
                 received_from: None,
                 warm_start: false,
                 owner: None,
+                version: None,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -1523,14 +1534,15 @@ impl Supervisor {
         Ok((child, report, t0))
     }
 
-    /// The arguments of `vmm synthesize` for an instance of `service` on `base`.
-    fn synthesize_args(&self, service: &str, base: &str) -> Vec<std::ffi::OsString> {
+    /// The arguments of `vmm synthesize` for an instance of version `version` of `service`
+    /// on `base`.
+    fn synthesize_args(&self, service: &str, version: u32, base: &str) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec![
             "synthesize".into(),
             "--base".into(),
             self.store.base_dir(base).into(),
             "--overlay".into(),
-            self.store.overlay_path(service).into(),
+            self.store.overlay_path(service, version).into(),
         ];
         args.extend(self.net_args().into_iter().map(Into::into));
         args
@@ -1542,10 +1554,11 @@ impl Supervisor {
         self: &Arc<Self>,
         id: &str,
         service: &str,
+        version: u32,
         base: &str,
     ) -> Result<InstanceRecord, StartError> {
         let rec = self.get(id).ok_or(StartError::Vanished)?;
-        let args = self.synthesize_args(service, base);
+        let args = self.synthesize_args(service, version, base);
         let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
         let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
         let ready = self

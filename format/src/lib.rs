@@ -14,6 +14,8 @@
 //! - [`ram_image`]: a service's RAM image (base + overlay, made once, shared copy-on-write by
 //!   its instances) and the id saying what it was made from;
 //! - [`pairing`]: the messages a phone and the appliance exchange to pair (USB or claim code);
+//! - [`progress`]: the progress stream of a long build (`image-builder overlay --progress
+//!   json`), read by the agent instead of logs;
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -28,6 +30,7 @@ pub mod handoff;
 pub mod mapped;
 pub mod overlay;
 pub mod pairing;
+pub mod progress;
 pub mod ram_image;
 pub mod sources;
 pub mod state;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use format::overlay::{BuildOptions, Overlay};
+use format::progress::Step;
 use image_builder::{base, overlay};
 
 /// Build cloudlet base images and application overlays.
@@ -89,6 +90,11 @@ enum Command {
         /// Pages per compressed chunk (1-1024).
         #[arg(long, default_value_t = BuildOptions::default().chunk_pages)]
         chunk_pages: u64,
+        /// `json`: print the steps of a --script build on stdout as they happen, one JSON
+        /// object per line (`format::progress`), ending with `done` or `failed`, instead of
+        /// the summary line.
+        #[arg(long, value_parser = ["json"])]
+        progress: Option<String>,
     },
     /// Recompute a base's content id and compare it with its manifest.
     Verify {
@@ -168,7 +174,15 @@ fn run(cmd: Command) -> Result<()> {
             out,
             level,
             chunk_pages,
+            progress,
         } => {
+            let json = progress.is_some();
+            let emit = |s: Step| {
+                use std::io::Write;
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(s.to_line().as_bytes());
+                let _ = o.flush();
+            };
             let t0 = std::time::Instant::now();
             let opts = BuildOptions {
                 level,
@@ -187,22 +201,44 @@ fn run(cmd: Command) -> Result<()> {
                             tmp.clone()
                         }
                     };
-                    let r = overlay::from_script(
+                    let r = overlay::from_script_reporting(
                         &base,
                         &script,
                         &snap,
                         &out,
                         opts,
                         Duration::from_secs(120),
+                        &mut |s| {
+                            if json {
+                                emit(s)
+                            }
+                        },
                     );
                     if keep_snapshot.is_none() {
                         let _ = std::fs::remove_dir_all(&snap);
                     }
-                    r?
+                    match r {
+                        Ok(s) => s,
+                        Err(e) if json => {
+                            let _ = std::fs::remove_file(&out);
+                            emit(Step::Failed {
+                                error: format!("{e:#}"),
+                            });
+                            return Err(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 (None, None) => unreachable!("clap requires --from or --script"),
             };
             let size = std::fs::metadata(&out)?.len();
+            if json {
+                emit(Step::Done {
+                    bytes: size,
+                    pages: stats.data,
+                });
+                return Ok(());
+            }
             println!(
                 "overlay {}: {:.2} MiB; pages: {} same, {} zero, {} base-dedup, {} self-dedup, {} data ({:.2} MiB); disk δ: {} blocks; {:.2} MiB compressed; built in {:.0} ms",
                 out.display(),

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use format::base::Manifest;
 use format::mapped::Mapped;
 use format::overlay::{self, BuildOptions, Stats};
+use format::progress::Step;
 use vmm::builder::{build_from_snapshot, RestoreConfig};
 use vmm::config::SerialOutput;
 
@@ -89,7 +90,21 @@ pub fn from_script(
     opts: BuildOptions,
     timeout: Duration,
 ) -> Result<Stats> {
+    from_script_reporting(base, script, snapshot_dir, out, opts, timeout, &mut |_| {})
+}
+
+/// As [`from_script`], telling `report` each step as it starts (`format::progress`).
+pub fn from_script_reporting(
+    base: &Path,
+    script: &str,
+    snapshot_dir: &Path,
+    out: &Path,
+    opts: BuildOptions,
+    timeout: Duration,
+    report: &mut dyn FnMut(Step),
+) -> Result<Stats> {
     let manifest = Manifest::load(base)?;
+    report(Step::Restore);
     std::fs::create_dir_all(snapshot_dir)?;
     let log = snapshot_dir.join("console.log");
     let machine = build_from_snapshot(&RestoreConfig {
@@ -102,14 +117,27 @@ pub fn from_script(
     })
     .context("failed to restore the base")?;
     let mut console = Console::new(&log);
-    for cmd in script.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+    let cmds: Vec<&str> = script
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    for (i, cmd) in cmds.iter().enumerate() {
         let line = cmd.replace(':', " ");
         let reply = console.command(&machine, &line, timeout)?;
         tracing::info!(%line, %reply, "customising");
+        report(Step::Command {
+            index: i as u32 + 1,
+            total: cmds.len() as u32,
+            line,
+            reply,
+        });
     }
+    report(Step::Snapshot);
     machine
         .snapshot(snapshot_dir)
         .context("failed to snapshot the customised guest")?;
     drop(machine);
+    report(Step::Diff);
     from_snapshot(base, snapshot_dir, out, opts)
 }

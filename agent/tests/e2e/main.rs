@@ -3,6 +3,7 @@
 
 mod api;
 mod browser;
+mod catalogue;
 mod common;
 mod discovery;
 mod handoff;
