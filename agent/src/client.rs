@@ -530,7 +530,11 @@ impl Client {
         name: &str,
         file: &std::path::Path,
     ) -> Result<ServiceView, ClientError> {
-        self.upload(&format!("/v1/services/{name}/overlay"), file, &mut |_, _| {})
+        self.upload(
+            &format!("/v1/services/{name}/overlay"),
+            file,
+            &mut |_, _| {},
+        )
     }
 
     /// `PUT path` with the file `file` as the body (streamed), calling `progress(sent,
@@ -554,10 +558,13 @@ impl Client {
             total,
             report: progress,
         };
+        // A stated length (not chunks): an agent refusing the upload before reading it
+        // (401, 413) then answers a client that can read its answer.
         let mut req = self
             .agent
             .put(&url)
-            .header("Content-Type", "application/octet-stream");
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Length", total.to_string());
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }

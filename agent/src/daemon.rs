@@ -134,6 +134,8 @@ pub struct Options {
     pub board: Board,
     /// The `vmm` binary.
     pub vmm: PathBuf,
+    /// The `image-builder` binary (builds of service versions, `crate::jobs`).
+    pub image_builder: PathBuf,
     /// Stop every instance when the agent exits (otherwise they are re-adopted later).
     pub stop_on_exit: bool,
     /// Keep a warm standby per started service (`crate::warm`).
@@ -172,10 +174,19 @@ pub fn pairing_urls(listen: &[std::net::IpAddr], port: u16) -> Vec<String> {
 
 /// The default vmm: next to this executable.
 pub fn default_vmm() -> PathBuf {
+    beside_exe("vmm")
+}
+
+/// The default image-builder: next to this executable.
+pub fn default_image_builder() -> PathBuf {
+    beside_exe("image-builder")
+}
+
+fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("vmm")))
-        .unwrap_or_else(|| PathBuf::from("vmm"))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The TXT record of the current state (see crate::discovery).
@@ -251,6 +262,7 @@ pub async fn run(opts: Options) -> Result<()> {
         );
     }
     sup.recover().await;
+    let sampler = tokio::spawn(crate::history::sampler(sup.clone()));
     let (token, from) = operator_token(
         std::env::var(TOKEN_ENV).ok(),
         opts.token_file.as_deref(),
@@ -307,6 +319,7 @@ pub async fn run(opts: Options) -> Result<()> {
         store: store.clone(),
         sup: sup.clone(),
         metrics,
+        jobs: crate::jobs::Jobs::new(opts.image_builder.clone(), store.clone()),
         creds,
         peers,
         devices,
@@ -395,6 +408,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let usb = crate::pairing::usb::start_watcher(pairing.clone(), usb_stop.clone());
 
     shutdown_signal().await;
+    sampler.abort();
     let _ = stop_tx.send(true);
     usb_stop.store(true, Ordering::Release);
     if let Some(d) = discovery {

@@ -146,6 +146,8 @@ fn routes() -> Routes {
     }
     .add("GET", "/", Open, index)
     .add("GET", "/metrics", Operator, metrics)
+    .add("GET", "/v1/metrics/history", Operator, history)
+    .add("GET", "/v1/events", Operator, events)
     .add("GET", "/v1/openapi.json", Open, openapi)
     .add("GET", "/v1/system", Open, system)
     .add("GET", "/v1/bases", Client, bases)
@@ -162,6 +164,9 @@ fn routes() -> Routes {
         Operator,
         service_versions,
     )
+    .add("POST", "/v1/services/{name}/build", Operator, build_service)
+    .add("GET", "/v1/jobs", Operator, jobs)
+    .add("GET", "/v1/jobs/{id}", Operator, job)
     .add(
         "DELETE",
         "/v1/services/{name}/versions/{version}",
@@ -191,6 +196,7 @@ fn routes() -> Routes {
     .add("GET", "/v1/instances/{id}", Client, instance)
     .add("DELETE", "/v1/instances/{id}", Client, delete_instance)
     .add("POST", "/v1/instances/{id}/stop", Client, stop_instance)
+    .add("GET", "/v1/instances/{id}/console", Client, console)
     .add(
         "POST",
         "/v1/instances/{id}/handoff",
@@ -248,6 +254,8 @@ pub struct AppState {
     pub sup: Arc<Supervisor>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Builds of service versions.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Who may call what.
     pub creds: Credentials,
     /// The appliances trusted for handoff.
@@ -707,6 +715,138 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// `GET /v1/metrics/history`: the last hour of samples.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HistoryView {
+    /// Seconds between samples.
+    pub interval_s: u64,
+    /// Oldest first; the last one is the window so far (now).
+    pub samples: Vec<crate::history::Sample>,
+}
+
+async fn history(State(st): State<Arc<AppState>>) -> Json<HistoryView> {
+    let g = crate::history::gauges(&st.sup);
+    Json(HistoryView {
+        interval_s: crate::history::INTERVAL.as_secs(),
+        samples: st.metrics.history(g),
+    })
+}
+
+/// `GET /v1/events` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// At most this many, newest first (1 ..= 1000, default 200).
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/events`: the audit log's events, newest first (starts, stops, failures with
+/// their reason, imports, pairings, revocations).
+async fn events(
+    State(st): State<Arc<AppState>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    let q: EventsQuery = query(q, "?limit=N (1 to 1000)")?;
+    let limit = q.limit.unwrap_or(200).clamp(1, 1000);
+    let audit = crate::audit::Audit::in_dir(st.store.root());
+    let mut v = tokio::task::spawn_blocking(move || audit.events())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    v.reverse();
+    v.truncate(limit);
+    Ok(Json(v))
+}
+
+/// `GET /v1/instances/{id}/console` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQuery {
+    /// Byte offset to read from (the `X-Console-Offset` of the previous answer); absent: the
+    /// last 16 KiB.
+    pub offset: Option<u64>,
+    /// When nothing is past `offset` yet, wait up to this long for more, ms (≤ 25000).
+    pub wait_ms: Option<u64>,
+}
+
+/// Bytes of console log one answer carries at most.
+const CONSOLE_CHUNK: u64 = 64 << 10;
+
+/// `GET /v1/instances/{id}/console`: the instance's serial console log from `offset` (a
+/// long poll: with `wait_ms`, an answer waits until there is more, the instance ends, or
+/// the time is up). `X-Console-Offset` says where the next read starts.
+async fn console(
+    State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    let q: ConsoleQuery = query(q, "?offset=N&wait_ms=M")?;
+    let r = owned(&st, &who, &id)?;
+    let path = r.serial_log.clone();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let deadline =
+        Instant::now() + std::time::Duration::from_millis(q.wait_ms.unwrap_or(0).min(25_000));
+    let mut len = size(&path);
+    let from = match q.offset {
+        Some(o) => o.min(len),
+        None => len.saturating_sub(16 << 10),
+    };
+    while len <= from && Instant::now() < deadline {
+        let live = st.sup.get(&id).is_some_and(|r| r.info.state.active());
+        if !live {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        len = size(&path);
+    }
+    let take = len.saturating_sub(from).min(CONSOLE_CHUNK);
+    let bytes = if take == 0 {
+        Vec::new()
+    } else {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot open the console log of {id}: {e}"),
+                "see the agent's log",
+            )
+        })?;
+        let mut buf = vec![0u8; take as usize];
+        let ok = async {
+            f.seek(std::io::SeekFrom::Start(from)).await?;
+            f.read_exact(&mut buf).await
+        }
+        .await;
+        ok.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the console log of {id}: {e}"),
+                "see the agent's log",
+            )
+        })?;
+        buf
+    };
+    let live = st.sup.get(&id).is_some_and(|r| r.info.state.active());
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-console-offset"),
+                (from + take).to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-console-live"),
+                live.to_string(),
+            ),
+        ],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response())
+}
+
 /// `GET /v1/system`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SystemInfo {
@@ -938,12 +1078,115 @@ async fn edit_service(
     if let Some(v) = req.version.filter(|v| *v != rec.version) {
         rec = st.store.set_current(&name, v)?;
         st.sup.drop_standbys(Some(&name)).await;
-        crate::audit::Audit::in_dir(st.store.root()).record(
-            "service.version",
-            json!({ "service": name, "version": v }),
-        );
+        crate::audit::Audit::in_dir(st.store.root())
+            .record("service.version", json!({ "service": name, "version": v }));
     }
     Ok(Json(service_view(&st, rec)))
+}
+
+/// `POST /v1/services/{name}/build` body.
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// The base to customise (a new service needs one; an edited service's current version's
+    /// base by default).
+    pub base: Option<String>,
+    /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`).
+    pub script: String,
+    /// Description.
+    pub description: Option<String>,
+}
+
+/// `POST /v1/services/{name}/build`: customises a base on the appliance into a new service
+/// (or the next version of one) in the background; 202 with the job to follow (`GET
+/// /v1/jobs/{id}`). The new version becomes current only once built and verified; a failed
+/// build leaves the catalogue as it was.
+async fn build_service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::jobs::Job>)> {
+    let req: BuildRequest = json_body(
+        &body,
+        "send {\"base\": \"BASE\", \"script\": \"load:16\", \"description\": \"TEXT\"}",
+    )?;
+    crate::store::check_name(&name)?;
+    let script = req.script.trim();
+    if script.is_empty()
+        || script.len() > 4096
+        || !script.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the script must be 1-4096 printable ASCII characters",
+            "console commands separated by ',', with ':' between a command's words (load:16,put:7:42)",
+        ));
+    }
+    if let Some(d) = &req.description {
+        if d.len() > 1024 || d.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was started",
+            ));
+        }
+    }
+    let existing = match st.store.service(&name) {
+        Ok(s) => Some(s),
+        Err(StoreError::NoService(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let base = match (&req.base, &existing) {
+        (Some(b), _) => b.clone(),
+        (None, Some(s)) => s.base.clone(),
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("service '{name}' is new: name the base to customise"),
+                "send {\"base\": \"BASE\", ...}; GET /v1/bases lists them",
+            ))
+        }
+    };
+    st.store.base(&base)?;
+    let spec = crate::jobs::BuildSpec {
+        service: name.clone(),
+        base,
+        script: script.to_string(),
+        description: req.description.clone(),
+        edit: existing.is_some(),
+    };
+    match st.jobs.start(spec) {
+        Ok(j) => Ok((StatusCode::ACCEPTED, Json(j))),
+        Err(running) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("service '{name}' is being built already (job {running})"),
+            format!("follow it: GET /v1/jobs/{running}"),
+        )),
+    }
+}
+
+async fn jobs(State(st): State<Arc<AppState>>) -> Json<Vec<crate::jobs::Job>> {
+    Json(st.jobs.list())
+}
+
+async fn job(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{}' is not a job id", id.escape_debug()),
+            "job ids look like j-0123abcd",
+        ));
+    }
+    st.jobs.get(&id).map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job '{id}'"),
+            "GET /v1/jobs lists the builds",
+        )
+    })
 }
 
 /// A version of a service as the API shows it.
@@ -1041,8 +1284,7 @@ async fn upload_base(
     let (name2, tmp2) = (name.clone(), tmp.clone());
     let unpacked = (st.board.memory_mib << 20).saturating_add(4 << 30);
     let r = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&tmp2)
-            .map_err(|e| StoreError::Io("open", tmp2.clone(), e))?;
+        let f = std::fs::File::open(&tmp2).map_err(|e| StoreError::Io("open", tmp2.clone(), e))?;
         store.install_base_archive(&name2, f, unpacked)
     })
     .await
@@ -1490,9 +1732,9 @@ pub struct DownloadQuery {
 fn query<T: for<'de> Deserialize<'de>>(raw: Option<String>, hint: &str) -> ApiResult<T> {
     let raw = raw.unwrap_or_default();
     axum::extract::Query::<T>::try_from_uri(
-        &format!("/?{raw}")
-            .parse()
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed query", hint.to_string()))?,
+        &format!("/?{raw}").parse().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed query", hint.to_string())
+        })?,
     )
     .map(|q| q.0)
     .map_err(|e| {
@@ -1571,8 +1813,12 @@ async fn upload_app(
         .map_err(|_| StoreError::BadName(q.file.clone()))?;
     let (tmp, n) = receive_upload(&st, &headers, body, "app").await?;
     let store = st.store.clone();
-    let (tmp2, name2, version2, platform2) =
-        (tmp.clone(), name.clone(), version.clone(), platform.to_string());
+    let (tmp2, name2, version2, platform2) = (
+        tmp.clone(),
+        name.clone(),
+        version.clone(),
+        platform.to_string(),
+    );
     let (file, service, description) = (q.file.clone(), q.service.clone(), description.to_string());
     let r = tokio::task::spawn_blocking(move || {
         store.install_app(
@@ -1692,6 +1938,7 @@ mod tests {
         let devices = DeviceStore::in_dir(store.root());
         let st = Arc::new(AppState {
             board: Board::shipped("dev").unwrap(),
+            jobs: crate::jobs::Jobs::new("/nonexistent/image-builder".into(), store.clone()),
             store,
             metrics: sup.metrics(),
             sup,
@@ -2277,14 +2524,17 @@ mod tests {
         st.peers.add("0123456789ab", "x", &peer).unwrap();
         let id = running(&st.sup);
         for (m, path, access) in &documented {
-            let p = path.replace("{name}", "model").replace("{version}", "1").replace(
-                "{id}",
-                if path.contains("devices") {
-                    "phone"
-                } else {
-                    &id
-                },
-            );
+            let p = path
+                .replace("{name}", "model")
+                .replace("{version}", "1")
+                .replace(
+                    "{id}",
+                    if path.contains("devices") {
+                        "phone"
+                    } else {
+                        &id
+                    },
+                );
             let p = if p == "/v1/appliances" {
                 "/v1/appliances?window_ms=100".into()
             } else {

@@ -51,6 +51,22 @@ pub enum CatalogueCmd {
         #[arg(long)]
         version: Option<u32>,
     },
+    /// Build a service (or the next version of one) on the appliance (operator): customise a
+    /// base with a script of console commands; follows the build's progress, and the new
+    /// version becomes current once verified.
+    BuildService {
+        /// Service name.
+        service: String,
+        /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`).
+        #[arg(long)]
+        script: String,
+        /// The base to customise (a new service needs one).
+        #[arg(long)]
+        base: Option<String>,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+    },
     /// Upload a base directory (made by `image-builder base`) as base NAME (operator): packed
     /// as tar.zst, uploaded, verified by the appliance (content id) before it is installed.
     UploadBase {
@@ -168,7 +184,8 @@ impl ProgressLine {
 pub fn pack_base(dir: &Path, out: &Path) -> Result<()> {
     format::base::Manifest::load(dir)
         .with_context(|| format!("{} is not a base directory", dir.display()))?;
-    let f = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let f =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let z = zstd::stream::write::Encoder::new(f, 3)?;
     let mut b = tar::Builder::new(z);
     for name in crate::store::BASE_FILES {
@@ -268,7 +285,10 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
             if json_out {
                 return print(&s);
             }
-            println!("service {} is at version {}: {}", s.name, s.version, s.description);
+            println!(
+                "service {} is at version {}: {}",
+                s.name, s.version, s.description
+            );
         }
         CatalogueCmd::DeleteService { service, version } => {
             match version {
@@ -276,6 +296,57 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
                 None => c.delete_path(&format!("/v1/services/{service}"))?,
             }
             println!("deleted");
+        }
+        CatalogueCmd::BuildService {
+            service,
+            script,
+            base,
+            description,
+        } => {
+            let mut j: crate::jobs::Job = c.send_json(
+                "POST",
+                &format!("/v1/services/{service}/build"),
+                &json!({"base": base, "script": script, "description": description}),
+            )?;
+            let mut last = String::new();
+            loop {
+                let line = format!(
+                    "{}: {} {:>3}% ({}/{} commands){}",
+                    j.id,
+                    j.step,
+                    j.percent,
+                    j.commands_done,
+                    j.commands_total,
+                    j.replies
+                        .last()
+                        .map(|r| format!("  {r}"))
+                        .unwrap_or_default()
+                );
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if j.state != "running" {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                j = c.get_json(&format!("/v1/jobs/{}", j.id))?;
+            }
+            if json_out {
+                return print(&j);
+            }
+            match (j.state.as_str(), j.version) {
+                ("done", Some(v)) => println!(
+                    "service {} version {v} built in {:.0} ms and made current",
+                    j.service,
+                    j.took_ms.unwrap_or(0.0)
+                ),
+                _ => bail!(
+                    "the build of {} failed: {}",
+                    j.service,
+                    j.error.unwrap_or_default()
+                ),
+            }
         }
         CatalogueCmd::UploadBase { name, dir } => {
             let tmp = std::env::temp_dir().join(format!(
@@ -287,18 +358,21 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
             let packed = pack_base(dir, &tmp);
             let r = packed.and_then(|()| {
                 let mut p = ProgressLine::new(&format!("uploading base {name}"));
-                Ok(c.upload::<BaseInfo>(
-                    &format!("/v1/bases/{name}"),
-                    &tmp,
-                    &mut |a, b| p.update(a, b),
-                )?)
+                Ok(
+                    c.upload::<BaseInfo>(&format!("/v1/bases/{name}"), &tmp, &mut |a, b| {
+                        p.update(a, b)
+                    })?,
+                )
             });
             let _ = std::fs::remove_file(&tmp);
             let b = r?;
             if json_out {
                 return print(&b);
             }
-            println!("base {} installed: id {}, {} MiB RAM", b.name, b.id, b.mem_mib);
+            println!(
+                "base {} installed: id {}, {} MiB RAM",
+                b.name, b.id, b.mem_mib
+            );
         }
         CatalogueCmd::DeleteBase { name } => {
             c.delete_path(&format!("/v1/bases/{name}"))?;

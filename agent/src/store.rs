@@ -424,11 +424,7 @@ impl Store {
                 installed_unix: rec.installed_unix,
                 note: "uploaded".into(),
             };
-            io(
-                "write",
-                &vdir,
-                fs::write(vdir.join(VERSION_FILE), json(&v)),
-            )?;
+            io("write", &vdir, fs::write(vdir.join(VERSION_FILE), json(&v)))?;
             io("move", &old, fs::rename(&old, vdir.join(OVERLAY_FILE)))?;
             for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let n = e.file_name();
@@ -595,8 +591,8 @@ impl Store {
     pub fn version(&self, name: &str, version: u32) -> Result<VersionRecord, StoreError> {
         self.service(name)?;
         let p = self.version_dir(name, version).join(VERSION_FILE);
-        let text = fs::read_to_string(&p)
-            .map_err(|_| StoreError::NoVersion(name.into(), version))?;
+        let text =
+            fs::read_to_string(&p).map_err(|_| StoreError::NoVersion(name.into(), version))?;
         serde_json::from_str(&text).map_err(|e| StoreError::Damaged(p, e))
     }
 
@@ -863,7 +859,10 @@ impl Store {
             )));
         }
         if self.bases().iter().any(|b| b.id == id) {
-            tracing::info!(id, "a base with the same content is staged under another name");
+            tracing::info!(
+                id,
+                "a base with the same content is staged under another name"
+            );
         }
         Ok(())
     }
@@ -985,7 +984,10 @@ impl Store {
         };
         let description = match description {
             Some(d) => d.to_string(),
-            None => old.as_ref().map(|s| s.description.clone()).unwrap_or_default(),
+            None => old
+                .as_ref()
+                .map(|s| s.description.clone())
+                .unwrap_or_default(),
         };
         let rec = match (&old, current) {
             (Some(o), false) => ServiceRecord {
@@ -1027,11 +1029,7 @@ impl Store {
             io("install", &dst, fs::rename(&tmp, &dst))?;
             write_atomic(&self.service_dir(name).join(SERVICE_FILE), &json(&rec))?;
         } else {
-            io(
-                "write",
-                &tmp,
-                fs::write(tmp.join(SERVICE_FILE), json(&rec)),
-            )?;
+            io("write", &tmp, fs::write(tmp.join(SERVICE_FILE), json(&rec)))?;
             let dst = self.service_dir(name);
             io("install", &dst, fs::rename(&tmp, &dst))?;
         }

@@ -47,6 +47,7 @@ use format::control::{
     Report,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -731,6 +732,11 @@ impl Supervisor {
         }
     }
 
+    /// Records `event` with `fields` in the data directory's audit log (the events list).
+    fn event(&self, event: &str, fields: serde_json::Value) {
+        crate::audit::Audit::in_dir(self.store.root()).record(event, fields);
+    }
+
     /// Records that the vmm of `id` ended.
     fn finished(&self, id: &str, how: String) {
         let rec = self.update(id, |e| {
@@ -747,10 +753,21 @@ impl Supervisor {
             e.rec.info.exit = Some(how);
         });
         if let Some(r) = rec {
-            if r.info.state == State::Failed {
-                tracing::warn!(instance = %id, exit = ?r.info.exit, "instance failed; log: {}", r.vmm_log.display());
+            let i = &r.info;
+            if i.state == State::Failed {
+                tracing::warn!(instance = %id, exit = ?i.exit, "instance failed; log: {}", r.vmm_log.display());
+                self.event(
+                    "instance.failed",
+                    json!({"instance": id, "service": i.service, "reason": i.error, "exit": i.exit}),
+                );
             } else {
                 tracing::info!(instance = %id, "instance stopped");
+                if i.state == State::Stopped {
+                    self.event(
+                        "instance.stopped",
+                        json!({"instance": id, "service": i.service, "exit": i.exit}),
+                    );
+                }
             }
         }
     }
@@ -805,6 +822,13 @@ impl Supervisor {
         match started {
             Ok(rec) => {
                 self.refill(&svc, base.mem_mib);
+                let me = Arc::clone(self);
+                let ev = json!({
+                    "instance": id, "service": svc.name, "version": svc.version,
+                    "by": owner, "warm": rec.info.warm_start,
+                    "start_ms": (tt.elapsed().as_secs_f64() * 1e5).round() / 100.0,
+                });
+                tokio::task::spawn_blocking(move || me.event("instance.started", ev));
                 Ok(rec)
             }
             Err(why) => {
@@ -818,6 +842,11 @@ impl Supervisor {
                     e.rec.info.pid = None;
                 });
                 tracing::warn!(instance = %id, "start failed: {msg}");
+                self.event(
+                    "instance.failed",
+                    json!({"instance": id, "service": svc.name, "version": svc.version,
+                           "reason": crate::store::hide_paths(&msg)}),
+                );
                 Err(SupervisorError::StartFailed { id, why })
             }
         }

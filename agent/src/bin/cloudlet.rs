@@ -34,6 +34,7 @@ use clap::{Parser, Subcommand};
 ///   cloudlet upload-overlay model app.overlay --agent …   # the next version of `model`
 ///   cloudlet versions model --agent …; cloudlet edit-service model --version 1 --agent …
 ///   cloudlet upload-base micro ./base --agent …           # tar.zst, verified before install
+///   cloudlet build-service kv --base micro --script load:16,put:7:42 --agent …   # built there
 ///   cloudlet upload-app model-client client.apk --version 1.1 --platform android --service model
 ///   cloudlet download-app model-client --agent …          # checked against its SHA-256
 ///

@@ -134,22 +134,79 @@ fn service_versions_and_the_refusal_to_delete_what_runs() {
     // Bad input: a clear error, nothing changed.
     let before_bad = catalogue(&c);
     for (m, p, body, code, needle) in [
-        ("PUT", "/v1/services/nope", r#"{"version":1}"#, 404, "no service named 'nope'"),
-        ("PUT", "/v1/services/model", r#"{"version":9}"#, 404, "has no version 9"),
-        ("PUT", "/v1/services/model", r#"{"bogus":1}"#, 400, "unknown field"),
-        ("PUT", "/v1/services/model", "not json", 400, "malformed JSON"),
-        ("DELETE", "/v1/services/model/versions/x", "", 400, "not a version number"),
-        ("DELETE", "/v1/services/model/versions/7", "", 404, "has no version 7"),
-        ("GET", "/v1/services/nope/versions", "", 404, "no service named 'nope'"),
-        ("GET", "/v1/services/Bad%20Name/versions", "", 400, "not a valid name"),
-        ("PUT", "/v1/services/model/overlay", "not an overlay", 422, "not usable"),
+        (
+            "PUT",
+            "/v1/services/nope",
+            r#"{"version":1}"#,
+            404,
+            "no service named 'nope'",
+        ),
+        (
+            "PUT",
+            "/v1/services/model",
+            r#"{"version":9}"#,
+            404,
+            "has no version 9",
+        ),
+        (
+            "PUT",
+            "/v1/services/model",
+            r#"{"bogus":1}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "PUT",
+            "/v1/services/model",
+            "not json",
+            400,
+            "malformed JSON",
+        ),
+        (
+            "DELETE",
+            "/v1/services/model/versions/x",
+            "",
+            400,
+            "not a version number",
+        ),
+        (
+            "DELETE",
+            "/v1/services/model/versions/7",
+            "",
+            404,
+            "has no version 7",
+        ),
+        (
+            "GET",
+            "/v1/services/nope/versions",
+            "",
+            404,
+            "no service named 'nope'",
+        ),
+        (
+            "GET",
+            "/v1/services/Bad%20Name/versions",
+            "",
+            400,
+            "not a valid name",
+        ),
+        (
+            "PUT",
+            "/v1/services/model/overlay",
+            "not an overlay",
+            422,
+            "not usable",
+        ),
         ("PUT", "/v1/services/model/overlay", "", 400, "empty"),
     ] {
         let r = c
             .raw(m, p, (!body.is_empty()).then_some(body.as_bytes()), true)
             .unwrap();
         says(&r, code, needle);
-        assert!(r.json()["hint"].as_str().is_some_and(|h| !h.is_empty()), "{r:?}");
+        assert!(
+            r.json()["hint"].as_str().is_some_and(|h| !h.is_empty()),
+            "{r:?}"
+        );
     }
     let big = oversized(&a, "/v1/services/model/overlay");
     assert!(big.starts_with("HTTP/1.1 413"), "{big}");
@@ -196,7 +253,11 @@ fn bases_are_uploaded_verified_and_removed() {
     assert_eq!(b.id, micro.id);
     assert_eq!(b.mem_mib, micro.mem_mib);
     let total = std::fs::metadata(&good).unwrap().len();
-    assert_eq!(seen.last(), Some(&(total, total)), "progress reached the end");
+    assert_eq!(
+        seen.last(),
+        Some(&(total, total)),
+        "progress reached the end"
+    );
     assert!(
         b.bytes_on_disk < micro.mem_mib << 20,
         "the RAM file stays sparse: {b:?}"
@@ -217,9 +278,11 @@ fn bases_are_uploaded_verified_and_removed() {
     agent::manage::pack_base(&damaged, &bad_id).unwrap();
     let mut stray = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..7].copy_from_slice(b"../evil");
     h.set_size(1);
+    h.set_mode(0o644);
     h.set_cksum();
-    stray.append_data(&mut h, "../evil", &b"x"[..]).unwrap();
+    stray.append(&h, &b"x"[..]).unwrap();
     let stray = stray.into_inner().unwrap();
     let mut only_manifest = tar::Builder::new(Vec::new());
     only_manifest
@@ -227,12 +290,32 @@ fn bases_are_uploaded_verified_and_removed() {
         .unwrap();
     let only_manifest = only_manifest.into_inner().unwrap();
     for (path, body, code, needle) in [
-        ("/v1/bases/micro3", std::fs::read(&bad_id).unwrap(), 422, "hash to content id"),
+        (
+            "/v1/bases/micro3",
+            std::fs::read(&bad_id).unwrap(),
+            422,
+            "hash to content id",
+        ),
         ("/v1/bases/micro3", stray, 422, "holds only base.json"),
         ("/v1/bases/micro3", only_manifest, 422, "not usable"),
-        ("/v1/bases/micro3", b"not a tar archive at all".to_vec(), 422, "not usable"),
-        ("/v1/bases/micro2", std::fs::read(&good).unwrap(), 409, "exists already"),
-        ("/v1/bases/No%20Such", b"x".to_vec(), 400, "not a valid name"),
+        (
+            "/v1/bases/micro3",
+            b"not a tar archive at all".to_vec(),
+            422,
+            "not usable",
+        ),
+        (
+            "/v1/bases/micro2",
+            std::fs::read(&good).unwrap(),
+            409,
+            "exists already",
+        ),
+        (
+            "/v1/bases/No%20Such",
+            b"x".to_vec(),
+            400,
+            "not a valid name",
+        ),
     ] {
         let r = put(&c, path, &body);
         says(&r, code, needle);
@@ -322,25 +405,46 @@ fn the_app_store_keeps_versions_with_checksums() {
     assert_eq!(std::fs::read(&got).unwrap(), std::fs::read(&apk).unwrap());
     // An older version by its number, with its own checksum.
     let old = d.path("old.apk");
-    let (n, old_sha) = agent::manage::download_checked(
-        &c,
-        "/v1/apps/model-client/download?version=1.0",
-        &old,
-    )
-    .unwrap();
+    let (n, old_sha) =
+        agent::manage::download_checked(&c, "/v1/apps/model-client/download?version=1.0", &old)
+            .unwrap();
     assert_eq!(old_sha, sha256_file(&images().app).unwrap().0);
     assert_eq!(n, std::fs::metadata(&images().app).unwrap().len());
 
     // Refusals leave the store as it was.
     let before = catalogue(&c);
     for (path, code, needle) in [
-        ("/v1/apps/model-client/versions/3.0?file=c.apk&service=nope", 404, "no service named 'nope'"),
+        (
+            "/v1/apps/model-client/versions/3.0?file=c.apk&service=nope",
+            404,
+            "no service named 'nope'",
+        ),
         ("/v1/apps/model-client/versions/3.0", 400, "malformed query"),
-        ("/v1/apps/model-client/versions/3.0?file=c.apk&color=red", 400, "malformed query"),
-        ("/v1/apps/model-client/versions/Big%20One?file=c.apk", 400, "not a valid name"),
-        ("/v1/apps/model-client/versions/3.0?file=app.json", 400, "not a valid name"),
-        ("/v1/apps/model-client/versions/3.0?file=..%2Fx", 400, "not a valid name"),
-        ("/v1/apps/model-client/versions/3.0?file=c.apk&platform=Mac%20OS", 400, "not a valid name"),
+        (
+            "/v1/apps/model-client/versions/3.0?file=c.apk&color=red",
+            400,
+            "malformed query",
+        ),
+        (
+            "/v1/apps/model-client/versions/Big%20One?file=c.apk",
+            400,
+            "not a valid name",
+        ),
+        (
+            "/v1/apps/model-client/versions/3.0?file=app.json",
+            400,
+            "not a valid name",
+        ),
+        (
+            "/v1/apps/model-client/versions/3.0?file=..%2Fx",
+            400,
+            "not a valid name",
+        ),
+        (
+            "/v1/apps/model-client/versions/3.0?file=c.apk&platform=Mac%20OS",
+            400,
+            "not a valid name",
+        ),
     ] {
         says(&put(&c, path, b"bytes"), code, needle);
     }
@@ -352,9 +456,24 @@ fn the_app_store_keeps_versions_with_checksums() {
     let big = oversized(&a, "/v1/apps/model-client/versions/3.0?file=c.apk");
     assert!(big.starts_with("HTTP/1.1 413"), "{big}");
     for (m, p, code, needle) in [
-        ("GET", "/v1/apps/model-client/download?version=9.9", 404, "has no version '9.9'"),
-        ("GET", "/v1/apps/model-client/download?v=1", 400, "malformed query"),
-        ("DELETE", "/v1/apps/model-client/versions/9.9", 404, "has no version"),
+        (
+            "GET",
+            "/v1/apps/model-client/download?version=9.9",
+            404,
+            "has no version '9.9'",
+        ),
+        (
+            "GET",
+            "/v1/apps/model-client/download?v=1",
+            400,
+            "malformed query",
+        ),
+        (
+            "DELETE",
+            "/v1/apps/model-client/versions/9.9",
+            404,
+            "has no version",
+        ),
         ("DELETE", "/v1/apps/nope", 404, "no app named 'nope'"),
         ("GET", "/v1/apps/nope/versions", 404, "no app named 'nope'"),
     ] {

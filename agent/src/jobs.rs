@@ -1,0 +1,341 @@
+//! Background builds of service versions on the appliance: the customisation `image-builder
+//! overlay --script` runs (restore the base, run console commands, snapshot, diff, compress),
+//! as a child process whose typed progress stream (`format::progress`) the job follows; the
+//! agent never links the builder (or the vmm).
+//!
+//! ```text
+//!   POST /v1/services/{name}/build ──▶ Job{running} ──spawn──▶ image-builder overlay --progress json
+//!        │                                  ▲ step, command i/n (from its stdout, line by line)
+//!        └─▶ 202 {job}                      │
+//!   done ──▶ Store::install_version: verified (every chunk, a staged base) ──▶ current version
+//!   failed (a refused command, a dead builder, a bad overlay) ──▶ Job{failed, error}; the
+//!   catalogue as it was (an edited service keeps its current version)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use format::progress::Step;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use crate::store::{error_chain, hide_paths, unix_now, Store};
+
+/// Jobs kept (the oldest finished ones are forgotten beyond this).
+pub const KEPT: usize = 64;
+
+/// A build as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    /// `j-` and 8 hex digits.
+    pub id: String,
+    /// The service it makes (`create`) or the next version of (`edit`).
+    pub service: String,
+    /// `create` or `edit`.
+    pub kind: String,
+    /// The base it customises.
+    pub base: String,
+    /// The console commands.
+    pub script: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// The step under way or last done (`starting`, `restore`, `command`, `snapshot`,
+    /// `diff`, `verify`, `done`, `failed`).
+    pub step: String,
+    /// Commands run so far, and in the script.
+    pub commands_done: u32,
+    /// Commands in the script.
+    pub commands_total: u32,
+    /// 0-100.
+    pub percent: u32,
+    /// The guest's replies, one per command run.
+    pub replies: Vec<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The version it installed.
+    pub version: Option<u32>,
+    /// When it started (Unix seconds).
+    pub started_unix: u64,
+    /// How long it took, ms, once ended.
+    pub took_ms: Option<f64>,
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct BuildSpec {
+    /// Service name.
+    pub service: String,
+    /// Base name.
+    pub base: String,
+    /// Console commands (`,`-separated, `:` between words).
+    pub script: String,
+    /// Description (a new service's, or a new one for an edited service).
+    pub description: Option<String>,
+    /// Whether the service exists (`edit`).
+    pub edit: bool,
+}
+
+/// The jobs of one agent.
+pub struct Jobs {
+    builder: PathBuf,
+    store: Store,
+    table: Mutex<BTreeMap<String, Job>>,
+}
+
+impl Jobs {
+    /// Jobs running `builder` (the `image-builder` binary) on `store`.
+    pub fn new(builder: PathBuf, store: Store) -> Arc<Jobs> {
+        Arc::new(Jobs {
+            builder,
+            store,
+            table: Mutex::default(),
+        })
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Vec<Job> {
+        let mut v: Vec<Job> = self.table.lock().expect("jobs").values().cloned().collect();
+        v.sort_by(|a, b| b.started_unix.cmp(&a.started_unix).then(b.id.cmp(&a.id)));
+        v
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> Option<Job> {
+        self.table.lock().expect("jobs").get(id).cloned()
+    }
+
+    /// A running job of `service`, if any.
+    pub fn running_for(&self, service: &str) -> Option<Job> {
+        self.table
+            .lock()
+            .expect("jobs")
+            .values()
+            .find(|j| j.service == service && j.state == "running")
+            .cloned()
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
+        if let Some(j) = self.table.lock().expect("jobs").get_mut(id) {
+            f(j);
+        }
+    }
+
+    /// Starts building `spec` in the background; returns the job (`running`), or the id of
+    /// the running job of that service as the error.
+    pub fn start(self: &Arc<Self>, spec: BuildSpec) -> Result<Job, String> {
+        let total = spec
+            .script
+            .split(',')
+            .filter(|c| !c.trim().is_empty())
+            .count() as u32;
+        let job = Job {
+            id: format!("j-{}", crate::store::new_id(4)),
+            service: spec.service.clone(),
+            kind: if spec.edit { "edit" } else { "create" }.into(),
+            base: spec.base.clone(),
+            script: spec.script.clone(),
+            state: "running".into(),
+            step: "starting".into(),
+            commands_done: 0,
+            commands_total: total,
+            percent: 0,
+            replies: Vec::new(),
+            error: None,
+            version: None,
+            started_unix: unix_now(),
+            took_ms: None,
+        };
+        {
+            let mut t = self.table.lock().expect("jobs");
+            if let Some(j) = t
+                .values()
+                .find(|j| j.service == spec.service && j.state == "running")
+            {
+                return Err(j.id.clone());
+            }
+            if t.len() >= KEPT {
+                let old = t
+                    .values()
+                    .filter(|j| j.state != "running")
+                    .min_by_key(|j| j.started_unix)
+                    .map(|j| j.id.clone());
+                if let Some(o) = old {
+                    t.remove(&o);
+                }
+            }
+            t.insert(job.id.clone(), job.clone());
+        }
+        let me = Arc::clone(self);
+        let id = job.id.clone();
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            let r = me.run(&id, &spec).await;
+            let ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+            let audit = crate::audit::Audit::in_dir(me.store.root());
+            match r {
+                Ok(version) => {
+                    tracing::info!(job = %id, service = %spec.service, version, "build done");
+                    audit.record(
+                        "service.built",
+                        serde_json::json!({"job": id, "service": spec.service, "version": version, "ms": ms}),
+                    );
+                    me.update(&id, |j| {
+                        j.state = "done".into();
+                        j.step = "done".into();
+                        j.percent = 100;
+                        j.version = Some(version);
+                        j.took_ms = Some(ms);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, service = %spec.service, "build failed: {e}");
+                    let shown = hide_paths(&e);
+                    audit.record(
+                        "service.build_failed",
+                        serde_json::json!({"job": id, "service": spec.service, "reason": shown}),
+                    );
+                    me.update(&id, |j| {
+                        j.state = "failed".into();
+                        j.step = "failed".into();
+                        j.error = Some(shown);
+                        j.took_ms = Some(ms);
+                    });
+                }
+            }
+        });
+        Ok(job)
+    }
+
+    /// Runs the builder for job `id`, follows its progress, installs the overlay; the
+    /// version installed.
+    async fn run(&self, id: &str, spec: &BuildSpec) -> Result<u32, String> {
+        let out = self.store.tmp_path("build").with_extension("overlay");
+        let snap = self.store.tmp_path("build-snapshot");
+        let r = self.build(id, spec, &out, &snap).await;
+        let _ = tokio::fs::remove_dir_all(&snap).await;
+        let r = match r {
+            Ok(()) => {
+                self.update(id, |j| {
+                    j.step = "verify".into();
+                    j.percent = 95;
+                });
+                let (store, spec2, out2) = (self.store.clone(), spec.clone(), out.clone());
+                let note = format!("customised on {}: {}", spec.base, spec.script);
+                tokio::task::spawn_blocking(move || {
+                    store.install_version(
+                        &spec2.service,
+                        &out2,
+                        spec2.description.as_deref(),
+                        false,
+                        &note,
+                        true,
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| error_chain(&e)))
+                .map(|rec| rec.version)
+            }
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&out).await;
+        r
+    }
+
+    async fn build(
+        &self,
+        id: &str,
+        spec: &BuildSpec,
+        out: &std::path::Path,
+        snap: &std::path::Path,
+    ) -> Result<(), String> {
+        let mut child = tokio::process::Command::new(&self.builder)
+            .arg("overlay")
+            .arg("--base")
+            .arg(self.store.base_dir(&spec.base))
+            .arg("--script")
+            .arg(&spec.script)
+            .arg("--keep-snapshot")
+            .arg(snap)
+            .arg("--out")
+            .arg(out)
+            .args(["--progress", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.builder.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let errs = tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s).await;
+            s
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let mut last: Option<Step> = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let step = match Step::parse(&line) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(job = id, "builder said {line:?}: {e}");
+                    continue;
+                }
+            };
+            self.update(id, |j| apply(j, &step));
+            last = Some(step);
+        }
+        let status = child.wait().await.map_err(|e| e.to_string())?;
+        let stderr = errs.await.unwrap_or_default();
+        match last {
+            Some(Step::Done { .. }) if status.success() => Ok(()),
+            Some(Step::Failed { error }) => Err(error),
+            _ => Err(format!(
+                "image-builder ended ({}) without finishing: {}",
+                crate::supervisor::describe_exit(status),
+                stderr.trim().lines().last().unwrap_or("no output")
+            )),
+        }
+    }
+}
+
+/// What a progress step does to a job.
+fn apply(j: &mut Job, s: &Step) {
+    let n = j.commands_total.max(1);
+    match s {
+        Step::Restore => {
+            j.step = "restore".into();
+            j.percent = 5;
+        }
+        Step::Command {
+            index,
+            total,
+            line,
+            reply,
+        } => {
+            j.step = "command".into();
+            j.commands_done = *index;
+            j.commands_total = *total;
+            j.replies.push(format!("{line} → {reply}"));
+            j.percent = 10 + 60 * index / (*total).max(1);
+        }
+        Step::Snapshot => {
+            j.step = "snapshot".into();
+            j.percent = 10 + 60 * j.commands_done / n + 5;
+        }
+        Step::Diff => {
+            j.step = "diff".into();
+            j.percent = 80;
+        }
+        Step::Done { .. } => {
+            j.step = "verify".into();
+            j.percent = 90;
+        }
+        Step::Failed { .. } => {
+            j.step = "failed".into();
+        }
+    }
+}

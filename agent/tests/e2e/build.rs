@@ -1,0 +1,172 @@
+//! Services made and edited on the appliance: a background job runs `image-builder overlay`
+//! (a child process followed through its progress stream); the new version becomes current
+//! only once built and verified, and a failed build leaves the catalogue as it was.
+
+use std::time::Duration;
+
+use agent::client::Client;
+use agent::http::VersionView;
+use agent::jobs::Job;
+use micro_service::oracle::get_reply;
+
+use crate::common::{verify_guest, wait_for, AgentProc};
+
+fn follow(c: &Client, j: &Job) -> (Job, Vec<String>) {
+    let mut steps = vec![j.step.clone()];
+    let done = wait_for(Duration::from_secs(120), "the build", || {
+        let now: Job = c.get_json(&format!("/v1/jobs/{}", j.id)).unwrap();
+        if steps.last() != Some(&now.step) {
+            steps.push(now.step.clone());
+        }
+        (now.state != "running").then_some(now)
+    });
+    (done, steps)
+}
+
+fn post(c: &Client, name: &str, body: &str) -> agent::client::RawResponse {
+    c.raw(
+        "POST",
+        &format!("/v1/services/{name}/build"),
+        Some(body.as_bytes()),
+        true,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
+    let a = AgentProc::start("build", &[]);
+    let c = a.client();
+
+    // Create: a new service from the staged base with a script.
+    let r = post(
+        &c,
+        "kv",
+        r#"{"base":"micro","script":"load:1","description":"built here"}"#,
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    let j: Job = serde_json::from_str(&r.body).unwrap();
+    assert_eq!((j.kind.as_str(), j.state.as_str()), ("create", "running"));
+    let (j, steps) = follow(&c, &j);
+    assert_eq!(j.state, "done", "{j:?}");
+    assert_eq!(j.version, Some(1));
+    assert_eq!((j.commands_done, j.commands_total), (1, 1));
+    assert!(j.replies[0].contains("ok load"), "{j:?}");
+    assert!(steps.len() >= 2, "progress was seen: {steps:?}");
+    let s = c
+        .services()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "kv")
+        .unwrap();
+    assert_eq!((s.version, s.description.as_str()), (1, "built here"));
+    let i = c.start("kv").unwrap();
+    verify_guest(&i.endpoint);
+
+    // Edit: the next version, with the model's entry 7 changed on its disk; version 1 stays.
+    let r = post(&c, "kv", r#"{"script":"load:1,put:7:42"}"#);
+    assert_eq!(r.status, 202, "{r:?}");
+    let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!(
+        (j.state.as_str(), j.kind.as_str(), j.version),
+        ("done", "edit", Some(2)),
+        "{j:?}"
+    );
+    let vs: Vec<VersionView> = c.get_json("/v1/services/kv/versions").unwrap();
+    assert_eq!(vs.len(), 2);
+    assert!(
+        vs[1].current && vs[1].record.note.contains("put:7:42"),
+        "{vs:?}"
+    );
+    assert_eq!(vs[0].instances, 1, "version 1 still runs");
+    let i2 = c.start("kv").unwrap();
+    let mut g =
+        micro_service::client::Client::connect(&i2.endpoint, Duration::from_secs(10)).unwrap();
+    g.expect("get 7", &get_reply(7, 42)).unwrap();
+
+    // A script the guest refuses: the job fails with its reason; nothing changes.
+    let before = c
+        .raw("GET", "/v1/services/kv/versions", None, true)
+        .unwrap()
+        .body;
+    let r = post(&c, "kv", r#"{"script":"load:1,no-such-command"}"#);
+    assert_eq!(r.status, 202, "{r:?}");
+    let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!(j.state, "failed", "{j:?}");
+    let e = j.error.unwrap();
+    assert!(
+        e.contains("no-such-command") && !e.contains(a.data.to_str().unwrap()),
+        "{e}"
+    );
+    assert_eq!(
+        c.raw("GET", "/v1/services/kv/versions", None, true)
+            .unwrap()
+            .body,
+        before
+    );
+
+    // Bad requests: a clear error, no job.
+    let jobs_before = c.get_json::<Vec<Job>>("/v1/jobs").unwrap().len();
+    for (name, body, code, needle) in [
+        ("new", r#"{"script":"load:1"}"#, 400, "name the base"),
+        (
+            "new",
+            r#"{"base":"nope","script":"load:1"}"#,
+            404,
+            "no base image named 'nope'",
+        ),
+        (
+            "new",
+            r#"{"base":"micro","script":""}"#,
+            400,
+            "the script must be",
+        ),
+        (
+            "new",
+            r#"{"base":"micro","script":"load:1\u0007"}"#,
+            400,
+            "printable ASCII",
+        ),
+        (
+            "new",
+            r#"{"base":"micro","script":"load:1","colour":1}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "Bad%20Name",
+            r#"{"base":"micro","script":"load:1"}"#,
+            400,
+            "not a valid name",
+        ),
+    ] {
+        let r = post(&c, name, body);
+        assert_eq!(r.status, code, "{name} {body}: {r:?}");
+        assert!(r.body.contains(needle), "{needle}: {r:?}");
+    }
+    assert_eq!(
+        c.get_json::<Vec<Job>>("/v1/jobs").unwrap().len(),
+        jobs_before
+    );
+    // One build per service at a time.
+    let r1 = post(&c, "kv", r#"{"script":"load:1"}"#);
+    assert_eq!(r1.status, 202, "{r1:?}");
+    let r2 = post(&c, "kv", r#"{"script":"load:1"}"#);
+    assert_eq!(r2.status, 409, "{r2:?}");
+    assert!(r2.body.contains("being built already"), "{r2:?}");
+    let (j, _) = follow(&c, &serde_json::from_str(&r1.body).unwrap());
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(3)));
+    assert_eq!(
+        c.raw("GET", "/v1/jobs/j-nope", None, true).unwrap().status,
+        404
+    );
+    let left: Vec<_> = std::fs::read_dir(a.data.join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in tmp/: {left:?}");
+    let events = agent::audit::Audit::in_dir(&a.data).events();
+    assert!(events.iter().any(|e| e["event"] == "service.built"));
+    assert!(events.iter().any(|e| e["event"] == "service.build_failed"));
+}
