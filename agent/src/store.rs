@@ -1259,6 +1259,55 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_layout_becomes_version_1_and_apps_their_version() {
+        let d = scratch("migrate");
+        let s = Store::open(&d).unwrap();
+        // The earlier layout, by hand: one overlay per service, one file per app.
+        let svc = d.join("services/old");
+        fs::create_dir_all(&svc).unwrap();
+        fs::write(svc.join(OVERLAY_FILE), b"overlay bytes").unwrap();
+        fs::write(svc.join("app.overlay.ram"), b"image").unwrap();
+        let old = r#"{"name":"old","base":"micro","description":"d","overlay_bytes":13,"overlay_sha256":"ab","installed_unix":5}"#;
+        fs::write(svc.join(SERVICE_FILE), old).unwrap();
+        let app = d.join("apps/client");
+        fs::create_dir_all(&app).unwrap();
+        fs::write(app.join("c.apk"), b"apk").unwrap();
+        let rec = r#"{"name":"client","version":"1.0","file":"c.apk","bytes":3,"sha256":"cd"}"#;
+        fs::write(app.join(APP_FILE), rec).unwrap();
+        drop(s);
+        let s = Store::open(&d).unwrap();
+        let r = s.service("old").unwrap();
+        assert_eq!((r.version, r.description.as_str()), (1, "d"));
+        assert_eq!(
+            fs::read(s.overlay_path("old", 1)).unwrap(),
+            b"overlay bytes"
+        );
+        assert!(!svc.join(OVERLAY_FILE).exists() && !svc.join("app.overlay.ram").exists());
+        let v = s.version("old", 1).unwrap();
+        assert_eq!((v.overlay_bytes, v.overlay_sha256.as_str()), (13, "ab"));
+        let a = s.app("client").unwrap();
+        assert_eq!((a.version.as_str(), a.platform.as_str()), ("1.0", "any"));
+        assert_eq!(fs::read(s.app_file(&a)).unwrap(), b"apk");
+        // A version that does not exist, and the current one, cannot be removed.
+        assert!(matches!(
+            s.remove_version("old", 2),
+            Err(StoreError::NoVersion(..))
+        ));
+        assert!(matches!(
+            s.remove_version("old", 1),
+            Err(StoreError::CurrentVersion(..))
+        ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn app_versions_sort_by_number() {
+        let mut v = vec!["1.10", "1.9", "2.0-rc1", "1.9.1", "0.1"];
+        v.sort_by(|a, b| version_order(a, b));
+        assert_eq!(v, ["0.1", "1.9", "1.9.1", "1.10", "2.0-rc1"]);
+    }
+
+    #[test]
     fn sparse_copy_keeps_content_and_holes() {
         let d = scratch("sparse");
         fs::create_dir_all(&d).unwrap();
