@@ -319,7 +319,7 @@ pub async fn run(opts: Options) -> Result<()> {
         store: store.clone(),
         sup: sup.clone(),
         metrics,
-        jobs: crate::jobs::Jobs::new(opts.image_builder.clone(), store.clone()),
+        jobs: crate::jobs::Jobs::new(opts.image_builder.clone(), sup.clone()),
         creds,
         peers,
         devices,

@@ -1938,7 +1938,7 @@ mod tests {
         let devices = DeviceStore::in_dir(store.root());
         let st = Arc::new(AppState {
             board: Board::shipped("dev").unwrap(),
-            jobs: crate::jobs::Jobs::new("/nonexistent/image-builder".into(), store.clone()),
+            jobs: crate::jobs::Jobs::new("/nonexistent/image-builder".into(), sup.clone()),
             store,
             metrics: sup.metrics(),
             sup,

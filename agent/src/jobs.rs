@@ -7,9 +7,11 @@
 //!   POST /v1/services/{name}/build ──▶ Job{running} ──spawn──▶ image-builder overlay --progress json
 //!        │                                  ▲ step, command i/n (from its stdout, line by line)
 //!        └─▶ 202 {job}                      │
-//!   done ──▶ Store::install_version: verified (every chunk, a staged base) ──▶ current version
-//!   failed (a refused command, a dead builder, a bad overlay) ──▶ Job{failed, error}; the
-//!   catalogue as it was (an edited service keeps its current version)
+//!   done ──▶ Store::install_version: verified (every chunk, a staged base), not yet current
+//!        ──▶ trial: one VM synthesised from it answers a verified `health` ──▶ current version
+//!   failed (a refused command, a dead builder, a bad overlay, a trial VM that does not
+//!   answer) ──▶ Job{failed, error}, the new version removed: the catalogue as it was (an
+//!   edited service keeps its current version)
 //! ```
 
 use std::collections::BTreeMap;
@@ -60,6 +62,9 @@ pub struct Job {
     pub started_unix: u64,
     /// How long it took, ms, once ended.
     pub took_ms: Option<f64>,
+    /// The trial of the new version: its VM's spawn → first verified reply, ms.
+    #[serde(default)]
+    pub trial_ms: Option<f64>,
 }
 
 /// What to build.
@@ -81,15 +86,18 @@ pub struct BuildSpec {
 pub struct Jobs {
     builder: PathBuf,
     store: Store,
+    sup: Arc<crate::supervisor::Supervisor>,
     table: Mutex<BTreeMap<String, Job>>,
 }
 
 impl Jobs {
-    /// Jobs running `builder` (the `image-builder` binary) on `store`.
-    pub fn new(builder: PathBuf, store: Store) -> Arc<Jobs> {
+    /// Jobs running `builder` (the `image-builder` binary) on `sup`'s store; `sup` tries each
+    /// new version out before it becomes current.
+    pub fn new(builder: PathBuf, sup: Arc<crate::supervisor::Supervisor>) -> Arc<Jobs> {
         Arc::new(Jobs {
             builder,
-            store,
+            store: sup.store().clone(),
+            sup,
             table: Mutex::default(),
         })
     }
@@ -146,6 +154,7 @@ impl Jobs {
             version: None,
             started_unix: unix_now(),
             took_ms: None,
+            trial_ms: None,
         };
         {
             let mut t = self.table.lock().expect("jobs");
@@ -216,32 +225,93 @@ impl Jobs {
         let r = self.build(id, spec, &out, &snap).await;
         let _ = tokio::fs::remove_dir_all(&snap).await;
         let r = match r {
-            Ok(()) => {
-                self.update(id, |j| {
-                    j.step = "verify".into();
-                    j.percent = 95;
-                });
-                let (store, spec2, out2) = (self.store.clone(), spec.clone(), out.clone());
-                let note = format!("customised on {}: {}", spec.base, spec.script);
-                tokio::task::spawn_blocking(move || {
-                    store.install_version(
-                        &spec2.service,
-                        &out2,
-                        spec2.description.as_deref(),
-                        false,
-                        &note,
-                        true,
-                    )
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| error_chain(&e)))
-                .map(|rec| rec.version)
-            }
+            Ok(()) => self.install(id, spec, &out).await,
             Err(e) => Err(e),
         };
         let _ = tokio::fs::remove_file(&out).await;
         r
+    }
+
+    /// Installs the built overlay `out` as the service's next version, tries it, and makes it
+    /// current; removes it (the service, when new) when the trial fails.
+    async fn install(
+        &self,
+        id: &str,
+        spec: &BuildSpec,
+        out: &std::path::Path,
+    ) -> Result<u32, String> {
+        self.update(id, |j| {
+            j.step = "verify".into();
+            j.percent = 90;
+        });
+        let (store, spec2, out2) = (self.store.clone(), spec.clone(), out.to_path_buf());
+        let note = format!("customised on {}: {}", spec.base, spec.script);
+        let (rec, v) = tokio::task::spawn_blocking(move || {
+            // An edited service's description changes with its version, after the trial.
+            let description = if spec2.edit {
+                None
+            } else {
+                spec2.description.as_deref()
+            };
+            store.install_version(
+                &spec2.service,
+                &out2,
+                description,
+                false,
+                &note,
+                !spec2.edit,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| error_chain(&e))?;
+        let version = v.version;
+        let trial = crate::store::ServiceRecord {
+            base: v.base,
+            overlay_bytes: v.overlay_bytes,
+            overlay_sha256: v.overlay_sha256,
+            installed_unix: v.installed_unix,
+            version,
+            ..rec
+        };
+        self.update(id, |j| {
+            j.step = "trial".into();
+            j.percent = 95;
+        });
+        match self.sup.trial(&trial).await {
+            Ok(ms) => {
+                self.update(id, |j| j.trial_ms = Some((ms * 100.0).round() / 100.0));
+                if spec.edit {
+                    self.store
+                        .set_current(&spec.service, version)
+                        .map_err(|e| error_chain(&e))?;
+                    if let Some(d) = &spec.description {
+                        self.store
+                            .set_description(&spec.service, d)
+                            .map_err(|e| error_chain(&e))?;
+                    }
+                    self.sup.drop_standbys(Some(&spec.service)).await;
+                }
+                Ok(version)
+            }
+            Err(why) => {
+                let undo = if spec.edit {
+                    self.store.remove_version(&spec.service, version)
+                } else {
+                    self.store.remove_service(&spec.service)
+                };
+                if let Err(e) = undo {
+                    tracing::warn!(
+                        job = id,
+                        "cannot remove the version that failed its trial: {}",
+                        error_chain(&e)
+                    );
+                }
+                Err(format!(
+                    "version {version} was built but its trial VM did not answer: {why}; it was removed"
+                ))
+            }
+        }
     }
 
     async fn build(

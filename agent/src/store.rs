@@ -937,10 +937,12 @@ impl Store {
         copy: bool,
     ) -> Result<ServiceRecord, StoreError> {
         self.install_version(name, overlay, description, copy, "uploaded", true)
+            .map(|(rec, _)| rec)
     }
 
     /// As [`Store::install_service`], with the version's `note`; `current` false keeps the
-    /// current version as it is (the new one is only listed).
+    /// current version of an existing service as it is (the new one is only listed). Returns
+    /// the service's record and the new version's.
     pub fn install_version(
         &self,
         name: &str,
@@ -949,7 +951,7 @@ impl Store {
         copy: bool,
         note: &str,
         current: bool,
-    ) -> Result<ServiceRecord, StoreError> {
+    ) -> Result<(ServiceRecord, VersionRecord), StoreError> {
         check_name(name)?;
         let base = self.verify_overlay(overlay)?;
         let (sha, bytes) = sha256_file(overlay)?;
@@ -1034,7 +1036,7 @@ impl Store {
             io("install", &dst, fs::rename(&tmp, &dst))?;
         }
         tracing::info!(service = name, version, base = %v.base, bytes, "service version installed");
-        Ok(rec)
+        Ok((rec, v))
     }
 
     /// Removes a service with every version.

@@ -1087,6 +1087,26 @@ impl Supervisor {
         }
     }
 
+    /// The data directory.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A trial of version `svc.version` of a service before it becomes current: one VM
+    /// synthesised from it, checked with one verified `health`, then ended. Returns its spawn
+    /// → first verified reply, ms, or why it did not come up.
+    pub async fn trial(&self, svc: &crate::store::ServiceRecord) -> Result<f64, String> {
+        let mem = self
+            .store
+            .base(&svc.base)
+            .map_err(|e| error_chain(&e))?
+            .mem_mib;
+        let w = self.make_standby(svc, mem).await?;
+        let ms = w.answered_ms;
+        crate::warm::discard(w).await;
+        Ok(ms)
+    }
+
     /// Ends the standbys of `service` (of every service: `None`), e.g. when the service is
     /// replaced or removed, or the agent exits.
     pub async fn drop_standbys(&self, service: Option<&str>) {

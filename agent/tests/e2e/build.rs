@@ -53,6 +53,10 @@ fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
     assert_eq!((j.commands_done, j.commands_total), (1, 1));
     assert!(j.replies[0].contains("ok load"), "{j:?}");
     assert!(steps.len() >= 2, "progress was seen: {steps:?}");
+    assert!(
+        j.trial_ms.is_some_and(|ms| ms > 0.0),
+        "tried before current: {j:?}"
+    );
     let s = c
         .services()
         .unwrap()
@@ -64,7 +68,11 @@ fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
     verify_guest(&i.endpoint);
 
     // Edit: the next version, with the model's entry 7 changed on its disk; version 1 stays.
-    let r = post(&c, "kv", r#"{"script":"load:1,put:7:42"}"#);
+    let r = post(
+        &c,
+        "kv",
+        r#"{"script":"load:1,put:7:42","description":"entry 7 is 42"}"#,
+    );
     assert_eq!(r.status, 202, "{r:?}");
     let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
     assert_eq!(
@@ -169,4 +177,59 @@ fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
     let events = agent::audit::Audit::in_dir(&a.data).events();
     assert!(events.iter().any(|e| e["event"] == "service.built"));
     assert!(events.iter().any(|e| e["event"] == "service.build_failed"));
+}
+
+/// A new version whose trial VM does not come up (here: a vmm that refuses it) is removed,
+/// and the service keeps its current version.
+#[test]
+fn a_version_that_fails_its_trial_is_removed() {
+    let d = crate::common::Scratch::new("trial-vmm");
+    let vmm = d.path("vmm");
+    std::fs::write(
+        &vmm,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *versions/2/*) echo 'no VM of version 2 here' >&2; exit 3;; esac\nexec {} \"$@\"\n",
+            crate::common::built("vmm").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = AgentProc::start_with_vmm("trial", &[], &vmm);
+    let c = a.client();
+    let r = post(&c, "kv", r#"{"base":"micro","script":"load:1"}"#);
+    let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(1)), "{j:?}");
+    let before = c
+        .raw("GET", "/v1/services/kv/versions", None, true)
+        .unwrap()
+        .body;
+    let r = post(
+        &c,
+        "kv",
+        r#"{"script":"load:1,put:7:42","description":"never"}"#,
+    );
+    let (j, steps) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!(j.state, "failed", "{j:?} {steps:?}");
+    let e = j.error.unwrap();
+    assert!(
+        e.contains("version 2 was built but its trial VM did not answer") && e.contains("removed"),
+        "{e}"
+    );
+    assert_eq!(
+        c.raw("GET", "/v1/services/kv/versions", None, true)
+            .unwrap()
+            .body,
+        before,
+        "version 1 stays current, alone"
+    );
+    let s = c
+        .services()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "kv")
+        .unwrap();
+    assert_eq!((s.version, s.description.as_str()), (1, ""));
+    let i = c.start("kv").unwrap();
+    verify_guest(&i.endpoint);
 }
