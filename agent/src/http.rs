@@ -1031,6 +1031,8 @@ async fn delete_service(
 #[derive(Deserialize, Serialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EditService {
+    /// A new name (refused while instances of it run or it is being built).
+    pub name: Option<String>,
     /// A new description.
     pub description: Option<String>,
     /// The version to make current (one of `GET /v1/services/{name}/versions`).
@@ -1057,9 +1059,34 @@ async fn edit_service(
 ) -> ApiResult<Json<ServiceView>> {
     let req: EditService = json_body(
         &body,
-        "send {\"description\": \"TEXT\"} and/or {\"version\": N}",
+        "send {\"description\": \"TEXT\"}, {\"version\": N} and/or {\"name\": \"NEW\"}",
     )?;
     let mut rec = st.store.service(&name)?;
+    if let Some(to) = req.name.as_deref().filter(|to| *to != name) {
+        crate::store::check_name(to)?;
+        let ids = active_of(&st, &name, None);
+        if !ids.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service '{name}' cannot be renamed while {} instance(s) of it run: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+                "stop them first; nothing was changed",
+            ));
+        }
+        if let Some(j) = st.jobs.running_for(&name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("service '{name}' is being built (job {})", j.id),
+                "rename it once the build ends; nothing was changed",
+            ));
+        }
+        if st.store.service(to).is_ok() {
+            return Err(StoreError::Exists("service", to.into()).into());
+        }
+    }
     if let Some(d) = &req.description {
         if d.len() > 1024 || d.chars().any(char::is_control) {
             return Err(ApiError::new(
@@ -1080,6 +1107,12 @@ async fn edit_service(
         st.sup.drop_standbys(Some(&name)).await;
         crate::audit::Audit::in_dir(st.store.root())
             .record("service.version", json!({ "service": name, "version": v }));
+    }
+    if let Some(to) = req.name.as_deref().filter(|to| *to != name) {
+        rec = st.store.rename_service(&name, to)?;
+        st.sup.drop_standbys(Some(&name)).await;
+        crate::audit::Audit::in_dir(st.store.root())
+            .record("service.renamed", json!({ "service": name, "to": to }));
     }
     Ok(Json(service_view(&st, rec)))
 }

@@ -31,10 +31,14 @@ pub enum CatalogueCmd {
         /// The overlay file.
         file: PathBuf,
     },
-    /// Set the current version (a rollback) and/or the description of a service (operator).
+    /// Set the current version (a rollback), the description and/or the name of a service
+    /// (operator).
     EditService {
         /// Service name.
         service: String,
+        /// A new name (refused while instances of it run).
+        #[arg(long)]
+        name: Option<String>,
         /// The version to make current.
         #[arg(long)]
         version: Option<u32>,
@@ -274,13 +278,14 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
         }
         CatalogueCmd::EditService {
             service,
+            name,
             version,
             description,
         } => {
             let s: ServiceView = c.send_json(
                 "PUT",
                 &format!("/v1/services/{service}"),
-                &json!({"version": version, "description": description}),
+                &json!({"name": name, "version": version, "description": description}),
             )?;
             if json_out {
                 return print(&s);

@@ -632,6 +632,43 @@ impl Store {
         Ok(rec)
     }
 
+    /// Renames service `name` to `to` (its versions with it), and points the apps that offload
+    /// to it at the new name.
+    pub fn rename_service(&self, name: &str, to: &str) -> Result<ServiceRecord, StoreError> {
+        check_name(to)?;
+        let _g = self.locked();
+        let rec = self.service(name)?;
+        let dst = self.service_dir(to);
+        if dst.exists() {
+            return Err(StoreError::Exists("service", to.into()));
+        }
+        let src = self.service_dir(name);
+        io("rename", &src, fs::rename(&src, &dst))?;
+        let rec = ServiceRecord {
+            name: to.into(),
+            ..rec
+        };
+        write_atomic(&dst.join(SERVICE_FILE), &json(&rec))?;
+        for app in self.names("apps") {
+            for a in self.app_versions(&app).unwrap_or_default() {
+                if a.service.as_deref() == Some(name) {
+                    let p = self
+                        .app_dir(&app)
+                        .join("versions")
+                        .join(&a.version)
+                        .join(APP_FILE);
+                    let a = AppRecord {
+                        service: Some(to.into()),
+                        ..a
+                    };
+                    write_atomic(&p, &json(&a))?;
+                }
+            }
+        }
+        tracing::info!(service = name, to, "service renamed");
+        Ok(rec)
+    }
+
     /// Sets a service's description.
     pub fn set_description(&self, name: &str, text: &str) -> Result<ServiceRecord, StoreError> {
         let _g = self.locked();

@@ -222,8 +222,39 @@ fn service_versions_and_the_refusal_to_delete_what_runs() {
     assert_ne!(catalogue(&c), before);
     let vs: Vec<VersionView> = c.get_json("/v1/services/model/versions").unwrap();
     assert_eq!(vs.len(), 1);
+    // A rename: refused while an instance runs; then the apps follow the new name.
+    let rename = br#"{"name":"model-two"}"#;
+    let r = c
+        .raw("PUT", "/v1/services/model", Some(rename), true)
+        .unwrap();
+    says(&r, 409, "cannot be renamed while 1 instance(s) of it run");
     c.delete(&j.id).unwrap();
-    let r = c.raw("DELETE", "/v1/services/model", None, true).unwrap();
+    let r = c
+        .raw(
+            "PUT",
+            "/v1/services/model",
+            Some(br#"{"name":"Bad Name"}"#),
+            true,
+        )
+        .unwrap();
+    says(&r, 400, "not a valid name");
+    let r = c
+        .raw("PUT", "/v1/services/model", Some(rename), true)
+        .unwrap();
+    says(&r, 200, "\"name\":\"model-two\"");
+    says(
+        &c.raw("GET", "/v1/services/model", None, true).unwrap(),
+        404,
+        "no service",
+    );
+    let app: AppRecord = c.get_json("/v1/apps/model-client").unwrap();
+    assert_eq!(app.service.as_deref(), Some("model-two"));
+    let k = c.start("model-two").unwrap();
+    verify_guest(&k.endpoint);
+    c.delete(&k.id).unwrap();
+    let r = c
+        .raw("DELETE", "/v1/services/model-two", None, true)
+        .unwrap();
     assert_eq!(r.status, 204, "{r:?}");
     assert!(c.services().unwrap().is_empty());
     let events: Vec<String> = agent::audit::Audit::in_dir(&a.data)
@@ -231,7 +262,12 @@ fn service_versions_and_the_refusal_to_delete_what_runs() {
         .iter()
         .map(|e| e["event"].as_str().unwrap_or("").to_string())
         .collect();
-    for e in ["service.imported", "service.version", "service.deleted"] {
+    for e in [
+        "service.imported",
+        "service.version",
+        "service.renamed",
+        "service.deleted",
+    ] {
         assert!(events.iter().any(|x| x == e), "{e} not in {events:?}");
     }
 }
