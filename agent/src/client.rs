@@ -579,6 +579,35 @@ impl Client {
         self.check(path, RawResponse { status, body })
     }
 
+    /// `GET /v1/instances/{id}/console` + `query`: the text, where the next read starts, and
+    /// whether the instance still runs.
+    pub fn console(&self, id: &str, query: &str) -> Result<(String, u64, bool), ClientError> {
+        let path = format!("/v1/instances/{id}/console{query}");
+        let url = self.url(&path);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().map_err(|e| self.http_err(&url, e))?;
+        let status = resp.status().as_u16();
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let next = header("x-console-offset").and_then(|v| v.parse().ok());
+        let live = header("x-console-live").as_deref() == Some("true");
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| self.http_err(&url, e))?;
+        match next {
+            Some(n) if status == 200 => Ok((body, n, live)),
+            _ => self.check(&path, RawResponse { status, body }),
+        }
+    }
+
     /// `DELETE path`, expecting 204.
     pub fn delete_path(&self, path: &str) -> Result<(), ClientError> {
         let r = self.raw("DELETE", path, None, true)?;

@@ -71,6 +71,22 @@ pub enum CatalogueCmd {
         #[arg(long)]
         description: Option<String>,
     },
+    /// The events list, newest first (operator): starts, stops, failures with their reason,
+    /// imports, builds, pairings.
+    Events {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print an instance's console log; with --follow, keep printing what it writes until
+    /// it ends.
+    Console {
+        /// Instance id.
+        id: String,
+        /// Follow the log (long polls).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Upload a base directory (made by `image-builder base`) as base NAME (operator): packed
     /// as tar.zst, uploaded, verified by the appliance (content id) before it is installed.
     UploadBase {
@@ -351,6 +367,46 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
                     j.service,
                     j.error.unwrap_or_default()
                 ),
+            }
+        }
+        CatalogueCmd::Events { limit } => {
+            let v: Vec<serde_json::Value> = c.get_json(&format!("/v1/events?limit={limit}"))?;
+            if json_out {
+                return print(&v);
+            }
+            for e in v {
+                let fields: Vec<String> = e
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, v)| *k != "unix" && *k != "event" && !v.is_null())
+                    .map(|(k, v)| {
+                        format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string))
+                    })
+                    .collect();
+                println!(
+                    "{} {:<20} {}",
+                    e["unix"],
+                    e["event"].as_str().unwrap_or("?"),
+                    fields.join(" ")
+                );
+            }
+        }
+        CatalogueCmd::Console { id, follow } => {
+            let mut offset: Option<u64> = None;
+            let c = c.clone().with_timeout(Duration::from_secs(40));
+            loop {
+                let q = match offset {
+                    None => "?wait_ms=0".to_string(),
+                    Some(o) => format!("?offset={o}&wait_ms=20000"),
+                };
+                let (text, next, live) = c.console(&id, &q)?;
+                print!("{text}");
+                std::io::stdout().flush()?;
+                offset = Some(next);
+                if !follow || (!live && text.is_empty()) {
+                    break;
+                }
             }
         }
         CatalogueCmd::UploadBase { name, dir } => {

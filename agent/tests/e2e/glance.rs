@@ -87,6 +87,19 @@ fn history_console_and_events_show_what_happened() {
     let phone = a.device("phone-1", Duration::from_secs(600));
     assert_eq!(phone.raw("GET", &path, None, true).unwrap().status, 403);
 
+    // The CLI prints the console too, and (below) the events.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+            .args(args)
+            .args(["--agent", &a.url])
+            .env(agent::auth::TOKEN_ENV, crate::common::operator_token())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(cli(&["console", &i.id]), "a line on the console\n");
+
     // Events: the start and the stop, then a start that fails, with its reason.
     c.delete(&i.id).unwrap();
     // A version 2 (its upload drops version 1's warm standby), damaged on disk after its
@@ -126,6 +139,11 @@ fn history_console_and_events_show_what_happened() {
     assert!(
         reason.contains("app.overlay") && !reason.contains("/services/"),
         "{failed}"
+    );
+    let out = cli(&["events", "--limit", "20"]);
+    assert!(
+        out.contains("instance.failed") && out.contains(&format!("instance={}", i.id)),
+        "{out}"
     );
     let one: Vec<serde_json::Value> = c.get_json("/v1/events?limit=1").unwrap();
     assert_eq!(one.len(), 1);
