@@ -400,7 +400,7 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
                     None => "?wait_ms=0".to_string(),
                     Some(o) => format!("?offset={o}&wait_ms=20000"),
                 };
-                let (text, next, live) = c.console(&id, &q)?;
+                let (text, next, live) = c.console(id, &q)?;
                 print!("{text}");
                 std::io::stdout().flush()?;
                 offset = Some(next);
