@@ -266,14 +266,7 @@ impl Jobs {
         .map_err(|e| e.to_string())?
         .map_err(|e| error_chain(&e))?;
         let version = v.version;
-        let trial = crate::store::ServiceRecord {
-            base: v.base,
-            overlay_bytes: v.overlay_bytes,
-            overlay_sha256: v.overlay_sha256,
-            installed_unix: v.installed_unix,
-            version,
-            ..rec
-        };
+        let trial = rec.at_version(&v);
         self.update(id, |j| {
             j.step = "trial".into();
             j.percent = 95;

@@ -148,6 +148,20 @@ fn first_version() -> u32 {
     1
 }
 
+impl ServiceRecord {
+    /// This service with version `v` current (its base, overlay and install time).
+    pub fn at_version(self, v: &VersionRecord) -> ServiceRecord {
+        ServiceRecord {
+            base: v.base.clone(),
+            overlay_bytes: v.overlay_bytes,
+            overlay_sha256: v.overlay_sha256.clone(),
+            installed_unix: v.installed_unix,
+            version: v.version,
+            ..self
+        }
+    }
+}
+
 /// `services/NAME/versions/N/version.json`: one version of a service (immutable).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -619,14 +633,7 @@ impl Store {
         let rec = self.service(name)?;
         let v = self.version(name, version)?;
         self.base(&v.base)?;
-        let rec = ServiceRecord {
-            base: v.base,
-            overlay_bytes: v.overlay_bytes,
-            overlay_sha256: v.overlay_sha256,
-            installed_unix: v.installed_unix,
-            version,
-            ..rec
-        };
+        let rec = rec.at_version(&v);
         write_atomic(&self.service_dir(name).join(SERVICE_FILE), &json(&rec))?;
         tracing::info!(service = name, version, "current version set");
         Ok(rec)

@@ -201,7 +201,7 @@ fn run(cmd: Command) -> Result<()> {
                             tmp.clone()
                         }
                     };
-                    let r = overlay::from_script_reporting(
+                    let r = overlay::from_script(
                         &base,
                         &script,
                         &snap,

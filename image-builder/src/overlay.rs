@@ -81,20 +81,8 @@ pub fn base_devices(base: &Path, manifest: &Manifest) -> vmm::config::DevicesCon
 
 /// Restores `base`, runs `script` (commands separated by `,`, `:` between a command and its
 /// argument, as in `micro.run=`) on its console, snapshots it into `snapshot_dir` and builds
-/// the overlay from that.
+/// the overlay from that, telling `report` each step as it starts (`format::progress`).
 pub fn from_script(
-    base: &Path,
-    script: &str,
-    snapshot_dir: &Path,
-    out: &Path,
-    opts: BuildOptions,
-    timeout: Duration,
-) -> Result<Stats> {
-    from_script_reporting(base, script, snapshot_dir, out, opts, timeout, &mut |_| {})
-}
-
-/// As [`from_script`], telling `report` each step as it starts (`format::progress`).
-pub fn from_script_reporting(
     base: &Path,
     script: &str,
     snapshot_dir: &Path,

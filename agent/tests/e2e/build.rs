@@ -23,6 +23,14 @@ fn follow(c: &Client, j: &Job) -> (Job, Vec<String>) {
     (done, steps)
 }
 
+fn service(c: &Client, name: &str) -> agent::http::ServiceView {
+    c.services()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap()
+}
+
 fn post(c: &Client, name: &str, body: &str) -> agent::client::RawResponse {
     c.raw(
         "POST",
@@ -57,12 +65,7 @@ fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
         j.trial_ms.is_some_and(|ms| ms > 0.0),
         "tried before current: {j:?}"
     );
-    let s = c
-        .services()
-        .unwrap()
-        .into_iter()
-        .find(|s| s.name == "kv")
-        .unwrap();
+    let s = service(&c, "kv");
     assert_eq!((s.version, s.description.as_str()), (1, "built here"));
     let i = c.start("kv").unwrap();
     verify_guest(&i.endpoint);
@@ -168,12 +171,7 @@ fn a_service_is_built_edited_and_a_failed_build_changes_nothing() {
         c.raw("GET", "/v1/jobs/j-nope", None, true).unwrap().status,
         404
     );
-    let left: Vec<_> = std::fs::read_dir(a.data.join("tmp"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(left.is_empty(), "left in tmp/: {left:?}");
+    a.tmp_is_empty();
     let events = agent::audit::Audit::in_dir(&a.data).events();
     assert!(events.iter().any(|e| e["event"] == "service.built"));
     assert!(events.iter().any(|e| e["event"] == "service.build_failed"));
@@ -223,12 +221,7 @@ fn a_version_that_fails_its_trial_is_removed() {
         before,
         "version 1 stays current, alone"
     );
-    let s = c
-        .services()
-        .unwrap()
-        .into_iter()
-        .find(|s| s.name == "kv")
-        .unwrap();
+    let s = service(&c, "kv");
     assert_eq!((s.version, s.description.as_str()), (1, ""));
     let i = c.start("kv").unwrap();
     verify_guest(&i.endpoint);

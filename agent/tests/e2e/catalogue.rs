@@ -33,15 +33,6 @@ fn catalogue(c: &Client) -> String {
     out
 }
 
-fn tmp_is_empty(a: &AgentProc) {
-    let left: Vec<_> = std::fs::read_dir(a.data.join("tmp"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(left.is_empty(), "left in tmp/: {left:?}");
-}
-
 fn put(c: &Client, path: &str, body: &[u8]) -> RawResponse {
     c.raw("PUT", path, Some(body), true).unwrap()
 }
@@ -211,7 +202,7 @@ fn service_versions_and_the_refusal_to_delete_what_runs() {
     let big = oversized(&a, "/v1/services/model/overlay");
     assert!(big.starts_with("HTTP/1.1 413"), "{big}");
     assert_eq!(catalogue(&c), before_bad, "refusals change nothing");
-    tmp_is_empty(&a);
+    a.tmp_is_empty();
 
     // Once its instances stop, a version and then the service go.
     c.delete(&i.id).unwrap();
@@ -370,7 +361,7 @@ fn bases_are_uploaded_verified_and_removed() {
         "no base image named 'nope'",
     );
     assert_eq!(catalogue(&c), before);
-    tmp_is_empty(&a);
+    a.tmp_is_empty();
 
     // A service can be made on the uploaded base, and it cannot go while that service is.
     let r = c.raw("DELETE", "/v1/bases/micro2", None, true).unwrap();
@@ -516,7 +507,7 @@ fn the_app_store_keeps_versions_with_checksums() {
         says(&c.raw(m, p, None, true).unwrap(), code, needle);
     }
     assert_eq!(catalogue(&c), before);
-    tmp_is_empty(&a);
+    a.tmp_is_empty();
 
     // A device may list and download, not upload or delete.
     let phone = a.device("phone-1", Duration::from_secs(600));

@@ -311,6 +311,17 @@ impl AgentProc {
         }
     }
 
+    /// Asserts that nothing is left in the data directory's `tmp/` (uploads and builds clean
+    /// up after themselves, failed ones included).
+    pub fn tmp_is_empty(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.data.join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in tmp/: {left:?}");
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("agent.log")).unwrap_or_default()
