@@ -749,11 +749,9 @@ async fn events(
     let q: EventsQuery = query(q, "?limit=N (1 to 1000)")?;
     let limit = q.limit.unwrap_or(200).clamp(1, 1000);
     let audit = crate::audit::Audit::in_dir(st.store.root());
-    let mut v = tokio::task::spawn_blocking(move || audit.events())
+    let v = tokio::task::spawn_blocking(move || audit.recent(limit))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
-    v.reverse();
-    v.truncate(limit);
     Ok(Json(v))
 }
 
