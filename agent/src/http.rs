@@ -1306,9 +1306,17 @@ async fn upload_base(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<BaseInfo>)> {
-    crate::store::check_name(&name)?;
-    if st.store.base_dir(&name).exists() {
-        return Err(StoreError::Exists("base", name).into());
+    let checked = crate::store::check_name(&name)
+        .map_err(ApiError::from)
+        .and_then(|()| {
+            if st.store.base_dir(&name).exists() {
+                Err(StoreError::Exists("base", name.clone()).into())
+            } else {
+                Ok(())
+            }
+        });
+    if let Err(e) = checked {
+        return Err(refuse_upload(&headers, body, e).await);
     }
     let (tmp, n) = receive_upload(&st, &headers, body, "base archive").await?;
     let store = st.store.clone();
@@ -1632,6 +1640,22 @@ async fn download_overlay(
     .await
 }
 
+/// Refuses an upload with `e` before storing it. A small body (≤ 1 MiB, as its
+/// Content-Length says) is read and dropped first: a connection closed with the request
+/// unread is reset, and a client still sending would then lose the refusal.
+async fn refuse_upload(headers: &HeaderMap, body: Body, e: ApiError) -> ApiError {
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= 1 << 20);
+    if small {
+        let mut s = body.into_data_stream();
+        while let Some(Ok(_)) = s.next().await {}
+    }
+    e
+}
+
 /// Streams an upload into a fresh file under `tmp/`, refusing more than the board's limit
 /// (413); returns the file and its length. Nothing is left behind on any failure.
 async fn receive_upload(
@@ -1713,7 +1737,9 @@ async fn upload_overlay(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ServiceView>)> {
-    crate::store::check_name(&name)?;
+    if let Err(e) = crate::store::check_name(&name) {
+        return Err(refuse_upload(&headers, body, e.into()).await);
+    }
     let (tmp, n) = receive_upload(&st, &headers, body, "overlay").await?;
     let existed = st.store.service(&name).is_ok();
     let store = st.store.clone();
@@ -1823,25 +1849,33 @@ async fn upload_app(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<crate::store::AppRecord>)> {
-    let hint = "?file=NAME.apk&platform=android&service=SERVICE&description=TEXT";
-    let q: AppUploadQuery = query(q, hint)?;
-    crate::store::check_name(&name)?;
-    crate::store::check_name(&version)?;
+    let checked = (|| {
+        let hint = "?file=NAME.apk&platform=android&service=SERVICE&description=TEXT";
+        let q: AppUploadQuery = query(q, hint)?;
+        crate::store::check_name(&name)?;
+        crate::store::check_name(&version)?;
+        crate::store::check_name(q.platform.as_deref().unwrap_or("any"))?;
+        if let Some(s) = &q.service {
+            st.store.service(s)?;
+        }
+        let description = q.description.as_deref().unwrap_or("");
+        if description.len() > 1024 || description.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was installed",
+            ));
+        }
+        crate::store::check_name(&q.file.to_ascii_lowercase())
+            .map_err(|_| StoreError::BadName(q.file.clone()))?;
+        Ok(q)
+    })();
+    let q = match checked {
+        Ok(q) => q,
+        Err(e) => return Err(refuse_upload(&headers, body, e).await),
+    };
     let platform = q.platform.as_deref().unwrap_or("any");
-    crate::store::check_name(platform)?;
-    if let Some(s) = &q.service {
-        st.store.service(s)?;
-    }
     let description = q.description.as_deref().unwrap_or("");
-    if description.len() > 1024 || description.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "the description must be at most 1024 characters without control characters",
-            "shorten it; nothing was installed",
-        ));
-    }
-    crate::store::check_name(&q.file.to_ascii_lowercase())
-        .map_err(|_| StoreError::BadName(q.file.clone()))?;
     let (tmp, n) = receive_upload(&st, &headers, body, "app").await?;
     let store = st.store.clone();
     let (tmp2, name2, version2, platform2) = (

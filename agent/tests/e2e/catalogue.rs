@@ -519,7 +519,7 @@ fn the_app_store_keeps_versions_with_checksums() {
         200
     );
     says(
-        &put(&phone, "/v1/apps/x/versions/1?file=c.apk", b"x"),
+        &put(&phone, "/v1/apps/x/versions/1?file=c.apk", b""),
         403,
         "operator's",
     );
