@@ -35,8 +35,13 @@ pub struct Sample {
     pub start_p99_ms: Option<f64>,
     /// Starts that failed since the previous sample.
     pub start_failures: u64,
-    /// API requests since the previous sample.
+    /// API requests since the previous sample, not counting the web manager's own reads
+    /// (those marked [`REFRESH_HEADER`]).
     pub requests: u64,
+    /// The web manager's own reads since the previous sample (its refreshes, the console's
+    /// long polls), kept apart so they do not swell `requests`.
+    #[serde(default)]
+    pub manager_reads: u64,
     /// Guest memory of the active instances, MiB.
     pub vm_memory_mib: u64,
     /// The agent's resident memory, MiB.
@@ -50,9 +55,15 @@ pub struct Window {
     pub start_ms: Vec<f64>,
     /// Failed starts.
     pub failures: u64,
-    /// API requests.
+    /// API requests (not the manager's reads).
     pub requests: u64,
+    /// The manager's reads.
+    pub manager_reads: u64,
 }
+
+/// The header the web manager puts on its own reads (`X-Cloudlet-Refresh: 1`): they are
+/// counted as `manager_reads`, not `requests`.
+pub const REFRESH_HEADER: &str = "x-cloudlet-refresh";
 
 /// The value at quantile `q` (0..=1) of `v` (nearest rank), None when empty.
 pub fn quantile(v: &[f64], q: f64) -> Option<f64> {
@@ -87,6 +98,7 @@ impl History {
             start_p99_ms: r2(quantile(&w.start_ms, 0.99)),
             start_failures: w.failures,
             requests: w.requests,
+            manager_reads: w.manager_reads,
             vm_memory_mib: g.2,
             agent_rss_mib: (g.3 * 10.0).round() / 10.0,
         }
@@ -164,6 +176,7 @@ mod tests {
                 start_ms: vec![1.0, 2.0, 30.0],
                 failures: 0,
                 requests: i as u64,
+                manager_reads: 0,
             };
             h.push(History::sample_of(&w, (1, 2, 64, 12.34), i as f64));
         }

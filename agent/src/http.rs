@@ -554,10 +554,17 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Only reads can be the manager's refreshes: an action counts whoever sends it.
+    let manager_read = method == Method::GET
+        && req
+            .headers()
+            .get(crate::history::REFRESH_HEADER)
+            .is_some_and(|v| v == "1");
     let t0 = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    st.metrics.request(&route, method.as_str(), status);
+    st.metrics
+        .request_from(&route, method.as_str(), status, manager_read);
     tracing::debug!(%method, path, status, ms = t0.elapsed().as_secs_f64() * 1e3, "api");
     resp
 }
@@ -824,6 +831,10 @@ async fn console(
         })?;
         buf
     };
+    // A chunk ends where the file ended or at CONSOLE_CHUNK, which can fall inside a UTF-8
+    // sequence: answer up to the last whole character and start the next read at the rest.
+    let whole = utf8_prefix(&bytes);
+    let take = whole as u64;
     let live = st.sup.get(&id).is_some_and(|r| r.info.state.active());
     Ok((
         [
@@ -840,9 +851,30 @@ async fn console(
                 live.to_string(),
             ),
         ],
-        String::from_utf8_lossy(&bytes).into_owned(),
+        String::from_utf8_lossy(&bytes[..whole]).into_owned(),
     )
         .into_response())
+}
+
+/// How many leading bytes of `bytes` end on a character boundary: all of them unless they
+/// end inside a UTF-8 sequence that more bytes could complete (invalid bytes are not held
+/// back; they read as U+FFFD).
+fn utf8_prefix(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        // `error_len() == None`: the end is a sequence cut short, not an invalid one.
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => {
+            // An invalid sequence earlier: hold back only an unfinished one at the very end.
+            let start = bytes.len().saturating_sub(3);
+            (start..bytes.len())
+                .find(|&i| {
+                    bytes[i] >= 0xc0
+                        && std::str::from_utf8(&bytes[i..]).is_err_and(|e| e.error_len().is_none())
+                })
+                .unwrap_or(bytes.len())
+        }
+    }
 }
 
 /// `GET /v1/system`.
@@ -1990,6 +2022,26 @@ mod tests {
     use crate::supervisor::tests::{fake_base, running, running_for, scratch_supervisor};
 
     const OPERATOR: &str = "operator-token";
+
+    #[test]
+    fn console_chunks_end_on_a_character() {
+        let text = "ok é€😀".as_bytes();
+        assert_eq!(utf8_prefix(text), text.len());
+        // Cut inside each multi-byte character: the answer stops before it.
+        for cut in 1..text.len() {
+            let n = utf8_prefix(&text[..cut]);
+            assert!(std::str::from_utf8(&text[..n]).is_ok(), "cut {cut}: {n}");
+            assert!(cut - n < 4, "cut {cut}: held back {}", cut - n);
+            let rest = std::str::from_utf8(&text[n..]).expect("the rest starts on a character");
+            assert_eq!(
+                format!("{}{rest}", std::str::from_utf8(&text[..n]).unwrap()),
+                "ok é€😀"
+            );
+        }
+        // Invalid bytes are passed on (as U+FFFD), not held back for ever.
+        assert_eq!(utf8_prefix(b"a\xffb"), 3);
+        assert_eq!(utf8_prefix(b"\xff\xe2\x82"), 1);
+    }
 
     /// An agent in this process on 127.0.0.1:0 over a scratch data directory (base `micro`
     /// staged, its content id all `base_digit`s; no vmm). Returns its URL and state.

@@ -91,11 +91,21 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one API request.
     pub fn request(&self, route: &str, method: &str, status: u16) {
+        self.request_from(route, method, status, false);
+    }
+
+    /// Counts one API request; `manager_read`: one of the web manager's own reads, which the
+    /// history keeps apart (the Prometheus counters count every request).
+    pub fn request_from(&self, route: &str, method: &str, status: u16, manager_read: bool) {
         let mut g = self.inner.lock().expect("metrics lock");
         *g.requests
             .entry((route.to_string(), method.to_string(), status))
             .or_default() += 1;
-        g.window.requests += 1;
+        if manager_read {
+            g.window.manager_reads += 1;
+        } else {
+            g.window.requests += 1;
+        }
     }
 
     /// Records one instance start (synthesis → first verified reply).
@@ -293,6 +303,8 @@ mod tests {
         m.start_failed();
         m.sample((1, 1, 64, 10.0));
         m.request("/v1/system", "GET", 200);
+        m.request_from("/v1/system", "GET", 200, true);
+        m.request_from("/v1/services", "GET", 200, true);
         let h = m.history((0, 0, 0, 10.0));
         assert_eq!(h.len(), 2, "the sample and now");
         assert_eq!((h[0].starts, h[0].requests, h[0].start_failures), (2, 1, 1));
@@ -302,6 +314,12 @@ mod tests {
         );
         assert_eq!((h[0].running, h[0].vm_memory_mib), (1, 64));
         assert_eq!((h[1].starts, h[1].requests), (0, 1), "the open window");
+        assert_eq!(h[1].manager_reads, 2, "the manager's reads apart");
+        assert!(
+            m.render(&[], &[])
+                .contains("route=\"/v1/system\",method=\"GET\",status=\"200\"} 2"),
+            "Prometheus counts them all"
+        );
         assert_eq!(h[1].start_p50_ms, None);
     }
 

@@ -100,6 +100,27 @@ fn history_console_and_events_show_what_happened() {
     };
     assert_eq!(cli(&["console", &i.id]), "a line on the console\n");
 
+    // A character cut by the end of a 64 KiB answer is not garbled: the answer stops before
+    // it and the next one (from the offset the body's length gives) starts with it.
+    let end = std::fs::metadata(&serial).unwrap().len();
+    let mut text = "a".repeat(65535);
+    text.push_str("é€\n");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&serial)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let first = c
+        .raw("GET", &format!("{path}?offset={end}"), None, true)
+        .unwrap();
+    assert_eq!(first.body, "a".repeat(65535), "no U+FFFD at the cut");
+    let next = end + first.body.len() as u64;
+    let rest = c
+        .raw("GET", &format!("{path}?offset={next}"), None, true)
+        .unwrap();
+    assert_eq!(rest.body, "é€\n");
+
     // Events: the start and the stop, then a start that fails, with its reason.
     c.delete(&i.id).unwrap();
     // A version 2 (its upload drops version 1's warm standby), damaged on disk after its
