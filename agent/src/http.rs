@@ -1154,10 +1154,75 @@ pub struct BuildRequest {
     /// The base to customise (a new service needs one; an edited service's current version's
     /// base by default).
     pub base: Option<String>,
-    /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`).
+    /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`); may be empty
+    /// when `files` place what the service needs.
+    #[serde(default)]
     pub script: String,
     /// Description.
     pub description: Option<String>,
+    /// Files to place on the guest's disk before the commands run.
+    #[serde(default)]
+    pub files: Vec<BuildFile>,
+}
+
+/// A file a build places on the guest's disk: where (`format::disk_file`: `/dev/vda@OFFSET`)
+/// and its content, as text or as base64 (exactly one of the two).
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFile {
+    /// `/dev/vda@OFFSET`.
+    pub path: String,
+    /// The content as UTF-8 text.
+    pub content: Option<String>,
+    /// The content as standard base64.
+    pub content_base64: Option<String>,
+}
+
+/// The build's files checked against the base's disk (`disk_bytes`): (path, bytes) each.
+fn build_files(files: &[BuildFile], disk_bytes: Option<u64>) -> ApiResult<Vec<(String, Vec<u8>)>> {
+    use base64::Engine;
+    use format::disk_file::{MAX_FILES, MAX_TOTAL_BYTES};
+    let bad = |msg: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            msg,
+            "files: [{\"path\": \"/dev/vda@OFFSET\", \"content\": TEXT or \"content_base64\": B64}]; nothing was started",
+        )
+    };
+    if files.len() > MAX_FILES {
+        return Err(bad(format!(
+            "{} files given, at most {MAX_FILES} are placed by one build",
+            files.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let data = match (&f.content, &f.content_base64) {
+            (Some(t), None) => t.as_bytes().to_vec(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| {
+                    bad(format!(
+                        "'{}': its content_base64 is not base64: {e}",
+                        f.path
+                    ))
+                })?,
+            _ => return Err(bad(format!(
+                "'{}': give its content as \"content\" (text) or \"content_base64\", one of them",
+                f.path
+            ))),
+        };
+        format::disk_file::check(&f.path, data.len(), disk_bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        out.push((f.path.clone(), data));
+    }
+    let total: usize = out.iter().map(|(_, d)| d.len()).sum();
+    if total > MAX_TOTAL_BYTES {
+        return Err(bad(format!(
+            "the files hold {total} bytes, at most {MAX_TOTAL_BYTES} are placed by one build"
+        )));
+    }
+    Ok(out)
 }
 
 /// `POST /v1/services/{name}/build`: customises a base on the appliance into a new service
@@ -1171,17 +1236,17 @@ async fn build_service(
 ) -> ApiResult<(StatusCode, Json<crate::jobs::Job>)> {
     let req: BuildRequest = json_body(
         &body,
-        "send {\"base\": \"BASE\", \"script\": \"load:16\", \"description\": \"TEXT\"}",
+        "send {\"base\": \"BASE\", \"script\": \"load:16\", \"description\": \"TEXT\", \"files\": [{\"path\": \"/dev/vda@OFFSET\", \"content\": TEXT}]}",
     )?;
     crate::store::check_name(&name)?;
     let script = req.script.trim();
-    if script.is_empty()
+    if (script.is_empty() && req.files.is_empty())
         || script.len() > 4096
         || !script.bytes().all(|b| (0x20..0x7f).contains(&b))
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "the script must be 1-4096 printable ASCII characters",
+            "the script must be 1-4096 printable ASCII characters (or empty when files are placed)",
             "console commands separated by ',', with ':' between a command's words (load:16,put:7:42)",
         ));
     }
@@ -1210,11 +1275,13 @@ async fn build_service(
             ))
         }
     };
-    st.store.base(&base)?;
+    let info = st.store.base(&base)?;
+    let files = build_files(&req.files, info.disk_bytes)?;
     let spec = crate::jobs::BuildSpec {
         service: name.clone(),
         base,
         script: script.to_string(),
+        files,
         description: req.description.clone(),
         edit: existing.is_some(),
     };

@@ -41,6 +41,9 @@ pub struct Job {
     pub base: String,
     /// The console commands.
     pub script: String,
+    /// The files placed on the guest's disk before the commands.
+    #[serde(default)]
+    pub files: Vec<JobFile>,
     /// `running`, `done` or `failed`.
     pub state: String,
     /// The step under way or last done (`starting`, `restore`, `command`, `snapshot`,
@@ -67,6 +70,20 @@ pub struct Job {
     pub trial_ms: Option<f64>,
 }
 
+/// A file a build places: where, its size and SHA-256.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobFile {
+    /// `/dev/vda@OFFSET` (`format::disk_file`).
+    pub path: String,
+    /// Its length.
+    pub bytes: u64,
+    /// Hex SHA-256 of its content.
+    pub sha256: String,
+    /// Whether it is on the guest's disk yet.
+    #[serde(default)]
+    pub placed: bool,
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct BuildSpec {
@@ -76,6 +93,8 @@ pub struct BuildSpec {
     pub base: String,
     /// Console commands (`,`-separated, `:` between words).
     pub script: String,
+    /// Files to place on the guest's disk: (`/dev/vda@OFFSET`, content), checked.
+    pub files: Vec<(String, Vec<u8>)>,
     /// Description (a new service's, or a new one for an edited service).
     pub description: Option<String>,
     /// Whether the service exists (`edit`).
@@ -144,6 +163,19 @@ impl Jobs {
             kind: if spec.edit { "edit" } else { "create" }.into(),
             base: spec.base.clone(),
             script: spec.script.clone(),
+            files: spec
+                .files
+                .iter()
+                .map(|(path, data)| {
+                    use sha2::Digest;
+                    JobFile {
+                        path: path.clone(),
+                        bytes: data.len() as u64,
+                        sha256: format!("{:x}", sha2::Sha256::digest(data)),
+                        placed: false,
+                    }
+                })
+                .collect(),
             state: "running".into(),
             step: "starting".into(),
             commands_done: 0,
@@ -245,7 +277,10 @@ impl Jobs {
             j.percent = 90;
         });
         let (store, spec2, out2) = (self.store.clone(), spec.clone(), out.to_path_buf());
-        let note = format!("customised on {}: {}", spec.base, spec.script);
+        let mut note = format!("customised on {}: {}", spec.base, spec.script);
+        for (path, data) in &spec.files {
+            note.push_str(&format!("; file {path} ({} bytes)", data.len()));
+        }
         let (rec, v) = tokio::task::spawn_blocking(move || {
             // An edited service's description changes with its version, after the trial.
             let description = if spec2.edit {
@@ -314,12 +349,35 @@ impl Jobs {
         out: &std::path::Path,
         snap: &std::path::Path,
     ) -> Result<(), String> {
+        let mut file_args = Vec::new();
+        for (i, (path, data)) in spec.files.iter().enumerate() {
+            let host = snap.with_extension(format!("file{i}"));
+            tokio::fs::write(&host, data)
+                .await
+                .map_err(|e| format!("cannot stage file {path}: {e}"))?;
+            file_args.push(format!("--file={path}={}", host.display()));
+        }
+        let r = self.run_builder(id, spec, out, snap, &file_args).await;
+        for i in 0..spec.files.len() {
+            let _ = tokio::fs::remove_file(snap.with_extension(format!("file{i}"))).await;
+        }
+        r
+    }
+
+    async fn run_builder(
+        &self,
+        id: &str,
+        spec: &BuildSpec,
+        out: &std::path::Path,
+        snap: &std::path::Path,
+        file_args: &[String],
+    ) -> Result<(), String> {
         let mut child = tokio::process::Command::new(&self.builder)
             .arg("overlay")
             .arg("--base")
             .arg(self.store.base_dir(&spec.base))
-            .arg("--script")
-            .arg(&spec.script)
+            .arg(format!("--script={}", spec.script))
+            .args(file_args)
             .arg("--keep-snapshot")
             .arg(snap)
             .arg("--out")
@@ -369,6 +427,16 @@ impl Jobs {
 fn apply(j: &mut Job, s: &Step) {
     let n = j.commands_total.max(1);
     match s {
+        Step::File { index, .. } => {
+            j.step = "file".into();
+            if let Some(f) = index
+                .checked_sub(1)
+                .and_then(|i| j.files.get_mut(i as usize))
+            {
+                f.placed = true;
+            }
+            j.percent = 2;
+        }
         Step::Restore => {
             j.step = "restore".into();
             j.percent = 5;

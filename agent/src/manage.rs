@@ -61,8 +61,9 @@ pub enum CatalogueCmd {
     BuildService {
         /// Service name.
         service: String,
-        /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`).
-        #[arg(long)]
+        /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`); may be
+        /// left out when --file places what the service needs.
+        #[arg(long, default_value = "")]
         script: String,
         /// The base to customise (a new service needs one).
         #[arg(long)]
@@ -70,6 +71,11 @@ pub enum CatalogueCmd {
         /// Description.
         #[arg(long)]
         description: Option<String>,
+        /// Place a file on the guest's disk first: GUEST=LOCAL, GUEST a place on the raw disk
+        /// (`/dev/vda@OFFSET`, a byte offset), LOCAL the file to send (at most 256 KiB;
+        /// repeat up to 16 times).
+        #[arg(long = "file", value_name = "GUEST=LOCAL")]
+        files: Vec<String>,
     },
     /// The events list, newest first (operator): starts, stops, failures with their reason,
     /// imports, builds, pairings.
@@ -323,16 +329,39 @@ pub fn run(cmd: &CatalogueCmd, c: &Client, json_out: bool) -> Result<()> {
             script,
             base,
             description,
+            files,
         } => {
+            let mut sent = Vec::new();
+            for f in files {
+                use base64::Engine;
+                let (guest, local) = f.split_once('=').with_context(|| {
+                    format!("--file {f}: write GUEST=LOCAL (e.g. /dev/vda@568=entry.bin)")
+                })?;
+                let data = std::fs::read(local)
+                    .with_context(|| format!("--file {f}: cannot read '{local}'"))?;
+                sent.push(json!({
+                    "path": guest,
+                    "content_base64": base64::engine::general_purpose::STANDARD.encode(&data),
+                }));
+            }
             let mut j: crate::jobs::Job = c.send_json(
                 "POST",
                 &format!("/v1/services/{service}/build"),
-                &json!({"base": base, "script": script, "description": description}),
+                &json!({"base": base, "script": script, "description": description, "files": sent}),
             )?;
             let mut last = String::new();
             loop {
+                let files = if j.files.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "{}/{} files, ",
+                        j.files.iter().filter(|f| f.placed).count(),
+                        j.files.len()
+                    )
+                };
                 let line = format!(
-                    "{}: {} {:>3}% ({}/{} commands){}",
+                    "{}: {} {:>3}% ({files}{}/{} commands){}",
                     j.id,
                     j.step,
                     j.percent,

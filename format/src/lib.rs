@@ -10,6 +10,7 @@
 //! - [`control`]: the frames a vmm speaks: its control socket (requests, answers) and the
 //!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
+//! - [`disk_file`]: where a customisation places a file on a guest's disk (its path form);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
 //! - [`ram_image`]: a service's RAM image (base + overlay, made once, shared copy-on-write by
 //!   its instances) and the id saying what it was made from;
@@ -26,6 +27,7 @@
 pub mod base;
 pub mod control;
 pub mod disk_delta;
+pub mod disk_file;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;

@@ -4,6 +4,7 @@
 //! ```text
 //! one JSON object per line, UTF-8, '\n'-terminated; every line carries the version:
 //!
+//!   {"v":1,"step":"file","index":1,"total":1,"path":"/dev/vda@568","bytes":8}  placed on its disk
 //!   {"v":1,"step":"restore"}                                        the base is being restored
 //!   {"v":1,"step":"command","index":1,"total":3,"line":"load 16","reply":"ok loaded 16"}
 //!   {"v":1,"step":"snapshot"}                                       the customised guest is saved
@@ -24,6 +25,17 @@ pub const PROGRESS_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
+    /// File `index` of `total` (1-based) was placed on the guest's disk (before the restore).
+    File {
+        /// 1-based.
+        index: u32,
+        /// Files placed.
+        total: u32,
+        /// Where (`format::disk_file`).
+        path: String,
+        /// Its length.
+        bytes: u64,
+    },
     /// The base is being restored.
     Restore,
     /// Console command `index` of `total` (1-based) ran: its line and the guest's reply.
@@ -124,6 +136,15 @@ mod tests {
                     reply: "ok loaded".into(),
                 },
                 r#"{"v":1,"step":"command","index":1,"total":2,"line":"load 16","reply":"ok loaded"}"#,
+            ),
+            (
+                Step::File {
+                    index: 1,
+                    total: 1,
+                    path: "/dev/vda@568".into(),
+                    bytes: 8,
+                },
+                r#"{"v":1,"step":"file","index":1,"total":1,"path":"/dev/vda@568","bytes":8}"#,
             ),
             (Step::Snapshot, r#"{"v":1,"step":"snapshot"}"#),
             (Step::Diff, r#"{"v":1,"step":"diff"}"#),

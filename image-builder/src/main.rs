@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use format::overlay::{BuildOptions, Overlay};
 use format::progress::Step;
@@ -75,9 +75,15 @@ enum Command {
         /// Snapshot of the customised VM (from `vmm snapshot`).
         #[arg(long, conflicts_with = "script", required_unless_present = "script")]
         from: Option<PathBuf>,
-        /// Console commands that customise the base, `,`-separated, `:` between words (`put:7:42`).
+        /// Console commands that customise the base, `,`-separated, `:` between words
+        /// (`put:7:42`); may be empty when --file places what the service needs.
         #[arg(long)]
         script: Option<String>,
+        /// Place a file on the guest's disk before it is restored: GUEST=HOST, GUEST a place
+        /// on the raw disk (`/dev/vda@OFFSET`, a byte offset), HOST the file to copy there
+        /// (at most 256 KiB; repeat up to 16 times, 1 MiB in all). Needs --script.
+        #[arg(long = "file", value_name = "GUEST=HOST", requires = "script")]
+        files: Vec<String>,
         /// Where to keep the customised snapshot made for --script.
         #[arg(long)]
         keep_snapshot: Option<PathBuf>,
@@ -127,6 +133,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--file GUEST=HOST` arguments, read.
+fn read_files(args: &[String]) -> Result<Vec<overlay::DiskFile>> {
+    args.iter()
+        .map(|a| {
+            let (guest, host) = a.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--file {a}: write GUEST=HOST (e.g. /dev/vda@568=entry.bin)")
+            })?;
+            format::disk_file::parse(guest)?;
+            let meta = std::fs::metadata(host)
+                .with_context(|| format!("--file {a}: cannot read '{host}'"))?;
+            if meta.len() > format::disk_file::MAX_FILE_BYTES as u64 {
+                anyhow::bail!(
+                    "--file {a}: '{host}' holds {} bytes, at most {} are placed per file",
+                    meta.len(),
+                    format::disk_file::MAX_FILE_BYTES
+                );
+            }
+            Ok(overlay::DiskFile {
+                path: guest.to_string(),
+                data: std::fs::read(host)
+                    .with_context(|| format!("--file {a}: cannot read '{host}'"))?,
+            })
+        })
+        .collect()
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -170,6 +202,7 @@ fn run(cmd: Command) -> Result<()> {
             base,
             from,
             script,
+            files,
             keep_snapshot,
             out,
             level,
@@ -201,19 +234,22 @@ fn run(cmd: Command) -> Result<()> {
                             tmp.clone()
                         }
                     };
-                    let r = overlay::from_script(
-                        &base,
-                        &script,
-                        &snap,
-                        &out,
-                        opts,
-                        Duration::from_secs(120),
-                        &mut |s| {
-                            if json {
-                                emit(s)
-                            }
-                        },
-                    );
+                    let r = read_files(&files).and_then(|files| {
+                        overlay::from_script(
+                            &base,
+                            &script,
+                            &files,
+                            &snap,
+                            &out,
+                            opts,
+                            Duration::from_secs(120),
+                            &mut |s| {
+                                if json {
+                                    emit(s)
+                                }
+                            },
+                        )
+                    });
                     if keep_snapshot.is_none() {
                         let _ = std::fs::remove_dir_all(&snap);
                     }

@@ -226,3 +226,122 @@ fn a_version_that_fails_its_trial_is_removed() {
     let i = c.start("kv").unwrap();
     verify_guest(&i.endpoint);
 }
+
+/// Files placed on the guest's disk by a build (the API and the CLI) are what the guest
+/// reads back from its disk table; a bad place or content is refused before any job starts.
+#[test]
+fn files_placed_on_the_disk_are_read_by_the_guest() {
+    use base64::Engine;
+    let a = AgentProc::start("build-files", &[]);
+    let c = a.client();
+    // Entry 7 of the table (byte 512 + 8·7) gets "ABCDEFGH", entry 8 the u64 4242, and no
+    // console command runs.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(4242u64.to_le_bytes());
+    let body = format!(
+        r#"{{"base":"micro","files":[{{"path":"/dev/vda@568","content":"ABCDEFGH"}},{{"path":"/dev/vda@0x240","content_base64":"{b64}"}}]}}"#
+    );
+    let r = post(&c, "files", &body);
+    assert_eq!(r.status, 202, "{r:?}");
+    let (j, steps) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(1)), "{j:?}");
+    assert_eq!(j.files.len(), 2);
+    assert!(j.files.iter().all(|f| f.placed && f.bytes == 8), "{j:?}");
+    assert_eq!(j.commands_total, 0);
+    assert!(!steps.is_empty(), "{steps:?}");
+    let i = c.start("files").unwrap();
+    let mut g =
+        micro_service::client::Client::connect(&i.endpoint, Duration::from_secs(10)).unwrap();
+    let abc = u64::from_le_bytes(*b"ABCDEFGH");
+    g.expect("get 7", &get_reply(7, abc)).unwrap();
+    g.expect("get 8", &get_reply(8, 4242)).unwrap();
+    g.expect(
+        "get 9",
+        &get_reply(9, micro_service::oracle::table_value(9)),
+    )
+    .unwrap();
+    let vs: Vec<VersionView> = c.get_json("/v1/services/files/versions").unwrap();
+    assert!(
+        vs[0].record.note.contains("file /dev/vda@568 (8 bytes)"),
+        "{vs:?}"
+    );
+
+    // The CLI sends a local file the same way: a next version, the base with entry 7
+    // changed (its script reads it back during the build).
+    let d = crate::common::Scratch::new("build-files-cli");
+    let local = d.path("entry7.bin");
+    std::fs::write(&local, 77u64.to_le_bytes()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+        .args(["build-service", "files", "--script", "get:7", "--file"])
+        .arg(format!("/dev/vda@568={}", local.display()))
+        .args(["--agent", &a.url])
+        .env(agent::auth::TOKEN_ENV, crate::common::operator_token())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1/1 files"), "progress shows the files: {err}");
+    let i2 = c.start("files").unwrap();
+    let mut g =
+        micro_service::client::Client::connect(&i2.endpoint, Duration::from_secs(10)).unwrap();
+    g.expect("get 7", &get_reply(7, 77)).unwrap();
+    // A version customises the base afresh: version 1's entry 8 is not in it.
+    g.expect(
+        "get 8",
+        &get_reply(8, micro_service::oracle::table_value(8)),
+    )
+    .unwrap();
+
+    // Bad files: a clear error, no job, the catalogue as it was.
+    let before = c
+        .raw("GET", "/v1/services/files/versions", None, true)
+        .unwrap()
+        .body;
+    let jobs_before = c.get_json::<Vec<Job>>("/v1/jobs").unwrap().len();
+    let big = "x".repeat(format::disk_file::MAX_FILE_BYTES + 1);
+    let many: Vec<String> = (0..17)
+        .map(|i| format!(r#"{{"path":"/dev/vda@{}","content":"x"}}"#, 4096 + i))
+        .collect();
+    for (body, needle) in [
+        (
+            r#"{"files":[{"path":"/etc/motd","content":"hi"}]}"#.to_string(),
+            "write /dev/vda@OFFSET",
+        ),
+        (
+            r#"{"files":[{"path":"/dev/vda@1048570","content":"12345678"}]}"#.to_string(),
+            "runs past the end of the disk (1048576 bytes)",
+        ),
+        (
+            r#"{"files":[{"path":"/dev/vda@568","content":"a","content_base64":"YQ=="}]}"#
+                .to_string(),
+            "one of them",
+        ),
+        (
+            r#"{"files":[{"path":"/dev/vda@568","content_base64":"not base64!"}]}"#.to_string(),
+            "not base64",
+        ),
+        (
+            r#"{"files":[{"path":"/dev/vda@568","content":""}]}"#.to_string(),
+            "is empty",
+        ),
+        (
+            format!(r#"{{"files":[{{"path":"/dev/vda@4096","content":"{big}"}}]}}"#),
+            "at most 262144 are placed per file",
+        ),
+        (format!(r#"{{"files":[{}]}}"#, many.join(",")), "at most 16"),
+    ] {
+        let r = post(&c, "files", &body);
+        assert_eq!(r.status, 400, "{needle}: {r:?}");
+        assert!(r.body.contains(needle), "{needle}: {r:?}");
+    }
+    assert_eq!(
+        c.get_json::<Vec<Job>>("/v1/jobs").unwrap().len(),
+        jobs_before
+    );
+    assert_eq!(
+        c.raw("GET", "/v1/services/files/versions", None, true)
+            .unwrap()
+            .body,
+        before
+    );
+    a.tmp_is_empty();
+}
