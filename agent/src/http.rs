@@ -1207,10 +1207,12 @@ fn build_files(files: &[BuildFile], disk_bytes: Option<u64>) -> ApiResult<Vec<(S
                         f.path
                     ))
                 })?,
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "'{}': give its content as \"content\" (text) or \"content_base64\", one of them",
                 f.path
-            ))),
+            )))
+            }
         };
         format::disk_file::check(&f.path, data.len(), disk_bytes)
             .map_err(|e| bad(e.to_string()))?;

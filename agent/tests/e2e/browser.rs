@@ -421,6 +421,8 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
     d.set_value("#build-base", "micro");
     d.type_into("#build-script", "load:1");
     d.type_into("#build-description", "built in the browser");
+    // And a file on its disk: table entry 8 (byte 512 + 8·8) becomes "ABCDEFGH".
+    d.type_into("#build-files", "/dev/vda@576=ABCDEFGH");
     d.click_on("#build-btn");
     d.says("building kv (job j-");
     wait_for(Duration::from_secs(120), "the build to finish", || {
@@ -438,11 +440,19 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
     assert_eq!(d.text(&row), "running");
     let first = a.client().instances().unwrap().remove(0);
     verify_guest(&first.endpoint);
+    let mut g =
+        micro_service::client::Client::connect(&first.endpoint, Duration::from_secs(10)).unwrap();
+    g.expect(
+        "get 8",
+        &micro_service::oracle::get_reply(8, u64::from_le_bytes(*b"ABCDEFGH")),
+    )
+    .unwrap();
 
     // Edit: re-customise into version 2 (entry 7 of the model's disk set to 42).
     d.click_on("button.versions[data-service='kv']");
     d.wait("#versions tr#ver-1");
     d.type_into("#edit-script", "load:1,put:7:42");
+    d.type_into("#edit-files", "/dev/vda@584=version2");
     d.click_on("#edit-build");
     wait_for(Duration::from_secs(120), "version 2 to be current", || {
         d.find("#versions tr#ver-2 td.current")
@@ -461,6 +471,11 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
         micro_service::client::Client::connect(&second.endpoint, Duration::from_secs(10)).unwrap();
     g.expect("get 7", &micro_service::oracle::get_reply(7, 42))
         .unwrap();
+    g.expect(
+        "get 9",
+        &micro_service::oracle::get_reply(9, u64::from_le_bytes(*b"version2")),
+    )
+    .unwrap();
     d.screenshot("web-manager-versions");
 
     // The console of an instance, live.
