@@ -1287,12 +1287,17 @@ async fn build_service(
         description: req.description.clone(),
         edit: existing.is_some(),
     };
-    match st.jobs.start(spec) {
+    match st.jobs.start(spec, info.mem_mib) {
         Ok(j) => Ok((StatusCode::ACCEPTED, Json(j))),
-        Err(running) => Err(ApiError::new(
+        Err(crate::jobs::StartError::Busy(running)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("service '{name}' is being built already (job {running})"),
             format!("follow it: GET /v1/jobs/{running}"),
+        )),
+        Err(crate::jobs::StartError::Full(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no room to build '{name}': {why}"),
+            "the build VM and its trial VM count against the board's max_vms and memory; nothing was started",
         )),
     }
 }

@@ -84,6 +84,17 @@ pub struct JobFile {
     pub placed: bool,
 }
 
+/// Why a build does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The service is being built already (by this job).
+    #[error("being built already (job {0})")]
+    Busy(String),
+    /// The board has no slot for the build's VM.
+    #[error("no capacity: {0}")]
+    Full(String),
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct BuildSpec {
@@ -149,9 +160,9 @@ impl Jobs {
         }
     }
 
-    /// Starts building `spec` in the background; returns the job (`running`), or the id of
-    /// the running job of that service as the error.
-    pub fn start(self: &Arc<Self>, spec: BuildSpec) -> Result<Job, String> {
+    /// Starts building `spec` in the background, its VMs (`mem_mib` of guest RAM) in a slot
+    /// of the board taken now; returns the job (`running`), or why it cannot start.
+    pub fn start(self: &Arc<Self>, spec: BuildSpec, mem_mib: u64) -> Result<Job, StartError> {
         let total = spec
             .script
             .split(',')
@@ -188,13 +199,13 @@ impl Jobs {
             took_ms: None,
             trial_ms: None,
         };
-        {
+        let slot = {
             let mut t = self.table.lock().expect("jobs");
             if let Some(j) = t
                 .values()
                 .find(|j| j.service == spec.service && j.state == "running")
             {
-                return Err(j.id.clone());
+                return Err(StartError::Busy(j.id.clone()));
             }
             if t.len() >= KEPT {
                 let old = t
@@ -206,13 +217,23 @@ impl Jobs {
                     t.remove(&o);
                 }
             }
+            // The slot is taken under the jobs' lock, so a refused build leaves no job.
+            let slot = self
+                .sup
+                .reserve_build(&job.id, mem_mib)
+                .map_err(|e| match e {
+                    crate::supervisor::SupervisorError::Full(why) => StartError::Full(why),
+                    other => StartError::Full(other.to_string()),
+                })?;
             t.insert(job.id.clone(), job.clone());
-        }
+            slot
+        };
         let me = Arc::clone(self);
         let id = job.id.clone();
         tokio::spawn(async move {
             let t0 = std::time::Instant::now();
             let r = me.run(&id, &spec).await;
+            drop(slot);
             let ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
             let audit = crate::audit::Audit::in_dir(me.store.root());
             match r {

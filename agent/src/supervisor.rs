@@ -402,6 +402,22 @@ pub struct Supervisor {
     warm: Mutex<crate::warm::Pool>,
     /// Signalled when the making of a standby ends.
     warm_made: tokio::sync::Notify,
+    /// Builds holding a slot (their build VM, then their trial VM): job id → guest MiB.
+    /// Locked after `table`, never before it.
+    builds: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A build's slot on the board (its build VM, then its trial VM, one after the other);
+/// given back when dropped.
+pub struct BuildSlot {
+    sup: Arc<Supervisor>,
+    job: String,
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        self.sup.builds.lock().expect("builds").remove(&self.job);
+    }
 }
 
 /// Active instances of `table` and their guest memory, MiB.
@@ -525,6 +541,7 @@ impl Supervisor {
             changed: watch::channel(0).0,
             warm: Mutex::new(crate::warm::Pool::default()),
             warm_made: tokio::sync::Notify::new(),
+            builds: Mutex::default(),
         })
     }
 
@@ -601,6 +618,60 @@ impl Supervisor {
     /// Active instances and the memory they hold, MiB.
     pub fn usage(&self) -> (u32, u64) {
         active_usage(&self.table.lock().expect("instance table"))
+    }
+
+    /// Slots held under the board's limits: the active instances and the builds (their
+    /// VMs), with their guest memory, MiB; and how many of those slots are builds.
+    fn held(&self, table: &BTreeMap<String, Entry>) -> (u32, u64, u32) {
+        let (n, mem) = active_usage(table);
+        let b = self.builds.lock().expect("builds");
+        (
+            n + b.len() as u32,
+            mem + b.values().sum::<u64>(),
+            b.len() as u32,
+        )
+    }
+
+    /// Takes a slot for build `job` (its build VM of `mem_mib`, then its trial VM) under the
+    /// board's limits, beside the instances (standbys give theirs up); or says which limit is
+    /// reached.
+    pub fn reserve_build(
+        self: &Arc<Self>,
+        job: &str,
+        mem_mib: u64,
+    ) -> Result<BuildSlot, SupervisorError> {
+        let t = self.table.lock().expect("instance table");
+        let (n, mem, builds) = self.held(&t);
+        {
+            let mut pool = self.warm.lock().expect("warm pool");
+            let (wn, wmem) = pool.usage();
+            if n + wn >= self.cfg.max_vms || mem + wmem + mem_mib > self.cfg.memory_mib {
+                for w in pool.drain(None) {
+                    tokio::spawn(crate::warm::discard(w));
+                }
+            }
+        }
+        if n >= self.cfg.max_vms {
+            return Err(SupervisorError::Full(format!(
+                "all {} service-VM slots of this board are in use (max_vms: {} instance(s), {builds} build(s)), and a build needs one for its build VM and its trial VM; stop an instance or build later",
+                self.cfg.max_vms,
+                n - builds
+            )));
+        }
+        if mem + mem_mib > self.cfg.memory_mib {
+            return Err(SupervisorError::Full(format!(
+                "{mem} MiB of the board's {} MiB for service VMs are in use and a build's VM needs {mem_mib} MiB more; stop an instance or build later",
+                self.cfg.memory_mib
+            )));
+        }
+        self.builds
+            .lock()
+            .expect("builds")
+            .insert(job.to_string(), mem_mib);
+        Ok(BuildSlot {
+            sup: Arc::clone(self),
+            job: job.to_string(),
+        })
     }
 
     /// The limits (max VMs, memory MiB).
@@ -958,7 +1029,7 @@ impl Supervisor {
         }
         {
             let t = self.table.lock().expect("instance table");
-            let (n, mem) = active_usage(&t);
+            let (n, mem, _) = self.held(&t);
             let mut pool = self.warm.lock().expect("warm pool");
             let (wn, wmem) = pool.usage();
             if n + wn + 1 > self.cfg.max_vms || mem + wmem + mem_mib > self.cfg.memory_mib {
@@ -1145,7 +1216,7 @@ impl Supervisor {
     /// limits), or says which limit is reached.
     fn reserve(&self, rec: &InstanceRecord, what: &str) -> Result<(), SupervisorError> {
         let mut t = self.table.lock().expect("instance table");
-        let (n, mem) = active_usage(&t);
+        let (n, mem, builds) = self.held(&t);
         {
             // Standbys give their slots up to instances.
             let mut pool = self.warm.lock().expect("warm pool");
@@ -1157,8 +1228,13 @@ impl Supervisor {
             }
         }
         if n >= self.cfg.max_vms {
+            let of_builds = if builds > 0 {
+                format!(", {builds} of them by a build on the appliance")
+            } else {
+                String::new()
+            };
             return Err(SupervisorError::Full(format!(
-                "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
+                "all {} service-VM slots of this board are in use (max_vms{of_builds}); stop an instance or try another cloudlet",
                 self.cfg.max_vms
             )));
         }

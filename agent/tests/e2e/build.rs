@@ -345,3 +345,46 @@ fn files_placed_on_the_disk_are_read_by_the_guest() {
     );
     a.tmp_is_empty();
 }
+
+/// A build's VMs (the build VM, then its trial VM) take a slot under the board's limits like
+/// an instance: a full board refuses a build with the reason, and a running build refuses
+/// the start that would overshoot.
+#[test]
+fn a_build_takes_a_slot_on_the_board() {
+    let a = AgentProc::start("build-limits", &[("max_vms = 4", "max_vms = 1")]);
+    let c = a.client();
+    let i = c.start("model").unwrap();
+    let r = post(&c, "kv", r#"{"base":"micro","script":"load:1"}"#);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.body.contains("no room to build 'kv'") && r.body.contains("max_vms: 1 instance(s)"),
+        "{r:?}"
+    );
+    assert!(c.get_json::<Vec<Job>>("/v1/jobs").unwrap().is_empty());
+    assert!(c.services().unwrap().iter().all(|s| s.name != "kv"));
+
+    // A freed slot takes the build; meanwhile a start is refused, saying why.
+    c.delete(&i.id).unwrap();
+    let r = post(
+        &c,
+        "kv",
+        r#"{"base":"micro","script":"load:16,load:16,load:16"}"#,
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    let j: Job = serde_json::from_str(&r.body).unwrap();
+    let refused = c
+        .raw(
+            "POST",
+            "/v1/instances",
+            Some(br#"{"service":"model"}"#),
+            true,
+        )
+        .unwrap();
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("by a build"), "{refused:?}");
+    let (j, _) = follow(&c, &j);
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(1)), "{j:?}");
+    // The slot is given back once the build (and its trial) ended.
+    let i = c.start("kv").unwrap();
+    verify_guest(&i.endpoint);
+}
