@@ -13,6 +13,12 @@
 //!   answer) ──▶ Job{failed, error}, the new version removed: the catalogue as it was (an
 //!   edited service keeps its current version)
 //! ```
+//!
+//! Each job is kept as `DATA/jobs/ID.json` (rewritten at each step), so builds outlive an
+//! agent restart honestly: a job found `running` at start was cut short — it is marked
+//! failed ("the agent restarted during the build"), the version it was trying is removed
+//! (the previous one stays current), and finished jobs stay listable ([`KEPT`] of them, for
+//! [`KEPT_SECS`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,6 +33,8 @@ use crate::store::{error_chain, hide_paths, unix_now, Store};
 
 /// Jobs kept (the oldest finished ones are forgotten beyond this).
 pub const KEPT: usize = 64;
+/// How long a finished job stays listable across restarts, seconds (a week).
+pub const KEPT_SECS: u64 = 7 * 24 * 3600;
 
 /// A build as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -68,6 +76,9 @@ pub struct Job {
     /// The trial of the new version: its VM's spawn → first verified reply, ms.
     #[serde(default)]
     pub trial_ms: Option<f64>,
+    /// The version installed and being tried (not yet current), while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trying: Option<u32>,
 }
 
 /// A file a build places: where, its size and SHA-256.
@@ -124,12 +135,21 @@ impl Jobs {
     /// Jobs running `builder` (the `image-builder` binary) on `sup`'s store; `sup` tries each
     /// new version out before it becomes current.
     pub fn new(builder: PathBuf, sup: Arc<crate::supervisor::Supervisor>) -> Arc<Jobs> {
+        let store = sup.store().clone();
+        let table = recover(&store);
         Arc::new(Jobs {
             builder,
-            store: sup.store().clone(),
+            store,
             sup,
-            table: Mutex::default(),
+            table: Mutex::new(table),
         })
+    }
+
+    /// Writes job `j`'s record (`DATA/jobs/ID.json`); a failure is logged, the job goes on.
+    fn persist(&self, j: &Job) {
+        if let Err(e) = save(&self.store, j) {
+            tracing::warn!(job = %j.id, "cannot keep the job's record: {e}");
+        }
     }
 
     /// Every job, newest first.
@@ -155,9 +175,15 @@ impl Jobs {
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
-        if let Some(j) = self.table.lock().expect("jobs").get_mut(id) {
+        let now = {
+            let mut t = self.table.lock().expect("jobs");
+            let Some(j) = t.get_mut(id) else {
+                return;
+            };
             f(j);
-        }
+            j.clone()
+        };
+        self.persist(&now);
     }
 
     /// Starts building `spec` in the background, its VMs (`mem_mib` of guest RAM) in a slot
@@ -198,6 +224,7 @@ impl Jobs {
             started_unix: unix_now(),
             took_ms: None,
             trial_ms: None,
+            trying: None,
         };
         let slot = {
             let mut t = self.table.lock().expect("jobs");
@@ -215,6 +242,7 @@ impl Jobs {
                     .map(|j| j.id.clone());
                 if let Some(o) = old {
                     t.remove(&o);
+                    let _ = std::fs::remove_file(job_path(&self.store, &o));
                 }
             }
             // The slot is taken under the jobs' lock, so a refused build leaves no job.
@@ -228,6 +256,7 @@ impl Jobs {
             t.insert(job.id.clone(), job.clone());
             slot
         };
+        self.persist(&job);
         let me = Arc::clone(self);
         let id = job.id.clone();
         tokio::spawn(async move {
@@ -244,6 +273,7 @@ impl Jobs {
                         serde_json::json!({"job": id, "service": spec.service, "version": version, "ms": ms}),
                     );
                     me.update(&id, |j| {
+                        j.trying = None;
                         j.state = "done".into();
                         j.step = "done".into();
                         j.percent = 100;
@@ -259,6 +289,7 @@ impl Jobs {
                         serde_json::json!({"job": id, "service": spec.service, "reason": shown}),
                     );
                     me.update(&id, |j| {
+                        j.trying = None;
                         j.state = "failed".into();
                         j.step = "failed".into();
                         j.error = Some(shown);
@@ -326,6 +357,7 @@ impl Jobs {
         self.update(id, |j| {
             j.step = "trial".into();
             j.percent = 95;
+            j.trying = Some(version);
         });
         match self.sup.trial(&trial).await {
             Ok(ms) => {
@@ -442,6 +474,102 @@ impl Jobs {
             )),
         }
     }
+}
+
+/// `DATA/jobs/ID.json`.
+fn job_path(store: &Store, id: &str) -> PathBuf {
+    store.root().join("jobs").join(format!("{id}.json"))
+}
+
+/// Writes `j`'s record through a temporary file and a rename.
+fn save(store: &Store, j: &Job) -> std::io::Result<()> {
+    let path = job_path(store, &j.id);
+    std::fs::create_dir_all(path.parent().expect("jobs/"))?;
+    let tmp = path.with_extension("json.new");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(j).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The jobs kept in `DATA/jobs/` at an agent's start: the newest [`KEPT`] younger than
+/// [`KEPT_SECS`] (the rest are deleted); one still `running` was cut short by the restart:
+/// it is marked failed, and the version it was trying removed (a new service with it), so
+/// the previous version stays current.
+fn recover(store: &Store) -> BTreeMap<String, Job> {
+    let dir = store.root().join("jobs");
+    let mut jobs: Vec<Job> = Vec::new();
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            // A record half-written when the agent died.
+            let _ = std::fs::remove_file(&p);
+            continue;
+        }
+        match std::fs::read(&p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Job>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(j) if j.id.len() <= 64 && p.file_stem().is_some_and(|s| *s == *j.id) => jobs.push(j),
+            Ok(_) | Err(_) => {
+                tracing::warn!(file = %p.display(), "an unreadable job record: removed");
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+    jobs.sort_by(|a, b| b.started_unix.cmp(&a.started_unix).then(b.id.cmp(&a.id)));
+    let now = unix_now();
+    let mut table = BTreeMap::new();
+    for (n, mut j) in jobs.into_iter().enumerate() {
+        if n >= KEPT || now.saturating_sub(j.started_unix) > KEPT_SECS {
+            let _ = std::fs::remove_file(job_path(store, &j.id));
+            continue;
+        }
+        if j.state == "running" {
+            cut_short(store, &mut j);
+            if let Err(e) = save(store, &j) {
+                tracing::warn!(job = %j.id, "cannot keep the job's record: {e}");
+            }
+        }
+        table.insert(j.id.clone(), j);
+    }
+    table
+}
+
+/// Marks job `j`, found running at start, failed, and removes what it left half-made.
+fn cut_short(store: &Store, j: &mut Job) {
+    let mut error = format!(
+        "the agent restarted during the build (at step '{}'); nothing it made was kept",
+        j.step
+    );
+    if let Some(v) = j.trying.take() {
+        let undo = if j.kind == "edit" {
+            store.remove_version(&j.service, v)
+        } else {
+            store.remove_service(&j.service)
+        };
+        if let Err(e) = undo {
+            error.push_str(&format!(
+                " (but version {v} could not be removed: {})",
+                error_chain(&e)
+            ));
+        }
+    }
+    match store.service(&j.service) {
+        Ok(s) if j.kind == "edit" => {
+            error.push_str(&format!("; version {} is still current", s.version))
+        }
+        _ => error.push_str(&format!("; service '{}' was not made", j.service)),
+    }
+    tracing::warn!(job = %j.id, service = %j.service, "{error}");
+    crate::audit::Audit::in_dir(store.root()).record(
+        "service.build_failed",
+        serde_json::json!({"job": j.id, "service": j.service, "reason": error}),
+    );
+    j.state = "failed".into();
+    j.step = "failed".into();
+    j.error = Some(error);
 }
 
 /// What a progress step does to a job.

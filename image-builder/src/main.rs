@@ -213,8 +213,13 @@ fn run(cmd: Command) -> Result<()> {
             let emit = |s: Step| {
                 use std::io::Write;
                 let mut o = std::io::stdout().lock();
-                let _ = o.write_all(s.to_line().as_bytes());
-                let _ = o.flush();
+                let sent = o.write_all(s.to_line().as_bytes()).and_then(|_| o.flush());
+                if sent.is_err() {
+                    // The supervisor following the build is gone (an agent that died): a
+                    // build nobody will install is not worth a VM.
+                    eprintln!("image-builder: nobody reads the progress any more; stopping");
+                    std::process::exit(1);
+                }
             };
             let t0 = std::time::Instant::now();
             let opts = BuildOptions {

@@ -388,3 +388,93 @@ fn a_build_takes_a_slot_on_the_board() {
     let i = c.start("kv").unwrap();
     verify_guest(&i.endpoint);
 }
+
+/// A build cut short by the agent's death is reported failed after the restart (not lost),
+/// the service keeps its current version, and earlier jobs stay listed.
+#[test]
+fn a_build_cut_short_by_a_restart_is_reported_failed() {
+    let mut a = AgentProc::start_opts("build-restart", &[], false);
+    let c = a.client();
+    let r = post(&c, "kv", r#"{"base":"micro","script":"load:1"}"#);
+    let (first, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!(first.state, "done", "{first:?}");
+    let before = c
+        .raw("GET", "/v1/services/kv/versions", None, true)
+        .unwrap()
+        .body;
+
+    // An edit long enough to be killed in the middle of its commands.
+    let script = vec!["load:16"; 40].join(",");
+    let r = post(&c, "kv", &format!(r#"{{"script":"{script}"}}"#));
+    assert_eq!(r.status, 202, "{r:?}");
+    let j: Job = serde_json::from_str(&r.body).unwrap();
+    wait_for(Duration::from_secs(60), "the build's commands", || {
+        let now: Job = c.get_json(&format!("/v1/jobs/{}", j.id)).unwrap();
+        (now.commands_done >= 1).then_some(())
+    });
+    let pid = a.child.as_ref().unwrap().id();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    a.child.take().unwrap().wait().unwrap();
+    // The orphaned builder stops at its next step: nobody reads its progress.
+    let data = a.data.to_str().unwrap().to_string();
+    wait_for(
+        Duration::from_secs(30),
+        "the orphaned builder to stop",
+        || {
+            let left = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .any(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("image-builder") && c.contains(&data)
+                });
+            (!left).then_some(())
+        },
+    );
+    a.spawn();
+
+    let c = a.client();
+    let now: Job = c.get_json(&format!("/v1/jobs/{}", j.id)).unwrap();
+    assert_eq!(now.state, "failed", "{now:?}");
+    let e = now.error.unwrap();
+    assert!(
+        e.contains("the agent restarted during the build")
+            && e.contains("version 1 is still current"),
+        "{e}"
+    );
+    let jobs: Vec<Job> = c.get_json("/v1/jobs").unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        [j.id.as_str(), first.id.as_str()],
+        "both jobs listed, newest first"
+    );
+    assert_eq!(
+        jobs[1].version,
+        Some(1),
+        "the finished one keeps its result"
+    );
+    assert_eq!(
+        c.raw("GET", "/v1/services/kv/versions", None, true)
+            .unwrap()
+            .body,
+        before,
+        "version 1 alone, current"
+    );
+    let ev: Vec<serde_json::Value> = c.get_json("/v1/events").unwrap();
+    assert!(
+        ev.iter().any(|e| e["event"] == "service.build_failed"
+            && e["reason"].as_str().unwrap_or("").contains("restarted")),
+        "{ev:?}"
+    );
+    // The service still starts (its version 1), and builds again.
+    let i = c.start("kv").unwrap();
+    verify_guest(&i.endpoint);
+    let r = post(&c, "kv", r#"{"script":"load:1,put:7:42"}"#);
+    let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(2)), "{j:?}");
+    a.tmp_is_empty();
+}
