@@ -447,14 +447,15 @@ fn a_build_cut_short_by_a_restart_is_reported_failed() {
         "{e}"
     );
     let jobs: Vec<Job> = c.get_json("/v1/jobs").unwrap();
+    let mut ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    ids.sort();
+    let mut want = [j.id.as_str(), first.id.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "both jobs listed");
+    let kept = jobs.iter().find(|x| x.id == first.id).unwrap();
     assert_eq!(
-        jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
-        [j.id.as_str(), first.id.as_str()],
-        "both jobs listed, newest first"
-    );
-    assert_eq!(
-        jobs[1].version,
-        Some(1),
+        (kept.state.as_str(), kept.version),
+        ("done", Some(1)),
         "the finished one keeps its result"
     );
     assert_eq!(
@@ -477,4 +478,74 @@ fn a_build_cut_short_by_a_restart_is_reported_failed() {
     let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
     assert_eq!((j.state.as_str(), j.version), ("done", Some(2)), "{j:?}");
     a.tmp_is_empty();
+}
+
+/// A build cut short while its new version is on trial: after the restart the tried version
+/// is gone and the previous one is still current.
+#[test]
+fn a_build_cut_short_in_its_trial_removes_the_tried_version() {
+    let d = crate::common::Scratch::new("trial-hang-vmm");
+    let vmm = d.path("vmm");
+    // Version 2's trial VM never answers (it waits, holding its arguments, until killed).
+    std::fs::write(
+        &vmm,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *versions/2/*) exec python3 -c 'import time; time.sleep(60)' \"$@\";; esac\nexec {} \"$@\"\n",
+            crate::common::built("vmm").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut a = AgentProc::start_full("trial-cut", &[], false, Some(vmm.clone()));
+    let c = a.client();
+    let r = post(&c, "kv", r#"{"base":"micro","script":"load:1"}"#);
+    let (j, _) = follow(&c, &serde_json::from_str(&r.body).unwrap());
+    assert_eq!((j.state.as_str(), j.version), ("done", Some(1)), "{j:?}");
+    let before = c
+        .raw("GET", "/v1/services/kv/versions", None, true)
+        .unwrap()
+        .body;
+    let r = post(&c, "kv", r#"{"script":"load:1,put:7:42"}"#);
+    let j: Job = serde_json::from_str(&r.body).unwrap();
+    wait_for(Duration::from_secs(60), "the trial", || {
+        let now: Job = c.get_json(&format!("/v1/jobs/{}", j.id)).unwrap();
+        (now.step == "trial").then_some(())
+    });
+    let pid = a.child.as_ref().unwrap().id();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    a.child.take().unwrap().wait().unwrap();
+    // The hung trial "vmm" this test made.
+    let data = a.data.to_str().unwrap().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("time.sleep(60)") && cmd.contains(&data) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &e.file_name().to_string_lossy()])
+                .status();
+        }
+    }
+    a.spawn();
+    let c = a.client();
+    let now: Job = c.get_json(&format!("/v1/jobs/{}", j.id)).unwrap();
+    assert_eq!(now.state, "failed", "{now:?}");
+    let e = now.error.unwrap();
+    assert!(
+        e.contains("at step 'trial'") && e.contains("version 1 is still current"),
+        "{e}"
+    );
+    assert_eq!(
+        c.raw("GET", "/v1/services/kv/versions", None, true)
+            .unwrap()
+            .body,
+        before,
+        "the tried version 2 is gone"
+    );
+    assert!(!a.data.join("services/kv/versions/2").exists());
 }

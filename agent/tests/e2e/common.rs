@@ -186,7 +186,8 @@ impl AgentProc {
         AgentProc::start_ns(name, edits, true, None, Some(ns.to_string()))
     }
 
-    fn start_full(
+    /// An agent with every option: `stop_on_exit`, and `vmm` instead of the built vmm.
+    pub fn start_full(
         name: &str,
         edits: &[(&str, &str)],
         stop_on_exit: bool,
