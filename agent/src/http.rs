@@ -906,6 +906,13 @@ pub struct SystemInfo {
     pub instances: u32,
     /// max_vms of the board.
     pub max_vms: u32,
+    /// Slots held by builds on the appliance (a build VM or its trial VM), beside the
+    /// instances: a start fits only while instances + builds < max_vms.
+    #[serde(default)]
+    pub builds: u32,
+    /// Memory the builds hold, MiB (beside `vm_memory_used_mib`).
+    #[serde(default)]
+    pub build_memory_mib: u64,
     /// Staged base images.
     pub bases: Vec<BaseInfo>,
     /// Service names.
@@ -923,6 +930,7 @@ pub struct SystemInfo {
 pub fn system_info(st: &AppState) -> SystemInfo {
     let h = crate::sysinfo::host_load();
     let (active, used) = st.sup.usage();
+    let (builds, build_memory_mib) = st.sup.build_usage();
     SystemInfo {
         id: st.store.id().into(),
         board: st.board.name.clone(),
@@ -937,6 +945,8 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         vm_memory_used_mib: used,
         instances: active,
         max_vms: st.board.max_vms,
+        builds,
+        build_memory_mib,
         bases: st.store.bases(),
         services: st.store.services().into_iter().map(|s| s.name).collect(),
         services_digest: st.store.catalogue_digest(),

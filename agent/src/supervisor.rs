@@ -674,6 +674,12 @@ impl Supervisor {
         })
     }
 
+    /// Slots held by builds (their build or trial VM) and the memory they hold, MiB.
+    pub fn build_usage(&self) -> (u32, u64) {
+        let b = self.builds.lock().expect("builds");
+        (b.len() as u32, b.values().sum())
+    }
+
     /// The limits (max VMs, memory MiB).
     pub fn limits(&self) -> (u32, u64) {
         (self.cfg.max_vms, self.cfg.memory_mib)

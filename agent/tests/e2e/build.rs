@@ -382,6 +382,13 @@ fn a_build_takes_a_slot_on_the_board() {
         .unwrap();
     assert_eq!(refused.status, 503, "{refused:?}");
     assert!(refused.body.contains("by a build"), "{refused:?}");
+    let sys = c.system().unwrap();
+    assert_eq!(
+        (sys.instances, sys.builds, sys.max_vms),
+        (0, 1, 1),
+        "{sys:?}"
+    );
+    assert_eq!(sys.build_memory_mib, 64);
     let (j, _) = follow(&c, &j);
     assert_eq!((j.state.as_str(), j.version), ("done", Some(1)), "{j:?}");
     // The slot is given back once the build (and its trial) ended.
