@@ -421,8 +421,19 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
     d.set_value("#build-base", "micro");
     d.type_into("#build-script", "load:1");
     d.type_into("#build-description", "built in the browser");
-    // And a file on its disk: table entry 8 (byte 512 + 8·8) becomes "ABCDEFGH".
-    d.type_into("#build-files", "/dev/vda@576=ABCDEFGH");
+    // A file in a place the disk does not have is refused, and the page says why.
+    d.type_into("#build-files", "/etc/motd=hello");
+    d.click_on("#build-btn");
+    let refusal = d.says("cannot build kv: 400");
+    assert!(refusal.contains("write /dev/vda@OFFSET"), "{refusal}");
+    d.screenshot("web-manager-file-refused");
+    assert!(a
+        .client()
+        .get_json::<Vec<agent::jobs::Job>>("/v1/jobs")
+        .unwrap()
+        .is_empty());
+    // A file on its disk: table entry 8 (byte 512 + 8·8) becomes "ABCDEFGH".
+    d.set_value("#build-files", "/dev/vda@576=ABCDEFGH");
     d.click_on("#build-btn");
     d.says("building kv (job j-");
     wait_for(Duration::from_secs(120), "the build to finish", || {
