@@ -192,7 +192,10 @@ fn beside_exe(name: &str) -> PathBuf {
 /// The TXT record of the current state (see crate::discovery).
 pub fn txt_record(st: &AppState, port: u16) -> BTreeMap<String, String> {
     let s = system_info(st);
-    let free_vm = s.vm_memory_mib.saturating_sub(s.vm_memory_used_mib);
+    // A build's VM holds a slot and memory as an instance does.
+    let free_vm = s
+        .vm_memory_mib
+        .saturating_sub(s.vm_memory_used_mib + s.build_memory_mib);
     let memfree = free_vm.min(s.mem_free_mib);
     let mut t = BTreeMap::new();
     t.insert("id".into(), s.id);
@@ -204,7 +207,10 @@ pub fn txt_record(st: &AppState, port: u16) -> BTreeMap<String, String> {
     t.insert("load".into(), format!("{:.1}", s.load1));
     // Rounded to 16 MiB so the host's small fluctuations do not cause re-announcements.
     t.insert("memfree".into(), (memfree / 16 * 16).to_string());
-    t.insert("vms".into(), format!("{}/{}", s.instances, s.max_vms));
+    t.insert(
+        "vms".into(),
+        format!("{}/{}", s.instances + s.builds, s.max_vms),
+    );
     t.insert("svcs".into(), s.services_digest);
     if !st.board.listen.iter().all(|ip| plain_http(*ip)) {
         t.insert("fp".into(), st.fingerprint.clone());
