@@ -164,7 +164,14 @@ fn routes() -> Routes {
         Operator,
         service_versions,
     )
-    .add("POST", "/v1/services/{name}/build", Operator, build_service)
+    // Read past the 2 MiB a build takes, so an oversized request is answered (413 from
+    // `build_service`) instead of cut off with its body unread.
+    .add(
+        "POST",
+        "/v1/services/{name}/build",
+        Operator,
+        build_service.layer(axum::extract::DefaultBodyLimit::max(BUILD_BODY_READ)),
+    )
     .add("GET", "/v1/jobs", Operator, jobs)
     .add("GET", "/v1/jobs/{id}", Operator, job)
     .add(
@@ -533,8 +540,28 @@ pub fn router(state: Arc<AppState>) -> Router {
             (state.clone(), table),
             authenticate,
         ))
+        .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// A JSON request body past axum's limit (2 MiB) is refused by the body extractor with a
+/// plain-text 413; this gives it the API's `{"error", "hint"}` form like every other error.
+async fn json_rejections(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && plain {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the API takes for a JSON request (2 MiB)",
+            "files and overlays go up by their PUT routes; a build places at most 1 MiB of files; nothing was changed",
+        )
+        .into_response();
+    }
+    resp
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -1157,6 +1184,11 @@ async fn edit_service(
     Ok(Json(service_view(&st, rec)))
 }
 
+/// The largest build request taken (its files in base64 included).
+const BUILD_BODY_MAX: usize = 2 << 20;
+/// How much of a build request is read before it is cut off (beyond: a bare 413).
+const BUILD_BODY_READ: usize = 8 << 20;
+
 /// `POST /v1/services/{name}/build` body.
 #[derive(Deserialize, Serialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -1246,6 +1278,16 @@ async fn build_service(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<crate::jobs::Job>)> {
+    if body.len() > BUILD_BODY_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the build request holds {} bytes, larger than the API takes ({BUILD_BODY_MAX})",
+                body.len()
+            ),
+            "a build places at most 1 MiB of files (base64 in the request); nothing was started",
+        ));
+    }
     let req: BuildRequest = json_body(
         &body,
         "send {\"base\": \"BASE\", \"script\": \"load:16\", \"description\": \"TEXT\", \"files\": [{\"path\": \"/dev/vda@OFFSET\", \"content\": TEXT}]}",

@@ -344,6 +344,19 @@ fn files_placed_on_the_disk_are_read_by_the_guest() {
         before
     );
     a.tmp_is_empty();
+    // A request too large for a JSON body: the API's error form, not a bare text.
+    let huge = format!(
+        r#"{{"files":[{{"path":"/dev/vda@4096","content":"{}"}}]}}"#,
+        "x".repeat(3 << 20)
+    );
+    let r = post(&c, "files", &huge);
+    assert_eq!(r.status, 413, "{}", &r.body[..r.body.len().min(300)]);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("larger than the API takes")),
+        "{r:?}"
+    );
 }
 
 /// A build's VMs (the build VM, then its trial VM) take a slot under the board's limits like
