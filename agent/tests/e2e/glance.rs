@@ -34,6 +34,26 @@ fn history_console_and_events_show_what_happened() {
     assert!(p50 > 0.0 && p50 < 10_000.0, "{h:?}");
     assert!(h.samples.windows(2).all(|w| w[0].unix <= w[1].unix));
 
+    // The web manager's own reads (X-Cloudlet-Refresh) are counted apart, not as requests.
+    let sums = |h: &HistoryView| -> (u64, u64) {
+        h.samples
+            .iter()
+            .fold((0, 0), |(r, m), s| (r + s.requests, m + s.manager_reads))
+    };
+    let (r0, m0) = sums(&h);
+    for _ in 0..5 {
+        let resp = ureq::get(&format!("{}/v1/system", a.url))
+            .header("Authorization", format!("Bearer {}", a.token()))
+            .header("X-Cloudlet-Refresh", "1")
+            .call()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let h2: HistoryView = c.get_json("/v1/metrics/history").unwrap();
+    let (r1, m1) = sums(&h2);
+    assert_eq!(m1 - m0, 5, "{h2:?}");
+    assert_eq!(r1 - r0, 1, "only the history read itself: {h2:?}");
+
     // The console: what the log holds, then a long poll that answers as soon as more comes.
     let serial = a.data.join("instances").join(&i.id).join("serial.log");
     let path = format!("/v1/instances/{}/console", i.id);
