@@ -696,7 +696,7 @@ impl Store {
             return Err(StoreError::CurrentVersion(name.into(), version));
         }
         let d = self.version_dir(name, version);
-        io("remove", &d, fs::remove_dir_all(&d))?;
+        self.remove_tree(&d)?;
         tracing::info!(service = name, version, "version removed");
         Ok(())
     }
@@ -1087,8 +1087,23 @@ impl Store {
     pub fn remove_service(&self, name: &str) -> Result<(), StoreError> {
         let _g = self.locked();
         self.service(name)?;
-        let d = self.service_dir(name);
-        io("remove", &d, fs::remove_dir_all(&d))
+        self.remove_tree(&self.service_dir(name))
+    }
+
+    /// Removes directory `d` of the catalogue: renamed under `tmp/` first (so it is gone from
+    /// the catalogue at once, even while a background writer — a RAM image being made —
+    /// still adds files to it), then deleted; what cannot be deleted yet goes with `tmp/` at
+    /// the next start.
+    fn remove_tree(&self, d: &Path) -> Result<(), StoreError> {
+        let gone = self.tmp_path("removed");
+        io("remove", d, fs::rename(d, &gone))?;
+        if fs::remove_dir_all(&gone).is_err() {
+            // A file created in it meanwhile: once more, then leave it to the next start.
+            if let Err(e) = fs::remove_dir_all(&gone) {
+                tracing::warn!(dir = %gone.display(), "left for the next start: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// Copies a client app into the app store as version `version` (replacing that version).
