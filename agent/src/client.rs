@@ -237,6 +237,23 @@ pub struct Client {
     verifier: Option<Arc<PinVerifier>>,
 }
 
+/// A reader that reports its progress (bytes read so far, total).
+struct Progress<'a, R> {
+    inner: R,
+    sent: u64,
+    total: u64,
+    report: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<R: std::io::Read> std::io::Read for Progress<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sent += n as u64;
+        (self.report)(self.sent, self.total);
+        Ok(n)
+    }
+}
+
 /// A raw response: status and body text.
 #[derive(Debug, Clone)]
 pub struct RawResponse {
@@ -506,36 +523,130 @@ impl Client {
         self.send("DELETE", &format!("/v1/instances/{id}"), None::<&()>)
     }
 
-    /// `PUT /v1/services/{name}/overlay`: uploads (streams) an overlay file.
+    /// `PUT /v1/services/{name}/overlay`: uploads (streams) an overlay file as the service's
+    /// next version.
     pub fn upload_overlay(
         &self,
         name: &str,
         file: &std::path::Path,
     ) -> Result<ServiceView, ClientError> {
-        let path = format!("/v1/services/{name}/overlay");
-        let url = self.url(&path);
+        self.upload(
+            &format!("/v1/services/{name}/overlay"),
+            file,
+            &mut |_, _| {},
+        )
+    }
+
+    /// `PUT path` with the file `file` as the body (streamed), calling `progress(sent,
+    /// total)` as it goes; the answer parsed as `T`.
+    pub fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
         let f = std::fs::File::open(file)
             .map_err(|e| ClientError::Io(format!("cannot open {}", file.display()), e))?;
+        let total = f
+            .metadata()
+            .map_err(|e| ClientError::Io(format!("cannot inspect {}", file.display()), e))?
+            .len();
+        let mut reader = Progress {
+            inner: f,
+            sent: 0,
+            total,
+            report: progress,
+        };
+        // A stated length (not chunks): an agent refusing the upload before reading it
+        // (401, 413) then answers a client that can read its answer.
         let mut req = self
             .agent
             .put(&url)
-            .header("Content-Type", "application/octet-stream");
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Length", total.to_string());
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
-        let mut resp = req.send(f).map_err(|e| self.http_err(&url, e))?;
+        let mut resp = req
+            .send(ureq::SendBody::from_reader(&mut reader))
+            .map_err(|e| self.http_err(&url, e))?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .read_to_string()
             .map_err(|e| self.http_err(&url, e))?;
-        self.check(&path, RawResponse { status, body })
+        self.check(path, RawResponse { status, body })
+    }
+
+    /// `GET /v1/instances/{id}/console` + `query`: the text, where the next read starts, and
+    /// whether the instance still runs.
+    pub fn console(&self, id: &str, query: &str) -> Result<(String, u64, bool), ClientError> {
+        let path = format!("/v1/instances/{id}/console{query}");
+        let url = self.url(&path);
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().map_err(|e| self.http_err(&url, e))?;
+        let status = resp.status().as_u16();
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let next = header("x-console-offset").and_then(|v| v.parse().ok());
+        let live = header("x-console-live").as_deref() == Some("true");
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| self.http_err(&url, e))?;
+        match next {
+            Some(n) if status == 200 => Ok((body, n, live)),
+            _ => self.check(&path, RawResponse { status, body }),
+        }
+    }
+
+    /// `DELETE path`, expecting 204.
+    pub fn delete_path(&self, path: &str) -> Result<(), ClientError> {
+        let r = self.raw("DELETE", path, None, true)?;
+        if r.status == 204 {
+            return Ok(());
+        }
+        self.check::<serde_json::Value>(path, r).map(drop)
+    }
+
+    /// `GET path`, the answer parsed as `T`.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.get(path)
+    }
+
+    /// `method path` with the JSON `body`, the answer parsed as `T`.
+    pub fn send_json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        self.send(method, path, Some(body))
     }
 
     /// `GET /v1/services/{name}/overlay` into `out`; returns the bytes written.
     pub fn download_overlay(&self, name: &str, out: &std::path::Path) -> Result<u64, ClientError> {
-        let path = format!("/v1/services/{name}/overlay");
-        let url = self.url(&path);
+        self.download(&format!("/v1/services/{name}/overlay"), out)
+            .map(|(n, _, _)| n)
+    }
+
+    /// `GET path` (a file) into `out`: the bytes written, their SHA-256 (hex) and the
+    /// `X-Content-Sha256` the appliance announced.
+    pub fn download(
+        &self,
+        path: &str,
+        out: &std::path::Path,
+    ) -> Result<(u64, String, Option<String>), ClientError> {
+        use sha2::Digest;
+        let url = self.url(path);
         let mut req = self.agent.get(&url);
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
@@ -544,13 +655,31 @@ impl Client {
         if resp.status().as_u16() != 200 {
             let status = resp.status().as_u16();
             let body = resp.into_body().read_to_string().unwrap_or_default();
-            return self.check(&path, RawResponse { status, body });
+            return self.check(path, RawResponse { status, body });
         }
+        let announced = resp
+            .headers()
+            .get("x-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let mut f = std::fs::File::create(out)
             .map_err(|e| ClientError::Io(format!("cannot create {}", out.display()), e))?;
         let mut r = resp.into_body().into_reader();
-        std::io::copy(&mut r, &mut f)
-            .map_err(|e| ClientError::Io(format!("cannot write {}", out.display()), e))
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            let k = std::io::Read::read(&mut r, &mut buf)
+                .map_err(|e| ClientError::Io(format!("cannot download {url}"), e))?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            std::io::Write::write_all(&mut f, &buf[..k])
+                .map_err(|e| ClientError::Io(format!("cannot write {}", out.display()), e))?;
+            n += k as u64;
+        }
+        Ok((n, crate::store::hex(&h.finalize()), announced))
     }
 
     /// Round trip of `GET /v1/system`, ms (best of `tries`).

@@ -134,6 +134,8 @@ pub struct Options {
     pub board: Board,
     /// The `vmm` binary.
     pub vmm: PathBuf,
+    /// The `image-builder` binary (builds of service versions, `crate::jobs`).
+    pub image_builder: PathBuf,
     /// Stop every instance when the agent exits (otherwise they are re-adopted later).
     pub stop_on_exit: bool,
     /// Keep a warm standby per started service (`crate::warm`).
@@ -172,16 +174,28 @@ pub fn pairing_urls(listen: &[std::net::IpAddr], port: u16) -> Vec<String> {
 
 /// The default vmm: next to this executable.
 pub fn default_vmm() -> PathBuf {
+    beside_exe("vmm")
+}
+
+/// The default image-builder: next to this executable.
+pub fn default_image_builder() -> PathBuf {
+    beside_exe("image-builder")
+}
+
+fn beside_exe(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("vmm")))
-        .unwrap_or_else(|| PathBuf::from("vmm"))
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The TXT record of the current state (see crate::discovery).
 pub fn txt_record(st: &AppState, port: u16) -> BTreeMap<String, String> {
     let s = system_info(st);
-    let free_vm = s.vm_memory_mib.saturating_sub(s.vm_memory_used_mib);
+    // A build's VM holds a slot and memory as an instance does.
+    let free_vm = s
+        .vm_memory_mib
+        .saturating_sub(s.vm_memory_used_mib + s.build_memory_mib);
     let memfree = free_vm.min(s.mem_free_mib);
     let mut t = BTreeMap::new();
     t.insert("id".into(), s.id);
@@ -193,7 +207,10 @@ pub fn txt_record(st: &AppState, port: u16) -> BTreeMap<String, String> {
     t.insert("load".into(), format!("{:.1}", s.load1));
     // Rounded to 16 MiB so the host's small fluctuations do not cause re-announcements.
     t.insert("memfree".into(), (memfree / 16 * 16).to_string());
-    t.insert("vms".into(), format!("{}/{}", s.instances, s.max_vms));
+    t.insert(
+        "vms".into(),
+        format!("{}/{}", s.instances + s.builds, s.max_vms),
+    );
     t.insert("svcs".into(), s.services_digest);
     if !st.board.listen.iter().all(|ip| plain_http(*ip)) {
         t.insert("fp".into(), st.fingerprint.clone());
@@ -251,6 +268,7 @@ pub async fn run(opts: Options) -> Result<()> {
         );
     }
     sup.recover().await;
+    let sampler = tokio::spawn(crate::history::sampler(sup.clone()));
     let (token, from) = operator_token(
         std::env::var(TOKEN_ENV).ok(),
         opts.token_file.as_deref(),
@@ -307,6 +325,7 @@ pub async fn run(opts: Options) -> Result<()> {
         store: store.clone(),
         sup: sup.clone(),
         metrics,
+        jobs: crate::jobs::Jobs::new(opts.image_builder.clone(), sup.clone()),
         creds,
         peers,
         devices,
@@ -395,6 +414,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let usb = crate::pairing::usb::start_watcher(pairing.clone(), usb_stop.clone());
 
     shutdown_signal().await;
+    sampler.abort();
     let _ = stop_tx.send(true);
     usb_stop.store(true, Ordering::Release);
     if let Some(d) = discovery {

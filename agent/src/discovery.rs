@@ -13,8 +13,8 @@
 //! | `board` | the board name |
 //! | `cores` | CPUs reserved for service VMs |
 //! | `load` | 1-minute load average, one decimal |
-//! | `memfree` | memory free for service VMs, MiB (board reserve − instances, capped by the host's free memory) |
-//! | `vms` | active instances / max (`1/4`) |
+//! | `memfree` | memory free for service VMs, MiB (board reserve − instances and builds, capped by the host's free memory) |
+//! | `vms` | slots held (active instances and builds on the appliance) / max (`1/4`) |
 //! | `svcs` | 8 hex digits of SHA-256 over the service catalogue (changes with it) |
 //! | `fp` | SHA-256 of the appliance's TLS certificate (64 hex digits), when it serves HTTPS |
 //! | `tls` | `lan`: HTTPS on every address but loopback ones (plain HTTP); `all`: HTTPS on loopback too (a wildcard listen address) |

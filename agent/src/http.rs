@@ -45,7 +45,7 @@ use crate::devices::{DeviceError, DeviceStore, DeviceView};
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::pairing::api as pairing;
-use crate::store::{error_chain, BaseInfo, Store, StoreError};
+use crate::store::{error_chain, hide_paths, BaseInfo, Store, StoreError};
 use crate::supervisor::{InstanceRecord, StartError, Supervisor, SupervisorError};
 
 /// The API version in paths.
@@ -146,12 +146,46 @@ fn routes() -> Routes {
     }
     .add("GET", "/", Open, index)
     .add("GET", "/metrics", Operator, metrics)
+    .add("GET", "/v1/metrics/history", Operator, history)
+    .add("GET", "/v1/events", Operator, events)
     .add("GET", "/v1/openapi.json", Open, openapi)
     .add("GET", "/v1/system", Open, system)
     .add("GET", "/v1/bases", Client, bases)
+    .add("GET", "/v1/bases/{name}", Client, base)
+    .add("PUT", "/v1/bases/{name}", Operator, upload_base)
+    .add("DELETE", "/v1/bases/{name}", Operator, delete_base)
     .add("GET", "/v1/services", Client, services)
     .add("GET", "/v1/services/{name}", Client, service)
+    .add("PUT", "/v1/services/{name}", Operator, edit_service)
     .add("DELETE", "/v1/services/{name}", Operator, delete_service)
+    .add(
+        "GET",
+        "/v1/services/{name}/versions",
+        Operator,
+        service_versions,
+    )
+    // Read past the 2 MiB a build takes, so an oversized request is answered (413 from
+    // `build_service`) instead of cut off with its body unread.
+    .add(
+        "POST",
+        "/v1/services/{name}/build",
+        Operator,
+        build_service.layer(axum::extract::DefaultBodyLimit::max(BUILD_BODY_READ)),
+    )
+    .add("GET", "/v1/jobs", Operator, jobs)
+    .add("GET", "/v1/jobs/{id}", Operator, job)
+    .add(
+        "DELETE",
+        "/v1/services/{name}/versions/{version}",
+        Operator,
+        delete_version,
+    )
+    .add(
+        "GET",
+        "/v1/services/{name}/versions/{version}/overlay",
+        Operator,
+        download_version,
+    )
     .add(
         "GET",
         "/v1/services/{name}/overlay",
@@ -169,6 +203,7 @@ fn routes() -> Routes {
     .add("GET", "/v1/instances/{id}", Client, instance)
     .add("DELETE", "/v1/instances/{id}", Client, delete_instance)
     .add("POST", "/v1/instances/{id}/stop", Client, stop_instance)
+    .add("GET", "/v1/instances/{id}/console", Client, console)
     .add(
         "POST",
         "/v1/instances/{id}/handoff",
@@ -181,7 +216,21 @@ fn routes() -> Routes {
     .add("DELETE", "/v1/handoff/incoming/{id}", Peer, abort_incoming)
     .add("GET", "/v1/apps", Client, apps)
     .add("GET", "/v1/apps/{name}", Client, app)
+    .add("DELETE", "/v1/apps/{name}", Operator, delete_app)
     .add("GET", "/v1/apps/{name}/download", Client, download_app)
+    .add("GET", "/v1/apps/{name}/versions", Client, app_versions)
+    .add(
+        "PUT",
+        "/v1/apps/{name}/versions/{version}",
+        Operator,
+        upload_app,
+    )
+    .add(
+        "DELETE",
+        "/v1/apps/{name}/versions/{version}",
+        Operator,
+        delete_app_version,
+    )
     .add("GET", "/v1/devices", Operator, devices)
     .add("DELETE", "/v1/devices/{id}", Operator, revoke_device)
     .add("GET", "/v1/pairing/window", Operator, pairing::window)
@@ -212,6 +261,8 @@ pub struct AppState {
     pub sup: Arc<Supervisor>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Builds of service versions.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Who may call what.
     pub creds: Credentials,
     /// The appliances trusted for handoff.
@@ -343,6 +394,36 @@ impl From<StoreError> for ApiError {
                 internal(&e, "a record in the data directory is damaged".into())
             }
             StoreError::BadBase(_) => internal(&e, "a staged base does not load".into()),
+            StoreError::NoVersion(ref n, _) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                format!("GET /v1/services/{n}/versions lists its versions"),
+            ),
+            StoreError::NoAppVersion(ref n, _) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                msg,
+                format!("GET /v1/apps/{n}/versions lists its versions"),
+            ),
+            StoreError::CurrentVersion(ref n, _) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                format!("make another version current first (PUT /v1/services/{n} {{\"version\": N}}), or delete the whole service"),
+            ),
+            StoreError::BaseInUse(..) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                "delete those services (or their versions on this base) first; nothing was removed",
+            ),
+            StoreError::Exists(..) => ApiError::new(
+                StatusCode::CONFLICT,
+                msg,
+                "choose another name, or DELETE the existing one first",
+            ),
+            StoreError::BadArchive(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                hide_paths(&msg),
+                "upload a tar (or tar.zst) of a base directory made by `image-builder base` (`cloudlet upload-base` makes one); nothing was installed",
+            ),
         }
     }
 }
@@ -459,8 +540,28 @@ pub fn router(state: Arc<AppState>) -> Router {
             (state.clone(), table),
             authenticate,
         ))
+        .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// A JSON request body past axum's limit (2 MiB) is refused by the body extractor with a
+/// plain-text 413; this gives it the API's `{"error", "hint"}` form like every other error.
+async fn json_rejections(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && plain {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the API takes for a JSON request (2 MiB)",
+            "files and overlays go up by their PUT routes; a build places at most 1 MiB of files; nothing was changed",
+        )
+        .into_response();
+    }
+    resp
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -480,10 +581,17 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Only reads can be the manager's refreshes: an action counts whoever sends it.
+    let manager_read = method == Method::GET
+        && req
+            .headers()
+            .get(crate::history::REFRESH_HEADER)
+            .is_some_and(|v| v == "1");
     let t0 = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    st.metrics.request(&route, method.as_str(), status);
+    st.metrics
+        .request_from(&route, method.as_str(), status, manager_read);
     tracing::debug!(%method, path, status, ms = t0.elapsed().as_secs_f64() * 1e3, "api");
     resp
 }
@@ -641,6 +749,161 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// `GET /v1/metrics/history`: the last hour of samples.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HistoryView {
+    /// Seconds between samples.
+    pub interval_s: u64,
+    /// Oldest first; the last one is the window so far (now).
+    pub samples: Vec<crate::history::Sample>,
+}
+
+async fn history(State(st): State<Arc<AppState>>) -> Json<HistoryView> {
+    let g = crate::history::gauges(&st.sup);
+    Json(HistoryView {
+        interval_s: crate::history::INTERVAL.as_secs(),
+        samples: st.metrics.history(g),
+    })
+}
+
+/// `GET /v1/events` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// At most this many, newest first (1 ..= 1000, default 200).
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/events`: the audit log's events, newest first (starts, stops, failures with
+/// their reason, imports, pairings, revocations).
+async fn events(
+    State(st): State<Arc<AppState>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    let q: EventsQuery = query(q, "?limit=N (1 to 1000)")?;
+    let limit = q.limit.unwrap_or(200).clamp(1, 1000);
+    let audit = crate::audit::Audit::in_dir(st.store.root());
+    let v = tokio::task::spawn_blocking(move || audit.recent(limit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    Ok(Json(v))
+}
+
+/// `GET /v1/instances/{id}/console` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQuery {
+    /// Byte offset to read from (the `X-Console-Offset` of the previous answer); absent: the
+    /// last 16 KiB.
+    pub offset: Option<u64>,
+    /// When nothing is past `offset` yet, wait up to this long for more, ms (≤ 25000).
+    pub wait_ms: Option<u64>,
+}
+
+/// Bytes of console log one answer carries at most.
+const CONSOLE_CHUNK: u64 = 64 << 10;
+
+/// `GET /v1/instances/{id}/console`: the instance's serial console log from `offset` (a
+/// long poll: with `wait_ms`, an answer waits until there is more, the instance ends, or
+/// the time is up). `X-Console-Offset` says where the next read starts.
+async fn console(
+    State(st): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    let q: ConsoleQuery = query(q, "?offset=N&wait_ms=M")?;
+    let r = owned(&st, &who, &id)?;
+    let path = r.serial_log.clone();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let deadline =
+        Instant::now() + std::time::Duration::from_millis(q.wait_ms.unwrap_or(0).min(25_000));
+    let mut len = size(&path);
+    let from = match q.offset {
+        Some(o) => o.min(len),
+        None => len.saturating_sub(16 << 10),
+    };
+    while len <= from && Instant::now() < deadline {
+        let live = st.sup.get(&id).is_some_and(|r| r.info.state.active());
+        if !live {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        len = size(&path);
+    }
+    let take = len.saturating_sub(from).min(CONSOLE_CHUNK);
+    let bytes = if take == 0 {
+        Vec::new()
+    } else {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot open the console log of {id}: {e}"),
+                "see the agent's log",
+            )
+        })?;
+        let mut buf = vec![0u8; take as usize];
+        let ok = async {
+            f.seek(std::io::SeekFrom::Start(from)).await?;
+            f.read_exact(&mut buf).await
+        }
+        .await;
+        ok.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the console log of {id}: {e}"),
+                "see the agent's log",
+            )
+        })?;
+        buf
+    };
+    // A chunk ends where the file ended or at CONSOLE_CHUNK, which can fall inside a UTF-8
+    // sequence: answer up to the last whole character and start the next read at the rest.
+    let whole = utf8_prefix(&bytes);
+    let take = whole as u64;
+    let live = st.sup.get(&id).is_some_and(|r| r.info.state.active());
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-console-offset"),
+                (from + take).to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-console-live"),
+                live.to_string(),
+            ),
+        ],
+        String::from_utf8_lossy(&bytes[..whole]).into_owned(),
+    )
+        .into_response())
+}
+
+/// How many leading bytes of `bytes` end on a character boundary: all of them unless they
+/// end inside a UTF-8 sequence that more bytes could complete (invalid bytes are not held
+/// back; they read as U+FFFD).
+fn utf8_prefix(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        // `error_len() == None`: the end is a sequence cut short, not an invalid one.
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => {
+            // An invalid sequence earlier: hold back only an unfinished one at the very end.
+            let start = bytes.len().saturating_sub(3);
+            (start..bytes.len())
+                .find(|&i| {
+                    bytes[i] >= 0xc0
+                        && std::str::from_utf8(&bytes[i..]).is_err_and(|e| e.error_len().is_none())
+                })
+                .unwrap_or(bytes.len())
+        }
+    }
+}
+
 /// `GET /v1/system`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SystemInfo {
@@ -670,6 +933,13 @@ pub struct SystemInfo {
     pub instances: u32,
     /// max_vms of the board.
     pub max_vms: u32,
+    /// Slots held by builds on the appliance (a build VM or its trial VM), beside the
+    /// instances: a start fits only while instances + builds < max_vms.
+    #[serde(default)]
+    pub builds: u32,
+    /// Memory the builds hold, MiB (beside `vm_memory_used_mib`).
+    #[serde(default)]
+    pub build_memory_mib: u64,
     /// Staged base images.
     pub bases: Vec<BaseInfo>,
     /// Service names.
@@ -687,6 +957,7 @@ pub struct SystemInfo {
 pub fn system_info(st: &AppState) -> SystemInfo {
     let h = crate::sysinfo::host_load();
     let (active, used) = st.sup.usage();
+    let (builds, build_memory_mib) = st.sup.build_usage();
     SystemInfo {
         id: st.store.id().into(),
         board: st.board.name.clone(),
@@ -701,6 +972,8 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         vm_memory_used_mib: used,
         instances: active,
         max_vms: st.board.max_vms,
+        builds,
+        build_memory_mib,
         bases: st.store.bases(),
         services: st.store.services().into_iter().map(|s| s.name).collect(),
         services_digest: st.store.catalogue_digest(),
@@ -738,6 +1011,9 @@ pub struct ServiceView {
     pub mem_mib: Option<u64>,
     /// Instances of it holding a slot.
     pub instances: usize,
+    /// The current version (what a start synthesises).
+    #[serde(default)]
+    pub version: u32,
 }
 
 fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
@@ -755,6 +1031,7 @@ fn service_view(st: &AppState, r: crate::store::ServiceRecord) -> ServiceView {
         overlay_bytes: r.overlay_bytes,
         overlay_sha256: r.overlay_sha256,
         instances: n,
+        version: r.version,
     }
 }
 
@@ -776,12 +1053,470 @@ async fn service(
     Ok(Json(service_view(&st, r)))
 }
 
+/// The active instances (holding a slot) of `service` (of its version `version` only, when
+/// given).
+fn active_of(st: &AppState, service: &str, version: Option<u32>) -> Vec<String> {
+    st.sup
+        .list()
+        .iter()
+        .filter(|i| i.info.service == service && i.info.state.active())
+        .filter(|i| version.is_none() || i.info.version == version)
+        .map(|i| i.info.id.clone())
+        .collect()
+}
+
+fn still_running(what: String, ids: &[String]) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "{what} cannot be deleted while {} instance(s) of it run: {}",
+            ids.len(),
+            ids.join(", ")
+        ),
+        "stop them first (POST /v1/instances/{id}/stop); nothing was removed",
+    )
+}
+
+/// `DELETE /v1/services/{name}`: refused (409) while instances of it run.
 async fn delete_service(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    st.store.service(&name)?;
+    let ids = active_of(&st, &name, None);
+    if !ids.is_empty() {
+        return Err(still_running(format!("service '{name}'"), &ids));
+    }
     st.store.remove_service(&name)?;
     st.sup.drop_standbys(Some(&name)).await;
+    crate::audit::Audit::in_dir(st.store.root())
+        .record("service.deleted", json!({ "service": name }));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /v1/services/{name}` body: what to change.
+#[derive(Deserialize, Serialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EditService {
+    /// A new name (refused while instances of it run or it is being built).
+    pub name: Option<String>,
+    /// A new description.
+    pub description: Option<String>,
+    /// The version to make current (one of `GET /v1/services/{name}/versions`).
+    pub version: Option<u32>,
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], hint: &str) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON: {e}"),
+            hint.to_string(),
+        )
+    })
+}
+
+/// `PUT /v1/services/{name}`: sets the description and/or the current version (a rollback
+/// or a switch to a version made earlier); the warm standby of the replaced version is
+/// discarded.
+async fn edit_service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ServiceView>> {
+    let req: EditService = json_body(
+        &body,
+        "send {\"description\": \"TEXT\"}, {\"version\": N} and/or {\"name\": \"NEW\"}",
+    )?;
+    let mut rec = st.store.service(&name)?;
+    if let Some(to) = req.name.as_deref().filter(|to| *to != name) {
+        crate::store::check_name(to)?;
+        let ids = active_of(&st, &name, None);
+        if !ids.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service '{name}' cannot be renamed while {} instance(s) of it run: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+                "stop them first; nothing was changed",
+            ));
+        }
+        if let Some(j) = st.jobs.running_for(&name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("service '{name}' is being built (job {})", j.id),
+                "rename it once the build ends; nothing was changed",
+            ));
+        }
+        if st.store.service(to).is_ok() {
+            return Err(StoreError::Exists("service", to.into()).into());
+        }
+    }
+    if let Some(d) = &req.description {
+        if d.len() > 1024 || d.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was changed",
+            ));
+        }
+    }
+    if let Some(v) = req.version {
+        st.store.version(&name, v)?;
+    }
+    if let Some(d) = &req.description {
+        rec = st.store.set_description(&name, d)?;
+    }
+    if let Some(v) = req.version.filter(|v| *v != rec.version) {
+        rec = st.store.set_current(&name, v)?;
+        st.sup.drop_standbys(Some(&name)).await;
+        crate::audit::Audit::in_dir(st.store.root())
+            .record("service.version", json!({ "service": name, "version": v }));
+    }
+    if let Some(to) = req.name.as_deref().filter(|to| *to != name) {
+        rec = st.store.rename_service(&name, to)?;
+        st.sup.drop_standbys(Some(&name)).await;
+        crate::audit::Audit::in_dir(st.store.root())
+            .record("service.renamed", json!({ "service": name, "to": to }));
+    }
+    Ok(Json(service_view(&st, rec)))
+}
+
+/// The largest build request taken (its files in base64 included).
+const BUILD_BODY_MAX: usize = 2 << 20;
+/// How much of a build request is read before it is cut off (beyond: a bare 413).
+const BUILD_BODY_READ: usize = 8 << 20;
+
+/// `POST /v1/services/{name}/build` body.
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// The base to customise (a new service needs one; an edited service's current version's
+    /// base by default).
+    pub base: Option<String>,
+    /// Console commands, `,`-separated, `:` between words (`load:16,put:7:42`); may be empty
+    /// when `files` place what the service needs.
+    #[serde(default)]
+    pub script: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Files to place on the guest's disk before the commands run.
+    #[serde(default)]
+    pub files: Vec<BuildFile>,
+}
+
+/// A file a build places on the guest's disk: where (`format::disk_file`: `/dev/vda@OFFSET`)
+/// and its content, as text or as base64 (exactly one of the two).
+#[derive(Deserialize, Serialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFile {
+    /// `/dev/vda@OFFSET`.
+    pub path: String,
+    /// The content as UTF-8 text.
+    pub content: Option<String>,
+    /// The content as standard base64.
+    pub content_base64: Option<String>,
+}
+
+/// The build's files checked against the base's disk (`disk_bytes`): (path, bytes) each.
+fn build_files(files: &[BuildFile], disk_bytes: Option<u64>) -> ApiResult<Vec<(String, Vec<u8>)>> {
+    use base64::Engine;
+    use format::disk_file::{MAX_FILES, MAX_TOTAL_BYTES};
+    let bad = |msg: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            msg,
+            "files: [{\"path\": \"/dev/vda@OFFSET\", \"content\": TEXT or \"content_base64\": B64}]; nothing was started",
+        )
+    };
+    if files.len() > MAX_FILES {
+        return Err(bad(format!(
+            "{} files given, at most {MAX_FILES} are placed by one build",
+            files.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let data = match (&f.content, &f.content_base64) {
+            (Some(t), None) => t.as_bytes().to_vec(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| {
+                    bad(format!(
+                        "'{}': its content_base64 is not base64: {e}",
+                        f.path
+                    ))
+                })?,
+            _ => {
+                return Err(bad(format!(
+                "'{}': give its content as \"content\" (text) or \"content_base64\", one of them",
+                f.path
+            )))
+            }
+        };
+        format::disk_file::check(&f.path, data.len(), disk_bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        out.push((f.path.clone(), data));
+    }
+    let total: usize = out.iter().map(|(_, d)| d.len()).sum();
+    if total > MAX_TOTAL_BYTES {
+        return Err(bad(format!(
+            "the files hold {total} bytes, at most {MAX_TOTAL_BYTES} are placed by one build"
+        )));
+    }
+    Ok(out)
+}
+
+/// `POST /v1/services/{name}/build`: customises a base on the appliance into a new service
+/// (or the next version of one) in the background; 202 with the job to follow (`GET
+/// /v1/jobs/{id}`). The new version becomes current only once built and verified; a failed
+/// build leaves the catalogue as it was.
+async fn build_service(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<crate::jobs::Job>)> {
+    if body.len() > BUILD_BODY_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the build request holds {} bytes, larger than the API takes ({BUILD_BODY_MAX})",
+                body.len()
+            ),
+            "a build places at most 1 MiB of files (base64 in the request); nothing was started",
+        ));
+    }
+    let req: BuildRequest = json_body(
+        &body,
+        "send {\"base\": \"BASE\", \"script\": \"load:16\", \"description\": \"TEXT\", \"files\": [{\"path\": \"/dev/vda@OFFSET\", \"content\": TEXT}]}",
+    )?;
+    crate::store::check_name(&name)?;
+    let script = req.script.trim();
+    if (script.is_empty() && req.files.is_empty())
+        || script.len() > 4096
+        || !script.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the script must be 1-4096 printable ASCII characters (or empty when files are placed)",
+            "console commands separated by ',', with ':' between a command's words (load:16,put:7:42)",
+        ));
+    }
+    if let Some(d) = &req.description {
+        if d.len() > 1024 || d.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was started",
+            ));
+        }
+    }
+    let existing = match st.store.service(&name) {
+        Ok(s) => Some(s),
+        Err(StoreError::NoService(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let base = match (&req.base, &existing) {
+        (Some(b), _) => b.clone(),
+        (None, Some(s)) => s.base.clone(),
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("service '{name}' is new: name the base to customise"),
+                "send {\"base\": \"BASE\", ...}; GET /v1/bases lists them",
+            ))
+        }
+    };
+    let info = st.store.base(&base)?;
+    let files = build_files(&req.files, info.disk_bytes)?;
+    let spec = crate::jobs::BuildSpec {
+        service: name.clone(),
+        base,
+        script: script.to_string(),
+        files,
+        description: req.description.clone(),
+        edit: existing.is_some(),
+    };
+    match st.jobs.start(spec, info.mem_mib) {
+        Ok(j) => Ok((StatusCode::ACCEPTED, Json(j))),
+        Err(crate::jobs::StartError::Busy(running)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("service '{name}' is being built already (job {running})"),
+            format!("follow it: GET /v1/jobs/{running}"),
+        )),
+        Err(crate::jobs::StartError::Full(why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no room to build '{name}': {why}"),
+            "the build VM and its trial VM count against the board's max_vms and memory; nothing was started",
+        )),
+    }
+}
+
+async fn jobs(State(st): State<Arc<AppState>>) -> Json<Vec<crate::jobs::Job>> {
+    Json(st.jobs.list())
+}
+
+async fn job(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{}' is not a job id", id.escape_debug()),
+            "job ids look like j-0123abcd",
+        ));
+    }
+    st.jobs.get(&id).map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job '{id}'"),
+            "GET /v1/jobs lists the builds",
+        )
+    })
+}
+
+/// A version of a service as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VersionView {
+    /// The version's record.
+    #[serde(flatten)]
+    pub record: crate::store::VersionRecord,
+    /// Whether starts synthesise it.
+    pub current: bool,
+    /// Instances of it holding a slot.
+    pub instances: usize,
+}
+
+/// `GET /v1/services/{name}/versions`: oldest first.
+async fn service_versions(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<VersionView>>> {
+    let cur = st.store.service(&name)?.version;
+    let v = st
+        .store
+        .versions(&name)?
+        .into_iter()
+        .map(|r| VersionView {
+            current: r.version == cur,
+            instances: active_of(&st, &name, Some(r.version)).len(),
+            record: r,
+        })
+        .collect();
+    Ok(Json(v))
+}
+
+fn parse_version(v: &str) -> ApiResult<u32> {
+    v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{v}' is not a version number"),
+            "versions are 1, 2, …: GET /v1/services/{name}/versions lists them",
+        )
+    })
+}
+
+/// `DELETE /v1/services/{name}/versions/{version}`: refused for the current version and
+/// while instances of it run.
+async fn delete_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let v = parse_version(&version)?;
+    st.store.version(&name, v)?;
+    let ids = active_of(&st, &name, Some(v));
+    if !ids.is_empty() {
+        return Err(still_running(format!("version {v} of '{name}'"), &ids));
+    }
+    st.store.remove_version(&name, v)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn download_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let v = parse_version(&version)?;
+    let r = st.store.version(&name, v)?;
+    stream_file(
+        st.store.overlay_path(&name, v),
+        &r.overlay_sha256,
+        &format!("{name}-v{v}.overlay"),
+    )
+    .await
+}
+
+async fn base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<BaseInfo>> {
+    Ok(Json(st.store.base(&name)?))
+}
+
+/// `PUT /v1/bases/{name}`: a tar (or tar.zst) of a base directory, unpacked under `tmp/`,
+/// its content id recomputed and checked against its manifest, then installed.
+async fn upload_base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<BaseInfo>)> {
+    let checked = crate::store::check_name(&name)
+        .map_err(ApiError::from)
+        .and_then(|()| {
+            if st.store.base_dir(&name).exists() {
+                Err(StoreError::Exists("base", name.clone()).into())
+            } else {
+                Ok(())
+            }
+        });
+    if let Err(e) = checked {
+        return Err(refuse_upload(&headers, body, e).await);
+    }
+    let (tmp, n) = receive_upload(&st, &headers, body, "base archive").await?;
+    let store = st.store.clone();
+    let (name2, tmp2) = (name.clone(), tmp.clone());
+    let unpacked = (st.board.memory_mib << 20).saturating_add(4 << 30);
+    let r = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&tmp2).map_err(|e| StoreError::Io("open", tmp2.clone(), e))?;
+        store.install_base_archive(&name2, f, unpacked)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let b = r?;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "base.imported",
+        json!({ "base": name, "id": b.id, "bytes": n }),
+    );
+    Ok((StatusCode::CREATED, Json(b)))
+}
+
+/// `DELETE /v1/bases/{name}`: refused while a service's version applies to it.
+async fn delete_base(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.store.base(&name)?;
+    let ids: Vec<String> = st
+        .sup
+        .list()
+        .iter()
+        .filter(|i| i.info.base == name && i.info.state.active())
+        .map(|i| i.info.id.clone())
+        .collect();
+    if !ids.is_empty() {
+        return Err(still_running(format!("base '{name}'"), &ids));
+    }
+    let store = st.store.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || store.remove_base(&n))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))??;
+    crate::audit::Audit::in_dir(st.store.root()).record("base.deleted", json!({ "base": name }));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1056,28 +1791,43 @@ async fn download_overlay(
 ) -> ApiResult<Response> {
     let r = st.store.service(&name)?;
     stream_file(
-        st.store.overlay_path(&name),
+        st.store.overlay_path(&name, r.version),
         &r.overlay_sha256,
         &format!("{name}.overlay"),
     )
     .await
 }
 
-/// Streams the upload into `tmp/`, refusing more than the board's limit, then verifies and
-/// installs it (rename); nothing is installed on any failure.
-async fn upload_overlay(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
+/// Refuses an upload with `e` before storing it. A small body (≤ 1 MiB, as its
+/// Content-Length says) is read and dropped first: a connection closed with the request
+/// unread is reset, and a client still sending would then lose the refusal.
+async fn refuse_upload(headers: &HeaderMap, body: Body, e: ApiError) -> ApiError {
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= 1 << 20);
+    if small {
+        let mut s = body.into_data_stream();
+        while let Some(Ok(_)) = s.next().await {}
+    }
+    e
+}
+
+/// Streams an upload into a fresh file under `tmp/`, refusing more than the board's limit
+/// (413); returns the file and its length. Nothing is left behind on any failure.
+async fn receive_upload(
+    st: &AppState,
+    headers: &HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<ServiceView>)> {
-    crate::store::check_name(&name)?;
+    what: &str,
+) -> ApiResult<(std::path::PathBuf, u64)> {
     let limit = st.board.max_upload_bytes;
     let too_big = |n: u64| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the overlay is {n} bytes or more; this board accepts at most {limit} bytes"),
-            "raise api.max_upload_mib in the board config, or make a smaller overlay; nothing was installed",
+            format!("the {what} is {n} bytes or more; this board accepts at most {limit} bytes"),
+            "raise api.max_upload_mib in the board config, or upload something smaller; nothing was installed",
         )
     };
     if let Some(n) = headers
@@ -1119,13 +1869,36 @@ async fn upload_overlay(
         Ok(n)
     }
     .await;
-    let n = match result {
-        Ok(n) => n,
+    match result {
+        Ok(0) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the {what} is empty"),
+                "send the file as the request body; nothing was installed",
+            ))
+        }
+        Ok(n) => Ok((tmp, n)),
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
+            Err(e)
         }
-    };
+    }
+}
+
+/// Streams the upload into `tmp/`, refusing more than the board's limit, then verifies and
+/// installs it (rename) as the service's next version, made current; nothing is installed
+/// on any failure.
+async fn upload_overlay(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ServiceView>)> {
+    if let Err(e) = crate::store::check_name(&name) {
+        return Err(refuse_upload(&headers, body, e.into()).await);
+    }
+    let (tmp, n) = receive_upload(&st, &headers, body, "overlay").await?;
     let existed = st.store.service(&name).is_ok();
     let store = st.store.clone();
     let tmp2 = tmp.clone();
@@ -1136,7 +1909,14 @@ async fn upload_overlay(
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
     let _ = tokio::fs::remove_file(&tmp).await;
     let rec = installed?;
-    tracing::info!(service = %name, bytes = n, "overlay uploaded and installed");
+    tracing::info!(service = %name, version = rec.version, bytes = n, "overlay uploaded and installed");
+    // The standby of the version it replaces is never served (see Supervisor::take_standby);
+    // dropping it frees its slot now.
+    st.sup.drop_standbys(Some(&name)).await;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "service.imported",
+        json!({ "service": name, "version": rec.version, "bytes": n, "sha256": rec.overlay_sha256 }),
+    );
     let code = if existed {
         StatusCode::OK
     } else {
@@ -1156,12 +1936,152 @@ async fn app(
     Ok(Json(st.store.app(&name)?))
 }
 
+/// `GET /v1/apps/{name}/download` query.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadQuery {
+    /// The version to download (the newest when absent).
+    pub version: Option<String>,
+}
+
+fn query<T: for<'de> Deserialize<'de>>(raw: Option<String>, hint: &str) -> ApiResult<T> {
+    let raw = raw.unwrap_or_default();
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{raw}").parse().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed query", hint.to_string())
+        })?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed query: {}", e.body_text()),
+            hint.to_string(),
+        )
+    })
+}
+
+/// `GET /v1/apps/{name}/download[?version=V]`: the file, with its SHA-256 in `ETag` and
+/// `X-Content-Sha256`.
 async fn download_app(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> ApiResult<Response> {
-    let a = st.store.app(&name)?;
+    let q: DownloadQuery = query(q, "?version=V (GET /v1/apps/{name}/versions lists them)")?;
+    let a = match q.version {
+        Some(v) => st.store.app_version(&name, &v)?,
+        None => st.store.app(&name)?,
+    };
     stream_file(st.store.app_file(&a), &a.sha256, &a.file).await
+}
+
+/// `GET /v1/apps/{name}/versions`: newest first.
+async fn app_versions(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<crate::store::AppRecord>>> {
+    Ok(Json(st.store.app_versions(&name)?))
+}
+
+/// `PUT /v1/apps/{name}/versions/{version}` query: what the file is.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct AppUploadQuery {
+    /// The file's name as phones download it (`client.apk`).
+    pub file: String,
+    /// The platform it runs on (`android`, `ios`, `linux`, …; `any` when absent).
+    pub platform: Option<String>,
+    /// The service it offloads to (must be in the catalogue).
+    pub service: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// `PUT /v1/apps/{name}/versions/{version}?file=F[&platform=P&service=S&description=D]`:
+/// the body is the app's file; installs (or replaces) that version.
+async fn upload_app(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::store::AppRecord>)> {
+    let checked = (|| {
+        let hint = "?file=NAME.apk&platform=android&service=SERVICE&description=TEXT";
+        let q: AppUploadQuery = query(q, hint)?;
+        crate::store::check_name(&name)?;
+        crate::store::check_name(&version)?;
+        crate::store::check_name(q.platform.as_deref().unwrap_or("any"))?;
+        if let Some(s) = &q.service {
+            st.store.service(s)?;
+        }
+        let description = q.description.as_deref().unwrap_or("");
+        if description.len() > 1024 || description.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "the description must be at most 1024 characters without control characters",
+                "shorten it; nothing was installed",
+            ));
+        }
+        crate::store::check_name(&q.file.to_ascii_lowercase())
+            .map_err(|_| StoreError::BadName(q.file.clone()))?;
+        Ok(q)
+    })();
+    let q = match checked {
+        Ok(q) => q,
+        Err(e) => return Err(refuse_upload(&headers, body, e).await),
+    };
+    let platform = q.platform.as_deref().unwrap_or("any");
+    let description = q.description.as_deref().unwrap_or("");
+    let (tmp, n) = receive_upload(&st, &headers, body, "app").await?;
+    let store = st.store.clone();
+    let (tmp2, name2, version2, platform2) = (
+        tmp.clone(),
+        name.clone(),
+        version.clone(),
+        platform.to_string(),
+    );
+    let (file, service, description) = (q.file.clone(), q.service.clone(), description.to_string());
+    let r = tokio::task::spawn_blocking(move || {
+        store.install_app(
+            crate::store::AppUpload {
+                name: &name2,
+                version: &version2,
+                file_name: &file,
+                description: &description,
+                service: service.as_deref(),
+                platform: &platform2,
+            },
+            &tmp2,
+            false,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let a = r?;
+    crate::audit::Audit::in_dir(st.store.root()).record(
+        "app.imported",
+        json!({ "app": name, "version": version, "bytes": n, "sha256": a.sha256 }),
+    );
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+async fn delete_app_version(
+    State(st): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.store.remove_app_version(&name, &version)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_app(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.store.remove_app(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 impl From<DeviceError> for ApiError {
@@ -1229,6 +2149,26 @@ mod tests {
 
     const OPERATOR: &str = "operator-token";
 
+    #[test]
+    fn console_chunks_end_on_a_character() {
+        let text = "ok é€😀".as_bytes();
+        assert_eq!(utf8_prefix(text), text.len());
+        // Cut inside each multi-byte character: the answer stops before it.
+        for cut in 1..text.len() {
+            let n = utf8_prefix(&text[..cut]);
+            assert!(std::str::from_utf8(&text[..n]).is_ok(), "cut {cut}: {n}");
+            assert!(cut - n < 4, "cut {cut}: held back {}", cut - n);
+            let rest = std::str::from_utf8(&text[n..]).expect("the rest starts on a character");
+            assert_eq!(
+                format!("{}{rest}", std::str::from_utf8(&text[..n]).unwrap()),
+                "ok é€😀"
+            );
+        }
+        // Invalid bytes are passed on (as U+FFFD), not held back for ever.
+        assert_eq!(utf8_prefix(b"a\xffb"), 3);
+        assert_eq!(utf8_prefix(b"\xff\xe2\x82"), 1);
+    }
+
     /// An agent in this process on 127.0.0.1:0 over a scratch data directory (base `micro`
     /// staged, its content id all `base_digit`s; no vmm). Returns its URL and state.
     async fn serve(name: &str, max_vms: u32, base_digit: char) -> (String, Arc<AppState>) {
@@ -1241,6 +2181,7 @@ mod tests {
         let devices = DeviceStore::in_dir(store.root());
         let st = Arc::new(AppState {
             board: Board::shipped("dev").unwrap(),
+            jobs: crate::jobs::Jobs::new("/nonexistent/image-builder".into(), sup.clone()),
             store,
             metrics: sup.metrics(),
             sup,
@@ -1826,14 +2767,17 @@ mod tests {
         st.peers.add("0123456789ab", "x", &peer).unwrap();
         let id = running(&st.sup);
         for (m, path, access) in &documented {
-            let p = path.replace("{name}", "model").replace(
-                "{id}",
-                if path.contains("devices") {
-                    "phone"
-                } else {
-                    &id
-                },
-            );
+            let p = path
+                .replace("{name}", "model")
+                .replace("{version}", "1")
+                .replace(
+                    "{id}",
+                    if path.contains("devices") {
+                        "phone"
+                    } else {
+                        &id
+                    },
+                );
             let p = if p == "/v1/appliances" {
                 "/v1/appliances?window_ms=100".into()
             } else {

@@ -77,26 +77,41 @@ struct Inner {
     handoff_bytes: u64,
     handoff_rounds: u64,
     downtime: Histogram<{ DOWNTIME_BUCKETS_MS.len() }>,
+    /// What happened since the last history sample.
+    window: crate::history::Window,
 }
 
-/// The agent's counters.
+/// The agent's counters, and the last hour of samples of them ([`crate::history`]).
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    history: crate::history::History,
 }
 
 impl Metrics {
     /// Counts one API request.
     pub fn request(&self, route: &str, method: &str, status: u16) {
+        self.request_from(route, method, status, false);
+    }
+
+    /// Counts one API request; `manager_read`: one of the web manager's own reads, which the
+    /// history keeps apart (the Prometheus counters count every request).
+    pub fn request_from(&self, route: &str, method: &str, status: u16, manager_read: bool) {
         let mut g = self.inner.lock().expect("metrics lock");
         *g.requests
             .entry((route.to_string(), method.to_string(), status))
             .or_default() += 1;
+        if manager_read {
+            g.window.manager_reads += 1;
+        } else {
+            g.window.requests += 1;
+        }
     }
 
     /// Records one instance start (synthesis → first verified reply).
     pub fn start_latency(&self, ms: f64) {
         let mut g = self.inner.lock().expect("metrics lock");
+        g.window.start_ms.push(ms);
         for (i, b) in BUCKETS_MS.iter().enumerate() {
             if ms <= *b {
                 g.buckets[i] += 1;
@@ -108,7 +123,29 @@ impl Metrics {
 
     /// Counts a start that failed.
     pub fn start_failed(&self) {
-        self.inner.lock().expect("metrics lock").failures += 1;
+        let mut g = self.inner.lock().expect("metrics lock");
+        g.failures += 1;
+        g.window.failures += 1;
+    }
+
+    /// Closes the current window into a history sample with the gauges `g`.
+    pub fn sample(&self, g: crate::history::Gauges) {
+        let w = std::mem::take(&mut self.inner.lock().expect("metrics lock").window);
+        let s = crate::history::History::sample_of(&w, g, crate::history::unix_f64());
+        self.history.push(s);
+    }
+
+    /// The history's samples, oldest first, then one of the window so far (now) with the
+    /// gauges `g`.
+    pub fn history(&self, g: crate::history::Gauges) -> Vec<crate::history::Sample> {
+        let w = self.inner.lock().expect("metrics lock").window.clone();
+        let mut v = self.history.samples();
+        v.push(crate::history::History::sample_of(
+            &w,
+            g,
+            crate::history::unix_f64(),
+        ));
+        v
     }
 
     /// Counts a handoff's end: `role` "source" or "target", `outcome` "moved", "received"
@@ -255,6 +292,35 @@ mod tests {
                 "# TYPE cloudlet_handoff_downtime_ms histogram",
             ],
         );
+    }
+
+    #[test]
+    fn samples_close_windows_of_starts_and_requests() {
+        let m = Metrics::default();
+        m.request("/v1/instances", "POST", 201);
+        m.start_latency(4.0);
+        m.start_latency(8.0);
+        m.start_failed();
+        m.sample((1, 1, 64, 10.0));
+        m.request("/v1/system", "GET", 200);
+        m.request_from("/v1/system", "GET", 200, true);
+        m.request_from("/v1/services", "GET", 200, true);
+        let h = m.history((0, 0, 0, 10.0));
+        assert_eq!(h.len(), 2, "the sample and now");
+        assert_eq!((h[0].starts, h[0].requests, h[0].start_failures), (2, 1, 1));
+        assert_eq!(
+            (h[0].start_p50_ms, h[0].start_p99_ms),
+            (Some(4.0), Some(8.0))
+        );
+        assert_eq!((h[0].running, h[0].vm_memory_mib), (1, 64));
+        assert_eq!((h[1].starts, h[1].requests), (0, 1), "the open window");
+        assert_eq!(h[1].manager_reads, 2, "the manager's reads apart");
+        assert!(
+            m.render(&[], &[])
+                .contains("route=\"/v1/system\",method=\"GET\",status=\"200\"} 2"),
+            "Prometheus counts them all"
+        );
+        assert_eq!(h[1].start_p50_ms, None);
     }
 
     /// Every one of `want` is in the rendered text `t`.

@@ -47,6 +47,7 @@ use format::control::{
     Report,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -187,6 +188,9 @@ pub struct Instance {
     /// None for instances received by handoff (the operator's).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The version of its service it was synthesised from (None: received by handoff).
+    #[serde(default)]
+    pub version: Option<u32>,
 }
 
 /// A handoff as the source shows it.
@@ -398,6 +402,22 @@ pub struct Supervisor {
     warm: Mutex<crate::warm::Pool>,
     /// Signalled when the making of a standby ends.
     warm_made: tokio::sync::Notify,
+    /// Builds holding a slot (their build VM, then their trial VM): job id → guest MiB.
+    /// Locked after `table`, never before it.
+    builds: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A build's slot on the board (its build VM, then its trial VM, one after the other);
+/// given back when dropped.
+pub struct BuildSlot {
+    sup: Arc<Supervisor>,
+    job: String,
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        self.sup.builds.lock().expect("builds").remove(&self.job);
+    }
 }
 
 /// Active instances of `table` and their guest memory, MiB.
@@ -521,6 +541,7 @@ impl Supervisor {
             changed: watch::channel(0).0,
             warm: Mutex::new(crate::warm::Pool::default()),
             warm_made: tokio::sync::Notify::new(),
+            builds: Mutex::default(),
         })
     }
 
@@ -597,6 +618,66 @@ impl Supervisor {
     /// Active instances and the memory they hold, MiB.
     pub fn usage(&self) -> (u32, u64) {
         active_usage(&self.table.lock().expect("instance table"))
+    }
+
+    /// Slots held under the board's limits: the active instances and the builds (their
+    /// VMs), with their guest memory, MiB; and how many of those slots are builds.
+    fn held(&self, table: &BTreeMap<String, Entry>) -> (u32, u64, u32) {
+        let (n, mem) = active_usage(table);
+        let b = self.builds.lock().expect("builds");
+        (
+            n + b.len() as u32,
+            mem + b.values().sum::<u64>(),
+            b.len() as u32,
+        )
+    }
+
+    /// Takes a slot for build `job` (its build VM of `mem_mib`, then its trial VM) under the
+    /// board's limits, beside the instances (standbys give theirs up); or says which limit is
+    /// reached.
+    pub fn reserve_build(
+        self: &Arc<Self>,
+        job: &str,
+        mem_mib: u64,
+    ) -> Result<BuildSlot, SupervisorError> {
+        let t = self.table.lock().expect("instance table");
+        let (n, mem, builds) = self.held(&t);
+        {
+            let mut pool = self.warm.lock().expect("warm pool");
+            let (wn, wmem) = pool.usage();
+            if n + wn >= self.cfg.max_vms || mem + wmem + mem_mib > self.cfg.memory_mib {
+                for w in pool.drain(None) {
+                    tokio::spawn(crate::warm::discard(w));
+                }
+            }
+        }
+        if n >= self.cfg.max_vms {
+            return Err(SupervisorError::Full(format!(
+                "all {} service-VM slots of this board are in use (max_vms: {} instance(s), {builds} build(s)), and a build needs one for its build VM and its trial VM; stop an instance or build later",
+                self.cfg.max_vms,
+                n - builds
+            )));
+        }
+        if mem + mem_mib > self.cfg.memory_mib {
+            return Err(SupervisorError::Full(format!(
+                "{mem} MiB of the board's {} MiB for service VMs are in use and a build's VM needs {mem_mib} MiB more; stop an instance or build later",
+                self.cfg.memory_mib
+            )));
+        }
+        self.builds
+            .lock()
+            .expect("builds")
+            .insert(job.to_string(), mem_mib);
+        Ok(BuildSlot {
+            sup: Arc::clone(self),
+            job: job.to_string(),
+        })
+    }
+
+    /// Slots held by builds (their build or trial VM) and the memory they hold, MiB.
+    pub fn build_usage(&self) -> (u32, u64) {
+        let b = self.builds.lock().expect("builds");
+        (b.len() as u32, b.values().sum())
     }
 
     /// The limits (max VMs, memory MiB).
@@ -728,6 +809,11 @@ impl Supervisor {
         }
     }
 
+    /// Records `event` with `fields` in the data directory's audit log (the events list).
+    fn event(&self, event: &str, fields: serde_json::Value) {
+        crate::audit::Audit::in_dir(self.store.root()).record(event, fields);
+    }
+
     /// Records that the vmm of `id` ended.
     fn finished(&self, id: &str, how: String) {
         let rec = self.update(id, |e| {
@@ -744,10 +830,21 @@ impl Supervisor {
             e.rec.info.exit = Some(how);
         });
         if let Some(r) = rec {
-            if r.info.state == State::Failed {
-                tracing::warn!(instance = %id, exit = ?r.info.exit, "instance failed; log: {}", r.vmm_log.display());
+            let i = &r.info;
+            if i.state == State::Failed {
+                tracing::warn!(instance = %id, exit = ?i.exit, "instance failed; log: {}", r.vmm_log.display());
+                self.event(
+                    "instance.failed",
+                    json!({"instance": id, "service": i.service, "reason": i.error, "exit": i.exit}),
+                );
             } else {
                 tracing::info!(instance = %id, "instance stopped");
+                if i.state == State::Stopped {
+                    self.event(
+                        "instance.stopped",
+                        json!({"instance": id, "service": i.service, "exit": i.exit}),
+                    );
+                }
             }
         }
     }
@@ -763,7 +860,9 @@ impl Supervisor {
         let tt = Instant::now();
         let svc = self.store.service(service)?;
         let base = self.store.base(&svc.base)?;
-        let standby = self.take_standby(&svc.name, &svc.overlay_sha256).await;
+        let standby = self
+            .take_standby(&svc.name, svc.version, &svc.overlay_sha256)
+            .await;
         let mut rec = match &standby {
             Some(w) => {
                 let mut rec = w.rec.clone();
@@ -774,6 +873,7 @@ impl Supervisor {
             }
             None => self.new_record(&svc.name, &svc.base, base.mem_mib, State::Starting)?,
         };
+        rec.info.version = Some(svc.version);
         rec.info.owner = Some(owner.into());
         let id = rec.info.id.clone();
         let dir = self.store.instances_dir().join(&id);
@@ -794,11 +894,18 @@ impl Supervisor {
         self.notify();
         let started = match standby {
             Some(w) => self.hand_out_standby(w, tt),
-            None => self.launch(&id, &svc.name, &svc.base).await,
+            None => self.launch(&id, &svc.name, svc.version, &svc.base).await,
         };
         match started {
             Ok(rec) => {
-                self.refill(&svc.name, &svc.overlay_sha256, &svc.base, base.mem_mib);
+                self.refill(&svc, base.mem_mib);
+                let me = Arc::clone(self);
+                let ev = json!({
+                    "instance": id, "service": svc.name, "version": svc.version,
+                    "by": owner, "warm": rec.info.warm_start,
+                    "start_ms": (tt.elapsed().as_secs_f64() * 1e5).round() / 100.0,
+                });
+                tokio::task::spawn_blocking(move || me.event("instance.started", ev));
                 Ok(rec)
             }
             Err(why) => {
@@ -812,14 +919,25 @@ impl Supervisor {
                     e.rec.info.pid = None;
                 });
                 tracing::warn!(instance = %id, "start failed: {msg}");
+                self.event(
+                    "instance.failed",
+                    json!({"instance": id, "service": svc.name, "version": svc.version,
+                           "reason": crate::store::hide_paths(&msg)}),
+                );
                 Err(SupervisorError::StartFailed { id, why })
             }
         }
     }
 
-    /// The standby of `service` when it was made from the overlay `sha256` (a stale one is
-    /// discarded in the background); one being made is awaited (it is ahead of a new spawn).
-    async fn take_standby(&self, service: &str, sha256: &str) -> Option<crate::warm::Standby> {
+    /// The standby of `service` when it was made from its version `version`, overlay `sha256`
+    /// (a stale one is discarded in the background); one being made is awaited (it is ahead
+    /// of a new spawn).
+    async fn take_standby(
+        &self,
+        service: &str,
+        version: u32,
+        sha256: &str,
+    ) -> Option<crate::warm::Standby> {
         let mut w = loop {
             let made = self.warm_made.notified();
             tokio::pin!(made);
@@ -849,7 +967,7 @@ impl Supervisor {
             tokio::spawn(crate::warm::discard(w));
             return None;
         }
-        if w.overlay_sha256 == sha256 {
+        if w.overlay_sha256 == sha256 && w.rec.info.version == Some(version) {
             return Some(w);
         }
         tracing::info!(service, "discarding a standby of a replaced overlay");
@@ -907,16 +1025,17 @@ impl Supervisor {
         Ok(rec)
     }
 
-    /// In the background, makes a standby of `service` (overlay `sha256`, on `base`, `mem_mib`
-    /// of guest RAM) when standbys are on, it has none, and the board has room for it beside
+    /// In the background, makes a standby of service `svc` (its current version, `mem_mib` of
+    /// guest RAM) when standbys are on, it has none, and the board has room for it beside
     /// the instances.
-    fn refill(self: &Arc<Self>, service: &str, sha256: &str, base: &str, mem_mib: u64) {
+    fn refill(self: &Arc<Self>, svc: &crate::store::ServiceRecord, mem_mib: u64) {
+        let service = svc.name.as_str();
         if !self.cfg.warm || !matches!(self.cfg.network, NetworkMode::User) {
             return;
         }
         {
             let t = self.table.lock().expect("instance table");
-            let (n, mem) = active_usage(&t);
+            let (n, mem, _) = self.held(&t);
             let mut pool = self.warm.lock().expect("warm pool");
             let (wn, wmem) = pool.usage();
             if n + wn + 1 > self.cfg.max_vms || mem + wmem + mem_mib > self.cfg.memory_mib {
@@ -927,22 +1046,23 @@ impl Supervisor {
             }
         }
         let me = Arc::clone(self);
-        let (service, sha256, base) = (service.to_string(), sha256.to_string(), base.to_string());
+        let svc = svc.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.ensure_ram_image(&service, &sha256, &base).await {
+            let service = svc.name.as_str();
+            if let Err(e) = me.ensure_ram_image(&svc).await {
                 tracing::warn!(
                     service,
                     "no shared RAM image (instances then apply the overlay each): {e}"
                 );
             }
-            let made = match me.make_standby(&service, &sha256, &base, mem_mib).await {
+            let made = match me.make_standby(&svc, mem_mib).await {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(service, "no warm standby: {e}");
                     None
                 }
             };
-            let unwanted = me.warm.lock().expect("warm pool").end(&service, made);
+            let unwanted = me.warm.lock().expect("warm pool").end(service, made);
             if let Some(w) = unwanted {
                 crate::warm::discard(w).await;
             }
@@ -950,18 +1070,14 @@ impl Supervisor {
         });
     }
 
-    /// Runs `vmm ram-image` for `service` (overlay `sha256`) on `base`: writes the service's
-    /// shared RAM image (`format::ram_image`) unless the one there is up to date. Instances
-    /// synthesised afterwards map it copy-on-write and share its pages. Once done for an
-    /// overlay file (its checksum, inode and change time: a file rewritten even with the same
-    /// bytes voids its image), later standbys of it skip the run.
-    async fn ensure_ram_image(
-        &self,
-        service: &str,
-        sha256: &str,
-        base: &str,
-    ) -> Result<(), String> {
-        let overlay = self.store.overlay_path(service);
+    /// Runs `vmm ram-image` for the current version of service `svc`: writes its shared RAM
+    /// image (`format::ram_image`, beside the version's overlay) unless the one there is up
+    /// to date. Instances synthesised afterwards map it copy-on-write and share its pages.
+    /// Once done for an overlay file (its checksum, inode and change time: a file rewritten
+    /// even with the same bytes voids its image), later standbys of it skip the run.
+    async fn ensure_ram_image(&self, svc: &crate::store::ServiceRecord) -> Result<(), String> {
+        let (service, sha256, base) = (svc.name.as_str(), &svc.overlay_sha256, &svc.base);
+        let overlay = self.store.overlay_path(service, svc.version);
         let key = {
             use std::os::unix::fs::MetadataExt;
             let m = std::fs::metadata(&overlay).map_err(|e| format!("no overlay: {e}"))?;
@@ -996,18 +1112,18 @@ impl Supervisor {
     /// verified `health`; the guest then idles until a start takes it.
     async fn make_standby(
         &self,
-        service: &str,
-        sha256: &str,
-        base: &str,
+        svc: &crate::store::ServiceRecord,
         mem_mib: u64,
     ) -> Result<crate::warm::Standby, String> {
-        let rec = self
+        let (service, sha256, base) = (svc.name.as_str(), &svc.overlay_sha256, &svc.base);
+        let mut rec = self
             .new_record(service, base, mem_mib, State::Starting)
             .map_err(|e| error_chain(&e))?;
+        rec.info.version = Some(svc.version);
         let dir = self.store.instances_dir().join(&rec.info.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let args = self.synthesize_args(service, base);
+        let args = self.synthesize_args(service, svc.version, base);
         let made = async {
             let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
             if let Some(pid) = child.id() {
@@ -1048,6 +1164,26 @@ impl Supervisor {
         }
     }
 
+    /// The data directory.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A trial of version `svc.version` of a service before it becomes current: one VM
+    /// synthesised from it, checked with one verified `health`, then ended. Returns its spawn
+    /// → first verified reply, ms, or why it did not come up.
+    pub async fn trial(&self, svc: &crate::store::ServiceRecord) -> Result<f64, String> {
+        let mem = self
+            .store
+            .base(&svc.base)
+            .map_err(|e| error_chain(&e))?
+            .mem_mib;
+        let w = self.make_standby(svc, mem).await?;
+        let ms = w.answered_ms;
+        crate::warm::discard(w).await;
+        Ok(ms)
+    }
+
     /// Ends the standbys of `service` (of every service: `None`), e.g. when the service is
     /// replaced or removed, or the agent exits.
     pub async fn drop_standbys(&self, service: Option<&str>) {
@@ -1086,7 +1222,7 @@ impl Supervisor {
     /// limits), or says which limit is reached.
     fn reserve(&self, rec: &InstanceRecord, what: &str) -> Result<(), SupervisorError> {
         let mut t = self.table.lock().expect("instance table");
-        let (n, mem) = active_usage(&t);
+        let (n, mem, builds) = self.held(&t);
         {
             // Standbys give their slots up to instances.
             let mut pool = self.warm.lock().expect("warm pool");
@@ -1098,8 +1234,13 @@ impl Supervisor {
             }
         }
         if n >= self.cfg.max_vms {
+            let of_builds = if builds > 0 {
+                format!(", {builds} of them by a build on the appliance")
+            } else {
+                String::new()
+            };
             return Err(SupervisorError::Full(format!(
-                "all {} service-VM slots of this board are in use (max_vms); stop an instance or try another cloudlet",
+                "all {} service-VM slots of this board are in use (max_vms{of_builds}); stop an instance or try another cloudlet",
                 self.cfg.max_vms
             )));
         }
@@ -1153,6 +1294,7 @@ impl Supervisor {
                 received_from: None,
                 warm_start: false,
                 owner: None,
+                version: None,
             },
             api_sock: sock,
             serial_log: dir.join("serial.log"),
@@ -1523,14 +1665,15 @@ impl Supervisor {
         Ok((child, report, t0))
     }
 
-    /// The arguments of `vmm synthesize` for an instance of `service` on `base`.
-    fn synthesize_args(&self, service: &str, base: &str) -> Vec<std::ffi::OsString> {
+    /// The arguments of `vmm synthesize` for an instance of version `version` of `service`
+    /// on `base`.
+    fn synthesize_args(&self, service: &str, version: u32, base: &str) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec![
             "synthesize".into(),
             "--base".into(),
             self.store.base_dir(base).into(),
             "--overlay".into(),
-            self.store.overlay_path(service).into(),
+            self.store.overlay_path(service, version).into(),
         ];
         args.extend(self.net_args().into_iter().map(Into::into));
         args
@@ -1542,10 +1685,11 @@ impl Supervisor {
         self: &Arc<Self>,
         id: &str,
         service: &str,
+        version: u32,
         base: &str,
     ) -> Result<InstanceRecord, StartError> {
         let rec = self.get(id).ok_or(StartError::Vanished)?;
-        let args = self.synthesize_args(service, base);
+        let args = self.synthesize_args(service, version, base);
         let (mut child, mut report, t0) = self.spawn_vmm(&rec, &args, &["-v"], None)?;
         let deadline = tokio::time::Instant::from_std(t0 + self.cfg.start_timeout);
         let ready = self

@@ -165,6 +165,34 @@ impl Manifest {
     }
 }
 
+/// The content id of the base directory `dir` (see the module doc): SHA-256 over `kernel`,
+/// `state`, `memory` and, when present, `disk`, each prefixed by its length (u64 LE).
+pub fn content_id(dir: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let with_disk = dir.join(DISK).exists();
+    for name in [KERNEL, STATE, MEMORY, DISK] {
+        if name == DISK && !with_disk {
+            continue;
+        }
+        let path = dir.join(name);
+        let mut f = std::fs::File::open(&path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open '{}': {e}", path.display()))
+        })?;
+        h.update(f.metadata()?.len().to_le_bytes());
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().into())
+}
+
 /// Hex encoding of an id.
 pub fn hex(id: &[u8; 32]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()

@@ -10,10 +10,13 @@
 //! - [`control`]: the frames a vmm speaks: its control socket (requests, answers) and the
 //!   reports to its supervisor (ready with timings and bound ports, failed, exited);
 //! - [`disk_delta`]: a VM's copy-on-write disk layer on the host (a crash-safe block log);
+//! - [`disk_file`]: where a customisation places a file on a guest's disk (its path form);
 //! - [`handoff`]: the stream that moves a running VM to another appliance;
 //! - [`ram_image`]: a service's RAM image (base + overlay, made once, shared copy-on-write by
 //!   its instances) and the id saying what it was made from;
 //! - [`pairing`]: the messages a phone and the appliance exchange to pair (USB or claim code);
+//! - [`progress`]: the progress stream of a long build (`image-builder overlay --progress
+//!   json`), read by the agent instead of logs;
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -24,10 +27,12 @@
 pub mod base;
 pub mod control;
 pub mod disk_delta;
+pub mod disk_file;
 pub mod handoff;
 pub mod mapped;
 pub mod overlay;
 pub mod pairing;
+pub mod progress;
 pub mod ram_image;
 pub mod sources;
 pub mod state;

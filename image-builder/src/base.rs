@@ -1,12 +1,10 @@
 //! `image-builder base`: boot a guest to its ready point and keep it as a base image.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use format::base::{hex, Manifest, DISK, KERNEL, MANIFEST, MANIFEST_VERSION, MEMORY, STATE};
-use sha2::{Digest, Sha256};
 use vmm::config::{
     DevicesConfig, DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig, DEFAULT_MAC,
 };
@@ -95,28 +93,11 @@ impl LinuxParts {
     }
 }
 
-/// SHA-256 over `kernel`, `state`, `memory` of a base directory, each prefixed by its length.
+/// SHA-256 over `kernel`, `state`, `memory` (and `disk`) of a base directory, each prefixed
+/// by its length (`format::base::content_id`).
 pub fn content_id(dir: &Path) -> Result<[u8; 32]> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let with_disk = dir.join(DISK).exists();
-    for name in [KERNEL, STATE, MEMORY, DISK] {
-        if name == DISK && !with_disk {
-            continue;
-        }
-        let path = dir.join(name);
-        let mut f = std::fs::File::open(&path)
-            .with_context(|| format!("cannot open '{}'", path.display()))?;
-        h.update(f.metadata()?.len().to_le_bytes());
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(h.finalize().into())
+    format::base::content_id(dir)
+        .with_context(|| format!("cannot hash the base at '{}'", dir.display()))
 }
 
 /// Bytes a file occupies on disk.

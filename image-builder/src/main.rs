@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use format::overlay::{BuildOptions, Overlay};
+use format::progress::Step;
 use image_builder::{base, overlay};
 
 /// Build cloudlet base images and application overlays.
@@ -79,9 +80,15 @@ enum Command {
         /// Snapshot of the customised VM (from `vmm snapshot`).
         #[arg(long, conflicts_with = "script", required_unless_present = "script")]
         from: Option<PathBuf>,
-        /// Console commands that customise the base, `,`-separated, `:` between words (`put:7:42`).
+        /// Console commands that customise the base, `,`-separated, `:` between words
+        /// (`put:7:42`); may be empty when --file places what the service needs.
         #[arg(long)]
         script: Option<String>,
+        /// Place a file on the guest's disk before it is restored: GUEST=HOST, GUEST a place
+        /// on the raw disk (`/dev/vda@OFFSET`, a byte offset), HOST the file to copy there
+        /// (at most 256 KiB; repeat up to 16 times, 1 MiB in all). Needs --script.
+        #[arg(long = "file", value_name = "GUEST=HOST", requires = "script")]
+        files: Vec<String>,
         /// Where to keep the customised snapshot made for --script.
         #[arg(long)]
         keep_snapshot: Option<PathBuf>,
@@ -94,6 +101,11 @@ enum Command {
         /// Pages per compressed chunk (1-1024).
         #[arg(long, default_value_t = BuildOptions::default().chunk_pages)]
         chunk_pages: u64,
+        /// `json`: print the steps of a --script build on stdout as they happen, one JSON
+        /// object per line (`format::progress`), ending with `done` or `failed`, instead of
+        /// the summary line.
+        #[arg(long, value_parser = ["json"])]
+        progress: Option<String>,
     },
     /// Turn an existing VM disk (qcow2 or raw) into a base's disk: raw, whole 4 KiB blocks,
     /// read back equal to the source, for `image-builder base --disk`.
@@ -145,6 +157,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `--file GUEST=HOST` arguments, read.
+fn read_files(args: &[String]) -> Result<Vec<overlay::DiskFile>> {
+    args.iter()
+        .map(|a| {
+            let (guest, host) = a.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--file {a}: write GUEST=HOST (e.g. /dev/vda@568=entry.bin)")
+            })?;
+            format::disk_file::parse(guest)?;
+            let meta = std::fs::metadata(host)
+                .with_context(|| format!("--file {a}: cannot read '{host}'"))?;
+            if meta.len() > format::disk_file::MAX_FILE_BYTES as u64 {
+                anyhow::bail!(
+                    "--file {a}: '{host}' holds {} bytes, at most {} are placed per file",
+                    meta.len(),
+                    format::disk_file::MAX_FILE_BYTES
+                );
+            }
+            Ok(overlay::DiskFile {
+                path: guest.to_string(),
+                data: std::fs::read(host)
+                    .with_context(|| format!("--file {a}: cannot read '{host}'"))?,
+            })
+        })
+        .collect()
 }
 
 fn mib(b: u64) -> f64 {
@@ -210,11 +248,25 @@ fn run(cmd: Command) -> Result<()> {
             base,
             from,
             script,
+            files,
             keep_snapshot,
             out,
             level,
             chunk_pages,
+            progress,
         } => {
+            let json = progress.is_some();
+            let emit = |s: Step| {
+                use std::io::Write;
+                let mut o = std::io::stdout().lock();
+                let sent = o.write_all(s.to_line().as_bytes()).and_then(|_| o.flush());
+                if sent.is_err() {
+                    // The supervisor following the build is gone (an agent that died): a
+                    // build nobody will install is not worth a VM.
+                    eprintln!("image-builder: nobody reads the progress any more; stopping");
+                    std::process::exit(1);
+                }
+            };
             let t0 = std::time::Instant::now();
             let opts = BuildOptions {
                 level,
@@ -233,22 +285,47 @@ fn run(cmd: Command) -> Result<()> {
                             tmp.clone()
                         }
                     };
-                    let r = overlay::from_script(
-                        &base,
-                        &script,
-                        &snap,
-                        &out,
-                        opts,
-                        Duration::from_secs(120),
-                    );
+                    let r = read_files(&files).and_then(|files| {
+                        overlay::from_script(
+                            &base,
+                            &script,
+                            &files,
+                            &snap,
+                            &out,
+                            opts,
+                            Duration::from_secs(120),
+                            &mut |s| {
+                                if json {
+                                    emit(s)
+                                }
+                            },
+                        )
+                    });
                     if keep_snapshot.is_none() {
                         let _ = std::fs::remove_dir_all(&snap);
                     }
-                    r?
+                    match r {
+                        Ok(s) => s,
+                        Err(e) if json => {
+                            let _ = std::fs::remove_file(&out);
+                            emit(Step::Failed {
+                                error: format!("{e:#}"),
+                            });
+                            return Err(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 (None, None) => unreachable!("clap requires --from or --script"),
             };
             let size = std::fs::metadata(&out)?.len();
+            if json {
+                emit(Step::Done {
+                    bytes: size,
+                    pages: stats.data,
+                });
+                return Ok(());
+            }
             println!(
                 "overlay {}: {:.2} MiB; pages: {} same, {} zero, {} base-dedup, {} self-dedup, {} data ({:.2} MiB); disk δ: {} blocks; {:.2} MiB compressed; built in {:.0} ms",
                 out.display(),

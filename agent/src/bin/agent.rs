@@ -36,6 +36,10 @@ struct Cli {
     /// The vmm binary (default: `vmm` next to this executable).
     #[arg(long, global = true)]
     vmm: Option<PathBuf>,
+    /// The image-builder binary, which builds service versions on the appliance (default:
+    /// `image-builder` next to this executable).
+    #[arg(long)]
+    image_builder: Option<PathBuf>,
     /// Stop every instance when the agent exits (by default they keep running and the next
     /// agent re-adopts them).
     #[arg(long)]
@@ -295,6 +299,9 @@ fn run(cli: Cli) -> Result<()> {
             rt.block_on(agent::daemon::run(Options {
                 board,
                 vmm: cli.vmm.unwrap_or_else(default_vmm),
+                image_builder: cli
+                    .image_builder
+                    .unwrap_or_else(agent::daemon::default_image_builder),
                 stop_on_exit: cli.stop_on_exit,
                 warm: !cli.no_warm_standby,
                 token_file: cli.cfg.token_file.clone(),

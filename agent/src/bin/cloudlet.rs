@@ -31,6 +31,12 @@ use clap::{Parser, Subcommand};
 ///   cloudlet devices --agent http://127.0.0.1:9999       # paired devices (operator)
 ///   cloudlet revoke phone-1 --agent http://127.0.0.1:9999
 ///   cloudlet info --agent https://10.0.0.2:9999 --fingerprint 3f2a…   # pinned HTTPS
+///   cloudlet upload-overlay model app.overlay --agent …   # the next version of `model`
+///   cloudlet versions model --agent …; cloudlet edit-service model --version 1 --agent …
+///   cloudlet upload-base micro ./base --agent …           # tar.zst, verified before install
+///   cloudlet build-service kv --base micro --script load:16,put:7:42 --agent …   # built there
+///   cloudlet upload-app model-client client.apk --version 1.1 --platform android --service model
+///   cloudlet download-app model-client --agent …          # checked against its SHA-256
 ///
 /// HTTPS: appliances serve HTTPS on the network with their own certificate, which the client
 /// pins by its SHA-256 fingerprint. Pins live in $CLOUDLET_PINS, else
@@ -117,6 +123,8 @@ enum Cmd {
         /// The device id (as `cloudlet devices` shows it).
         id: String,
     },
+    #[command(flatten)]
+    Catalogue(agent::manage::CatalogueCmd),
 }
 
 /// Pins what `c` (a [`Pin::FirstUse`] client) presents, in the pin store, and returns a
@@ -386,6 +394,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Revoke { id } => {
             let d = connect(&cli, token.as_deref())?.revoke_device(id)?;
             println!("device {} ({}) is {}", d.id, d.name, d.status);
+        }
+        Cmd::Catalogue(cmd) => {
+            let c = connect(&cli, token.as_deref())?;
+            agent::manage::run(cmd, &c, cli.json)?;
         }
         Cmd::List => {
             let c = connect(&cli, token.as_deref())?;

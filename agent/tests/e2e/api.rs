@@ -532,7 +532,7 @@ fn the_operator_token_is_made_on_first_start_and_never_in_the_board_file() {
 #[test]
 fn a_refused_start_names_no_server_path() {
     let a = AgentProc::start("no-paths", &[]);
-    let overlay = a.data.join("services/model/app.overlay");
+    let overlay = a.data.join("services/model/versions/1/app.overlay");
     let mut bytes = std::fs::read(&overlay).unwrap();
     bytes[200] ^= 1;
     std::fs::write(&overlay, &bytes).unwrap();

@@ -11,17 +11,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent::client::Client;
+use fantoccini::{ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 use crate::common::{verify_guest, wait_for, AgentProc};
 
-/// The W3C element reference key.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
+/// Headless Chromium under chromedriver, driven with fantoccini (a WebDriver client) over
+/// plain HTTP on loopback; the calls block on the driver's own runtime, so the tests read
+/// as sequences of steps.
 struct Driver {
     child: Child,
-    http: Client,
-    session: String,
+    rt: tokio::runtime::Runtime,
+    client: Option<fantoccini::Client>,
 }
 
 impl Driver {
@@ -55,7 +56,7 @@ impl Driver {
             "--no-sandbox".into(),
             "--disable-gpu".into(),
             "--disable-dev-shm-usage".into(),
-            "--window-size=1200,900".into(),
+            "--window-size=1280,1600".into(),
         ];
         if !spki.is_empty() {
             args.push(format!(
@@ -63,89 +64,133 @@ impl Driver {
                 spki.join(",")
             ));
         }
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": args
-            }
-        }}});
-        let r = http
-            .raw("POST", "/session", Some(caps.to_string().as_bytes()), false)
+            "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        let v = r.json();
-        let session = v["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {}", r.body))
-            .to_string();
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = rt
+            .block_on(
+                ClientBuilder::new(connector)
+                    .capabilities(caps.as_object().unwrap().clone())
+                    .connect(&format!("http://127.0.0.1:{port}")),
+            )
+            .unwrap_or_else(|e| panic!("no WebDriver session: {e}"));
         Driver {
             child,
-            http,
-            session,
+            rt,
+            client: Some(client),
         }
+    }
+
+    fn c(&self) -> &fantoccini::Client {
+        self.client.as_ref().expect("a session")
+    }
+
+    /// Opens `url`.
+    fn goto(&self, url: &str) {
+        self.rt.block_on(self.c().goto(url)).unwrap();
+    }
+
+    /// The page's title.
+    fn title(&self) -> String {
+        self.rt.block_on(self.c().title()).unwrap()
     }
 
     /// Opens `a`'s web manager and types the operator token into it.
     fn open_manager(&self, a: &AgentProc) {
-        self.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
-        let token = self.wait("#token");
-        self.cmd(
-            "POST",
-            &format!("/element/{token}/value"),
-            json!({"text": a.token()}),
-        );
+        self.goto(&format!("{}/", a.url));
+        self.type_into("#token", &a.token());
     }
 
-    fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
-        let p = format!("/session/{}{path}", self.session);
-        let b = body.to_string();
-        let r = self
-            .http
-            .raw(method, &p, (method != "GET").then_some(b.as_bytes()), false)
-            .unwrap();
-        assert_eq!(r.status, 200, "WebDriver {method} {path}: {}", r.body);
-        r.json()["value"].clone()
+    /// The element `css` selects, if any.
+    fn find(&self, css: &str) -> Option<fantoccini::elements::Element> {
+        match self.rt.block_on(self.c().find(Locator::Css(css))) {
+            Ok(e) => Some(e),
+            Err(e) if e.is_no_such_element() => None,
+            Err(e) => panic!("find {css}: {e}"),
+        }
     }
 
-    fn find(&self, css: &str) -> Option<String> {
-        let p = format!("/session/{}/element", self.session);
-        let b = json!({"using": "css selector", "value": css}).to_string();
-        let r = self
-            .http
-            .raw("POST", &p, Some(b.as_bytes()), false)
-            .unwrap();
-        (r.status == 200).then(|| r.json()["value"][ELEMENT].as_str().unwrap().to_string())
-    }
-
-    fn wait(&self, css: &str) -> String {
+    /// The element `css` selects, waiting up to 20 s for it.
+    fn wait(&self, css: &str) -> fantoccini::elements::Element {
         wait_for(Duration::from_secs(20), css, || self.find(css))
     }
 
-    fn click(&self, el: &str) {
-        self.cmd("POST", &format!("/element/{el}/click"), json!({}));
+    fn click(&self, el: &fantoccini::elements::Element) {
+        self.rt.block_on(el.click()).unwrap();
     }
 
-    fn text(&self, el: &str) -> String {
-        self.cmd("GET", &format!("/element/{el}/text"), json!({}))
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+    /// Clicks the element `css` selects (waiting for it).
+    fn click_on(&self, css: &str) {
+        let el = self.wait(css);
+        self.click(&el);
+    }
+
+    fn text(&self, el: &fantoccini::elements::Element) -> String {
+        self.rt.block_on(el.text()).unwrap()
+    }
+
+    /// The text of the element `css` selects (waiting for it).
+    fn text_of(&self, css: &str) -> String {
+        let el = self.wait(css);
+        self.text(&el)
+    }
+
+    /// Types `text` into the element `css` selects (a file input takes a path).
+    fn type_into(&self, css: &str, text: &str) {
+        let el = self.wait(css);
+        self.rt.block_on(el.send_keys(text)).unwrap();
+    }
+
+    /// Waits until `#msg` says `needle`; returns it.
+    fn says(&self, needle: &str) -> String {
+        wait_for(Duration::from_secs(60), needle, || {
+            let t = self.text_of("#msg");
+            t.contains(needle).then_some(t)
+        })
+    }
+
+    /// Sets the value of the select or input `css` (as a user choosing it would).
+    fn set_value(&self, css: &str, value: &str) {
+        self.wait(css);
+        self.js(&format!(
+            "document.querySelector({}).value = {}",
+            json!(css),
+            json!(value)
+        ));
+    }
+
+    fn accept_alert(&self) {
+        self.rt.block_on(self.c().accept_alert()).unwrap();
     }
 
     fn js(&self, script: &str) -> Value {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            json!({"script": script, "args": []}),
-        )
+        self.rt
+            .block_on(self.c().execute(script, Vec::new()))
+            .unwrap()
+    }
+
+    /// Saves a screenshot of the page as `CARGO_TARGET_TMPDIR/NAME.png`.
+    fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        let png = self.rt.block_on(self.c().screenshot()).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.png"));
+        std::fs::write(&p, png).unwrap();
+        eprintln!("screenshot: {}", p.display());
+        p
     }
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self
-            .http
-            .raw("DELETE", &format!("/session/{}", self.session), None, false);
+        if let Some(c) = self.client.take() {
+            let _ = self.rt.block_on(c.close());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -160,12 +205,12 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
     assert!(a.url.starts_with("https://"), "{}", a.url);
     // Without the pin, Chromium shows its certificate error instead of the manager.
     let d = Driver::start(&[]);
-    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
-    assert_ne!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
+    d.goto(&format!("{}/", a.url));
+    assert_ne!(d.title(), "Cloudlet manager");
     drop(d);
     let d = Driver::start(&[a.spki()]);
-    d.cmd("POST", "/url", json!({"url": format!("{}/", a.url)}));
-    assert_eq!(d.cmd("GET", "/title", json!({})), "Cloudlet manager");
+    d.goto(&format!("{}/", a.url));
+    assert_eq!(d.title(), "Cloudlet manager");
     assert_eq!(d.js("return location.protocol"), "https:");
     // Without the token the page shows the open system line and asks for it.
     let sys = d.wait("#system");
@@ -181,12 +226,7 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
         d.find("button.start").is_none(),
         "no catalogue without a token"
     );
-    let token = d.wait("#token");
-    d.cmd(
-        "POST",
-        &format!("/element/{token}/value"),
-        json!({"text": a.token()}),
-    );
+    d.type_into("#token", &a.token());
     // The catalogue is rendered from the API, with the token.
     let start = d.wait("button.start[data-service='model']");
     let t0 = Instant::now();
@@ -228,50 +268,12 @@ fn the_web_manager_starts_lists_and_stops_an_instance() {
     let revoke = d.wait("#dev-phone-w button.revoke");
     assert!(d.text(&d.wait("#dev-phone-w")).contains("active"));
     d.click(&revoke);
-    d.cmd("POST", "/alert/accept", json!({}));
+    d.accept_alert();
     wait_for(Duration::from_secs(20), "the row to show revoked", || {
         d.find("#dev-phone-w td.dev-status.revoked")
     });
     let e = phone.instances().unwrap_err().to_string();
     assert!(e.contains("401"), "{e}");
-}
-
-/// Decodes standard base64 (a WebDriver screenshot).
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let bytes: Vec<u8> = s
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= u32::from(val(*c)) << (18 - 6 * i);
-        }
-        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
-    }
-    out
-}
-
-impl Driver {
-    /// Saves a screenshot of the page as `CARGO_TARGET_TMPDIR/NAME.png`.
-    fn screenshot(&self, name: &str) -> std::path::PathBuf {
-        let v = self.cmd("GET", "/screenshot", json!({}));
-        let png = base64_decode(v.as_str().unwrap());
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.png"));
-        std::fs::write(&p, png).unwrap();
-        eprintln!("screenshot: {}", p.display());
-        p
-    }
 }
 
 /// The hand-off action: choose a discovered appliance, watch the instance move, see where
@@ -402,4 +404,157 @@ fn the_web_manager_pairs_a_device_with_its_qr_code() {
             == false)
             .then_some(())
     });
+}
+
+/// The catalogue from the browser: a service built from a base with a script, started and
+/// called, edited into a new version; the charts drawn; an app uploaded and downloaded with
+/// its checksum checked in the page; the refusal to delete a running service.
+#[test]
+fn the_web_manager_builds_edits_and_curates_the_catalogue() {
+    let a = AgentProc::start("web-catalogue", &[EVERYWHERE]);
+    let d = Driver::start(&[a.spki()]);
+    d.open_manager(&a);
+
+    // Create a service from the base with a script, on the appliance.
+    d.wait("#build-base option");
+    d.type_into("#build-name", "kv");
+    d.set_value("#build-base", "micro");
+    d.type_into("#build-script", "load:1");
+    d.type_into("#build-description", "built in the browser");
+    // A file in a place the disk does not have is refused, and the page says why.
+    d.type_into("#build-files", "/etc/motd=hello");
+    d.click_on("#build-btn");
+    let refusal = d.says("cannot build kv: 400");
+    assert!(refusal.contains("write /dev/vda@OFFSET"), "{refusal}");
+    d.screenshot("web-manager-file-refused");
+    assert!(a
+        .client()
+        .get_json::<Vec<agent::jobs::Job>>("/v1/jobs")
+        .unwrap()
+        .is_empty());
+    // A file on its disk: table entry 8 (byte 512 + 8·8) becomes "ABCDEFGH".
+    d.set_value("#build-files", "/dev/vda@576=ABCDEFGH");
+    d.click_on("#build-btn");
+    d.says("building kv (job j-");
+    wait_for(Duration::from_secs(120), "the build to finish", || {
+        d.find("#jobs tr.job.done")
+    });
+    let result = d.text_of("#jobs tr.job.done td.job-result");
+    assert!(result.contains("version 1"), "{result}");
+    d.screenshot("web-manager-built");
+
+    // Start it and call it.
+    d.click_on("button.start[data-service='kv']");
+    let row = wait_for(Duration::from_secs(30), "a running kv instance", || {
+        d.find("#instances tbody tr[data-service='kv'] td.state.running")
+    });
+    assert_eq!(d.text(&row), "running");
+    let first = a.client().instances().unwrap().remove(0);
+    verify_guest(&first.endpoint);
+    let mut g =
+        micro_service::client::Client::connect(&first.endpoint, Duration::from_secs(10)).unwrap();
+    g.expect(
+        "get 8",
+        &micro_service::oracle::get_reply(8, u64::from_le_bytes(*b"ABCDEFGH")),
+    )
+    .unwrap();
+
+    // Edit: re-customise into version 2 (entry 7 of the model's disk set to 42).
+    d.click_on("button.versions[data-service='kv']");
+    d.wait("#versions tr#ver-1");
+    d.type_into("#edit-script", "load:1,put:7:42");
+    d.type_into("#edit-files", "/dev/vda@584=version2");
+    d.click_on("#edit-build");
+    wait_for(Duration::from_secs(120), "version 2 to be current", || {
+        d.find("#versions tr#ver-2 td.current")
+    });
+    assert!(d.text_of("#svc-kv td.svc-version").contains('2'));
+    d.click_on("button.start[data-service='kv']");
+    d.says("started");
+    let second = a
+        .client()
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.version == Some(2) && i.state == "running")
+        .expect("an instance of version 2");
+    let mut g =
+        micro_service::client::Client::connect(&second.endpoint, Duration::from_secs(10)).unwrap();
+    g.expect("get 7", &micro_service::oracle::get_reply(7, 42))
+        .unwrap();
+    g.expect(
+        "get 9",
+        &micro_service::oracle::get_reply(9, u64::from_le_bytes(*b"version2")),
+    )
+    .unwrap();
+    d.screenshot("web-manager-versions");
+
+    // The console of an instance, live.
+    d.click_on(&format!("#inst-{} button.console", first.id));
+    wait_for(Duration::from_secs(20), "the console to be live", || {
+        d.text_of("#console-state").contains("live").then_some(())
+    });
+
+    // Deleting a service that runs is refused, and says why.
+    d.click_on("button.svc-delete[data-service='kv']");
+    d.accept_alert();
+    let refusal = d.says("cannot delete service kv");
+    assert!(
+        refusal.contains("while 2 instance(s) of it run"),
+        "{refusal}"
+    );
+    assert!(a
+        .client()
+        .services()
+        .unwrap()
+        .iter()
+        .any(|s| s.name == "kv"));
+    d.screenshot("web-manager-delete-refused");
+
+    // Upload an app that offloads to kv, with its progress, then download it: the page
+    // checks the SHA-256 the appliance announces.
+    let apk = a.dir.path("kv-client.apk");
+    std::fs::write(&apk, vec![0x5au8; 3 << 20]).unwrap();
+    let (sha, _) = agent::store::sha256_file(&apk).unwrap();
+    d.type_into("#app-name", "kv-client");
+    d.type_into("#app-version", "1.2.0");
+    d.set_value("#app-platform", "android");
+    d.set_value("#app-service", "kv");
+    d.type_into("#app-file", apk.to_str().unwrap());
+    d.click_on("#app-btn");
+    d.says(&format!("installed: sha256 {sha}"));
+    let app = a
+        .client()
+        .get_json::<agent::store::AppRecord>("/v1/apps/kv-client")
+        .unwrap();
+    assert_eq!(
+        (
+            app.platform.as_str(),
+            app.service.as_deref(),
+            app.sha256.as_str()
+        ),
+        ("android", Some("kv"), sha.as_str())
+    );
+    d.click_on("#app-kv-client button.app-download");
+    d.says(&format!("sha256 {sha} checked"));
+
+    // The charts draw the last hour: the starts' latency and the instances running.
+    wait_for(Duration::from_secs(30), "the charts", || {
+        let lat = d.find("#chart-latency .series")?;
+        let inst = d.find("#chart-instances polyline.series")?;
+        drop((lat, inst));
+        let n = d.js("return Number(document.querySelector('#chart-instances').dataset.points)");
+        (n.as_f64() > Some(1.0)).then_some(())
+    });
+    let ys = d.js(
+        "return Array.from(document.querySelectorAll('#chart-instances polyline.series')).map(p => p.getAttribute('points'))",
+    );
+    assert!(ys.as_array().is_some_and(|v| !v.is_empty()), "{ys}");
+    d.js("document.querySelector('#charts').scrollIntoView()");
+    d.screenshot("web-manager-at-a-glance");
+    let events = d.text_of("#events");
+    assert!(
+        events.contains("service.built") && events.contains("instance.started"),
+        "{events}"
+    );
 }

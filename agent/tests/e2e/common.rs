@@ -186,7 +186,8 @@ impl AgentProc {
         AgentProc::start_ns(name, edits, true, None, Some(ns.to_string()))
     }
 
-    fn start_full(
+    /// An agent with every option: `stop_on_exit`, and `vmm` instead of the built vmm.
+    pub fn start_full(
         name: &str,
         edits: &[(&str, &str)],
         stop_on_exit: bool,
@@ -309,6 +310,17 @@ impl AgentProc {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Asserts that nothing is left in the data directory's `tmp/` (uploads and builds clean
+    /// up after themselves, failed ones included).
+    pub fn tmp_is_empty(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.data.join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in tmp/: {left:?}");
     }
 
     /// The agent's log so far.

@@ -278,7 +278,10 @@ fn handoff_of_a_running_vm() {
     // The refused handoff's start left a warm standby, on the service's shared RAM image:
     // that is what moved (its δ against the base includes pages it never wrote).
     assert!(moved.warm_start, "{moved:?}");
-    assert!(a.data.join("services/model/app.overlay.ram.id").exists());
+    assert!(a
+        .data
+        .join("services/model/versions/1/app.overlay.ram.id")
+        .exists());
     let h = moved.handoff.unwrap();
     assert!(h.round >= 1, "{h:?}");
     // The guest's own state came along: the model and the table outside what was written.

@@ -3,8 +3,11 @@
 
 mod api;
 mod browser;
+mod build;
+mod catalogue;
 mod common;
 mod discovery;
+mod glance;
 mod handoff;
 mod handoff_netns;
 mod isolation;
