@@ -138,6 +138,8 @@ pub struct Options {
     pub stop_on_exit: bool,
     /// Keep a warm standby per started service (`crate::warm`).
     pub warm: bool,
+    /// Start every vmm jailed (`crate::jail`); false only to debug.
+    pub jail: bool,
     /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
     pub token_file: Option<PathBuf>,
 }
@@ -231,6 +233,26 @@ pub async fn run(opts: Options) -> Result<()> {
         .context("cannot set up the appliance certificate")?;
     let tls_config = cert.server_config()?;
     let metrics = Arc::new(Metrics::default());
+    let jail = if !opts.jail {
+        tracing::warn!("--no-jail: vmms run as root in the agent's namespaces (debugging only)");
+        false
+    } else if !crate::jail::can_jail() {
+        tracing::warn!("the agent is not root: vmms run unjailed, as the agent's user");
+        false
+    } else {
+        tracing::info!(
+            "jail: every vmm runs as a user of its own in its own mount, pid and IPC namespaces"
+        );
+        true
+    };
+    let cgroups = Arc::new(crate::cgroup::Cgroups::setup(
+        store.id(),
+        crate::cgroup::Limits {
+            cpus: board.cpus,
+            memory_mib: board.memory_mib,
+            max_vms: board.max_vms,
+        },
+    ));
     let sup = Supervisor::new(
         SupervisorConfig {
             vmm: opts.vmm.clone(),
@@ -240,6 +262,8 @@ pub async fn run(opts: Options) -> Result<()> {
             memory_mib: board.memory_mib,
             start_timeout: START_TIMEOUT,
             warm: opts.warm,
+            jail,
+            cgroups,
         },
         store.clone(),
         metrics.clone(),

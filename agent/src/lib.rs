@@ -22,6 +22,7 @@
 pub mod audit;
 pub mod auth;
 pub mod board;
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod devices;
@@ -29,6 +30,7 @@ pub mod discovery;
 pub mod guest;
 pub mod handoff;
 pub mod http;
+pub mod jail;
 pub mod metrics;
 pub mod pairing;
 pub mod store;

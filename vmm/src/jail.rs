@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  vmm (root, as spawned: by the agent, already pid 1 of a pid namespace of its own,
-//!   │   see `spawn_in_namespaces`; otherwise it unshares one and forks, and the parent
+//!   │   the agent's `jail::spawn_in_namespaces`; otherwise it unshares one and forks, and the parent
 //!   │   waits, forwards SIGINT/SIGTERM/SIGHUP and exits as the jailed vmm did)
 //!   │ join its cgroups (--cgroup), chown the instance directory to UID:GID, mode 0700
 //!   │ unshare(mount, IPC namespaces)
@@ -200,7 +200,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
 
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
-        // Not spawned into a pid namespace of its own (see `spawn_in_namespaces`): make one,
+        // Not spawned into a pid namespace of its own (the agent's `jail::spawn_in_namespaces`): make one,
         // and go on as its first process.
         fork_into_pid_namespace()?;
     }
@@ -216,7 +216,7 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
 /// Unshares the pid namespace and forks: the child (pid 1 there) returns, killed if its
 /// parent goes; the parent never returns (see [`wait_and_mirror`]). A fork costs this host
 /// milliseconds (copy-on-write faults under shadow paging), so the agent spawns the vmm
-/// directly into a pid namespace instead ([`spawn_in_namespaces`]).
+/// directly into a pid namespace instead (the agent's `jail::spawn_in_namespaces`).
 fn fork_into_pid_namespace() -> Result<(), JailError> {
     // The signals the waiting parent forwards (and SIGCHLD, its child's end) are blocked
     // before the fork, so none is lost in between; the child unblocks them again.
@@ -248,25 +248,6 @@ fn fork_into_pid_namespace() -> Result<(), JailError> {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
     Ok(())
-}
-
-/// Runs `spawn` (which starts a process, e.g. a vmm with `--jail`) on a thread of its own
-/// that first unshares the pid namespace: the process it starts is pid 1 of a new one, with
-/// no fork of its own to make (the thread ends afterwards; the process keeps the
-/// namespace). Needs root.
-pub fn spawn_in_namespaces<T: Send>(spawn: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare takes flags only; it changes this thread's namespace for
-            // children only.
-            if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            spawn()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
-    })
 }
 
 /// In the child: the private root over `root` (the instance directory), then `pivot_root`.

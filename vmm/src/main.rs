@@ -595,6 +595,9 @@ fn launch_with(
             tracing::warn!("{e}");
         }
     }
+    if std::env::var_os(vmm::limits::MEMORY_SELFTEST_ENV).is_some() {
+        vmm::limits::exhaust_memory();
+    }
     let mut control = Control { socket, report };
     machine
         .run(&mut control)

@@ -46,6 +46,13 @@ struct Cli {
     /// standby holds a slot of the board's limits and gives it up to any start that needs it.
     #[arg(long)]
     no_warm_standby: bool,
+    /// DEBUGGING ONLY: start vmms unjailed (as root, in the agent's namespaces, no user of
+    /// their own). By default every vmm runs as a user of its own in mount, pid and IPC
+    /// namespaces of its own whose root holds only its instance directory, the base and
+    /// overlay it reads (read-only) and its device nodes. Seccomp filters, --confine and the
+    /// cgroup limits stay on.
+    #[arg(long)]
+    no_jail: bool,
     /// Log filter level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -297,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
                 vmm: cli.vmm.unwrap_or_else(default_vmm),
                 stop_on_exit: cli.stop_on_exit,
                 warm: !cli.no_warm_standby,
+                jail: !cli.no_jail,
                 token_file: cli.cfg.token_file.clone(),
             }))
         }
