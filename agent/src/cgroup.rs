@@ -302,6 +302,15 @@ impl Cgroups {
         }
     }
 
+    /// At agent exit: removes the VM cgroups no vmm is in, then the appliance cgroup if no
+    /// VM is left in it (running VMs keep theirs, for the next agent to adopt).
+    pub fn close(&self) {
+        self.sweep();
+        for d in self.appliance_dirs() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     /// Removes the VM cgroups no process is in any more (left by an agent that died).
     pub fn sweep(&self) {
         let Some(a) = &self.inner else { return };

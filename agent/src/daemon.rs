@@ -263,7 +263,7 @@ pub async fn run(opts: Options) -> Result<()> {
             start_timeout: START_TIMEOUT,
             warm: opts.warm,
             jail,
-            cgroups,
+            cgroups: cgroups.clone(),
         },
         store.clone(),
         metrics.clone(),
@@ -437,6 +437,7 @@ pub async fn run(opts: Options) -> Result<()> {
             tracing::info!("{n} instance(s) keep running; the next agent re-adopts them");
         }
     }
+    cgroups.close();
     if let Some(u) = usb {
         let _ = tokio::task::spawn_blocking(move || u.join()).await;
     }
