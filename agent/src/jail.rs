@@ -47,7 +47,8 @@ impl JailIds {
 
 /// Runs `spawn` (which starts a process: a vmm with `--jail`) on a thread of its own that
 /// first unshares the pid namespace: the process it starts is pid 1 of a new one (the thread
-/// ends afterwards; the process keeps the namespace). Needs root.
+/// ends afterwards; the process keeps the namespace). Needs root. `spawn` must not start
+/// threads: the kernel refuses a thread whose pid namespace for children is not its own.
 pub fn spawn_in_namespaces<T: Send>(
     spawn: impl FnOnce() -> std::io::Result<T> + Send,
 ) -> std::io::Result<T> {
