@@ -4,8 +4,10 @@
 //!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
 //!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
 //!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
-//!                   --report-fd 0 --no-stdin --confine instances/ID`
-//!                   (its standard input: the vmm's end of the pair)
+//!                   --report-fd 0 --no-stdin --confine instances/ID
+//!                   --cgroup …/vm-ID/cgroup.procs --jail UID:UID`
+//!                   (its standard input: the vmm's end of the pair; spawned into a pid
+//!                   namespace of its own, in its own cgroup: see crate::jail, crate::cgroup)
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running

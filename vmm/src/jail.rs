@@ -56,6 +56,8 @@ pub struct JailSpec {
     pub read_only: Vec<PathBuf>,
     /// Character devices made inside, owned by `uid`, mode 0600.
     pub devices: Vec<PathBuf>,
+    /// A tap device to hand to `uid` (it must exist: see `netback::Tap::hand_to`).
+    pub tap: Option<String>,
 }
 
 /// Errors of entering the jail.
@@ -78,6 +80,9 @@ pub enum JailError {
     /// A system call failed.
     #[error("cannot {0} while entering the jail")]
     Sys(&'static str, #[source] io::Error),
+    /// The tap could not be handed to the VM's user.
+    #[error("cannot hand the tap to the VM's user")]
+    Tap(#[source] netback::TapError),
     /// A cgroup could not be joined.
     #[error("cannot join the cgroup '{0}' (its cgroup.procs)")]
     Cgroup(PathBuf, #[source] io::Error),
@@ -181,6 +186,9 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         let at = abs(d)?;
         let m = std::fs::metadata(&at).map_err(path_err("stat", &at))?;
         devices.push((at, m.rdev()));
+    }
+    if let Some(tap) = &spec.tap {
+        netback::Tap::hand_to(tap, spec.uid, spec.gid).map_err(JailError::Tap)?;
     }
     // The instance directory becomes the VM user's own.
     let c = cpath(&dir);

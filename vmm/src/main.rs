@@ -506,6 +506,7 @@ fn lock_down(common: &CommonArgs, reads: &[PathBuf]) -> anyhow::Result<()> {
             dir: dir.clone(),
             read_only,
             devices,
+            tap: common.tap.clone(),
         })
         .context("cannot enter the vmm's jail")?;
         tracing::debug!(
