@@ -5,11 +5,14 @@
 //! kernel's OOM killer, within that cgroup) and never takes the appliance with it.
 //!
 //! ```text
-//! <agent's cgroup>/cloudlet-<appliance id>/      cpu: board cpus × 100 ms per 100 ms
+//! <agent's cgroup>/cloudlet-<appliance id>/      cpu: board cpus × 100 ms per 100 ms, weighed
+//!                                                     as that many CPUs (shares / weight)
 //!                                                memory: board memory_mib + max_vms × overhead
 //!                                                pids: max_vms × VM_TASKS
 //!     vm-<instance id>/                          memory: guest RAM + overhead (no swap)
 //!                                                pids: VM_TASKS
+//!                                                (v1: no cpu group of its own; the VMs share
+//!                                                the appliance's)
 //! ```
 //!
 //! cgroup v2 (one hierarchy with the cpu, memory and pids controllers) is used where the
@@ -205,6 +208,12 @@ impl Cgroups {
                         "cpu.max",
                         &format!("{} {PERIOD_US}", limits.cpu_quota_us()),
                     )?;
+                    // Weighed as the CPUs it stands for against the host's other tasks.
+                    let _ = write(
+                        dir,
+                        "cpu.weight",
+                        &(100 * u64::from(limits.cpus)).min(10_000).to_string(),
+                    );
                     write(dir, "memory.max", &limits.memory_bytes().to_string())?;
                     let _ = write(dir, "memory.swap.max", "0");
                     write(
@@ -216,6 +225,12 @@ impl Cgroups {
                 Controller::Cpu => {
                     write(dir, "cpu.cfs_period_us", &PERIOD_US.to_string())?;
                     write(dir, "cpu.cfs_quota_us", &limits.cpu_quota_us().to_string())?;
+                    // Weighed as the CPUs it stands for against the host's other tasks.
+                    let _ = write(
+                        dir,
+                        "cpu.shares",
+                        &(1024 * u64::from(limits.cpus)).to_string(),
+                    );
                 }
                 Controller::Memory => set_v1_memory(dir, limits.memory_bytes())?,
                 Controller::Pids => write(
@@ -252,9 +267,16 @@ impl Cgroups {
             let mut cg = VmCgroup {
                 version: a.version,
                 dirs: Vec::new(),
+                shared: Vec::new(),
                 memory_mib: mem_mib + VM_OVERHEAD_MIB,
             };
             for (c, parent) in &a.dirs {
+                if *c == Controller::Cpu {
+                    // v1: the VMs share the appliance's CPU group (a group per VM would
+                    // only add a level of scheduling: the quota is the appliance's).
+                    cg.shared.push(parent.join("cgroup.procs"));
+                    continue;
+                }
                 let dir = parent.join(format!("vm-{id}"));
                 match std::fs::create_dir(&dir) {
                     Ok(()) => {}
@@ -363,7 +385,10 @@ fn enable_controllers(own: &Path) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct VmCgroup {
     version: Version,
+    /// Its own cgroups (removed with it).
     dirs: Vec<(Controller, PathBuf)>,
+    /// The `cgroup.procs` of the appliance cgroups it joins as they are (v1 cpu).
+    shared: Vec<PathBuf>,
     memory_mib: u64,
 }
 
@@ -373,6 +398,7 @@ impl VmCgroup {
         self.dirs
             .iter()
             .map(|(_, d)| d.join("cgroup.procs"))
+            .chain(self.shared.iter().cloned())
             .collect()
     }
 
@@ -479,7 +505,15 @@ mod tests {
             ((1024 + 4 * VM_OVERHEAD_MIB) << 20).to_string()
         );
         let vm = c.vm("i-1", 256).unwrap();
-        assert_eq!(vm.procs_files().len(), 3);
+        assert_eq!(
+            vm.procs_files(),
+            [
+                root.join("memory/svc/abc/cloudlet-a1/vm-i-1/cgroup.procs"),
+                root.join("pids/cloudlet-a1/vm-i-1/cgroup.procs"),
+                root.join("cpu/cloudlet-a1/cgroup.procs"),
+            ]
+        );
+        assert!(!root.join("cpu/cloudlet-a1/vm-i-1").exists());
         assert_eq!(
             std::fs::read_to_string(
                 root.join("memory/svc/abc/cloudlet-a1/vm-i-1/memory.limit_in_bytes")

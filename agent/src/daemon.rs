@@ -140,6 +140,8 @@ pub struct Options {
     pub warm: bool,
     /// Start every vmm jailed (`crate::jail`); false only to debug.
     pub jail: bool,
+    /// Enforce the board's limits with cgroups (`crate::cgroup`); false only to debug.
+    pub cgroups: bool,
     /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
     pub token_file: Option<PathBuf>,
 }
@@ -245,14 +247,19 @@ pub async fn run(opts: Options) -> Result<()> {
         );
         true
     };
-    let cgroups = Arc::new(crate::cgroup::Cgroups::setup(
-        store.id(),
-        crate::cgroup::Limits {
-            cpus: board.cpus,
-            memory_mib: board.memory_mib,
-            max_vms: board.max_vms,
-        },
-    ));
+    let cgroups = Arc::new(if opts.cgroups {
+        crate::cgroup::Cgroups::setup(
+            store.id(),
+            crate::cgroup::Limits {
+                cpus: board.cpus,
+                memory_mib: board.memory_mib,
+                max_vms: board.max_vms,
+            },
+        )
+    } else {
+        tracing::warn!("--no-cgroups: the board's cpus and memory are accounted, not enforced (debugging only)");
+        crate::cgroup::Cgroups::none()
+    });
     let sup = Supervisor::new(
         SupervisorConfig {
             vmm: opts.vmm.clone(),

@@ -170,8 +170,8 @@ fn mount(
 }
 
 /// Enters the jail `spec` (see the module doc). Must be called while the process has one
-/// thread. Returns in the jailed process only; the process that called it waits for that
-/// one and exits as it does.
+/// thread. Returns in the jailed process: this one when it is pid 1 of its own pid namespace
+/// already; otherwise a forked child, while this one waits for it and exits as it does.
 pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -208,8 +208,8 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
 
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
-        // Not spawned into a pid namespace of its own (the agent's `jail::spawn_in_namespaces`): make one,
-        // and go on as its first process.
+        // Not spawned into a pid namespace of its own (as the agent's
+        // `jail::spawn_in_namespaces` does): make one, and go on as its first process.
         fork_into_pid_namespace()?;
     }
     // Always a mount and IPC namespace of its own (a spawner's may be shared with others).

@@ -53,6 +53,11 @@ struct Cli {
     /// cgroup limits stay on.
     #[arg(long)]
     no_jail: bool,
+    /// DEBUGGING ONLY: no cgroups (the board's cpus and memory are then only accounted by
+    /// the agent, not enforced by the kernel; by default each VM runs in a cgroup of its own
+    /// inside the appliance's).
+    #[arg(long)]
+    no_cgroups: bool,
     /// Log filter level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -305,6 +310,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop_on_exit: cli.stop_on_exit,
                 warm: !cli.no_warm_standby,
                 jail: !cli.no_jail,
+                cgroups: !cli.no_cgroups,
                 token_file: cli.cfg.token_file.clone(),
             }))
         }

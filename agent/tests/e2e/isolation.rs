@@ -107,12 +107,18 @@ fn the_boards_cpus_and_memory_are_the_appliance_cgroups_limits() {
             .join(p.trim_start_matches('/'))
     };
     let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).unwrap().trim().to_string();
-    let vm_cpu = path("cpu");
-    assert!(vm_cpu.ends_with(format!("vm-{}", i.id)), "{vm_cpu:?}");
-    let app_cpu = vm_cpu.parent().unwrap();
+    // The VMs share the appliance's CPU group (v1): its quota is the board's cpus.
+    let app_cpu = path("cpu");
+    let vm_mem = path("memory");
+    assert!(vm_mem.ends_with(format!("vm-{}", i.id)), "{vm_mem:?}");
+    assert_eq!(
+        app_cpu.file_name(),
+        vm_mem.parent().unwrap().file_name(),
+        "the appliance's cgroup"
+    );
     assert_eq!(read(app_cpu.join("cpu.cfs_period_us")), "100000");
     assert_eq!(read(app_cpu.join("cpu.cfs_quota_us")), "100000", "1 CPU");
-    let vm_mem = path("memory");
+    assert_eq!(read(app_cpu.join("cpu.shares")), "1024");
     let overhead = agent::cgroup::VM_OVERHEAD_MIB;
     assert_eq!(
         read(vm_mem.parent().unwrap().join("memory.limit_in_bytes")),
