@@ -5,7 +5,7 @@
 //!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
 //!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
 //!                   --report-fd 0 --no-stdin --confine instances/ID
-//!                   --cgroup …/vm-ID/cgroup.procs --jail UID:UID`
+//!                   --cgroup …/vm-ID/tasks --jail UID:UID`
 //!                   (its standard input: the vmm's end of the pair; spawned into a pid
 //!                   namespace of its own, in its own cgroup: see crate::jail, crate::cgroup)
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
@@ -1586,7 +1586,7 @@ impl Supervisor {
             .cgroups
             .vm(&rec.info.id, rec.info.mem_mib)
             .map(Arc::new);
-        for f in cgroup.iter().flat_map(|c| c.procs_files()) {
+        for f in cgroup.iter().flat_map(|c| c.join_files()) {
             cmd.arg("--cgroup").arg(f);
         }
         let t0 = Instant::now();

@@ -84,7 +84,7 @@ pub enum JailError {
     #[error("cannot hand the tap to the VM's user")]
     Tap(#[source] netback::TapError),
     /// A cgroup could not be joined.
-    #[error("cannot join the cgroup '{0}' (its cgroup.procs)")]
+    #[error("cannot join the cgroup by writing 0 to '{0}'")]
     Cgroup(PathBuf, #[source] io::Error),
 }
 
@@ -108,9 +108,12 @@ fn path_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// Joins the cgroups whose `cgroup.procs` files are given (the whole process; threads and
-/// children started later are born inside). Done before anything is allocated, so the VM's
-/// memory is charged to its own cgroup from the start.
+/// Joins the cgroups by the files given: each cgroup's `cgroup.procs`, or (v1) its `tasks`,
+/// which moves only the calling thread, but skips the lock that makes a move of a whole
+/// process wait for an RCU grace period (10–15 ms per start on this host). Called while the
+/// vmm has one thread, so either moves all of it; threads started later are born inside.
+/// Done before anything is allocated, so the VM's memory is charged to its own cgroup from
+/// the start.
 pub fn join_cgroups(procs: &[PathBuf]) -> Result<(), JailError> {
     for p in procs {
         std::fs::write(p, b"0").map_err(|e| JailError::Cgroup(p.clone(), e))?;

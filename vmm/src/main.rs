@@ -294,8 +294,9 @@ struct CommonArgs {
     /// capability left. See vmm::jail.
     #[arg(long, value_name = "UID:GID", value_parser = parse_ids, requires = "confine")]
     jail: Option<(u32, u32)>,
-    /// Join this cgroup first (its cgroup.procs file), so everything the VM allocates is
-    /// charged there. Repeatable (one per cgroup v1 hierarchy).
+    /// Join this cgroup first (by its cgroup.procs file, or its tasks file in cgroup v1: the
+    /// vmm writes 0 there while it has one thread), so everything the VM allocates is charged
+    /// there. Repeatable (one per cgroup v1 hierarchy).
     #[arg(long, value_name = "FILE")]
     cgroup: Vec<PathBuf>,
     /// A virtio disk on this raw image. The image is opened read-only and never written: the

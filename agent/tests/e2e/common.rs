@@ -636,7 +636,12 @@ pub fn assert_jailed(data: &Path, id: &str, pid: u32) -> u32 {
     use std::os::unix::fs::MetadataExt;
     let dir = std::fs::metadata(data.join("instances").join(id)).unwrap();
     assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(cg.contains(&format!("/vm-{id}")), "{cg}");
+    // Every thread in the VM's cgroup (it joined while it had one).
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(cg) = std::fs::read_to_string(t.unwrap().path().join("cgroup")) else {
+            continue; // the thread ended meanwhile
+        };
+        assert!(cg.contains(&format!("/vm-{id}")), "{cg}");
+    }
     uid
 }
