@@ -54,6 +54,7 @@ struct Appliance {
     version: Version,
     /// The appliance cgroup, per hierarchy (v2: one; v1: cpu, memory, pids).
     dirs: Vec<(Controller, PathBuf)>,
+    limits: Limits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,56 +191,15 @@ impl Cgroups {
             if c == Controller::All {
                 enable_controllers(&own_dir)?;
             }
-            let dir = own_dir.join(&name);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            dirs.push((c, dir));
+            dirs.push((c, own_dir.join(&name)));
         }
-        let a = Appliance { version, dirs };
-        for (c, dir) in &a.dirs {
-            match c {
-                Controller::All => {
-                    write(dir, "cgroup.subtree_control", "+cpu +memory +pids")?;
-                    write(
-                        dir,
-                        "cpu.max",
-                        &format!("{} {PERIOD_US}", limits.cpu_quota_us()),
-                    )?;
-                    // Weighed as the CPUs it stands for against the host's other tasks.
-                    let _ = write(
-                        dir,
-                        "cpu.weight",
-                        &(100 * u64::from(limits.cpus)).min(10_000).to_string(),
-                    );
-                    write(dir, "memory.max", &limits.memory_bytes().to_string())?;
-                    let _ = write(dir, "memory.swap.max", "0");
-                    write(
-                        dir,
-                        "pids.max",
-                        &(u64::from(limits.max_vms) * VM_TASKS).to_string(),
-                    )?;
-                }
-                Controller::Cpu => {
-                    write(dir, "cpu.cfs_period_us", &PERIOD_US.to_string())?;
-                    write(dir, "cpu.cfs_quota_us", &limits.cpu_quota_us().to_string())?;
-                    // Weighed as the CPUs it stands for against the host's other tasks.
-                    let _ = write(
-                        dir,
-                        "cpu.shares",
-                        &(1024 * u64::from(limits.cpus)).to_string(),
-                    );
-                }
-                Controller::Memory => set_v1_memory(dir, limits.memory_bytes())?,
-                Controller::Pids => write(
-                    dir,
-                    "pids.max",
-                    &(u64::from(limits.max_vms) * VM_TASKS).to_string(),
-                )?,
-            }
-        }
+        let a = Appliance {
+            version,
+            dirs,
+            limits,
+        };
+        a.make()?;
+        a.remove_others();
         let c = Cgroups { inner: Some(a) };
         c.sweep();
         Ok(Some(c))
@@ -278,7 +238,16 @@ impl Cgroups {
                     continue;
                 }
                 let dir = parent.join(format!("vm-{id}"));
-                match std::fs::create_dir(&dir) {
+                let made = std::fs::create_dir(&dir).or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        // The appliance cgroup went (another agent's clean-up): again.
+                        a.make()?;
+                        std::fs::create_dir(&dir)
+                    } else {
+                        Err(e)
+                    }
+                });
+                match made {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(e),
@@ -345,6 +314,90 @@ impl Cgroups {
                     // Fails (busy) while a process is inside: an adopted VM keeps its own.
                     let _ = std::fs::remove_dir(e.path());
                 }
+            }
+        }
+    }
+}
+
+impl Appliance {
+    /// Makes the appliance cgroup (again, if it went) with the board's limits.
+    fn make(&self) -> std::io::Result<()> {
+        let limits = self.limits;
+        for (_, dir) in &self.dirs {
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (c, dir) in &self.dirs {
+            match c {
+                Controller::All => {
+                    write(dir, "cgroup.subtree_control", "+cpu +memory +pids")?;
+                    write(
+                        dir,
+                        "cpu.max",
+                        &format!("{} {PERIOD_US}", limits.cpu_quota_us()),
+                    )?;
+                    // Weighed as the CPUs it stands for against the host's other tasks.
+                    let _ = write(
+                        dir,
+                        "cpu.weight",
+                        &(100 * u64::from(limits.cpus)).min(10_000).to_string(),
+                    );
+                    write(dir, "memory.max", &limits.memory_bytes().to_string())?;
+                    let _ = write(dir, "memory.swap.max", "0");
+                    write(
+                        dir,
+                        "pids.max",
+                        &(u64::from(limits.max_vms) * VM_TASKS).to_string(),
+                    )?;
+                }
+                Controller::Cpu => {
+                    write(dir, "cpu.cfs_period_us", &PERIOD_US.to_string())?;
+                    write(dir, "cpu.cfs_quota_us", &limits.cpu_quota_us().to_string())?;
+                    // Weighed as the CPUs it stands for against the host's other tasks.
+                    let _ = write(
+                        dir,
+                        "cpu.shares",
+                        &(1024 * u64::from(limits.cpus)).to_string(),
+                    );
+                }
+                Controller::Memory => set_v1_memory(dir, limits.memory_bytes())?,
+                Controller::Pids => write(
+                    dir,
+                    "pids.max",
+                    &(u64::from(limits.max_vms) * VM_TASKS).to_string(),
+                )?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the appliance cgroups other agents left behind (killed ones): those without a
+    /// VM still running (a cgroup with a process or a child is not removed). An agent still
+    /// running whose empty cgroup goes makes it again at its next VM ([`Cgroups::vm`]).
+    fn remove_others(&self) {
+        for (_, dir) in &self.dirs {
+            let (Some(parent), Some(mine)) = (dir.parent(), dir.file_name()) else {
+                continue;
+            };
+            let Ok(rd) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                if name == mine || !name.to_string_lossy().starts_with("cloudlet-") {
+                    continue;
+                }
+                if let Ok(vms) = std::fs::read_dir(e.path()) {
+                    for vm in vms.flatten() {
+                        if vm.file_name().to_string_lossy().starts_with("vm-") {
+                            let _ = std::fs::remove_dir(vm.path());
+                        }
+                    }
+                }
+                let _ = std::fs::remove_dir(e.path());
             }
         }
     }
@@ -535,6 +588,15 @@ mod tests {
         )
         .unwrap();
         assert!(vm.oom_killed());
+        // Another agent's leftovers (no VM running) go; one whose cgroup went makes it again.
+        std::fs::create_dir_all(root.join("pids/cloudlet-old/vm-i-9")).unwrap();
+        let again = Cgroups::setup_in(&root, HYBRID, "a2", limits)
+            .unwrap()
+            .unwrap();
+        assert!(!root.join("pids/cloudlet-old").exists());
+        std::fs::remove_dir_all(root.join("pids/cloudlet-a2")).unwrap();
+        assert!(again.vm("i-2", 64).is_some());
+        assert!(root.join("pids/cloudlet-a2/vm-i-2").is_dir());
         std::fs::remove_dir_all(&root).unwrap();
     }
 
