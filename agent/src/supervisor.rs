@@ -444,10 +444,11 @@ impl VmmChild {
 
 impl Drop for VmmChild {
     fn drop(&mut self) {
-        if let Some(cg) = &self.cgroup {
+        if let Some(cg) = self.cgroup.take() {
             // A vmm left running (the agent exits without --stop-on-exit) keeps its cgroup.
+            // The removal may wait for the vmm's last threads to leave: off the runtime.
             if matches!(self.child.try_wait(), Ok(Some(_))) {
-                cg.remove();
+                std::thread::spawn(move || cg.remove());
             }
         }
     }
