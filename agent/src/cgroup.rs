@@ -374,9 +374,10 @@ impl Appliance {
         Ok(())
     }
 
-    /// Removes the appliance cgroups other agents left behind (killed ones): those without a
-    /// VM still running (a cgroup with a process or a child is not removed). An agent still
-    /// running whose empty cgroup goes makes it again at its next VM ([`Cgroups::vm`]).
+    /// Removes the empty appliance cgroups other agents left behind (killed ones). One with a
+    /// VM cgroup inside is not removed (the kernel refuses): its VM may be starting under an
+    /// agent still running. An agent still running whose empty cgroup goes makes it again at
+    /// its next VM ([`Cgroups::vm`]).
     fn remove_others(&self) {
         for (_, dir) in &self.dirs {
             let (Some(parent), Some(mine)) = (dir.parent(), dir.file_name()) else {
@@ -387,17 +388,9 @@ impl Appliance {
             };
             for e in rd.flatten() {
                 let name = e.file_name();
-                if name == mine || !name.to_string_lossy().starts_with("cloudlet-") {
-                    continue;
+                if name != mine && name.to_string_lossy().starts_with("cloudlet-") {
+                    let _ = std::fs::remove_dir(e.path());
                 }
-                if let Ok(vms) = std::fs::read_dir(e.path()) {
-                    for vm in vms.flatten() {
-                        if vm.file_name().to_string_lossy().starts_with("vm-") {
-                            let _ = std::fs::remove_dir(vm.path());
-                        }
-                    }
-                }
-                let _ = std::fs::remove_dir(e.path());
             }
         }
     }
@@ -588,12 +581,15 @@ mod tests {
         )
         .unwrap();
         assert!(vm.oom_killed());
-        // Another agent's leftovers (no VM running) go; one whose cgroup went makes it again.
-        std::fs::create_dir_all(root.join("pids/cloudlet-old/vm-i-9")).unwrap();
+        // Another agent's empty leftovers go, one with a VM inside stays; an agent whose
+        // cgroup went makes it again.
+        std::fs::create_dir_all(root.join("pids/cloudlet-old")).unwrap();
+        std::fs::create_dir_all(root.join("pids/cloudlet-busy/vm-i-9")).unwrap();
         let again = Cgroups::setup_in(&root, HYBRID, "a2", limits)
             .unwrap()
             .unwrap();
         assert!(!root.join("pids/cloudlet-old").exists());
+        assert!(root.join("pids/cloudlet-busy/vm-i-9").exists());
         std::fs::remove_dir_all(root.join("pids/cloudlet-a2")).unwrap();
         assert!(again.vm("i-2", 64).is_some());
         assert!(root.join("pids/cloudlet-a2/vm-i-2").is_dir());
