@@ -140,6 +140,10 @@ pub struct Options {
     pub stop_on_exit: bool,
     /// Keep a warm standby per started service (`crate::warm`).
     pub warm: bool,
+    /// Start every vmm jailed (`crate::jail`); false only to debug.
+    pub jail: bool,
+    /// Enforce the board's limits with cgroups (`crate::cgroup`); false only to debug.
+    pub cgroups: bool,
     /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
     pub token_file: Option<PathBuf>,
 }
@@ -248,6 +252,31 @@ pub async fn run(opts: Options) -> Result<()> {
         .context("cannot set up the appliance certificate")?;
     let tls_config = cert.server_config()?;
     let metrics = Arc::new(Metrics::default());
+    let jail = if !opts.jail {
+        tracing::warn!("--no-jail: vmms run as root in the agent's namespaces (debugging only)");
+        false
+    } else if !crate::jail::can_jail() {
+        tracing::warn!("the agent is not root: vmms run unjailed, as the agent's user");
+        false
+    } else {
+        tracing::info!(
+            "jail: every vmm runs as a user of its own in its own mount, pid and IPC namespaces"
+        );
+        true
+    };
+    let cgroups = Arc::new(if opts.cgroups {
+        crate::cgroup::Cgroups::setup(
+            store.id(),
+            crate::cgroup::Limits {
+                cpus: board.cpus,
+                memory_mib: board.memory_mib,
+                max_vms: board.max_vms,
+            },
+        )
+    } else {
+        tracing::warn!("--no-cgroups: the board's cpus and memory are accounted, not enforced (debugging only)");
+        crate::cgroup::Cgroups::none()
+    });
     let sup = Supervisor::new(
         SupervisorConfig {
             vmm: opts.vmm.clone(),
@@ -257,6 +286,8 @@ pub async fn run(opts: Options) -> Result<()> {
             memory_mib: board.memory_mib,
             start_timeout: START_TIMEOUT,
             warm: opts.warm,
+            jail,
+            cgroups: cgroups.clone(),
         },
         store.clone(),
         metrics.clone(),
@@ -433,6 +464,7 @@ pub async fn run(opts: Options) -> Result<()> {
             tracing::info!("{n} instance(s) keep running; the next agent re-adopts them");
         }
     }
+    cgroups.close();
     if let Some(u) = usb {
         let _ = tokio::task::spawn_blocking(move || u.join()).await;
     }

@@ -26,6 +26,7 @@
 pub mod audit;
 pub mod auth;
 pub mod board;
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod devices;
@@ -34,6 +35,7 @@ pub mod guest;
 pub mod handoff;
 pub mod history;
 pub mod http;
+pub mod jail;
 pub mod jobs;
 pub mod manage;
 pub mod metrics;

@@ -4,8 +4,10 @@
 //!   POST /v1/instances ──▶ reserve a slot (max_vms, memory) ──▶ a socket pair
 //!        ──▶ spawn `vmm synthesize --base B --overlay O --forward IP:0=10.0.2.15:80
 //!                   --api-sock instances/ID/vm.sock --serial instances/ID/serial.log
-//!                   --report-fd 0 --no-stdin --confine instances/ID`
-//!                   (its standard input: the vmm's end of the pair)
+//!                   --report-fd 0 --no-stdin --confine instances/ID
+//!                   --cgroup …/vm-ID/tasks --jail UID:UID`
+//!                   (its standard input: the vmm's end of the pair; spawned into a pid
+//!                   namespace of its own, in its own cgroup: see crate::jail, crate::cgroup)
 //!        ──▶ await its report: Ready (synthesis timings, the forward's bound port) or
 //!            Failed (why, and a kind) or end of file (it died)
 //!        ──▶ one `health` request to the guest (again only if it fails) ──▶ Running
@@ -384,6 +386,11 @@ pub struct SupervisorConfig {
     pub start_timeout: Duration,
     /// Keep a warm standby per started service (see [`Supervisor::start`]).
     pub warm: bool,
+    /// Start every vmm jailed (`vmm --jail`, a user of its own, in namespaces of its own:
+    /// see [`crate::jail`]); off with `agent --no-jail`, for debugging.
+    pub jail: bool,
+    /// The appliance's cgroups (each VM gets its own inside).
+    pub cgroups: Arc<crate::cgroup::Cgroups>,
 }
 
 struct Entry {
@@ -405,6 +412,70 @@ pub struct Supervisor {
     /// Builds holding a slot (their build VM, then their trial VM): job id → guest MiB.
     /// Locked after `table`, never before it.
     builds: Mutex<BTreeMap<String, u64>>,
+    /// The VMs' user ids.
+    jail_ids: crate::jail::JailIds,
+}
+
+/// A vmm process of ours and its cgroup, which is removed once the vmm has ended (when this
+/// is dropped after the process was reaped).
+#[derive(Debug)]
+pub struct VmmChild {
+    child: tokio::process::Child,
+    cgroup: Option<Arc<crate::cgroup::VmCgroup>>,
+}
+
+impl std::ops::Deref for VmmChild {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for VmmChild {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
+    }
+}
+
+impl VmmChild {
+    /// Its cgroup, if it has one.
+    pub fn cgroup(&self) -> Option<Arc<crate::cgroup::VmCgroup>> {
+        self.cgroup.clone()
+    }
+
+    /// How it ended (see [`describe_exit_in`]).
+    pub fn describe_exit(&self, st: std::process::ExitStatus) -> String {
+        describe_exit_in(self.cgroup.as_deref(), st)
+    }
+}
+
+impl Drop for VmmChild {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            // A vmm left running (the agent exits without --stop-on-exit) keeps its cgroup.
+            // The removal may wait for the vmm's last threads to leave: off the runtime.
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                std::thread::spawn(move || cg.remove());
+            }
+        }
+    }
+}
+
+/// How a vmm in cgroup `cg` ended: a kill by the kernel's OOM killer in its own cgroup is
+/// named as such; otherwise as [`describe_exit`].
+pub fn describe_exit_in(
+    cg: Option<&crate::cgroup::VmCgroup>,
+    st: std::process::ExitStatus,
+) -> String {
+    if st.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32) {
+        if let Some(cg) = cg.filter(|c| c.oom_killed()) {
+            return format!(
+                "killed by the kernel's OOM killer: the VM outgrew its memory limit ({} MiB) in its own cgroup",
+                cg.memory_mib()
+            );
+        }
+    }
+    describe_exit(st)
 }
 
 /// A build's slot on the board (its build VM, then its trial VM, one after the other);
@@ -542,6 +613,7 @@ impl Supervisor {
             warm: Mutex::new(crate::warm::Pool::default()),
             warm_made: tokio::sync::Notify::new(),
             builds: Mutex::default(),
+            jail_ids: crate::jail::JailIds::default(),
         })
     }
 
@@ -804,6 +876,7 @@ impl Supervisor {
                     &id,
                     "exit status unknown: adopted after an agent restart".into(),
                 );
+                self.cfg.cgroups.remove_vm(&id);
                 return;
             }
         }
@@ -962,7 +1035,7 @@ impl Supervisor {
             tracing::warn!(
                 service,
                 "the warm standby's vmm had ended ({}): starting cold",
-                describe_exit(st)
+                w.child.describe_exit(st)
             );
             tokio::spawn(crate::warm::discard(w));
             return None;
@@ -1360,15 +1433,7 @@ impl Supervisor {
     async fn listen(
         &self,
         rec: &InstanceRecord,
-    ) -> Result<
-        (
-            SocketAddr,
-            String,
-            tokio::process::Child,
-            tokio::net::UnixStream,
-        ),
-        StartError,
-    > {
+    ) -> Result<(SocketAddr, String, VmmChild, tokio::net::UnixStream), StartError> {
         let token = crate::auth::random_secret().map_err(StartError::Token)?;
         let mut args: Vec<std::ffi::OsString> = vec![
             "receive".into(),
@@ -1403,7 +1468,7 @@ impl Supervisor {
     async fn await_arrival(
         self: Arc<Self>,
         id: String,
-        mut child: tokio::process::Child,
+        mut child: VmmChild,
         mut report: tokio::net::UnixStream,
     ) {
         let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
@@ -1433,12 +1498,13 @@ impl Supervisor {
             _ = self.stop_requested(&id) => Err("aborted".into()),
             _ = tokio::time::sleep_until(deadline) => Err(format!("nothing arrived within {RECEIVE_TIMEOUT:?}")),
         };
+        let cg = child.cgroup();
         let checked = match outcome {
             Ok((addr, t0)) => tokio::select! {
                 took = first_health(addr, t0) => Ok((addr, took)),
                 st = child.wait() => Err(format!(
                     "the vmm ended before the guest answered ({})",
-                    st.map_or_else(|e| format!("wait failed: {e}"), describe_exit)
+                    st.map_or_else(|e| format!("wait failed: {e}"), |st| describe_exit_in(cg.as_deref(), st))
                 )),
                 _ = tokio::time::sleep(self.cfg.start_timeout) => {
                     Err(format!("no reply to `health` within {:?}", self.cfg.start_timeout))
@@ -1618,7 +1684,7 @@ impl Supervisor {
         args: &[std::ffi::OsString],
         tail: &[&str],
         env: Option<(&str, &str)>,
-    ) -> Result<(tokio::process::Child, tokio::net::UnixStream, Instant), StartError> {
+    ) -> Result<(VmmChild, tokio::net::UnixStream, Instant), StartError> {
         let _ = std::fs::remove_file(&rec.api_sock);
         let log_err = |e| StartError::Log(rec.vmm_log.clone(), e);
         let log = std::fs::OpenOptions::new()
@@ -1657,9 +1723,37 @@ impl Supervisor {
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
+        // Its own cgroup, joined before it allocates anything.
+        let cgroup = self
+            .cfg
+            .cgroups
+            .vm(&rec.info.id, rec.info.mem_mib)
+            .map(Arc::new);
+        for f in cgroup.iter().flat_map(|c| c.join_files()) {
+            cmd.arg("--cgroup").arg(f);
+        }
         let t0 = Instant::now();
-        let spawned = cmd.spawn();
-        let child = spawned.map_err(|e| StartError::Spawn(self.cfg.vmm.clone(), e))?;
+        let spawned = if self.cfg.jail {
+            // A user of its own, and pid 1 of a pid namespace of its own (see crate::jail).
+            let id = self.jail_ids.take();
+            cmd.arg("--jail").arg(format!("{id}:{id}"));
+            let rt = tokio::runtime::Handle::current();
+            crate::jail::spawn_in_namespaces(|| {
+                let _in_runtime = rt.enter();
+                cmd.spawn()
+            })
+        } else {
+            cmd.spawn()
+        };
+        let child = match spawned {
+            Ok(child) => VmmChild { child, cgroup },
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                return Err(StartError::Spawn(self.cfg.vmm.clone(), e));
+            }
+        };
         let pid = child.id();
         self.update(&rec.info.id, |e| e.rec.info.pid = pid);
         Ok((child, report, t0))
@@ -1706,7 +1800,7 @@ impl Supervisor {
         &self,
         id: Option<&str>,
         rec: &InstanceRecord,
-        child: &mut tokio::process::Child,
+        child: &mut VmmChild,
         report: &mut tokio::net::UnixStream,
         deadline: tokio::time::Instant,
     ) -> Result<Option<(SocketAddr, Option<f64>)>, StartError> {
@@ -1732,10 +1826,11 @@ impl Supervisor {
                 if matches!(other, Ok(Some(Report::Exited { .. })) | Err(_)) {
                     let _ = child.start_kill();
                 }
-                let exit = child
-                    .wait()
-                    .await
-                    .map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                let st = child.wait().await;
+                let exit = st.map_or_else(
+                    |e| format!("wait failed: {e}"),
+                    |st| child.describe_exit(st),
+                );
                 if let Some(id) = id {
                     self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
                 }
@@ -1768,20 +1863,21 @@ impl Supervisor {
     async fn until_healthy(
         self: &Arc<Self>,
         id: &str,
-        mut child: tokio::process::Child,
+        mut child: VmmChild,
         report: tokio::net::UnixStream,
         ready: Option<(SocketAddr, Option<f64>)>,
         t0: Instant,
         deadline: tokio::time::Instant,
     ) -> Result<InstanceRecord, StartError> {
         let mut first_reply = None;
+        let cg = child.cgroup();
         if let Some((addr, _)) = ready {
             let tail = || log_tail(&self.get(id).map(|r| r.vmm_log).unwrap_or_default(), 8);
             tokio::select! {
                 took = first_health(addr, t0) => first_reply = Some(took),
                 _ = self.stop_requested(id) => {}
                 st = child.wait() => {
-                    let exit = st.map_or_else(|e| format!("wait failed: {e}"), describe_exit);
+                    let exit = st.map_or_else(|e| format!("wait failed: {e}"), |st| describe_exit_in(cg.as_deref(), st));
                     self.update(id, |e| e.rec.info.exit = Some(exit.clone()));
                     return Err(StartError::Ended { exit, tail: tail() });
                 }
@@ -1837,7 +1933,7 @@ impl Supervisor {
     async fn watch(
         self: Arc<Self>,
         id: String,
-        mut child: tokio::process::Child,
+        mut child: VmmChild,
         mut report: tokio::net::UnixStream,
     ) {
         // A stop during the start leaves Ready unread.
@@ -1853,7 +1949,7 @@ impl Supervisor {
             }
         }
         let how = match child.wait().await {
-            Ok(st) => describe_exit(st),
+            Ok(st) => child.describe_exit(st),
             Err(e) => format!("wait failed: {e}"),
         };
         self.finished(&id, how);
@@ -2019,6 +2115,8 @@ pub(crate) mod tests {
                 memory_mib,
                 start_timeout: Duration::from_secs(2),
                 warm: false,
+                jail: false,
+                cgroups: Arc::new(crate::cgroup::Cgroups::none()),
             },
             store.clone(),
             Arc::new(Metrics::default()),

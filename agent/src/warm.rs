@@ -35,7 +35,7 @@ pub struct Standby {
     /// The overlay it was made from (a replaced service's standby is stale).
     pub overlay_sha256: String,
     /// Its vmm.
-    pub child: tokio::process::Child,
+    pub child: crate::supervisor::VmmChild,
     /// Our end of its report channel (Ready already read).
     pub report: tokio::net::UnixStream,
     /// Where its guest's service will answer, and the synthesis time, ms.

@@ -731,7 +731,9 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
     let net = format!("10.{}.{}", 200 + (pid >> 8) % 50, pid & 0xff);
     let mut ns = NetNs::create(&format!("cloudlet-gio-{pid}"));
     ns.add_tap(tap, &format!("{net}.1/24"));
-    // The VMM opens the TAP inside the namespace (`ip netns exec` execs it, same pid).
+    // The VMM opens the TAP inside the namespace (`ip netns exec` execs it, same pid),
+    // jailed as the agent runs it (then the TAP is handed to the VM's user first).
+    let inst = cloudlet_tests::Scratch::new("tap-jail");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .arg(cloudlet_tests::vmm_bin())
@@ -741,7 +743,10 @@ fn tap_backend_serves_a_client_in_its_own_network_namespace() {
         .arg(format!(
             "console=ttyS0 micro.ip={net}.2/24 micro.gw={net}.1"
         ))
-        .args(["--tap", tap]);
+        .args(["--tap", tap])
+        .arg("--confine")
+        .arg(inst.path("."))
+        .args(["--jail", "1500999002:1500999002"]);
     let mut vmm = Vmm::spawn_cmd(&mut cmd);
     vmm.expect_line(T, |l| l.starts_with("micro-guest "));
     let addr: SocketAddr = format!("{net}.2:80").parse().expect("guest address");

@@ -342,3 +342,103 @@ fn lazy_synthesis_runs_without_root_given_the_device_nodes() {
         .unwrap_or_else(|| panic!("no lazy fill report in: {}", fin.stderr));
     assert!(faults >= 2, "{}", fin.stderr);
 }
+
+/// `vmm --jail` run by hand (not spawned into a pid namespace, so it makes one and forks):
+/// the jailed vmm is pid 1 there, its own user with no capability, it sees its own
+/// directory (writable), the base and the overlay's directory and nothing else; the process
+/// that was started exits as the jailed one did (0 after a stop, SIGSYS when its filter
+/// killed it).
+#[test]
+fn a_vmm_run_with_jail_enters_it_and_ends_as_the_jailed_vmm_did() {
+    let s = Scratch::new("jail");
+    let img = service_images();
+    let inst = s.path("inst");
+    let other = s.path("other");
+    std::fs::create_dir_all(&inst).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("serial.log"), "another VM's").unwrap();
+    let list = s.path("probe.list");
+    std::fs::write(
+        &list,
+        format!(
+            "{}\n{}\n/etc/passwd\n{}\n",
+            other.display(),
+            other.join("serial.log").display(),
+            img.overlay.display()
+        ),
+    )
+    .unwrap();
+    let sock = inst.join("vm.sock");
+    let mut args = img.synthesize_args(sock.to_str().unwrap(), "127.0.0.1:0");
+    let uid = 1_500_999_001u32;
+    for a in [
+        "--confine",
+        inst.to_str().unwrap(),
+        "--jail",
+        &format!("{uid}:{uid}"),
+    ] {
+        args.push(a.into());
+    }
+    let mut vm = Vmm::spawn_cmd(
+        Command::new(vmm_bin())
+            .args(&args)
+            .env("VMM_JAIL_PROBE", &list),
+    );
+    wait_running(&sock);
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", vm.pid())).unwrap();
+    let jailed: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), vec![uid.to_string(); 4]);
+    assert_eq!(field("CapEff:"), ["0000000000000000"]);
+    assert_eq!(field("NSpid:").last().unwrap(), "1");
+    let stop = run_vmm(["stop", "--api-sock", sock.to_str().unwrap()], T);
+    assert_eq!(stop.code(), 0, "{stop:?}");
+    let fin = vm.finish(T);
+    assert_eq!(fin.code(), 0, "{fin:?}");
+    let probe = |p: &Path| {
+        fin.stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("vmm: jail probe: {}: ", p.display())))
+            .unwrap_or_else(|| panic!("{p:?} not probed: {}", fin.stderr))
+            .to_string()
+    };
+    assert!(probe(&other).contains("unreachable"), "{}", fin.stderr);
+    assert!(probe(&other.join("serial.log")).contains("unreachable"));
+    assert!(probe(Path::new("/etc/passwd")).contains("unreachable"));
+    // What it needs is there, read-only.
+    let ov = probe(&img.overlay);
+    assert!(ov.contains("REACHABLE (read 1 byte(s))"), "{ov}");
+    assert!(!ov.contains("wrote"), "{ov}");
+    assert!(
+        fin.stderr.contains(&format!(
+            "jail probe: uid={uid} gid={uid} pid=1 own directory writable=true"
+        )),
+        "{}",
+        fin.stderr
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&inst).unwrap().uid(), uid);
+
+    // A seccomp kill of the jailed vmm is the started process's end too.
+    let sock = inst.join("vm2.sock");
+    let mut args = img.synthesize_args(sock.to_str().unwrap(), "127.0.0.1:0");
+    for a in [
+        "--confine",
+        inst.to_str().unwrap(),
+        "--jail",
+        &format!("{uid}:{uid}"),
+    ] {
+        args.push(a.into());
+    }
+    assert_sigsys(&spawn_hooked(&args, "vcpu").finish(T), "vcpu");
+}

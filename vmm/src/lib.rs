@@ -24,6 +24,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod handoff;
+pub mod jail;
 pub mod limits;
 pub mod loader;
 pub mod machine;

@@ -53,3 +53,24 @@ pub fn restrict_process() -> Result<(), LimitsError> {
     set_limit("RLIMIT_CORE", libc::RLIMIT_CORE, 0)?;
     set_limit("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, MAX_OPEN_FILES)
 }
+
+/// The environment variable of the memory test hook (see [`exhaust_memory`]).
+pub const MEMORY_SELFTEST_ENV: &str = "VMM_MEMORY_SELFTEST";
+/// How much the memory test hook takes at most before it gives up, MiB.
+pub const MEMORY_SELFTEST_CAP_MIB: usize = 4096;
+
+/// Test hook (`VMM_MEMORY_SELFTEST` set): once the VM is ready, the vmm takes and touches
+/// memory, 16 MiB at a time, as a VM outgrowing its memory would, until something stops it:
+/// the memory limit of its cgroup (the OOM killer there). Should it reach
+/// [`MEMORY_SELFTEST_CAP_MIB`] first, it says so and exits with status 3.
+pub fn exhaust_memory() -> ! {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    while held.len() * 16 < MEMORY_SELFTEST_CAP_MIB {
+        held.push(vec![0x5a; 16 << 20]);
+    }
+    eprintln!(
+        "vmm: memory test hook: {} MiB taken and nothing stopped it",
+        held.len() * 16
+    );
+    std::process::exit(3)
+}

@@ -286,6 +286,19 @@ struct CommonArgs {
     /// for a snapshot outside it is refused. Paths are resolved first (`..`, symbolic links).
     #[arg(long, value_name = "DIR")]
     confine: Option<PathBuf>,
+    /// Run jailed as user UID and group GID (needs root and --confine DIR, the instance's
+    /// directory): before anything else the vmm enters its own mount, pid and IPC
+    /// namespaces, whose root holds only DIR (read-write, handed to UID), what this command
+    /// reads (the base, the overlay's directory, a disk: read-only) and its device nodes
+    /// (/dev/kvm, /dev/userfaultfd, /dev/net/tun for --tap), then becomes UID:GID with no
+    /// capability left. See vmm::jail.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_ids, requires = "confine")]
+    jail: Option<(u32, u32)>,
+    /// Join this cgroup first (by its cgroup.procs file, or its tasks file in cgroup v1: the
+    /// vmm writes 0 there while it has one thread), so everything the VM allocates is charged
+    /// there. Repeatable (one per cgroup v1 hierarchy).
+    #[arg(long, value_name = "FILE")]
+    cgroup: Vec<PathBuf>,
     /// A virtio disk on this raw image. The image is opened read-only and never written: the
     /// guest's writes go to a copy-on-write δ (in memory, or --disk-delta).
     #[arg(long, value_name = "FILE", help_heading = "Devices")]
@@ -315,6 +328,16 @@ struct CommonArgs {
     /// The NIC's MAC address.
     #[arg(long, value_name = "MAC", help_heading = "Devices", value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("'{s}' is not UID:GID (two numbers, e.g. 1500000001:1500000001)");
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    let (u, g) = (u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?);
+    if u == 0 || g == 0 {
+        return Err(format!("'{s}': a jail runs as a user other than root"));
+    }
+    Ok((u, g))
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -429,7 +452,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
         },
     };
     let common = &args.common;
-    launch(common, || {
+    let reads: Vec<PathBuf> = std::iter::once(kernel.kernel.clone())
+        .chain(kernel.initrd.clone())
+        .collect();
+    launch(common, &reads, || {
         let mut cfg = VmConfig::new(kernel, args.mem, args.vcpus, serial, !common.no_stdin)?;
         cfg.kvm_path = common.kvm_device.clone();
         cfg.devices = common.devices();
@@ -442,23 +468,57 @@ fn run(args: RunArgs) -> anyhow::Result<ExitReason> {
 /// Opens the report channel (`--report-fd`) and the control socket, builds the machine with
 /// `build` (which may return synthesis timings), reports ready (or why it could not start)
 /// and runs the machine until it stops. The socket is bound before the build, so that Ready
-/// follows the vCPUs' start without waiting for it.
+/// follows the vCPUs' start without waiting for it. `reads`: what the command reads (bound
+/// read-only into a --jail).
 fn launch(
     common: &CommonArgs,
+    reads: &[PathBuf],
     build: impl FnOnce() -> anyhow::Result<(vmm::machine::Machine, Option<SynthesisTimes>)>,
 ) -> anyhow::Result<ExitReason> {
     let mut report = open_report(common)?;
-    if let Err(e) = lock_down(common) {
+    if let Err(e) = lock_down(common, reads) {
         return Err(report_failure(&mut report, e));
     }
     launch_with(common, report, build)
 }
 
-/// Sets the process's restrictions (no_new_privs, no core dumps, a descriptor limit: see
-/// vmm::limits), checks the outputs against --confine, and turns the seccomp filters on
+/// Joins --cgroup, sets the process's restrictions (no_new_privs, no core dumps, a
+/// descriptor limit: see vmm::limits), enters --jail (see vmm::jail; `reads` are bound
+/// read-only), checks the outputs against --confine, and turns the seccomp filters on
 /// (unless --no-seccomp): each thread installs its own before the guest runs.
-fn lock_down(common: &CommonArgs) -> anyhow::Result<()> {
+fn lock_down(common: &CommonArgs, reads: &[PathBuf]) -> anyhow::Result<()> {
+    vmm::jail::join_cgroups(&common.cgroup)?;
     vmm::limits::restrict_process()?;
+    if let (Some((uid, gid)), Some(dir)) = (common.jail, &common.confine) {
+        let probe = vmm::jail::probe_list();
+        let mut devices = vec![common.kvm_device.clone()];
+        if std::path::Path::new(vmm::synthesis::uffd::DEVICE).exists() {
+            devices.push(vmm::synthesis::uffd::DEVICE.into());
+        }
+        if common.tap.is_some() {
+            devices.push("/dev/net/tun".into());
+        }
+        let t0 = std::time::Instant::now();
+        let mut read_only = reads.to_vec();
+        read_only.extend(common.disk.iter().cloned());
+        vmm::jail::enter(&vmm::jail::JailSpec {
+            uid,
+            gid,
+            dir: dir.clone(),
+            read_only,
+            devices,
+            tap: common.tap.clone(),
+        })
+        .context("cannot enter the vmm's jail")?;
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            uid,
+            "entered the jail"
+        );
+        if let Some(paths) = probe {
+            vmm::jail::probe(&paths, dir);
+        }
+    }
     if let Some(c) = confinement(common)? {
         let serial = match common.serial() {
             SerialOutput::File(p) => Some(p),
@@ -537,15 +597,28 @@ fn launch_with(
             tracing::warn!("{e}");
         }
     }
+    if std::env::var_os(vmm::limits::MEMORY_SELFTEST_ENV).is_some() {
+        vmm::limits::exhaust_memory();
+    }
     let mut control = Control { socket, report };
     machine
         .run(&mut control)
         .context("the VMM event loop failed")
 }
 
+/// The directory of an overlay file (its shared RAM image and verification record lie beside
+/// it).
+fn overlay_dir(overlay: &std::path::Path) -> PathBuf {
+    match overlay.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 fn synthesize(args: SynthesizeArgs, verbose: bool) -> anyhow::Result<ExitReason> {
     let mut lazy_stats = None;
-    let reason = launch(&args.common, || {
+    let reads = [args.base.clone(), overlay_dir(&args.overlay)];
+    let reason = launch(&args.common, &reads, || {
         let t0 = std::time::Instant::now();
         let cfg = vmm::builder::SynthesisConfig {
             base: args.base.clone(),
@@ -624,7 +697,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<ExitReason> {
         kvm_path: args.common.kvm_device.clone(),
         devices: args.common.devices(),
     };
-    launch(&args.common, || {
+    launch(&args.common, std::slice::from_ref(&args.snapshot), || {
         let machine = vmm::builder::build_from_snapshot(&cfg).with_context(|| {
             format!(
                 "failed to restore the snapshot in '{}'",
@@ -708,7 +781,7 @@ fn receive(args: ReceiveArgs, verbose: bool) -> anyhow::Result<ExitReason> {
     let mut report = open_report(&args.common)?;
     let mut leftovers = None;
     let received = (|| -> anyhow::Result<Received> {
-        lock_down(&args.common)?;
+        lock_down(&args.common, std::slice::from_ref(&args.base))?;
         let token = handoff_token()?;
         leftovers = Some(receive_outputs(&args.common)?);
         let receiver = Receiver::bind(ReceiveConfig {

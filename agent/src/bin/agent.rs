@@ -50,6 +50,18 @@ struct Cli {
     /// standby holds a slot of the board's limits and gives it up to any start that needs it.
     #[arg(long)]
     no_warm_standby: bool,
+    /// DEBUGGING ONLY: start vmms unjailed (as root, in the agent's namespaces, no user of
+    /// their own). By default every vmm runs as a user of its own in mount, pid and IPC
+    /// namespaces of its own whose root holds only its instance directory, the base and
+    /// overlay it reads (read-only) and its device nodes. Seccomp filters, --confine and the
+    /// cgroup limits stay on.
+    #[arg(long)]
+    no_jail: bool,
+    /// DEBUGGING ONLY: no cgroups (the board's cpus and memory are then only accounted by
+    /// the agent, not enforced by the kernel; by default each VM runs in a cgroup of its own
+    /// inside the appliance's).
+    #[arg(long)]
+    no_cgroups: bool,
     /// Log filter level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -304,6 +316,8 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or_else(agent::daemon::default_image_builder),
                 stop_on_exit: cli.stop_on_exit,
                 warm: !cli.no_warm_standby,
+                jail: !cli.no_jail,
+                cgroups: !cli.no_cgroups,
                 token_file: cli.cfg.token_file.clone(),
             }))
         }

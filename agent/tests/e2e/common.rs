@@ -140,6 +140,8 @@ pub struct AgentProc {
     vmm: Option<PathBuf>,
     /// The network namespace it runs in (None: the test's own).
     ns: Option<String>,
+    /// More arguments for the agent (e.g. `--no-warm-standby`, `--no-jail`).
+    pub args: Vec<String>,
 }
 
 /// The dev board with `edits` applied (`(from, to)` text replacements).
@@ -181,6 +183,24 @@ impl AgentProc {
         AgentProc::start_full(name, edits, true, Some(vmm.to_path_buf()))
     }
 
+    /// As [`AgentProc::start`], with `vmm` (when given) instead of the built vmm and `args`
+    /// added to the agent's command line.
+    pub fn start_args(
+        name: &str,
+        edits: &[(&str, &str)],
+        vmm: Option<&Path>,
+        args: &[&str],
+    ) -> AgentProc {
+        AgentProc::start_inner(
+            name,
+            edits,
+            true,
+            vmm.map(Path::to_path_buf),
+            None,
+            args.iter().map(|a| a.to_string()).collect(),
+        )
+    }
+
     /// As [`AgentProc::start`], run inside network namespace `ns` (`ip netns exec`).
     pub fn start_in(name: &str, edits: &[(&str, &str)], ns: &str) -> AgentProc {
         AgentProc::start_ns(name, edits, true, None, Some(ns.to_string()))
@@ -202,6 +222,17 @@ impl AgentProc {
         stop_on_exit: bool,
         vmm: Option<PathBuf>,
         ns: Option<String>,
+    ) -> AgentProc {
+        AgentProc::start_inner(name, edits, stop_on_exit, vmm, ns, Vec::new())
+    }
+
+    fn start_inner(
+        name: &str,
+        edits: &[(&str, &str)],
+        stop_on_exit: bool,
+        vmm: Option<PathBuf>,
+        ns: Option<String>,
+        args: Vec<String>,
     ) -> AgentProc {
         let img = images();
         let dir = Scratch::new(name);
@@ -251,6 +282,7 @@ impl AgentProc {
             stop_on_exit,
             vmm,
             ns,
+            args,
         };
         a.spawn();
         a
@@ -291,6 +323,7 @@ impl AgentProc {
         if let Some(v) = &self.vmm {
             cmd.arg("--vmm").arg(v);
         }
+        cmd.args(&self.args);
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -548,4 +581,79 @@ pub fn verify_guest(endpoint: &str) {
         g.expect(&format!("get {i}"), &get_reply(i, table_value(i)))
             .unwrap();
     }
+}
+
+/// A `/proc/PID/status` field's values.
+pub fn proc_status(pid: u32, key: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// Asserts, from outside, that the vmm `pid` of instance `id` of the agent on `data` runs in
+/// its jail: a user of its own (not root), no_new_privs and seccomp, pid 1 of a pid namespace
+/// of its own, mount and IPC namespaces of its own, a root holding only its own instance
+/// directory of the agent's data and its device nodes, its instance directory its own, and
+/// its own cgroup. Returns its user id.
+pub fn assert_jailed(data: &Path, id: &str, pid: u32) -> u32 {
+    let uids = proc_status(pid, "Uid:");
+    let uid: u32 = uids[0].parse().unwrap();
+    assert!(uid >= agent::jail::UID_BASE, "uid {uids:?}");
+    assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
+    assert_eq!(proc_status(pid, "Gid:")[0], uids[0]);
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), ["1"]);
+    assert_eq!(proc_status(pid, "Seccomp:"), ["2"]);
+    assert_eq!(proc_status(pid, "CapEff:"), ["0000000000000000"]);
+    // NSpid: its pid here, then in its own namespace: 1.
+    let nspid = proc_status(pid, "NSpid:");
+    assert_eq!(nspid.last().map(String::as_str), Some("1"), "{nspid:?}");
+    for ns in ["mnt", "pid", "ipc"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace shared with the test");
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let data = data.canonicalize().unwrap();
+    assert_eq!(names(&inside(&data.join("instances"))), [id]);
+    // Of the agent's data: the bases, its own instance, the services (a synthesis reads its
+    // overlay; a received VM does not).
+    let top = names(&inside(&data));
+    assert!(
+        top == ["bases", "instances", "services"] || top == ["bases", "instances"],
+        "{top:?}"
+    );
+    assert!(!inside(Path::new("/etc")).exists());
+    assert!(!inside(&data.join("operator.token")).exists());
+    let dev = names(&root.join("dev"));
+    assert!(dev.contains(&"kvm".to_string()), "{dev:?}");
+    assert!(
+        dev.iter()
+            .all(|d| ["kvm", "userfaultfd"].contains(&d.as_str())),
+        "{dev:?}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::metadata(data.join("instances").join(id)).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
+    // Every thread in the VM's cgroup (it joined while it had one).
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(cg) = std::fs::read_to_string(t.unwrap().path().join("cgroup")) else {
+            continue; // the thread ended meanwhile
+        };
+        assert!(cg.contains(&format!("/vm-{id}")), "{cg}");
+    }
+    uid
 }

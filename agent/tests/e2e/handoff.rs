@@ -287,6 +287,9 @@ fn handoff_of_a_running_vm() {
     // The guest's own state came along: the model and the table outside what was written.
     let to = moved.moved_to.unwrap();
     let ep = to.endpoint.unwrap();
+    // The target's vmm (`vmm receive`) runs jailed, as every vmm an agent starts.
+    let (_, there) = b.client().resolve(&to.instance).unwrap();
+    crate::common::assert_jailed(&b.data, &to.instance, there.pid.unwrap());
     let mut s = Session::open(&b.client(), &to.instance, Duration::from_secs(5)).unwrap();
     for k in KEYS..KEYS + 4 {
         assert_eq!(

@@ -151,6 +151,20 @@ struct IfReqFlags {
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
+/// `_IOW('T', 204, int)`, `_IOW('T', 206, int)`.
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+/// Makes user `uid` and group `gid` the owners of the tap the open `/dev/net/tun` descriptor
+/// is attached to: they may then attach to it without privilege (a persistent tap keeps it).
+pub(crate) fn tun_set_owner(tun: &File, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: the descriptor is an open tun device attached to a tap; both requests take an
+    // integer argument.
+    check(unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER as _, uid as libc::c_ulong) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETGROUP as _, gid as libc::c_ulong) }).map(drop)
+}
+
 /// Attaches the open `/dev/net/tun` descriptor to the tap `name` (created if missing) with
 /// `flags`; returns the interface's name as the kernel reports it.
 pub(crate) fn tun_set_iff(tun: &File, name: &str, flags: libc::c_int) -> io::Result<String> {

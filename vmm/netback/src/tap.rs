@@ -84,6 +84,27 @@ impl Tap {
         })
     }
 
+    /// Hands the existing (persistent) tap `name` to user `uid` and group `gid`, so that a
+    /// process of theirs without privilege (a jailed vmm) may attach to it. Needs
+    /// CAP_NET_ADMIN; a tap that does not exist yet is refused (one made here would vanish,
+    /// or outlive the VM).
+    pub fn hand_to(name: &str, uid: u32, gid: u32) -> Result<(), TapError> {
+        if !std::path::Path::new("/sys/class/net").join(name).exists() {
+            return Err(TapError::Attach {
+                name: name.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "a jailed vmm attaches to an existing tap: create it first (`ip tuntap add NAME mode tap`)",
+                ),
+            });
+        }
+        let tap = Tap::open(name)?;
+        sys::tun_set_owner(&tap.file, uid, gid).map_err(|source| TapError::Attach {
+            name: name.to_owned(),
+            source,
+        })
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -115,6 +115,9 @@ pub fn write(
             let _ = std::fs::remove_file(&id_tmp);
             werr(&id_path)(e)
         })?;
+    // Every chunk passed its check on the way in: say so beside the overlay, since jailed
+    // syntheses (which see the overlay's directory read-only) cannot record it themselves.
+    checked.overlay.record_verified();
     Ok(Written {
         ram_bytes: id.ram_bytes,
         data_bytes,

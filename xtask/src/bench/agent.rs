@@ -9,6 +9,10 @@
 //!   (every start spawns a vmm and synthesises), with the agent's own figures for those starts:
 //!   `synthesis_p50_ms` (vmm: checks → vCPUs running) and `spawn_to_health_p50_ms` (vmm spawn
 //!   → `ok health`).
+//! - `api_start_cold_unjailed_p50_ms`, `spawn_to_health_unjailed_p50_ms`: those cold starts
+//!   on an agent run with `--no-jail` too (what the jail adds; the VM's cgroup is made either
+//!   way); `api_start_cold_bare_p50_ms`, `spawn_to_health_bare_p50_ms`: with `--no-cgroups`
+//!   as well (what the VM's cgroup adds).
 //! - `stop_p50_ms`: the `DELETE` round trip.
 //! - Starts are [`SETTLE`] apart, so that each is timed on an appliance at rest, not one still
 //!   deleting the previous instance or making the next standby (2 cores).
@@ -65,6 +69,34 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     ));
     let cold = starts(&cold_agent.addr, runs)?;
     cold_agent.stop()?;
+    // The same unjailed (`--no-jail`): what the jail adds to a cold start.
+    let mut unjailed_agent = Agent::spawn_with(
+        &p,
+        &data,
+        &work.join("agent-cold-unjailed.log"),
+        None,
+        None,
+        &["--no-warm-standby", "--no-jail"],
+    )?;
+    step(&format!(
+        "{runs} cold starts unjailed (--no-warm-standby --no-jail), the same way"
+    ));
+    let unjailed = starts(&unjailed_agent.addr, runs)?;
+    unjailed_agent.stop()?;
+    // And with neither jail nor cgroups (`--no-cgroups`): what the VM's cgroup adds.
+    let mut bare_agent = Agent::spawn_with(
+        &p,
+        &data,
+        &work.join("agent-cold-bare.log"),
+        None,
+        None,
+        &["--no-warm-standby", "--no-jail", "--no-cgroups"],
+    )?;
+    step(&format!(
+        "{runs} cold starts with neither (--no-warm-standby --no-jail --no-cgroups)"
+    ));
+    let bare = starts(&bare_agent.addr, runs)?;
+    bare_agent.stop()?;
 
     // Warm (the default): a start resumes the standby the previous start left.
     let mut agent = Agent::start(&p, &data, &work.join("agent.log"))?;
@@ -158,6 +190,13 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         ("system_https_kept_alive_p50_ms".into(), m(&kept_https)),
         ("api_start_cold_p50_ms".into(), m(&cold.total)),
         ("api_start_cold_p99_ms".into(), p99(&cold.total)),
+        ("api_start_cold_unjailed_p50_ms".into(), m(&unjailed.total)),
+        (
+            "spawn_to_health_unjailed_p50_ms".into(),
+            m(&unjailed.health),
+        ),
+        ("api_start_cold_bare_p50_ms".into(), m(&bare.total)),
+        ("spawn_to_health_bare_p50_ms".into(), m(&bare.health)),
         ("synthesis_p50_ms".into(), m(&cold.synth)),
         ("spawn_to_health_p50_ms".into(), m(&cold.health)),
         ("stop_p50_ms".into(), m(&s.stop)),

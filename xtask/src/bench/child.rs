@@ -19,12 +19,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with stdin and stdout piped, stderr discarded.
     pub fn spawn(cmd: &mut Command) -> Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
+        Proc::spawn_by(cmd, |c| c.spawn())
+    }
+
+    /// As [`Proc::spawn`], the process born as pid 1 of a pid namespace of its own, as the
+    /// agent starts a jailed vmm (`agent::jail::spawn_in_namespaces`).
+    pub fn spawn_in_namespaces(cmd: &mut Command) -> Result<Self> {
+        Proc::spawn_by(cmd, |c| agent::jail::spawn_in_namespaces(|| c.spawn()))
+    }
+
+    fn spawn_by(
+        cmd: &mut Command,
+        start: impl FnOnce(&mut Command) -> std::io::Result<Child>,
+    ) -> Result<Self> {
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("failed to start {cmd:?}"))?;
+            .stderr(Stdio::null());
+        let mut child = start(cmd).with_context(|| format!("failed to start {cmd:?}"))?;
         let out = child.stdout.take().context("no stdout")?;
         let (tx, rx) = channel();
         std::thread::spawn(move || {

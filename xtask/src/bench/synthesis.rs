@@ -4,6 +4,8 @@
 //! - QEMU (microvm, KVM) restoring the same guest state from a migration file
 //!   (`-incoming "exec:cat FILE"`, the file written by QMP `migrate` from a QEMU that ran the
 //!   same micro guest and loaded the same model) to the same first reply;
+//! - the same synthesis jailed as the agent starts it (`--jail`, born pid 1 of a pid
+//!   namespace of its own; see vmm::jail): `synthesis_jailed_*` and `jail_added_*_ms`;
 //! - overlay creation versus Elijah's method (xdelta3 against the base, then xz/LZMA) on the
 //!   same pair of RAM images.
 //!
@@ -152,20 +154,41 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         figures.push((format!("qemu_migration_file_{mib}mib_mib"), mib_of(&mig)));
 
         let (mut ours, mut eager, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut jailed = Vec::new();
+        let inst = work.join(format!("jail-{mib}"));
+        std::fs::create_dir_all(&inst)?;
+        let jail_id = agent::jail::UID_BASE + agent::jail::UID_RANGE + 1;
+        let jail_args = [
+            "--confine".into(),
+            inst.clone().into_os_string(),
+            "--jail".into(),
+            format!("{jail_id}:{jail_id}").into(),
+        ];
         for _ in 0..runs {
-            // Lazy (the default), then eager (--eager: the whole overlay applied before the
-            // vCPUs start), then QEMU: interleaved so drift hits all three alike.
-            for (mode, out) in [(None, &mut ours), (Some("--eager"), &mut eager)] {
+            // Lazy (the default), then lazy jailed as the agent starts it (pid 1 of its own
+            // pid namespace, `--jail`: see vmm::jail), then eager (--eager: the whole overlay
+            // applied before the vCPUs start), then QEMU: interleaved so drift hits all alike.
+            for (mode, jail, out) in [
+                (None, false, &mut ours),
+                (None, true, &mut jailed),
+                (Some("--eager"), false, &mut eager),
+            ] {
+                let mut cmd = Command::new(&vmm);
+                cmd.arg("synthesize")
+                    .arg("--base")
+                    .arg(&base)
+                    .arg("--overlay")
+                    .arg(&overlay)
+                    .args(mode);
+                if jail {
+                    cmd.args(&jail_args);
+                }
                 let t0 = Instant::now();
-                let mut p = Proc::spawn(
-                    Command::new(&vmm)
-                        .arg("synthesize")
-                        .arg("--base")
-                        .arg(&base)
-                        .arg("--overlay")
-                        .arg(&overlay)
-                        .args(mode),
-                )?;
+                let mut p = if jail {
+                    Proc::spawn_in_namespaces(&mut cmd)?
+                } else {
+                    Proc::spawn(&mut cmd)?
+                };
                 out.push(first_reply(&mut p, t0)?);
                 p.kill();
             }
@@ -184,9 +207,13 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         let (o50, o99) = (median(&ours).unwrap_or(0.0), p99(&ours));
         let q50 = median(&theirs).unwrap_or(0.0);
         let ratio = if o50 > 0.0 { q50 / o50 } else { 0.0 };
+        let j50 = median(&jailed).unwrap_or(0.0);
         figures.extend([
             (format!("synthesis_{mib}mib_p50_ms"), o50),
             (format!("synthesis_{mib}mib_p99_ms"), o99),
+            (format!("synthesis_jailed_{mib}mib_p50_ms"), j50),
+            (format!("synthesis_jailed_{mib}mib_p99_ms"), p99(&jailed)),
+            (format!("jail_added_{mib}mib_ms"), j50 - o50),
             (
                 format!("synthesis_eager_{mib}mib_p50_ms"),
                 median(&eager).unwrap_or(0.0),
@@ -201,6 +228,8 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
             figures.extend([
                 ("synthesis_p50_ms".into(), o50),
                 ("synthesis_p99_ms".into(), o99),
+                ("synthesis_jailed_p50_ms".into(), j50),
+                ("jail_added_ms".into(), j50 - o50),
                 ("ratio_vs_qemu".into(), ratio),
             ]);
             step("overlay creation: ours vs xdelta3 + xz (Elijah's method), same RAM images");
