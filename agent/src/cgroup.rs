@@ -55,7 +55,15 @@ struct Appliance {
     /// The appliance cgroup, per hierarchy (v2: one; v1: cpu, memory, pids).
     dirs: Vec<(Controller, PathBuf)>,
     limits: Limits,
+    /// Where the live agents' cgroup locks are (see [`Appliance::lock`]).
+    locks: PathBuf,
+    /// This agent's lock on its appliance cgroup, held for its lifetime: another agent
+    /// removes an appliance cgroup only when it can take that cgroup's lock (its agent died).
+    _lock: Option<std::fs::File>,
 }
+
+/// Where agents keep the locks of their appliance cgroups (gone at reboot, as the cgroups).
+const LOCK_DIR: &str = "/run/cloudlet/cgroups";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Controller {
@@ -151,7 +159,13 @@ impl Cgroups {
     /// before, and logs which interface is used (or why none).
     pub fn setup(appliance: &str, limits: Limits) -> Cgroups {
         let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        match Cgroups::setup_in(Path::new("/sys/fs/cgroup"), &proc_cgroup, appliance, limits) {
+        match Cgroups::setup_in(
+            Path::new("/sys/fs/cgroup"),
+            Path::new(LOCK_DIR),
+            &proc_cgroup,
+            appliance,
+            limits,
+        ) {
             Ok(Some(c)) => {
                 let a = c.inner.as_ref().expect("set up");
                 tracing::info!(
@@ -174,10 +188,11 @@ impl Cgroups {
         }
     }
 
-    /// [`Cgroups::setup`] with the cgroup mount at `root` and the agent's `/proc/self/cgroup`
-    /// text.
+    /// [`Cgroups::setup`] with the cgroup mount at `root`, the agents' locks in `locks` and
+    /// the agent's `/proc/self/cgroup` text.
     fn setup_in(
         root: &Path,
+        locks: &Path,
         proc_cgroup: &str,
         appliance: &str,
         limits: Limits,
@@ -193,11 +208,27 @@ impl Cgroups {
             }
             dirs.push((c, own_dir.join(&name)));
         }
-        let a = Appliance {
+        let mut a = Appliance {
             version,
             dirs,
             limits,
+            locks: locks.to_owned(),
+            _lock: None,
         };
+        // A moment's wait: another agent's sweep may hold it while it looks at it.
+        for _ in 0..20 {
+            a._lock = a.lock(std::ffi::OsStr::new(&name));
+            if a._lock.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if a._lock.is_none() {
+            tracing::warn!(
+                "cgroups: cannot take the lock of '{name}' in {}: is another agent using this data directory?",
+                locks.display()
+            );
+        }
         a.make()?;
         a.remove_others();
         let c = Cgroups { inner: Some(a) };
@@ -374,10 +405,24 @@ impl Appliance {
         Ok(())
     }
 
-    /// Removes the empty appliance cgroups other agents left behind (killed ones). One with a
-    /// VM cgroup inside is not removed (the kernel refuses): its VM may be starting under an
-    /// agent still running. An agent still running whose empty cgroup goes makes it again at
-    /// its next VM ([`Cgroups::vm`]).
+    /// The lock of appliance cgroup `name`, if it can be taken now (no live agent holds it).
+    fn lock(&self, name: &std::ffi::OsStr) -> Option<std::fs::File> {
+        std::fs::create_dir_all(&self.locks).ok()?;
+        let mut path = self.locks.join(name);
+        path.as_mut_os_string().push(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .ok()?;
+        f.try_lock().ok()?;
+        Some(f)
+    }
+
+    /// Removes the empty appliance cgroups other agents left behind (killed ones): only those
+    /// whose lock can be taken, so a live agent's cgroup stays even while it runs no VM. One
+    /// with a VM cgroup inside is not removed either (the kernel refuses).
     fn remove_others(&self) {
         for (_, dir) in &self.dirs {
             let (Some(parent), Some(mine)) = (dir.parent(), dir.file_name()) else {
@@ -389,7 +434,10 @@ impl Appliance {
             for e in rd.flatten() {
                 let name = e.file_name();
                 if name != mine && name.to_string_lossy().starts_with("cloudlet-") {
-                    let _ = std::fs::remove_dir(e.path());
+                    // Held while removing, so an agent of that name starting meanwhile waits.
+                    if let Some(_held) = self.lock(&name) {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
                 }
             }
         }
@@ -544,7 +592,7 @@ mod tests {
             memory_mib: 1024,
             max_vms: 4,
         };
-        let c = Cgroups::setup_in(&root, HYBRID, "a1", limits)
+        let c = Cgroups::setup_in(&root, &root.join("locks"), HYBRID, "a1", limits)
             .unwrap()
             .unwrap();
         let app = root.join("cpu/cloudlet-a1");
@@ -584,11 +632,17 @@ mod tests {
         // Another agent's empty leftovers go, one with a VM inside stays; an agent whose
         // cgroup went makes it again.
         std::fs::create_dir_all(root.join("pids/cloudlet-old")).unwrap();
+        // A live agent (it holds its lock) between VMs: its empty cgroup stays.
+        std::fs::create_dir_all(root.join("pids/cloudlet-live")).unwrap();
+        let live = std::fs::File::create(root.join("locks/cloudlet-live.lock")).unwrap();
+        live.try_lock().unwrap();
         std::fs::create_dir_all(root.join("pids/cloudlet-busy/vm-i-9")).unwrap();
-        let again = Cgroups::setup_in(&root, HYBRID, "a2", limits)
+        let again = Cgroups::setup_in(&root, &root.join("locks"), HYBRID, "a2", limits)
             .unwrap()
             .unwrap();
         assert!(!root.join("pids/cloudlet-old").exists());
+        assert!(root.join("pids/cloudlet-live").is_dir());
+        drop(live);
         assert!(root.join("pids/cloudlet-busy/vm-i-9").exists());
         std::fs::remove_dir_all(root.join("pids/cloudlet-a2")).unwrap();
         assert!(again.vm("i-2", 64).is_some());
