@@ -59,7 +59,7 @@ struct Appliance {
     locks: PathBuf,
     /// This agent's lock on its appliance cgroup, held for its lifetime: another agent
     /// removes an appliance cgroup only when it can take that cgroup's lock (its agent died).
-    _lock: Option<std::fs::File>,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 /// Where agents keep the locks of their appliance cgroups (gone at reboot, as the cgroups).
@@ -406,7 +406,7 @@ impl Appliance {
     }
 
     /// The lock of appliance cgroup `name`, if it can be taken now (no live agent holds it).
-    fn lock(&self, name: &std::ffi::OsStr) -> Option<std::fs::File> {
+    fn lock(&self, name: &std::ffi::OsStr) -> Option<nix::fcntl::Flock<std::fs::File>> {
         std::fs::create_dir_all(&self.locks).ok()?;
         let mut path = self.locks.join(name);
         path.as_mut_os_string().push(".lock");
@@ -416,8 +416,7 @@ impl Appliance {
             .write(true)
             .open(path)
             .ok()?;
-        f.try_lock().ok()?;
-        Some(f)
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
     }
 
     /// Removes the empty appliance cgroups other agents left behind (killed ones): only those
@@ -634,8 +633,11 @@ mod tests {
         std::fs::create_dir_all(root.join("pids/cloudlet-old")).unwrap();
         // A live agent (it holds its lock) between VMs: its empty cgroup stays.
         std::fs::create_dir_all(root.join("pids/cloudlet-live")).unwrap();
-        let live = std::fs::File::create(root.join("locks/cloudlet-live.lock")).unwrap();
-        live.try_lock().unwrap();
+        let live = nix::fcntl::Flock::lock(
+            std::fs::File::create(root.join("locks/cloudlet-live.lock")).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
         std::fs::create_dir_all(root.join("pids/cloudlet-busy/vm-i-9")).unwrap();
         let again = Cgroups::setup_in(&root, &root.join("locks"), HYBRID, "a2", limits)
             .unwrap()
