@@ -68,11 +68,17 @@ fn run_usb(pairing: &Pairing, phone: &FakePhone, done: impl Fn() -> bool) {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let h = s.spawn(|| serve(phone, pairing, &fast(), Duration::from_millis(5), &stop));
-        wait_for(Duration::from_secs(10), "the USB exchange", || {
-            done().then_some(())
-        });
+        // The watch is stopped also when the wait fails, so a failure fails, not hangs.
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(Duration::from_secs(10), "the USB exchange", || {
+                done().then_some(())
+            })
+        }));
         stop.store(true, Ordering::Release);
         h.join().unwrap().unwrap();
+        if let Err(p) = waited {
+            std::panic::resume_unwind(p);
+        }
     });
 }
 
@@ -86,7 +92,9 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
         .confirmation_code
         .unwrap();
     let (phone, got) = phone_app("phone-1", |h| h);
-    run_usb(&pairing, &phone, || got.lock().unwrap().len() >= 2);
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 2 && phone.resets() == 1
+    });
 
     // The handshake ran at control-transfer level: identity strings 0..5, then the accessory.
     let id = phone.identity();
@@ -97,8 +105,9 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
     assert_eq!(id[0].1, "Cloudlet");
     assert_eq!(id[4].1, "http://127.0.0.1:9999/v1/apps");
     assert_eq!(id[5].1, "0123456789ab");
-    assert!(phone.in_accessory_mode());
-    assert_eq!(phone.claimed(), Some(0));
+    // Its bulk interface was claimed; once paired, the phone was released (USB reset).
+    assert_eq!(phone.requests(), [51, 52, 52, 52, 52, 52, 52, 53]);
+    assert_eq!(phone.resets(), 1);
     // Then the exchange over bulk: Challenge (with the manager's confirmation code), Welcome.
     let got = got.lock().unwrap().clone();
     let Message::Challenge(c) = &got[0] else {
@@ -120,6 +129,47 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
     assert_eq!(st.paired.len(), 1);
     assert_eq!(st.paired[0].via, "usb");
     assert_eq!(st.pending_device.unwrap().name, "phone-1's name");
+}
+
+#[test]
+fn a_phone_refused_outside_the_window_is_released_and_left_alone() {
+    let issuer = Arc::new(MemoryIssuer::new(Duration::from_secs(600)));
+    let pairing = Pairing::new(facts(), issuer.clone());
+    let (phone, got) = phone_app("phone-1", |h| h);
+    // Watch until the phone has been back as itself for a while: long enough for the watch
+    // (polling every 5 ms) to take it for a new arrival, if it did.
+    let back_since = std::cell::Cell::new(None::<std::time::Instant>);
+    run_usb(&pairing, &phone, || {
+        if !phone.on_bus_as_itself() || phone.resets() == 0 {
+            return false;
+        }
+        let t = back_since.get().unwrap_or_else(std::time::Instant::now);
+        back_since.set(Some(t));
+        t.elapsed() > Duration::from_millis(300)
+    });
+    // It was told why, then released: out of accessory mode, on the bus as itself ...
+    let g = got.lock().unwrap().clone();
+    assert!(
+        matches!(&g[..], [Message::Refusal(r)] if r.reason == Reason::WindowClosed),
+        "{g:?}"
+    );
+    assert_eq!(phone.resets(), 1);
+    assert!(!phone.in_accessory_mode());
+    // ... and not switched to accessory mode again (one GET_PROTOCOL, one START).
+    assert_eq!(phone.requests(), [51, 52, 52, 52, 52, 52, 52, 53]);
+    assert!(issuer.issued().is_empty());
+
+    // Unplugged and plugged in again (while a window is open), it is a new arrival and pairs.
+    phone.unplug();
+    pairing.open_window(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    phone.plug();
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 3 && phone.resets() == 2
+    });
+    let g = got.lock().unwrap().clone();
+    assert!(matches!(&g[2], Message::Welcome(_)), "{g:?}");
+    assert_eq!(issuer.issued().len(), 1);
 }
 
 #[test]
