@@ -15,7 +15,7 @@
 //! Only rustls with the `ring` provider is used (no aws-lc-rs).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -187,9 +187,19 @@ impl ApplianceCert {
             )
             .map_err(|e| TlsError::Damaged(PathBuf::new(), e))?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Resumption: a client back within a ticket's life skips the certificate, its
+        // signature and its verification. TLS 1.3 tickets are stateless (encrypted with a
+        // key of this process, rotated by ring's ticketer); TLS 1.2 clients resume from the
+        // in-memory session cache. No 0-RTT early data (a replayable request).
+        cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| TlsError::Damaged(PathBuf::new(), e))?;
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
         Ok(Arc::new(cfg))
     }
 }
+
+/// TLS 1.2 sessions the server keeps for resumption.
+pub const SESSION_CACHE: usize = 1024;
 
 /// Standard base64 with padding.
 fn base64(b: &[u8]) -> String {
@@ -232,12 +242,12 @@ pub enum Pin {
 }
 
 /// A rustls verifier that accepts the server's certificate by fingerprint ([`Pin`]) and
-/// still verifies the handshake signature with the certificate's key.
+/// still verifies the handshake signature with the certificate's key. (It is not asked on a
+/// resumed handshake: the session resumed was made by a handshake it passed.)
 #[derive(Debug)]
 pub struct PinVerifier {
     pin: Pin,
     provider: Arc<CryptoProvider>,
-    seen: Mutex<Option<String>>,
 }
 
 impl PinVerifier {
@@ -246,13 +256,7 @@ impl PinVerifier {
         PinVerifier {
             pin,
             provider: provider(),
-            seen: Mutex::new(None),
         }
-    }
-
-    /// The fingerprint of the last certificate presented (accepted or not).
-    pub fn seen(&self) -> Option<String> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A rustls client configuration using this verifier.
@@ -278,7 +282,6 @@ impl ServerCertVerifier for PinVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = fingerprint(end_entity);
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(got.clone());
         match &self.pin {
             Pin::FirstUse => Ok(ServerCertVerified::assertion()),
             Pin::Fingerprints(p) if p.contains(&got) => Ok(ServerCertVerified::assertion()),
