@@ -583,8 +583,9 @@ impl Client {
         self.get("/v1/devices")
     }
 
-    /// `DELETE /v1/devices/{id}` (operator): revokes a device's credential.
-    pub fn revoke_device(&self, id: &str) -> Result<crate::devices::DeviceView, ClientError> {
+    /// `DELETE /v1/devices/{id}` (operator): revokes a device's credential and stops the
+    /// instances it runs.
+    pub fn revoke_device(&self, id: &str) -> Result<crate::devices::Revoked, ClientError> {
         self.send("DELETE", &format!("/v1/devices/{id}"), None::<&()>)
     }
 
@@ -822,6 +823,12 @@ impl PinStore {
     pub fn add(&self, id: &str, fingerprint: &str, name: &str) -> Result<PinEntry, ClientError> {
         let fingerprint = crate::tls::parse_fingerprint(fingerprint)
             .map_err(|e| ClientError::Pins(self.path.clone(), e.to_string()))?;
+        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(ClientError::Pins(
+                self.path.clone(),
+                format!("'{id}' is not an appliance id (1-64 characters, no spaces)"),
+            ));
+        }
         let mut v = self.entries()?;
         v.retain(|p| p.id != id);
         let e = PinEntry {
@@ -830,16 +837,35 @@ impl PinStore {
             name: name.into(),
         };
         v.push(e.clone());
+        self.save(&v)?;
+        Ok(e)
+    }
+
+    /// Removes the pins of appliance `what` (an id) or of certificate `what` (a
+    /// fingerprint, in any usual spelling); returns those removed.
+    pub fn remove(&self, what: &str) -> Result<Vec<PinEntry>, ClientError> {
+        let fp = crate::tls::parse_fingerprint(what).ok();
+        let (gone, kept): (Vec<PinEntry>, Vec<PinEntry>) = self
+            .entries()?
+            .into_iter()
+            .partition(|p| p.id == what || Some(&p.fingerprint) == fp.as_ref());
+        if !gone.is_empty() {
+            self.save(&kept)?;
+        }
+        Ok(gone)
+    }
+
+    /// Writes `v` whole (a temporary file, then a rename).
+    fn save(&self, v: &[PinEntry]) -> Result<(), ClientError> {
         let io = |e: std::io::Error| ClientError::Pins(self.path.clone(), e.to_string());
         if let Some(d) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(io)?;
         }
         let tmp = self.path.with_extension("json.tmp");
-        let json = serde_json::to_string_pretty(&v).expect("pins serialise") + "\n";
+        let json = serde_json::to_string_pretty(v).expect("pins serialise") + "\n";
         std::fs::write(&tmp, json)
             .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .map_err(io)?;
-        Ok(e)
+            .map_err(io)
     }
 }
 
@@ -1276,7 +1302,17 @@ mod tests {
         s.add("0123456789ab", &"ef".repeat(32), "hall").unwrap();
         assert_eq!(s.get("0123456789ab"), Some("ef".repeat(32)));
         assert_eq!(s.entries().unwrap().len(), 2);
-        assert!(s.add("x", "not-hex", "").is_err());
+        let e = s.add("x", "not-hex", "").unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
+        assert!(s.add("", &"ab".repeat(32), "").is_err());
+        // Unpinned by id or by fingerprint (any spelling); nothing matching: nothing removed.
+        let colons: Vec<String> = (0..32).map(|_| "CD".to_string()).collect();
+        let gone = s.remove(&colons.join(":")).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].id, "ba9876543210");
+        assert!(s.remove("nobody").unwrap().is_empty());
+        assert_eq!(s.remove("0123456789ab").unwrap().len(), 1);
+        assert!(s.entries().unwrap().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -8,7 +8,8 @@
 //! - [`http`]: the client API (`/v1/...`, OpenAPI at `/v1/openapi.json`), the web manager at
 //!   `/`, `/metrics`; [`auth`] checks bearer credentials and says who made a request.
 //! - [`devices`]: the paired devices' credentials (salted hashes, expiry, revocation);
-//!   [`audit`]: the audit trail of pairings and revocations.
+//!   [`audit`]: the audit trail of pairings and revocations; [`revocation`]: a device no
+//!   longer trusted has its instances stopped.
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
 //! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
 //!   [`guest`]: the service VM's framed TCP protocol.
@@ -31,6 +32,7 @@ pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod pairing;
+pub mod revocation;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
