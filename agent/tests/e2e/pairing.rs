@@ -14,7 +14,7 @@ use format::pairing::{Hello, Message, Reason, Welcome};
 use usb_aoa::aoa::Timeouts;
 use usb_aoa::fake::{FakePhone, Misbehave};
 
-use crate::common::{wait_for, AgentProc};
+use crate::common::{verify_guest, wait_for, AgentProc};
 
 fn hello(nonce: &[u8], id: &str) -> Vec<u8> {
     Message::Hello(Hello {
@@ -225,6 +225,77 @@ fn usb_pairing_outside_the_window_or_with_bad_frames_issues_nothing() {
     }
     assert!(issuer.issued().is_empty(), "{:?}", issuer.issued());
     assert!(pairing.status().paired.is_empty());
+}
+
+/// The whole path of a phone: it pairs over the AOA path (the fake phone, the agent's own
+/// device store issuing its credential), finds the appliance over mDNS and proves it is the
+/// one it paired with (its pinned certificate), starts and uses an instance over pinned
+/// HTTPS; another device gets 403 on that instance; revoked, the phone gets 401 and its
+/// instance is stopped.
+#[test]
+fn a_phone_paired_over_usb_finds_starts_and_uses_an_instance_over_pinned_https() {
+    use agent::client::{discover_ranked_until, Client, ClientError, PinEntry, Trust};
+    let a = AgentProc::start(
+        "usb-https",
+        &[("listen = [\"127.0.0.1\"]", "listen = [\"0.0.0.0\"]")],
+    );
+    assert!(a.url.starts_with("https://"), "{}", a.url);
+    let pairing = Pairing::new(
+        ApplianceFacts {
+            appliance_id: a.id(),
+            api: vec![a.url.clone()],
+            fingerprint: agent::pairing::qr::unhex32(&a.fingerprint()).unwrap(),
+            wifi: None,
+        },
+        Arc::new(agent::devices::DeviceStore::in_dir(&a.data)),
+    );
+    pairing.open_window(Duration::from_secs(60)).unwrap();
+    let (phone, got) = phone_app("phone-1", |h| h);
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 2 && phone.resets() == 1
+    });
+    let got = got.lock().unwrap().clone();
+    let Message::Welcome(w) = &got[1] else {
+        panic!("{got:?}")
+    };
+    let fp = agent::store::hex(&w.fingerprint);
+    assert_eq!(fp, a.fingerprint());
+
+    // Discovery: the appliance announcing the certificate the phone pinned is trusted.
+    let pins = [PinEntry {
+        id: w.appliance_id.clone(),
+        fingerprint: fp.clone(),
+        name: String::new(),
+    }];
+    let found = discover_ranked_until(Duration::from_secs(15), &w.appliance_id, &pins).unwrap();
+    let me = found
+        .iter()
+        .find(|r| r.appliance.txt.get("id") == Some(&w.appliance_id))
+        .expect("the appliance is discovered");
+    assert_eq!(me.trust, Trust::Pinned, "{me:?}");
+
+    // Start and use an instance over HTTPS pinned to the Welcome's fingerprint.
+    let c = Client::pinned(&w.api[0], Some(&w.secret), &fp);
+    let inst = c.start("model").unwrap();
+    assert_eq!(inst.owner.as_deref(), Some("device:phone-1"));
+    verify_guest(&inst.endpoint);
+
+    // Another device: 403 on it.
+    let other = a.device("phone-2", Duration::from_secs(600));
+    match other.instance(&inst.id) {
+        Err(ClientError::Api { status: 403, .. }) => {}
+        r => panic!("another device's view of the instance: {r:?}"),
+    }
+
+    // Revoked: 401 from the next request, and its instance is stopped.
+    let r = a.client().revoke_device("phone-1").unwrap();
+    assert_eq!(r.instances_stopped, std::slice::from_ref(&inst.id));
+    match c.instances() {
+        Err(ClientError::Api { status: 401, .. }) => {}
+        r => panic!("a revoked device's request: {r:?}"),
+    }
+    let v = a.client().instance(&inst.id).unwrap();
+    assert_eq!(v.state, agent::supervisor::State::Stopped);
 }
 
 /// The phone side of a claim: scan, Hello, POST (over HTTPS pinned to the QR code's
