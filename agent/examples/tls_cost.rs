@@ -2,7 +2,8 @@
 //! crypto of a handshake without any I/O (per key type and key-exchange group), and whole
 //! handshakes over loopback, full and resumed. Prints one JSON object of medians (ms).
 //!
-//! `cargo run --release -p agent --example tls_cost -- [RUNS]`
+//! `cargo run --release -p agent --example tls_cost -- [RUNS]`, or against a running agent:
+//! `... -- RUNS https://IP:PORT FINGERPRINT [http://IP:PORT]`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -150,11 +151,80 @@ fn request(a: std::net::SocketAddr, client: Option<&Arc<rustls::ClientConfig>>) 
     }
 }
 
+/// Against a running agent (`tls_cost RUNS https://IP:PORT FINGERPRINT [http://IP:PORT]`):
+/// fresh connections, each one `GET /v1/system`, through the client library: plain (when a
+/// plain URL is given), HTTPS full handshake, HTTPS resumed; and the handshake alone.
+fn against_agent(runs: usize, url: &str, fp: &str, plain: Option<&str>) {
+    use agent::client::{forget_tls_sessions, Client};
+    let get = |c: &Client| {
+        let t = Instant::now();
+        let r = c.raw("GET", "/v1/system", None, false).unwrap();
+        assert_eq!(r.status, 200);
+        ms(t)
+    };
+    let (mut p, mut full, mut resumed, mut hs, mut raw) = (vec![], vec![], vec![], vec![], vec![]);
+    let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
+    let cfg = client_config(fp, provider("X25519"));
+    for _ in 0..runs {
+        if let Some(u) = plain {
+            p.push(get(&Client::new(u, None)));
+        }
+        forget_tls_sessions();
+        full.push(get(&Client::pinned(url, None, fp)));
+        resumed.push(get(&Client::pinned(url, None, fp)));
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(cfg.clone(), "cloudlet.local".try_into().unwrap())
+                .unwrap();
+        conn.complete_io(&mut s).unwrap();
+        hs.push(ms(t));
+        // The same request as the client library's, written on the raw TLS stream.
+        let mut st = rustls::Stream::new(&mut conn, &mut s);
+        st.write_all(b"GET /v1/system HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = Vec::new();
+        let _ = st.read_to_end(&mut body);
+        raw.push(ms(t));
+    }
+    println!("agent_https_raw_rustls_get_ms {:.3}", median(raw));
+    // Which key exchange the client library's configuration (every ring group) ends up with.
+    let v = Arc::new(PinVerifier::new(Pin::Fingerprints(vec![fp.into()])));
+    let lib = Arc::new(v.client_config());
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut conn =
+        rustls::ClientConnection::new(lib, "cloudlet.local".try_into().unwrap()).unwrap();
+    conn.complete_io(&mut s).unwrap();
+    println!(
+        "library_config_kx {:?} (offered {:?})",
+        conn.negotiated_key_exchange_group().map(|g| g.name()),
+        agent::tls::provider()
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect::<Vec<_>>()
+    );
+    if !p.is_empty() {
+        println!("agent_plain_fresh_ms {:.3}", median(p));
+    }
+    println!("agent_https_full_fresh_ms {:.3}", median(full));
+    println!("agent_https_resumed_fresh_ms {:.3}", median(resumed));
+    println!("agent_tcp_plus_tls_handshake_only_ms {:.3}", median(hs));
+}
+
 fn main() {
     let runs: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
+    if let Some(url) = std::env::args().nth(2) {
+        let fp = std::env::args()
+            .nth(3)
+            .expect("the fingerprint after the URL");
+        against_agent(runs, &url, &fp, std::env::args().nth(4).as_deref());
+        return;
+    }
     let mut out = serde_json::Map::new();
     let mut put = |k: String, v: f64| {
         println!("{k:<40} {v:>8.3}");
