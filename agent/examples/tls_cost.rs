@@ -3,7 +3,7 @@
 //! handshakes over loopback, full and resumed. Prints one JSON object of medians (ms).
 //!
 //! `cargo run --release -p agent --example tls_cost -- [RUNS]`, or against a running agent:
-//! `... -- RUNS https://IP:PORT FINGERPRINT [http://IP:PORT]`.
+//! `... -- RUNS http://IP:PORT` or `... -- RUNS https://IP:PORT FINGERPRINT`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -151,27 +151,41 @@ fn request(a: std::net::SocketAddr, client: Option<&Arc<rustls::ClientConfig>>) 
     }
 }
 
-/// Against a running agent (`tls_cost RUNS https://IP:PORT FINGERPRINT [http://IP:PORT]`):
-/// fresh connections, each one `GET /v1/system`, through the client library: plain (when a
-/// plain URL is given), HTTPS full handshake, HTTPS resumed; and the handshake alone.
-fn against_agent(runs: usize, url: &str, fp: &str, plain: Option<&str>) {
+/// Against a running agent: `tls_cost RUNS http://IP:PORT` (plain) or `tls_cost RUNS
+/// https://IP:PORT FINGERPRINT`: fresh connections, each one `GET /v1/system` through the
+/// client library — plain, or HTTPS with a full handshake and HTTPS resuming — plus, over
+/// HTTPS, the handshake alone and the same request on a raw rustls stream. Prints one JSON
+/// object of medians (ms) on stdout (what `bench agent` reads), lines for people on stderr.
+fn against_agent(runs: usize, url: &str, fp: Option<&str>) {
     use agent::client::{forget_tls_sessions, Client};
     let get = |c: &Client| {
         let t = Instant::now();
         let r = c.raw("GET", "/v1/system", None, false).unwrap();
         assert_eq!(r.status, 200);
-        ms(t)
+        (ms(t), c.resumed())
     };
-    let (mut p, mut full, mut resumed, mut hs, mut raw) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut out = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        eprintln!("{k:<40} {v:>8.3}");
+        out.insert(k.into(), v.into());
+    };
+    if url.starts_with("http://") {
+        let v: Vec<f64> = (0..runs).map(|_| get(&Client::new(url, None)).0).collect();
+        put("plain_fresh_ms", median(v));
+        println!("{}", serde_json::Value::Object(out));
+        return;
+    }
+    let fp = fp.expect("the fingerprint after an https URL");
+    let (mut full, mut resumed, mut hs, mut raw) = (vec![], vec![], vec![], vec![]);
+    let mut resumed_n = 0;
     let addr: std::net::SocketAddr = url.trim_start_matches("https://").parse().unwrap();
     let cfg = client_config(fp, provider("X25519"));
     for _ in 0..runs {
-        if let Some(u) = plain {
-            p.push(get(&Client::new(u, None)));
-        }
         forget_tls_sessions();
-        full.push(get(&Client::pinned(url, None, fp)));
-        resumed.push(get(&Client::pinned(url, None, fp)));
+        full.push(get(&Client::pinned(url, None, fp)).0);
+        let (t, r) = get(&Client::pinned(url, None, fp));
+        resumed.push(t);
+        resumed_n += usize::from(r);
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
@@ -188,29 +202,25 @@ fn against_agent(runs: usize, url: &str, fp: &str, plain: Option<&str>) {
         let _ = st.read_to_end(&mut body);
         raw.push(ms(t));
     }
-    println!("agent_https_raw_rustls_get_ms {:.3}", median(raw));
-    // Which key exchange the client library's configuration (every ring group) ends up with.
+    // Which key exchange the client library's configuration ends up with.
     let v = Arc::new(PinVerifier::new(Pin::Fingerprints(vec![fp.into()])));
-    let lib = Arc::new(v.client_config());
     let mut s = TcpStream::connect(addr).unwrap();
-    let mut conn =
-        rustls::ClientConnection::new(lib, "cloudlet.local".try_into().unwrap()).unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(v.client_config()),
+        "cloudlet.local".try_into().unwrap(),
+    )
+    .unwrap();
     conn.complete_io(&mut s).unwrap();
-    println!(
-        "library_config_kx {:?} (offered {:?})",
-        conn.negotiated_key_exchange_group().map(|g| g.name()),
-        agent::tls::provider()
-            .kx_groups
-            .iter()
-            .map(|g| g.name())
-            .collect::<Vec<_>>()
+    eprintln!(
+        "key exchange {:?}",
+        conn.negotiated_key_exchange_group().map(|g| g.name())
     );
-    if !p.is_empty() {
-        println!("agent_plain_fresh_ms {:.3}", median(p));
-    }
-    println!("agent_https_full_fresh_ms {:.3}", median(full));
-    println!("agent_https_resumed_fresh_ms {:.3}", median(resumed));
-    println!("agent_tcp_plus_tls_handshake_only_ms {:.3}", median(hs));
+    put("https_full_fresh_ms", median(full));
+    put("https_resumed_fresh_ms", median(resumed));
+    put("https_resumed_fraction", resumed_n as f64 / runs as f64);
+    put("tcp_and_tls_handshake_only_ms", median(hs));
+    put("raw_rustls_get_ms", median(raw));
+    println!("{}", serde_json::Value::Object(out));
 }
 
 fn main() {
@@ -219,10 +229,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     if let Some(url) = std::env::args().nth(2) {
-        let fp = std::env::args()
-            .nth(3)
-            .expect("the fingerprint after the URL");
-        against_agent(runs, &url, &fp, std::env::args().nth(4).as_deref());
+        against_agent(runs, &url, std::env::args().nth(3).as_deref());
         return;
     }
     let mut out = serde_json::Map::new();

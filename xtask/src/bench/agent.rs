@@ -27,6 +27,11 @@
 //!   request cost alone (target: HTTPS adds at most 1 ms). The two HTTPS kinds alternate,
 //!   so the machine's drift falls on both alike; the plain runs are on the same agent
 //!   binary and data just before (an agent listening on a wildcard serves HTTPS only).
+//! - `release_client_system_http_p50_ms`, `release_client_system_https_first_p50_ms`,
+//!   `release_client_system_https_resumed_p50_ms`: the same fresh-connection requests from a
+//!   release build of the client library (`agent/examples/tls_cost.rs`, 5 × runs each), as a
+//!   phone's app would ship it: xtask itself is a debug build, whose TLS path (ureq's
+//!   transport chain, our connector) is unoptimised.
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -85,6 +90,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     standby_ready(&addr)?;
     let s = starts(&addr, runs, false)?;
     let system_http = system_rtts(&addr, false, runs)?;
+    let release_plain = release_client(runs * 5, &format!("http://{addr}"), None)?;
     let kept_http = kept_alive_rtts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
@@ -132,6 +138,8 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         "{runs} × GET /v1/system on fresh connections: plain, HTTPS full handshake, HTTPS resumed"
     ));
     let system = system_rtts(&tls_agent.addr, true, runs)?;
+    let fp = crate::demo::fingerprint(&data)?;
+    let release_tls = release_client(runs * 5, &format!("https://{}", tls_agent.addr), Some(&fp))?;
     let kept_https = kept_alive_rtts(&tls_agent.addr, runs)?;
     tls_agent.stop()?;
 
@@ -177,6 +185,22 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
             "system_https_resumed_fraction".into(),
             system.resumed_count as f64 / runs as f64,
         ),
+        (
+            "release_client_system_http_p50_ms".into(),
+            release_plain["plain_fresh_ms"].as_f64().unwrap_or(f64::NAN),
+        ),
+        (
+            "release_client_system_https_first_p50_ms".into(),
+            release_tls["https_full_fresh_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        ),
+        (
+            "release_client_system_https_resumed_p50_ms".into(),
+            release_tls["https_resumed_fresh_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        ),
         ("system_http_kept_alive_p50_ms".into(), m(&kept_http)),
         ("system_https_kept_alive_p50_ms".into(), m(&kept_https)),
         ("api_start_cold_p50_ms".into(), m(&cold.total)),
@@ -196,6 +220,36 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
             pairing["pairing_p99_ms"].as_f64().unwrap_or(f64::NAN),
         ),
     ])
+}
+
+/// `GET /v1/system` on fresh connections from a release client (the client library in
+/// `agent/examples/tls_cost.rs`, as a phone's app would build it) against `url`; its JSON
+/// figures.
+fn release_client(runs: usize, url: &str, fp: Option<&str>) -> Result<serde_json::Value> {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "agent",
+        "--example",
+        "tls_cost",
+        "--",
+    ])
+    .arg(runs.to_string())
+    .arg(url);
+    if let Some(fp) = fp {
+        c.arg(fp);
+    }
+    let out = c.output().context("cannot run the tls_cost example")?;
+    if !out.status.success() {
+        bail!(
+            "tls_cost against {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("tls_cost printed no JSON figures")
 }
 
 /// Waits until the agent at `addr` has a warm standby ready (its `/metrics`).
