@@ -68,7 +68,7 @@ fn main() {
             .expect("the fake bus")
             .expect("a phone");
         assert_ne!(dev, hub);
-        let (_, r) = pair_device(&phone, &dev, &pairing, &id, &t);
+        let r = pair_device(&phone, &dev, &pairing, &id, &t).result;
         r.expect("the fake phone pairs");
         assert!(
             welcomed.load(Ordering::Acquire),

@@ -13,7 +13,11 @@
 //! bases need a pinned certificate fingerprint ([`Client::with_pin`], see [`crate::tls`]):
 //! a server presenting another certificate is refused ([`ClientError::Pin`], naming both
 //! fingerprints), and an https base without a pin is refused ([`ClientError::Unpinned`])
-//! unless the caller asked for trust on first use ([`Pin::FirstUse`]).
+//! unless the caller asked for trust on first use ([`Pin::FirstUse`]). Clients pinned to the
+//! same fingerprints share one TLS configuration and its session store, so a fresh
+//! connection to an appliance this process has already talked to resumes its TLS session
+//! (TLS 1.3 tickets: no certificate, signature or verification) instead of a full handshake;
+//! [`forget_tls_sessions`] drops them.
 //!
 //! Discovery: every appliance found is probed in parallel, each probe given
 //! [`PROBE_TIMEOUT`], so one that announces itself and never answers delays nothing beyond
@@ -22,8 +26,9 @@
 //! [`Trust::Unverified`] otherwise; once the store holds any pin, [`best`] chooses among
 //! pinned (and local) appliances only.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -99,10 +104,70 @@ pub enum ClientError {
 struct NoPin;
 
 /// A TLS layer for ureq's connector chain that pins the server certificate
-/// ([`PinVerifier`]); plain `http://` connections pass through untouched.
+/// ([`PinVerifier`]); plain `http://` connections pass through untouched. It records the
+/// fingerprint of the certificate each handshake presented (a resumed one: the certificate
+/// of the session it resumes, checked when that session was made).
 #[derive(Debug)]
 struct PinnedTls {
     config: Option<Arc<rustls::ClientConfig>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// What the last TLS handshake of a [`Client`] showed.
+#[derive(Clone, Debug, Default)]
+struct Seen {
+    /// The fingerprint of the certificate presented (also when refused).
+    fingerprint: Option<String>,
+    /// The handshake resumed an earlier session.
+    resumed: bool,
+}
+
+/// How many TLS sessions each pinned configuration keeps for resumption (one per appliance
+/// and connection in flight is plenty).
+pub const RESUMPTION_SESSIONS: usize = 64;
+
+/// The process's TLS client configurations, one per set of pinned fingerprints: every
+/// [`Client`] pinned to the same set shares one, and with it the TLS sessions its handshakes
+/// left, so a fresh connection to an appliance this process has talked to resumes (no
+/// certificate exchange, signature or verification: measured in `bench agent`).
+fn shared_configs() -> &'static Mutex<HashMap<Vec<String>, Arc<rustls::ClientConfig>>> {
+    static CONFIGS: OnceLock<Mutex<HashMap<Vec<String>, Arc<rustls::ClientConfig>>>> =
+        OnceLock::new();
+    CONFIGS.get_or_init(Mutex::default)
+}
+
+/// The client configuration for `pin`: shared per set of fingerprints (see
+/// [`shared_configs`]); a trust-on-first-use one is never shared, so a session it made is
+/// never resumed by a client that pins.
+fn client_config(pin: &Pin) -> Arc<rustls::ClientConfig> {
+    let make = |pin: Pin| {
+        let v = Arc::new(PinVerifier::new(pin));
+        let mut cfg = v.client_config();
+        cfg.resumption = rustls::client::Resumption::in_memory_sessions(RESUMPTION_SESSIONS);
+        Arc::new(cfg)
+    };
+    match pin {
+        Pin::FirstUse => make(Pin::FirstUse),
+        Pin::Fingerprints(f) => {
+            let mut key = f.clone();
+            key.sort();
+            key.dedup();
+            let mut m = shared_configs().lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(key.clone())
+                .or_insert_with(|| make(Pin::Fingerprints(key)))
+                .clone()
+        }
+    }
+}
+
+/// Forgets every TLS session this process keeps for resumption: the next connection to each
+/// appliance makes a full handshake (its certificate checked against the pins again). For
+/// measuring that cost, and after the pins change.
+pub fn forget_tls_sessions() {
+    shared_configs()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
 }
 
 /// A TLS connection over ureq's transport.
@@ -195,10 +260,22 @@ impl<In: ureq::unversioned::transport::Transport> ureq::unversioned::transport::
         if let Err(e) = conn.complete_io(&mut sock) {
             // A pin mismatch comes out as itself, so the caller can say which is which.
             if let Some(m) = find_mismatch(&e) {
+                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen {
+                    fingerprint: Some(m.got.clone()),
+                    resumed: false,
+                };
                 return Err(ureq::Error::Io(std::io::Error::other(m.clone())));
             }
             return Err(e.into());
         }
+        let presented = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| crate::tls::fingerprint(c));
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen {
+            fingerprint: presented,
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        };
         let stream = rustls::StreamOwned { conn, sock };
         let buffers = LazyBuffers::new(
             details.config.input_buffer_size(),
@@ -208,8 +285,9 @@ impl<In: ureq::unversioned::transport::Transport> ureq::unversioned::transport::
     }
 }
 
-/// A ureq agent for `timeout`, with TLS pinned by `verifier` (None: https refused).
-fn make_agent(timeout: Duration, verifier: Option<Arc<PinVerifier>>) -> ureq::Agent {
+/// A ureq agent for `timeout`, with TLS pinned by `pin` (None: https refused); `seen`
+/// receives what each handshake showed.
+fn make_agent(timeout: Duration, pin: Option<&Pin>, seen: Arc<Mutex<Seen>>) -> ureq::Agent {
     use ureq::unversioned::transport::{Connector, TcpConnector};
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -217,7 +295,8 @@ fn make_agent(timeout: Duration, verifier: Option<Arc<PinVerifier>>) -> ureq::Ag
         .timeout_connect(Some(Duration::from_secs(5).min(timeout)))
         .build();
     let tls = PinnedTls {
-        config: verifier.as_ref().map(|v| Arc::new(v.client_config())),
+        config: pin.map(client_config),
+        seen,
     };
     let connector = ().chain(TcpConnector::default()).chain(tls);
     ureq::Agent::with_parts(
@@ -234,7 +313,8 @@ pub struct Client {
     token: Option<String>,
     agent: ureq::Agent,
     timeout: Duration,
-    verifier: Option<Arc<PinVerifier>>,
+    pin: Option<Pin>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 /// A reader that reports its progress (bytes read so far, total).
@@ -275,12 +355,14 @@ impl Client {
     /// No certificate is pinned: `https://` bases are refused until [`Client::with_pin`].
     pub fn new(base: &str, token: Option<&str>) -> Client {
         let timeout = Duration::from_secs(60);
+        let seen = Arc::new(Mutex::new(Seen::default()));
         Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.map(str::to_string),
-            agent: make_agent(timeout, None),
+            agent: make_agent(timeout, None, seen.clone()),
             timeout,
-            verifier: None,
+            pin: None,
+            seen,
         }
     }
 
@@ -290,24 +372,34 @@ impl Client {
         Client::new(base, token).with_pin(Pin::Fingerprints(vec![fingerprint.to_string()]))
     }
 
-    /// The same client accepting, on `https://`, the certificates `pin` allows.
+    /// The same client accepting, on `https://`, the certificates `pin` allows. Clients
+    /// pinned to the same fingerprints share TLS sessions (a fresh connection resumes one).
     pub fn with_pin(mut self, pin: Pin) -> Client {
-        let v = Arc::new(PinVerifier::new(pin));
-        self.agent = make_agent(self.timeout, Some(v.clone()));
-        self.verifier = Some(v);
+        self.seen = Arc::new(Mutex::new(Seen::default()));
+        self.agent = make_agent(self.timeout, Some(&pin), self.seen.clone());
+        self.pin = Some(pin);
         self
     }
 
     /// The fingerprint of the certificate the server presented last (https only), also when
     /// it was refused.
     pub fn seen_fingerprint(&self) -> Option<String> {
-        self.verifier.as_ref().and_then(|v| v.seen())
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fingerprint
+            .clone()
+    }
+
+    /// Whether the last TLS handshake resumed a session (https only).
+    pub fn resumed(&self) -> bool {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).resumed
     }
 
     /// The same client with `timeout` for a whole request (60 s by default).
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
-        self.agent = make_agent(timeout, self.verifier.clone());
+        self.agent = make_agent(timeout, self.pin.as_ref(), self.seen.clone());
         self
     }
 
@@ -508,8 +600,9 @@ impl Client {
         self.get("/v1/devices")
     }
 
-    /// `DELETE /v1/devices/{id}` (operator): revokes a device's credential.
-    pub fn revoke_device(&self, id: &str) -> Result<crate::devices::DeviceView, ClientError> {
+    /// `DELETE /v1/devices/{id}` (operator): revokes a device's credential and stops the
+    /// instances it runs.
+    pub fn revoke_device(&self, id: &str) -> Result<crate::devices::Revoked, ClientError> {
         self.send("DELETE", &format!("/v1/devices/{id}"), None::<&()>)
     }
 
@@ -859,6 +952,12 @@ impl PinStore {
     pub fn add(&self, id: &str, fingerprint: &str, name: &str) -> Result<PinEntry, ClientError> {
         let fingerprint = crate::tls::parse_fingerprint(fingerprint)
             .map_err(|e| ClientError::Pins(self.path.clone(), e.to_string()))?;
+        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(ClientError::Pins(
+                self.path.clone(),
+                format!("'{id}' is not an appliance id (1-64 characters, no spaces)"),
+            ));
+        }
         let mut v = self.entries()?;
         v.retain(|p| p.id != id);
         let e = PinEntry {
@@ -867,16 +966,35 @@ impl PinStore {
             name: name.into(),
         };
         v.push(e.clone());
+        self.save(&v)?;
+        Ok(e)
+    }
+
+    /// Removes the pins of appliance `what` (an id) or of certificate `what` (a
+    /// fingerprint, in any usual spelling); returns those removed.
+    pub fn remove(&self, what: &str) -> Result<Vec<PinEntry>, ClientError> {
+        let fp = crate::tls::parse_fingerprint(what).ok();
+        let (gone, kept): (Vec<PinEntry>, Vec<PinEntry>) = self
+            .entries()?
+            .into_iter()
+            .partition(|p| p.id == what || Some(&p.fingerprint) == fp.as_ref());
+        if !gone.is_empty() {
+            self.save(&kept)?;
+        }
+        Ok(gone)
+    }
+
+    /// Writes `v` whole (a temporary file, then a rename).
+    fn save(&self, v: &[PinEntry]) -> Result<(), ClientError> {
         let io = |e: std::io::Error| ClientError::Pins(self.path.clone(), e.to_string());
         if let Some(d) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(io)?;
         }
         let tmp = self.path.with_extension("json.tmp");
-        let json = serde_json::to_string_pretty(&v).expect("pins serialise") + "\n";
+        let json = serde_json::to_string_pretty(v).expect("pins serialise") + "\n";
         std::fs::write(&tmp, json)
             .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .map_err(io)?;
-        Ok(e)
+            .map_err(io)
     }
 }
 
@@ -1221,6 +1339,40 @@ mod tests {
     }
 
     #[test]
+    fn fresh_clients_pinned_alike_resume_the_tls_session() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (url, fp) = tls_server(&rt, "resume");
+        let get = |c: &Client| {
+            let r = c.raw("GET", "/v1/system", None, false).unwrap();
+            assert_eq!(r.status, 200);
+            (c.resumed(), c.seen_fingerprint())
+        };
+        // The first connection makes a full handshake; every later client pinned to the
+        // same certificate resumes, and still knows which certificate it is talking to.
+        let (resumed, seen) = get(&Client::pinned(&url, None, &fp));
+        assert!(!resumed);
+        assert_eq!(seen.as_deref(), Some(fp.as_str()));
+        for _ in 0..3 {
+            let (resumed, seen) = get(&Client::pinned(&url, None, &fp));
+            assert!(resumed, "a fresh client resumes");
+            assert_eq!(seen.as_deref(), Some(fp.as_str()));
+        }
+        // A client pinned to another certificate shares nothing: full handshake, refused.
+        let wrong = "ef".repeat(32);
+        let e = Client::pinned(&url, None, &wrong)
+            .raw("GET", "/v1/system", None, false)
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Pin { .. }), "{e:?}");
+        // Trust on first use never resumes a pinned client's session.
+        let c = Client::new(&url, None).with_pin(Pin::FirstUse);
+        assert!(!get(&c).0);
+        // Forgotten sessions: a full handshake again.
+        forget_tls_sessions();
+        assert!(!get(&Client::pinned(&url, None, &fp)).0);
+        assert!(get(&Client::pinned(&url, None, &fp)).0);
+    }
+
+    #[test]
     fn a_flood_of_silent_appliances_costs_one_probe_deadline() {
         // A listener that accepts and never answers, announced 70 times.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1279,7 +1431,17 @@ mod tests {
         s.add("0123456789ab", &"ef".repeat(32), "hall").unwrap();
         assert_eq!(s.get("0123456789ab"), Some("ef".repeat(32)));
         assert_eq!(s.entries().unwrap().len(), 2);
-        assert!(s.add("x", "not-hex", "").is_err());
+        let e = s.add("x", "not-hex", "").unwrap_err().to_string();
+        assert!(e.contains("64 hex digits"), "{e}");
+        assert!(s.add("", &"ab".repeat(32), "").is_err());
+        // Unpinned by id or by fingerprint (any spelling); nothing matching: nothing removed.
+        let colons: Vec<String> = (0..32).map(|_| "CD".to_string()).collect();
+        let gone = s.remove(&colons.join(":")).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].id, "ba9876543210");
+        assert!(s.remove("nobody").unwrap().is_empty());
+        assert_eq!(s.remove("0123456789ab").unwrap().len(), 1);
+        assert!(s.entries().unwrap().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

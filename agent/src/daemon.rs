@@ -440,6 +440,13 @@ pub async fn run(opts: Options) -> Result<()> {
         None
     };
 
+    // Devices no longer trusted (expired, or revoked by `agent revoke`) lose their instances.
+    let sweeper = tokio::spawn(crate::revocation::run(
+        sup.clone(),
+        state.devices.clone(),
+        stop_rx.clone(),
+    ));
+
     // Phones arriving on USB pair through it (without USB: one line in the log).
     let usb_stop = Arc::new(AtomicBool::new(false));
     let usb = crate::pairing::usb::start_watcher(pairing.clone(), usb_stop.clone());
@@ -454,6 +461,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
     }
+    let _ = tokio::time::timeout(Duration::from_secs(3), sweeper).await;
     sup.close_standbys().await;
     if opts.stop_on_exit {
         tracing::info!("stopping every instance (--stop-on-exit)");

@@ -74,6 +74,17 @@ pub struct DeviceRecord {
     pub hash: String,
 }
 
+/// What revoking a device did: the device as it is now, and the instances it had running,
+/// which were stopped (see [`crate::revocation`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The device.
+    #[serde(flatten)]
+    pub device: DeviceView,
+    /// The ids of its instances stopped by the revocation.
+    pub instances_stopped: Vec<String>,
+}
+
 /// A paired device as the API and the CLI show it (no salt, no hash).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceView {
@@ -159,6 +170,11 @@ impl DeviceStore {
             audit: Audit::in_dir(data),
             lock: Arc::default(),
         }
+    }
+
+    /// The audit log pairings and revocations go to.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     fn records(&self) -> Result<Vec<DeviceRecord>, DeviceError> {

@@ -41,7 +41,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::auth::{Credentials, PeerStore, Principal, Role};
 use crate::board::Board;
-use crate::devices::{DeviceError, DeviceStore, DeviceView};
+use crate::devices::{DeviceError, DeviceStore, DeviceView, Revoked};
 use crate::handoff::{HandoffError, HandoffRequest, IncomingRequest, Source};
 use crate::metrics::Metrics;
 use crate::pairing::api as pairing;
@@ -2115,19 +2115,25 @@ async fn devices(State(st): State<Arc<AppState>>) -> ApiResult<Json<Vec<DeviceVi
     Ok(Json(v))
 }
 
-/// `DELETE /v1/devices/{id}`: revokes the device's credential (401 from its next request).
+/// `DELETE /v1/devices/{id}`: revokes the device's credential (401 from its next request)
+/// and stops the instances it runs (see [`crate::revocation`]).
 async fn revoke_device(
     State(st): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-) -> ApiResult<Json<DeviceView>> {
+) -> ApiResult<Json<Revoked>> {
     crate::devices::check_device_id(&id)?;
     let d = st.devices.clone();
     let v = tokio::task::spawn_blocking(move || d.revoke(&id, &who.name))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))??;
-    tracing::info!(device = %v.id, "device revoked");
-    Ok(Json(v))
+    let stopped =
+        crate::revocation::stop_device_instances(&st.sup, &st.devices, &v.id, "revoked").await;
+    tracing::info!(device = %v.id, instances_stopped = stopped.len(), "device revoked");
+    Ok(Json(Revoked {
+        device: v,
+        instances_stopped: stopped,
+    }))
 }
 
 /// True for loopback or unspecified listen addresses (for logging the URL).
@@ -2145,7 +2151,7 @@ mod tests {
 
     use crate::auth::TokenStore;
     use crate::client::{Client, RawResponse};
-    use crate::supervisor::tests::{fake_base, running, running_for, scratch_supervisor};
+    use crate::supervisor::tests::{fake_base, running, scratch_supervisor};
 
     const OPERATOR: &str = "operator-token";
 
@@ -2442,7 +2448,9 @@ mod tests {
             .devices
             .issue("phone-b", "B", "Fairphone", crate::devices::DEFAULT_TTL)
             .unwrap();
-        let mine = running_for(&st.sup, "device:phone-a");
+        // A real process stands for its vmm: the revocation below stops (kills) it.
+        let (mine, mut mine_vmm) =
+            crate::supervisor::tests::running_process(&st.sup, "device:phone-a");
         let ops = running(&st.sup);
         let ids = |r: RawResponse| -> Vec<String> {
             assert_eq!(r.status, 200, "{r:?}");
@@ -2606,7 +2614,8 @@ mod tests {
             [
                 r#""device.paired" "phone-a" null"#,
                 r#""device.paired" "phone-b" null"#,
-                r#""device.revoked" "phone-a" "operator""#
+                r#""device.revoked" "phone-a" "operator""#,
+                r#""device.instances_stopped" "phone-a" null"#
             ]
         );
 
@@ -2646,6 +2655,72 @@ mod tests {
             statuses,
             ["phone-a revoked", "phone-b active", "phone-c expired"]
         );
+        let _ = mine_vmm.kill();
+        let _ = mine_vmm.wait();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_no_longer_trusted_loses_its_running_instances() {
+        use crate::supervisor::tests::running_process;
+        use crate::supervisor::State;
+        let (url, st) = serve("revoke-stops", 4, 'a').await;
+        let ttl = crate::devices::DEFAULT_TTL;
+        st.devices.issue("phone-a", "A", "", ttl).unwrap();
+        st.devices.issue("phone-b", "B", "", ttl).unwrap();
+        let (a1, mut c1) = running_process(&st.sup, "device:phone-a");
+        let (a2, mut c2) = running_process(&st.sup, "device:phone-a");
+        let (b1, mut c3) = running_process(&st.sup, "device:phone-b");
+        let (op, mut c4) = running_process(&st.sup, "operator");
+        let state = |id: &str| st.sup.get(id).unwrap().info.state;
+
+        // Revocation stops the device's instances at once, and says which.
+        let r = call(&url, Some(OPERATOR), "DELETE", "/v1/devices/phone-a", "").await;
+        says(&r, 200, "revoked");
+        let mut stopped: Vec<String> = r.json()["instances_stopped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        stopped.sort();
+        let mut want = vec![a1.clone(), a2.clone()];
+        want.sort();
+        assert_eq!(stopped, want);
+        assert_eq!((state(&a1), state(&a2)), (State::Stopped, State::Stopped));
+        assert!(c1.try_wait().unwrap().is_some() && c2.try_wait().unwrap().is_some());
+        assert_eq!((state(&b1), state(&op)), (State::Running, State::Running));
+        // Revoking again stops nothing more.
+        let r = call(&url, Some(OPERATOR), "DELETE", "/v1/devices/phone-a", "").await;
+        assert_eq!(r.json()["instances_stopped"], json!([]));
+
+        // Expiry (and revocation by `agent revoke`, which only edits the data directory):
+        // the daemon's sweep stops them; the active device's and the operator's run on.
+        assert!(crate::revocation::sweep(&st.sup, &st.devices)
+            .await
+            .is_empty());
+        st.devices
+            .issue("phone-b", "B", "", std::time::Duration::ZERO)
+            .unwrap();
+        let swept = crate::revocation::sweep(&st.sup, &st.devices).await;
+        assert_eq!(swept.get("phone-b"), Some(&vec![b1.clone()]));
+        assert_eq!((state(&b1), state(&op)), (State::Stopped, State::Running));
+        assert!(c3.try_wait().unwrap().is_some());
+
+        let events: Vec<String> = crate::audit::Audit::in_dir(st.store.root())
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "device.instances_stopped")
+            .map(|e| format!("{} {} {}", e["device"], e["why"], e["count"]))
+            .collect();
+        assert_eq!(
+            events,
+            [r#""phone-a" "revoked" 2"#, r#""phone-b" "expired" 1"#]
+        );
+        st.sup.stop(&op).await.unwrap();
+        for c in [&mut c1, &mut c2, &mut c3, &mut c4] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

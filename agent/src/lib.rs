@@ -11,7 +11,8 @@
 //!   `/`, `/metrics`; [`auth`] checks bearer credentials and says who made a request.
 //! - [`devices`]: the paired devices' credentials (salted hashes, expiry, revocation);
 //!   [`audit`]: the audit trail and events list (pairings, revocations, imports, instance
-//!   starts, stops and failures); [`history`]: the last hour of the agent's metrics.
+//!   starts, stops and failures); [`history`]: the last hour of the agent's metrics;
+//!   [`revocation`]: a device no longer trusted has its instances stopped.
 //! - [`discovery`]: `_cloudlet._tcp` over mDNS (announce with TXT, browse).
 //! - [`client`]: discover, rank, and use an agent (the `cloudlet` CLI is built on it);
 //!   [`guest`]: the service VM's framed TCP protocol; [`manage`]: the CLI's catalogue
@@ -40,6 +41,7 @@ pub mod jobs;
 pub mod manage;
 pub mod metrics;
 pub mod pairing;
+pub mod revocation;
 pub mod store;
 pub mod supervisor;
 pub mod sysinfo;

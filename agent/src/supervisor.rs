@@ -2140,6 +2140,23 @@ pub(crate) mod tests {
         rec.info.id
     }
 
+    /// As [`running_for`], with a real process standing for its vmm (a `sleep`, adopted:
+    /// stopping it kills that process); the caller reaps the child.
+    pub(crate) fn running_process(sup: &Supervisor, owner: &str) -> (String, std::process::Child) {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let mut rec = sup.new_record("model", "micro", 1, State::Running).unwrap();
+        rec.info.owner = Some(owner.into());
+        rec.info.pid = Some(child.id());
+        rec.info.adopted = true;
+        rec.info.endpoint = "127.0.0.1:1".into();
+        sup.reserve(&rec, "model").unwrap();
+        sup.save(&rec);
+        (rec.info.id, child)
+    }
+
     fn state(sup: &Supervisor, id: &str) -> State {
         sup.get(id).unwrap().info.state
     }

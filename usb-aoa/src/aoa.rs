@@ -292,6 +292,27 @@ mod tests {
     }
 
     #[test]
+    fn a_released_phone_leaves_accessory_mode_and_comes_back_as_itself() {
+        let p = echo_phone();
+        let dev = phone_device(&p);
+        let link = connect(&p, &dev, &id(), &fast()).unwrap();
+        let acc = link.info();
+        link.release().unwrap();
+        assert_eq!(p.resets(), 1);
+        assert!(!p.in_accessory_mode());
+        std::thread::sleep(Duration::from_millis(40));
+        let back = p.devices().unwrap()[1];
+        assert_eq!(
+            (back.vendor_id, back.product_id),
+            (dev.vendor_id, dev.product_id)
+        );
+        assert!(back.address != acc.address && back.address != dev.address);
+        assert!(p.on_bus_as_itself());
+        // The old accessory handle is gone with it.
+        assert!(open_accessory(&p, &acc, &fast()).is_err());
+    }
+
+    #[test]
     fn a_phone_already_in_accessory_mode_is_opened_directly() {
         let p = echo_phone();
         let dev = phone_device(&p);

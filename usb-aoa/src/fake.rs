@@ -8,6 +8,7 @@
 //! GET_PROTOCOL → 2;  SEND_STRING × 6 recorded;  START → leaves the bus
 //! after `reappear_after`: 18d1:2d01 at address 6, interface 0 (class 0xff) with bulk IN 0x81
 //! and bulk OUT 0x01 (and an ADB-like interface 1 without bulk endpoints)
+//! USB reset:   leaves the bus; after `reappear_after` back as 18d1:4ee7 at address 7
 //! ```
 
 use std::collections::VecDeque;
@@ -56,6 +57,12 @@ pub type App = Box<dyn FnMut(&[u8]) -> Vec<u8> + Send>;
 struct State {
     vendor_id: u16,
     product_id: u16,
+    /// Its ids when not an accessory.
+    own_ids: (u16, u16),
+    /// What it comes back as at `reappear_at`: an accessory (after START) or itself (after a
+    /// reset).
+    back_as_accessory: bool,
+    resets: u32,
     address: u8,
     /// On the bus (`false` between START and re-enumeration, and after a disconnect).
     present: bool,
@@ -79,9 +86,12 @@ impl State {
             if Instant::now() >= t {
                 self.reappear_at = None;
                 self.present = true;
-                self.accessory = true;
-                self.vendor_id = GOOGLE_VID;
-                self.product_id = 0x2D01;
+                self.accessory = self.back_as_accessory;
+                (self.vendor_id, self.product_id) = if self.accessory {
+                    (GOOGLE_VID, 0x2D01)
+                } else {
+                    self.own_ids
+                };
                 self.address += 1;
             }
         }
@@ -117,6 +127,9 @@ impl FakePhone {
             state: Arc::new(Mutex::new(State {
                 vendor_id: GOOGLE_VID,
                 product_id: 0x4EE7,
+                own_ids: (GOOGLE_VID, 0x4EE7),
+                back_as_accessory: true,
+                resets: 0,
                 address: 5,
                 present: true,
                 accessory: false,
@@ -161,7 +174,24 @@ impl FakePhone {
     /// Plugs the phone in (not in accessory mode).
     pub fn plug(&self) {
         let mut s = self.lock();
+        s.tick();
         s.present = true;
+        s.accessory = false;
+        (s.vendor_id, s.product_id) = s.own_ids;
+        s.reappear_at = None;
+    }
+
+    /// Unplugs the phone (it leaves the bus; plugged in again, it has a new address).
+    pub fn unplug(&self) {
+        let mut s = self.lock();
+        s.tick();
+        s.present = false;
+        s.accessory = false;
+        s.claimed = None;
+        s.reappear_at = None;
+        s.address += 1;
+        // Plugged in again, it is asked who it is anew.
+        s.identity.clear();
     }
 
     /// The identity strings received (index, string without its NUL), in order.
@@ -179,6 +209,18 @@ impl FakePhone {
         let mut s = self.lock();
         s.tick();
         s.accessory && s.present
+    }
+
+    /// How many USB resets the host made.
+    pub fn resets(&self) -> u32 {
+        self.lock().resets
+    }
+
+    /// Whether it is on the bus as itself (neither in accessory mode nor away).
+    pub fn on_bus_as_itself(&self) -> bool {
+        let mut s = self.lock();
+        s.tick();
+        s.present && !s.accessory
     }
 
     /// The interface the host claimed, if any.
@@ -300,6 +342,7 @@ impl UsbDevice for FakeHandle {
                 s.present = false;
                 if s.misbehave != Misbehave::NeverReturns {
                     s.reappear_at = Some(Instant::now() + s.reappear_after);
+                    s.back_as_accessory = true;
                 }
                 Ok(0)
             }
@@ -407,5 +450,19 @@ impl UsbDevice for FakeHandle {
             }
         }
         Ok(data.len())
+    }
+
+    fn reset(&mut self) -> Result<(), UsbError> {
+        let mut s = self.live("resetting the device")?;
+        s.resets += 1;
+        // Leaves the bus (and accessory mode), back as itself shortly.
+        s.present = false;
+        s.accessory = false;
+        s.claimed = None;
+        s.to_host.clear();
+        s.from_host.clear();
+        s.back_as_accessory = false;
+        s.reappear_at = Some(Instant::now() + s.reappear_after);
+        Ok(())
     }
 }

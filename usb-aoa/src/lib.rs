@@ -18,7 +18,8 @@
 //!   libusb; [`fake::FakePhone`] plays a phone at the same level, for tests.
 //! - [`aoa`]: the handshake ([`aoa::connect`]) and the watch for arriving devices
 //!   ([`aoa::Arrivals`]).
-//! - [`link`]: frames over the bulk endpoints ([`link::AccessoryLink`]).
+//! - [`link`]: frames over the bulk endpoints ([`link::AccessoryLink`]); once the exchange is
+//!   over, [`link::AccessoryLink::release`] resets the phone so it leaves accessory mode.
 
 use std::time::Duration;
 
@@ -181,4 +182,9 @@ pub trait UsbDevice {
     /// A bulk transfer of `data` to OUT endpoint `endpoint`; the bytes sent.
     fn bulk_out(&mut self, endpoint: u8, data: &[u8], timeout: Duration)
         -> Result<usize, UsbError>;
+
+    /// A USB port reset: the device leaves the bus and enumerates again. A phone in
+    /// accessory mode leaves that mode and comes back as itself (its own vendor and product
+    /// ids, a new address). The handle is unusable afterwards.
+    fn reset(&mut self) -> Result<(), UsbError>;
 }

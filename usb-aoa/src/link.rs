@@ -44,6 +44,12 @@ impl<D: UsbDevice> AccessoryLink<D> {
         (self.ep_in, self.ep_out)
     }
 
+    /// Ends the link: resets the device, so a phone leaves accessory mode and enumerates
+    /// again as itself (otherwise it would stay an accessory until unplugged).
+    pub fn release(mut self) -> Result<(), UsbError> {
+        self.dev.reset()
+    }
+
     /// Sends one whole frame.
     pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), UsbError> {
         let mut rest = frame;

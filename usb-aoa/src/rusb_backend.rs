@@ -213,4 +213,13 @@ impl UsbDevice for RusbDevice {
             .write_bulk(endpoint, data, timeout)
             .map_err(backend("a bulk OUT transfer"))
     }
+
+    fn reset(&mut self) -> Result<(), UsbError> {
+        match self.handle.reset() {
+            // libusb says NotFound when the device came back as another (a phone leaving
+            // accessory mode): the reset did what it was for.
+            Ok(()) | Err(rusb::Error::NotFound) | Err(rusb::Error::NoDevice) => Ok(()),
+            Err(e) => Err(backend("resetting the device")(e)),
+        }
+    }
 }

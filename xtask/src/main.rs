@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod demo;
 mod guest;
+mod image;
 mod linux;
 mod linux_base;
 mod run;
@@ -40,6 +41,10 @@ enum Cmd {
     LinuxBase,
     /// Everything that must pass before pushing: fmt, clippy (workspace and guest), tests.
     Check,
+    /// The appliance for a board under target/image/NAME/: step 1, the Debian package
+    /// (agent, vmm, image-builder, cloudlet, hardened systemd unit, board config), its
+    /// `systemd-analyze security` report, and its check in a clean Debian root.
+    Image(image::ImageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Cmd::FetchLinux => linux::fetch().map(|_| 0),
         Cmd::LinuxBase => linux_base::build().map(|_| 0),
         Cmd::Check => check::check().map(|_| 0),
+        Cmd::Image(a) => image::image(&a).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),

@@ -124,3 +124,16 @@ pub fn require_kvm() -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs one step of a long task: prints its heading, runs `f`, prints how long it took.
+pub fn timed<T>(msg: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    step(msg);
+    let t = std::time::Instant::now();
+    let r = f();
+    let s = t.elapsed().as_secs_f64();
+    match &r {
+        Ok(_) => eprintln!("    done in {s:.1} s"),
+        Err(_) => eprintln!("    failed after {s:.1} s"),
+    }
+    r
+}

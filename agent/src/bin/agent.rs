@@ -421,7 +421,12 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Revoke { id }) => {
             let s = store()?;
             let d = DeviceStore::in_dir(s.root()).revoke(&id, "operator (agent revoke)")?;
-            println!("device {} ({}) is revoked", d.id, d.name);
+            println!(
+                "device {} ({}) is revoked; a running agent stops its instances within {} s",
+                d.id,
+                d.name,
+                agent::revocation::SWEEP_EVERY.as_secs()
+            );
             Ok(())
         }
         Some(Cmd::Pair { window, close }) => {

@@ -37,11 +37,14 @@ use clap::{Parser, Subcommand};
 ///   cloudlet build-service kv --base micro --script load:16,put:7:42 --agent …   # built there
 ///   cloudlet upload-app model-client client.apk --version 1.1 --platform android --service model
 ///   cloudlet download-app model-client --agent …          # checked against its SHA-256
+///   cloudlet pin 3f2a… --agent https://10.0.0.2:9999      # pin it for good (or discovered)
+///   cloudlet pins                                          # what is pinned
+///   cloudlet unpin 0123456789ab                            # by appliance id or fingerprint
 ///
 /// HTTPS: appliances serve HTTPS on the network with their own certificate, which the client
 /// pins by its SHA-256 fingerprint. Pins live in $CLOUDLET_PINS, else
 /// $XDG_CONFIG_HOME/cloudlet/pins.json, else ~/.config/cloudlet/pins.json (pairing writes
-/// them; --trust-first-use adds one). Once any appliance is pinned, discovery chooses only
+/// them; `cloudlet pin` and --trust-first-use add one, `cloudlet unpin` removes). Once any appliance is pinned, discovery chooses only
 /// pinned ones and shows the others as unverified.
 #[derive(Parser, Debug)]
 #[command(name = "cloudlet", version, verbatim_doc_comment)]
@@ -117,8 +120,30 @@ enum Cmd {
     List,
     /// List the devices paired with an appliance (the operator's).
     Devices,
+    /// Pin an appliance's certificate by its fingerprint (SHA-256, as the manager, the
+    /// pairing QR code or the agent's start-up line show it): from then on this client
+    /// talks to that appliance only when it presents that certificate. The appliance is
+    /// found by --id, or asked at --agent, or discovered by the fingerprint it announces.
+    Pin {
+        /// The certificate's SHA-256: 64 hex digits, colons allowed.
+        #[arg(value_name = "FINGERPRINT")]
+        cert: String,
+        /// The appliance id (skips asking the appliance).
+        #[arg(long)]
+        id: Option<String>,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Remove the pins of an appliance (by id) or of a certificate (by fingerprint).
+    Unpin {
+        /// An appliance id or a certificate fingerprint.
+        what: String,
+    },
+    /// List the pinned appliances.
+    Pins,
     /// Revoke a paired device's credential (the operator's): it gets 401 from its next
-    /// request on.
+    /// request on, and the instances it runs are stopped.
     Revoke {
         /// The device id (as `cloudlet devices` shows it).
         id: String,
@@ -196,6 +221,44 @@ fn connect(cli: &Cli, token: Option<&str>) -> Result<Client> {
         )));
     }
     Ok(b.client(token))
+}
+
+/// The id of the appliance presenting certificate `fp`: asked at --agent (over HTTPS pinned
+/// to `fp`), or found among the appliances discovered announcing `fp`.
+fn appliance_id_of(cli: &Cli, fp: &str) -> Result<String> {
+    let ask = |url: &str| -> Result<String> {
+        let s = Client::new(url, None)
+            .with_pin(Pin::Fingerprints(vec![fp.to_string()]))
+            .with_timeout(Duration::from_secs(5))
+            .system()?;
+        if s.fingerprint != fp {
+            bail!(
+                "{url} presents certificate {fp} but says its own is {}: not pinning it",
+                s.fingerprint
+            );
+        }
+        Ok(s.id)
+    };
+    if let Some(url) = &cli.agent {
+        if !url.starts_with("https://") {
+            bail!("{url} is plain HTTP (a loopback address): there is no certificate to pin; give the appliance's https:// URL or --id");
+        }
+        return ask(url);
+    }
+    let found = discover_ranked(Duration::from_millis(cli.browse_ms), &[])?;
+    for r in found
+        .iter()
+        .filter(|r| r.appliance.txt.get("fp").map(String::as_str) == Some(fp))
+    {
+        match ask(&r.url) {
+            Ok(id) => return Ok(id),
+            Err(e) => eprintln!("{} ({}): {e:#}", r.appliance.instance, r.url),
+        }
+    }
+    bail!(
+        "no appliance announcing certificate {fp} answered within {} ms: give --agent https://IP:PORT or --id ID",
+        cli.browse_ms
+    )
 }
 
 fn main() -> std::process::ExitCode {
@@ -378,6 +441,47 @@ fn run(cli: Cli) -> Result<()> {
             let i = c.delete(id)?;
             println!("{} {} ({})", i.id, i.state, i.exit.unwrap_or_default());
         }
+        Cmd::Pin { cert, id, name } => {
+            let fp = agent::tls::parse_fingerprint(cert)?;
+            let id = match id {
+                Some(id) => id.clone(),
+                None => appliance_id_of(&cli, &fp)?,
+            };
+            let store = PinStore::user();
+            let e = store.add(&id, &fp, name)?;
+            println!(
+                "pinned appliance {} certificate SHA-256 {} (in {})",
+                e.id,
+                e.fingerprint,
+                store.path().display()
+            );
+        }
+        Cmd::Unpin { what } => {
+            let store = PinStore::user();
+            let gone = store.remove(what)?;
+            if gone.is_empty() {
+                bail!(
+                    "nothing pinned for '{what}' in {} (`cloudlet pins` lists what is)",
+                    store.path().display()
+                );
+            }
+            for e in gone {
+                println!("unpinned appliance {} ({})", e.id, e.fingerprint);
+            }
+        }
+        Cmd::Pins => {
+            let store = PinStore::user();
+            let v = store.entries()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if v.is_empty() {
+                eprintln!("no appliance is pinned (in {})", store.path().display());
+            } else {
+                for e in v {
+                    println!("{:<14} {} {}", e.id, e.fingerprint, e.name);
+                }
+            }
+        }
         Cmd::Devices => {
             let v = connect(&cli, token.as_deref())?.devices()?;
             if cli.json {
@@ -392,8 +496,24 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Revoke { id } => {
-            let d = connect(&cli, token.as_deref())?.revoke_device(id)?;
-            println!("device {} ({}) is {}", d.id, d.name, d.status);
+            let r = connect(&cli, token.as_deref())?.revoke_device(id)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let d = &r.device;
+                println!(
+                    "device {} ({}) is {}; {} instance(s) it ran stopped{}",
+                    d.id,
+                    d.name,
+                    d.status,
+                    r.instances_stopped.len(),
+                    if r.instances_stopped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.instances_stopped.join(" "))
+                    }
+                );
+            }
         }
         Cmd::Catalogue(cmd) => {
             let c = connect(&cli, token.as_deref())?;

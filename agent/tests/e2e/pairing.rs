@@ -14,7 +14,7 @@ use format::pairing::{Hello, Message, Reason, Welcome};
 use usb_aoa::aoa::Timeouts;
 use usb_aoa::fake::{FakePhone, Misbehave};
 
-use crate::common::{wait_for, AgentProc};
+use crate::common::{verify_guest, wait_for, AgentProc};
 
 fn hello(nonce: &[u8], id: &str) -> Vec<u8> {
     Message::Hello(Hello {
@@ -68,11 +68,17 @@ fn run_usb(pairing: &Pairing, phone: &FakePhone, done: impl Fn() -> bool) {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let h = s.spawn(|| serve(phone, pairing, &fast(), Duration::from_millis(5), &stop));
-        wait_for(Duration::from_secs(10), "the USB exchange", || {
-            done().then_some(())
-        });
+        // The watch is stopped also when the wait fails, so a failure fails, not hangs.
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(Duration::from_secs(10), "the USB exchange", || {
+                done().then_some(())
+            })
+        }));
         stop.store(true, Ordering::Release);
         h.join().unwrap().unwrap();
+        if let Err(p) = waited {
+            std::panic::resume_unwind(p);
+        }
     });
 }
 
@@ -86,7 +92,9 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
         .confirmation_code
         .unwrap();
     let (phone, got) = phone_app("phone-1", |h| h);
-    run_usb(&pairing, &phone, || got.lock().unwrap().len() >= 2);
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 2 && phone.resets() == 1
+    });
 
     // The handshake ran at control-transfer level: identity strings 0..5, then the accessory.
     let id = phone.identity();
@@ -97,8 +105,9 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
     assert_eq!(id[0].1, "Cloudlet");
     assert_eq!(id[4].1, "http://127.0.0.1:9999/v1/apps");
     assert_eq!(id[5].1, "0123456789ab");
-    assert!(phone.in_accessory_mode());
-    assert_eq!(phone.claimed(), Some(0));
+    // Its bulk interface was claimed; once paired, the phone was released (USB reset).
+    assert_eq!(phone.requests(), [51, 52, 52, 52, 52, 52, 52, 53]);
+    assert_eq!(phone.resets(), 1);
     // Then the exchange over bulk: Challenge (with the manager's confirmation code), Welcome.
     let got = got.lock().unwrap().clone();
     let Message::Challenge(c) = &got[0] else {
@@ -120,6 +129,47 @@ fn a_fake_phone_pairs_over_the_aoa_path_and_gets_its_credential() {
     assert_eq!(st.paired.len(), 1);
     assert_eq!(st.paired[0].via, "usb");
     assert_eq!(st.pending_device.unwrap().name, "phone-1's name");
+}
+
+#[test]
+fn a_phone_refused_outside_the_window_is_released_and_left_alone() {
+    let issuer = Arc::new(MemoryIssuer::new(Duration::from_secs(600)));
+    let pairing = Pairing::new(facts(), issuer.clone());
+    let (phone, got) = phone_app("phone-1", |h| h);
+    // Watch until the phone has been back as itself for a while: long enough for the watch
+    // (polling every 5 ms) to take it for a new arrival, if it did.
+    let back_since = std::cell::Cell::new(None::<std::time::Instant>);
+    run_usb(&pairing, &phone, || {
+        if !phone.on_bus_as_itself() || phone.resets() == 0 {
+            return false;
+        }
+        let t = back_since.get().unwrap_or_else(std::time::Instant::now);
+        back_since.set(Some(t));
+        t.elapsed() > Duration::from_millis(300)
+    });
+    // It was told why, then released: out of accessory mode, on the bus as itself ...
+    let g = got.lock().unwrap().clone();
+    assert!(
+        matches!(&g[..], [Message::Refusal(r)] if r.reason == Reason::WindowClosed),
+        "{g:?}"
+    );
+    assert_eq!(phone.resets(), 1);
+    assert!(!phone.in_accessory_mode());
+    // ... and not switched to accessory mode again (one GET_PROTOCOL, one START).
+    assert_eq!(phone.requests(), [51, 52, 52, 52, 52, 52, 52, 53]);
+    assert!(issuer.issued().is_empty());
+
+    // Unplugged and plugged in again (while a window is open), it is a new arrival and pairs.
+    phone.unplug();
+    pairing.open_window(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    phone.plug();
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 3 && phone.resets() == 2
+    });
+    let g = got.lock().unwrap().clone();
+    assert!(matches!(&g[2], Message::Welcome(_)), "{g:?}");
+    assert_eq!(issuer.issued().len(), 1);
 }
 
 #[test]
@@ -175,6 +225,77 @@ fn usb_pairing_outside_the_window_or_with_bad_frames_issues_nothing() {
     }
     assert!(issuer.issued().is_empty(), "{:?}", issuer.issued());
     assert!(pairing.status().paired.is_empty());
+}
+
+/// The whole path of a phone: it pairs over the AOA path (the fake phone, the agent's own
+/// device store issuing its credential), finds the appliance over mDNS and proves it is the
+/// one it paired with (its pinned certificate), starts and uses an instance over pinned
+/// HTTPS; another device gets 403 on that instance; revoked, the phone gets 401 and its
+/// instance is stopped.
+#[test]
+fn a_phone_paired_over_usb_finds_starts_and_uses_an_instance_over_pinned_https() {
+    use agent::client::{discover_ranked_until, Client, ClientError, PinEntry, Trust};
+    let a = AgentProc::start(
+        "usb-https",
+        &[("listen = [\"127.0.0.1\"]", "listen = [\"0.0.0.0\"]")],
+    );
+    assert!(a.url.starts_with("https://"), "{}", a.url);
+    let pairing = Pairing::new(
+        ApplianceFacts {
+            appliance_id: a.id(),
+            api: vec![a.url.clone()],
+            fingerprint: agent::pairing::qr::unhex32(&a.fingerprint()).unwrap(),
+            wifi: None,
+        },
+        Arc::new(agent::devices::DeviceStore::in_dir(&a.data)),
+    );
+    pairing.open_window(Duration::from_secs(60)).unwrap();
+    let (phone, got) = phone_app("phone-1", |h| h);
+    run_usb(&pairing, &phone, || {
+        got.lock().unwrap().len() >= 2 && phone.resets() == 1
+    });
+    let got = got.lock().unwrap().clone();
+    let Message::Welcome(w) = &got[1] else {
+        panic!("{got:?}")
+    };
+    let fp = agent::store::hex(&w.fingerprint);
+    assert_eq!(fp, a.fingerprint());
+
+    // Discovery: the appliance announcing the certificate the phone pinned is trusted.
+    let pins = [PinEntry {
+        id: w.appliance_id.clone(),
+        fingerprint: fp.clone(),
+        name: String::new(),
+    }];
+    let found = discover_ranked_until(Duration::from_secs(15), &w.appliance_id, &pins).unwrap();
+    let me = found
+        .iter()
+        .find(|r| r.appliance.txt.get("id") == Some(&w.appliance_id))
+        .expect("the appliance is discovered");
+    assert_eq!(me.trust, Trust::Pinned, "{me:?}");
+
+    // Start and use an instance over HTTPS pinned to the Welcome's fingerprint.
+    let c = Client::pinned(&w.api[0], Some(&w.secret), &fp);
+    let inst = c.start("model").unwrap();
+    assert_eq!(inst.owner.as_deref(), Some("device:phone-1"));
+    verify_guest(&inst.endpoint);
+
+    // Another device: 403 on it.
+    let other = a.device("phone-2", Duration::from_secs(600));
+    match other.instance(&inst.id) {
+        Err(ClientError::Api { status: 403, .. }) => {}
+        r => panic!("another device's view of the instance: {r:?}"),
+    }
+
+    // Revoked: 401 from the next request, and its instance is stopped.
+    let r = a.client().revoke_device("phone-1").unwrap();
+    assert_eq!(r.instances_stopped, std::slice::from_ref(&inst.id));
+    match c.instances() {
+        Err(ClientError::Api { status: 401, .. }) => {}
+        r => panic!("a revoked device's request: {r:?}"),
+    }
+    let v = a.client().instance(&inst.id).unwrap();
+    assert_eq!(v.state, agent::supervisor::State::Stopped);
 }
 
 /// The phone side of a claim: scan, Hello, POST (over HTTPS pinned to the QR code's

@@ -18,12 +18,24 @@
 //!   deleting the previous instance or making the next standby (2 cores).
 //! - `api_start_to_reply_https_p50_ms` / `_p99_ms`: the same starts with the agent serving
 //!   HTTPS (listen 0.0.0.0, reached at 127.0.0.1), the client pinning its certificate; each
-//!   request on a fresh connection, so every one pays the TLS handshake.
+//!   request on a fresh connection, which resumes the TLS session of the previous one (as a
+//!   phone's client library does once it has talked to the appliance);
+//!   `api_start_to_reply_https_first_p50_ms`: the same with every TLS session forgotten
+//!   before each start, so its first request (the `POST`) makes a full handshake.
 //! - `system_http_kept_alive_p50_ms` / `system_https_kept_alive_p50_ms`: the same request
 //!   on one kept-alive connection (as a client library holds it): what HTTPS adds per request.
-//! - `system_http_p50_ms` / `system_https_p50_ms`: `GET /v1/system` on a fresh connection,
-//!   plain and over pinned HTTPS: the handshake and request cost alone (target: HTTPS adds
-//!   at most 1 ms).
+//! - `system_http_p50_ms`, `system_https_first_p50_ms`, `system_https_resumed_p50_ms`:
+//!   `GET /v1/system` on a fresh connection: plain; over pinned HTTPS with a full handshake
+//!   (sessions forgotten before each); over pinned HTTPS resuming the session the previous
+//!   connection left (`system_https_resumed_fraction`: how many did). The handshake and
+//!   request cost alone (target: HTTPS adds at most 1 ms). The two HTTPS kinds alternate,
+//!   so the machine's drift falls on both alike; the plain runs are on the same agent
+//!   binary and data just before (an agent listening on a wildcard serves HTTPS only).
+//! - `release_client_system_http_p50_ms`, `release_client_system_https_first_p50_ms`,
+//!   `release_client_system_https_resumed_p50_ms`: the same fresh-connection requests from a
+//!   release build of the client library (`agent/examples/tls_cost.rs`, 5 × runs each), as a
+//!   phone's app would ship it: xtask itself is a debug build, whose TLS path (ureq's
+//!   transport chain, our connector) is unoptimised.
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -67,7 +79,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     step(&format!(
         "{runs} cold starts (--no-warm-standby): POST /v1/instances → first verified reply"
     ));
-    let cold = starts(&cold_agent.addr, runs)?;
+    let cold = starts(&cold_agent.addr, runs, false)?;
     cold_agent.stop()?;
     // The same unjailed (`--no-jail`): what the jail adds to a cold start.
     let mut unjailed_agent = Agent::spawn_with(
@@ -81,7 +93,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     step(&format!(
         "{runs} cold starts unjailed (--no-warm-standby --no-jail), the same way"
     ));
-    let unjailed = starts(&unjailed_agent.addr, runs)?;
+    let unjailed = starts(&unjailed_agent.addr, runs, false)?;
     unjailed_agent.stop()?;
     // And with neither jail nor cgroups (`--no-cgroups`): what the VM's cgroup adds.
     let mut bare_agent = Agent::spawn_with(
@@ -95,7 +107,7 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     step(&format!(
         "{runs} cold starts with neither (--no-warm-standby --no-jail --no-cgroups)"
     ));
-    let bare = starts(&bare_agent.addr, runs)?;
+    let bare = starts(&bare_agent.addr, runs, false)?;
     bare_agent.stop()?;
 
     // Warm (the default): a start resumes the standby the previous start left.
@@ -106,10 +118,11 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     ));
     // The first start of a service is cold; it leaves the standby the next one takes (after
     // writing the service's shared RAM image, once).
-    starts(&addr, 1)?;
+    starts(&addr, 1, false)?;
     standby_ready(&addr)?;
-    let s = starts(&addr, runs)?;
-    let system_http = system_rtts(&addr, runs)?;
+    let s = starts(&addr, runs, false)?;
+    let system_http = system_rtts(&addr, false, runs)?;
+    let release_plain = release_client(runs * 5, &format!("http://{addr}"), None)?;
     let kept_http = kept_alive_rtts(&addr, runs)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
@@ -146,10 +159,19 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     }
     std::fs::write(&board, dev.replace(listen, "listen = [\"0.0.0.0\"]"))?;
     let mut tls_agent = Agent::spawn(&p, &data, &work.join("agent-https.log"), Some(&board), None)?;
-    starts(&tls_agent.addr, 1)?;
+    starts(&tls_agent.addr, 1, false)?;
     standby_ready(&tls_agent.addr)?;
-    let tls = starts(&tls_agent.addr, runs)?;
-    let system_https = system_rtts(&tls_agent.addr, runs)?;
+    let tls = starts(&tls_agent.addr, runs, false)?;
+    step(&format!(
+        "{runs} starts over HTTPS, each beginning with a full TLS handshake"
+    ));
+    let tls_first = starts(&tls_agent.addr, runs, true)?;
+    step(&format!(
+        "{runs} × GET /v1/system on fresh connections: plain, HTTPS full handshake, HTTPS resumed"
+    ));
+    let system = system_rtts(&tls_agent.addr, true, runs)?;
+    let fp = crate::demo::fingerprint(&data)?;
+    let release_tls = release_client(runs * 5, &format!("https://{}", tls_agent.addr), Some(&fp))?;
     let kept_https = kept_alive_rtts(&tls_agent.addr, runs)?;
     tls_agent.stop()?;
 
@@ -184,8 +206,33 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
         ("api_start_to_reply_p99_ms".into(), p99(&s.total)),
         ("api_start_to_reply_https_p50_ms".into(), m(&tls.total)),
         ("api_start_to_reply_https_p99_ms".into(), p99(&tls.total)),
-        ("system_http_p50_ms".into(), m(&system_http)),
-        ("system_https_p50_ms".into(), m(&system_https)),
+        (
+            "api_start_to_reply_https_first_p50_ms".into(),
+            m(&tls_first.total),
+        ),
+        ("system_http_p50_ms".into(), m(&system_http.plain)),
+        ("system_https_first_p50_ms".into(), m(&system.first)),
+        ("system_https_resumed_p50_ms".into(), m(&system.resumed)),
+        (
+            "system_https_resumed_fraction".into(),
+            system.resumed_count as f64 / runs as f64,
+        ),
+        (
+            "release_client_system_http_p50_ms".into(),
+            release_plain["plain_fresh_ms"].as_f64().unwrap_or(f64::NAN),
+        ),
+        (
+            "release_client_system_https_first_p50_ms".into(),
+            release_tls["https_full_fresh_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        ),
+        (
+            "release_client_system_https_resumed_p50_ms".into(),
+            release_tls["https_resumed_fresh_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        ),
         ("system_http_kept_alive_p50_ms".into(), m(&kept_http)),
         ("system_https_kept_alive_p50_ms".into(), m(&kept_https)),
         ("api_start_cold_p50_ms".into(), m(&cold.total)),
@@ -212,6 +259,36 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
             pairing["pairing_p99_ms"].as_f64().unwrap_or(f64::NAN),
         ),
     ])
+}
+
+/// `GET /v1/system` on fresh connections from a release client (the client library in
+/// `agent/examples/tls_cost.rs`, as a phone's app would build it) against `url`; its JSON
+/// figures.
+fn release_client(runs: usize, url: &str, fp: Option<&str>) -> Result<serde_json::Value> {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "agent",
+        "--example",
+        "tls_cost",
+        "--",
+    ])
+    .arg(runs.to_string())
+    .arg(url);
+    if let Some(fp) = fp {
+        c.arg(fp);
+    }
+    let out = c.output().context("cannot run the tls_cost example")?;
+    if !out.status.success() {
+        bail!(
+            "tls_cost against {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("tls_cost printed no JSON figures")
 }
 
 /// Waits until the agent at `addr` has a warm standby ready (its `/metrics`).
@@ -246,8 +323,8 @@ struct Starts {
 const SETTLE: Duration = Duration::from_millis(150);
 
 /// `runs` starts of the model service on the agent at `addr` (each: POST → first verified
-/// reply; then DELETE).
-fn starts(addr: &str, runs: usize) -> Result<Starts> {
+/// reply; then DELETE). `full_handshake`: every TLS session is forgotten before each start.
+fn starts(addr: &str, runs: usize, full_handshake: bool) -> Result<Starts> {
     let want = format!("ok query i=5 value={}", model_entry(5));
     let mut s = Starts {
         total: vec![],
@@ -257,6 +334,9 @@ fn starts(addr: &str, runs: usize) -> Result<Starts> {
     };
     for _ in 0..runs {
         std::thread::sleep(SETTLE);
+        if full_handshake {
+            agent::client::forget_tls_sessions();
+        }
         let t0 = Instant::now();
         let inst = api(
             addr,
@@ -282,20 +362,50 @@ fn starts(addr: &str, runs: usize) -> Result<Starts> {
     Ok(s)
 }
 
-/// `runs` × `GET /v1/system`, each with a fresh client (a fresh connection: over HTTPS a
-/// full handshake), ms each.
-fn system_rtts(addr: &str, runs: usize) -> Result<Vec<f64>> {
-    let mut v = vec![];
-    for _ in 0..runs {
+/// `GET /v1/system` on fresh connections, ms each.
+struct SystemRtts {
+    /// Plain HTTP.
+    plain: Vec<f64>,
+    /// HTTPS, a full handshake each (sessions forgotten first).
+    first: Vec<f64>,
+    /// HTTPS, resuming the previous connection's session.
+    resumed: Vec<f64>,
+    /// How many of `resumed` did resume.
+    resumed_count: usize,
+}
+
+/// `runs` × `GET /v1/system` on fresh connections (a fresh client each): plain HTTP at
+/// `addr`, or (`tls`) alternately HTTPS with a full handshake and HTTPS resumed.
+fn system_rtts(addr: &str, tls: bool, runs: usize) -> Result<SystemRtts> {
+    let mut r = SystemRtts {
+        plain: vec![],
+        first: vec![],
+        resumed: vec![],
+        resumed_count: 0,
+    };
+    let once = |addr: &str| -> Result<(f64, bool)> {
         let c = api_client(addr, None);
         let t = Instant::now();
-        let r = c.raw("GET", "/v1/system", None, false)?;
-        v.push(t.elapsed().as_secs_f64() * 1e3);
-        if r.status != 200 {
-            bail!("GET /v1/system → {}: {}", r.status, r.body);
+        let res = c.raw("GET", "/v1/system", None, false)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if res.status != 200 {
+            bail!("GET /v1/system → {}: {}", res.status, res.body);
         }
+        Ok((ms, c.resumed()))
+    };
+    once(addr)?;
+    for _ in 0..runs {
+        if !tls {
+            r.plain.push(once(addr)?.0);
+            continue;
+        }
+        agent::client::forget_tls_sessions();
+        r.first.push(once(addr)?.0);
+        let (ms, resumed) = once(addr)?;
+        r.resumed.push(ms);
+        r.resumed_count += usize::from(resumed);
     }
-    Ok(v)
+    Ok(r)
 }
 
 /// `runs` × `GET /v1/system` on one client kept alive (its first request, which opens the

@@ -1,0 +1,110 @@
+//! `cargo xtask image --board NAME`: the appliance as a vendor ships it, under
+//! `target/image/NAME/`. Step 1 (this): the `cloudlet` Debian package ([`deb`]), its unit's
+//! `systemd-analyze security` report, and its check in a clean Debian root
+//! ([`install_test`]). Steps 2 and 3 (the A/B disk image, the update artifact) are to come;
+//! see docs/appliance-image.md.
+
+pub mod deb;
+pub mod install_test;
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::util::{cargo, run, step, target_dir, timed};
+
+/// Options of `cargo xtask image`.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// The board (a file in board-configs/ without .toml: dev, minipc-4c).
+    #[arg(long)]
+    pub board: String,
+    /// Do not install the package in a clean Debian root to check it.
+    #[arg(long)]
+    pub no_install_check: bool,
+    /// Package the debug binaries already built (target/debug) instead of building release
+    /// ones: for checking the packaging quickly (`cargo xtask test` does), not for shipping.
+    #[arg(long)]
+    pub debug_binaries: bool,
+}
+
+/// Builds the image's steps for `a.board`.
+pub fn image(a: &ImageArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let out = target_dir().join("image").join(&a.board);
+    std::fs::create_dir_all(&out)?;
+    // Checked first: a misspelt board fails before minutes of building.
+    let board_text = deb::packaged_board(&a.board)?;
+    let board = agent::board::Board::parse(&board_text, &a.board, None)?;
+    let bin_dir = if a.debug_binaries {
+        timed(
+            "building the debug binaries (agent, cloudlet, image-builder, vmm)",
+            || run(cargo().args(["build", "-p", "agent", "-p", "image-builder", "-p", "vmm"])),
+        )?;
+        target_dir().join("debug")
+    } else {
+        timed(
+            "building the release binaries (agent, cloudlet, image-builder, vmm)",
+            || {
+                run(cargo().args(["build", "--release", "-p", "agent", "-p", "image-builder"]))?;
+                crate::util::build_release_vmm()
+            },
+        )?;
+        target_dir().join("release")
+    };
+    let deb = timed("building the Debian package (dpkg-deb)", || {
+        deb::build(&a.board, &bin_dir)
+    })?;
+    let size = std::fs::metadata(&deb)?.len();
+    eprintln!("    {} ({:.1} MiB)", deb.display(), size as f64 / 1048576.0);
+    timed("systemd-analyze security of the unit", || security(&out))?;
+    if a.no_install_check {
+        step("not checking the package in a clean Debian root (--no-install-check)");
+    } else {
+        let t = timed(
+            &format!(
+                "checking the package in a clean Debian {} root: install, run, use, stop, purge",
+                install_test::SUITE
+            ),
+            || install_test::check(&deb, &board, &out),
+        )?;
+        eprintln!(
+            "    unpack {:.1} s, install {:.1} s, agent serving after {:.2} s, purge {:.1} s",
+            t.unpack_s, t.install_s, t.agent_ready_s, t.purge_s
+        );
+    }
+    step(&format!(
+        "image step 1 for board {} done in {:.1} s: {}",
+        a.board,
+        t0.elapsed().as_secs_f64(),
+        deb.display()
+    ));
+    Ok(())
+}
+
+/// Writes `systemd-analyze security` of the unit (offline, from the file) to
+/// `out/systemd-analyze-security.txt` and prints its verdict.
+fn security(out: &std::path::Path) -> Result<()> {
+    if !crate::util::have("systemd-analyze") {
+        step("systemd-analyze is not installed here: no security report");
+        return Ok(());
+    }
+    let unit = out.join(deb::UNIT);
+    std::fs::write(&unit, deb::UNIT_FILE)?;
+    let o = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .context("cannot run systemd-analyze")?;
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    std::fs::write(out.join("systemd-analyze-security.txt"), &text)?;
+    let verdict = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or("(no overall exposure level in its output)");
+    eprintln!("    {}", verdict.trim());
+    Ok(())
+}
