@@ -468,7 +468,16 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
     wait_for(Duration::from_secs(120), "version 2 to be current", || {
         d.find("#versions tr#ver-2 td.current")
     });
-    assert!(d.text_of("#svc-kv td.svc-version").contains('2'));
+    // The services table shows it at its next refresh.
+    wait_for(
+        Duration::from_secs(20),
+        "the services table to show version 2",
+        || {
+            d.text_of("#svc-kv td.svc-version")
+                .contains('2')
+                .then_some(())
+        },
+    );
     d.click_on("button.start[data-service='kv']");
     d.says("started");
     let second = a
