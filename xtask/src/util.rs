@@ -137,3 +137,17 @@ pub fn timed<T>(msg: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     }
     r
 }
+
+/// Where slow, recipe-keyed builds are cached outside the clone (so a fresh clone reuses
+/// them): `$CLOUDLET_CACHE`, else `$XDG_CACHE_HOME/cloudlet`, else `~/.cache/cloudlet`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CLOUDLET_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("cloudlet")
+}

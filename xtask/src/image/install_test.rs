@@ -26,29 +26,15 @@ const INCLUDE: &str = "libusb-1.0-0";
 /// The mirror.
 const MIRROR: &str = "http://deb.debian.org/debian";
 
-/// Where clean roots are cached: `$CLOUDLET_CACHE`, else `$XDG_CACHE_HOME/cloudlet`, else
-/// `~/.cache/cloudlet` (outside the clone, so a fresh clone in CI reuses it).
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CLOUDLET_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("cloudlet")
-}
-
 /// The tarball of a clean root for [`SUITE`], made with debootstrap the first time.
 pub fn cached_root() -> Result<PathBuf> {
     let key = format!("{SUITE}-{VARIANT}-{}-amd64", INCLUDE.replace(',', "+"));
-    let tar = cache_dir().join(format!("debian-root-{key}.tar.gz"));
+    let tar = crate::util::cache_dir().join(format!("debian-root-{key}.tar.gz"));
     if tar.exists() {
         return Ok(tar);
     }
     ensure_programs(&[("debootstrap", "debootstrap")])?;
-    let work = cache_dir().join(format!("debian-root-{key}.tmp"));
+    let work = crate::util::cache_dir().join(format!("debian-root-{key}.tmp"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     timed(

@@ -31,18 +31,6 @@ pub fn fragment_path() -> PathBuf {
     root().join("rootfs/linux/kernel.config")
 }
 
-/// Where slow builds are cached, outside the clone.
-pub fn cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("CLOUDLET_CACHE") {
-        return PathBuf::from(d);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    base.join("cloudlet")
-}
-
 /// The installed version of the source package, installing it (and the build tools) first.
 fn source_version() -> Result<String> {
     ensure_programs(&[
@@ -107,7 +95,7 @@ pub fn build() -> Result<Kernel> {
         .with_context(|| format!("cannot read {}", fragment_path().display()))?;
     let version = source_version()?;
     let hash = recipe_hash(&fragment, &version);
-    let dir = cache_root().join("linux-base").join(&hash);
+    let dir = crate::util::cache_dir().join("linux-base").join(&hash);
     let kernel = Kernel {
         vmlinux: dir.join("vmlinux"),
         config: dir.join("config"),
@@ -125,7 +113,7 @@ pub fn build() -> Result<Kernel> {
         "kernel {SOURCE_PACKAGE} {version}: building recipe {hash} into {} (minutes; cached afterwards)",
         dir.display()
     ));
-    let scratch = cache_root()
+    let scratch = crate::util::cache_dir()
         .join("linux-base")
         .join(format!("{hash}.build"));
     if scratch.exists() {
