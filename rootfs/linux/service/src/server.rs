@@ -53,9 +53,28 @@ fn connection(mut s: TcpStream, service: &Mutex<Service>, power_off: PowerOff) -
         send(&mut s, reply.as_bytes())?;
         if let Some(code) = off {
             s.flush()?;
+            // Powered off at once, the VM's NIC would lose the reply still in the send
+            // queue: wait (a moment at most) until the peer has acknowledged all of it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while unacked(&s).unwrap_or(0) > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             power_off(code);
         }
     }
+}
+
+/// Bytes of `s` sent but not yet acknowledged by the peer (`SIOCOUTQ`).
+fn unacked(s: &TcpStream) -> io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at `n`; the fd is
+    // the stream's own, open for this call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
 }
 
 /// Writes one reply frame.
