@@ -36,6 +36,13 @@
 //!   release build of the client library (`agent/examples/tls_cost.rs`, 5 × runs each), as a
 //!   phone's app would ship it: xtask itself is a debug build, whose TLS path (ureq's
 //!   transport chain, our connector) is unoptimised.
+//! - `release_client_start_http_p50_ms`, `release_client_start_https_p50_ms`: warm starts
+//!   (POST → first verified reply, then DELETE) made with the client library's own `start`,
+//!   a fresh client (so a fresh connection, a full TLS handshake) each, in a release build
+//!   (`agent/examples/start_cost.rs`): plain HTTP on the loopback agent and pinned HTTPS on
+//!   the HTTPS agent, through the same client code (the debug figures above compare a
+//!   hand-written plain request with the debug client library over HTTPS);
+//!   `release_client_start_https_added_ms` is the difference (target: at most 1 ms).
 //! - `agent_idle_rss_mib`: the agent's resident memory after the runs, idle for 1 s, with
 //!   discovery on (target ≤ 16).
 //! - `discovery_resolve_ms`: median over fresh `cloudlet discover` processes of the time
@@ -124,6 +131,10 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let system_http = system_rtts(&addr, false, runs)?;
     let release_plain = release_client(runs * 5, &format!("http://{addr}"), None)?;
     let kept_http = kept_alive_rtts(&addr, runs)?;
+    step(&format!(
+        "{runs} warm starts by a release build of the client library (plain HTTP)"
+    ));
+    let release_start_http = release_starts(runs, &format!("http://{addr}"), None)?;
 
     step("discovery: fresh `cloudlet discover` processes until the record resolves");
     let mut resolve = vec![];
@@ -173,6 +184,11 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let fp = crate::demo::fingerprint(&data)?;
     let release_tls = release_client(runs * 5, &format!("https://{}", tls_agent.addr), Some(&fp))?;
     let kept_https = kept_alive_rtts(&tls_agent.addr, runs)?;
+    step(&format!(
+        "{runs} warm starts by a release build of the client library (pinned HTTPS, a full handshake each)"
+    ));
+    let release_start_https =
+        release_starts(runs, &format!("https://{}", tls_agent.addr), Some(&fp))?;
     tls_agent.stop()?;
 
     step("USB pairings against the fake phone (agent/examples/pairing_bench.rs)");
@@ -203,6 +219,18 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let p99 = |v: &[f64]| percentile(v, 99.0).unwrap_or(f64::NAN);
     Ok(vec![
         ("api_start_to_reply_p50_ms".into(), m(&s.total)),
+        (
+            "release_client_start_http_p50_ms".into(),
+            release_start_http,
+        ),
+        (
+            "release_client_start_https_p50_ms".into(),
+            release_start_https,
+        ),
+        (
+            "release_client_start_https_added_ms".into(),
+            release_start_https - release_start_http,
+        ),
         ("api_start_to_reply_p99_ms".into(), p99(&s.total)),
         ("api_start_to_reply_https_p50_ms".into(), m(&tls.total)),
         ("api_start_to_reply_https_p99_ms".into(), p99(&tls.total)),
@@ -289,6 +317,43 @@ fn release_client(runs: usize, url: &str, fp: Option<&str>) -> Result<serde_json
         );
     }
     serde_json::from_slice(&out.stdout).context("tls_cost printed no JSON figures")
+}
+
+/// `runs` warm starts of the model service by `agent/examples/start_cost.rs` (release
+/// build) against `url` (pinned to `fp` for HTTPS): their median, ms.
+fn release_starts(runs: usize, url: &str, fp: Option<&str>) -> Result<f64> {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "agent",
+        "--example",
+        "start_cost",
+        "--",
+    ])
+    .arg(runs.to_string())
+    .arg(url)
+    .arg(crate::demo::token())
+    .arg("model")
+    .arg("query 5")
+    .arg(format!("ok query i=5 value={}", model_entry(5)));
+    if let Some(fp) = fp {
+        c.arg(fp);
+    }
+    let out = c.output().context("cannot run the start_cost example")?;
+    if !out.status.success() {
+        bail!(
+            "start_cost against {url} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("start_cost printed no JSON figures")?;
+    v["start_p50_ms"]
+        .as_f64()
+        .context("start_cost printed no start_p50_ms")
 }
 
 /// Waits until the agent at `addr` has a warm standby ready (its `/metrics`).
