@@ -73,49 +73,31 @@ pub fn run_bench(runs: usize) -> Result<Vec<(String, f64)>> {
     let p = prepare(&work)?;
     let data = work.join("data");
 
-    // Cold: every start spawns a vmm and synthesises.
+    // Cold: every start spawns a vmm and synthesises. The same again unjailed (`--no-jail`:
+    // what the jail adds) and with neither jail nor cgroups (`--no-cgroups` too: what the
+    // VM's cgroup adds).
     Agent::stage(&p, &data)?;
-    let mut cold_agent = Agent::spawn_with(
-        &p,
-        &data,
-        &work.join("agent-cold.log"),
-        None,
-        None,
-        &["--no-warm-standby"],
-    )?;
-    step(&format!(
-        "{runs} cold starts (--no-warm-standby): POST /v1/instances → first verified reply"
-    ));
-    let cold = starts(&cold_agent.addr, runs, false)?;
-    cold_agent.stop()?;
-    // The same unjailed (`--no-jail`): what the jail adds to a cold start.
-    let mut unjailed_agent = Agent::spawn_with(
-        &p,
-        &data,
-        &work.join("agent-cold-unjailed.log"),
-        None,
-        None,
+    let cold_starts = |log: &str, flags: &[&str], what: &str| -> Result<Starts> {
+        let mut agent = Agent::spawn_with(&p, &data, &work.join(log), None, None, flags)?;
+        step(&format!(
+            "{runs} {what} ({}): POST /v1/instances → first verified reply",
+            flags.join(" ")
+        ));
+        let s = starts(&agent.addr, runs, false)?;
+        agent.stop()?;
+        Ok(s)
+    };
+    let cold = cold_starts("agent-cold.log", &["--no-warm-standby"], "cold starts")?;
+    let unjailed = cold_starts(
+        "agent-cold-unjailed.log",
         &["--no-warm-standby", "--no-jail"],
+        "cold starts unjailed",
     )?;
-    step(&format!(
-        "{runs} cold starts unjailed (--no-warm-standby --no-jail), the same way"
-    ));
-    let unjailed = starts(&unjailed_agent.addr, runs, false)?;
-    unjailed_agent.stop()?;
-    // And with neither jail nor cgroups (`--no-cgroups`): what the VM's cgroup adds.
-    let mut bare_agent = Agent::spawn_with(
-        &p,
-        &data,
-        &work.join("agent-cold-bare.log"),
-        None,
-        None,
+    let bare = cold_starts(
+        "agent-cold-bare.log",
         &["--no-warm-standby", "--no-jail", "--no-cgroups"],
+        "cold starts with neither jail nor cgroups",
     )?;
-    step(&format!(
-        "{runs} cold starts with neither (--no-warm-standby --no-jail --no-cgroups)"
-    ));
-    let bare = starts(&bare_agent.addr, runs, false)?;
-    bare_agent.stop()?;
 
     // Warm (the default): a start resumes the standby the previous start left.
     let mut agent = Agent::start(&p, &data, &work.join("agent.log"))?;
