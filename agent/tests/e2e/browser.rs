@@ -135,10 +135,17 @@ impl Driver {
         self.rt.block_on(el.text()).unwrap()
     }
 
-    /// The text of the element `css` selects (waiting for it).
+    /// The text of the element `css` selects (waiting for it; found again when the page
+    /// re-renders it between the find and the read).
     fn text_of(&self, css: &str) -> String {
-        let el = self.wait(css);
-        self.text(&el)
+        wait_for(Duration::from_secs(20), css, || {
+            let el = self.find(css)?;
+            match self.rt.block_on(el.text()) {
+                Ok(t) => Some(t),
+                Err(e) if e.is_stale_element_reference() => None,
+                Err(e) => panic!("text of {css}: {e}"),
+            }
+        })
     }
 
     /// Types `text` into the element `css` selects (a file input takes a path).
