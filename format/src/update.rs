@@ -1135,3 +1135,82 @@ mod tests {
         );
     }
 }
+
+/// What a slot's boot entry on the ESP says (systemd-boot's boot counting, in the file name:
+/// `cloudlet-a.conf` good, `cloudlet-a+1.conf` or `cloudlet-a+1-0.conf` on trial with tries
+/// left, `cloudlet-a+0-1.conf` bad).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EntryState {
+    /// Blessed: it came up healthy (or it is the factory slot).
+    Good,
+    /// On trial: not blessed yet, `tries_left` boots to come up healthy.
+    Trying {
+        /// Boots left.
+        tries_left: u32,
+    },
+    /// Its tries are used up: systemd-boot sorts it after the other slot.
+    Bad,
+}
+
+/// The slot and state of an entry file name (`cloudlet-b+0-1.conf`), or None for a file
+/// that is not a slot's entry.
+pub fn parse_entry_name(name: &str) -> Option<(Slot, EntryState)> {
+    let rest = name.strip_prefix("cloudlet-")?.strip_suffix(".conf")?;
+    let slot = Slot::from_label(rest.get(..1)?)?;
+    let counter = &rest[1..];
+    if counter.is_empty() {
+        return Some((slot, EntryState::Good));
+    }
+    let counter = counter.strip_prefix('+')?;
+    let (left, done) = match counter.split_once('-') {
+        Some((l, d)) => (l, Some(d)),
+        None => (counter, None),
+    };
+    let left: u32 = left.parse().ok()?;
+    if let Some(d) = done {
+        d.parse::<u32>().ok()?;
+    }
+    Some((
+        slot,
+        if left == 0 {
+            EntryState::Bad
+        } else {
+            EntryState::Trying { tries_left: left }
+        },
+    ))
+}
+
+#[cfg(test)]
+mod entry_tests {
+    use super::*;
+
+    #[test]
+    fn entry_names() {
+        assert_eq!(
+            parse_entry_name("cloudlet-a.conf"),
+            Some((Slot::A, EntryState::Good))
+        );
+        assert_eq!(
+            parse_entry_name("cloudlet-b+1.conf"),
+            Some((Slot::B, EntryState::Trying { tries_left: 1 }))
+        );
+        assert_eq!(
+            parse_entry_name("cloudlet-b+2-1.conf"),
+            Some((Slot::B, EntryState::Trying { tries_left: 2 }))
+        );
+        assert_eq!(
+            parse_entry_name("cloudlet-b+0-1.conf"),
+            Some((Slot::B, EntryState::Bad))
+        );
+        for other in [
+            "cloudlet-c.conf",
+            "debian.conf",
+            "cloudlet-a+x.conf",
+            "cloudlet-a+1-.conf",
+            "cloudlet-a",
+        ] {
+            assert_eq!(parse_entry_name(other), None, "{other}");
+        }
+    }
+}

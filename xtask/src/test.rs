@@ -65,6 +65,9 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         board: "dev".into(),
         no_install_check: false,
         debug_binaries: true,
+        package_only: true,
+        generation: None,
+        operator_token_file: None,
     })?;
     if args.linux_boot {
         step("running the opt-in end-to-end Linux boot");

@@ -88,7 +88,7 @@ pub fn packaged_board(name: &str) -> Result<String> {
 }
 
 /// The agent's version (agent/Cargo.toml), the package's.
-fn version() -> String {
+pub fn version() -> String {
     std::fs::read_to_string(root().join("agent/Cargo.toml"))
         .ok()
         .and_then(|t| {

@@ -5,7 +5,9 @@
 //! see docs/appliance-image.md.
 
 pub mod deb;
+pub mod disk;
 pub mod install_test;
+pub mod update;
 
 use std::process::Command;
 use std::time::Instant;
@@ -28,6 +30,17 @@ pub struct ImageArgs {
     /// ones: for checking the packaging quickly (`cargo xtask test` does), not for shipping.
     #[arg(long)]
     pub debug_binaries: bool,
+    /// Make only the package (step 1), not the disk image and the update artifact.
+    #[arg(long)]
+    pub package_only: bool,
+    /// The generation slot A's root boots as and the update artifact carries (updates
+    /// must be newer than what a box runs). Default: the current time in seconds.
+    #[arg(long)]
+    pub generation: Option<u64>,
+    /// Factory provisioning: write this file's token as the operator token of every box
+    /// flashed with the image (default: each box makes its own on first start).
+    #[arg(long, value_name = "FILE")]
+    pub operator_token_file: Option<std::path::PathBuf>,
 }
 
 /// Builds the image's steps for `a.board`.
@@ -75,11 +88,89 @@ pub fn image(a: &ImageArgs) -> Result<()> {
             t.unpack_s, t.install_s, t.agent_ready_s, t.purge_s
         );
     }
+    if a.package_only {
+        step(&format!(
+            "the package for board {} done in {:.1} s: {}",
+            a.board,
+            t0.elapsed().as_secs_f64(),
+            deb.display()
+        ));
+        return Ok(());
+    }
+    let img = board.image.as_ref().with_context(|| {
+        format!(
+            "board-configs/{}.toml has no [image] section: say what its disk image is made of (see board-configs/dev.toml), or use --package-only",
+            a.board
+        )
+    })?;
+    let generation = a.generation.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let token = match &a.operator_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the operator token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let bases = out.join("bases");
+    let prepared = timed("making the board's base image and sample service", || {
+        crate::demo::prepare_from(&bases, bin_dir.clone())
+    })?;
+    let stage = |data: &std::path::Path| -> Result<()> {
+        crate::demo::Agent::stage(&prepared, data)?;
+        // Each box makes its own identity (id, certificate) on first start.
+        for f in ["agent.id", "tls"] {
+            let p = data.join(f);
+            let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_dir_all(&p);
+        }
+        Ok(())
+    };
+    let disk = disk::build(
+        &a.board,
+        img,
+        &deb,
+        &out,
+        generation,
+        &stage,
+        token.as_deref(),
+        &deb::version(),
+    )?;
+    let art = timed(
+        &format!(
+            "writing the update artifact (generation {}: root, kernel, initrd; zstd, SHA-256)",
+            disk.generation
+        ),
+        || {
+            update::write(
+                &out,
+                &a.board,
+                disk.generation,
+                &deb::version(),
+                &disk.root_fs,
+                &disk.kernel,
+                &disk.initrd,
+            )
+        },
+    )?;
+    eprintln!(
+        "    {} ({:.1} MiB), sha256 {}",
+        art.path.display(),
+        art.bytes as f64 / 1048576.0,
+        art.sha256
+    );
     step(&format!(
-        "image step 1 for board {} done in {:.1} s: {}",
+        "image of board {} (generation {}) done in {:.1} s: {}",
         a.board,
+        disk.generation,
         t0.elapsed().as_secs_f64(),
-        deb.display()
+        disk.image.display()
     ));
     Ok(())
 }
