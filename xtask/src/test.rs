@@ -68,6 +68,7 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         package_only: true,
         generation: None,
         operator_token_file: None,
+        boot_test: false,
     })?;
     if args.linux_boot {
         step("running the opt-in end-to-end Linux boot");

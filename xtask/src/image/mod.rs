@@ -4,6 +4,7 @@
 //! ([`install_test`]). Steps 2 and 3 (the A/B disk image, the update artifact) are to come;
 //! see docs/appliance-image.md.
 
+pub mod boot_test;
 pub mod deb;
 pub mod disk;
 pub mod install_test;
@@ -41,6 +42,12 @@ pub struct ImageArgs {
     /// flashed with the image (default: each box makes its own on first start).
     #[arg(long, value_name = "FILE")]
     pub operator_token_file: Option<std::path::PathBuf>,
+    /// Then boot the image under QEMU (TCG, OVMF) and test it: the agent answers through a
+    /// forwarded port and over mDNS, a good update switches slots, a bad one rolls back, the
+    /// data stays. Without --operator-token-file the image is provisioned with a random
+    /// token for the test: do not ship an image built this way.
+    #[arg(long)]
+    pub boot_test: bool,
 }
 
 /// Builds the image's steps for `a.board`.
@@ -116,6 +123,7 @@ pub fn image(a: &ImageArgs) -> Result<()> {
                 .trim()
                 .to_string(),
         ),
+        None if a.boot_test => Some(test_token()?),
         None => None,
     };
     let bases = out.join("bases");
@@ -165,6 +173,21 @@ pub fn image(a: &ImageArgs) -> Result<()> {
         art.bytes as f64 / 1048576.0,
         art.sha256
     );
+    if a.boot_test {
+        let t = boot_test::run_test(
+            &disk,
+            &a.board,
+            img.port,
+            token.as_deref().expect("a token for the boot test"),
+            &deb::version(),
+            &bin_dir,
+            &out.join("boot-test"),
+        )?;
+        step(&format!(
+            "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API), good update {:.1} s, rollback {:.1} s",
+            t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.rollback_s
+        ));
+    }
     step(&format!(
         "image of board {} (generation {}) done in {:.1} s: {}",
         a.board,
@@ -173,6 +196,14 @@ pub fn image(a: &ImageArgs) -> Result<()> {
         disk.image.display()
     ));
     Ok(())
+}
+
+/// A random operator token for an image under test (32 hex digits from /dev/urandom).
+fn test_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Writes `systemd-analyze security` of the unit (offline, from the file) to
