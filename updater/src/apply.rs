@@ -44,6 +44,15 @@ pub enum ApplyError {
     /// The board file is missing or invalid.
     #[error("cannot read the board config")]
     Board(#[source] agent::board::BoardError),
+    /// The data directory cannot be opened or locked.
+    #[error("cannot lock the data directory {0} (it must exist; --data-dir)")]
+    DataDir(PathBuf, #[source] io::Error),
+    /// Another apply holds the lock.
+    #[error("another update is being applied (it holds the lock on {0}): wait for it to finish")]
+    Busy(PathBuf),
+    /// The ESP is not where it should be.
+    #[error("no ESP at {0} (it has no loader/ directory): is the ESP mounted there? (--esp)")]
+    NoEsp(PathBuf),
     /// The artifact could not be opened.
     #[error("cannot open the update artifact {0}")]
     Open(PathBuf, #[source] io::Error),
@@ -158,6 +167,8 @@ pub enum Event {
 /// A checked update, ready to write.
 #[derive(Debug)]
 pub struct Plan {
+    /// Held until the plan is dropped: one apply at a time.
+    _lock: nix::fcntl::Flock<File>,
     paths: Paths,
     artifact: PathBuf,
     head: ArtifactHead,
@@ -185,6 +196,13 @@ pub struct Applied {
 
 /// Checks an update of the box described by `paths` with `artifact`; changes nothing.
 pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, ApplyError> {
+    let dir =
+        File::open(&paths.data_dir).map_err(|e| ApplyError::DataDir(paths.data_dir.clone(), e))?;
+    let lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| ApplyError::Busy(paths.data_dir.clone()))?;
+    if !paths.esp.join("loader").is_dir() {
+        return Err(ApplyError::NoEsp(paths.esp.clone()));
+    }
     let cmdline = paths
         .read_cmdline()
         .map_err(|e| ApplyError::Cmdline(paths.cmdline.clone(), e))?;
@@ -240,6 +258,7 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
         });
     }
     Ok(Plan {
+        _lock: lock,
         paths: paths.clone(),
         artifact: artifact.into(),
         head,

@@ -275,6 +275,29 @@ fn refusals_change_nothing() {
         assert!(text(&o).contains("nothing changed"), "{}", text(&o));
         assert!(b.snapshot() == before, "{why}: something changed");
     }
+    // Another apply holding the lock, an ESP that is not mounted: refused too.
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(b.p("data")).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    let o = b.run(&["apply", "--allow-downgrade", cases[1].0.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("another update is being applied"),
+        "{}",
+        text(&o)
+    );
+    drop(held);
+    std::fs::rename(b.p("esp/loader"), b.p("esp/loader.away")).unwrap();
+    let o = b.run(&["apply", "--allow-downgrade", cases[1].0.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("is the ESP mounted there?"),
+        "{}",
+        text(&o)
+    );
+    std::fs::rename(b.p("esp/loader.away"), b.p("esp/loader")).unwrap();
+    assert!(b.snapshot() == before, "something changed");
+
     // A downgrade is allowed when asked for.
     let o = b.run(&["apply", "--allow-downgrade", cases[1].0.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
@@ -372,9 +395,33 @@ fn apply_pending_applies_or_records_and_always_removes() {
 }
 
 #[test]
-fn inspect_verifies_every_part() {
+fn pack_and_inspect() {
     let b = Box::new("inspect");
-    let cup = artifact(&b, "u.cup", "dev", 200, 1 << 20);
+    std::fs::write(b.p("root.img"), root_image(1 << 20)).unwrap();
+    std::fs::write(b.p("vmlinuz"), b"k").unwrap();
+    std::fs::write(b.p("initrd.img"), b"i").unwrap();
+    let cup = b.p("u.cup");
+    let o = Command::new(BIN)
+        .args([
+            "pack",
+            "--board",
+            "dev",
+            "--generation",
+            "200",
+            "--version",
+            "0.2.0",
+        ])
+        .arg("--root")
+        .arg(b.p("root.img"))
+        .arg("--kernel")
+        .arg(b.p("vmlinuz"))
+        .arg("--initrd")
+        .arg(b.p("initrd.img"))
+        .arg("-o")
+        .arg(&cup)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
     let o = b.run(&["inspect", "--verify", cup.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(

@@ -92,6 +92,31 @@ enum Cmd {
         #[arg(long, default_value = "systemctl", hide = true)]
         systemctl: PathBuf,
     },
+    /// Makes an update artifact from a root filesystem image, a kernel and an initrd (each
+    /// zstd-compressed, with its SHA-256) — what `cargo xtask image` does through the library.
+    Pack {
+        /// The board it is for (`name` in its TOML).
+        #[arg(long)]
+        board: String,
+        /// Its generation: must grow with each build (default: now, unix seconds).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// The product version shown in boot entries.
+        #[arg(long)]
+        version: String,
+        /// The root filesystem image (ext4), at most the size of a root slot.
+        #[arg(long)]
+        root: PathBuf,
+        /// The kernel.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initrd.
+        #[arg(long)]
+        initrd: PathBuf,
+        /// Where to write it (.cup).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Shows an artifact's header; with --verify, also decompresses every part and checks its
     /// length and SHA-256.
     Inspect {
@@ -243,6 +268,57 @@ fn run(cmd: Cmd, paths: &Paths) -> Result<ExitCode> {
             }
         }
         Cmd::Inspect { file, verify } => inspect(&file, verify),
+        Cmd::Pack {
+            board,
+            generation,
+            version,
+            root,
+            kernel,
+            initrd,
+            out,
+        } => {
+            use format::update::PartKind;
+            let t = Instant::now();
+            let now = updater::now_unix();
+            let mut tmp = out.as_os_str().to_owned();
+            tmp.push(".new");
+            let tmp = PathBuf::from(tmp);
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?,
+            );
+            let h = format::update::write_artifact(
+                &mut f,
+                &board,
+                generation.unwrap_or(now),
+                &version,
+                now,
+                &[
+                    (PartKind::Root, &root),
+                    (PartKind::Kernel, &kernel),
+                    (PartKind::Initrd, &initrd),
+                ],
+            )
+            .with_context(|| format!("cannot write {}", out.display()))?;
+            f.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            std::fs::rename(&tmp, &out)
+                .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+            let stored = h.payload_len();
+            let len: u64 = h.parts.iter().map(|p| p.len).sum();
+            eprintln!(
+                "packed generation {} for board {} into {}: {} MiB → {} MiB in {:.1} s",
+                h.generation,
+                h.board,
+                out.display(),
+                len >> 20,
+                stored >> 20,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
