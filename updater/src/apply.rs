@@ -492,13 +492,22 @@ pub fn outcome_record(
     }
 }
 
-/// Writes `record` to `DATA/updates/last.json` atomically.
+/// Writes `record` to `DATA/updates/last.json` atomically. The updater runs as root, the
+/// agent as the data directory's owner: `updates/` and the record are given to that owner, so
+/// the agent reads the record and drops its next `pending.cup` there.
 pub fn record(paths: &Paths, record: &UpdateRecord) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&paths.data_dir)?;
+    let (uid, gid) = (Some(owner.uid()), Some(owner.gid()));
     let path = paths.record();
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
+        if !d.is_dir() {
+            std::fs::create_dir_all(d)?;
+            std::os::unix::fs::chown(d, uid, gid)?;
+        }
     }
-    crate::write_atomic(&path, record.to_json().as_bytes())
+    crate::write_atomic(&path, record.to_json().as_bytes())?;
+    std::os::unix::fs::chown(&path, uid, gid)
 }
 
 /// The header of `artifact` when it reads (for a failure's record), else `None`.

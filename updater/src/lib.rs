@@ -21,6 +21,10 @@
 //! - [`status`]: what each slot holds and where the last update stands;
 //! - [`health`]: the boot assessment (the agent answers `GET /v1/system`);
 //! - [`paths`]: where everything is on an appliance, each overridable for tests.
+//!
+//! `updater/systemd/` holds reference units: `cloudlet-boot-check.service` (the assessment,
+//! only on a counted boot, rebooting when unhealthy) and `cloudlet-update.path` + `.service`
+//! (apply what the agent left in `DATA/updates/pending.cup`).
 
 pub mod apply;
 pub mod entries;

@@ -95,9 +95,16 @@ impl std::fmt::Display for Status {
                     || "unknown generation".into(),
                     |g| format!("generation {g}"),
                 );
+                // systemd-boot counts a try before it boots the entry: the running slot's
+                // entry shows a counter until systemd-bless-boot renames it.
+                let assessed = if s.booted && e.assessment != Assessment::Good {
+                    ", this boot is being assessed"
+                } else {
+                    ""
+                };
                 writeln!(
                     f,
-                    "slot {}{mark}: {g}, {} ({})",
+                    "slot {}{mark}: {g}, {}{assessed} ({})",
                     s.slot, e.assessment, e.file
                 )?;
             }

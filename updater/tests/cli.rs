@@ -185,6 +185,18 @@ fn a_good_update_writes_the_other_slot_and_a_counting_entry() {
          options root=PARTLABEL=cloudlet-root-b rw rootwait console=tty0 console=ttyS0,115200 \
          cloudlet.slot=b cloudlet.generation=200\n"
     );
+    // The record and its directory belong to the data directory's owner (the agent's user).
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::chown(b.p("data"), Some(4242), Some(4343)).unwrap();
+        std::fs::remove_dir_all(b.p("data/updates")).unwrap();
+        let o = b.run(&["apply", "--allow-downgrade", cup.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        for f in ["data/updates", "data/updates/last.json"] {
+            let m = std::fs::metadata(b.p(f)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4242, 4343), "{f}");
+        }
+    }
     let r = b.record();
     assert_eq!(
         (r.result, r.generation, r.slot, r.error),
@@ -330,7 +342,7 @@ fn status_reads_counters() {
     let t = text(&o);
     assert!(t.contains("booted: slot a, generation 100"), "{t}");
     assert!(
-        t.contains("slot a (running): generation 100, trying (2 tries left, 1 used)"),
+        t.contains("slot a (running): generation 100, trying (2 tries left, 1 used), this boot is being assessed"),
         "{t}"
     );
     assert!(
