@@ -37,6 +37,12 @@ pub struct Report {
     pub mdns_s: f64,
     /// The agent answering → discovered.
     pub mdns_after_api_s: f64,
+    /// Good update: the upload (the agent checks every part before it answers).
+    pub upload_s: f64,
+    /// Good update: accepted → the box rebooting (the updater writes and reads back the slot).
+    pub apply_s: f64,
+    /// Good update: rebooting → serving from the other slot, blessed.
+    pub reboot_s: f64,
     /// Good update: upload accepted → serving from the other slot.
     pub good_update_s: f64,
     /// Bad update: upload accepted → serving again from the old slot, rolled back.
@@ -87,7 +93,9 @@ fn boot(disk: &Path, work: &Path, port: u16) -> Result<Qemu> {
         .a()
         .command("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
-        .args(["-m", "1536", "-smp", "2", "-display", "none", "-monitor", "none"])
+        .args([
+            "-m", "1536", "-smp", "2", "-display", "none", "-monitor", "none",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .arg("-drive")
@@ -164,12 +172,34 @@ fn wait_system(
     )
 }
 
+/// Waits until the agent stops answering (the box reboots); seconds waited.
+fn wait_down(q: &Qemu, port: u16, what: &str) -> Result<f64> {
+    let t = Instant::now();
+    while system_unpinned(q, port).is_some() {
+        if t.elapsed() > UPDATE_LIMIT {
+            bail!(
+                "the box never rebooted into {what}; serial console:\n{}",
+                q.tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// `cloudlet discover` in the namespace until the box with `id` is found; its JSON.
 fn discover(q: &Qemu, bin: &Path, id: &str) -> Result<Value> {
     let out = q
         .ns()
         .command(bin.join("cloudlet"))
-        .args(["discover", "--json", "--wait-for", id, "--browse-ms", "60000"])
+        .args([
+            "discover",
+            "--json",
+            "--wait-for",
+            id,
+            "--browse-ms",
+            "60000",
+        ])
         .output()
         .context("cannot run cloudlet discover")?;
     if !out.status.success() {
@@ -385,11 +415,14 @@ pub fn run_test(
         g + 1,
         good.bytes as f64 / 1048576.0
     ));
+    let t_up = Instant::now();
     let acc = upload_update(&q, port, token, &fp, &good.path)?;
+    r.upload_s = t_up.elapsed().as_secs_f64();
     if acc["slot"] != "b" {
         bail!("the update should go to slot b: {acc}");
     }
     let t = Instant::now();
+    r.apply_s = wait_down(&q, port, "the good update")?;
     let sys = wait_system(
         &mut q,
         port,
@@ -398,14 +431,17 @@ pub fn run_test(
         |v| boot_of(v) == ("b", g + 1, "running") && slot_state(v, "b") == "good",
     )?;
     r.good_update_s = t.elapsed().as_secs_f64();
+    r.reboot_s = r.good_update_s - r.apply_s;
     if sys["id"] != id.as_str() || sys["fingerprint"] != fp.as_str() {
         bail!("the box's identity changed with the update: {sys}");
     }
     marker_kept(&q)?;
     eprintln!(
-        "    on slot b (generation {}) and blessed {:.1} s after the upload; slot a {}; data kept",
+        "    uploaded and checked in {:.1} s; slot b written, box rebooting {:.1} s later; serving from slot b (generation {}), blessed, {:.1} s after that; slot a {}; data kept",
+        r.upload_s,
+        r.apply_s,
         g + 1,
-        r.good_update_s,
+        r.reboot_s,
         slot_state(&sys, "a")
     );
 
@@ -419,13 +455,7 @@ pub fn run_test(
     }
     let t = Instant::now();
     // The box goes down, tries slot a, fails the boot check, reboots, falls back to b.
-    let went_down = Instant::now();
-    while system_unpinned(&q, port).is_some() {
-        if went_down.elapsed() > UPDATE_LIMIT {
-            bail!("the box never rebooted into the bad update");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_down(&q, port, "the bad update")?;
     let sys = wait_system(
         &mut q,
         port,

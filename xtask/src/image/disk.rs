@@ -39,9 +39,9 @@ const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const TYPE_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
-const BOOT_CHECK_UNIT: &str = include_str!("files/cloudlet-boot-check.service");
-const UPDATE_PATH_UNIT: &str = include_str!("files/cloudlet-update.path");
-const UPDATE_UNIT: &str = include_str!("files/cloudlet-update.service");
+const BOOT_CHECK_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-boot-check.service");
+const UPDATE_PATH_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-update.path");
+const UPDATE_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-update.service");
 
 /// What the disk image step made (everything under `target/image/NAME/`).
 pub struct Disk {

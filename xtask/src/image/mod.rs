@@ -61,14 +61,35 @@ pub fn image(a: &ImageArgs) -> Result<()> {
     let bin_dir = if a.debug_binaries {
         timed(
             "building the debug binaries (agent, cloudlet, image-builder, vmm)",
-            || run(cargo().args(["build", "-p", "agent", "-p", "image-builder", "-p", "vmm"])),
+            || {
+                run(cargo().args([
+                    "build",
+                    "-p",
+                    "agent",
+                    "-p",
+                    "image-builder",
+                    "-p",
+                    "vmm",
+                    "-p",
+                    "updater",
+                ]))
+            },
         )?;
         target_dir().join("debug")
     } else {
         timed(
             "building the release binaries (agent, cloudlet, image-builder, vmm)",
             || {
-                run(cargo().args(["build", "--release", "-p", "agent", "-p", "image-builder"]))?;
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "agent",
+                    "-p",
+                    "image-builder",
+                    "-p",
+                    "updater",
+                ]))?;
                 crate::util::build_release_vmm()
             },
         )?;
@@ -184,8 +205,8 @@ pub fn image(a: &ImageArgs) -> Result<()> {
             &out.join("boot-test"),
         )?;
         step(&format!(
-            "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API), good update {:.1} s, rollback {:.1} s",
-            t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.rollback_s
+            "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API); good update {:.1} s (upload {:.1}, write {:.1}, reboot {:.1}); rollback {:.1} s",
+            t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.upload_s, t.apply_s, t.reboot_s, t.rollback_s
         ));
     }
     step(&format!(
