@@ -42,6 +42,7 @@ fn fake_agent() -> String {
         services_digest: String::new(),
         uptime_s: 1,
         fingerprint: String::new(),
+        boot: None,
     };
     let body = serde_json::to_string(&info).unwrap();
     std::thread::spawn(move || {

@@ -28,6 +28,9 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 /// reboot; for a bad one also the failed boot and the fall-back boot).
 const UPDATE_LIMIT: Duration = Duration::from_secs(600);
 
+/// How much bigger than the image the test's disk is, MiB.
+const GROWN_MIB: u64 = 512;
+
 /// What the test measured, s.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -56,12 +59,36 @@ struct Qemu {
     pair: netlab::Pair,
     child: Child,
     log: PathBuf,
+    qmp: PathBuf,
     started: Instant,
 }
 
 impl Qemu {
     fn ns(&self) -> &netlab::Ns {
         self.pair.a()
+    }
+
+    /// Presses the power button (ACPI, through QMP) and waits for the box to shut down
+    /// cleanly and QEMU to exit.
+    fn power_off(&mut self) -> Result<()> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.qmp)
+            .context("cannot reach QEMU's QMP socket")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n")?;
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(180) {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!(
+            "the box did not power off within 180 s of the power button; serial console:\n{}",
+            self.tail()
+        )
     }
 
     /// The serial console's last lines, for a failure's message.
@@ -89,6 +116,7 @@ fn boot(disk: &Path, work: &Path, port: u16) -> Result<Qemu> {
     let vars = work.join("OVMF_VARS.fd");
     std::fs::copy(OVMF_VARS, &vars)?;
     let log = work.join("serial.log");
+    let qmp = work.join("qmp.sock");
     let child = pair
         .a()
         .command("qemu-system-x86_64")
@@ -119,6 +147,7 @@ fn boot(disk: &Path, work: &Path, port: u16) -> Result<Qemu> {
         pair,
         child,
         log,
+        qmp,
         started: Instant::now(),
     })
 }
@@ -275,6 +304,83 @@ fn broken_root(root_fs: &Path, work: &Path) -> Result<PathBuf> {
     Ok(bad)
 }
 
+/// After the test: the data partition took the disk's extra space and its filesystem fills
+/// it; the root filesystems (shipped smaller than their slots) fill their slots; every
+/// filesystem checks clean.
+fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
+    let o = Command::new("sfdisk").arg("-J").arg(img).output()?;
+    let table: Value = serde_json::from_slice(&o.stdout).context("sfdisk -J")?;
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .context("no partitions")?;
+    let size_of = |name: &str| -> Result<u64> {
+        parts
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["size"].as_u64())
+            .map(|s| s * 512)
+            .with_context(|| format!("no partition {name}: {table}"))
+    };
+    let data = size_of(super::disk::DATA_LABEL)?;
+    let disk_bytes = std::fs::metadata(img)?.len();
+    if data + image_bytes < disk_bytes {
+        bail!(
+            "the data partition did not grow into the disk's extra {GROWN_MIB} MiB: {} MiB",
+            data >> 20
+        );
+    }
+    let lo = String::from_utf8(
+        Command::new("losetup")
+            .args(["--find", "--show", "--partscan", "--read-only"])
+            .arg(img)
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .to_string();
+    if lo.is_empty() {
+        bail!("losetup could not attach {}", img.display());
+    }
+    let r = (|| -> Result<()> {
+        for (n, label, want) in [
+            (4, super::disk::DATA_LABEL, data),
+            (3, "cloudlet-root-b", size_of("cloudlet-root-b")?),
+        ] {
+            let dev = format!("{lo}p{n}");
+            let fsck = Command::new("e2fsck").args(["-fn", &dev]).output()?;
+            if !fsck.status.success() {
+                bail!(
+                    "{label} does not check clean: {}",
+                    String::from_utf8_lossy(&fsck.stdout)
+                );
+            }
+            let h = Command::new("dumpe2fs").args(["-h", &dev]).output()?;
+            let h = String::from_utf8_lossy(&h.stdout);
+            let field = |k: &str| -> u64 {
+                h.lines()
+                    .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let fs = field("Block count:") * field("Block size:");
+            if fs + (4 << 20) < want {
+                bail!(
+                    "{label}'s filesystem ({} MiB) does not fill its partition ({} MiB)",
+                    fs >> 20,
+                    want >> 20
+                );
+            }
+            eprintln!(
+                "    {label}: filesystem {} MiB in a {} MiB partition, checks clean",
+                fs >> 20,
+                want >> 20
+            );
+        }
+        Ok(())
+    })();
+    let _ = Command::new("losetup").args(["-d", &lo]).status();
+    r
+}
+
 /// Uploads `artifact` with the operator token over pinned HTTPS; the accepted JSON.
 fn upload_update(q: &Qemu, port: u16, token: &str, fp: &str, artifact: &Path) -> Result<Value> {
     let url = format!("https://127.0.0.1:{port}");
@@ -317,6 +423,13 @@ pub fn run_test(
         .args(["--sparse=always"])
         .arg(&disk.image)
         .arg(&img))?;
+    // Flashed onto a disk bigger than the image: the data partition takes the rest on the
+    // first boot (systemd-repart, then its filesystem grows).
+    let image_bytes = std::fs::metadata(&img)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)?
+        .set_len(image_bytes + (GROWN_MIB << 20))?;
     // The updates, made before the box boots (the writer uses every core).
     let g = disk.generation;
     let good = super::update::write(
@@ -479,7 +592,9 @@ pub fn run_test(
         g + 1,
         r.rollback_s
     );
+    q.power_off()?;
     drop(q);
+    check_grown(&img, image_bytes)?;
     let _ = std::fs::remove_dir_all(work);
     r.total_s = t0.elapsed().as_secs_f64();
     Ok(r)

@@ -42,6 +42,7 @@ const TYPE_LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const BOOT_CHECK_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-boot-check.service");
 const UPDATE_PATH_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-update.path");
 const UPDATE_UNIT: &str = include_str!("../../../updater/systemd/cloudlet-update.service");
+const GROWFS_ROOT_UNIT: &str = include_str!("files/cloudlet-growfs-root.service");
 
 /// What the disk image step made (everything under `target/image/NAME/`).
 pub struct Disk {
@@ -225,12 +226,23 @@ pub fn build(
     let root_fs = out.join("root.ext4");
     let data_fs = work.join("data.ext4");
     let esp_fs = work.join("esp.vfat");
+    // The root filesystem is made just big enough for its files (plus room for the first
+    // boot's writes): an update carries, writes and reads back only that much, and
+    // cloudlet-growfs-root.service grows it to its slot on boot.
+    let content = du_mib(&root_dir)?;
+    let root_fs_mib = ((content * 5 / 4 + 96).div_ceil(16) * 16).min(img.root_mib);
+    if content + 32 > img.root_mib {
+        bail!(
+            "the root's files ({content} MiB) do not fit a {} MiB root slot: raise image.root_mib in the board file",
+            img.root_mib
+        );
+    }
     timed(
         &format!(
-            "making slot A's root filesystem ({} MiB, ext4)",
+            "making slot A's root filesystem ({content} MiB of files in {root_fs_mib} MiB, ext4; the slot is {} MiB)",
             img.root_mib
         ),
-        || mkfs_ext4(&root_fs, "root", &root_dir, img.root_mib),
+        || mkfs_ext4(&root_fs, "root", &root_dir, root_fs_mib),
     )?;
     timed(
         &format!("making the data filesystem ({} MiB, ext4)", img.data_mib),
@@ -334,9 +346,16 @@ fn configure(root: &Root, name: &str, img: &agent::board::RawImage) -> Result<()
         UPDATE_UNIT,
         0o644,
     )?;
+    write(
+        &r,
+        "/etc/systemd/system/cloudlet-growfs-root.service",
+        GROWFS_ROOT_UNIT,
+        0o644,
+    )?;
     root.out(&[
         "systemctl",
         "enable",
+        "cloudlet-growfs-root.service",
         "systemd-networkd.service",
         "cloudlet-agent.service",
         "cloudlet-boot-check.service",
@@ -393,18 +412,17 @@ fn mkfs_ext4(out: &Path, label: &str, from: &Path, mib: u64) -> Result<()> {
             String::from_utf8_lossy(&o.stderr).trim()
         );
     }
-    let used = Command::new("du")
-        .args(["-sm", "--apparent-size"])
-        .arg(from)
-        .output()?;
-    eprintln!(
-        "    {} MiB of files in a {mib} MiB filesystem",
-        String::from_utf8_lossy(&used.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or("?")
-    );
     Ok(())
+}
+
+/// Space the files under `dir` take, MiB (allocated, as a filesystem would hold them).
+fn du_mib(dir: &Path) -> Result<u64> {
+    let o = Command::new("du").arg("-sm").arg(dir).output()?;
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("cannot measure {} with du", dir.display()))
 }
 
 fn mtools(args: &[&str], image: &Path) -> Result<()> {
@@ -534,6 +552,6 @@ fn assemble(
 fn allocated_mib(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p)
-        .map(|m| m.blocks() * 512 >> 20)
+        .map(|m| (m.blocks() * 512) >> 20)
         .unwrap_or(0)
 }
