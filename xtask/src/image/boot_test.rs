@@ -562,7 +562,22 @@ pub fn run_test(
         "a bad update (generation {}: its agent fails at start)",
         g + 2
     ));
-    let acc = upload_update(&q, port, token, &fp, &bad.path)?;
+    // This one as an operator would: `cloudlet update`, pinned, with the token.
+    let o = q
+        .ns()
+        .command(bin.join("cloudlet"))
+        .args(["--json", "--agent", &url, "--fingerprint", &fp, "update"])
+        .arg(&bad.path)
+        .env("CLOUDLET_TOKEN", token)
+        .output()
+        .context("cannot run cloudlet update")?;
+    if !o.status.success() {
+        bail!(
+            "cloudlet update failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let acc: Value = serde_json::from_slice(&o.stdout).context("cloudlet update --json")?;
     if acc["slot"] != "a" {
         bail!("the second update should go to slot a: {acc}");
     }
