@@ -28,6 +28,10 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 /// reboot; for a bad one also the failed boot and the fall-back boot).
 const UPDATE_LIMIT: Duration = Duration::from_secs(600);
 
+/// QEMU's control port (QMP), on the namespace's loopback.
+const QMP: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4444);
+
 /// How much bigger than the image the test's disk is, MiB.
 const GROWN_MIB: u64 = 512;
 
@@ -59,7 +63,6 @@ struct Qemu {
     pair: netlab::Pair,
     child: Child,
     log: PathBuf,
-    qmp: PathBuf,
     started: Instant,
 }
 
@@ -72,8 +75,10 @@ impl Qemu {
     /// cleanly and QEMU to exit.
     fn power_off(&mut self) -> Result<()> {
         use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&self.qmp)
-            .context("cannot reach QEMU's QMP socket")?;
+        let mut s = self
+            .ns()
+            .connect(QMP, Duration::from_secs(5))
+            .context("cannot reach QEMU's QMP port")?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n")?;
         let mut buf = [0u8; 4096];
@@ -116,7 +121,6 @@ fn boot(disk: &Path, work: &Path, port: u16) -> Result<Qemu> {
     let vars = work.join("OVMF_VARS.fd");
     std::fs::copy(OVMF_VARS, &vars)?;
     let log = work.join("serial.log");
-    let qmp = work.join("qmp.sock");
     let child = pair
         .a()
         .command("qemu-system-x86_64")
@@ -147,7 +151,6 @@ fn boot(disk: &Path, work: &Path, port: u16) -> Result<Qemu> {
         pair,
         child,
         log,
-        qmp,
         started: Instant::now(),
     })
 }
