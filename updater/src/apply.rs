@@ -86,6 +86,9 @@ pub enum ApplyError {
         /// Where it is mounted.
         mountpoint: String,
     },
+    /// The target partition is held by the kernel (mounted elsewhere, swap, a device mapper).
+    #[error("the target partition {0} is in use (mounted in another namespace, swap, RAID or device mapper): free it first")]
+    InUse(PathBuf),
     /// The root image does not fit.
     #[error("the update's root image ({len} bytes) is larger than the target partition {path} ({size} bytes): build the image for this disk layout")]
     TooBig {
@@ -249,6 +252,12 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
             mountpoint,
         });
     }
+    if let Err(e) = open_exclusive(&device, false) {
+        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+            return Err(ApplyError::InUse(device));
+        }
+        return Err(ApplyError::Device(device, e));
+    }
     let len = h.require(PartKind::Root).map(|p| p.len).unwrap_or(0);
     if len > size {
         return Err(ApplyError::TooBig {
@@ -274,6 +283,20 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
 fn device_size(path: &Path) -> io::Result<u64> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::End(0))
+}
+
+/// Opens `path` (for writing when `write`); a block device exclusively (`O_EXCL`: refused
+/// with EBUSY while the kernel holds it, mounted or otherwise, and nobody mounts it while
+/// this handle is open).
+fn open_exclusive(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let block = std::fs::metadata(path)?.file_type().is_block_device();
+    let mut o = std::fs::OpenOptions::new();
+    o.read(!write).write(write);
+    if block {
+        o.custom_flags(nix::libc::O_EXCL);
+    }
+    o.open(path)
 }
 
 /// Where the block device `path` is mounted, if it is one and is mounted
@@ -404,7 +427,7 @@ fn write_root(
         open_part(io::BufReader::new(artifact), head, PartKind::Root)?;
     let total = part.part().len;
     let want = part.part().sha256;
-    let mut dev = std::fs::OpenOptions::new().write(true).open(device)?;
+    let mut dev = open_exclusive(device, true)?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     on(Event::Root { written, total });
