@@ -1,7 +1,8 @@
 //! Applying an update artifact to the slot the box did not boot from.
 //!
 //! [`plan`] checks everything first and changes nothing: the running system's slot and
-//! generation (kernel command line), the board (`/etc/cloudlet/board.toml`), the artifact's
+//! generation (kernel command line), that the running slot is blessed (while it is on trial,
+//! the other slot is its fallback and stays as it is), the board (`/etc/cloudlet/board.toml`), the artifact's
 //! prefix and header, its generation (newer than the booted one unless downgrades are
 //! allowed), that it has a root, kernel and initrd, and that the target partition exists, is
 //! not mounted and is large enough. [`Plan::execute`] then writes, in this order, so that a
@@ -53,6 +54,19 @@ pub enum ApplyError {
     /// The ESP is not where it should be.
     #[error("no ESP at {0} (it has no loader/ directory): is the ESP mounted there? (--esp)")]
     NoEsp(PathBuf),
+    /// The running slot is itself on trial: the other slot is its fallback.
+    #[error("the running slot {slot} is still being assessed ({entry}): its fallback, slot {other}, must stay as it is until this boot is blessed; apply once `cloudlet-update status` shows slot {slot} good")]
+    NotBlessed {
+        /// The running slot.
+        slot: Slot,
+        /// The other slot.
+        other: Slot,
+        /// Its entry's file name.
+        entry: String,
+    },
+    /// The ESP's entries cannot be read.
+    #[error("cannot read the boot entries in {0}")]
+    Entries(PathBuf, #[source] io::Error),
     /// The artifact could not be opened.
     #[error("cannot open the update artifact {0}")]
     Open(PathBuf, #[source] io::Error),
@@ -211,6 +225,19 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
         .map_err(|e| ApplyError::Cmdline(paths.cmdline.clone(), e))?;
     let booted = format::update::parse_cmdline(&cmdline)
         .ok_or_else(|| ApplyError::NotBooted(paths.cmdline.clone()))?;
+    let entries_dir = paths.entries_dir();
+    let running = entries::slot_entries(&entries_dir, booted.slot)
+        .map_err(|e| ApplyError::Entries(entries_dir.clone(), e))?;
+    if let Some(e) = running
+        .iter()
+        .find(|e| e.name.assessment() != entries::Assessment::Good)
+    {
+        return Err(ApplyError::NotBlessed {
+            slot: booted.slot,
+            other: booted.slot.other(),
+            entry: e.name.file_name(),
+        });
+    }
     let board = agent::board::Board::load(&paths.board_file).map_err(ApplyError::Board)?;
     let mut f = File::open(artifact).map_err(|e| ApplyError::Open(artifact.into(), e))?;
     let head = read_header(&mut io::BufReader::new(&mut f))
