@@ -523,7 +523,9 @@ fn compress_part(kind: PartKind, input: impl Read) -> Result<(Part, File), Updat
 }
 
 /// Writes an artifact to `out`: each part (file at its path, streamed) zstd-compressed at
-/// level 3 into a scratch file, then prefix, header and payloads. Returns the header written.
+/// level 3 on every core into a scratch file (in `std::env::temp_dir()`, i.e. `$TMPDIR`,
+/// unlinked at once: it needs room for the compressed part), then prefix, header and
+/// payloads. Returns the header written.
 pub fn write_artifact(
     out: &mut impl Write,
     board: &str,
