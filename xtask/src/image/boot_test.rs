@@ -28,10 +28,6 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 /// reboot; for a bad one also the failed boot and the fall-back boot).
 const UPDATE_LIMIT: Duration = Duration::from_secs(600);
 
-/// QEMU's control port (QMP), on the namespace's loopback.
-const QMP: std::net::SocketAddr =
-    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4444);
-
 /// How much bigger than the image the test's disk is, MiB.
 const GROWN_MIB: u64 = 512;
 
@@ -69,31 +65,6 @@ struct Qemu {
 impl Qemu {
     fn ns(&self) -> &netlab::Ns {
         self.pair.a()
-    }
-
-    /// Presses the power button (ACPI, through QMP) and waits for the box to shut down
-    /// cleanly and QEMU to exit.
-    fn power_off(&mut self) -> Result<()> {
-        use std::io::{Read, Write};
-        let mut s = self
-            .ns()
-            .connect(QMP, Duration::from_secs(5))
-            .context("cannot reach QEMU's QMP port")?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n")?;
-        let mut buf = [0u8; 4096];
-        let _ = s.read(&mut buf);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(180) {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        bail!(
-            "the box did not power off within 180 s of the power button; serial console:\n{}",
-            self.tail()
-        )
     }
 
     /// The serial console's last lines, for a failure's message.
@@ -307,9 +278,10 @@ fn broken_root(root_fs: &Path, work: &Path) -> Result<PathBuf> {
     Ok(bad)
 }
 
-/// After the test: the data partition took the disk's extra space and its filesystem fills
-/// it; the root filesystems (shipped smaller than their slots) fill their slots; every
-/// filesystem checks clean.
+/// After the test, with the power cut: the data partition took the disk's extra space and
+/// its filesystem fills it; the root filesystem shipped smaller than its slot fills it; both
+/// check clean once their journals are replayed (e2fsck: 0 or 1, "corrected", is clean
+/// after a power cut; anything above is damage).
 fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
     let o = Command::new("sfdisk").arg("-J").arg(img).output()?;
     let table: Value = serde_json::from_slice(&o.stdout).context("sfdisk -J")?;
@@ -334,7 +306,7 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
     }
     let lo = String::from_utf8(
         Command::new("losetup")
-            .args(["--find", "--show", "--partscan", "--read-only"])
+            .args(["--find", "--show", "--partscan"])
             .arg(img)
             .output()?
             .stdout,
@@ -350,8 +322,8 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
             (3, "cloudlet-root-b", size_of("cloudlet-root-b")?),
         ] {
             let dev = format!("{lo}p{n}");
-            let fsck = Command::new("e2fsck").args(["-fn", &dev]).output()?;
-            if !fsck.status.success() {
+            let fsck = Command::new("e2fsck").args(["-fy", &dev]).output()?;
+            if fsck.status.code().is_none_or(|c| c > 1) {
                 bail!(
                     "{label} does not check clean: {}",
                     String::from_utf8_lossy(&fsck.stdout)
@@ -373,7 +345,7 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
                 );
             }
             eprintln!(
-                "    {label}: filesystem {} MiB in a {} MiB partition, checks clean",
+                "    {label}: filesystem {} MiB in a {} MiB partition, checks clean after the power cut",
                 fs >> 20,
                 want >> 20
             );
@@ -610,7 +582,7 @@ pub fn run_test(
         g + 1,
         r.rollback_s
     );
-    q.power_off()?;
+    // The power is cut (QEMU killed): the data must survive that too.
     drop(q);
     check_grown(&img, image_bytes)?;
     let _ = std::fs::remove_dir_all(work);
