@@ -230,7 +230,7 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
         .map_err(|e| ApplyError::Entries(entries_dir.clone(), e))?;
     if let Some(e) = running
         .iter()
-        .find(|e| e.name.assessment() != entries::Assessment::Good)
+        .find(|e| entries::assessment(&e.name) != entries::Assessment::Good)
     {
         return Err(ApplyError::NotBlessed {
             slot: booted.slot,

@@ -192,32 +192,7 @@ fn wait_down(q: &Qemu, port: u16, what: &str) -> Result<f64> {
 
 /// `cloudlet discover` in the namespace until the box with `id` is found; its JSON.
 fn discover(q: &Qemu, bin: &Path, id: &str) -> Result<Value> {
-    let out = q
-        .ns()
-        .command(bin.join("cloudlet"))
-        .args([
-            "discover",
-            "--json",
-            "--wait-for",
-            id,
-            "--browse-ms",
-            "60000",
-        ])
-        .output()
-        .context("cannot run cloudlet discover")?;
-    if !out.status.success() {
-        bail!(
-            "cloudlet discover failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let all: Value = serde_json::from_slice(&out.stdout)?;
-    all.as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["appliance"]["txt"]["id"] == id)
-        .cloned()
-        .with_context(|| format!("appliance {id} not discovered over mDNS within 60 s: {all}"))
+    crate::demo::discover_with(q.ns().command(bin.join("cloudlet")), id, 60_000)
 }
 
 fn boot_of(v: &Value) -> (&str, u64, &str) {
