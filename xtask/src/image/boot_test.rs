@@ -263,15 +263,15 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
     let parts = table["partitiontable"]["partitions"]
         .as_array()
         .context("no partitions")?;
-    let size_of = |name: &str| -> Result<u64> {
+    // (start, size) of a partition, bytes.
+    let span = |name: &str| -> Result<(u64, u64)> {
         parts
             .iter()
             .find(|p| p["name"] == name)
-            .and_then(|p| p["size"].as_u64())
-            .map(|s| s * 512)
+            .and_then(|p| Some((p["start"].as_u64()? * 512, p["size"].as_u64()? * 512)))
             .with_context(|| format!("no partition {name}: {table}"))
     };
-    let data = size_of(super::disk::DATA_LABEL)?;
+    let (_, data) = span(super::disk::DATA_LABEL)?;
     let disk_bytes = std::fs::metadata(img)?.len();
     if data + image_bytes < disk_bytes {
         bail!(
@@ -279,32 +279,34 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
             data >> 20
         );
     }
-    let lo = String::from_utf8(
-        Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(img)
-            .output()?
-            .stdout,
-    )?
-    .trim()
-    .to_string();
-    if lo.is_empty() {
-        bail!("losetup could not attach {}", img.display());
-    }
-    let r = (|| -> Result<()> {
-        for (n, label, want) in [
-            (4, super::disk::DATA_LABEL, data),
-            (3, "cloudlet-root-b", size_of("cloudlet-root-b")?),
-        ] {
-            let dev = format!("{lo}p{n}");
-            let fsck = Command::new("e2fsck").args(["-fy", &dev]).output()?;
+    for label in [super::disk::DATA_LABEL, "cloudlet-root-b"] {
+        let (start, size) = span(label)?;
+        // One loop device per partition, by offset (this kernel may have no GPT parser).
+        let lo = String::from_utf8(
+            Command::new("losetup")
+                .args(["--find", "--show", "--offset"])
+                .arg(start.to_string())
+                .arg("--sizelimit")
+                .arg(size.to_string())
+                .arg(img)
+                .output()?
+                .stdout,
+        )?
+        .trim()
+        .to_string();
+        if lo.is_empty() {
+            bail!("losetup could not attach {label} of {}", img.display());
+        }
+        let r = (|| -> Result<()> {
+            let fsck = Command::new("e2fsck").args(["-fy", &lo]).output()?;
             if fsck.status.code().is_none_or(|c| c > 1) {
                 bail!(
-                    "{label} does not check clean: {}",
-                    String::from_utf8_lossy(&fsck.stdout)
+                    "{label} does not check clean after the power cut: {}{}",
+                    String::from_utf8_lossy(&fsck.stdout),
+                    String::from_utf8_lossy(&fsck.stderr)
                 );
             }
-            let h = Command::new("dumpe2fs").args(["-h", &dev]).output()?;
+            let h = Command::new("dumpe2fs").args(["-h", &lo]).output()?;
             let h = String::from_utf8_lossy(&h.stdout);
             let field = |k: &str| -> u64 {
                 h.lines()
@@ -312,23 +314,24 @@ fn check_grown(img: &Path, image_bytes: u64) -> Result<()> {
                     .unwrap_or(0)
             };
             let fs = field("Block count:") * field("Block size:");
-            if fs + (4 << 20) < want {
+            if fs + (4 << 20) < size {
                 bail!(
                     "{label}'s filesystem ({} MiB) does not fill its partition ({} MiB)",
                     fs >> 20,
-                    want >> 20
+                    size >> 20
                 );
             }
             eprintln!(
                 "    {label}: filesystem {} MiB in a {} MiB partition, checks clean after the power cut",
                 fs >> 20,
-                want >> 20
+                size >> 20
             );
-        }
-        Ok(())
-    })();
-    let _ = Command::new("losetup").args(["-d", &lo]).status();
-    r
+            Ok(())
+        })();
+        let _ = Command::new("losetup").args(["-d", &lo]).status();
+        r?;
+    }
+    Ok(())
 }
 
 /// Uploads `artifact` with the operator token over pinned HTTPS; the accepted JSON.
