@@ -72,7 +72,6 @@ const MIB: f64 = 1048576.0;
 
 /// Writes the image to the device, verifies it, re-reads the partition table.
 pub fn flash(a: &FlashArgs) -> Result<()> {
-    let t0 = Instant::now();
     let image = match (&a.image, &a.board) {
         (Some(i), _) => i.clone(),
         (None, Some(b)) => board_image(b),
@@ -102,6 +101,7 @@ pub fn flash(a: &FlashArgs) -> Result<()> {
     let target = ins.target;
     show_target(&target, &image, image_len);
     confirm(&target.path, a.yes)?;
+    let t0 = Instant::now();
 
     step(&format!(
         "writing {} ({:.1} MiB) to {}",

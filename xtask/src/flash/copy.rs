@@ -7,6 +7,8 @@ use std::io::{IsTerminal, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +32,10 @@ impl AlignedBuf {
         let v = vec![0u8; len + ALIGN];
         let off = v.as_ptr().align_offset(ALIGN);
         AlignedBuf { v, off }
+    }
+    fn get(&self) -> &[u8] {
+        let len = self.v.len() - ALIGN;
+        &self.v[self.off..self.off + len]
     }
     fn buf(&mut self) -> &mut [u8] {
         let len = self.v.len() - ALIGN;
@@ -98,6 +104,58 @@ pub(super) fn fill_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usi
     Ok(n)
 }
 
+/// Chunks of a file read by a thread ahead of their consumer, [`CHUNK`] bytes at consecutive
+/// offsets up to `len`; buffers circulate back through [`ReadAhead::give_back`]. The thread
+/// stops at the end, at an error (passed on) or when the consumer is gone.
+struct ReadAhead {
+    chunks: Receiver<std::io::Result<(AlignedBuf, usize)>>,
+    free: Sender<AlignedBuf>,
+}
+
+impl ReadAhead {
+    /// The next chunk and how many of its bytes were read (fewer only at the file's end).
+    fn next(&self) -> Result<(AlignedBuf, usize)> {
+        match self.chunks.recv() {
+            Ok(r) => Ok(r?),
+            Err(_) => bail!("the reading thread stopped early"),
+        }
+    }
+
+    /// Returns a buffer for reuse.
+    fn give_back(&self, b: AlignedBuf) {
+        let _ = self.free.send(b);
+    }
+}
+
+/// Starts reading `f` ahead (with O_DIRECT, whole aligned blocks are asked for; the count
+/// returned is capped to the chunk's share of `len`).
+fn read_ahead<'s>(s: &'s Scope<'s, '_>, f: &'s File, len: u64, direct: bool) -> ReadAhead {
+    let (tx, chunks) = sync_channel(1);
+    let (free, free_rx) = channel::<AlignedBuf>();
+    for _ in 0..3 {
+        let _ = free.send(AlignedBuf::new(CHUNK));
+    }
+    s.spawn(move || {
+        let mut off = 0u64;
+        while off < len {
+            let Ok(mut b) = free_rx.recv() else { return };
+            let want = (len - off).min(CHUNK as u64) as usize;
+            let ask = if direct {
+                want.div_ceil(ALIGN) * ALIGN
+            } else {
+                want
+            };
+            let r = fill_at(f, &mut b.buf()[..ask], off).map(|got| (b, got.min(want)));
+            let last = !matches!(&r, Ok((_, got)) if *got == want);
+            if tx.send(r).is_err() || last {
+                return;
+            }
+            off += want as u64;
+        }
+    });
+    ReadAhead { chunks, free }
+}
+
 /// How a write went.
 #[derive(Debug)]
 pub struct Written {
@@ -112,7 +170,7 @@ pub struct Written {
 /// Writes all of `image` to the start of `device` (holes as zeros), then fsyncs. A block
 /// device is opened exclusively (O_EXCL): the kernel refuses if it is mounted or held.
 pub fn write_image(image: &Path, device: &Path, block: bool) -> Result<Written> {
-    let mut src = File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
+    let src = File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
     let total = src.metadata()?.len();
     let (dst, direct) = open_maybe_direct(device, true, block)?;
     // The tail that is not a multiple of ALIGN goes through a plain descriptor (O_DIRECT
@@ -127,35 +185,38 @@ pub fn write_image(image: &Path, device: &Path, block: bool) -> Result<Written> 
     } else {
         None
     };
-    let mut buf = AlignedBuf::new(CHUNK);
     let mut progress = Progress::new("written", total);
     let t = Instant::now();
     let mut off = 0u64;
-    while off < total {
-        let n = fill(&mut src, buf.buf())?;
-        if n == 0 {
-            bail!(
-                "{} ended at {off} of {total} bytes while being read",
-                image.display()
-            );
+    std::thread::scope(|s| -> Result<()> {
+        // The image is read one chunk ahead of the writes.
+        let ahead = read_ahead(s, &src, total, false);
+        while off < total {
+            let (buf, n) = ahead
+                .next()
+                .with_context(|| format!("reading {}", image.display()))?;
+            if n < (total - off).min(CHUNK as u64) as usize {
+                let end = off + n as u64;
+                bail!(
+                    "{} ended at {end} of {total} bytes while being read",
+                    image.display()
+                );
+            }
+            let aligned = if direct { n - n % ALIGN } else { n };
+            dst.write_all_at(&buf.get()[..aligned], off)
+                .with_context(|| format!("writing {} at offset {off}", device.display()))?;
+            if aligned < n {
+                let at = off + aligned as u64;
+                let p = plain.as_ref().expect("opened for an unaligned tail");
+                p.write_all_at(&buf.get()[aligned..n], at)
+                    .with_context(|| format!("writing {} at offset {at}", device.display()))?;
+            }
+            ahead.give_back(buf);
+            off += n as u64;
+            progress.update(off);
         }
-        let aligned = if direct { n - n % ALIGN } else { n };
-        dst.write_all_at(&buf.buf()[..aligned], off)
-            .with_context(|| format!("writing {} at offset {off}", device.display()))?;
-        if aligned < n {
-            let p = plain.as_ref().expect("opened for an unaligned tail");
-            p.write_all_at(&buf.buf()[aligned..n], off + aligned as u64)
-                .with_context(|| {
-                    format!(
-                        "writing {} at offset {}",
-                        device.display(),
-                        off + aligned as u64
-                    )
-                })?;
-        }
-        off += n as u64;
-        progress.update(off);
-    }
+        Ok(())
+    })?;
     if let Some(p) = &plain {
         p.sync_all()
             .with_context(|| format!("fsync of {}", device.display()))?;
@@ -208,46 +269,47 @@ pub fn verify(image: &Path, device: &Path, len: u64) -> Result<Verified> {
         unsafe { libc::posix_fadvise(dev.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
     let mut a = AlignedBuf::new(CHUNK);
-    let mut b = AlignedBuf::new(CHUNK);
     let mut hash = Sha256::new();
     let mut progress = Progress::new("verified", len);
     let mut mismatches: Vec<Mismatch> = Vec::new();
     let mut differing = 0u64;
     let t = Instant::now();
     let mut off = 0u64;
-    while off < len {
-        let want = (len - off).min(CHUNK as u64) as usize;
-        let n = fill(&mut src, &mut a.buf()[..want])?;
-        if n < want {
-            bail!(
-                "{} ended at {} of {len} bytes while being read",
-                image.display(),
-                off + n as u64
-            );
+    std::thread::scope(|s| -> Result<()> {
+        // The device is read one chunk ahead while this thread reads, hashes and compares
+        // the image: the two overlap.
+        let ahead = read_ahead(s, &dev, len, direct);
+        while off < len {
+            let want = (len - off).min(CHUNK as u64) as usize;
+            let n = fill(&mut src, &mut a.buf()[..want])?;
+            if n < want {
+                bail!(
+                    "{} ended at {} of {len} bytes while being read",
+                    image.display(),
+                    off + n as u64
+                );
+            }
+            let (b, got) = ahead
+                .next()
+                .with_context(|| format!("reading back {} at offset {off}", device.display()))?;
+            if got < want {
+                bail!(
+                    "{} ended at offset {} but the image has {len} bytes",
+                    device.display(),
+                    off + got as u64
+                );
+            }
+            let (x, y) = (&a.buf()[..want], &b.get()[..want]);
+            hash.update(x);
+            if x != y {
+                differing += record_mismatches(x, y, off, &mut mismatches);
+            }
+            ahead.give_back(b);
+            off += want as u64;
+            progress.update(off);
         }
-        // O_DIRECT reads whole aligned blocks; the bytes past `want` are not compared.
-        let ask = if direct {
-            want.div_ceil(ALIGN) * ALIGN
-        } else {
-            want
-        };
-        let got = fill_at(&dev, &mut b.buf()[..ask], off)
-            .with_context(|| format!("reading back {} at offset {off}", device.display()))?;
-        if got < want {
-            bail!(
-                "{} ended at offset {} but the image has {len} bytes",
-                device.display(),
-                off + got as u64
-            );
-        }
-        let (x, y) = (&a.buf()[..want], &b.buf()[..want]);
-        hash.update(x);
-        if x != y {
-            differing += record_mismatches(x, y, off, &mut mismatches);
-        }
-        off += want as u64;
-        progress.update(off);
-    }
+        Ok(())
+    })?;
     let secs = t.elapsed().as_secs_f64();
     progress.finish();
     Ok(Verified {

@@ -86,8 +86,8 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::HostDisk { disk, mounts } => write!(
                 f,
-                "it is on /dev/{disk}, the disk the host runs from (it holds {}): overwriting \
-                 it would destroy this system",
+                "/dev/{disk} is the disk the host runs from (it holds {}): overwriting it \
+                 would destroy this system",
                 mounts.join(", ")
             ),
             Refusal::Mounted { node, at } => write!(
