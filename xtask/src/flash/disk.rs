@@ -67,6 +67,8 @@ pub enum Refusal {
     Held { node: String, holders: Vec<String> },
     /// DEV is smaller than the image.
     TooSmall { size: u64, image: u64 },
+    /// DEV is read-only (a write-protect switch, a read-only loop device).
+    ReadOnly,
 }
 
 impl std::fmt::Display for Refusal {
@@ -105,6 +107,10 @@ impl std::fmt::Display for Refusal {
                 f,
                 "{node} is in use by {} (device-mapper/md): stop those first if they may go",
                 holders.join(", ")
+            ),
+            Refusal::ReadOnly => write!(
+                f,
+                "it is read-only (a write-protect switch, or marked so: `blockdev --setrw` clears that)"
             ),
             Refusal::TooSmall { size, image } => write!(
                 f,
@@ -216,6 +222,9 @@ pub fn inspect(
                 holders,
             });
         }
+    }
+    if std::fs::read_to_string(node.sys.join("ro")).is_ok_and(|ro| ro.trim() == "1") {
+        refusals.push(Refusal::ReadOnly);
     }
     let size = block_size(device, &node)?;
     if partno.is_none() && size < image_len {

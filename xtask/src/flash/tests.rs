@@ -60,8 +60,13 @@ struct Loop {
 
 impl Loop {
     fn new(file: &Path) -> Loop {
+        Loop::with_flags(file, &[])
+    }
+
+    fn with_flags(file: &Path, flags: &[&str]) -> Loop {
         let out = Command::new("losetup")
             .args(["--find", "--show", "--partscan"])
+            .args(flags)
             .arg(file)
             .output()
             .expect("losetup (util-linux) is needed by the flash tests");
@@ -356,6 +361,18 @@ fn refuses_a_device_smaller_than_the_image() {
         err.contains("8388608 bytes (8.0 MiB), less than the image's 20971520"),
         "{err}"
     );
+}
+
+#[test]
+fn refuses_a_read_only_device() {
+    let d = TempDir::new("ro");
+    let backing = d.0.join("disk");
+    file_of(&backing, 8 * MIB_U, 0);
+    let lp = Loop::with_flags(&backing, &["--read-only"]);
+    let image = d.0.join("image");
+    file_of(&image, MIB_U, 1);
+    let ins = inspect(&lp.dev, &image, MIB_U, false).unwrap();
+    assert_eq!(ins.refusals, vec![Refusal::ReadOnly]);
 }
 
 #[test]
