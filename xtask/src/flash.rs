@@ -136,24 +136,16 @@ pub fn flash(a: &FlashArgs) -> Result<()> {
     );
 
     if let Some(disk) = &target.disk {
-        step("asking the kernel to re-read the partition table (BLKRRPART)");
-        match reread_partitions(&target.path) {
-            Ok(()) => {
-                let parts = partitions(&disk.sys);
-                if parts.is_empty() {
-                    eprintln!(
-                        "    the kernel sees no partitions on it (a kernel without GPT support? \
-                         `partx -a {}` adds them)",
-                        target.path.display()
-                    );
-                } else {
-                    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
-                    eprintln!("    partitions now: {}", names.join(", "));
-                }
+        step("telling the kernel about the new partition table");
+        match tell_kernel(&target.path, disk) {
+            Ok(how) => {
+                let names: Vec<String> =
+                    partitions(&disk.sys).into_iter().map(|p| p.name).collect();
+                eprintln!("    {how}: partitions now {}", names.join(", "));
             }
-            Err(e) => eprintln!(
-                "    not re-read ({e}); the data is written and verified: replug the device or \
-                 run `partprobe {}`",
+            Err(why) => eprintln!(
+                "    the kernel does not see the new partitions ({why}); the image is written \
+                 and verified: replug the device or run `partx --update {}`",
                 target.path.display()
             ),
         }
@@ -291,6 +283,29 @@ fn confirm(device: &Path, yes: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Makes the kernel see the partitions just written: BLKRRPART, else (it failed, e.g. a loop
+/// device without partscan, or found nothing, e.g. a kernel without a GPT parser) `partx
+/// --update`, which reads the table itself and tells the kernel each partition (BLKPG).
+/// Returns how, or why not.
+fn tell_kernel(device: &Path, disk: &disk::SysDev) -> std::result::Result<String, String> {
+    let why = match reread_partitions(device) {
+        Ok(()) if !partitions(&disk.sys).is_empty() => return Ok("re-read (BLKRRPART)".into()),
+        Ok(()) => "BLKRRPART found no partitions".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    let out = Command::new("partx").arg("--update").arg(device).output();
+    match out {
+        Ok(o) if o.status.success() && !partitions(&disk.sys).is_empty() => {
+            Ok(format!("{why}; added by `partx --update`"))
+        }
+        Ok(o) => Err(format!(
+            "{why}; partx --update: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("{why}; partx: {e}")),
+    }
 }
 
 /// A duration for people: milliseconds when short.

@@ -284,18 +284,20 @@ pub fn whole_disk(d: &SysDev) -> Result<(SysDev, Option<u32>)> {
     }
 }
 
-/// The partitions of the disk at `disk_sys`, in /sys order.
+/// The partitions of the disk at `disk_sys`, by number.
 pub(super) fn partitions(disk_sys: &Path) -> Vec<SysDev> {
-    let mut v: Vec<SysDev> = std::fs::read_dir(disk_sys)
+    let mut v: Vec<(u32, SysDev)> = std::fs::read_dir(disk_sys)
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("partition").exists())
-        .filter_map(|p| sys_at(p).ok())
+        .filter_map(|e| {
+            let number = std::fs::read_to_string(e.path().join("partition")).ok()?;
+            Some((number.trim().parse().ok()?, sys_at(e.path()).ok()?))
+        })
         .collect();
-    v.sort_by_key(|p| p.dev);
-    v
+    // By partition number: minor numbers are reused, so they need not follow it.
+    v.sort_by_key(|(n, _)| *n);
+    v.into_iter().map(|(_, d)| d).collect()
 }
 
 /// Names of the entries of a directory (empty when it does not exist).

@@ -237,6 +237,12 @@ fn flashes_a_gpt_image_to_a_loop_device_and_the_bytes_match() {
         got[len as usize..].iter().all(|b| *b == 0xa5),
         "bytes past the image were touched"
     );
+    // The kernel was told about the image's two partitions.
+    let parts: Vec<String> = partitions(&lp.sys()).into_iter().map(|p| p.name).collect();
+    assert_eq!(
+        parts,
+        vec![format!("{}p1", lp.name()), format!("{}p2", lp.name())]
+    );
     let table = sh(Command::new("sfdisk").arg("--dump").arg(&lp.dev));
     assert!(
         table.contains("name=\"root\"") && table.contains("name=\"data\""),
