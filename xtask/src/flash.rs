@@ -30,23 +30,26 @@ verify it by reading it back.
 The image is target/image/NAME/cloudlet-NAME.img (made by `cargo xtask image --board NAME`),
 or --image FILE.
 
-Before anything is opened for writing, DEV is refused, with the reasons and nothing written,
-when it:
+Before anything is opened for writing, DEV is refused, with every reason and nothing
+written, when it:
   - is not a block device (a regular file only with --allow-file: VM disks, tests);
-  - is a partition (/dev/sdb1) rather than the whole disk (/dev/sdb);
-  - is, or holds, the disk the host runs from (the disks under /, /boot, /boot/efi and /usr,
-    followed through device-mapper and md to the physical disks);
-  - or any of its partitions is mounted, or in use as swap, or held by device-mapper or md;
-  - is smaller than the image.
-Then it shows what will be overwritten (vendor, model, size, the partitions and labels on it
-now) and asks for `yes` on the terminal; --yes answers for scripts (stdin not a terminal).
+  - is a partition (/dev/sdb1) rather than the whole disk (/dev/sdb): it says which disk;
+  - is the disk the host runs from (the disks under /, /boot, /boot/efi and /usr, followed
+    through device-mapper and md to the physical disks);
+  - is mounted, or any of its partitions is, or is in use as swap, or held by
+    device-mapper or md;
+  - is read-only, or smaller than the image.
+Then it shows what will be overwritten (vendor, model, size, the partitions, filesystems and
+labels on it now) and asks for `yes` on the terminal; --yes answers for scripts (without it,
+a stdin that is not a terminal is refused).
 
 The image is written whole (zeros too: the disk may hold old data) with 4 MiB direct writes,
 progress shown (MiB, MiB/s, ETA), then fsync'd; the device is opened exclusively, so the
 kernel refuses it too if something mounts it meanwhile. Verify reads back exactly the image's
 length, bypassing the page cache, compares it with the image and prints the image's SHA-256;
-a difference prints the offsets that differ and fails. Last, the kernel is asked to re-read
-the partition table (BLKRRPART). Times and throughput of write and verify are reported.";
+a difference prints the offsets that differ and fails. Last, the kernel is told the new
+partitions (BLKRRPART, else `partx --update`). Times and throughput of write and verify
+are reported.";
 
 /// Options of `cargo xtask flash`.
 #[derive(clap::Args, Debug)]
