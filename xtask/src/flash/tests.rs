@@ -295,6 +295,28 @@ fn refuses_a_disk_whose_partition_is_mounted_and_writes_nothing() {
         .any(|r| matches!(r, Refusal::Mounted { .. })));
 }
 
+#[test]
+fn refuses_a_mounted_disk_without_partitions() {
+    let d = TempDir::new("mounted-whole");
+    let backing = d.0.join("disk");
+    file_of(&backing, 16 * MIB_U, 0);
+    let lp = Loop::new(&backing);
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lp.dev));
+    let mnt = d.0.join("mnt");
+    let _m = Mount::new(&lp.dev, &mnt);
+    let image = d.0.join("image");
+    file_of(&image, MIB_U, 1);
+
+    let ins = inspect(&lp.dev, &image, MIB_U, false).unwrap();
+    assert_eq!(
+        ins.refusals,
+        vec![Refusal::Mounted {
+            node: lp.dev.display().to_string(),
+            at: vec![mnt.display().to_string()]
+        }]
+    );
+}
+
 /// The host's root disk(s), found independently of the code under test: findmnt and lsblk.
 fn root_disks_by_util_linux() -> Vec<String> {
     let majmin = sh(Command::new("findmnt").args(["-no", "MAJ:MIN", "/"]));
