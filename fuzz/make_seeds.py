@@ -5,7 +5,7 @@
     python3 fuzz/make_seeds.py                           # all seeds
     python3 fuzz/make_seeds.py --no-tools                # only the crafted ones (no KVM needed)
 
-overlay_open and state_file seeds are real files made by the tools (two bases, one with a
+overlay_open, state_file and update_artifact seeds are real files made by the tools (two bases, one with a
 virtio disk and NIC; overlays built with `image-builder overlay --script`, one with a disk δ;
 the bases' machine states), plus one
 overlay derived from a real one whose index also has a zero run, a base copy and a self copy
@@ -214,6 +214,23 @@ def tool_seeds(tmp):
         write("overlay_open", "disk-delta.overlay", f.read())
     with open(os.path.join(dbase, "state"), "rb") as f:
         write("state_file", "virtio.state", f.read())
+
+    # An update artifact: a mostly-zero "root", a kernel and an initrd, packed by the updater.
+    up = os.path.join(ROOT, "target/release/cloudlet-update")
+    if not os.path.exists(up):
+        sys.exit(f"{up} is missing: run `cargo build --release --bins`")
+    root = bytearray(300000)
+    root[1024:1043] = b"ext4-ish superblock"
+    parts = {"root": bytes(root), "k": b"kernel", "i": b"initrd"}
+    for name, data in parts.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    out = os.path.join(tmp, "small.cup")
+    run(up, "pack", "--board", "dev", "--generation", "200", "--version", "0.2.0",
+        "--root", os.path.join(tmp, "root"), "--kernel", os.path.join(tmp, "k"),
+        "--initrd", os.path.join(tmp, "i"), "-o", out)
+    with open(out, "rb") as f:
+        write("update_artifact", "small.cup", f.read())
 
     # A base with a virtio console: its state has a console device (and its pending input).
     cbase = os.path.join(tmp, "base-console")
@@ -472,7 +489,7 @@ def main():
                     help="only the crafted seeds (virtio_queue, usernet_frames, api_frame, handoff_stream, pairing_frames)")
     args = ap.parse_args()
     if not args.no_tools:
-        for t in ("overlay_open", "state_file"):
+        for t in ("overlay_open", "state_file", "update_artifact"):
             shutil.rmtree(os.path.join(SEEDS, t), ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="fuzz-seeds-") as tmp:
             tool_seeds(tmp)

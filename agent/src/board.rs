@@ -60,6 +60,35 @@ pub struct RawBoard {
     pub discovery: RawDiscovery,
     /// Where state lives.
     pub storage: RawStorage,
+    /// The flashable disk image of this board (`cargo xtask image`); the agent ignores it.
+    #[serde(default)]
+    pub image: Option<RawImage>,
+}
+
+/// `[image]`: what the flashable disk image of the board is made of.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImage {
+    /// The Debian kernel package (`linux-image-cloud-amd64`: virtio only; `linux-image-amd64`:
+    /// real hardware).
+    pub kernel: String,
+    /// Extra Debian packages (firmware, drivers).
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// The box's host name.
+    pub hostname: String,
+    /// Kernel consoles, in order (the last one is /dev/console), e.g. `["tty0", "ttyS0,115200"]`.
+    pub console: Vec<String>,
+    /// EFI system partition, MiB.
+    pub esp_mib: u64,
+    /// Each of the two root slots, MiB.
+    pub root_mib: u64,
+    /// The data partition, MiB (grown to the rest of the disk on first boot).
+    pub data_mib: u64,
+    /// The API's listen addresses on the box (instead of `[api] listen`).
+    pub listen: Vec<String>,
+    /// The API's port on the box (instead of `[api] port`).
+    pub port: u16,
 }
 
 /// `[vms]`.
@@ -160,6 +189,8 @@ pub struct Board {
     pub data_dir: PathBuf,
     /// Where the configuration came from (a path, or `embedded:NAME`).
     pub source: String,
+    /// The disk image's recipe (`[image]`), when the board has one.
+    pub image: Option<RawImage>,
 }
 
 /// A board file that cannot be used; the message names the file and the key.
@@ -318,6 +349,9 @@ impl Board {
             Some(b) if raw.storage.data_dir.is_relative() => b.join(&raw.storage.data_dir),
             _ => raw.storage.data_dir.clone(),
         };
+        if let Some(img) = &raw.image {
+            check_image(img).map_err(|(k, m)| invalid(&format!("image.{k}"), m))?;
+        }
         Ok(Board {
             name: raw.name,
             description: raw.description.unwrap_or_default(),
@@ -331,8 +365,69 @@ impl Board {
             discovery: raw.discovery.enabled,
             data_dir,
             source: file.into(),
+            image: raw.image,
         })
     }
+}
+
+/// Checks `[image]`; the error names the key (without `image.`) and what to do.
+fn check_image(img: &RawImage) -> Result<(), (&'static str, String)> {
+    let package_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+    };
+    if !package_ok(&img.kernel) || !img.kernel.starts_with("linux-image-") {
+        return Err((
+            "kernel",
+            format!(
+                "'{}' is not a Debian kernel package: use e.g. \"linux-image-amd64\" or \"linux-image-cloud-amd64\"",
+                img.kernel
+            ),
+        ));
+    }
+    if let Some(p) = img.packages.iter().find(|p| !package_ok(p)) {
+        return Err(("packages", format!("'{p}' is not a Debian package name")));
+    }
+    let host_ok = !img.hostname.is_empty()
+        && img.hostname.len() <= 63
+        && !img.hostname.starts_with('-')
+        && img
+            .hostname
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !host_ok {
+        return Err((
+            "hostname",
+            format!(
+                "'{}' is not a host name: use 1-63 characters of a-z, 0-9 and '-'",
+                img.hostname
+            ),
+        ));
+    }
+    if img.console.is_empty() || img.console.iter().any(|c| c.is_empty() || c.contains(' ')) {
+        return Err((
+            "console",
+            "list the kernel consoles without spaces, e.g. [\"tty0\", \"ttyS0,115200\"]".into(),
+        ));
+    }
+    range(img.esp_mib, 64, 4096).map_err(|m| ("esp_mib", m + " MiB"))?;
+    range(img.root_mib, 256, 65536).map_err(|m| ("root_mib", m + " MiB per root slot"))?;
+    range(img.data_mib, 64, 1 << 20).map_err(|m| ("data_mib", m + " MiB"))?;
+    if img.listen.is_empty() || img.listen.iter().any(|a| a.parse::<IpAddr>().is_err()) {
+        return Err((
+            "listen",
+            "list the IP addresses the box's API listens on, e.g. [\"0.0.0.0\"]".into(),
+        ));
+    }
+    if img.port == 0 {
+        return Err((
+            "port",
+            "a box needs a fixed API port that clients and forwarders can be told: e.g. 9999"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn range(v: u64, lo: u64, hi: u64) -> Result<(), String> {

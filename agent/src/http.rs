@@ -150,6 +150,7 @@ fn routes() -> Routes {
     .add("GET", "/v1/events", Operator, events)
     .add("GET", "/v1/openapi.json", Open, openapi)
     .add("GET", "/v1/system", Open, system)
+    .add("PUT", "/v1/system/update", Operator, put_update)
     .add("GET", "/v1/bases", Client, bases)
     .add("GET", "/v1/bases/{name}", Client, base)
     .add("PUT", "/v1/bases/{name}", Operator, upload_base)
@@ -951,6 +952,10 @@ pub struct SystemInfo {
     /// SHA-256 of the appliance's TLS certificate, hex (what clients pin).
     #[serde(default)]
     pub fingerprint: String,
+    /// The booted root slot, its generation and the last update's state, when the agent
+    /// runs from an A/B appliance image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::update::BootInfo>,
 }
 
 /// The system snapshot (also used for the mDNS TXT record).
@@ -979,6 +984,7 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         services_digest: st.store.catalogue_digest(),
         uptime_s: st.started.elapsed().as_secs(),
         fingerprint: st.fingerprint.clone(),
+        boot: crate::update::this_boot(st.store.root()),
     }
 }
 
@@ -1495,6 +1501,62 @@ async fn upload_base(
     Ok((StatusCode::CREATED, Json(b)))
 }
 
+/// Largest system update accepted, bytes (a compressed root filesystem, kernel and initrd).
+const MAX_UPDATE_BYTES: u64 = 4 << 30;
+
+/// `PUT /v1/system/update`: an update artifact (`format::update`) for this board, checked
+/// completely and left for the root updater, which writes it to the slot not booted and
+/// reboots into it (202). Refused with nothing changed: not an A/B image, one pending
+/// already (409), damaged, another board, not newer (422).
+async fn put_update(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::update::Accepted>)> {
+    use crate::update::UpdateRefused as R;
+    let data = st.store.root().to_path_buf();
+    let booted = crate::update::this_boot(&data).map(|b| format::update::Booted {
+        slot: b.slot,
+        generation: b.generation,
+    });
+    if booted.is_none() {
+        return Err(refuse_upload(&headers, body, update_error(R::NotAnImage)).await);
+    }
+    let (tmp, n) = receive_upload_limited(&st, &headers, body, "update", MAX_UPDATE_BYTES).await?;
+    let board = st.board.name.clone();
+    let r = tokio::task::spawn_blocking(move || crate::update::accept(&tmp, &data, &board, booted))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), ""))?;
+    match r {
+        Ok(a) => {
+            crate::audit::Audit::in_dir(st.store.root()).record(
+                "system.update_accepted",
+                json!({ "generation": a.generation, "version": a.version, "slot": a.slot, "bytes": n }),
+            );
+            tracing::info!(generation = a.generation, slot = %a.slot, "update accepted: {}", a.next);
+            Ok((StatusCode::ACCEPTED, Json(a)))
+        }
+        Err(e) => {
+            tracing::warn!("update refused: {e}");
+            Err(update_error(e))
+        }
+    }
+}
+
+fn update_error(e: crate::update::UpdateRefused) -> ApiError {
+    use crate::update::UpdateRefused as R;
+    let status = match &e {
+        R::NotAnImage | R::Pending => StatusCode::CONFLICT,
+        R::Damaged(_) | R::WrongBoard(..) | R::NotNewer(..) => StatusCode::UNPROCESSABLE_ENTITY,
+        R::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(
+        status,
+        e.to_string(),
+        "nothing was changed; the box runs what it ran",
+    )
+}
+
 /// `DELETE /v1/bases/{name}`: refused while a service's version applies to it.
 async fn delete_base(
     State(st): State<Arc<AppState>>,
@@ -1822,7 +1884,17 @@ async fn receive_upload(
     body: Body,
     what: &str,
 ) -> ApiResult<(std::path::PathBuf, u64)> {
-    let limit = st.board.max_upload_bytes;
+    receive_upload_limited(st, headers, body, what, st.board.max_upload_bytes).await
+}
+
+/// [`receive_upload`] with its own size limit, bytes.
+async fn receive_upload_limited(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+    limit: u64,
+) -> ApiResult<(std::path::PathBuf, u64)> {
     let too_big = |n: u64| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

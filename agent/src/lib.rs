@@ -46,4 +46,5 @@ pub mod store;
 pub mod supervisor;
 pub mod sysinfo;
 pub mod tls;
+pub mod update;
 pub mod warm;

@@ -17,6 +17,8 @@
 //! - [`pairing`]: the messages a phone and the appliance exchange to pair (USB or claim code);
 //! - [`progress`]: the progress stream of a long build (`image-builder overlay --progress
 //!   json`), read by the agent instead of logs;
+//! - [`update`]: the appliance's A/B update artifact (`.cup`), the booted slot on the kernel
+//!   command line and the last update's record;
 //!
 //! and what reading them needs: [`mapped`] (read-only file mappings) and [`sources`] (where
 //! each guest page of a synthesised VM comes from).
@@ -36,6 +38,7 @@ pub mod progress;
 pub mod ram_image;
 pub mod sources;
 pub mod state;
+pub mod update;
 
 /// Guest page size of every image.
 pub const PAGE_SIZE: usize = 4096;

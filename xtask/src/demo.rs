@@ -60,11 +60,15 @@ pub struct Prepared {
 
 /// Builds the guest, the release binaries, the base and the overlay under `work`.
 pub fn prepare(work: &Path) -> Result<Prepared> {
-    let guest = crate::guest::build()?;
     step("building the release binaries (vmm, image-builder, agent, cloudlet)");
     run(cargo().args(["build", "--release", "-p", "image-builder", "-p", "agent"]))?;
     crate::util::build_release_vmm()?;
-    let bin = target_dir().join("release");
+    prepare_from(work, target_dir().join("release"))
+}
+
+/// Makes the base and the overlay under `work` with the binaries in `bin` (built already).
+pub fn prepare_from(work: &Path, bin: PathBuf) -> Result<Prepared> {
+    let guest = crate::guest::build()?;
     std::fs::create_dir_all(work)?;
     let disk = work.join("table.img");
     std::fs::write(&disk, oracle::table_image(TABLE_ENTRIES, 1 << 20))?;

@@ -148,6 +148,14 @@ enum Cmd {
         /// The device id (as `cloudlet devices` shows it).
         id: String,
     },
+    /// Update the appliance (an A/B disk image) with an update artifact from `cargo xtask
+    /// image` (the operator's): the agent checks all of it, the box writes it to its other
+    /// root slot and reboots into it, and falls back by itself if it does not come up
+    /// healthy. `cloudlet info` then shows the slot, generation and update state.
+    Update {
+        /// The artifact (`cloudlet-BOARD-GENERATION.cup`).
+        file: std::path::PathBuf,
+    },
     #[command(flatten)]
     Catalogue(agent::manage::CatalogueCmd),
 }
@@ -329,6 +337,50 @@ fn run(cli: Cli) -> Result<()> {
                     s.id, s.board, s.version, s.cores, s.load1, s.mem_free_mib, s.mem_total_mib,
                     s.instances, s.max_vms
                 );
+                if let Some(b) = &s.boot {
+                    let slots: Vec<String> = b
+                        .slots
+                        .iter()
+                        .map(|e| {
+                            let state = match e.state {
+                                format::update::EntryState::Good => "good".to_string(),
+                                format::update::EntryState::Trying { tries_left } => {
+                                    format!("on trial, {tries_left} tries left")
+                                }
+                                format::update::EntryState::Bad => "bad".to_string(),
+                            };
+                            format!(
+                                "{}: generation {} {state}",
+                                e.slot,
+                                e.generation.map_or("?".into(), |g| g.to_string())
+                            )
+                        })
+                        .collect();
+                    let update = match &b.update {
+                        format::update::UpdateState::None => "no update yet".to_string(),
+                        format::update::UpdateState::Pending { generation } => {
+                            format!("generation {generation} written, tried at the next boot")
+                        }
+                        format::update::UpdateState::Running => "runs the last update".into(),
+                        format::update::UpdateState::RolledBack { attempted } => {
+                            format!("generation {attempted} did not come up healthy: rolled back")
+                        }
+                        format::update::UpdateState::Failed { error } => {
+                            format!("the last update failed: {error}")
+                        }
+                    };
+                    println!(
+                        "  booted slot {} generation {}{}; {update}; slots: {}",
+                        b.slot,
+                        b.generation,
+                        if b.pending {
+                            " (an update is being applied)"
+                        } else {
+                            ""
+                        },
+                        slots.join(", ")
+                    );
+                }
                 for v in svcs {
                     println!(
                         "  service {:<16} base {:<12} {:>10} bytes  {}",
@@ -512,6 +564,20 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         format!(": {}", r.instances_stopped.join(" "))
                     }
+                );
+            }
+        }
+        Cmd::Update { file } => {
+            let c = connect(&cli, token.as_deref())?;
+            let mut p = agent::manage::ProgressLine::new(&format!("uploading {}", file.display()));
+            let a: agent::update::Accepted =
+                c.upload("/v1/system/update", file, &mut |x, y| p.update(x, y))?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                println!(
+                    "update accepted: generation {} (version {}, {} bytes) goes to slot {}; {}",
+                    a.generation, a.version, a.bytes, a.slot, a.next
                 );
             }
         }

@@ -4,6 +4,7 @@
 //! ```text
 //! /usr/lib/cloudlet/{agent,vmm,image-builder}   the binaries (the agent finds the vmm beside it)
 //! /usr/bin/cloudlet                              the client
+//! /usr/bin/cloudlet-update                       the A/B updater (root; used on the disk image)
 //! /usr/bin/cloudlet-agent, cloudlet-image-builder  links into /usr/lib/cloudlet (operator use)
 //! /etc/cloudlet/board.toml                       the board's config (a conffile)
 //! /lib/systemd/system/cloudlet-agent.service     the hardened unit (logs to the journal)
@@ -37,11 +38,12 @@ pub const DATA_DIR: &str = "/var/lib/cloudlet";
 pub const BOARD_FILE: &str = "/etc/cloudlet/board.toml";
 
 /// The binaries the package carries: (name in target/release, path in the package).
-const BINARIES: [(&str, &str); 4] = [
+const BINARIES: [(&str, &str); 5] = [
     ("agent", "usr/lib/cloudlet/agent"),
     ("vmm", "usr/lib/cloudlet/vmm"),
     ("image-builder", "usr/lib/cloudlet/image-builder"),
     ("cloudlet", "usr/bin/cloudlet"),
+    ("cloudlet-update", "usr/bin/cloudlet-update"),
 ];
 
 /// The board file `board-configs/NAME.toml` as the package ships it: its `data_dir` set to
@@ -88,7 +90,7 @@ pub fn packaged_board(name: &str) -> Result<String> {
 }
 
 /// The agent's version (agent/Cargo.toml), the package's.
-fn version() -> String {
+pub fn version() -> String {
     std::fs::read_to_string(root().join("agent/Cargo.toml"))
         .ok()
         .and_then(|t| {

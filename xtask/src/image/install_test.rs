@@ -28,7 +28,19 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 
 /// The tarball of a clean root for [`SUITE`], made with debootstrap the first time.
 pub fn cached_root() -> Result<PathBuf> {
-    let key = format!("{SUITE}-{VARIANT}-{}-amd64", INCLUDE.replace(',', "+"));
+    cached_root_with(INCLUDE)
+}
+
+/// The tarball of a root for [`SUITE`] with `include` (comma-separated packages) beyond
+/// minbase, made with debootstrap the first time (keyed by the package list).
+pub fn cached_root_with(include: &str) -> Result<PathBuf> {
+    let mut key = format!("{SUITE}-{VARIANT}-{}-amd64", include.replace(',', "+"));
+    if key.len() > 120 {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(include.as_bytes());
+        let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+        key = format!("{SUITE}-{VARIANT}-{hex}-amd64");
+    }
     let tar = crate::util::cache_dir().join(format!("debian-root-{key}.tar.gz"));
     if tar.exists() {
         return Ok(tar);
@@ -38,11 +50,11 @@ pub fn cached_root() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     timed(
-        &format!("debootstrap {SUITE} ({VARIANT} + {INCLUDE}) into the cache (once)"),
+        &format!("debootstrap {SUITE} ({VARIANT} + {include}) into the cache (once)"),
         || {
             run(Command::new("debootstrap")
                 .arg(format!("--variant={VARIANT}"))
-                .arg(format!("--include={INCLUDE}"))
+                .arg(format!("--include={include}"))
                 .arg(SUITE)
                 .arg(&work)
                 .arg(MIRROR))
@@ -68,14 +80,14 @@ pub fn cached_root() -> Result<PathBuf> {
 
 /// A Debian root unpacked for one test, with /proc and /dev mounted; unmounted and removed
 /// when dropped.
-struct Root {
+pub(super) struct Root {
     dir: PathBuf,
     mounts: Vec<PathBuf>,
     netns: Option<String>,
 }
 
 impl Root {
-    fn unpack(tar: &Path, dir: &Path) -> Result<Root> {
+    pub(super) fn unpack(tar: &Path, dir: &Path) -> Result<Root> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let mut r = Root {
@@ -95,7 +107,7 @@ impl Root {
         Ok(r)
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(super) fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel.trim_start_matches('/'))
     }
 
@@ -107,7 +119,7 @@ impl Root {
     }
 
     /// Output of `cmd` inside the root, failing when it fails.
-    fn out(&self, args: &[&str]) -> Result<String> {
+    pub(super) fn out(&self, args: &[&str]) -> Result<String> {
         let o = self.chroot().args(args).output()?;
         if !o.status.success() {
             bail!(
@@ -121,6 +133,18 @@ impl Root {
     }
 }
 
+impl Root {
+    /// Unmounts /proc and /dev and keeps the tree (for a filesystem made from it); the
+    /// caller removes it.
+    pub(super) fn unmount(mut self) -> Result<PathBuf> {
+        for m in std::mem::take(&mut self.mounts).iter().rev() {
+            run(Command::new("umount").arg(m))?;
+        }
+        let dir = std::mem::take(&mut self.dir);
+        Ok(dir)
+    }
+}
+
 impl Drop for Root {
     fn drop(&mut self) {
         if let Some(ns) = self.netns.take() {
@@ -129,7 +153,7 @@ impl Drop for Root {
         for m in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).status();
         }
-        if self.mounts.iter().all(|m| !is_mount(m)) {
+        if !self.dir.as_os_str().is_empty() && self.mounts.iter().all(|m| !is_mount(m)) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

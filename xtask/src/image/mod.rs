@@ -4,8 +4,11 @@
 //! ([`install_test`]). Steps 2 and 3 (the A/B disk image, the update artifact) are to come;
 //! see docs/appliance-image.md.
 
+pub mod boot_test;
 pub mod deb;
+pub mod disk;
 pub mod install_test;
+pub mod update;
 
 use std::process::Command;
 use std::time::Instant;
@@ -28,6 +31,23 @@ pub struct ImageArgs {
     /// ones: for checking the packaging quickly (`cargo xtask test` does), not for shipping.
     #[arg(long)]
     pub debug_binaries: bool,
+    /// Make only the package (step 1), not the disk image and the update artifact.
+    #[arg(long)]
+    pub package_only: bool,
+    /// The generation slot A's root boots as and the update artifact carries (updates
+    /// must be newer than what a box runs). Default: the current time in seconds.
+    #[arg(long)]
+    pub generation: Option<u64>,
+    /// Factory provisioning: write this file's token as the operator token of every box
+    /// flashed with the image (default: each box makes its own on first start).
+    #[arg(long, value_name = "FILE")]
+    pub operator_token_file: Option<std::path::PathBuf>,
+    /// Then boot the image under QEMU (TCG, OVMF) and test it: the agent answers through a
+    /// forwarded port and over mDNS, a good update switches slots, a bad one rolls back, the
+    /// data stays. Without --operator-token-file the image is provisioned with a random
+    /// token for the test: do not ship an image built this way.
+    #[arg(long)]
+    pub boot_test: bool,
 }
 
 /// Builds the image's steps for `a.board`.
@@ -41,14 +61,35 @@ pub fn image(a: &ImageArgs) -> Result<()> {
     let bin_dir = if a.debug_binaries {
         timed(
             "building the debug binaries (agent, cloudlet, image-builder, vmm)",
-            || run(cargo().args(["build", "-p", "agent", "-p", "image-builder", "-p", "vmm"])),
+            || {
+                run(cargo().args([
+                    "build",
+                    "-p",
+                    "agent",
+                    "-p",
+                    "image-builder",
+                    "-p",
+                    "vmm",
+                    "-p",
+                    "updater",
+                ]))
+            },
         )?;
         target_dir().join("debug")
     } else {
         timed(
             "building the release binaries (agent, cloudlet, image-builder, vmm)",
             || {
-                run(cargo().args(["build", "--release", "-p", "agent", "-p", "image-builder"]))?;
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "agent",
+                    "-p",
+                    "image-builder",
+                    "-p",
+                    "updater",
+                ]))?;
                 crate::util::build_release_vmm()
             },
         )?;
@@ -75,13 +116,115 @@ pub fn image(a: &ImageArgs) -> Result<()> {
             t.unpack_s, t.install_s, t.agent_ready_s, t.purge_s
         );
     }
+    if a.package_only {
+        step(&format!(
+            "the package for board {} done in {:.1} s: {}",
+            a.board,
+            t0.elapsed().as_secs_f64(),
+            deb.display()
+        ));
+        return Ok(());
+    }
+    let img = board.image.as_ref().with_context(|| {
+        format!(
+            "board-configs/{}.toml has no [image] section: say what its disk image is made of (see board-configs/dev.toml), or use --package-only",
+            a.board
+        )
+    })?;
+    let generation = a.generation.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let token = match &a.operator_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the operator token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None if a.boot_test => Some(test_token()?),
+        None => None,
+    };
+    let bases = out.join("bases");
+    let prepared = timed("making the board's base image and sample service", || {
+        crate::demo::prepare_from(&bases, bin_dir.clone())
+    })?;
+    let stage = |data: &std::path::Path| -> Result<()> {
+        crate::demo::Agent::stage(&prepared, data)?;
+        // Each box makes its own identity (id, certificate) on first start.
+        for f in ["agent.id", "tls"] {
+            let p = data.join(f);
+            let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_dir_all(&p);
+        }
+        Ok(())
+    };
+    let disk = disk::build(
+        &a.board,
+        img,
+        &deb,
+        &out,
+        generation,
+        &stage,
+        token.as_deref(),
+        &deb::version(),
+    )?;
+    let art = timed(
+        &format!(
+            "writing the update artifact (generation {}: root, kernel, initrd; zstd, SHA-256)",
+            disk.generation
+        ),
+        || {
+            update::write(
+                &out,
+                &a.board,
+                disk.generation,
+                &deb::version(),
+                &disk.root_fs,
+                &disk.kernel,
+                &disk.initrd,
+            )
+        },
+    )?;
+    eprintln!(
+        "    {} ({:.1} MiB), sha256 {}",
+        art.path.display(),
+        art.bytes as f64 / 1048576.0,
+        art.sha256
+    );
+    if a.boot_test {
+        let t = boot_test::run_test(
+            &disk,
+            &a.board,
+            img.port,
+            token.as_deref().expect("a token for the boot test"),
+            &deb::version(),
+            &bin_dir,
+            &out.join("boot-test"),
+        )?;
+        step(&format!(
+            "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API); good update {:.1} s (upload {:.1}, write {:.1}, reboot {:.1}); rollback {:.1} s",
+            t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.upload_s, t.apply_s, t.reboot_s, t.rollback_s
+        ));
+    }
     step(&format!(
-        "image step 1 for board {} done in {:.1} s: {}",
+        "image of board {} (generation {}) done in {:.1} s: {}",
         a.board,
+        disk.generation,
         t0.elapsed().as_secs_f64(),
-        deb.display()
+        disk.image.display()
     ));
     Ok(())
+}
+
+/// A random operator token for an image under test (32 hex digits from /dev/urandom).
+fn test_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Writes `systemd-analyze security` of the unit (offline, from the file) to
