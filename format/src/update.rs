@@ -523,7 +523,9 @@ fn compress_part(kind: PartKind, input: impl Read) -> Result<(Part, File), Updat
 }
 
 /// Writes an artifact to `out`: each part (file at its path, streamed) zstd-compressed at
-/// level 3 into a scratch file, then prefix, header and payloads. Returns the header written.
+/// level 3 on every core into a scratch file (in `std::env::temp_dir()`, i.e. `$TMPDIR`,
+/// unlinked at once: it needs room for the compressed part), then prefix, header and
+/// payloads. Returns the header written.
 pub fn write_artifact(
     out: &mut impl Write,
     board: &str,
@@ -1153,32 +1155,83 @@ pub enum EntryState {
     Bad,
 }
 
+/// Entry file names start with this, then the slot's label.
+pub const ENTRY_PREFIX: &str = "cloudlet-";
+
+/// A slot entry's file name on the ESP (`loader/entries/`), parsed:
+/// `cloudlet-SLOT[+LEFT[-DONE]].conf`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryName {
+    /// The slot it boots.
+    pub slot: Slot,
+    /// Tries left (`+LEFT`), when counting.
+    pub left: Option<u32>,
+    /// Tries used (`-DONE`), when counting.
+    pub done: Option<u32>,
+}
+
+impl EntryName {
+    /// Parses `cloudlet-SLOT[+LEFT[-DONE]].conf`; `None` for any other name.
+    pub fn parse(file_name: &str) -> Option<EntryName> {
+        let stem = file_name
+            .strip_suffix(".conf")?
+            .strip_prefix(ENTRY_PREFIX)?;
+        let (label, counter) = match stem.split_once('+') {
+            Some((l, c)) => (l, Some(c)),
+            None => (stem, None),
+        };
+        let slot = Slot::from_label(label)?;
+        let number = |s: &str| -> Option<u32> {
+            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse().ok())
+                .flatten()
+        };
+        let (left, done) = match counter {
+            None => (None, None),
+            Some(c) => match c.split_once('-') {
+                Some((l, d)) => (Some(number(l)?), Some(number(d)?)),
+                None => (Some(number(c)?), None),
+            },
+        };
+        Some(EntryName { slot, left, done })
+    }
+
+    /// A fresh entry for `slot` with `tries` left (plain when `tries` is 0).
+    pub fn counting(slot: Slot, tries: u32) -> EntryName {
+        EntryName {
+            slot,
+            left: (tries > 0).then_some(tries),
+            done: None,
+        }
+    }
+
+    /// The file name.
+    pub fn file_name(&self) -> String {
+        let mut s = format!("{ENTRY_PREFIX}{}", self.slot.label());
+        if let Some(l) = self.left {
+            s.push_str(&format!("+{l}"));
+            if let Some(d) = self.done {
+                s.push_str(&format!("-{d}"));
+            }
+        }
+        s.push_str(".conf");
+        s
+    }
+
+    /// Good, on trial or bad.
+    pub fn state(&self) -> EntryState {
+        match self.left {
+            None => EntryState::Good,
+            Some(0) => EntryState::Bad,
+            Some(left) => EntryState::Trying { tries_left: left },
+        }
+    }
+}
+
 /// The slot and state of an entry file name (`cloudlet-b+0-1.conf`), or None for a file
 /// that is not a slot's entry.
 pub fn parse_entry_name(name: &str) -> Option<(Slot, EntryState)> {
-    let rest = name.strip_prefix("cloudlet-")?.strip_suffix(".conf")?;
-    let slot = Slot::from_label(rest.get(..1)?)?;
-    let counter = &rest[1..];
-    if counter.is_empty() {
-        return Some((slot, EntryState::Good));
-    }
-    let counter = counter.strip_prefix('+')?;
-    let (left, done) = match counter.split_once('-') {
-        Some((l, d)) => (l, Some(d)),
-        None => (counter, None),
-    };
-    let left: u32 = left.parse().ok()?;
-    if let Some(d) = done {
-        d.parse::<u32>().ok()?;
-    }
-    Some((
-        slot,
-        if left == 0 {
-            EntryState::Bad
-        } else {
-            EntryState::Trying { tries_left: left }
-        },
-    ))
+    EntryName::parse(name).map(|e| (e.slot, e.state()))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Applying an update artifact to the slot the box did not boot from.
 //!
 //! [`plan`] checks everything first and changes nothing: the running system's slot and
-//! generation (kernel command line), the board (`/etc/cloudlet/board.toml`), the artifact's
+//! generation (kernel command line), that the running slot is blessed (while it is on trial,
+//! the other slot is its fallback and stays as it is), the board (`/etc/cloudlet/board.toml`), the artifact's
 //! prefix and header, its generation (newer than the booted one unless downgrades are
 //! allowed), that it has a root, kernel and initrd, and that the target partition exists, is
 //! not mounted and is large enough. [`Plan::execute`] then writes, in this order, so that a
@@ -53,6 +54,19 @@ pub enum ApplyError {
     /// The ESP is not where it should be.
     #[error("no ESP at {0} (it has no loader/ directory): is the ESP mounted there? (--esp)")]
     NoEsp(PathBuf),
+    /// The running slot is itself on trial: the other slot is its fallback.
+    #[error("the running slot {slot} is still being assessed ({entry}): its fallback, slot {other}, must stay as it is until this boot is blessed; apply once `cloudlet-update status` shows slot {slot} good")]
+    NotBlessed {
+        /// The running slot.
+        slot: Slot,
+        /// The other slot.
+        other: Slot,
+        /// Its entry's file name.
+        entry: String,
+    },
+    /// The ESP's entries cannot be read.
+    #[error("cannot read the boot entries in {0}")]
+    Entries(PathBuf, #[source] io::Error),
     /// The artifact could not be opened.
     #[error("cannot open the update artifact {0}")]
     Open(PathBuf, #[source] io::Error),
@@ -86,6 +100,9 @@ pub enum ApplyError {
         /// Where it is mounted.
         mountpoint: String,
     },
+    /// The target partition is held by the kernel (mounted elsewhere, swap, a device mapper).
+    #[error("the target partition {0} is in use (mounted in another namespace, swap, RAID or device mapper): free it first")]
+    InUse(PathBuf),
     /// The root image does not fit.
     #[error("the update's root image ({len} bytes) is larger than the target partition {path} ({size} bytes): build the image for this disk layout")]
     TooBig {
@@ -208,6 +225,19 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
         .map_err(|e| ApplyError::Cmdline(paths.cmdline.clone(), e))?;
     let booted = format::update::parse_cmdline(&cmdline)
         .ok_or_else(|| ApplyError::NotBooted(paths.cmdline.clone()))?;
+    let entries_dir = paths.entries_dir();
+    let running = entries::slot_entries(&entries_dir, booted.slot)
+        .map_err(|e| ApplyError::Entries(entries_dir.clone(), e))?;
+    if let Some(e) = running
+        .iter()
+        .find(|e| entries::assessment(&e.name) != entries::Assessment::Good)
+    {
+        return Err(ApplyError::NotBlessed {
+            slot: booted.slot,
+            other: booted.slot.other(),
+            entry: e.name.file_name(),
+        });
+    }
     let board = agent::board::Board::load(&paths.board_file).map_err(ApplyError::Board)?;
     let mut f = File::open(artifact).map_err(|e| ApplyError::Open(artifact.into(), e))?;
     let head = read_header(&mut io::BufReader::new(&mut f))
@@ -249,6 +279,12 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
             mountpoint,
         });
     }
+    if let Err(e) = open_exclusive(&device, false) {
+        if e.raw_os_error() == Some(nix::libc::EBUSY) {
+            return Err(ApplyError::InUse(device));
+        }
+        return Err(ApplyError::Device(device, e));
+    }
     let len = h.require(PartKind::Root).map(|p| p.len).unwrap_or(0);
     if len > size {
         return Err(ApplyError::TooBig {
@@ -274,6 +310,20 @@ pub fn plan(paths: &Paths, artifact: &Path, opts: ApplyOptions) -> Result<Plan, 
 fn device_size(path: &Path) -> io::Result<u64> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::End(0))
+}
+
+/// Opens `path` (for writing when `write`); a block device exclusively (`O_EXCL`: refused
+/// with EBUSY while the kernel holds it, mounted or otherwise, and nobody mounts it while
+/// this handle is open).
+fn open_exclusive(path: &Path, write: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let block = std::fs::metadata(path)?.file_type().is_block_device();
+    let mut o = std::fs::OpenOptions::new();
+    o.read(!write).write(write);
+    if block {
+        o.custom_flags(nix::libc::O_EXCL);
+    }
+    o.open(path)
 }
 
 /// Where the block device `path` is mounted, if it is one and is mounted
@@ -404,7 +454,7 @@ fn write_root(
         open_part(io::BufReader::new(artifact), head, PartKind::Root)?;
     let total = part.part().len;
     let want = part.part().sha256;
-    let mut dev = std::fs::OpenOptions::new().write(true).open(device)?;
+    let mut dev = open_exclusive(device, true)?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     on(Event::Root { written, total });

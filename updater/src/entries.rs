@@ -19,7 +19,7 @@ use format::update::Slot;
 use serde::Serialize;
 
 /// Entry file names start with this, then the slot's label.
-pub const PREFIX: &str = "cloudlet-";
+pub const PREFIX: &str = format::update::ENTRY_PREFIX;
 
 /// An entry's boot-counting state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -55,75 +55,19 @@ impl std::fmt::Display for Assessment {
     }
 }
 
-/// A slot entry's file name, parsed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EntryName {
-    /// The slot it boots.
-    pub slot: Slot,
-    /// Tries left (`+LEFT`), when counting.
-    pub left: Option<u32>,
-    /// Tries used (`-DONE`), when counting.
-    pub done: Option<u32>,
-}
+pub use format::update::EntryName;
 
-impl EntryName {
-    /// Parses `cloudlet-SLOT[+LEFT[-DONE]].conf`; `None` for any other name.
-    pub fn parse(file_name: &str) -> Option<EntryName> {
-        let stem = file_name.strip_suffix(".conf")?.strip_prefix(PREFIX)?;
-        let (label, counter) = match stem.split_once('+') {
-            Some((l, c)) => (l, Some(c)),
-            None => (stem, None),
-        };
-        let slot = Slot::from_label(label)?;
-        let number = |s: &str| -> Option<u32> {
-            (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| s.parse().ok())
-                .flatten()
-        };
-        let (left, done) = match counter {
-            None => (None, None),
-            Some(c) => match c.split_once('-') {
-                Some((l, d)) => (Some(number(l)?), Some(number(d)?)),
-                None => (Some(number(c)?), None),
-            },
-        };
-        Some(EntryName { slot, left, done })
-    }
-
-    /// A fresh entry for `slot` with `tries` left (plain when `tries` is 0).
-    pub fn counting(slot: Slot, tries: u32) -> EntryName {
-        EntryName {
-            slot,
-            left: (tries > 0).then_some(tries),
-            done: None,
-        }
-    }
-
-    /// The file name.
-    pub fn file_name(&self) -> String {
-        let mut s = format!("{PREFIX}{}", self.slot.label());
-        if let Some(l) = self.left {
-            s.push_str(&format!("+{l}"));
-            if let Some(d) = self.done {
-                s.push_str(&format!("-{d}"));
-            }
-        }
-        s.push_str(".conf");
-        s
-    }
-
-    /// Its boot-counting state.
-    pub fn assessment(&self) -> Assessment {
-        match self.left {
-            None => Assessment::Good,
-            Some(0) => Assessment::Bad {
-                done: self.done.unwrap_or(0),
-            },
-            Some(left) => Assessment::Trying {
-                left,
-                done: self.done.unwrap_or(0),
-            },
-        }
+/// An entry's boot-counting state, with the tries used.
+pub fn assessment(name: &EntryName) -> Assessment {
+    match name.left {
+        None => Assessment::Good,
+        Some(0) => Assessment::Bad {
+            done: name.done.unwrap_or(0),
+        },
+        Some(left) => Assessment::Trying {
+            left,
+            done: name.done.unwrap_or(0),
+        },
     }
 }
 
@@ -259,16 +203,16 @@ mod tests {
     #[test]
     fn names_with_counters() {
         let n = EntryName::parse("cloudlet-a.conf").unwrap();
-        assert_eq!((n.slot, n.assessment()), (Slot::A, Assessment::Good));
+        assert_eq!((n.slot, assessment(&n)), (Slot::A, Assessment::Good));
         let n = EntryName::parse("cloudlet-b+1.conf").unwrap();
         assert_eq!(
-            (n.slot, n.assessment()),
+            (n.slot, assessment(&n)),
             (Slot::B, Assessment::Trying { left: 1, done: 0 })
         );
         let n = EntryName::parse("cloudlet-b+0-1.conf").unwrap();
-        assert_eq!(n.assessment(), Assessment::Bad { done: 1 });
+        assert_eq!(assessment(&n), Assessment::Bad { done: 1 });
         let n = EntryName::parse("cloudlet-a+2-1.conf").unwrap();
-        assert_eq!(n.assessment(), Assessment::Trying { left: 2, done: 1 });
+        assert_eq!(assessment(&n), Assessment::Trying { left: 2, done: 1 });
         for bad in [
             "cloudlet-c.conf",
             "cloudlet-ab.conf",

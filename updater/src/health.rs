@@ -1,6 +1,7 @@
 //! The boot assessment (`cloudlet-update check-health`): the box is healthy once the agent on
-//! it answers `GET /v1/system`. The agent's address comes from `DATA/api.url` (one URL per
-//! listen address, written at its start), counted only when written after this boot; an
+//! it answers `GET /v1/system`, twice, a settle time apart, without restarting in between.
+//! The agent's address comes from `DATA/api.url` (one URL per listen address, written at its
+//! start); an
 //! `https://` address is asked with the appliance's own certificate (`DATA/tls/cert.der`)
 //! pinned, as `cloudlet info --fingerprint` would. It fails early when systemd says the agent
 //! unit failed or restarted too often.
@@ -23,8 +24,10 @@ pub struct HealthOptions {
     pub unit: Option<String>,
     /// The `systemctl` to ask.
     pub systemctl: PathBuf,
-    /// Files older than this are from an earlier boot (the boot time).
+    /// The boot time: an `api.url` older than this was written by an earlier boot's agent.
     pub since: Option<SystemTime>,
+    /// How long the agent must stay up between the two answers that make the box healthy.
+    pub settle: Duration,
 }
 
 /// Why the box is not healthy.
@@ -87,15 +90,18 @@ pub fn unit_state(systemctl: &Path, unit: &str) -> Option<(String, u32)> {
 }
 
 /// One try: the agent's URL from `DATA/api.url` and its answer, or what is missing.
+///
+/// An `api.url` older than this boot is still tried: only a live agent answers, and on a box
+/// without a real-time clock the clock may jump forward after the agent wrote it (`btime`
+/// moves with it), so its time alone would fail a healthy boot. A failure says it was stale.
 fn ask(opts: &HealthOptions) -> Result<Healthy, String> {
     let url_file = opts.data_dir.join("api.url");
     let meta = std::fs::metadata(&url_file)
         .map_err(|_| format!("{} not written yet", url_file.display()))?;
-    if let (Some(since), Ok(m)) = (opts.since, meta.modified()) {
-        if m < since {
-            return Err(format!("{} is from an earlier boot", url_file.display()));
-        }
-    }
+    let stale = match (opts.since, meta.modified()) {
+        (Some(since), Ok(m)) if m < since => " (the address was written before this boot)",
+        _ => "",
+    };
     let text = std::fs::read_to_string(&url_file).map_err(|e| e.to_string())?;
     let urls: Vec<&str> = text
         .lines()
@@ -117,7 +123,7 @@ fn ask(opts: &HealthOptions) -> Result<Healthy, String> {
         agent::client::Client::new(url, None)
     }
     .with_timeout(Duration::from_secs(5));
-    let info = client.system().map_err(|e| e.to_string())?;
+    let info = client.system().map_err(|e| format!("{e}{stale}"))?;
     Ok(Healthy {
         url: url.to_string(),
         board: info.board,
@@ -126,26 +132,61 @@ fn ask(opts: &HealthOptions) -> Result<Healthy, String> {
     })
 }
 
-/// Waits until the agent answers (healthy), its unit fails, or the timeout passes.
+/// The unit's restart count, or an error when it failed or restarted too often.
+fn unit_ok(opts: &HealthOptions) -> Result<u32, HealthError> {
+    let Some(unit) = &opts.unit else {
+        return Ok(0);
+    };
+    let Some((state, restarts)) = unit_state(&opts.systemctl, unit) else {
+        return Ok(0);
+    };
+    if state == "failed" || restarts >= MAX_RESTARTS {
+        return Err(HealthError::UnitFailed {
+            unit: unit.clone(),
+            state,
+            restarts,
+        });
+    }
+    Ok(restarts)
+}
+
+/// Waits until the agent answers twice, `settle` apart, without its unit restarting in
+/// between (healthy); fails when its unit fails or restarts [`MAX_RESTARTS`] times, or at the
+/// timeout. The second answer keeps an agent that crashes soon after it starts from being
+/// blessed.
 pub fn check_health(opts: &HealthOptions) -> Result<Healthy, HealthError> {
     let t0 = Instant::now();
     let mut last = String::from("not asked yet");
     loop {
-        if let Some(unit) = &opts.unit {
-            if let Some((state, restarts)) = unit_state(&opts.systemctl, unit) {
-                if state == "failed" || restarts >= MAX_RESTARTS {
-                    return Err(HealthError::UnitFailed {
-                        unit: unit.clone(),
-                        state,
-                        restarts,
-                    });
-                }
-            }
-        }
+        let restarts = unit_ok(opts)?;
         match ask(opts) {
-            Ok(mut h) => {
-                h.secs = t0.elapsed().as_secs_f64();
-                return Ok(h);
+            Ok(first) if opts.settle.is_zero() => {
+                return Ok(Healthy {
+                    secs: t0.elapsed().as_secs_f64(),
+                    ..first
+                })
+            }
+            Ok(first) => {
+                tracing::info!(
+                    "the agent answered on {}; asking again in {} s",
+                    first.url,
+                    opts.settle.as_secs_f64()
+                );
+                std::thread::sleep(opts.settle);
+                let again = unit_ok(opts)?;
+                match ask(opts) {
+                    Ok(h) if again == restarts => {
+                        return Ok(Healthy {
+                            secs: t0.elapsed().as_secs_f64(),
+                            ..h
+                        })
+                    }
+                    Ok(_) => {
+                        last = format!("the agent restarted within {} s", opts.settle.as_secs_f64())
+                    }
+                    Err(why) => last = format!("answered once, then not: {why}"),
+                }
+                tracing::info!("agent not healthy yet: {last}");
             }
             Err(why) => {
                 if why != last {

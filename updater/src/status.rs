@@ -57,7 +57,7 @@ pub fn status(paths: &Paths, booted_at_unix: Option<u64>) -> std::io::Result<Sta
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
                 generation: e.generation,
-                assessment: e.name.assessment(),
+                assessment: entries::assessment(&e.name),
             })
             .collect();
         slots.push(SlotStatus {

@@ -1,6 +1,7 @@
 //! An update written to a real block device (a loop device over a file, as root): the slot
 //! then holds the new ext4 filesystem, mountable with its files; a mounted target is refused.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -162,6 +163,19 @@ fn an_update_lands_on_a_block_device_as_a_mountable_filesystem() {
         entries
     );
     lo.umount();
+
+    // Held by someone else (as swap or a device mapper would hold it): refused too.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&lo.dev)
+        .unwrap();
+    let o = run(&["apply", "--allow-downgrade", cup.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is in use"), "{}", text(&o));
+    drop(held);
+    let o = run(&["apply", "--allow-downgrade", cup.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
     drop(lo);
     std::fs::remove_dir_all(&d).unwrap();
 }

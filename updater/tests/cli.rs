@@ -212,12 +212,24 @@ fn a_good_update_writes_the_other_slot_and_a_counting_entry() {
     assert_eq!(s["slots"][1]["entries"][0]["assessment"]["left"], 1);
     assert_eq!(s["update"]["state"], "pending");
 
-    // The same artifact again, now booted from it: not newer.
+    // Booted from it (systemd-boot counted the try), still on trial: no update now.
     std::fs::write(
         b.p("cmdline"),
         "root=PARTLABEL=cloudlet-root-b cloudlet.slot=b cloudlet.generation=200",
     )
     .unwrap();
+    let e = b.p("esp/loader/entries");
+    std::fs::rename(e.join("cloudlet-b+1.conf"), e.join("cloudlet-b+0-1.conf")).unwrap();
+    let o = b.run(&["status"]);
+    assert!(
+        text(&o).contains("slot b (running): generation 200, bad (no tries left, 1 used), this boot is being assessed"),
+        "{}",
+        text(&o)
+    );
+    let o = b.run(&["apply", cup.to_str().unwrap()]);
+    assert!(text(&o).contains("still being assessed"), "{}", text(&o));
+    // Blessed (systemd-bless-boot drops the counter): the same artifact again is not newer.
+    std::fs::rename(e.join("cloudlet-b+0-1.conf"), e.join("cloudlet-b.conf")).unwrap();
     let o = b.run(&["status"]);
     assert!(
         text(&o).contains("generation 200 (0.2.0) is running"),
@@ -314,6 +326,23 @@ fn refusals_change_nothing() {
     let o = b.run(&["apply", "--allow-downgrade", cases[1].0.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(b.entries(), ["cloudlet-a.conf", "cloudlet-b+1.conf"]);
+
+    // Running a slot still on trial: its fallback (the target) is left alone.
+    std::fs::remove_file(b.p("esp/loader/entries/cloudlet-b+1.conf")).unwrap();
+    std::fs::rename(
+        b.p("esp/loader/entries/cloudlet-a.conf"),
+        b.p("esp/loader/entries/cloudlet-a+0-1.conf"),
+    )
+    .unwrap();
+    let before = b.snapshot();
+    let o = b.run(&["apply", "--allow-downgrade", cases[1].0.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("slot a is still being assessed (cloudlet-a+0-1.conf)"),
+        "{}",
+        text(&o)
+    );
+    assert!(b.snapshot() == before, "something changed");
 
     // Not booted from a slot: refused.
     std::fs::write(b.p("cmdline"), "root=/dev/sda1 quiet").unwrap();

@@ -84,6 +84,7 @@ fn fake_systemctl(dir: &std::path::Path, state: &str, restarts: u32) -> PathBuf 
     p
 }
 
+/// Runs the check with a 1 s settle time.
 fn check(data: &std::path::Path, systemctl: &std::path::Path, timeout_s: u32) -> (Output, f64) {
     let t = Instant::now();
     let o = Command::new(BIN)
@@ -91,6 +92,8 @@ fn check(data: &std::path::Path, systemctl: &std::path::Path, timeout_s: u32) ->
         .arg(data)
         .args([
             "check-health",
+            "--settle-s",
+            "1",
             "--timeout-s",
             &timeout_s.to_string(),
             "--systemctl",
@@ -146,7 +149,7 @@ fn unhealthy_when_the_unit_failed_or_restarts() {
 }
 
 #[test]
-fn unhealthy_at_the_timeout_and_with_a_stale_address() {
+fn unhealthy_at_the_timeout() {
     let d = scratch("timeout");
     let sc = fake_systemctl(&d, "active", 0);
     let (o, _) = check(&d, &sc, 1);
@@ -158,9 +161,13 @@ fn unhealthy_at_the_timeout_and_with_a_stale_address() {
         stdout(&o)
     );
 
-    // An api.url from before this boot (a serving agent behind it) does not count.
+    // An api.url from before this boot, nothing listening there: its failure says it was stale.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let f = d.join("api.url");
-    std::fs::write(&f, format!("{}\n", fake_agent())).unwrap();
+    std::fs::write(&f, format!("http://{dead}\n")).unwrap();
     std::fs::File::options()
         .write(true)
         .open(&f)
@@ -170,10 +177,45 @@ fn unhealthy_at_the_timeout_and_with_a_stale_address() {
     let (o, _) = check(&d, &sc, 1);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(
-        stdout(&o).contains("from an earlier boot"),
+        stdout(&o).contains("written before this boot"),
         "{}",
         stdout(&o)
     );
+
+    // The same old file naming a live agent: only a live agent answers, so it counts (the
+    // clock of a box without RTC may jump after the agent wrote it).
+    std::fs::write(&f, format!("{}\n", fake_agent())).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
+        .unwrap();
+    let (o, _) = check(&d, &sc, 5);
+    assert!(o.status.success(), "{}", stdout(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn an_agent_that_restarts_between_answers_is_not_healthy() {
+    let d = scratch("flapping");
+    std::fs::write(d.join("api.url"), format!("{}\n", fake_agent())).unwrap();
+    // Each `systemctl show` sees one more restart.
+    let sc = d.join("systemctl");
+    std::fs::write(
+        &sc,
+        format!(
+            "#!/bin/sh\nn=$(cat {c} 2>/dev/null || echo 0)\necho $((n+1)) > {c}\n\
+             echo ActiveState=active\necho NRestarts=$n\n",
+            c = d.join("count").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&sc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (o, secs) = check(&d, &sc, 60);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("after 3 restarts"), "{}", stdout(&o));
+    assert!(secs < 20.0, "{secs}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -395,7 +395,12 @@ pub fn start_instance(addr: &str, service: &str) -> Result<Instance> {
 
 /// Runs `cloudlet discover --json --wait-for ID`; returns the appliance's JSON.
 pub fn discover(bin: &Path, id: &str, window_ms: u64) -> Result<Value> {
-    let out = Command::new(bin.join("cloudlet"))
+    discover_with(Command::new(bin.join("cloudlet")), id, window_ms)
+}
+
+/// [`discover`] with the `cloudlet` command given (e.g. run inside a network namespace).
+pub fn discover_with(mut cloudlet: Command, id: &str, window_ms: u64) -> Result<Value> {
+    let out = cloudlet
         .args(["discover", "--json", "--wait-for", id, "--browse-ms"])
         .arg(window_ms.to_string())
         .output()
@@ -412,7 +417,7 @@ pub fn discover(bin: &Path, id: &str, window_ms: u64) -> Result<Value> {
         .flatten()
         .find(|r| r["appliance"]["txt"]["id"] == id)
         .cloned()
-        .with_context(|| format!("appliance {id} not discovered within {window_ms} ms"))
+        .with_context(|| format!("appliance {id} not discovered within {window_ms} ms: {all}"))
 }
 
 /// A network namespace of its own for the second appliance, joined to this one by a veth

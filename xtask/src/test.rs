@@ -71,6 +71,7 @@ pub fn run_tests(args: &TestArgs) -> Result<()> {
         generation: None,
         operator_token_file: None,
         boot_test: true,
+        test_only: false,
     })?;
     if args.linux_boot {
         step("running the opt-in end-to-end Linux boot");

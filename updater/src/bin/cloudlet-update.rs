@@ -78,13 +78,17 @@ enum Cmd {
         #[arg(long)]
         no_reboot: bool,
     },
-    /// The boot assessment: succeeds once the agent on this box answers GET /v1/system
-    /// (address from DATA/api.url written during this boot); fails when the agent unit has
-    /// failed or restarted 3 times, or at the timeout.
+    /// The boot assessment: succeeds once the agent on this box answers GET /v1/system twice,
+    /// --settle-s apart, without its unit restarting in between (address from DATA/api.url;
+    /// HTTPS pinned to DATA/tls/cert.der); fails when the agent unit has failed or restarted
+    /// 3 times, or at the timeout.
     CheckHealth {
         /// Seconds to wait for an answer.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+        /// Seconds the agent must stay up (no restart) between its first answer and a second.
+        #[arg(long, default_value_t = 10)]
+        settle_s: u64,
         /// The agent's systemd unit ("" skips the unit check).
         #[arg(long, default_value = "cloudlet-agent")]
         unit: String,
@@ -241,6 +245,7 @@ fn run(cmd: Cmd, paths: &Paths) -> Result<ExitCode> {
         }
         Cmd::CheckHealth {
             timeout_s,
+            settle_s,
             unit,
             systemctl,
         } => {
@@ -252,6 +257,7 @@ fn run(cmd: Cmd, paths: &Paths) -> Result<ExitCode> {
                 unit: (!unit.is_empty()).then_some(unit),
                 systemctl,
                 since,
+                settle: Duration::from_secs(settle_s),
             };
             match health::check_health(&opts) {
                 Ok(h) => {

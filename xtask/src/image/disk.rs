@@ -123,7 +123,7 @@ pub fn cmdline(img: &agent::board::RawImage, slot: char, generation: u64) -> Str
         .map(|c| format!(" console={c}"))
         .collect();
     format!(
-        "root=PARTLABEL=cloudlet-root-{slot} rw rootwait systemd.gpt_auto=0 quiet{consoles} cloudlet.slot={slot} cloudlet.generation={generation}"
+        "root=PARTLABEL=cloudlet-root-{slot} rw rootwait panic=10 systemd.gpt_auto=0 quiet{consoles} cloudlet.slot={slot} cloudlet.generation={generation}"
     )
 }
 

@@ -48,6 +48,10 @@ pub struct ImageArgs {
     /// token for the test: do not ship an image built this way.
     #[arg(long)]
     pub boot_test: bool,
+    /// Only run the boot test, on the image built last (target/image/NAME/image.json): for
+    /// working on the test or the box without rebuilding.
+    #[arg(long)]
+    pub test_only: bool,
 }
 
 /// Builds the image's steps for `a.board`.
@@ -58,6 +62,26 @@ pub fn image(a: &ImageArgs) -> Result<()> {
     // Checked first: a misspelt board fails before minutes of building.
     let board_text = deb::packaged_board(&a.board)?;
     let board = agent::board::Board::parse(&board_text, &a.board, None)?;
+    if a.test_only {
+        let img = board.image.as_ref().context("the board has no [image]")?;
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(MANIFEST))
+                .context("no image built yet: run cargo xtask image --board NAME --boot-test")?,
+        )?;
+        let disk = disk::Disk {
+            image: out.join(format!("cloudlet-{}.img", a.board)),
+            root_fs: out.join("root.ext4"),
+            kernel: out.join("vmlinuz"),
+            initrd: out.join("initrd.img"),
+            generation: m["generation"]
+                .as_u64()
+                .context("no generation in image.json")?,
+        };
+        let token = std::fs::read_to_string(out.join(TEST_TOKEN))
+            .context("the last image was not built for the boot test (--boot-test)")?;
+        let bin = target_dir().join(if a.debug_binaries { "debug" } else { "release" });
+        return boot(&disk, &a.board, img.port, token.trim(), &bin, &out);
+    }
     let bin_dir = if a.debug_binaries {
         timed(
             "building the debug binaries (agent, cloudlet, image-builder, vmm)",
@@ -144,8 +168,15 @@ pub fn image(a: &ImageArgs) -> Result<()> {
                 .trim()
                 .to_string(),
         ),
-        None if a.boot_test => Some(test_token()?),
-        None => None,
+        None if a.boot_test => {
+            let t = test_token()?;
+            write_secret(&out.join(TEST_TOKEN), &t)?;
+            Some(t)
+        }
+        None => {
+            let _ = std::fs::remove_file(out.join(TEST_TOKEN));
+            None
+        }
     };
     let bases = out.join("bases");
     let prepared = timed("making the board's base image and sample service", || {
@@ -194,20 +225,29 @@ pub fn image(a: &ImageArgs) -> Result<()> {
         art.bytes as f64 / 1048576.0,
         art.sha256
     );
+    std::fs::write(
+        out.join(MANIFEST),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "board": a.board,
+            "version": deb::version(),
+            "generation": disk.generation,
+            "image": disk.image.file_name().and_then(|n| n.to_str()),
+            "package": deb.file_name().and_then(|n| n.to_str()),
+            "update": art.path.file_name().and_then(|n| n.to_str()),
+            "update_sha256": art.sha256,
+            "update_bytes": art.bytes,
+            "provisioned_token": token.is_some(),
+        }))? + "\n",
+    )?;
     if a.boot_test {
-        let t = boot_test::run_test(
+        boot(
             &disk,
             &a.board,
             img.port,
             token.as_deref().expect("a token for the boot test"),
-            &deb::version(),
             &bin_dir,
-            &out.join("boot-test"),
+            &out,
         )?;
-        step(&format!(
-            "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API); good update {:.1} s (upload {:.1}, write {:.1}, reboot {:.1}); rollback {:.1} s",
-            t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.upload_s, t.apply_s, t.reboot_s, t.rollback_s
-        ));
     }
     step(&format!(
         "image of board {} (generation {}) done in {:.1} s: {}",
@@ -216,6 +256,49 @@ pub fn image(a: &ImageArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         disk.image.display()
     ));
+    Ok(())
+}
+
+/// What the last build made (board, version, generation, file names, the update's SHA-256).
+const MANIFEST: &str = "image.json";
+/// The operator token an image built for the boot test was provisioned with.
+const TEST_TOKEN: &str = "test-operator.token";
+
+/// Runs the boot test on `disk` and prints what it measured.
+fn boot(
+    disk: &disk::Disk,
+    board: &str,
+    port: u16,
+    token: &str,
+    bin: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<()> {
+    let t = boot_test::run_test(
+        disk,
+        board,
+        port,
+        token,
+        &deb::version(),
+        bin,
+        &out.join("boot-test"),
+    )?;
+    step(&format!(
+        "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API); good update {:.1} s (upload {:.1}, write {:.1}, reboot {:.1}); rollback {:.1} s",
+        t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.upload_s, t.apply_s, t.reboot_s, t.rollback_s
+    ));
+    Ok(())
+}
+
+fn write_secret(p: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(p);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)?
+        .write_all(text.as_bytes())?;
     Ok(())
 }
 
