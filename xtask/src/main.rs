@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod demo;
+mod flash;
 mod guest;
 mod image;
 mod linux;
@@ -45,6 +46,10 @@ enum Cmd {
     /// (agent, vmm, image-builder, cloudlet, hardened systemd unit, board config), its
     /// `systemd-analyze security` report, and its check in a clean Debian root.
     Image(image::ImageArgs),
+    /// Write a board's disk image to a whole disk and verify it (refuses mounted disks, the
+    /// host's own disk, partitions, too-small devices; `--help` says all).
+    #[command(long_about = flash::LONG_HELP)]
+    Flash(flash::FlashArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Cmd::LinuxBase => linux_base::build().map(|_| 0),
         Cmd::Check => check::check().map(|_| 0),
         Cmd::Image(a) => image::image(&a).map(|_| 0),
+        Cmd::Flash(a) => flash::flash(&a).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
