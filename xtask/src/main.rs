@@ -42,9 +42,12 @@ enum Cmd {
     LinuxBase,
     /// Everything that must pass before pushing: fmt, clippy (workspace and guest), tests.
     Check,
-    /// The appliance for a board under target/image/NAME/: step 1, the Debian package
-    /// (agent, vmm, image-builder, cloudlet, hardened systemd unit, board config), its
-    /// `systemd-analyze security` report, and its check in a clean Debian root.
+    /// What a vendor ships for a board, under target/image/NAME/: the Debian package (agent,
+    /// vmm, image-builder, cloudlet, cloudlet-update, hardened systemd unit, board config),
+    /// checked in a clean Debian root; the flashable GPT disk image (minimal Debian, A/B root
+    /// slots, data partition with the board's bases staged, booting into a running agent);
+    /// the update artifact with its SHA-256. --boot-test boots the image under QEMU and
+    /// updates it (good and bad). docs/appliance-image.md says more.
     Image(image::ImageArgs),
     /// Write a board's disk image to a whole disk and verify it (refuses mounted disks, the
     /// host's own disk, partitions, too-small devices; `--help` says all).

@@ -1,8 +1,9 @@
 //! `cargo xtask image --board NAME`: the appliance as a vendor ships it, under
-//! `target/image/NAME/`. Step 1 (this): the `cloudlet` Debian package ([`deb`]), its unit's
-//! `systemd-analyze security` report, and its check in a clean Debian root
-//! ([`install_test`]). Steps 2 and 3 (the A/B disk image, the update artifact) are to come;
-//! see docs/appliance-image.md.
+//! `target/image/NAME/`: the `cloudlet` Debian package ([`deb`]), its unit's
+//! `systemd-analyze security` report and its check in a clean Debian root
+//! ([`install_test`]); the flashable A/B disk image ([`disk`]); the update artifact
+//! ([`update`]); and, with `--boot-test`, the image booted under QEMU, updated well and
+//! badly ([`boot_test`]). See docs/appliance-image.md.
 
 pub mod boot_test;
 pub mod deb;
