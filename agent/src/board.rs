@@ -593,6 +593,61 @@ mod tests {
     }
 
     #[test]
+    fn the_image_section_is_checked() {
+        let dev = Board::shipped("dev").unwrap();
+        let img = dev.image.expect("the dev board describes its disk image");
+        assert_eq!(img.kernel, "linux-image-cloud-amd64");
+        assert_eq!(
+            (img.port, img.listen.clone()),
+            (9999, vec!["0.0.0.0".to_string()])
+        );
+        let mini = Board::shipped("minipc-4c").unwrap().image.unwrap();
+        assert!(mini.root_mib > img.root_mib && mini.kernel == "linux-image-amd64");
+        let cases = [
+            (
+                "kernel = \"linux-image-cloud-amd64\"",
+                "kernel = \"vmlinuz\"",
+                "key `image.kernel`: 'vmlinuz' is not a Debian kernel package",
+            ),
+            (
+                "packages = []",
+                "packages = [\"Bad Name\"]",
+                "key `image.packages`",
+            ),
+            (
+                "hostname = \"cloudlet-dev\"",
+                "hostname = \"Cloudlet_Dev\"",
+                "key `image.hostname`",
+            ),
+            (
+                "root_mib = 640",
+                "root_mib = 100",
+                "key `image.root_mib`: 100 is out of range",
+            ),
+            (
+                "port = 9999",
+                "port = 0",
+                "key `image.port`: a box needs a fixed API port",
+            ),
+            (
+                "listen = [\"0.0.0.0\"]",
+                "listen = [\"any\"]",
+                "key `image.listen`",
+            ),
+            ("console = [", "consoles = [", "consoles"),
+        ];
+        for (from, to, needle) in cases {
+            let t = DEV_TOML.replace(from, to);
+            assert_ne!(t, DEV_TOML, "{from} is in the dev board");
+            let e = err(&t);
+            assert!(e.contains(needle), "{e}");
+        }
+        // A board without [image] is fine for the agent (xtask says it cannot make an image).
+        let cut = &DEV_TOML[..DEV_TOML.find("[image]").unwrap()];
+        assert!(Board::parse(cut, "x.toml", None).unwrap().image.is_none());
+    }
+
+    #[test]
     fn relative_data_dirs_follow_the_file() {
         let b = Board::parse(DEV_TOML, "x.toml", Some(Path::new("/etc/cloudlet"))).unwrap();
         assert_eq!(b.data_dir, Path::new("/etc/cloudlet/target/agent-dev"));
