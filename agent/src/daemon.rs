@@ -146,6 +146,8 @@ pub struct Options {
     pub cgroups: bool,
     /// A file holding the operator token (mode 0600); see [`crate::auth::operator_token`].
     pub token_file: Option<PathBuf>,
+    /// Where the booted slot and the boot entries are read (an A/B image's updates).
+    pub boot: crate::update::BootSource,
 }
 
 /// The API URLs a phone is told when it pairs: each listen address's URL, a wildcard one
@@ -364,6 +366,7 @@ pub async fn run(opts: Options) -> Result<()> {
         started: Instant::now(),
         fingerprint: cert.fingerprint().to_string(),
         api_urls: urls.clone(),
+        boot: opts.boot.clone(),
     });
     std::fs::write(&url_file, urls.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", url_file.display()))?;

@@ -120,14 +120,44 @@ pub fn boot_info(
     })
 }
 
-/// [`boot_info`] of this system (`/proc/cmdline`, boot time from `/proc/stat`).
-pub fn this_boot(data: &Path) -> Option<BootInfo> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+/// Where the agent learns how the box booted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootSource {
+    /// The kernel command line (`/proc/cmdline`).
+    pub cmdline: PathBuf,
+    /// The boot entries (`/boot/efi/loader/entries`).
+    pub entries: PathBuf,
+}
+
+impl Default for BootSource {
+    fn default() -> Self {
+        BootSource {
+            cmdline: "/proc/cmdline".into(),
+            entries: ENTRIES_DIR.into(),
+        }
+    }
+}
+
+impl BootSource {
+    /// `DIR/cmdline` and `DIR/entries/` (the agent's hidden `--boot-info-dir`, for tests of
+    /// the manager and the API on a machine not booted from an appliance image).
+    pub fn in_dir(dir: &Path) -> BootSource {
+        BootSource {
+            cmdline: dir.join("cmdline"),
+            entries: dir.join("entries"),
+        }
+    }
+}
+
+/// [`boot_info`] of this system (the command line and entries of `src`, boot time from
+/// `/proc/stat`).
+pub fn this_boot(data: &Path, src: &BootSource) -> Option<BootInfo> {
+    let cmdline = std::fs::read_to_string(&src.cmdline).ok()?;
     let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
     });
-    boot_info(&cmdline, btime, data, Path::new(ENTRIES_DIR))
+    boot_info(&cmdline, btime, data, &src.entries)
 }
 
 /// An update the agent accepted.

@@ -62,6 +62,10 @@ struct Cli {
     /// inside the appliance's).
     #[arg(long)]
     no_cgroups: bool,
+    /// Read the kernel command line and boot entries from DIR/cmdline and DIR/entries/
+    /// instead of /proc/cmdline and the ESP (tests of updates off an appliance image).
+    #[arg(long, hide = true, value_name = "DIR")]
+    boot_info_dir: Option<PathBuf>,
     /// Log filter level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -319,6 +323,11 @@ fn run(cli: Cli) -> Result<()> {
                 jail: !cli.no_jail,
                 cgroups: !cli.no_cgroups,
                 token_file: cli.cfg.token_file.clone(),
+                boot: cli
+                    .boot_info_dir
+                    .as_deref()
+                    .map(agent::update::BootSource::in_dir)
+                    .unwrap_or_default(),
             }))
         }
         Some(Cmd::CheckConfig) => {

@@ -574,3 +574,66 @@ fn the_web_manager_builds_edits_and_curates_the_catalogue() {
         "{events}"
     );
 }
+
+/// An A/B appliance image in the manager: the slot, generation and slot entries it booted
+/// with; a damaged update refused with the reason; a good one accepted for the other slot and
+/// left for the root updater.
+#[test]
+fn the_web_manager_updates_an_appliance_image() {
+    let boot = crate::common::Scratch::new("web-update-boot");
+    std::fs::create_dir_all(boot.path("entries")).unwrap();
+    std::fs::write(
+        boot.path("cmdline"),
+        "root=PARTLABEL=cloudlet-root-a rw cloudlet.slot=a cloudlet.generation=5\n",
+    )
+    .unwrap();
+    std::fs::write(boot.path("entries/cloudlet-a.conf"), "title x\nversion 5\n").unwrap();
+    let a = AgentProc::start_args(
+        "web-update",
+        &[EVERYWHERE],
+        None,
+        &["--boot-info-dir", boot.0.to_str().unwrap()],
+    );
+    let d = Driver::start(&[a.spki()]);
+    d.open_manager(&a);
+    wait_for(Duration::from_secs(20), "the image line", || {
+        let t = d.text_of("#boot-text");
+        (t.contains("slot a, generation 5") && t.contains("a: generation 5 good")).then_some(())
+    });
+    // A damaged artifact: refused, nothing pending.
+    let bad = boot.path("damaged.cup");
+    std::fs::write(&bad, b"CLDUPDT\0 but not an update artifact".repeat(100)).unwrap();
+    d.type_into("#update-file", bad.to_str().unwrap());
+    d.click_on("#update-btn");
+    let said = d.says("update refused");
+    assert!(said.contains("422") && said.contains("damaged"), "{said}");
+    assert!(!a.data.join(format::update::PENDING_PATH).exists());
+    // A good one for this board, newer: accepted for slot b.
+    let good = boot.path("cloudlet-dev-6.cup");
+    let mut f = std::fs::File::create(&good).unwrap();
+    format::update::write_artifact_from(
+        &mut f,
+        "dev",
+        6,
+        "0.1.0",
+        1,
+        vec![
+            (format::update::PartKind::Root, &[0u8; 65536][..]),
+            (format::update::PartKind::Kernel, &b"a kernel"[..]),
+            (format::update::PartKind::Initrd, &b"an initrd"[..]),
+        ],
+    )
+    .unwrap();
+    drop(f);
+    d.js("document.querySelector('#update-file').value = ''");
+    d.type_into("#update-file", good.to_str().unwrap());
+    d.click_on("#update-btn");
+    d.says("update accepted: generation 6 goes to slot b");
+    assert!(a.data.join(format::update::PENDING_PATH).exists());
+    wait_for(Duration::from_secs(20), "the pending update shown", || {
+        d.text_of("#boot-text")
+            .contains("an update is being written")
+            .then_some(())
+    });
+    d.screenshot("web-manager-update");
+}
