@@ -245,6 +245,7 @@ fn healthy_over_pinned_https_with_the_real_agent() {
         jail: false,
         cgroups: false,
         token_file: None,
+        boot: Default::default(),
     };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
