@@ -366,7 +366,7 @@ pub async fn run(opts: Options) -> Result<()> {
         started: Instant::now(),
         fingerprint: cert.fingerprint().to_string(),
         api_urls: urls.clone(),
-        boot: opts.boot.clone(),
+        boot: crate::update::Boot::read(&opts.boot),
     });
     std::fs::write(&url_file, urls.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", url_file.display()))?;

@@ -278,8 +278,8 @@ pub struct AppState {
     pub fingerprint: String,
     /// The API's URL on each listen address (`DATA/api.url`; a wildcard shown as 127.0.0.1).
     pub api_urls: Vec<String>,
-    /// Where the booted slot and the boot entries are read (`crate::update`).
-    pub boot: crate::update::BootSource,
+    /// How the box booted (`crate::update`).
+    pub boot: crate::update::Boot,
 }
 
 /// An error response.
@@ -986,7 +986,7 @@ pub fn system_info(st: &AppState) -> SystemInfo {
         services_digest: st.store.catalogue_digest(),
         uptime_s: st.started.elapsed().as_secs(),
         fingerprint: st.fingerprint.clone(),
-        boot: crate::update::this_boot(st.store.root(), &st.boot),
+        boot: st.boot.info(st.store.root()),
     }
 }
 
@@ -1517,10 +1517,7 @@ async fn put_update(
 ) -> ApiResult<(StatusCode, Json<crate::update::Accepted>)> {
     use crate::update::UpdateRefused as R;
     let data = st.store.root().to_path_buf();
-    let booted = crate::update::this_boot(&data, &st.boot).map(|b| format::update::Booted {
-        slot: b.slot,
-        generation: b.generation,
-    });
+    let booted = st.boot.booted;
     if booted.is_none() {
         return Err(refuse_upload(&headers, body, update_error(R::NotAnImage)).await);
     }
@@ -2280,7 +2277,7 @@ mod tests {
             started: Instant::now(),
             fingerprint: "ab".repeat(32),
             api_urls: vec![],
-            boot: crate::update::BootSource::default(),
+            boot: crate::update::Boot::default(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());

@@ -94,30 +94,20 @@ pub enum UpdateRefused {
     Io(&'static str, std::io::Error),
 }
 
-/// The booted slot and generation from `cmdline` (`/proc/cmdline`'s text).
-pub fn booted(cmdline: &str) -> Option<Booted> {
-    format::update::parse_cmdline(cmdline)
-}
-
 /// The boot information of a box whose kernel command line is `cmdline`, booted at unix
-/// time `booted_at`, with data directory `data`.
+/// time `booted_at`, with data directory `data` and boot entries in `entries`.
 pub fn boot_info(
     cmdline: &str,
     booted_at: Option<u64>,
     data: &Path,
     entries: &Path,
 ) -> Option<BootInfo> {
-    let b = booted(cmdline)?;
-    let record = std::fs::read_to_string(data.join(RECORD_PATH))
-        .ok()
-        .and_then(|s| UpdateRecord::parse(&s).ok());
-    Some(BootInfo {
-        slot: b.slot,
-        generation: b.generation,
-        update: UpdateState::of(Some(&b), record.as_ref(), booted_at),
-        pending: data.join(PENDING_PATH).exists(),
-        slots: slot_entries(entries),
-    })
+    Boot {
+        booted: format::update::parse_cmdline(cmdline),
+        booted_at,
+        entries: entries.to_path_buf(),
+    }
+    .info(data)
 }
 
 /// Where the agent learns how the box booted.
@@ -149,15 +139,50 @@ impl BootSource {
     }
 }
 
-/// [`boot_info`] of this system (the command line and entries of `src`, boot time from
-/// `/proc/stat`).
-pub fn this_boot(data: &Path, src: &BootSource) -> Option<BootInfo> {
-    let cmdline = std::fs::read_to_string(&src.cmdline).ok()?;
-    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
-    });
-    boot_info(&cmdline, btime, data, &src.entries)
+/// How this box booted: the kernel command line and the boot time are read once, when the
+/// agent starts (they do not change while it runs, and `GET /v1/system` and every mDNS
+/// refresh ask); the record and the boot entries, which updates change, when asked.
+#[derive(Clone, Debug, Default)]
+pub struct Boot {
+    /// The slot and generation booted; None off an A/B appliance image.
+    pub booted: Option<Booted>,
+    /// The boot time, unix seconds (`btime` in `/proc/stat`).
+    booted_at: Option<u64>,
+    /// The boot entries' directory.
+    entries: PathBuf,
+}
+
+impl Boot {
+    /// Reads the command line of `src` and the boot time.
+    pub fn read(src: &BootSource) -> Boot {
+        let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+        });
+        Boot {
+            booted: std::fs::read_to_string(&src.cmdline)
+                .ok()
+                .and_then(|c| format::update::parse_cmdline(&c)),
+            booted_at: btime,
+            entries: src.entries.clone(),
+        }
+    }
+
+    /// What `GET /v1/system` says about the boot with data directory `data` (None, with
+    /// nothing read, off an A/B image).
+    pub fn info(&self, data: &Path) -> Option<BootInfo> {
+        let b = self.booted?;
+        let record = std::fs::read_to_string(data.join(RECORD_PATH))
+            .ok()
+            .and_then(|s| UpdateRecord::parse(&s).ok());
+        Some(BootInfo {
+            slot: b.slot,
+            generation: b.generation,
+            update: UpdateState::of(Some(&b), record.as_ref(), self.booted_at),
+            pending: data.join(PENDING_PATH).exists(),
+            slots: slot_entries(&self.entries),
+        })
+    }
 }
 
 /// An update the agent accepted.
