@@ -125,8 +125,10 @@ fn glibc_needed(bin: &Path) -> Result<String> {
     Ok(format!("{a}.{b}"))
 }
 
-fn write(root: &Path, rel: &str, text: &str, mode: u32) -> Result<PathBuf> {
-    let p = root.join(rel);
+/// Writes `text` as `root/rel` (a leading `/` of `rel` is ignored) with `mode`, making its
+/// directories; returns its path.
+pub(super) fn write(root: &Path, rel: &str, text: &str, mode: u32) -> Result<PathBuf> {
+    let p = root.join(rel.trim_start_matches('/'));
     std::fs::create_dir_all(p.parent().expect("a file in a directory"))?;
     std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;

@@ -24,7 +24,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::deb::{BOARD_FILE, DATA_DIR};
+use super::deb::{write, BOARD_FILE, DATA_DIR};
 use super::install_test::{cached_root_with, Root};
 use crate::util::{run, step, timed};
 
@@ -107,14 +107,6 @@ pub fn image_board(name: &str, img: &agent::board::RawImage) -> Result<String> {
     Ok(text)
 }
 
-fn write(root: &Path, rel: &str, text: &str, mode: u32) -> Result<()> {
-    let p = root.join(rel.trim_start_matches('/'));
-    std::fs::create_dir_all(p.parent().expect("a file in a directory"))?;
-    std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
-    Ok(())
-}
-
 /// The kernel command line of slot `slot` (`a`/`b`) booting as `generation`.
 pub fn cmdline(img: &agent::board::RawImage, slot: char, generation: u64) -> String {
     let consoles: String = img
@@ -185,7 +177,10 @@ pub fn build(
             std::fs::create_dir_all(&data_dir)?;
             stage(&data_dir)?;
             if let Some(t) = operator_token {
-                write(&data_dir, agent::auth::OPERATOR_TOKEN_FILE, t, 0o600)?;
+                agent::auth::write_private(
+                    &data_dir.join(agent::auth::OPERATOR_TOKEN_FILE),
+                    t.as_bytes(),
+                )?;
             }
             let uid = root.out(&["id", "-u", "cloudlet"])?;
             let gid = root.out(&["id", "-g", "cloudlet"])?;

@@ -171,7 +171,7 @@ pub fn image(a: &ImageArgs) -> Result<()> {
         ),
         None if a.boot_test => {
             let t = test_token()?;
-            write_secret(&out.join(TEST_TOKEN), &t)?;
+            agent::auth::write_private(&out.join(TEST_TOKEN), t.as_bytes())?;
             Some(t)
         }
         None => {
@@ -287,19 +287,6 @@ fn boot(
         "image test passed in {:.0} s: API after {:.1} s, mDNS after {:.1} s ({:.1} s after the API); good update {:.1} s (upload {:.1}, write {:.1}, reboot {:.1}); rollback {:.1} s",
         t.total_s, t.api_s, t.mdns_s, t.mdns_after_api_s, t.good_update_s, t.upload_s, t.apply_s, t.reboot_s, t.rollback_s
     ));
-    Ok(())
-}
-
-fn write_secret(p: &std::path::Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(p);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(p)?
-        .write_all(text.as_bytes())?;
     Ok(())
 }
 
